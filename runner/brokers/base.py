@@ -1,0 +1,109 @@
+"""The broker contract: one Protocol that memory, SQLite and Redis all implement.
+
+A broker moves tasks; it never calls handlers, decides retries or logs business events.
+Every broker passes the same suite in tests/contract. The contract, in one line each:
+
+- ``put_many`` is all-or-nothing. Capacity counts a task from put until ack or dead-letter
+  (delayed retries and leased tasks included). When full, put blocks up to ``timeout`` and then
+  raises QueueFull (at once with ``overflow: reject``).
+- ``get(slots, limit, timeout)`` hands out at most ``slots[type]`` tasks of each type and at most
+  ``limit`` in all, FIFO within a type, never a task before its ``not_before``. It blocks up to
+  ``timeout`` seconds for the first task and returns ``[]`` on timeout, ``wake()`` or close.
+- Attempts are counted at hand-out: each Delivery's ``task.attempt`` is one more than the last.
+  A delivery whose lease expired (its worker died) is handed out again with ``redelivered=True``.
+- Every delivery holds a lease of ``visibility_timeout`` seconds. ``ack``, ``retry``, ``dead``,
+  ``release`` and ``extend`` return False (and change nothing) when the lease has moved on to
+  another delivery: the receipt fences stale workers.
+- ``retry`` and ``release`` never block on capacity. ``release`` hands an unstarted task back at
+  once and gives back its attempt.
+- ``dead`` writes the dead-letter record and removes the task in one step (durable brokers: one
+  transaction), so a task is never both queued and dead, nor neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from runner.task import AttemptRecord, DeadLetter, Task
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One hand-out of a task, identified by its receipt (the lease token)."""
+
+    task: Task  # task.attempt is this delivery's attempt number (1 on the first run)
+    receipt: str
+    redelivered: bool = False
+    # Set when the stored task could not be decoded; task then carries only id and type.
+    decode_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Depth:
+    """How many tasks of one type are where."""
+
+    ready: int = 0
+    delayed: int = 0
+    leased: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.ready + self.delayed + self.leased
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """Which dead letters an operator command applies to; None means any."""
+
+    ids: frozenset[str] | None = None
+    type: str | None = None
+    error: str | None = None  # error_type name, e.g. "TimeoutError"
+    since: float | None = None  # epoch seconds; records that died at or after it
+
+    def matches(self, record: DeadLetter) -> bool:
+        return (
+            (self.ids is None or record.id in self.ids)
+            and (self.type is None or record.task.type == self.type)
+            and (self.error is None or record.error_type == self.error)
+            and (self.since is None or record.dead_at >= self.since)
+        )
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """The engine's view of a broker. See the module docstring for the contract."""
+
+    def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None: ...
+
+    def get(self, slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]: ...
+
+    def ack(self, delivery: Delivery) -> bool: ...
+
+    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> bool: ...
+
+    def dead(self, delivery: Delivery, record: DeadLetter) -> bool: ...
+
+    def release(self, delivery: Delivery) -> bool: ...
+
+    def extend(self, deliveries: Sequence[Delivery]) -> list[bool]: ...
+
+    def wake(self) -> None: ...
+
+    def depth(self) -> dict[str, Depth]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class BrokerAdmin(Protocol):
+    """The operator's view of a broker: dead letters and statistics (used by the CLI)."""
+
+    def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]: ...
+
+    def replay(self, ids: Sequence[str]) -> int: ...
+
+    def purge(self, where: DeadLetterFilter) -> int: ...
+
+    def depth(self) -> dict[str, Depth]: ...

@@ -1,0 +1,190 @@
+"""The task envelope, its JSON codec, dead-letter records, and the context handlers receive.
+
+Everything that crosses a broker is JSON (never pickle), so a dead-letter record can be read and
+replayed without the producer's code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+#: How many attempts a task remembers; older ones are dropped (the count stays exact).
+HISTORY_LIMIT = 10
+
+
+def new_task_id() -> str:
+    """A unique, sortable-enough id: 32 hex digits."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """What happened in one failed attempt."""
+
+    attempt: int
+    error_type: str
+    message: str
+    traceback: str
+    started_at: float  # epoch seconds
+    duration_s: float
+    worker: str  # "host:pid"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt,
+            "error_type": self.error_type,
+            "message": self.message,
+            "traceback": self.traceback,
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
+            "worker": self.worker,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AttemptRecord:
+        return cls(
+            attempt=int(data["attempt"]),
+            error_type=str(data["error_type"]),
+            message=str(data["message"]),
+            traceback=str(data.get("traceback", "")),
+            started_at=float(data["started_at"]),
+            duration_s=float(data["duration_s"]),
+            worker=str(data.get("worker", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One unit of work. ``id`` is stable across attempts.
+
+    ``attempt`` is the number of times a broker has handed the task out: 0 while it waits for
+    its first run, 1 during its first run. Brokers count it at hand-out, so a task that kills its
+    worker still uses up an attempt.
+    """
+
+    type: str
+    payload: Any
+    id: str = field(default_factory=new_task_id)
+    attempt: int = 0
+    enqueued_at: float = 0.0  # epoch seconds of the first publish
+    not_before: float = 0.0  # epoch seconds; 0 means ready now
+    history: tuple[AttemptRecord, ...] = ()
+
+    def with_failure(self, failure: AttemptRecord) -> Task:
+        """This task with one more failed attempt in its (bounded) history."""
+        return replace(self, history=(*self.history, failure)[-HISTORY_LIMIT:])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "payload": self.payload,
+            "attempt": self.attempt,
+            "enqueued_at": self.enqueued_at,
+            "not_before": self.not_before,
+            "history": [h.to_json() for h in self.history],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Task:
+        return cls(
+            id=str(data["id"]),
+            type=str(data["type"]),
+            payload=data.get("payload"),
+            attempt=int(data.get("attempt", 0)),
+            enqueued_at=float(data.get("enqueued_at", 0.0)),
+            not_before=float(data.get("not_before", 0.0)),
+            history=tuple(AttemptRecord.from_json(h) for h in data.get("history", ())),
+        )
+
+
+def encode_task(task: Task) -> bytes:
+    """The wire form of a task: compact UTF-8 JSON."""
+    return json.dumps(task.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_task(raw: bytes | str) -> Task:
+    """Inverse of encode_task; raises ValueError (or a subclass) on anything malformed."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError(f"task envelope must be a JSON object, got {type(data).__name__}")
+    try:
+        return Task.from_json(data)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"malformed task envelope: {exc!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A task that will not run again unless replayed, and why."""
+
+    task: Task
+    reason: str  # "error", "never_retry", "permanent", "max deliveries", "shutdown", ...
+    error_type: str
+    message: str
+    traceback: str
+    attempts: int
+    first_attempt_at: float
+    last_attempt_at: float
+    dead_at: float
+
+    @property
+    def id(self) -> str:
+        return self.task.id
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task.to_json(),
+            "reason": self.reason,
+            "error_type": self.error_type,
+            "message": self.message,
+            "traceback": self.traceback,
+            "attempts": self.attempts,
+            "first_attempt_at": self.first_attempt_at,
+            "last_attempt_at": self.last_attempt_at,
+            "dead_at": self.dead_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeadLetter:
+        return cls(
+            task=Task.from_json(data["task"]),
+            reason=str(data["reason"]),
+            error_type=str(data["error_type"]),
+            message=str(data["message"]),
+            traceback=str(data.get("traceback", "")),
+            attempts=int(data["attempts"]),
+            first_attempt_at=float(data["first_attempt_at"]),
+            last_attempt_at=float(data["last_attempt_at"]),
+            dead_at=float(data["dead_at"]),
+        )
+
+
+def encode_dead_letter(record: DeadLetter) -> bytes:
+    return json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_dead_letter(raw: bytes | str) -> DeadLetter:
+    return DeadLetter.from_json(json.loads(raw))
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a handler may know about the task it runs; the optional second argument.
+
+    ``cancelled`` is set when the task's timeout expires or the runner shuts down past its
+    grace period; cooperative handlers should check it in long loops.
+    """
+
+    task_id: str
+    type: str
+    attempt: int
+    max_attempts: int
+    deadline: float  # time.monotonic() value after which the attempt is interrupted
+    cancelled: threading.Event
+    logger: logging.LoggerAdapter[logging.Logger]
