@@ -1,0 +1,40 @@
+"""Example handlers for the demo pipeline (configs/demo.yaml).
+
+They are ordinary handlers: ``(payload, ctx)``, return on success, raise on failure. The demo's
+latency, random failures, hangs and poison payloads are injected by the config's `simulate`
+section (runner/simulate.py), not coded here, so the same faults can be rehearsed against any
+handler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from runner import TaskContext
+
+
+def send_email(payload: dict[str, Any], ctx: TaskContext) -> str:
+    """Pretend to send an email; returns the message id."""
+    to = payload.get("to", f"user{payload.get('n', 0)}@example.com")
+    message_id = hashlib.sha1(f"{ctx.task_id}:{to}".encode()).hexdigest()[:12]
+    ctx.logger.debug("email to %s queued as %s", to, message_id)
+    return message_id
+
+
+def resize_image(payload: dict[str, Any], ctx: TaskContext) -> tuple[int, int]:
+    """Pretend to resize an image; returns the new size."""
+    width, height = int(payload.get("width", 1920)), int(payload.get("height", 1080))
+    scale = min(1.0, 640 / max(width, 1))
+    return round(width * scale), round(height * scale)
+
+
+def generate_report(payload: dict[str, Any], ctx: TaskContext) -> int:
+    """Pretend to build a report: a little CPU work that checks for cancellation."""
+    rows = int(payload.get("rows", 2000))
+    total = 0
+    for i in range(rows):
+        if ctx.cancelled.is_set():
+            break
+        total += i * i % 7
+    return total

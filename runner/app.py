@@ -1,0 +1,197 @@
+"""build_runtime(config): the only place a validated config becomes running objects.
+
+A Runner owns one broker, one Worker and the listeners (logs, metrics, summary). Library use::
+
+    runner = build_runtime(load_config("configs/demo.yaml"))
+    with runner:                       # start() ... stop()
+        runner.publish("email", {"to": "a@example.com"})
+        runner.run_until_empty()
+    print(runner.summary.to_json())
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+from runner.brokers import create_broker
+from runner.brokers.base import Broker, Depth
+from runner.config import PipelineConfig
+from runner.errors import UsageError
+from runner.events import Event, EventBus, Listener
+from runner.handlers import load_handler, resolve_exception
+from runner.retry import RetryPlan
+from runner.simulate import with_faults
+from runner.summary import Summary
+from runner.task import Task
+from runner.worker import TypeRuntime, Worker
+
+#: How often run_until_empty looks at the broker.
+_POLL_S = 0.02
+
+
+def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
+    """One TypeRuntime per configured task type: handler, limit, timeout and retry plan."""
+    search_path = config.handler_paths
+    types: dict[str, TypeRuntime] = {}
+    for name, spec in config.task_types.items():
+        policy = config.retry_for(name)
+        never_retry = tuple(
+            resolve_exception(n, search_path=search_path) for n in policy.never_retry
+        )
+        handler = load_handler(spec.handler, search_path=search_path)
+        types[name] = TypeRuntime(
+            name=name,
+            handler=with_faults(handler),
+            limit=config.concurrency_for(name),
+            timeout_s=spec.timeout,
+            interrupt=spec.timeout_action == "interrupt",
+            plan=RetryPlan(policy, never_retry),
+        )
+    return types
+
+
+class Runner:
+    """A running pipeline: publish tasks, let the workers run them, stop cleanly."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        broker: Broker,
+        listeners: Sequence[Listener] = (),
+    ) -> None:
+        self.config = config
+        self.broker = broker
+        self.summary = Summary()
+        self.events = EventBus([self.summary, *listeners])
+        self.worker = Worker(
+            broker,
+            build_types(config),
+            threads=config.workers,
+            events=self.events,
+            visibility_timeout_s=config.broker.visibility_timeout,
+        )
+        self._started = False
+        self._stopped = False
+
+    # -- producing -------------------------------------------------------------------------
+
+    def publish(self, type_name: str, payload: Any = None, *, delay_s: float = 0.0) -> str:
+        """Put one task; returns its id. Blocks while the broker is full (see QueueFull)."""
+        return self.publish_many([(type_name, payload)], delay_s=delay_s)[0]
+
+    def publish_many(self, items: Iterable[tuple[str, Any]], *, delay_s: float = 0.0) -> list[str]:
+        """Put several tasks at once, all or nothing."""
+        now = time.time()
+        tasks = []
+        for type_name, payload in items:
+            if type_name not in self.config.task_types:
+                known = ", ".join(sorted(self.config.task_types))
+                raise UsageError(f"unknown task type {type_name!r} (known: {known})")
+            try:
+                json.dumps(payload)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"payload of a {type_name!r} task is not JSON: {exc}") from exc
+            tasks.append(
+                Task(
+                    type=type_name,
+                    payload=payload,
+                    enqueued_at=now,
+                    not_before=now + delay_s if delay_s else 0.0,
+                )
+            )
+        self.broker.put_many(tasks)
+        for task in tasks:
+            self.events.emit(Event("task.published", task_id=task.id, type=task.type, attempt=0))
+        return [task.id for task in tasks]
+
+    # -- running ---------------------------------------------------------------------------
+
+    def start(self) -> Runner:
+        if not self._started:
+            self._started = True
+            self.worker.start()
+        return self
+
+    def run_until_empty(self, timeout: float | None = None) -> bool:
+        """Block until nothing is ready, delayed or running; False if ``timeout`` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.worker.stopping:
+            if self.worker.idle() and sum(d.total for d in self.broker.depth().values()) == 0:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL_S)
+        return False
+
+    join = run_until_empty
+
+    def stop(self, grace_s: float | None = None) -> dict[str, Any]:
+        """Stop taking tasks, let running ones finish within the grace period, close the broker.
+
+        On the memory broker every task still queued or in backoff becomes a dead letter with
+        reason ``shutdown`` (nothing vanishes silently). Returns the summary as JSON data.
+        """
+        if not self._stopped:
+            self._stopped = True
+            grace = self.config.shutdown.grace if grace_s is None else grace_s
+            if self._started:
+                self.worker.stop(grace)
+            drain = getattr(self.broker, "drain_to_dead_letters", None)
+            if drain is not None:
+                for record in drain(reason="shutdown"):
+                    self.events.emit(
+                        Event(
+                            "task.dead",
+                            task_id=record.id,
+                            type=record.task.type,
+                            attempt=record.attempts,
+                            outcome="dead",
+                            reason="shutdown",
+                            error=f"{record.error_type}: {record.message}",
+                            error_type=record.error_type,
+                        )
+                    )
+            self.broker.close()
+            self.summary.finish()
+            for listener in self.events.listeners:
+                close = getattr(listener, "close", None)
+                if close is not None:
+                    close()
+        return self.summary.to_json()
+
+    def __enter__(self) -> Runner:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- state for metrics and progress ----------------------------------------------------
+
+    def depth(self) -> dict[str, Depth]:
+        return self.broker.depth()
+
+    def inflight(self) -> dict[str, int]:
+        return self.worker.inflight()
+
+    def limits(self) -> dict[str, int]:
+        return self.worker.limits()
+
+    def dead_letter_count(self) -> int | None:
+        count = getattr(self.broker, "dead_letter_count", None)
+        return int(count()) if count is not None else None
+
+
+def build_runtime(
+    config: PipelineConfig, *, broker: Broker | None = None, listeners: Sequence[Listener] = ()
+) -> Runner:
+    """Build a Runner (not started) from a validated config."""
+    return Runner(config, broker or create_broker(config), listeners)

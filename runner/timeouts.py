@@ -1,0 +1,168 @@
+"""Deadlines for handlers: cooperative cancellation, thread interruption, overrun detection.
+
+Python cannot kill a thread. What it can do (and what Dramatiq's time limits do) is schedule an
+asynchronous exception in it with ``PyThreadState_SetAsyncExc``; the exception is raised the
+next time that thread runs Python bytecode. The limits, written down so nobody rediscovers them:
+
+- A handler blocked in a C call (``time.sleep(60)``, a socket read without timeout) is not
+  interrupted until the call returns. It keeps its worker slot meanwhile; the watchdog reports
+  it once as an overrun.
+- An exception that lands while a thread holds a lock acquired from Python code can leave the
+  lock held. So interrupts are delivered only while the thread runs handler code (``Guard.run``),
+  and the runner's own code on that thread takes no lock while an interrupt can still land.
+- A handler that must never be interrupted mid-lock sets ``timeout_action: cancel``: only
+  ``ctx.cancelled`` is set, and the attempt fails when the handler returns.
+
+Race-free hand-off, relying on the GIL's sequential consistency: the sender sets ``sending``,
+checks that the thread is still inside the same run, raises, clears ``sending``. The worker,
+leaving the handler, clears its run, waits until no send is in progress, then cancels any
+exception still pending. An interrupt that lands during that exit path is absorbed there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from runner.errors import TaskInterrupted
+
+T = TypeVar("T")
+
+#: How long an interrupted handler may take to return before it is reported as an overrun.
+OVERRUN_AFTER_S = 1.0
+
+
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> int:
+    """Schedule ``exc`` in another thread (None cancels a pending one); returns threads hit."""
+    target = ctypes.py_object(exc) if exc is not None else None
+    return int(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), target))
+
+
+@dataclass(eq=False)
+class Run:
+    """One handler attempt being watched. Identity is the fencing token for interrupts."""
+
+    deadline: float  # time.monotonic()
+    cancelled: threading.Event
+    interrupt: bool  # False for timeout_action: cancel
+    on_timeout: Callable[[Run], None] = lambda run: None
+    on_overrun: Callable[[Run], None] = lambda run: None
+    expired: bool = False
+    interrupted: bool = False
+    overrun_at: float = field(default=float("inf"))
+    overrun_reported: bool = False
+
+
+class Guard:
+    """Belongs to one worker thread; the only door through which interrupts enter it."""
+
+    def __init__(self) -> None:
+        self.thread_id = 0
+        self.current: Run | None = None
+        self._sending = False
+
+    def bind(self) -> None:
+        """Call from the worker thread itself, once, before the first run."""
+        self.thread_id = threading.get_ident()
+
+    def run(self, run: Run, fn: Callable[[], T]) -> T:
+        """Call ``fn`` as ``run``; a TaskInterrupted raised in it propagates to the caller."""
+        self.current = run
+        try:
+            return fn()
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        while True:
+            try:
+                self.current = None
+                while self._sending:
+                    time.sleep(0)
+                _set_async_exc(self.thread_id, None)
+                return
+            except TaskInterrupted:
+                continue  # landed on the way out: the handler is done, absorb it
+
+    def interrupt(self, run: Run) -> bool:
+        """From another thread: raise TaskInterrupted in this thread if it still runs ``run``."""
+        self._sending = True
+        try:
+            if self.current is not run:
+                return False
+            _set_async_exc(self.thread_id, TaskInterrupted)
+            return True
+        finally:
+            self._sending = False
+
+
+class Watchdog:
+    """One thread that enforces every worker's deadline."""
+
+    def __init__(self, overrun_after_s: float = OVERRUN_AFTER_S) -> None:
+        self._guards: dict[Guard, Run] = {}
+        self._cond = threading.Condition()
+        self._next_wake = float("inf")
+        self._stopped = False
+        self._overrun_after_s = overrun_after_s
+        self._thread = threading.Thread(target=self._loop, name="dq-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def watch(self, guard: Guard, run: Run) -> None:
+        with self._cond:
+            self._guards[guard] = run
+            if run.deadline < self._next_wake:
+                self._cond.notify()
+
+    def unwatch(self, guard: Guard) -> None:
+        with self._cond:
+            self._guards.pop(guard, None)
+
+    def expire_all(self) -> int:
+        """Cancel and interrupt every watched run now (shutdown past its grace period)."""
+        with self._cond:
+            for run in self._guards.values():
+                run.deadline = min(run.deadline, time.monotonic())
+            self._cond.notify()
+            return len(self._guards)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                next_wake = float("inf")
+                for guard, run in list(self._guards.items()):
+                    if not run.expired:
+                        if now >= run.deadline:
+                            self._expire(guard, run, now)
+                        else:
+                            next_wake = min(next_wake, run.deadline)
+                    if run.expired and not run.overrun_reported:
+                        if now >= run.overrun_at:
+                            run.overrun_reported = True
+                            run.on_overrun(run)
+                        else:
+                            next_wake = min(next_wake, run.overrun_at)
+                self._next_wake = next_wake
+                self._cond.wait(timeout=None if next_wake == float("inf") else next_wake - now)
+
+    def _expire(self, guard: Guard, run: Run, now: float) -> None:
+        run.expired = True
+        run.overrun_at = now + self._overrun_after_s
+        run.cancelled.set()
+        if run.interrupt:
+            run.interrupted = guard.interrupt(run)
+        run.on_timeout(run)

@@ -1,0 +1,131 @@
+"""Build a Worker on a MemoryBroker from plain closures, for engine tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from runner.brokers.memory import MemoryBroker
+from runner.config import BackoffPolicy, RetryPolicy
+from runner.deadletter import MemoryDeadLetters
+from runner.events import Event, EventBus
+from runner.retry import RetryPlan
+from runner.task import Task, TaskContext
+from runner.worker import TypeRuntime, Worker
+
+
+class Recorder:
+    """Collects events; lets a test wait until a condition over them holds."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._cond = threading.Condition()
+
+    def handle(self, event: Event) -> None:
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def named(self, name: str) -> list[Event]:
+        with self._cond:
+            return [e for e in self.events if e.name == name]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                assert left > 0, "timed out waiting for events"
+                self._cond.wait(left)
+
+    def finished(self) -> int:
+        return sum(1 for e in self.events if e.name in ("task.succeeded", "task.dead"))
+
+
+class Concurrency:
+    """Measures, from inside handlers, how many run at once (per type and in all)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now: defaultdict[str, int] = defaultdict(int)
+        self.peak: defaultdict[str, int] = defaultdict(int)
+        self.total_now = 0
+        self.total_peak = 0
+
+    def enter(self, type_name: str) -> None:
+        with self._lock:
+            self.now[type_name] += 1
+            self.total_now += 1
+            self.peak[type_name] = max(self.peak[type_name], self.now[type_name])
+            self.total_peak = max(self.total_peak, self.total_now)
+
+    def leave(self, type_name: str) -> None:
+        with self._lock:
+            self.now[type_name] -= 1
+            self.total_now -= 1
+
+
+def plan(max_attempts: int = 3, initial: float = 0.01, maximum: float = 0.1,
+         multiplier: float = 2.0, jitter: float = 0.0,
+         never_retry: tuple[type[BaseException], ...] = ()) -> RetryPlan:  # fmt: skip
+    policy = RetryPolicy(
+        max_attempts=max_attempts,
+        backoff=BackoffPolicy(initial=initial, max=maximum, multiplier=multiplier, jitter=jitter),
+    )
+    return RetryPlan(policy, never_retry)
+
+
+def type_runtime(
+    name: str,
+    handler: Callable[[Any, TaskContext], Any],
+    limit: int = 1,
+    timeout_s: float = 5.0,
+    interrupt: bool = True,
+    retry: RetryPlan | None = None,
+) -> TypeRuntime:
+    return TypeRuntime(name, handler, limit, timeout_s, interrupt, retry or plan())
+
+
+class Engine:
+    """A started Worker over a MemoryBroker; stop() in teardown."""
+
+    def __init__(
+        self,
+        types: list[TypeRuntime],
+        threads: int = 3,
+        capacity: int = 100_000,
+        visibility_timeout: float = 30.0,
+    ) -> None:
+        self.recorder = Recorder()
+        self.dead_letters = MemoryDeadLetters()
+        self.broker = MemoryBroker(
+            capacity=capacity,
+            enqueue_timeout=5.0,
+            overflow="block",
+            visibility_timeout=visibility_timeout,
+            dead_letters=self.dead_letters,
+        )
+        self.worker = Worker(
+            self.broker,
+            {t.name: t for t in types},
+            threads=threads,
+            events=EventBus([self.recorder]),
+            visibility_timeout_s=visibility_timeout,
+        )
+        self.worker.start()
+
+    def publish(self, type_name: str, payload: Any = None) -> str:
+        task = Task(type=type_name, payload=payload, enqueued_at=time.time())
+        self.broker.put_many([task])
+        return task.id
+
+    def wait_finished(self, n: int, timeout: float = 20.0) -> None:
+        self.recorder.wait_for(lambda: self.recorder.finished() >= n, timeout)
+
+    def stop(self, grace: float = 5.0) -> int:
+        forced = self.worker.stop(grace)
+        self.broker.close()
+        return forced

@@ -1,0 +1,310 @@
+"""The execution engine on the memory broker: limits, retries, timeouts, DLQ, shutdown."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from runner.errors import PermanentError
+from runner.task import TaskContext
+from tests.unit.engine_kit import Concurrency, Engine, plan, type_runtime
+
+
+@pytest.fixture
+def engines() -> Any:
+    made: list[Engine] = []
+    yield made
+    for engine in made:
+        engine.stop(grace=1.0)
+
+
+def test_five_tasks_on_three_workers_each_run_exactly_once(engines: list[Engine]) -> None:
+    runs: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def handler(payload: Any, ctx: TaskContext) -> None:
+        with lock:
+            runs[payload] += 1
+
+    engine = Engine([type_runtime("t", handler, limit=3)], threads=3)
+    engines.append(engine)
+    for n in range(5):
+        engine.publish("t", n)
+    engine.wait_finished(5)
+    time.sleep(0.1)  # a duplicate run would show up here
+    assert runs == Counter(range(5))
+
+
+def test_task_failing_twice_succeeds_on_third_attempt_and_is_not_run_again(
+    engines: list[Engine],
+) -> None:
+    attempts: list[int] = []
+
+    def flaky(payload: Any, ctx: TaskContext) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise ConnectionError("try again")
+
+    engine = Engine([type_runtime("t", flaky, retry=plan(max_attempts=5))])
+    engines.append(engine)
+    engine.publish("t")
+    engine.wait_finished(1)
+    time.sleep(0.1)
+    assert attempts == [1, 2, 3]
+    assert len(engine.recorder.named("task.retrying")) == 2
+    assert len(engine.recorder.named("task.succeeded")) == 1
+    assert engine.dead_letters.count() == 0
+
+
+def test_always_failing_task_is_dead_lettered_once_with_every_attempt(
+    engines: list[Engine],
+) -> None:
+    def broken(payload: Any, ctx: TaskContext) -> None:
+        raise RuntimeError(f"boom {ctx.attempt}")
+
+    engine = Engine([type_runtime("t", broken, retry=plan(max_attempts=3))])
+    engines.append(engine)
+    task_id = engine.publish("t", {"x": 1})
+    engine.wait_finished(1)
+    time.sleep(0.1)
+    from runner.brokers.base import DeadLetterFilter
+
+    [record] = engine.dead_letters.records(DeadLetterFilter())
+    assert record.id == task_id
+    assert record.attempts == 3
+    assert record.reason == "exhausted"
+    assert record.error_type == "RuntimeError"
+    assert record.message == "boom 3"
+    assert "RuntimeError: boom 3" in record.traceback
+    assert [h.attempt for h in record.task.history] == [1, 2, 3]
+    assert record.first_attempt_at <= record.last_attempt_at
+
+
+def test_permanent_and_never_retry_errors_skip_retries(engines: list[Engine]) -> None:
+    def permanent(payload: Any, ctx: TaskContext) -> None:
+        raise PermanentError("no point retrying")
+
+    def bad_value(payload: Any, ctx: TaskContext) -> None:
+        raise ValueError("bad")
+
+    engine = Engine(
+        [
+            type_runtime("p", permanent, retry=plan(max_attempts=5)),
+            type_runtime("v", bad_value, retry=plan(max_attempts=5, never_retry=(ValueError,))),
+        ]
+    )
+    engines.append(engine)
+    engine.publish("p")
+    engine.publish("v")
+    engine.wait_finished(2)
+    reasons = sorted(e.reason or "" for e in engine.recorder.named("task.dead"))
+    assert reasons == ["never_retry", "permanent"]
+    assert not engine.recorder.named("task.retrying")
+
+
+def test_saturated_type_does_not_block_other_types(engines: list[Engine]) -> None:
+    release = threading.Event()
+    b_done = threading.Event()
+
+    def slow(payload: Any, ctx: TaskContext) -> None:
+        release.wait(10)
+
+    def fast(payload: Any, ctx: TaskContext) -> None:
+        b_done.set()
+
+    engine = Engine([type_runtime("a", slow, limit=1), type_runtime("b", fast, limit=1)], threads=3)
+    engines.append(engine)
+    for _ in range(20):
+        engine.publish("a")
+    engine.publish("b")
+    try:
+        assert b_done.wait(2.0), "type b waited behind a saturated type a"
+    finally:
+        release.set()
+
+
+def test_limits_are_never_exceeded_and_are_reached(engines: list[Engine]) -> None:
+    rng = random.Random(5)
+    limits = {"a": 1, "b": 2, "c": 3, "d": 4}
+    seen = Concurrency()
+
+    def make(type_name: str) -> Any:
+        def handler(payload: Any, ctx: TaskContext) -> None:
+            seen.enter(type_name)
+            try:
+                time.sleep(payload)
+            finally:
+                seen.leave(type_name)
+
+        return handler
+
+    threads = 6
+    engine = Engine(
+        [type_runtime(name, make(name), limit=limit) for name, limit in limits.items()],
+        threads=threads,
+    )
+    engines.append(engine)
+    n = 1500
+    for _ in range(n):
+        engine.publish(rng.choice(list(limits)), rng.uniform(0, 0.002))
+    engine.wait_finished(n, timeout=60)
+    for name, limit in limits.items():
+        assert seen.peak[name] <= limit, name
+    assert seen.total_peak <= threads
+    # A serial runner, or one that ignores spare slots, fails these.
+    assert seen.peak["d"] == 4
+    assert seen.total_peak == threads
+
+
+def test_backoff_frees_the_worker_and_follows_the_policy(engines: list[Engine]) -> None:
+    starts: list[float] = []
+    others_done: list[float] = []
+
+    def failing(payload: Any, ctx: TaskContext) -> None:
+        starts.append(time.monotonic())
+        raise RuntimeError("again")
+
+    def other(payload: Any, ctx: TaskContext) -> None:
+        others_done.append(time.monotonic())
+
+    retry = plan(max_attempts=4, initial=0.2, maximum=1.0, multiplier=2.0, jitter=0.0)
+    engine = Engine(
+        [type_runtime("f", failing, retry=retry), type_runtime("o", other, limit=1)], threads=1
+    )
+    engines.append(engine)
+    engine.publish("f")
+    time.sleep(0.05)
+    t_others = time.monotonic()
+    for _ in range(10):
+        engine.publish("o")
+    engine.wait_finished(11)
+    # With one thread, the others ran during the failing task's first backoff of 0.2 s.
+    assert len(others_done) == 10
+    assert max(others_done) - t_others < 0.2
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    for gap, nominal in zip(gaps, [0.2, 0.4, 0.8], strict=True):
+        assert nominal <= gap < nominal * 3, (gaps, nominal)
+
+
+def test_timeout_interrupts_a_busy_pure_python_handler(engines: list[Engine]) -> None:
+    started = threading.Event()
+    cancelled_seen: list[bool] = []
+
+    def busy(payload: Any, ctx: TaskContext) -> None:
+        started.set()
+        try:
+            while True:
+                pass
+        finally:
+            cancelled_seen.append(ctx.cancelled.is_set())
+
+    engine = Engine([type_runtime("t", busy, timeout_s=0.3, retry=plan(max_attempts=1))])
+    engines.append(engine)
+    t0 = time.monotonic()
+    engine.publish("t")
+    engine.wait_finished(1, timeout=5)
+    elapsed = time.monotonic() - t0
+    assert 0.3 <= elapsed < 0.9
+    [dead] = engine.recorder.named("task.dead")
+    assert dead.error_type == "TimeoutError"
+    assert engine.recorder.named("task.timeout")
+    assert cancelled_seen == [True]
+
+
+def test_cancel_action_sets_the_flag_without_interrupting(engines: list[Engine]) -> None:
+    interrupted: list[bool] = []
+
+    def cooperative(payload: Any, ctx: TaskContext) -> None:
+        try:
+            while not ctx.cancelled.wait(0.01):
+                pass
+            interrupted.append(False)
+        except BaseException:
+            interrupted.append(True)
+            raise
+
+    engine = Engine(
+        [type_runtime("t", cooperative, timeout_s=0.2, interrupt=False, retry=plan(max_attempts=1))]
+    )
+    engines.append(engine)
+    engine.publish("t")
+    engine.wait_finished(1)
+    assert interrupted == [False]
+    [dead] = engine.recorder.named("task.dead")
+    assert dead.error_type == "TimeoutError"
+
+
+def test_stop_waits_for_a_running_handler() -> None:
+    finished = threading.Event()
+    started = threading.Event()
+
+    def slow(payload: Any, ctx: TaskContext) -> None:
+        started.set()
+        time.sleep(0.4)
+        finished.set()
+
+    engine = Engine([type_runtime("t", slow)])
+    engine.publish("t")
+    assert started.wait(5)
+    forced = engine.stop(grace=5.0)
+    assert forced == 0
+    assert finished.is_set()
+    assert engine.recorder.named("task.succeeded")
+
+
+def test_stop_past_grace_interrupts_and_releases_the_task() -> None:
+    started = threading.Event()
+
+    def stuck(payload: Any, ctx: TaskContext) -> None:
+        started.set()
+        while True:
+            time.sleep(0.01)
+
+    engine = Engine([type_runtime("t", stuck, timeout_s=60)])
+    engine.publish("t")
+    assert started.wait(5)
+    t0 = time.monotonic()
+    forced = engine.worker.stop(grace_s=0.2)
+    assert forced == 1
+    assert time.monotonic() - t0 < 3
+    # Released back, not dead-lettered or lost: still in the broker, ready.
+    assert engine.broker.depth()["t"].ready == 1
+    engine.broker.close()
+
+
+def test_thousands_of_timeouts_lose_no_worker_thread(engines: list[Engine]) -> None:
+    """Interrupts land at random points; every worker thread must survive (Dramatiq #445)."""
+    import logging
+
+    log = logging.getLogger("tests.timeouts")
+
+    def spins(payload: Any, ctx: TaskContext) -> None:
+        end = time.monotonic() + payload
+        while time.monotonic() < end:
+            log.debug("spinning")
+
+    threads = 4
+    engine = Engine(
+        [type_runtime("t", spins, limit=threads, timeout_s=0.002, retry=plan(max_attempts=1))],
+        threads=threads,
+    )
+    engines.append(engine)
+    rng = random.Random(1)
+    n = 2000
+    for _ in range(n):
+        engine.publish("t", rng.uniform(0.0, 0.004))
+    engine.wait_finished(n, timeout=90)
+    alive = [t for t in threading.enumerate() if t.name.startswith("dq-worker-") and t.is_alive()]
+    assert len([t for t in alive if t in engine.worker._threads]) == threads
+    assert engine.recorder.named("task.timeout"), "the workload never timed out"
+    # The engine still works after the storm.
+    done = threading.Event()
+    engine.worker.types["t"] = type_runtime("t", lambda p, c: done.set(), limit=threads)
+    engine.publish("t")
+    assert done.wait(5)
