@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -23,11 +23,14 @@ from runner.config import PipelineConfig
 from runner.errors import UsageError
 from runner.events import Event, EventBus, Listener
 from runner.handlers import load_handler, resolve_exception
+from runner.logs import setup_logging, task_logger
+from runner.metrics import MetricsListener
+from runner.progress import Progress, progress_enabled
 from runner.retry import RetryPlan
 from runner.simulate import with_faults
 from runner.summary import Summary
 from runner.task import Task
-from runner.worker import TypeRuntime, Worker
+from runner.worker import TaskLogger, TypeRuntime, Worker
 
 #: How often run_until_empty looks at the broker.
 _POLL_S = 0.02
@@ -62,6 +65,7 @@ class Runner:
         config: PipelineConfig,
         broker: Broker,
         listeners: Sequence[Listener] = (),
+        task_logger: TaskLogger | None = None,
     ) -> None:
         self.config = config
         self.broker = broker
@@ -73,9 +77,17 @@ class Runner:
             threads=config.workers,
             events=self.events,
             visibility_timeout_s=config.broker.visibility_timeout,
+            **({"task_logger": task_logger} if task_logger is not None else {}),
         )
+        self._closers: list[Callable[[], None]] = []
         self._started = False
         self._stopped = False
+
+    def attach(self, listener: Listener, close: Callable[[], None] | None = None) -> None:
+        """Add a listener; ``close`` runs at stop, in reverse order of attachment."""
+        self.events.subscribe(listener)
+        if close is not None:
+            self._closers.append(close)
 
     # -- producing -------------------------------------------------------------------------
 
@@ -157,11 +169,13 @@ class Runner:
                     )
             self.broker.close()
             self.summary.finish()
-            for listener in self.events.listeners:
-                close = getattr(listener, "close", None)
-                if close is not None:
-                    close()
+            self.close_observers()
         return self.summary.to_json()
+
+    def close_observers(self) -> None:
+        """Stop the progress view and metrics server, flush the logs (reverse of attachment)."""
+        while self._closers:
+            self._closers.pop()()
 
     def __enter__(self) -> Runner:
         return self.start()
@@ -191,7 +205,34 @@ class Runner:
 
 
 def build_runtime(
-    config: PipelineConfig, *, broker: Broker | None = None, listeners: Sequence[Listener] = ()
+    config: PipelineConfig,
+    *,
+    broker: Broker | None = None,
+    listeners: Sequence[Listener] = (),
+    observe: bool = True,
+    progress_total: int | None = None,
 ) -> Runner:
-    """Build a Runner (not started) from a validated config."""
-    return Runner(config, broker or create_broker(config), listeners)
+    """Build a Runner (not started) from a validated config.
+
+    With ``observe`` (the default) it also sets up what the config asks to see: JSON or text
+    logs, the Prometheus endpoint (started here, so its port is known), and the live progress
+    view when stderr is a terminal. Library users who manage logging themselves pass False.
+    """
+    if not observe:
+        return Runner(config, broker or create_broker(config), listeners)
+    log_listener = setup_logging(config.logging)
+    try:
+        runner = Runner(config, broker or create_broker(config), listeners, task_logger)
+    except BaseException:
+        log_listener.close()
+        raise
+    runner.attach(log_listener, log_listener.close)
+    if config.metrics.enabled:
+        metrics = MetricsListener(config.metrics, runner)
+        runner.attach(metrics, metrics.close)
+        metrics.start()
+    if progress_enabled(config.logging):
+        progress = Progress(progress_total, runner.limits(), runner)
+        runner.attach(progress, progress.stop)
+        progress.start()
+    return runner

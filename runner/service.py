@@ -24,7 +24,6 @@ from typing import TextIO
 from runner.app import Runner, build_runtime
 from runner.config import PipelineConfig
 from runner.errors import RunnerError
-from runner.logs import setup_logging
 from runner.simulate import plan_tasks
 
 EXIT_FORCED = 130
@@ -43,12 +42,9 @@ class RunOptions:
 
 def serve(config: PipelineConfig, options: RunOptions, out: TextIO = sys.stdout) -> int:
     """Run one worker process until done or signalled; returns the exit code."""
-    log_listener = setup_logging(config.logging)
-    try:
-        runner = build_runtime(config, listeners=[log_listener])
-    except BaseException:
-        log_listener.close()
-        raise
+    simulating = options.simulate and config.simulate is not None
+    total = config.simulate.tasks if simulating and config.simulate is not None else None
+    runner = build_runtime(config, progress_total=total)
     stop = threading.Event()
     signals = 0
 
@@ -58,7 +54,7 @@ def serve(config: PipelineConfig, options: RunOptions, out: TextIO = sys.stdout)
         if signals == 1:
             stop.set()
             return
-        log_listener.close()
+        runner.close_observers()
         os._exit(EXIT_FORCED)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -67,7 +63,7 @@ def serve(config: PipelineConfig, options: RunOptions, out: TextIO = sys.stdout)
     try:
         runner.start()
         finite = options.until_empty
-        if options.simulate and config.simulate is not None:
+        if simulating:
             finite = True
             producer = threading.Thread(
                 target=_produce,

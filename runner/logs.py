@@ -1,0 +1,268 @@
+"""Structured logging: one line per engine event, JSON for machines, aligned text for people.
+
+``setup_logging(config)`` configures the ``runner`` logger tree and returns a ``LogListener``
+that turns engine events into log records. Handlers get ``task_logger(...)`` as ``ctx.logger``,
+so their own lines carry the task's fields and use the same output.
+
+Why the emitting side takes no lock: worker threads can receive an asynchronous interrupt (see
+timeouts.py). On CPython 3.11 an interrupt that lands while a thread holds a logging handler's
+lock leaves that lock held, and every later log call in the process deadlocks. So the ``runner``
+tree has exactly one handler, a ``QueueHandler`` without a lock that pushes onto a
+``queue.SimpleQueue`` (whose ``put`` is one C call), and a ``QueueListener`` thread formats and
+writes. The tree does not propagate to the root logger, whose handlers do take locks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import logging.handlers
+import queue
+import socket
+import sys
+import traceback
+from collections.abc import Mapping, MutableMapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TextIO
+
+from runner.config import LoggingConfig
+from runner.events import Event
+
+ROOT_LOGGER = "runner"
+TASK_LOGGER = "runner.task"
+# The attribute a LogRecord carries its structured fields in (set through `extra`).
+FIELDS_ATTR = "dq_fields"
+
+# Order of keys in a JSON line; keys not listed here follow in insertion order.
+_KEY_ORDER = (
+    "ts", "level", "event", "task_id", "type", "attempt", "duration_ms", "queue_wait_ms",
+    "outcome", "error", "reason", "delay_ms", "message", "detail", "host", "pid",
+)  # fmt: skip
+
+_WARNING_EVENTS = frozenset(
+    {"task.dead", "task.timeout", "task.overrun", "task.lease_lost", "broker.reconnecting"}
+)
+
+
+def event_level(name: str) -> int:
+    """The level an engine event is logged at: WARNING for trouble, INFO for the rest."""
+    return logging.WARNING if name in _WARNING_EVENTS else logging.INFO
+
+
+def event_fields(event: Event) -> dict[str, Any]:
+    """An event as log fields: milliseconds instead of seconds, None fields left out."""
+    fields: dict[str, Any] = {"event": event.name}
+    for key in ("task_id", "type", "attempt"):
+        value = getattr(event, key)
+        if value is not None:
+            fields[key] = value
+    for key, out in (("duration_s", "duration_ms"), ("queue_wait_s", "queue_wait_ms"),
+                     ("delay_s", "delay_ms")):  # fmt: skip
+        value = getattr(event, key)
+        if value is not None:
+            fields[out] = round(value * 1000.0, 3)
+    for key in ("outcome", "error", "reason", "detail"):
+        value = getattr(event, key)
+        if value is not None:
+            fields[key] = value
+    return fields
+
+
+def resolve_format(config: LoggingConfig, stream: TextIO | None = None) -> str:
+    """``json`` or ``text``: ``auto`` means text on a terminal, JSON otherwise."""
+    if config.format != "auto":
+        return config.format
+    target = stream if stream is not None else sys.stderr
+    isatty = getattr(target, "isatty", None)
+    return "text" if callable(isatty) and isatty() else "json"
+
+
+class _LockFreeQueueHandler(logging.handlers.QueueHandler):
+    """A QueueHandler whose handle() takes no lock (see the module docstring)."""
+
+    def createLock(self) -> None:
+        self.lock = None  # Handler.acquire/release skip a None lock
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # Resolve the message and traceback now, in the emitting thread: args may be mutated
+        # later, and the listener must not touch live frames. Formatting is the listener's job.
+        record = copy.copy(record)
+        record.message = record.getMessage()
+        record.msg, record.args = record.message, None
+        if record.exc_info:
+            record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            record.exc_info = None
+        return record
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at write time (so Rich's Live can redirect it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields: Mapping[str, Any] = getattr(record, FIELDS_ATTR, None) or {}
+    out = dict(fields)
+    out.setdefault("event", "log")
+    if record.message and record.message != out["event"]:
+        out["message"] = record.message
+    if out["event"] == "log":
+        out["logger"] = record.name
+    if record.exc_text:
+        out["exc"] = record.exc_text
+    return out
+
+
+def _iso_utc(ts: float) -> str:
+    stamp = datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, event, the event's fields, host, pid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._host = socket.gethostname()
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = _record_fields(record)
+        line: dict[str, Any] = {"ts": _iso_utc(fields.pop("ts", record.created))}
+        line["level"] = record.levelname
+        line.update(fields)
+        line["host"] = self._host
+        line["pid"] = record.process
+        ordered = {key: line[key] for key in _KEY_ORDER if key in line}
+        ordered.update((key, value) for key, value in line.items() if key not in ordered)
+        return json.dumps(ordered, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``12:00:01.234 INFO    task.succeeded   email    3f2a9c1e  attempt=1 duration_ms=12.5``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = _record_fields(record)
+        ts = fields.pop("ts", record.created)
+        clock = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+        event = fields.pop("event")
+        type_ = str(fields.pop("type", ""))
+        task_id = str(fields.pop("task_id", ""))[:8]
+        message = fields.pop("message", "")
+        exc = fields.pop("exc", None)
+        pairs = " ".join(f"{key}={value}" for key, value in fields.items())
+        head = f"{clock} {record.levelname:<7} {event:<16} {type_:<8} {task_id:<8}"
+        line = " ".join(part for part in (head, message, pairs) if part).rstrip()
+        return f"{line}\n{exc}" if exc else line
+
+
+class LogListener:
+    """Logs every engine event (an events.Listener); ``close()`` flushes and stops the writer."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        handler: _LockFreeQueueHandler,
+        writer: logging.handlers.QueueListener,
+        output: logging.Handler,
+        format: str,
+    ) -> None:
+        self.logger = logger
+        self.handler = handler
+        self.format = format
+        self._writer = writer
+        self._output = output
+        self._closed = False
+
+    def handle(self, event: Event) -> None:
+        level = event_level(event.name)
+        if not self.logger.isEnabledFor(level):
+            return  # the cheap exit: per-task events cost one dict lookup when filtered out
+        fields = event_fields(event)
+        fields["ts"] = event.ts
+        # makeRecord + handle skips findCaller's stack walk; the call site is the bus anyway.
+        record = self.logger.makeRecord(
+            self.logger.name, level, "(events)", 0, event.name, (), None,
+            extra={FIELDS_ATTR: fields},
+        )  # fmt: skip
+        self.logger.handle(record)
+
+    def close(self) -> None:
+        """Write out everything queued, stop the writer thread, detach. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.stop()  # processes the queue up to its sentinel, then joins
+        self._output.flush()
+        self.logger.removeHandler(self.handler)
+        # Records logged after close are dropped rather than reaching logging.lastResort,
+        # whose handler takes a lock.
+        self.logger.addHandler(logging.NullHandler())
+
+
+def setup_logging(config: LoggingConfig, *, stream: TextIO | None = None) -> LogListener:
+    """Configure the ``runner`` logger tree and start its writer thread.
+
+    ``stream`` defaults to the current ``sys.stderr`` (looked up at each write). Calling it
+    again replaces the previous setup's handler (close the previous listener first).
+    """
+    fmt = resolve_format(config, stream)
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    output = logging.StreamHandler(stream if stream is not None else _CurrentStderr())
+    output.setFormatter(formatter)
+    events: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    handler = _LockFreeQueueHandler(events)
+    writer = logging.handlers.QueueListener(events, output)
+
+    logger = logging.getLogger(ROOT_LOGGER)
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(config.level)
+    logger.propagate = False
+    # Warm the level cache now: a cache miss takes logging's module lock in the caller.
+    for name in (ROOT_LOGGER, TASK_LOGGER):
+        for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
+            logging.getLogger(name).isEnabledFor(level)
+    writer.start()
+    return LogListener(logger, handler, writer, output, fmt)
+
+
+if TYPE_CHECKING:
+    _AdapterBase = logging.LoggerAdapter[logging.Logger]
+else:
+    _AdapterBase = logging.LoggerAdapter
+
+
+class TaskLoggerAdapter(_AdapterBase):
+    """ctx.logger: adds task_id, type and attempt to each line; ``extra`` keys become fields."""
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        fields = dict(self.extra or {})
+        fields.update(kwargs.get("extra") or {})
+        kwargs["extra"] = {FIELDS_ATTR: fields}
+        return msg, kwargs
+
+
+def task_logger(task_id: str, type: str, attempt: int) -> logging.LoggerAdapter[logging.Logger]:
+    """The logger a handler gets as ``ctx.logger``; its lines have event ``task.log``.
+
+    Create it outside handler code: ``logging.getLogger`` takes logging's module lock.
+    """
+    fields = {"event": "task.log", "task_id": task_id, "type": type, "attempt": attempt}
+    return TaskLoggerAdapter(logging.getLogger(TASK_LOGGER), fields)
+
+
+def log_event(
+    logger: logging.Logger, level: int, event: str, message: str = "", **fields: Any
+) -> None:
+    """Log a runner line with an event name and extra fields (used for non-task lines)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, message or event, extra={FIELDS_ATTR: {"event": event, **fields}})

@@ -1,0 +1,125 @@
+"""dq-run run as a black box: the demo, simulation, summary JSON, signals and exit codes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cli.run_kit import REPO, run, start
+
+SLOW_PIPELINE = """
+workers: 2
+shutdown: {grace: 5s}
+logging: {format: json}
+task_types:
+  work: {handler: handlers.demo:send_email, concurrency: 2, timeout: 5s}
+simulate:
+  tasks: 40
+  mix: {work: 1}
+  faults:
+    work: {latency: [300ms, 400ms]}
+"""
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_demo_config_runs_to_completion_with_a_summary(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.json"
+    result = run("configs/demo.yaml", "--summary-json", str(summary), TASKS="30", WORKERS="4")
+    assert result.returncode == 0, result.stderr
+    assert "Summary" in result.stdout
+    data = json.loads(summary.read_text())
+    totals = data["totals"]
+    assert totals["published"] == 30
+    assert totals["succeeded"] + totals["dead"] == 30
+    assert "Traceback" not in result.stderr
+
+
+def test_environment_changes_what_the_demo_does(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.json"
+    result = run("configs/demo.yaml", "--summary-json", str(summary), TASKS="7", WORKERS="1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(summary.read_text())["totals"]["published"] == 7
+    started = [e for e in _json_lines(result.stderr) if e.get("event") == "worker.started"]
+    assert started and "threads=1" in str(started[0]["detail"])
+
+
+def test_run_alias_and_workers_flag(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.json"
+    result = run(
+        "run", "configs/demo.yaml", "--workers", "2", "--summary-json", str(summary), TASKS="3"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(summary.read_text())["totals"]["published"] == 3
+
+
+def test_no_simulate_with_until_empty_exits_at_once(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.json"
+    result = run(
+        "configs/demo.yaml", "--no-simulate", "--until-empty", "--summary-json", str(summary)
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(summary.read_text())["totals"]["published"] == 0
+
+
+def test_config_error_exits_2_without_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("workers: 0\ntask_types: {}\n")
+    result = run(str(config))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{config}:1:" in result.stderr
+
+
+def test_sigterm_stops_gracefully_and_loses_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "slow.yaml"
+    config.write_text(SLOW_PIPELINE)
+    summary = tmp_path / "summary.json"
+    proc = start(str(config), "--summary-json", str(summary))
+    time.sleep(1.2)  # a few tasks done, two running, the rest queued
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 < 5.0  # within the grace period
+    assert "Summary" in out
+    events = _json_lines(err)
+    started = {e["task_id"] for e in events if e.get("event") == "task.started"}
+    succeeded = {e["task_id"] for e in events if e.get("event") == "task.succeeded"}
+    assert started and started == succeeded, "a running task was not allowed to finish"
+    data = json.loads(summary.read_text())
+    # Everything not run was written to the dead-letter store with reason shutdown.
+    assert data["dead_by_reason"].get("shutdown", 0) > 0
+    assert data["totals"]["succeeded"] + data["totals"]["dead"] == 40
+    stopped = [e for e in events if e.get("event") == "worker.stopped"]
+    assert stopped and stopped[0]["detail"] == "forced=0"
+
+
+def test_second_signal_exits_at_once_with_130(tmp_path: Path) -> None:
+    config = tmp_path / "slow.yaml"
+    config.write_text(
+        SLOW_PIPELINE.replace("grace: 5s", "grace: 30s")
+        .replace("[300ms, 400ms]", "[4s, 4.5s]")
+        .replace("timeout: 5s", "timeout: 20s")
+    )
+    proc = start(str(config))
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_validate(config: str) -> None:
+    result = run("validate", f"configs/{config}")
+    assert result.returncode == 0, result.stderr
