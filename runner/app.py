@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from runner.brokers import create_broker
-from runner.brokers.base import Broker, Depth
+from runner.brokers.base import Broker, BrokerAdmin, Depth
 from runner.config import PipelineConfig
 from runner.errors import UsageError
 from runner.events import Event, EventBus, Listener
@@ -200,8 +200,9 @@ class Runner:
         return self.worker.limits()
 
     def dead_letter_count(self) -> int | None:
-        count = getattr(self.broker, "dead_letter_count", None)
-        return int(count()) if count is not None else None
+        if isinstance(self.broker, BrokerAdmin):
+            return self.broker.dead_letter_count()
+        return None
 
 
 def build_runtime(
