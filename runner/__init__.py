@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from runner.config import PipelineConfig, load_config
 from runner.errors import (
     BrokerClosed,
@@ -15,6 +17,19 @@ from runner.errors import (
 )
 from runner.task import DeadLetter, Task, TaskContext
 
+if TYPE_CHECKING:
+    from runner.app import Runner, build_runtime
+
+
+def __getattr__(name: str) -> Any:
+    # The engine pulls in prometheus_client and rich; `dq-run validate` should not pay for them.
+    if name in ("Runner", "build_runtime"):
+        from runner import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module 'runner' has no attribute {name!r}")
+
+
 __all__ = [
     "BrokerClosed",
     "BrokerError",
@@ -24,9 +39,11 @@ __all__ = [
     "PermanentError",
     "PipelineConfig",
     "QueueFull",
+    "Runner",
     "RunnerError",
     "Task",
     "TaskContext",
     "UsageError",
+    "build_runtime",
     "load_config",
 ]

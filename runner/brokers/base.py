@@ -4,20 +4,37 @@ A broker moves tasks; it never calls handlers, decides retries or logs business 
 Every broker passes the same suite in tests/contract. The contract, in one line each:
 
 - ``put_many`` is all-or-nothing. Capacity counts a task from put until ack or dead-letter
-  (delayed retries and leased tasks included). When full, put blocks up to ``timeout`` and then
-  raises QueueFull (at once with ``overflow: reject``).
+  (ready, delayed and leased tasks alike). When full, put blocks up to ``timeout`` (None: the
+  broker's ``enqueue_timeout``) and then raises QueueFull (at once with ``overflow: reject``, or
+  when the batch is larger than the whole capacity). A task put with a future ``not_before`` is
+  delayed until then.
 - ``get(slots, limit, timeout)`` hands out at most ``slots[type]`` tasks of each type and at most
   ``limit`` in all, FIFO within a type, never a task before its ``not_before``. It blocks up to
-  ``timeout`` seconds for the first task and returns ``[]`` on timeout, ``wake()`` or close.
-- Attempts are counted at hand-out: each Delivery's ``task.attempt`` is one more than the last.
-  A delivery whose lease expired (its worker died) is handed out again with ``redelivered=True``.
-- Every delivery holds a lease of ``visibility_timeout`` seconds. ``ack``, ``retry``, ``dead``,
-  ``release`` and ``extend`` return False (and change nothing) when the lease has moved on to
-  another delivery: the receipt fences stale workers.
-- ``retry`` and ``release`` never block on capacity. ``release`` hands an unstarted task back at
-  once and gives back its attempt.
+  ``timeout`` seconds for the first task and returns ``[]`` on timeout, on ``wake()``, and when
+  ``close()`` is called while it waits.
+- Attempts are counted at hand-out: each Delivery's ``task.attempt`` is one more than the last
+  (1 on the first run). A delivery whose lease expired (its worker died) is handed out again
+  with ``redelivered=True`` and the next attempt number; the engine, not the broker, decides
+  that too many deliveries means the dead-letter queue (reason ``max deliveries``).
+- Every delivery holds a lease of ``visibility_timeout`` seconds, renewed by ``extend``.
+  ``ack``, ``retry``, ``dead``, ``release`` and ``extend`` return False (and change nothing)
+  once the lease has moved on (reclaimed after expiry, or the task already acked, retried,
+  released or dead): the receipt fences stale workers, so a task completes once.
+- ``retry(delivery, delay_s, failure)`` appends ``failure`` to the task's history and makes it
+  ready again after ``delay_s``, keeping its attempt count. ``retry`` and ``release`` never
+  block on capacity (the task already holds its place).
+- ``release`` hands an unstarted task back at once (another consumer may get it immediately)
+  and gives back its attempt: the next hand-out has the same attempt number.
 - ``dead`` writes the dead-letter record and removes the task in one step (durable brokers: one
   transaction), so a task is never both queued and dead, nor neither.
+- ``depth()`` counts each type's ready (due), delayed and leased tasks; a type with no tasks may
+  be absent or all zeros.
+- ``close()`` is idempotent and wakes every waiter: a blocked ``get`` returns ``[]``, a ``put``
+  blocked on a full queue raises BrokerClosed. After close, every method except ``close`` and
+  ``wake`` raises BrokerClosed.
+- BrokerAdmin: ``dead_letters`` lists records (each keeps the task's attempt history);
+  ``replay`` puts the tasks back with ``attempt`` reset to 0 (next hand-out is attempt 1),
+  all or none, waiting for room like put; ``purge`` deletes records and returns how many.
 """
 
 from __future__ import annotations
@@ -105,5 +122,7 @@ class BrokerAdmin(Protocol):
     def replay(self, ids: Sequence[str]) -> int: ...
 
     def purge(self, where: DeadLetterFilter) -> int: ...
+
+    def dead_letter_count(self) -> int: ...
 
     def depth(self) -> dict[str, Depth]: ...

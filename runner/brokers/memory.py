@@ -1,0 +1,449 @@
+"""The in-process broker: bounded per-type queues, a delay heap and leases under one condition.
+
+It implements both ``Broker`` and ``BrokerAdmin`` (the admin side works in-process, which is what
+tests and library users need; ``dq-run dlq`` in another process sees only a file DLQ).
+
+Limits, written here because they are the price of being in-process:
+
+- Nothing survives the process. At shutdown the engine calls ``drain_to_dead_letters()`` so
+  every task still queued or in backoff becomes a dead letter with reason ``shutdown`` (with a
+  file DLQ they can be replayed later) instead of vanishing.
+- A dead letter is written while the broker's lock is held, so a slow (fsynced file) dead-letter
+  store slows every operation for that moment. Dead letters are rare; correctness (never both
+  queued and dead) is worth it.
+
+Ordering: each type's ready queue is FIFO. A released task, and a task whose lease expired, go
+back to the *front* of their type's queue: they were put before everything still waiting, so
+FIFO by put order is kept as closely as it can be. Due retries join the back.
+
+Waiting: ``get`` and a blocked ``put`` sleep on the condition until notified or until the exact
+time the next delayed task or lease becomes due; there is no polling. Per-operation work is O(1)
+or O(log n); expired-lease bookkeeping is lazy and compacted when it outgrows the live leases.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Literal
+
+from runner.brokers.base import DeadLetterFilter, Delivery, Depth
+from runner.deadletter import DeadLetterStore
+from runner.errors import BrokerClosed, QueueFull
+from runner.task import HISTORY_LIMIT, AttemptRecord, DeadLetter, Task
+
+
+class _Lease:
+    """One outstanding delivery. ``expires_at`` moves forward when the lease is extended."""
+
+    __slots__ = ("expires_at", "receipt", "redelivered", "task")
+
+    def __init__(self, task: Task, receipt: str, expires_at: float, redelivered: bool) -> None:
+        self.task = task
+        self.receipt = receipt
+        self.expires_at = expires_at
+        self.redelivered = redelivered
+
+
+def _with_attempt(task: Task, attempt: int) -> Task:
+    # Direct construction: dataclasses.replace costs several times more on the hot path.
+    return Task(
+        type=task.type,
+        payload=task.payload,
+        id=task.id,
+        attempt=attempt,
+        enqueued_at=task.enqueued_at,
+        not_before=task.not_before,
+        history=task.history,
+    )
+
+
+class MemoryBroker:
+    """A bounded in-memory broker; see the module docstring and ``runner.brokers.base``."""
+
+    def __init__(
+        self,
+        capacity: int,
+        enqueue_timeout: float,
+        overflow: Literal["block", "reject"],
+        visibility_timeout: float,
+        dead_letters: DeadLetterStore,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        if visibility_timeout <= 0:
+            raise ValueError(f"visibility_timeout must be positive, got {visibility_timeout}")
+        self.capacity = capacity
+        self.enqueue_timeout = enqueue_timeout
+        self.overflow = overflow
+        self.visibility_timeout = visibility_timeout
+        self.dead_letter_store = dead_letters
+        self._clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._ready: dict[str, deque[Task]] = {}
+        self._redelivered: set[str] = (
+            set()
+        )  # ids in a ready queue whose next hand-out is a redelivery
+        self._delayed: list[tuple[float, int, Task]] = []  # heap by not_before
+        self._delayed_count: dict[str, int] = {}
+        self._leases: dict[str, _Lease] = {}  # by receipt
+        self._leased_count: dict[str, int] = {}
+        self._expiry: list[tuple[float, int, _Lease]] = []  # heap; stale entries skipped lazily
+        self._held = 0  # everything from put until ack or dead
+        self._seq = itertools.count()
+        self._rng = random.Random(os.urandom(16))
+        self._rotation = 0
+        self._wakes = 0
+        self._put_waiting = 0
+        self._closed = False
+
+    # -- producer side -------------------------------------------------------------------------
+
+    def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None:
+        """Enqueue all of ``tasks`` or none; block while full (see the contract)."""
+        n = len(tasks)
+        if n == 0:
+            return
+        with self._cond:
+            self._check_open()
+            self._wait_for_room(n, timeout)
+            self._enqueue(tasks, self._clock())
+
+    def _wait_for_room(self, n: int, timeout: float | None) -> None:
+        if self._held + n <= self.capacity:
+            return
+        if n > self.capacity:
+            raise QueueFull(
+                f"cannot put {n} tasks at once: the broker's capacity is {self.capacity}"
+            )
+        if self.overflow == "reject":
+            raise QueueFull(
+                f"queue full ({self._held}/{self.capacity} tasks held) and broker.overflow is "
+                f"reject: {n} task(s) not enqueued"
+            )
+        wait_s = self.enqueue_timeout if timeout is None else timeout
+        end = time.monotonic() + wait_s
+        self._put_waiting += 1
+        try:
+            while self._held + n > self.capacity:
+                if self._closed:
+                    raise BrokerClosed("broker closed while waiting for room to put tasks")
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    raise QueueFull(
+                        f"queue full ({self._held}/{self.capacity} tasks held): waited {wait_s:g}s "
+                        f"(broker.enqueue_timeout) to put {n} task(s)"
+                    )
+                self._cond.wait(remaining)
+        finally:
+            self._put_waiting -= 1
+
+    def _enqueue(self, tasks: Sequence[Task], now: float) -> None:
+        for given in tasks:
+            task = replace(given, enqueued_at=now) if given.enqueued_at == 0.0 else given
+            if task.not_before > now:
+                self._push_delayed(task)
+            else:
+                self._queue(task.type).append(task)
+        self._held += len(tasks)
+        self._cond.notify_all()
+
+    # -- consumer side -------------------------------------------------------------------------
+
+    def get(self, slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
+        """Hand out up to ``slots[type]`` ready tasks per type, ``limit`` in all."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            self._check_open()
+            wakes = self._wakes
+            while True:
+                now = self._clock()
+                self._promote(now)
+                out = self._take(slots, limit, now)
+                if out or self._closed or self._wakes != wakes:
+                    return out
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return out
+                self._cond.wait(min(remaining, self._next_due() - now))
+
+    def _take(self, slots: Mapping[str, int], limit: int, now: float) -> list[Delivery]:
+        out: list[Delivery] = []
+        budget = {t: n for t, n in slots.items() if n > 0 and self._ready.get(t)}
+        if not budget or limit <= 0:
+            return out
+        active = list(budget)
+        # Start each call at a different type so that a binding `limit` starves none of them.
+        self._rotation += 1
+        shift = self._rotation % len(active)
+        active = active[shift:] + active[:shift]
+        while active:
+            still: list[str] = []
+            for type_name in active:
+                queue = self._ready[type_name]
+                out.append(self._hand_out(queue.popleft(), now))
+                if len(out) >= limit:
+                    return out
+                budget[type_name] -= 1
+                if budget[type_name] > 0 and queue:
+                    still.append(type_name)
+            active = still
+        return out
+
+    def _hand_out(self, task: Task, now: float) -> Delivery:
+        redelivered = False
+        if self._redelivered and task.id in self._redelivered:
+            self._redelivered.discard(task.id)
+            redelivered = True
+        task = _with_attempt(task, task.attempt + 1)
+        receipt = f"{self._rng.getrandbits(64):016x}"
+        while receipt in self._leases:  # astronomically unlikely, but fencing depends on it
+            receipt = f"{self._rng.getrandbits(64):016x}"
+        lease = _Lease(task, receipt, now + self.visibility_timeout, redelivered)
+        self._leases[receipt] = lease
+        self._push_expiry(lease)
+        self._leased_count[task.type] = self._leased_count.get(task.type, 0) + 1
+        return Delivery(task, receipt, redelivered)
+
+    def ack(self, delivery: Delivery) -> bool:
+        with self._cond:
+            self._check_open()
+            lease = self._end_lease(delivery)
+            if lease is None:
+                return False
+            self._forget_one()
+            return True
+
+    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> bool:
+        with self._cond:
+            self._check_open()
+            lease = self._end_lease(delivery)
+            if lease is None:
+                return False
+            now = self._clock()
+            task = replace(
+                lease.task,
+                not_before=now + delay_s if delay_s > 0 else 0.0,
+                history=(*lease.task.history, failure)[-HISTORY_LIMIT:],
+            )
+            if delay_s > 0:
+                self._push_delayed(task)
+            else:
+                self._queue(task.type).append(task)
+            self._cond.notify_all()  # a getter may now have a task, or an earlier due time
+            return True
+
+    def dead(self, delivery: Delivery, record: DeadLetter) -> bool:
+        with self._cond:
+            self._check_open()
+            if delivery.receipt not in self._leases:
+                return False
+            # Written before the lease ends: if the store fails, the task stays leased (and is
+            # redelivered after its lease expires) rather than being lost.
+            self.dead_letter_store.add(record)
+            self._end_lease(delivery)
+            self._forget_one()
+            return True
+
+    def release(self, delivery: Delivery) -> bool:
+        with self._cond:
+            self._check_open()
+            lease = self._end_lease(delivery)
+            if lease is None:
+                return False
+            # Undo the hand-out exactly: the attempt and the redelivered flag are given back.
+            task = lease.task
+            self._queue(task.type).appendleft(_with_attempt(task, task.attempt - 1))
+            if lease.redelivered:
+                self._redelivered.add(task.id)
+            self._cond.notify_all()
+            return True
+
+    def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        with self._cond:
+            self._check_open()
+            until = self._clock() + self.visibility_timeout
+            renewed = []
+            for delivery in deliveries:
+                lease = self._leases.get(delivery.receipt)
+                if lease is not None and lease.expires_at != until:
+                    lease.expires_at = until
+                    self._push_expiry(lease)
+                renewed.append(lease is not None)
+            return renewed
+
+    def wake(self) -> None:
+        with self._cond:
+            self._wakes += 1
+            self._cond.notify_all()
+
+    def depth(self) -> dict[str, Depth]:
+        with self._cond:
+            self._check_open()
+            self._promote(self._clock())
+            names = self._ready.keys() | self._delayed_count.keys() | self._leased_count.keys()
+            return {
+                name: Depth(
+                    ready=len(self._ready.get(name, ())),
+                    delayed=self._delayed_count.get(name, 0),
+                    leased=self._leased_count.get(name, 0),
+                )
+                for name in sorted(names)
+            }
+
+    def close(self) -> None:
+        """Wake every waiter; later calls (except close, wake, drain) raise BrokerClosed."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # -- admin side ----------------------------------------------------------------------------
+
+    def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
+        self._check_open()
+        return self.dead_letter_store.records(where)
+
+    def replay(self, ids: Sequence[str]) -> int:
+        """Put dead tasks back with attempts reset to 0; all or none, waiting for room like put."""
+        with self._cond:
+            self._check_open()
+            wanted = frozenset(ids)
+            found = self.dead_letter_store.records(DeadLetterFilter(ids=wanted))
+            if not found:
+                return 0
+            self._wait_for_room(len(found), None)
+            tasks = [
+                replace(r.task, attempt=0, not_before=0.0)
+                for r in self.dead_letter_store.take(wanted)
+            ]
+            for task in tasks:
+                self._redelivered.discard(task.id)
+            self._enqueue(tasks, self._clock())
+            return len(tasks)
+
+    def dead_letter_count(self) -> int:
+        return self.dead_letter_store.count()
+
+    def purge(self, where: DeadLetterFilter) -> int:
+        self._check_open()
+        return self.dead_letter_store.purge(where)
+
+    def drain_to_dead_letters(
+        self, reason: str = "shutdown", include_leased: bool = False, now: float | None = None
+    ) -> list[DeadLetter]:
+        """Move every queued and delayed task (and leased ones if asked) to the dead letters.
+
+        The engine calls this at shutdown, after releasing its prefetched tasks, so that nothing
+        on this in-process broker is lost silently. Leased deliveries drained here are fenced:
+        a late ack returns False. Works after ``close()``. Returns the records written.
+        """
+        with self._cond:
+            at = self._clock() if now is None else now
+            tasks: list[Task] = [t for queue in self._ready.values() for t in queue]
+            tasks.extend(t for _, _, t in sorted(self._delayed))
+            if include_leased:
+                tasks.extend(lease.task for lease in self._leases.values())
+            if not tasks:
+                return []
+            records = [_drained(t, reason, at) for t in tasks]
+            self.dead_letter_store.add_many(records)
+            self._ready.clear()
+            self._redelivered.clear()
+            self._delayed.clear()
+            self._delayed_count.clear()
+            if include_leased:
+                self._leases.clear()
+                self._leased_count.clear()
+                self._expiry.clear()
+            self._held -= len(tasks)
+            self._cond.notify_all()
+            return records
+
+    # -- internals (called with the lock held) -------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerClosed("the broker is closed")
+
+    def _queue(self, type_name: str) -> deque[Task]:
+        queue = self._ready.get(type_name)
+        if queue is None:
+            queue = self._ready[type_name] = deque()
+        return queue
+
+    def _push_delayed(self, task: Task) -> None:
+        heapq.heappush(self._delayed, (task.not_before, next(self._seq), task))
+        self._delayed_count[task.type] = self._delayed_count.get(task.type, 0) + 1
+
+    def _push_expiry(self, lease: _Lease) -> None:
+        expiry = self._expiry
+        if len(expiry) > 2 * len(self._leases) + 64:
+            # Ended and renewed leases leave stale entries behind; rebuild from the live ones.
+            expiry[:] = [(le.expires_at, next(self._seq), le) for le in self._leases.values()]
+            heapq.heapify(expiry)
+            if lease.receipt in self._leases:
+                return  # the rebuild already holds its current expiry
+        heapq.heappush(expiry, (lease.expires_at, next(self._seq), lease))
+
+    def _end_lease(self, delivery: Delivery) -> _Lease | None:
+        lease = self._leases.pop(delivery.receipt, None)
+        if lease is not None:
+            self._leased_count[lease.task.type] -= 1
+        return lease
+
+    def _forget_one(self) -> None:
+        self._held -= 1
+        if self._put_waiting:
+            self._cond.notify_all()
+
+    def _promote(self, now: float) -> None:
+        """Move due delayed tasks to the back and expired leases to the front of their queues."""
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now:
+            task = heapq.heappop(delayed)[2]
+            self._delayed_count[task.type] -= 1
+            self._queue(task.type).append(task)
+        expiry = self._expiry
+        expired: list[_Lease] = []
+        while expiry and expiry[0][0] <= now:
+            at, _, lease = heapq.heappop(expiry)
+            # Skip entries left behind by renewals and ended leases (and duplicates).
+            if lease.expires_at == at and self._leases.get(lease.receipt) is lease:
+                del self._leases[lease.receipt]
+                expired.append(lease)
+        # Reversed, so the lease that expired first ends up first in its queue.
+        for lease in reversed(expired):
+            self._leased_count[lease.task.type] -= 1
+            self._queue(lease.task.type).appendleft(lease.task)
+            self._redelivered.add(lease.task.id)
+
+    def _next_due(self) -> float:
+        due = float("inf")
+        if self._delayed:
+            due = self._delayed[0][0]
+        if self._expiry:
+            due = min(due, self._expiry[0][0])
+        return due
+
+
+def _drained(task: Task, reason: str, at: float) -> DeadLetter:
+    last = task.history[-1] if task.history else None
+    return DeadLetter(
+        task=task,
+        reason=reason,
+        error_type=last.error_type if last else "",
+        message=last.message if last else f"never ran: the broker was drained ({reason})",
+        traceback=last.traceback if last else "",
+        attempts=task.attempt,
+        first_attempt_at=task.history[0].started_at if task.history else 0.0,
+        last_attempt_at=last.started_at if last else 0.0,
+        dead_at=at,
+    )

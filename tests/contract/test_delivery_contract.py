@@ -1,0 +1,234 @@
+"""Broker contract, delivery side: slots, FIFO, delays, attempts, leases, fencing, wake, close.
+
+Runs once per broker in conftest.BROKERS. Timing checks: lower bounds strict, upper bounds 3x.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth
+from runner.errors import BrokerClosed
+from tests.contract.conftest import BrokerMaker
+from tests.contract.helpers import ALL, Background, dead_record, failure, get_one, put, task
+
+
+def test_get_honours_slots_per_type_and_reaches_them(broker: Broker) -> None:
+    put(broker, *(task("a", i) for i in range(5)), *(task("b", i) for i in range(5)))
+    got = broker.get({"a": 2, "b": 3}, 100, 0)
+    assert sorted(d.task.type for d in got) == ["a", "a", "b", "b", "b"]
+
+
+def test_get_honours_limit_and_never_exceeds_slots(broker: Broker) -> None:
+    put(broker, *(task("a", i) for i in range(5)), *(task("b", i) for i in range(5)))
+    got = broker.get({"a": 2, "b": 3}, 3, 0)
+    assert len(got) == 3
+    assert sum(d.task.type == "a" for d in got) <= 2
+    assert sum(d.task.type == "b" for d in got) <= 3
+
+
+def test_get_skips_types_without_free_slots(broker: Broker) -> None:
+    put(broker, task("a"), task("b"))
+    got = broker.get({"a": 0, "b": 1}, 10, 0)
+    assert [d.task.type for d in got] == ["b"]
+    assert broker.get({"b": 1}, 10, 0) == []  # and never a type that was not asked for
+
+
+def test_fifo_within_a_type(broker: Broker) -> None:
+    put(broker, *(task("a" if i % 2 else "b", i) for i in range(10)))
+    one_by_one = [get_one(broker, "a").task.payload for _ in range(3)]
+    batch = [d.task.payload for d in broker.get({"a": 10}, 10, 0)]
+    assert one_by_one + batch == [1, 3, 5, 7, 9]
+
+
+def test_put_with_future_not_before_is_delayed(broker: Broker) -> None:
+    delay = 0.3
+    start = time.time()
+    put(broker, task("a", "later", not_before=start + delay), task("a", "now"))
+    assert [d.task.payload for d in broker.get({"a": 10}, 10, 0)] == ["now"]
+    got = broker.get({"a": 10}, 10, 3 * delay)
+    assert [d.task.payload for d in got] == ["later"]
+    assert time.time() - start >= delay
+
+
+def test_retry_is_not_early_nor_3x_late(broker: Broker) -> None:
+    delay = 0.4
+    put(broker, task("a"))
+    delivery = get_one(broker)
+    start = time.time()
+    assert broker.retry(delivery, delay, failure(1))
+    assert broker.get(ALL, 10, 0) == []
+    again = get_one(broker, timeout=3 * delay + 1)
+    waited = time.time() - start
+    assert waited >= delay
+    assert waited <= 3 * delay
+    assert again.task.id == delivery.task.id
+    assert again.task.attempt == 2
+    assert not again.redelivered
+
+
+def test_retry_keeps_the_failure_in_history(broker: Broker) -> None:
+    put(broker, task("a"))
+    assert broker.retry(get_one(broker), 0, failure(1, "KeyError"))
+    again = get_one(broker, timeout=1)
+    assert [(h.attempt, h.error_type) for h in again.task.history] == [(1, "KeyError")]
+
+
+def test_attempts_counted_at_hand_out_and_redelivered_after_lease_expiry(
+    make_broker: BrokerMaker,
+) -> None:
+    vt = 0.3
+    broker = make_broker(visibility_timeout=vt)
+    admin = make_broker.admin(broker)
+    (sent,) = put(broker, task("a"))
+    before = time.time()
+    first = get_one(broker)
+    assert (first.task.attempt, first.redelivered) == (1, False)
+    # The worker "dies": the delivery is dropped without ack.
+    second = get_one(broker, timeout=3 * vt + 1)
+    assert time.time() - before >= vt
+    assert (second.task.id, second.task.attempt, second.redelivered) == (sent.id, 2, True)
+    third = get_one(broker, timeout=3 * vt + 1)
+    assert (third.task.attempt, third.redelivered) == (3, True)
+    # The engine sees attempt > max_attempts on the next one and dead-letters it.
+    fourth = get_one(broker, timeout=3 * vt + 1)
+    assert broker.dead(fourth, dead_record(fourth, reason="max deliveries"))
+    (record,) = admin.dead_letters(DeadLetterFilter())
+    assert (record.id, record.reason, record.attempts) == (sent.id, "max deliveries", 4)
+    assert broker.get(ALL, 10, 2 * vt) == []
+
+
+def test_stale_receipt_is_fenced_and_the_task_completes_once(make_broker: BrokerMaker) -> None:
+    vt = 0.3
+    broker = make_broker(visibility_timeout=vt)
+    admin = make_broker.admin(broker)
+    put(broker, task("a"))
+    stale = get_one(broker)
+    fresh = get_one(broker, timeout=3 * vt + 1)
+    assert fresh.task.id == stale.task.id and fresh.receipt != stale.receipt
+
+    assert broker.ack(stale) is False
+    assert broker.retry(stale, 0, failure(1)) is False
+    assert broker.dead(stale, dead_record(stale)) is False
+    assert broker.release(stale) is False
+    assert broker.extend([stale]) == [False]
+    # ... and none of them changed anything.
+    assert admin.dead_letters(DeadLetterFilter()) == []
+    assert broker.depth().get("a", Depth()) == Depth(leased=1)
+    assert broker.get(ALL, 10, 0) == []
+
+    assert broker.ack(fresh) is True
+    assert broker.ack(fresh) is False  # a finished delivery is stale too
+    assert broker.get(ALL, 10, 2 * vt) == []
+    assert broker.depth().get("a", Depth()).total == 0
+
+
+@pytest.mark.parametrize("finish", ["ack", "retry", "dead", "release"])
+def test_a_finished_delivery_cannot_finish_again(broker: Broker, finish: str) -> None:
+    put(broker, task("a"))
+    d = get_one(broker)
+    outcomes = {
+        "ack": lambda: broker.ack(d),
+        "retry": lambda: broker.retry(d, 10, failure(1)),
+        "dead": lambda: broker.dead(d, dead_record(d)),
+        "release": lambda: broker.release(d),
+    }
+    assert outcomes[finish]() is True
+    assert [outcome() for outcome in outcomes.values()] == [False] * 4
+    assert broker.extend([d]) == [False]
+
+
+def test_extend_keeps_a_lease_alive_past_twice_the_visibility_timeout(
+    make_broker: BrokerMaker,
+) -> None:
+    vt = 0.3
+    broker = make_broker(visibility_timeout=vt)
+    put(broker, task("a"))
+    held = get_one(broker)
+    until = time.monotonic() + 2.5 * vt
+    while time.monotonic() < until:
+        assert broker.extend([held]) == [True]
+        # Doubles as the pause between renewals: nothing may be redelivered meanwhile.
+        assert broker.get(ALL, 10, vt / 3) == []
+    assert broker.ack(held) is True
+
+
+def test_release_hands_the_task_to_another_consumer_at_once(make_broker: BrokerMaker) -> None:
+    broker = make_broker(visibility_timeout=30)
+    put(broker, task("a", "x"), task("a", "y"))
+    prefetched = broker.get({"a": 2}, 2, 0)
+    start = time.monotonic()
+    assert all(broker.release(d) for d in reversed(prefetched))
+    again = broker.get({"a": 2}, 2, 5)
+    assert time.monotonic() - start < 5  # well before the 30 s lease would have expired
+    assert sorted(d.task.payload for d in again) == ["x", "y"]
+    # The attempt was given back: this is still the first run.
+    assert [d.task.attempt for d in again] == [1, 1]
+
+
+def test_get_blocks_up_to_its_timeout(broker: Broker) -> None:
+    start = time.monotonic()
+    assert broker.get(ALL, 10, 0.3) == []
+    waited = time.monotonic() - start
+    assert 0.3 <= waited <= 0.9 + 0.5
+
+
+def test_put_ends_a_blocked_get(broker: Broker) -> None:
+    call = Background(lambda: broker.get({"a": 1}, 1, 10))
+    put(broker, task("a", "hello"))
+    call.join(5)
+    assert [d.task.payload for d in call.result] == ["hello"]
+    assert call.elapsed < 5
+
+
+def test_wake_ends_a_blocked_get_early(broker: Broker) -> None:
+    call = Background(lambda: broker.get(ALL, 10, 10))
+    while call.alive() and time.monotonic() - call.started_at < 5:
+        broker.wake()  # repeated: the call may not be waiting yet the first time
+        time.sleep(0.02)
+    call.join(1)
+    assert call.error is None and call.result == []
+    assert call.elapsed < 5
+
+
+def test_close_ends_a_blocked_get(broker: Broker) -> None:
+    call = Background(lambda: broker.get(ALL, 10, 10))
+    time.sleep(0.1)  # let it start waiting; the assertion holds either way
+    broker.close()
+    call.join(5)
+    assert call.elapsed < 5
+    assert call.result == [] or isinstance(call.error, BrokerClosed)
+
+
+def test_calls_after_close_raise_broker_closed(broker: Broker, admin: BrokerAdmin) -> None:
+    put(broker, task("a"))
+    d = get_one(broker)
+    broker.close()
+    broker.close()  # idempotent
+    broker.wake()  # harmless
+    calls = {
+        "put_many": lambda: broker.put_many([task("a")]),
+        "get": lambda: broker.get(ALL, 10, 0),
+        "ack": lambda: broker.ack(d),
+        "retry": lambda: broker.retry(d, 0, failure(1)),
+        "dead": lambda: broker.dead(d, dead_record(d)),
+        "release": lambda: broker.release(d),
+        "extend": lambda: broker.extend([d]),
+        "depth": broker.depth,
+    }
+    for name, call in calls.items():
+        with pytest.raises(BrokerClosed):
+            call()
+            pytest.fail(f"{name} after close did not raise BrokerClosed")
+
+
+def test_depth_counts_ready_delayed_and_leased(broker: Broker) -> None:
+    put(broker, *(task("a", i) for i in range(4)), task("b"))
+    first, second = broker.get({"a": 2}, 2, 0)
+    assert broker.retry(first, 30, failure(1))
+    assert broker.depth()["a"] == Depth(ready=2, delayed=1, leased=1)
+    assert broker.depth()["b"] == Depth(ready=1)
+    assert broker.ack(second)
+    assert broker.depth()["a"] == Depth(ready=2, delayed=1, leased=0)

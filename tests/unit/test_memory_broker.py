@@ -1,0 +1,215 @@
+"""Memory-broker behaviour beyond the shared contract: ordering choices, the shutdown drain,
+no busy polling, and the factory. The contract itself is in tests/contract."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.brokers import create_broker
+from runner.brokers.base import DeadLetterFilter, Delivery, Depth
+from runner.brokers.memory import MemoryBroker
+from runner.config import PipelineConfig
+from runner.deadletter import FileDeadLetters, MemoryDeadLetters
+from runner.errors import BrokerClosed
+from runner.task import AttemptRecord, DeadLetter, Task
+
+ANY = DeadLetterFilter()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.now
+
+
+def make(clock: FakeClock | None = None, capacity: int = 100, **kw: object) -> MemoryBroker:
+    return MemoryBroker(
+        capacity=capacity,
+        enqueue_timeout=0.2,
+        overflow="block",
+        visibility_timeout=1.0,
+        dead_letters=kw.pop("dead_letters", MemoryDeadLetters()),  # type: ignore[arg-type]
+        clock=clock or FakeClock(),
+    )
+
+
+def failure(attempt: int) -> AttemptRecord:
+    return AttemptRecord(attempt, "OSError", "disk", "tb", 999.0, 0.5, "w:1")
+
+
+def payloads(deliveries: list[Delivery]) -> list[object]:
+    return [d.task.payload for d in deliveries]
+
+
+def test_a_delayed_task_becomes_ready_exactly_at_not_before() -> None:
+    clock = FakeClock()
+    broker = make(clock)
+    broker.put_many([Task("a", "later", not_before=clock.now + 5)])
+    clock.now += 4.999
+    assert broker.get({"a": 1}, 1, 0) == []
+    clock.now += 0.001
+    assert payloads(broker.get({"a": 1}, 1, 0)) == ["later"]
+
+
+def test_put_stamps_enqueued_at_only_when_unset() -> None:
+    clock = FakeClock()
+    broker = make(clock)
+    broker.put_many([Task("a", 1), Task("a", 2, enqueued_at=5.0)])
+    assert [d.task.enqueued_at for d in broker.get({"a": 2}, 2, 0)] == [clock.now, 5.0]
+
+
+def test_an_expired_lease_goes_back_to_the_front_of_its_queue() -> None:
+    clock = FakeClock()
+    broker = make(clock)
+    broker.put_many([Task("a", i) for i in range(4)])
+    assert len(broker.get({"a": 2}, 2, 0)) == 2
+    clock.now += 1.0  # both leases expire; they were put before tasks 2 and 3
+    again = broker.get({"a": 4}, 4, 0)
+    assert payloads(again) == [0, 1, 2, 3]
+    assert [(d.task.attempt, d.redelivered) for d in again] == [
+        (2, True),
+        (2, True),
+        (1, False),
+        (1, False),
+    ]
+
+
+def test_release_goes_to_the_front_and_keeps_the_redelivered_flag() -> None:
+    clock = FakeClock()
+    broker = make(clock)
+    broker.put_many([Task("a", 0), Task("a", 1)])
+    broker.get({"a": 1}, 1, 0)
+    clock.now += 1.0
+    (redelivery,) = broker.get({"a": 1}, 1, 0)
+    assert broker.release(redelivery)
+    (again,) = broker.get({"a": 1}, 1, 0)
+    assert (again.task.payload, again.task.attempt, again.redelivered) == (0, 2, True)
+
+
+def test_a_binding_limit_rotates_between_types() -> None:
+    broker = make()
+    broker.put_many([Task(t, i) for i in range(3) for t in ("a", "b")])
+    types = [broker.get({"a": 5, "b": 5}, 1, 0)[0].task.type for _ in range(4)]
+    assert sorted(types) == ["a", "a", "b", "b"]
+
+
+def test_drain_moves_queued_and_delayed_tasks_to_dead_letters_with_reason_shutdown() -> None:
+    clock = FakeClock()
+    store = MemoryDeadLetters()
+    broker = make(clock, capacity=3, dead_letters=store)
+    broker.put_many([Task("a", "in backoff"), Task("a", "running"), Task("a", "queued")])
+    backoff, running = broker.get({"a": 2}, 2, 0)
+    assert broker.retry(backoff, 30, failure(1))
+    drained = broker.drain_to_dead_letters()
+    records = store.records(ANY)
+    assert drained == records
+    assert [(r.task.payload, r.reason) for r in records] == [
+        ("queued", "shutdown"),
+        ("in backoff", "shutdown"),
+    ]
+    assert records[1].error_type == "OSError" and records[1].attempts == 1
+    assert records[0].attempts == 0 and "never ran" in records[0].message
+    assert broker.depth()["a"] == Depth(leased=1)
+    assert broker.ack(running)  # a running task is not touched by default
+    broker.put_many([Task("a", i) for i in range(3)], timeout=0)  # and capacity was given back
+
+
+def test_drain_can_include_leased_tasks_and_fences_them() -> None:
+    store = MemoryDeadLetters()
+    broker = make(dead_letters=store)
+    broker.put_many([Task("a", "running")])
+    (running,) = broker.get({"a": 1}, 1, 0)
+    broker.close()
+    assert len(broker.drain_to_dead_letters(include_leased=True)) == 1  # works after close
+    assert [(r.task.payload, r.attempts) for r in store.records(ANY)] == [("running", 1)]
+    with pytest.raises(BrokerClosed):
+        broker.ack(running)
+
+
+def test_a_failing_dead_letter_store_leaves_the_task_leased() -> None:
+    class Broken(MemoryDeadLetters):
+        def add(self, record: DeadLetter) -> None:
+            raise OSError("disk full")
+
+    broker = make(dead_letters=Broken())
+    broker.put_many([Task("a", None)])
+    (d,) = broker.get({"a": 1}, 1, 0)
+    record = DeadLetter(d.task, "error", "E", "m", "", 1, 0, 0, 0)
+    with pytest.raises(OSError):
+        broker.dead(d, record)
+    assert broker.depth()["a"] == Depth(leased=1)
+    assert broker.ack(d)
+
+
+def test_many_extends_do_not_grow_the_expiry_heap_without_bound() -> None:
+    broker = make()
+    broker.put_many([Task("a", i) for i in range(10)])
+    held = broker.get({"a": 10}, 10, 0)
+    for _ in range(200):
+        assert broker.extend(held) == [True] * 10
+    assert len(broker._expiry) <= 2 * 10 + 64 + 10
+
+
+def test_a_blocked_get_sleeps_until_the_next_due_time_instead_of_polling() -> None:
+    broker = MemoryBroker(100, 1, "block", 30, MemoryDeadLetters(), clock=time.time)
+    broker.put_many([Task("a", "soon", not_before=time.time() + 0.3)])
+    start = time.monotonic()
+    got = broker.get({"a": 1}, 1, 5)
+    assert payloads(got) == ["soon"]
+    assert 0.3 <= time.monotonic() - start < 0.9 + 0.5
+    # With a counting clock: an idle 0.5 s get reads the clock a handful of times, not hundreds.
+    counting = FakeClock()
+    idle = make(counting)
+    idle.get({"a": 1}, 1, 0.5)
+    assert counting.calls < 10
+
+
+def test_a_put_waiting_for_room_wakes_when_a_task_is_acked() -> None:
+    broker = MemoryBroker(1, 30, "block", 30, MemoryDeadLetters())
+    broker.put_many([Task("a", 1)])
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (broker.put_many([Task("a", 2)]), done.set()))
+    thread.start()
+    assert not done.wait(0.1)
+    (d,) = broker.get({"a": 1}, 1, 0)
+    broker.ack(d)
+    assert done.wait(5)
+    thread.join()
+
+
+def _config(tmp_path: Path, **dead_letter: str) -> PipelineConfig:
+    return PipelineConfig.model_validate(
+        {
+            "broker": {
+                "kind": "memory",
+                "capacity": 7,
+                "visibility_timeout": "2s",
+                "overflow": "reject",
+            },
+            "task_types": {"a": {"handler": "mod:fn", "timeout": 1}},
+            "dead_letter": dead_letter,
+        }
+    )
+
+
+def test_create_broker_builds_a_memory_broker_from_config(tmp_path: Path) -> None:
+    broker = create_broker(_config(tmp_path))
+    assert isinstance(broker, MemoryBroker)
+    assert (broker.capacity, broker.visibility_timeout, broker.overflow) == (7, 2.0, "reject")
+    assert isinstance(broker.dead_letter_store, MemoryDeadLetters)
+
+
+def test_create_broker_wires_a_file_dead_letter_store(tmp_path: Path) -> None:
+    path = tmp_path / "dead.jsonl"
+    broker = create_broker(_config(tmp_path, kind="file", path=str(path)))
+    assert isinstance(broker, MemoryBroker)
+    assert isinstance(broker.dead_letter_store, FileDeadLetters)
+    assert broker.dead_letter_store.path == path
