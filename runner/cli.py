@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 other failure, 2 config or usage error, 3 broker unavai
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -31,6 +32,81 @@ class _DefaultToRun(click.Group):
 @click.version_option(package_name="distributed-queue")
 def cli() -> None:
     """Run a config-driven task pipeline: dq-run CONFIG (same as dq-run run CONFIG)."""
+
+
+@cli.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--workers", type=click.IntRange(min=1), help="Override `workers`.")
+@click.option("--until-empty", is_flag=True, help="Exit when nothing is ready, delayed or running.")
+@click.option("--no-simulate", is_flag=True, help="Ignore the config's `simulate` section.")
+@click.option(
+    "--summary-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the final summary (counts, dead letters, percentiles) as JSON here.",
+)
+def run(
+    config_file: str,
+    workers: int | None,
+    until_empty: bool,
+    no_simulate: bool,
+    summary_json: Path | None,
+) -> None:
+    """Start the workers. With a `simulate` section: publish, process, exit when all are done."""
+    from runner.config import config_warnings, load_config
+    from runner.service import RunOptions, serve
+
+    flags = {"workers": workers} if workers is not None else {}
+    config = load_config(config_file, flags=flags)
+    for warning in config_warnings(config):
+        click.echo(f"warning: {warning}", err=True)
+    options = RunOptions(
+        simulate=not no_simulate, until_empty=until_empty, summary_json=summary_json
+    )
+    sys.exit(serve(config, options))
+
+
+@cli.command()
+@click.argument("config_files", metavar="FILE...", nargs=-1, required=True)
+def validate(config_files: tuple[str, ...]) -> None:
+    """Check config files fully, handlers imported: an OK line per file, or every problem."""
+    from runner.config import config_warnings, load_config
+
+    failed = False
+    for config_file in config_files:
+        try:
+            config = load_config(config_file)
+        except ConfigError as exc:
+            report(exc)
+            failed = True
+            continue
+        for warning in config_warnings(config):
+            click.echo(f"{config_file}: warning: {warning}", err=True)
+        count = len(config.task_types)
+        noun = "task type" if count == 1 else "task types"
+        click.echo(f"OK {config_file} ({count} {noun}, broker {config.broker.kind})")
+    if failed:
+        sys.exit(EXIT_USAGE)
+
+
+@cli.command("config")
+@click.argument("config_file", metavar="FILE")
+@click.option("--workers", type=click.IntRange(min=1), help="Override `workers`, as run does.")
+def show_config(config_file: str, workers: int | None) -> None:
+    """Print the effective config as YAML, each value followed by where it came from."""
+    from runner.config import render_config
+
+    flags = {"workers": workers} if workers is not None else {}
+    click.echo(render_config(config_file, flags=flags), nl=False)
+
+
+@cli.command()
+def schema() -> None:
+    """Print the JSON Schema of config files (for editor completion and inline errors)."""
+    import json
+
+    from runner.config import config_json_schema
+
+    click.echo(json.dumps(config_json_schema(), indent=2))
 
 
 def report(exc: RunnerError) -> int:

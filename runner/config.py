@@ -1,24 +1,58 @@
-"""Configuration: pydantic models and load_config(), the only code that reads YAML or the environment.
+"""Configuration: pydantic models and load_config(), the only code that reads YAML or env.
 
-Flow: YAML file -> ${VAR:-default} interpolation -> DQ_* environment overrides -> CLI flags ->
-validated, frozen PipelineConfig. Durations are seconds (float) once validated.
+Flow: YAML file (runner.yamlsource: marks, duplicate keys, ${VAR:-default}) -> pydantic-settings
+sources in precedence order (CLI flags > DQ_* environment > YAML > model defaults) -> validated,
+frozen PipelineConfig -> cross-field rules and handler imports (runner.configcheck). Every
+problem found is raised together in one ConfigError, each located as ``file:LINE:COL``,
+``env DQ_...`` or ``flag --...``. Durations are seconds (float) once validated.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from runner import configcheck
+from runner.configsource import Loaded, Origins, absolutize_handler_paths, render
+from runner.errors import ConfigError, Problem
+from runner.handlers import EXCEPTION_PATTERN, HANDLER_PATTERN
+from runner.yamlsource import read_document
+
+ENV_PREFIX = "DQ_"
+ENV_NESTED_DELIMITER = "__"
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# (multiplier, divisor): dividing by 1000 keeps "7132ms" == 7.132, where * 0.001 would not.
+_UNIT_SECONDS = {"ms": (1, 1000), "s": (1, 1), "m": (60, 1), "h": (3600, 1), None: (1, 1)}
+DURATION_PATTERN = r"^\s*(\d+(\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$"
 
 
 def parse_duration(value: Any) -> Any:
-    """`50ms`, `2s`, `1.5m`, `1h` or a number of seconds -> float seconds (others left to pydantic)."""
+    """`50ms`, `2s`, `1.5m`, `1h` or a number of seconds -> float seconds.
+
+    Other types are returned unchanged for pydantic to reject with its own message.
+    """
     if isinstance(value, bool):
         return value  # pydantic rejects it with a clear message
     if isinstance(value, int | float):
@@ -26,19 +60,37 @@ def parse_duration(value: Any) -> Any:
     if isinstance(value, str):
         match = _DURATION_RE.match(value)
         if not match:
-            raise ValueError(f"invalid duration {value!r}: use a number of seconds or 50ms, 2s, 1.5m, 1h")
-        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            raise ValueError(
+                f"invalid duration {value!r}: use a number of seconds or 50ms, 2s, 1.5m, 1h"
+            )
+        multiplier, divisor = _UNIT_SECONDS[match.group(2)]
+        return float(match.group(1)) * multiplier / divisor
     return value
 
 
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
-    Field(json_schema_extra={"pattern": _DURATION_RE.pattern, "examples": ["50ms", "2s", "1.5m"]}),
+    Field(allow_inf_nan=False),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ],
+            "description": "seconds: a number, or a number with a unit ms, s, m, h (50ms, 1.5m)",
+            "examples": ["50ms", "2s", "1.5m", 30],
+        }
+    ),
 ]
+"""Seconds: a number, or a string with a unit: ms, s, m, h (``50ms``, ``2s``, ``1.5m``)."""
 
-HANDLER_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
 TYPE_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+
+TypeName = Annotated[str, Field(pattern=TYPE_NAME_PATTERN)]
+ExceptionName = Annotated[
+    str, Field(pattern=EXCEPTION_PATTERN, description="ValueError, or module:Class")
+]
 
 
 class _Model(BaseModel):
@@ -48,36 +100,48 @@ class _Model(BaseModel):
 class BrokerConfig(_Model):
     """Where tasks wait. `memory` is in-process; `sqlite` and `redis` are durable and shared."""
 
-    kind: Literal["memory", "sqlite", "redis"] = "memory"
+    kind: Literal["memory", "sqlite", "redis"] = Field(
+        "memory", description="memory (in-process), sqlite (one file) or redis (shared)"
+    )
     capacity: int = Field(1000, ge=1, description="max tasks held (queued, delayed or running)")
-    overflow: Literal["block", "reject"] = "block"
-    enqueue_timeout: Duration = Field(5.0, ge=0)
-    path: str | None = Field(None, description="sqlite: database file")
-    url: str | None = Field(None, description="redis: redis://host:port/db")
+    overflow: Literal["block", "reject"] = Field(
+        "block", description="when full: block up to enqueue_timeout, or reject at once"
+    )
+    enqueue_timeout: Duration = Field(5.0, ge=0, description="how long a put waits when full")
+    path: str | None = Field(None, description="sqlite: database file (required for sqlite)")
+    url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="redis: redis://host:port/db (required for redis)",
+    )
     namespace: str = Field("dq", pattern=r"^[A-Za-z0-9_.:-]+$", description="redis key prefix")
-    visibility_timeout: Duration = Field(30.0, gt=0)
+    visibility_timeout: Duration = Field(
+        30.0, gt=0, description="an unacked delivery is handed out again after this"
+    )
 
 
 class BackoffPolicy(_Model):
-    """delay(n) = min(max, initial * multiplier**(n-1)), scaled by a random factor in [1-jitter, 1+jitter]."""
+    """delay(n) = min(max, initial * multiplier**(n-1)), times a random factor in 1 +- jitter."""
 
-    initial: Duration = Field(0.05, ge=0)
-    max: Duration = Field(1.0, ge=0)
-    multiplier: float = Field(2.0, ge=1)
-    jitter: float = Field(0.1, ge=0, le=1)
+    initial: Duration = Field(0.05, ge=0, description="delay before the first retry")
+    max: Duration = Field(1.0, ge=0, description="upper bound of any delay")
+    multiplier: float = Field(2.0, ge=1, description="growth factor per attempt")
+    jitter: float = Field(0.1, ge=0, le=1, description="random spread, a fraction of the delay")
 
 
 class RetryPolicy(_Model):
     """How failed attempts are retried. max_attempts counts the first run."""
 
-    max_attempts: int = Field(3, ge=1)
+    max_attempts: int = Field(3, ge=1, description="attempts in all, the first run included")
     backoff: BackoffPolicy = BackoffPolicy()
-    never_retry: tuple[str, ...] = Field(
+    never_retry: tuple[ExceptionName, ...] = Field(
         (), description="exception names (builtins or module:Class) sent straight to the DLQ"
     )
 
 
 class BackoffOverride(_Model):
+    """Per-type backoff; unset fields come from retry.backoff."""
+
     initial: Duration | None = Field(None, ge=0)
     max: Duration | None = Field(None, ge=0)
     multiplier: float | None = Field(None, ge=1)
@@ -89,7 +153,9 @@ class RetryOverride(_Model):
 
     max_attempts: int | None = Field(None, ge=1)
     backoff: BackoffOverride | None = None
-    never_retry: tuple[str, ...] | None = None
+    never_retry: tuple[ExceptionName, ...] | None = Field(
+        None, description="replaces (does not extend) retry.never_retry for this type"
+    )
 
     def apply_to(self, base: RetryPolicy) -> RetryPolicy:
         backoff = base.backoff
@@ -105,51 +171,80 @@ class RetryOverride(_Model):
 class TaskTypeConfig(_Model):
     """One kind of task: its handler and how it may run."""
 
-    handler: str = Field(pattern=HANDLER_PATTERN, description="module:function")
-    concurrency: int | None = Field(None, ge=1, description="max running at once per process")
-    timeout: Duration = Field(10.0, gt=0)
-    timeout_action: Literal["interrupt", "cancel"] = "interrupt"
+    handler: str = Field(
+        pattern=HANDLER_PATTERN,
+        description="module:function called as f(payload, ctx) or f(payload)",
+        examples=["handlers.demo:send_email"],
+    )
+    concurrency: int | None = Field(
+        None, ge=1, description="max running at once per process (default: workers)"
+    )
+    timeout: Duration = Field(
+        10.0, gt=0, description="per attempt; must stay below broker.visibility_timeout"
+    )
+    timeout_action: Literal["interrupt", "cancel"] = Field(
+        "interrupt",
+        description="interrupt: raise in the handler's thread; cancel: only set ctx.cancelled",
+    )
     retry: RetryOverride | None = None
 
 
 class DeadLetterConfig(_Model):
     """Where dead tasks go. Durable brokers keep them in the broker (the default there)."""
 
-    kind: Literal["memory", "file", "broker"] | None = None
-    path: str | None = Field(None, description="file: JSON Lines file")
+    kind: Literal["memory", "file", "broker"] | None = Field(
+        None, description="default: memory for the memory broker, broker for sqlite and redis"
+    )
+    path: str | None = Field(None, description="file: JSON Lines file (required for file)")
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
 
 
 class MetricsConfig(_Model):
+    """Prometheus metrics served on http://host:port/metrics."""
+
     enabled: bool = False
     host: str = "127.0.0.1"
-    port: int = Field(9464, ge=0, le=65535)
+    port: int = Field(9464, ge=0, le=65535, description="0 picks a free port")
 
 
 class LoggingConfig(_Model):
+    """Log lines: json (one object per event), text, or auto (text on a terminal, else json)."""
+
     format: Literal["auto", "json", "text"] = "auto"
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = "INFO"
 
 
 class ShutdownConfig(_Model):
-    grace: Duration = Field(10.0, ge=0)
+    """What the first SIGINT/SIGTERM does: stop taking tasks, let running ones finish."""
+
+    grace: Duration = Field(10.0, ge=0, description="how long running handlers may finish")
 
 
 class SimulatedFaults(_Model):
     """Fault injection for one simulated type; decided per task from the seed."""
 
-    latency: tuple[Duration, Duration] = (0.01, 0.1)
-    failure_rate: float = Field(0.0, ge=0, le=1)
-    hang_rate: float = Field(0.0, ge=0, le=1)
-    poison_rate: float = Field(0.0, ge=0, le=1)
+    latency: tuple[Duration, Duration] = Field(
+        (0.01, 0.1), description="[min, max] handler run time"
+    )
+    failure_rate: float = Field(0.0, ge=0, le=1, description="share of attempts that raise")
+    hang_rate: float = Field(0.0, ge=0, le=1, description="share of attempts that hang")
+    poison_rate: float = Field(0.0, ge=0, le=1, description="share of tasks that always fail")
 
 
 class SimulateConfig(_Model):
     """The demo producer: publish `tasks` tasks drawn from `mix`, then exit when all are done."""
 
-    tasks: int = Field(10, ge=0)
-    mix: dict[str, int] = Field(default_factory=dict)
+    tasks: int = Field(10, ge=0, description="how many tasks to publish")
+    mix: dict[TypeName, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="task type -> relative weight"
+    )
     seed: int = 42
-    faults: dict[str, SimulatedFaults] = Field(default_factory=dict)
+    faults: dict[TypeName, SimulatedFaults] = Field(
+        default_factory=dict, description="task type -> injected faults"
+    )
 
 
 class PipelineConfig(_Model):
@@ -157,10 +252,14 @@ class PipelineConfig(_Model):
 
     version: Literal[1] = 1
     broker: BrokerConfig = BrokerConfig()
-    workers: int = Field(4, ge=1, le=1024)
-    handler_paths: tuple[str, ...] = ()
+    workers: int = Field(4, ge=1, le=1024, description="worker threads in this process")
+    handler_paths: tuple[str, ...] = Field(
+        (), description="extra import directories, relative to the config file"
+    )
     retry: RetryPolicy = RetryPolicy()
-    task_types: dict[str, TaskTypeConfig] = Field(min_length=1)
+    task_types: dict[TypeName, TaskTypeConfig] = Field(
+        min_length=1, description="task type name ([a-z][a-z0-9_]*) -> its settings"
+    )
     dead_letter: DeadLetterConfig = DeadLetterConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -172,7 +271,8 @@ class PipelineConfig(_Model):
         # Filled here so every consumer sees concrete values.
         if self.dead_letter.kind is None:
             kind = "memory" if self.broker.kind == "memory" else "broker"
-            object.__setattr__(self, "dead_letter", DeadLetterConfig(kind=kind, path=self.dead_letter.path))
+            dead_letter = DeadLetterConfig(kind=kind, path=self.dead_letter.path)
+            object.__setattr__(self, "dead_letter", dead_letter)
         return self
 
     def retry_for(self, type_name: str) -> RetryPolicy:
@@ -184,9 +284,163 @@ class PipelineConfig(_Model):
         return min(limit, self.workers) if limit is not None else self.workers
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Minimal loader (replaced by the full one with locations, env and interpolation)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    for key, value in (overrides or {}).items():
-        data[key] = value
-    return PipelineConfig.model_validate(data)
+# --- loading -------------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """Carries the merged input out of validation, so problems can be traced to their source."""
+
+    def __init__(self, data: Any, error: ValidationError) -> None:
+        super().__init__(str(error))
+        self.data = data
+        self.error = error
+
+
+class _PipelineSettings(PipelineConfig, BaseSettings):
+    """The models plus pydantic-settings' source machinery; only load_with_sources uses it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        case_sensitive=False,  # so DQ_TASK_TYPES__EMAIL__... names the type "email"
+        extra="forbid",
+        frozen=True,
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_input(cls, data: Any, handler: Any) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise _Invalid(data, exc) from None
+
+
+class _EnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source, reading a given mapping instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._environ.items()}
+
+
+class _DocumentSource(PydanticBaseSettingsSource):
+    """The YAML document (already parsed and interpolated) as the lowest-priority source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+def load_config(
+    path: str | Path,
+    *,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> PipelineConfig:
+    """Read, merge and validate a config file; raise ConfigError with every problem found.
+
+    ``flags`` are CLI overrides keyed by dotted path (``{"workers": 5, "broker.capacity": 9}``);
+    ``environ`` defaults to ``os.environ`` and supplies both ``${VAR}`` references and ``DQ_*``
+    overrides. Handlers and never_retry names are imported and checked.
+    """
+    return load_with_sources(path, flags=flags, environ=environ).config
+
+
+def load_with_sources(
+    path: str | Path,
+    *,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Loaded:
+    """Like load_config, but also returns the origin of every value (for ``dq-run config``)."""
+    environ = os.environ if environ is None else environ
+    file = Path(path)
+    doc = read_document(file, str(path), environ)
+    absolutize_handler_paths(doc, file.parent)
+    origins = Origins.build(doc, flags or {}, environ, ENV_PREFIX)
+    env_vars = {k: v for k, v in environ.items() if k.upper().startswith(ENV_PREFIX)}
+    problems = list(doc.problems)
+    sources = (
+        InitSettingsSource(_PipelineSettings, init_kwargs=origins.flag_tree),
+        _EnvSource(_PipelineSettings, env_vars),
+        _DocumentSource(_PipelineSettings, doc.data),
+    )
+    try:
+        # pydantic-settings merges the sources (first wins) and validates the result.
+        settings = _PipelineSettings(_build_sources=(sources, {}))
+    except _Invalid as invalid:
+        problems += origins.validation_problems(invalid.error, PipelineConfig)
+        problems += origins.located(configcheck.import_problems(invalid.data))
+        raise ConfigError(origins.ordered(problems)) from None
+    except SettingsError as exc:
+        problems.append(Problem(origins.env_label(str(exc)), "", f"cannot parse the value: {exc}"))
+        raise ConfigError(origins.ordered(problems)) from None
+    config = PipelineConfig.model_validate(settings.model_dump())
+    # Paths from flags or the environment are relative to the working directory.
+    absolute = tuple(str(Path(p).resolve()) for p in config.handler_paths)
+    config = config.model_copy(update={"handler_paths": absolute})
+    problems += origins.located(configcheck.import_problems(config.model_dump()))
+    problems += origins.located(configcheck.cross_field_problems(config))
+    if problems:
+        raise ConfigError(origins.ordered(problems))
+    return Loaded(config=config, origins=origins)
+
+
+def config_warnings(config: PipelineConfig) -> list[str]:
+    """Non-fatal findings (e.g. a concurrency above workers), one line each, key path first."""
+    return configcheck.warnings(config)
+
+
+def render_config(
+    path: str | Path,
+    *,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """The effective config as YAML, each value commented with its origin; loads back equal."""
+    return render(load_with_sources(path, flags=flags, environ=environ), str(path))
+
+
+_REFERENCE_SCHEMA = {"type": "string", "pattern": r"\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}"}
+_LEAF_TYPES = ("string", "integer", "number", "boolean")
+_DOC_KEYS = ("title", "description", "default", "examples")
+
+
+def config_json_schema() -> dict[str, Any]:
+    """JSON Schema of a config file; every scalar also accepts a ``${VAR:-default}`` string."""
+    schema: dict[str, Any] = _allow_references(PipelineConfig.model_json_schema())
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "distributed-queue pipeline (dq-run)"
+    return schema
+
+
+def _allow_references(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_allow_references(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    # ge/gt leak into a nullable field's schema as non-standard keys; minimum says it already.
+    out = {k: _allow_references(v) for k, v in node.items() if k not in ("ge", "gt", "le", "lt")}
+    if isinstance(out.get("anyOf"), list):
+        # Flatten the anyOf-of-anyOf that wrapping each branch makes, and list the reference once.
+        branches: list[Any] = []
+        for branch in out["anyOf"]:
+            inner = branch.get("anyOf") if isinstance(branch, dict) and len(branch) == 1 else None
+            for item in inner if isinstance(inner, list) else [branch]:
+                if item not in branches:
+                    branches.append(item)
+        out["anyOf"] = branches
+    elif out.get("type") in _LEAF_TYPES or "enum" in out or "const" in out:
+        docs = {key: out.pop(key) for key in _DOC_KEYS if key in out}
+        return {**docs, "anyOf": [out, _REFERENCE_SCHEMA]}
+    return out

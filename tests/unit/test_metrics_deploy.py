@@ -54,10 +54,10 @@ def dashboard_exprs() -> list[str]:
 def test_prometheus_scrapes_the_worker_metrics_port() -> None:
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = [
-        target
+        f"{name}:{sd['port']}"
         for job in config["scrape_configs"]
-        for static in job.get("static_configs", [])
-        for target in static["targets"]
+        for sd in job.get("dns_sd_configs", [])
+        for name in sd["names"]
     ]
     assert "worker:9464" in targets
     assert MetricsConfig().port == 9464  # the default the target relies on

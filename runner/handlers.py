@@ -1,0 +1,133 @@
+"""Handler strings (``module:function``) and exception names, turned into Python objects.
+
+Both are checked when a config is loaded (so a typo fails ``dq-run validate``, not the first task)
+and resolved again when the runtime is built.
+
+Where modules are found: the normal ``sys.path`` (installed packages, the standard library),
+then the directories in ``search_path`` (a config's ``handler_paths``, already absolute), then
+the current working directory. They are appended, never prepended, so a local file cannot
+shadow the standard library or an installed package. Appending to ``sys.path`` is the one
+process-wide effect; it happens on a call, never at import.
+
+Every failure raises ConfigError with one Problem whose source is empty and whose path is
+``handler`` (or ``never_retry``); load_config re-locates it at the key's line.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from runner.errors import ConfigError, Problem
+
+#: ``module:function``; the module part may be dotted.
+HANDLER_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+#: ``ValueError``, ``module:Class`` or ``module.Class``.
+EXCEPTION_PATTERN = r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$"
+
+_PAYLOAD, _CTX = object(), object()
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A loaded handler: the callable, and whether it takes the TaskContext second argument."""
+
+    spec: str  # "module:function", as configured
+    func: Callable[..., Any]
+    takes_ctx: bool
+
+    def __call__(self, payload: Any, ctx: Any) -> Any:
+        """Call the handler with ``(payload, ctx)`` or ``(payload)``, whichever it accepts."""
+        if self.takes_ctx:
+            return self.func(payload, ctx)
+        return self.func(payload)
+
+
+def load_handler(spec: str, *, search_path: Sequence[str] = ()) -> Handler:
+    """Import ``module:function`` and check that it can be called as ``(payload[, ctx])``.
+
+    Raises ConfigError (path ``handler``) when the string is malformed, the module cannot be
+    imported (or fails while importing), the name is missing or not callable, or the signature
+    accepts neither ``(payload, ctx)`` nor ``(payload)``.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        _fail("handler", f"{spec!r} is not 'module:function' (e.g. handlers.demo:send_email)")
+    obj = _import_attr(module_name, attr, search_path, "handler")
+    if not callable(obj):
+        _fail("handler", f"{spec!r} is not callable (it is a {type(obj).__name__})")
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        _fail("handler", f"cannot read the signature of {spec!r}; wrap it in a def")
+    for args, takes_ctx in (((_PAYLOAD, _CTX), True), ((_PAYLOAD,), False)):
+        try:
+            signature.bind(*args)
+        except TypeError:
+            continue
+        return Handler(spec=spec, func=obj, takes_ctx=takes_ctx)
+    return _fail(
+        "handler", f"{spec!r} must accept (payload, ctx) or (payload); it takes {signature}"
+    )
+
+
+def resolve_exception(name: str, *, search_path: Sequence[str] = ()) -> type[BaseException]:
+    """``ValueError`` (a builtin) or ``module:Class`` (also ``module.Class``) -> the class.
+
+    Raises ConfigError (path ``never_retry``) when it cannot be found or is not an exception.
+    """
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+    elif "." in name:
+        module_name, _, attr = name.rpartition(".")
+    else:
+        module_name, attr = "", name
+    if module_name:
+        obj = _import_attr(module_name, attr, search_path, "never_retry")
+    else:
+        obj = getattr(builtins, name, None)
+        if obj is None:
+            names = [n for n, v in vars(builtins).items() if _is_exception(v)]
+            _fail("never_retry", f"{name!r} is not a builtin exception{_did_you_mean(name, names)}")
+    if not _is_exception(obj):
+        _fail("never_retry", f"{name!r} is not an exception class")
+    exc_type: type[BaseException] = obj
+    return exc_type
+
+
+def _is_exception(obj: object) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseException)
+
+
+def _import_attr(module_name: str, attr: str, search_path: Sequence[str], key: str) -> Any:
+    for directory in (*search_path, os.getcwd()):
+        if directory not in sys.path:
+            sys.path.append(directory)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            _fail(key, f"cannot import module {module_name!r}: no module named {exc.name!r}")
+        _fail(key, f"importing {module_name!r} failed: {type(exc).__name__}: {exc}")
+    except (Exception, SystemExit) as exc:  # the user's module ran and failed: say how
+        _fail(key, f"importing {module_name!r} failed: {type(exc).__name__}: {exc}")
+    if not hasattr(module, attr):
+        public = [n for n in vars(module) if not n.startswith("_")]
+        _fail(key, f"module {module_name!r} has no {attr!r}{_did_you_mean(attr, public)}")
+    return getattr(module, attr)
+
+
+def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fail(key: str, message: str) -> NoReturn:
+    raise ConfigError([Problem("", key, message)])

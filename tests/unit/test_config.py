@@ -1,0 +1,249 @@
+"""load_config: interpolation, sources and their precedence, locations, rules, warnings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runner.config import (
+    PipelineConfig,
+    config_json_schema,
+    config_warnings,
+    load_config,
+    parse_duration,
+    render_config,
+)
+from runner.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = "task_types:\n  email:\n    handler: handlers.demo:send_email\n"
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path, **kwargs: object) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ=kwargs.pop("environ", {}), **kwargs)  # type: ignore[arg-type]
+    return [str(p) for p in info.value.problems]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("50ms", 0.05), ("2s", 2.0), ("1.5m", 90.0), ("1h", 3600.0), (3, 3.0), ("0.25", 0.25)],
+)
+def test_parse_duration(text: object, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["fast", "-1s", "2 days", "1.2.3s"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
+
+
+def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE), environ={})
+    assert config.workers == 4
+    assert config.broker.kind == "memory"
+    assert config.dead_letter.kind == "memory"  # filled in from the broker kind
+    assert config.task_types["email"].timeout == 10.0
+    assert config.concurrency_for("email") == 4
+    assert config.retry_for("email") == config.retry
+
+
+def test_shipped_configs_load() -> None:
+    for name in ("demo", "sqlite", "redis"):
+        config = load_config(ROOT / "configs" / f"{name}.yaml", environ={})
+        assert config.broker.kind == {"demo": "memory"}.get(name, name)
+        assert config_warnings(config) == []
+
+
+def test_interpolation_types_and_defaults(tmp_path: Path) -> None:
+    text = (
+        "workers: ${W:-3}\n"
+        "broker:\n  namespace: '${NS:-q1}'\n  capacity: ${CAP}\n"
+        "simulate:\n  tasks: ${T:-7}\n  seed: '${SEED:-5}'\n  mix: {email: 1}\n" + BASE
+    )
+    config = load_config(write(tmp_path, text), environ={"CAP": "12", "T": ""})
+    assert config.workers == 3  # unquoted: typed again by YAML rules
+    assert config.broker.capacity == 12
+    assert config.broker.namespace == "q1"
+    assert config.simulate is not None
+    assert config.simulate.tasks == 7  # empty counts as unset, like the shell's :-
+    assert config.simulate.seed == 5
+
+
+def test_reference_in_a_flow_mapping_must_be_quoted(tmp_path: Path) -> None:
+    # `{` is an indicator inside {...}; quoted, the string is still coerced to the field's type.
+    path = write(tmp_path, "broker: {capacity: '${CAP:-8}'}\n" + BASE)
+    assert load_config(path, environ={}).broker.capacity == 8
+
+
+def test_escaped_reference_stays_literal(tmp_path: Path) -> None:
+    path = write(tmp_path, "broker: {namespace: 'a$${b'}\n" + BASE)
+    with pytest.raises(ConfigError, match="namespace"):  # '{' is not allowed in a namespace
+        load_config(path, environ={})
+    config = load_config(write(tmp_path, "logging: {level: '${L:-info}'}\n" + BASE), environ={})
+    assert config.logging.level == "INFO"
+
+
+def test_env_overrides_nested_and_map_entries(tmp_path: Path) -> None:
+    path = write(tmp_path, "workers: 2\nbroker: {capacity: 10}\n" + BASE)
+    environ = {
+        "DQ_WORKERS": "6",
+        "DQ_BROKER__CAPACITY": "50",
+        "DQ_TASK_TYPES__EMAIL__CONCURRENCY": "4",
+        "dq_task_types__email__timeout": "3s",  # names are case-folded
+        "DQ_RETRY__NEVER_RETRY": '["KeyError"]',
+        "DQ_REQUIRE_REDIS": "1",  # unknown top-level DQ_ names are ignored (used by tests/CI)
+    }
+    config = load_config(path, environ=environ)
+    assert config.workers == 6
+    assert config.broker.capacity == 50
+    assert config.task_types["email"].concurrency == 4
+    assert config.task_types["email"].timeout == 3.0
+    assert config.task_types["email"].handler == "handlers.demo:send_email"  # merged, not replaced
+    assert config.retry.never_retry == ("KeyError",)
+
+
+def test_precedence_flags_over_env_over_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, "workers: 2\n" + BASE)
+    assert load_config(path, environ={}).workers == 2
+    assert load_config(path, environ={"DQ_WORKERS": "3"}).workers == 3
+    assert load_config(path, environ={"DQ_WORKERS": "3"}, flags={"workers": 5}).workers == 5
+    assert load_config(path, environ={}, flags={"broker.capacity": 9}).broker.capacity == 9
+
+
+def test_every_problem_is_reported_with_its_source(tmp_path: Path) -> None:
+    path = write(tmp_path, "workers: 0\nbroker: {capacty: 3}\n" + BASE)
+    found = problems(
+        path,
+        environ={"DQ_SHUTDOWN__GRACE": "soon", "DQ_TASK_TYPES__EMAIL__CONCURRENCY": "0"},
+        flags={"metrics.port": 70000},
+    )
+    assert found == [
+        f"{path}:1:10: workers: Input should be greater than or equal to 1 (got 0)",
+        f"{path}:2:10: broker.capacty: unknown key 'capacty' (did you mean 'capacity'?)",
+        "env DQ_SHUTDOWN__GRACE: shutdown.grace: invalid duration 'soon': use a number of "
+        "seconds or 50ms, 2s, 1.5m, 1h",
+        "env DQ_TASK_TYPES__EMAIL__CONCURRENCY: task_types.email.concurrency: Input should be "
+        "greater than or equal to 1 (got '0')",
+        "flag --metrics.port: metrics.port: Input should be less than or equal to 65535 "
+        "(got 70000)",
+    ]
+
+
+def test_import_problems_come_with_type_problems(tmp_path: Path) -> None:
+    text = "workers: x\ntask_types:\n  email: {handler: handlers.demo:nope}\n"
+    found = problems(write(tmp_path, text))
+    assert len(found) == 2
+    assert "has no 'nope'" in found[1]
+    assert found[1].startswith(f"{tmp_path / 'c.yaml'}:3:20: task_types.email.handler:")
+
+
+def test_env_only_task_type_is_located_at_its_variable(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, BASE), environ={"DQ_TASK_TYPES__SMS__TIMEOUT": "1s"})
+    assert found == [
+        "env DQ_TASK_TYPES__SMS__TIMEOUT: task_types.sms.handler: required, but missing"
+    ]
+
+
+def test_env_json_that_does_not_parse(tmp_path: Path) -> None:
+    found = problems(write(tmp_path, BASE), environ={"DQ_RETRY__NEVER_RETRY": "[oops"})
+    assert len(found) == 1
+    assert found[0].startswith("env DQ_RETRY__NEVER_RETRY")
+
+
+def test_handler_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "cfg_local_handlers.py").write_text("def work(payload):\n    return 1\n")
+    text = "handler_paths: [lib]\ntask_types:\n  local: {handler: cfg_local_handlers:work}\n"
+    config = load_config(write(tmp_path, text), environ={})
+    assert config.handler_paths == (str((tmp_path / "lib").resolve()),)
+
+
+def test_merge_keys_and_anchors(tmp_path: Path) -> None:
+    text = (
+        "defaults: &d {handler: handlers.demo:send_email, timeout: 2s}\n"
+        "task_types:\n  a: {<<: *d, concurrency: 1}\n  b: {<<: *d, timeout: 3s}\n"
+    )
+    found = problems(write(tmp_path, text))
+    assert found == [
+        f"{tmp_path / 'c.yaml'}:1:1: defaults: unknown key 'defaults' (known: "
+        "version, broker, workers, handler_paths, retry, task_types, dead_letter, "
+        "metrics, logging, shutdown, simulate)"
+    ]
+    text = (
+        "task_types:\n  a: &d {handler: handlers.demo:send_email, timeout: 2s}\n"
+        "  b: {<<: *d, timeout: 3s}\n"
+    )
+    config = load_config(write(tmp_path, text), environ={})
+    assert config.task_types["b"].handler == "handlers.demo:send_email"
+    assert config.task_types["b"].timeout == 3.0
+
+
+def test_warnings(tmp_path: Path) -> None:
+    text = "workers: 1\nbroker: {url: 'redis://x'}\n" + BASE + "    concurrency: 3\n"
+    config = load_config(write(tmp_path, text), environ={})
+    assert config.concurrency_for("email") == 1
+    assert config_warnings(config) == [
+        "task_types.email.concurrency: 3 is above workers (1); at most 1 can run at once",
+        "broker.url: ignored: broker.kind is memory, not redis",
+    ]
+
+
+def test_retry_override_merges_with_defaults(tmp_path: Path) -> None:
+    text = (
+        "retry: {max_attempts: 4, never_retry: [KeyError]}\n" + BASE + "    retry:\n"
+        "      max_attempts: 2\n      backoff: {max: 9s}\n"
+    )
+    config = load_config(write(tmp_path, text), environ={})
+    policy = config.retry_for("email")
+    assert policy.max_attempts == 2
+    assert policy.backoff.max == 9.0
+    assert policy.backoff.initial == config.retry.backoff.initial
+    assert policy.never_retry == ("KeyError",)
+
+
+def test_render_names_every_source_and_loads_back(tmp_path: Path) -> None:
+    path = write(tmp_path, "workers: 2\nbroker: {capacity: 10}\nmetrics: {host: '$${x}'}\n" + BASE)
+    environ = {"DQ_BROKER__CAPACITY": "50"}
+    text = render_config(path, environ=environ, flags={"workers": 7})
+    assert "workers: 7  # flag --workers" in text
+    assert "capacity: 50  # env DQ_BROKER__CAPACITY" in text
+    assert f"handler: handlers.demo:send_email  # {path}:6" in text
+    assert "host: $${x}  # " in text
+    assert "overflow: block  # default" in text
+    again = write(tmp_path, text, "again.yaml")
+    assert load_config(again, environ={}) == load_config(
+        path, environ=environ, flags={"workers": 7}
+    )
+
+
+def test_json_schema_accepts_references_and_durations() -> None:
+    schema = config_json_schema()
+    json.dumps(schema)  # serialisable
+    workers = schema["properties"]["workers"]
+    patterns = [branch.get("pattern", "") for branch in workers["anyOf"]]
+    assert any("\\$\\{" in p for p in patterns)
+    timeout = schema["$defs"]["TaskTypeConfig"]["properties"]["timeout"]
+    assert any("ms|s|m|h" in branch.get("pattern", "") for branch in timeout["anyOf"])
+    handler = schema["$defs"]["TaskTypeConfig"]["properties"]["handler"]
+    assert "module:function" in handler["description"]
+
+
+def test_shipped_schema_file_is_current() -> None:
+    shipped = json.loads((ROOT / "configs" / "schema.json").read_text())
+    assert shipped == config_json_schema(), "regenerate: dq-run schema > configs/schema.json"
+
+
+def test_models_are_frozen() -> None:
+    config = PipelineConfig.model_validate({"task_types": {"a": {"handler": "m:f"}}})
+    with pytest.raises(ValueError, match="frozen"):
+        config.workers = 3  # type: ignore[misc]
