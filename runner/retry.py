@@ -1,4 +1,4 @@
-"""Retry decisions: what happens to a task after a failed attempt. The only tenacity import.
+"""Retry decisions for tasks, and reconnect backoff for brokers. The only tenacity import.
 
 A RetryPlan is built once per task type from its RetryPolicy and answers one question: given
 this exception on attempt n, does the task run again (and after how long) or go to the
@@ -13,13 +13,17 @@ absolute number of seconds, so we wrap its exponential wait in our own proportio
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import tenacity
 from tenacity.wait import wait_base
 
 from runner.config import RetryPolicy
 from runner.errors import PermanentError, TaskInterrupted
+
+T = TypeVar("T")
 
 
 class wait_proportional_jitter(wait_base):
@@ -92,3 +96,38 @@ class RetryPlan:
 def error_name(exc: BaseException) -> str:
     """How an exception is named in records: TimeoutError for interrupts, else its class name."""
     return "TimeoutError" if isinstance(exc, TaskInterrupted) else type(exc).__name__
+
+
+class _StopWhen(tenacity.stop.stop_base):
+    """A tenacity stop condition from a plain predicate."""
+
+    def __init__(self, predicate: Callable[[], bool]) -> None:
+        self._predicate = predicate
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return self._predicate()
+
+
+def call_with_reconnect(
+    fn: Callable[[], T],
+    *,
+    transient: tuple[type[BaseException], ...],
+    timeout_s: float,
+    stopped: Callable[[], bool],
+    on_retry: Callable[[int, BaseException | None], None],
+) -> T:
+    """Call ``fn``; on a ``transient`` error retry with exponential backoff (50 ms doubling,
+    capped at 1 s, plus up to 50 ms jitter) until ``timeout_s`` has passed or ``stopped()``,
+    then re-raise the last error. ``on_retry(attempt, error)`` runs before each wait."""
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        on_retry(state.attempt_number, state.outcome.exception() if state.outcome else None)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(transient),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.05),
+        stop=tenacity.stop_any(tenacity.stop_after_delay(timeout_s), _StopWhen(stopped)),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return retrying(fn)

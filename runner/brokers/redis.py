@@ -1,0 +1,489 @@
+"""RedisBroker: one stream per task type, shared by any number of processes on any machines.
+
+Guarantees: at-least-once. A task is removed only by a fenced ack or dead-letter; a delivery
+whose worker died is reclaimed (XAUTOCLAIM) after ``visibility_timeout`` and handed out again
+with attempt + 1. How much survives a Redis crash depends on Redis' persistence
+(``appendonly yes`` + ``appendfsync always`` loses nothing it acknowledged). Redis must run with
+``maxmemory-policy noeviction``: eviction silently drops tasks (we warn at start).
+
+The data model and the atomic steps are in runner/brokers/redis_scripts.py.
+
+Blocking ``get``: one Lua poll (move due retries, reclaim, read) and, when it finds nothing, an
+``XREAD BLOCK`` on the wanted streams from their last entry id, in slices of at most
+``block_slice`` seconds (default 0.1). Between slices the broker re-polls, so ``wake()`` and
+``close()`` end a blocked get within one slice, due retries and expired leases are seen within
+one slice, and a new task wakes the XREAD at once. Every socket timeout is set explicitly and
+exceeds the slice, so an idle worker never hits a client timeout mid-read (redis-py 8's 5 s
+default with a longer BLOCK is a classic "alive but not consuming" bug). The protocol is pinned
+to RESP2, redis-py 8 would otherwise negotiate RESP3.
+
+Connection loss: every call is retried with exponential backoff (call_with_reconnect, built
+on tenacity) for up to ``reconnect_timeout`` seconds, logging ``broker.reconnecting``, then
+BrokerUnavailable. A call whose reply was lost may have happened: a repeated put may store a
+task twice (at-least-once), a repeated ack of a delivery that was in fact acked returns False,
+and a poll whose reply was lost leaves its deliveries to be reclaimed after ``visibility_timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from functools import partial
+from typing import Any, Literal, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from runner.brokers import redis_scripts as lua
+from runner.brokers.base import DeadLetterFilter, Delivery, Depth
+from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
+from runner.retry import call_with_reconnect
+from runner.task import (
+    AttemptRecord,
+    DeadLetter,
+    Task,
+    decode_dead_letter,
+    decode_task,
+    encode_dead_letter,
+    encode_task,
+)
+
+log = logging.getLogger("runner.broker")
+
+T = TypeVar("T")
+
+GROUP = "dq"
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+
+
+class RedisBroker:
+    """Broker and BrokerAdmin on Redis streams; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        capacity: int,
+        enqueue_timeout: float,
+        overflow: Literal["block", "reject"],
+        visibility_timeout: float,
+        clock: Callable[[], float] = time.time,
+        *,
+        socket_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        health_check_interval: int = 15,
+        reconnect_timeout: float = 30.0,
+        block_slice: float = 0.1,
+    ) -> None:
+        if socket_timeout <= block_slice:
+            raise ValueError("socket_timeout must exceed block_slice, or idle reads time out")
+        self._capacity = capacity
+        self._enqueue_timeout = enqueue_timeout
+        self._overflow = overflow
+        self._visibility_ms = max(1, int(visibility_timeout * 1000))
+        self._clock = clock
+        self._reconnect_timeout = reconnect_timeout
+        self._block_slice = block_slice
+        self._prefix = "{" + namespace + "}:"
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._woken = threading.Event()
+        self._closed = False
+        # Held while get() runs, so close() does not pull the socket from under a blocked read.
+        self._getting = threading.Lock()
+        # Any: redis-py's annotations are unions of sync/async and bytes/str replies.
+        self._client: Any = redis.Redis.from_url(
+            url,
+            protocol=2,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            health_check_interval=health_check_interval,
+            # Our own tenacity loop retries (and logs); redis-py's built-in retry would hide
+            # outages and multiply the waits.
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            self._client.ping()
+        except (*_TRANSIENT, redis.ResponseError) as exc:
+            self._client.close()
+            raise BrokerUnavailable(f"cannot reach redis at {_safe_url(url)}: {exc}") from exc
+        self._scripts = {
+            name: self._client.register_script(getattr(lua, name))
+            for name in (
+                "PUT",
+                "POLL",
+                "ACK",
+                "RETRY",
+                "DEAD",
+                "RELEASE",
+                "EXTEND",
+                "REPLAY",
+                "DEPTH",
+            )
+        }
+        self._warn_unless_noeviction()
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    def _stream(self, type_: str) -> str:
+        return self._key("q", type_)
+
+    def _delayed(self, type_: str) -> str:
+        return self._key("d", type_)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerClosed("redis broker is closed")
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run one Redis call, retrying connection errors with backoff until reconnect_timeout."""
+        if self._closed:
+            raise BrokerClosed("redis broker is closed")
+        try:
+            return call_with_reconnect(
+                fn,
+                transient=_TRANSIENT,
+                timeout_s=self._reconnect_timeout,
+                stopped=lambda: self._closed,
+                on_retry=_log_reconnecting,
+            )
+        except _TRANSIENT as exc:
+            if self._closed:
+                raise BrokerClosed("redis broker is closed") from exc
+            raise BrokerUnavailable(
+                f"redis unreachable for {self._reconnect_timeout}s: {exc}"
+            ) from exc
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        script = self._scripts[name]
+        return self._call(lambda: script(keys=list(keys), args=list(args)))
+
+    def _warn_unless_noeviction(self) -> None:
+        try:
+            reply = self._client.config_get("maxmemory-policy")
+        except redis.ResponseError:  # CONFIG disabled or renamed (managed Redis): cannot check
+            log.info("broker.config_unreadable", extra={"event": "broker.config_unreadable"})
+            return
+        # redis-py decodes CONFIG GET keys but may leave values as bytes.
+        values = {_text(k): _text(v) for k, v in reply.items()}
+        policy = values.get("maxmemory-policy")
+        if policy is not None and policy != "noeviction":
+            log.warning(
+                "broker.eviction_policy: redis maxmemory-policy is %s, not noeviction; "
+                "Redis may silently evict queued tasks",
+                policy,
+                extra={"event": "broker.eviction_policy", "policy": policy},
+            )
+
+    # -- Broker -----------------------------------------------------------------------------
+
+    def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None:
+        self._check_open()
+        if not tasks:
+            return
+        if len(tasks) > self._capacity:  # could never fit: do not wait for it
+            raise QueueFull(f"{len(tasks)} tasks exceed the capacity of {self._capacity}")
+        now = self._clock()
+        types = list(dict.fromkeys(t.type for t in tasks))
+        index = {name: i + 1 for i, name in enumerate(types)}
+        keys = [self._key("count"), self._key("types")]
+        for name in types:
+            keys += [self._stream(name), self._delayed(name)]
+        args: list[Any] = [self._capacity, GROUP, len(types), *types]
+        for task in tasks:
+            stored = replace(task, enqueued_at=task.enqueued_at or now)
+            envelope = encode_task(stored)
+            if stored.not_before > now:
+                member = _delayed_member(stored.attempt, envelope)
+                args += [index[task.type], repr(stored.not_before), stored.attempt, member]
+            else:
+                args += [index[task.type], "", stored.attempt, envelope]
+        self._with_capacity(
+            lambda: bool(self._run("PUT", keys, args)),
+            timeout,
+            f"queue full: {len(tasks)} task(s) do not fit in capacity {self._capacity}",
+        )
+
+    def _with_capacity(
+        self, attempt: Callable[[], bool], timeout: float | None, message: str
+    ) -> None:
+        """Call attempt() until it fits: at once with overflow reject, else poll until timeout."""
+        wait_s = self._enqueue_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait_s
+        pause = 0.01
+        while not attempt():
+            remaining = deadline - time.monotonic()
+            if self._closed:
+                raise BrokerClosed("redis broker was closed while waiting for capacity")
+            if self._overflow == "reject" or remaining <= 0:
+                raise QueueFull(message)
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.2)
+
+    def get(self, slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
+        if self._closed:
+            raise BrokerClosed("redis broker is closed")
+        wanted = [(name, n) for name, n in slots.items() if n > 0]
+        deadline = time.monotonic() + timeout
+        if not wanted or limit <= 0:
+            self._woken.wait(max(0.0, timeout))
+            self._woken.clear()
+            return []
+        keys = [self._key("leases")]
+        for name, _ in wanted:
+            keys += [self._stream(name), self._delayed(name)]
+        with self._getting:
+            return self._get(keys, wanted, limit, deadline)
+
+    def _get(
+        self, keys: list[str], wanted: list[tuple[str, int]], limit: int, deadline: float
+    ) -> list[Delivery]:
+        try:
+            while True:
+                args = [repr(self._clock()), GROUP, self.consumer, self._visibility_ms, limit]
+                args += [secrets.token_hex(8), *(n for _, n in wanted)]
+                found, cursors, next_due = self._run("POLL", keys, args)
+                if found:
+                    return self._deliveries(found, wanted)
+                if self._woken.is_set() or self._closed:
+                    self._woken.clear()
+                    return []
+                block = min(self._block_slice, deadline - time.monotonic())
+                if next_due:
+                    block = min(block, float(next_due) - self._clock())
+                if block <= 0 and time.monotonic() >= deadline:
+                    return []
+                if block >= 0.001:
+                    self._wait_for_entries(wanted, cursors, block)
+        except BrokerClosed:
+            if self._closed:
+                return []
+            raise
+
+    def _wait_for_entries(
+        self, wanted: list[tuple[str, int]], cursors: list[Any], block: float
+    ) -> None:
+        """XREAD BLOCK from the last entry of each wanted stream: returns when one grows."""
+        streams = {self._stream(name): c for (name, _), c in zip(wanted, cursors, strict=True)}
+        block_ms = max(1, int(block * 1000))
+        self._call(lambda: self._client.xread(streams, count=1, block=block_ms))
+
+    def _deliveries(self, found: list[Any], wanted: list[tuple[str, int]]) -> list[Delivery]:
+        out = []
+        for i in range(0, len(found), 7):
+            idx, entry_id, before, raw, count, token, redelivered = found[i : i + 7]
+            type_ = wanted[int(idx) - 1][0]
+            entry = entry_id.decode()
+            receipt = f"{entry}|{token.decode()}|{type_}"
+            attempt = int(before) + int(count)
+            try:
+                task = replace(decode_task(raw), attempt=attempt)
+                error = None
+            except ValueError as exc:
+                task = Task(type=type_, payload=None, id=f"redis:{entry}", attempt=attempt)
+                error = f"undecodable task in {self._stream(type_)} entry {entry}: {exc}"
+            out.append(Delivery(task, receipt, bool(int(redelivered)), decode_error=error))
+        return out
+
+    def _parse(self, delivery: Delivery) -> tuple[str, str, str]:
+        entry, token, type_ = delivery.receipt.split("|", 2)
+        return self._stream(type_), entry, token
+
+    def ack(self, delivery: Delivery) -> bool:
+        stream, entry, token = self._parse(delivery)
+        keys = [stream, self._key("leases"), self._key("count")]
+        return bool(self._run("ACK", keys, [GROUP, entry, token]))
+
+    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> bool:
+        stream, entry, token = self._parse(delivery)
+        now = self._clock()
+        not_before = now + max(0.0, delay_s)
+        task = replace(delivery.task.with_failure(failure), not_before=not_before)
+        member = _delayed_member(task.attempt, encode_task(task))
+        keys = [stream, self._key("leases"), self._delayed(stream_type(delivery))]
+        args = [GROUP, entry, token, repr(not_before), member, repr(now)]
+        return bool(self._run("RETRY", keys, args))
+
+    def dead(self, delivery: Delivery, record: DeadLetter) -> bool:
+        stream, entry, token = self._parse(delivery)
+        keys = [
+            stream,
+            self._key("leases"),
+            self._key("count"),
+            self._key("dlq"),
+            self._key("dlq:idx"),
+        ]
+        args = [GROUP, entry, token, record.id, encode_dead_letter(record), repr(record.dead_at)]
+        return bool(self._run("DEAD", keys, args))
+
+    def release(self, delivery: Delivery) -> bool:
+        stream, entry, token = self._parse(delivery)
+        return bool(self._run("RELEASE", [stream, self._key("leases")], [GROUP, entry, token]))
+
+    def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        self._check_open()
+        if not deliveries:
+            return []
+        keys = [self._key("leases")]
+        args: list[Any] = [GROUP, self.consumer]
+        for delivery in deliveries:
+            stream, entry, token = self._parse(delivery)
+            keys.append(stream)
+            args += [entry, token]
+        return [bool(ok) for ok in self._run("EXTEND", keys, args)]
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    def depth(self) -> dict[str, Depth]:
+        types = sorted(
+            t.decode() for t in self._call(lambda: self._client.smembers(self._key("types")))
+        )
+        if not types:
+            return {}
+        keys = [k for name in types for k in (self._stream(name), self._delayed(name))]
+        rows = self._run("DEPTH", keys, [GROUP, repr(self._clock())])
+        return {
+            name: Depth(
+                ready=int(length) - int(pending) + int(due),
+                delayed=int(delayed) - int(due),
+                leased=int(pending),
+            )
+            for name, (length, pending, delayed, due) in zip(types, rows, strict=True)
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._woken.set()
+        # A blocked get notices within one block slice; do not wait forever on a stuck one.
+        acquired = self._getting.acquire(timeout=max(2.0, 3 * self._block_slice))
+        try:
+            self._client.close()
+        finally:
+            if acquired:
+                self._getting.release()
+
+    # -- BrokerAdmin ------------------------------------------------------------------------
+
+    def _all_dead(self) -> list[tuple[str, bytes]]:
+        ids = self._call(lambda: self._client.zrange(self._key("dlq:idx"), 0, -1))
+        if not ids:
+            return []
+        raws = self._call(lambda: self._client.hmget(self._key("dlq"), ids))
+        return [(i.decode(), raw) for i, raw in zip(ids, raws, strict=True) if raw is not None]
+
+    def dead_letter_count(self) -> int:
+        return int(self._call(lambda: self._client.zcard(self._key("dlq:idx"))))
+
+    def oldest_enqueued_at(self) -> dict[str, float]:
+        """Per type, the earliest ``enqueued_at`` of its queued tasks (streams hold only unacked
+        entries, delayed sets only waiting ones). Reads every envelope: an operator command."""
+        oldest: dict[str, float] = {}
+        for raw in self._call(lambda: self._client.smembers(self._key("types"))):
+            name = raw.decode()
+            for envelope in self._call(partial(self._queued_envelopes, name)):
+                try:
+                    at = float(json.loads(envelope)["enqueued_at"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # undecodable: it reaches the DLQ at hand-out
+                oldest[name] = min(at, oldest.get(name, at))
+        return oldest
+
+    def _queued_envelopes(self, type_: str) -> list[bytes]:
+        entries = self._client.xrange(self._stream(type_), "-", "+")
+        envelopes = [fields.get(b"t", b"") for _, fields in entries]
+        members = self._client.zscan_iter(self._delayed(type_))
+        return envelopes + [member.split(b" ", 2)[-1] for member, _ in members]
+
+    def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
+        records = []
+        for task_id, raw in self._all_dead():
+            try:
+                record = decode_dead_letter(raw)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("broker.dlq_undecodable: %s: %s", task_id, exc)
+                continue
+            if where.matches(record):
+                records.append(record)
+        return records
+
+    def replay(self, ids: Sequence[str]) -> int:
+        wanted = set(ids)
+        records = self.dead_letters(DeadLetterFilter(ids=frozenset(wanted)))
+        if not records:
+            return 0
+        types = list(dict.fromkeys(r.task.type for r in records))
+        index = {name: i + 1 for i, name in enumerate(types)}
+        keys = [self._key("count"), self._key("dlq"), self._key("dlq:idx"), self._key("types")]
+        keys += [self._stream(name) for name in types]
+        args: list[Any] = [self._capacity, GROUP, len(types), *types]
+        for record in records:
+            task = replace(record.task, attempt=0, not_before=0.0)
+            args += [index[task.type], record.id, encode_task(task)]
+        moved = 0
+
+        def attempt() -> bool:
+            nonlocal moved
+            moved = int(self._run("REPLAY", keys, args))
+            return moved >= 0
+
+        self._with_capacity(attempt, None, f"queue full: cannot replay {len(records)} task(s)")
+        return moved
+
+    def purge(self, where: DeadLetterFilter) -> int:
+        doomed = [r.id for r in self.dead_letters(where)]
+        if not doomed:
+            return 0
+
+        def remove() -> int:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hdel(self._key("dlq"), *doomed)
+            pipe.zrem(self._key("dlq:idx"), *doomed)
+            return int(pipe.execute()[0])
+
+        return self._call(remove)
+
+
+def stream_type(delivery: Delivery) -> str:
+    """The task type a receipt belongs to (the stream it was read from)."""
+    return delivery.receipt.split("|", 2)[2]
+
+
+def _delayed_member(attempt: int, envelope: bytes) -> bytes:
+    # A random prefix keeps two identical envelopes apart in the sorted set.
+    return f"{secrets.token_hex(8)} {attempt} ".encode() + envelope
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for error messages."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+def _log_reconnecting(attempt: int, exc: BaseException | None) -> None:
+    log.warning(
+        "broker.reconnecting: attempt %d after %s",
+        attempt,
+        exc,
+        extra={"event": "broker.reconnecting", "attempt": attempt, "error": str(exc)},
+    )

@@ -1,0 +1,276 @@
+"""The Lua scripts of the Redis broker; each one runs atomically inside Redis.
+
+Data model (every key starts with ``{namespace}:``, a hash tag, so all keys of one namespace live
+in one Redis Cluster slot and a script may touch any of them):
+
+- ``q:<type>``   stream of ready and leased tasks, one consumer group ``GROUP``. Entry fields:
+  ``a`` = hand-outs before this entry (attempts already used), ``t`` = the JSON envelope.
+  A task's attempt at hand-out is ``a`` + the entry's delivery count, which Redis keeps in the
+  pending entries list (XREADGROUP sets it to 1, XAUTOCLAIM adds 1, ``XCLAIM JUSTID`` does not).
+- ``d:<type>``   sorted set of delayed tasks scored by not_before; member ``"<nonce> <a> <t>"``
+  (the nonce keeps two equal envelopes apart).
+- ``leases``     hash ``"<entry id>@<stream key>"`` -> lease token of the current delivery. Every
+  ack / retry / dead / release / extend checks the token first: XACK alone does not check who
+  owns an entry, so this is what fences a worker whose delivery was reclaimed.
+- ``count``      the capacity counter: tasks from put until ack or dead (XLEN cannot serve, as it
+  would count what another consumer has read, and a stream is never trimmed below its unacked
+  entries; acked entries are XDEL-ed instead).
+- ``types``      set of every type ever put (for depth and the operator commands).
+- ``dlq`` / ``dlq:idx``  hash task id -> dead-letter JSON, and a sorted set by dead_at.
+"""
+
+from __future__ import annotations
+
+# Shared helpers, prepended to the scripts that need them.
+_ENSURE_GROUP = """
+local function ensure_group(stream, group)
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+  end
+end
+"""
+
+_LEASE_CHECK = """
+local function lease_matches(leases, stream, id, token)
+  return redis.call('HGET', leases, id .. '@' .. stream) == token
+end
+local function drop_entry(leases, stream, group, id)
+  redis.call('HDEL', leases, id .. '@' .. stream)
+  redis.call('XACK', stream, group, id)
+  redis.call('XDEL', stream, id)
+end
+"""
+
+#: KEYS: count, types, then per distinct type: stream, delayed.
+#: ARGV: capacity, group, ntypes, type names..., then per task: type index, not_before, a, data.
+#: ``data`` is the envelope for a ready task and the delayed-set member for a delayed one.
+#: Returns 1 when every task was stored, 0 (and stores nothing) when capacity would be exceeded.
+PUT = (
+    _ENSURE_GROUP
+    + """
+local capacity, group, ntypes = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local first = 4 + ntypes
+local n = (#ARGV - first + 1) / 4
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current + n > capacity then return 0 end
+redis.call('INCRBY', KEYS[1], n)
+for i = 1, ntypes do
+  redis.call('SADD', KEYS[2], ARGV[3 + i])
+end
+for j = 0, n - 1 do
+  local base = first + 4 * j
+  local idx = tonumber(ARGV[base])
+  local stream, delayed = KEYS[1 + 2 * idx], KEYS[2 + 2 * idx]
+  if ARGV[base + 1] == '' then
+    ensure_group(stream, group)
+    redis.call('XADD', stream, '*', 'a', ARGV[base + 2], 't', ARGV[base + 3])
+  else
+    redis.call('ZADD', delayed, ARGV[base + 1], ARGV[base + 3])
+  end
+end
+return 1
+"""
+)
+
+#: KEYS: leases, then per type: stream, delayed.
+#: ARGV: now, group, consumer, min_idle_ms, limit, nonce, then per type: free slots.
+#: For each type, in order: move due delayed tasks to the stream, reclaim deliveries idle longer
+#: than the visibility timeout (XAUTOCLAIM), then read new entries (XREADGROUP), never more than
+#: the type's free slots nor ``limit`` in all. Every hand-out gets a fresh lease token.
+#: Returns {deliveries, cursors, next_due}: deliveries flat as (type index, id, a, t,
+#: delivery count, token, redelivered 0/1); cursors = last entry id per type (for XREAD BLOCK);
+#: next_due = earliest delayed score among these types, or ''.
+POLL = (
+    _ENSURE_GROUP
+    + """
+local now, group, consumer = ARGV[1], ARGV[2], ARGV[3]
+local min_idle, limit, nonce = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local leases = KEYS[1]
+local ntypes = (#KEYS - 1) / 2
+local out, cursors, next_due = {}, {}, ''
+local handed, seq = 0, 0
+
+local function fields_of(entry_fields)
+  local f = {}
+  for k = 1, #entry_fields, 2 do f[entry_fields[k]] = entry_fields[k + 1] end
+  return f
+end
+
+local function hand_out(i, stream, id, entry_fields, count, redelivered)
+  local f = fields_of(entry_fields)
+  seq = seq + 1
+  local token = nonce .. ':' .. seq
+  redis.call('HSET', leases, id .. '@' .. stream, token)
+  local n = #out
+  out[n + 1] = i; out[n + 2] = id; out[n + 3] = f['a'] or '0'; out[n + 4] = f['t'] or ''
+  out[n + 5] = count; out[n + 6] = token; out[n + 7] = redelivered
+  handed = handed + 1
+end
+
+for i = 1, ntypes do
+  local stream, delayed = KEYS[2 * i], KEYS[2 * i + 1]
+  local free = tonumber(ARGV[6 + i])
+  ensure_group(stream, group)
+  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
+  for _, member in ipairs(due) do
+    local _, a, t = string.match(member, '^(%S+) (%d+) (.*)$')
+    if t then redis.call('XADD', stream, '*', 'a', a, 't', t) end
+    redis.call('ZREM', delayed, member)
+  end
+  local want = math.min(free, limit - handed)
+  if want > 0 then
+    local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, '0-0',
+                               'COUNT', want)
+    local got = 0
+    for _, e in ipairs(claimed[2]) do
+      if e[2] then
+        local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
+        hand_out(i, stream, e[1], e[2], p[1][4], 1)
+        got = got + 1
+      end
+    end
+    want = math.min(free - got, limit - handed)
+    if want > 0 then
+      local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want,
+                           'STREAMS', stream, '>')
+      if r then
+        for _, e in ipairs(r[1][2]) do hand_out(i, stream, e[1], e[2], 1, 0) end
+      end
+    end
+  end
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  cursors[i] = last[1] and last[1][1] or '0-0'
+  local head = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+  if head[2] and (next_due == '' or tonumber(head[2]) < tonumber(next_due)) then
+    next_due = head[2]
+  end
+end
+return {out, cursors, next_due}
+"""
+)
+
+#: KEYS: stream, leases, count. ARGV: group, id, token. Returns 1, or 0 when fenced.
+ACK = (
+    _LEASE_CHECK
+    + """
+if not lease_matches(KEYS[2], KEYS[1], ARGV[2], ARGV[3]) then return 0 end
+drop_entry(KEYS[2], KEYS[1], ARGV[1], ARGV[2])
+redis.call('DECR', KEYS[3])
+return 1
+"""
+)
+
+#: KEYS: stream, leases, delayed. ARGV: group, id, token, not_before, member, now.
+#: The task keeps its capacity slot while it waits in the delayed set; one already due goes
+#: straight back to the stream.
+RETRY = (
+    _LEASE_CHECK
+    + """
+if not lease_matches(KEYS[2], KEYS[1], ARGV[2], ARGV[3]) then return 0 end
+drop_entry(KEYS[2], KEYS[1], ARGV[1], ARGV[2])
+if tonumber(ARGV[4]) <= tonumber(ARGV[6]) then
+  local _, a, t = string.match(ARGV[5], '^(%S+) (%d+) (.*)$')
+  redis.call('XADD', KEYS[1], '*', 'a', a, 't', t)
+else
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+end
+return 1
+"""
+)
+
+#: KEYS: stream, leases, count, dlq, dlq index. ARGV: group, id, token, task id, record, dead_at.
+DEAD = (
+    _LEASE_CHECK
+    + """
+if not lease_matches(KEYS[2], KEYS[1], ARGV[2], ARGV[3]) then return 0 end
+drop_entry(KEYS[2], KEYS[1], ARGV[1], ARGV[2])
+redis.call('DECR', KEYS[3])
+redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[4])
+return 1
+"""
+)
+
+#: KEYS: stream, leases. ARGV: group, id, token.
+#: Copies the entry's bytes to a new entry at the tail (a stream cannot insert at its head) and
+#: gives back the attempt this delivery used, so a released task is ready at once.
+RELEASE = (
+    _LEASE_CHECK
+    + """
+if not lease_matches(KEYS[2], KEYS[1], ARGV[2], ARGV[3]) then return 0 end
+local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+drop_entry(KEYS[2], KEYS[1], ARGV[1], ARGV[2])
+if entry[1] then
+  local f = {}
+  for k = 1, #entry[1][2], 2 do f[entry[1][2][k]] = entry[1][2][k + 1] end
+  local used = (p[1] and p[1][4] or 1) - 1
+  redis.call('XADD', KEYS[1], '*', 'a', tonumber(f['a'] or '0') + used, 't', f['t'] or '')
+end
+return 1
+"""
+)
+
+#: KEYS: leases, then one stream per delivery. ARGV: group, consumer, then per delivery: id, token.
+#: Resets the idle time of each delivery still ours (XCLAIM JUSTID does not bump the delivery
+#: count). Returns a list of 1/0.
+EXTEND = """
+local group, consumer = ARGV[1], ARGV[2]
+local result = {}
+for i = 2, #KEYS do
+  local id, token = ARGV[2 * i - 1], ARGV[2 * i]
+  local ok = 0
+  if redis.call('HGET', KEYS[1], id .. '@' .. KEYS[i]) == token then
+    local claimed = redis.call('XCLAIM', KEYS[i], group, consumer, 0, id, 'JUSTID')
+    if #claimed > 0 then ok = 1 end
+  end
+  result[i - 1] = ok
+end
+return result
+"""
+
+#: KEYS: count, dlq, dlq index, types, then per distinct type: stream.
+#: ARGV: capacity, group, ntypes, type names..., then per record: type index, task id, envelope.
+#: Moves dead letters that still exist back to their streams with attempts reset; all or nothing
+#: against capacity. Returns the number moved, or -1 when capacity would be exceeded.
+REPLAY = (
+    _ENSURE_GROUP
+    + """
+local capacity, group, ntypes = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local first = 4 + ntypes
+local present = {}
+for base = first, #ARGV, 3 do
+  if redis.call('HEXISTS', KEYS[2], ARGV[base + 1]) == 1 then present[#present + 1] = base end
+end
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if #present > 0 and current + #present > capacity then return -1 end
+for i = 1, ntypes do redis.call('SADD', KEYS[4], ARGV[3 + i]) end
+for _, base in ipairs(present) do
+  local stream = KEYS[4 + tonumber(ARGV[base])]
+  ensure_group(stream, group)
+  redis.call('XADD', stream, '*', 'a', '0', 't', ARGV[base + 2])
+  redis.call('HDEL', KEYS[2], ARGV[base + 1])
+  redis.call('ZREM', KEYS[3], ARGV[base + 1])
+end
+redis.call('INCRBY', KEYS[1], #present)
+return #present
+"""
+)
+
+#: KEYS: per type: stream, delayed. ARGV: group, now.
+#: Returns per type: {entries in the stream, pending (leased) entries, delayed, delayed but due}.
+DEPTH = """
+local result = {}
+for i = 1, #KEYS, 2 do
+  local stream, delayed = KEYS[i], KEYS[i + 1]
+  local length, pending = 0, 0
+  if redis.call('EXISTS', stream) == 1 then
+    length = redis.call('XLEN', stream)
+    local ok, summary = pcall(redis.call, 'XPENDING', stream, ARGV[1])
+    if ok then pending = summary[1] end
+  end
+  result[#result + 1] = {length, pending, redis.call('ZCARD', delayed),
+                        redis.call('ZCOUNT', delayed, '-inf', ARGV[2])}
+end
+return result
+"""

@@ -1,0 +1,62 @@
+"""Root fixtures shared by every test directory.
+
+Redis: tests start their own throwaway ``redis-server`` (tests/redis_server.py) on a free
+127.0.0.1 port; they never touch a Redis the machine already runs. When the binary is missing
+they skip, unless ``DQ_REQUIRE_REDIS=1`` (set by .ci/run), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.redis_server import RedisServer, redis_server_binary
+
+
+def _require_redis_binary() -> None:
+    if redis_server_binary() is not None:
+        return
+    message = "redis-server is not installed"
+    if os.environ.get("DQ_REQUIRE_REDIS") == "1":
+        pytest.fail(f"{message}, and DQ_REQUIRE_REDIS=1 requires it")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One throwaway redis-server for the whole session; isolate tests with redis_namespace."""
+    _require_redis_binary()
+    server = RedisServer(tmp_path_factory.mktemp("redis-shared"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_namespace() -> str:
+    """A fresh key namespace, so tests sharing redis_server never see each other's keys."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start dedicated servers (for tests that kill or reconfigure them); all stopped after."""
+    _require_redis_binary()
+    servers: list[RedisServer] = []
+
+    def start(**options: Any) -> RedisServer:
+        directory = tmp_path / f"redis-{len(servers)}"
+        directory.mkdir()
+        server = RedisServer(directory, **options)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

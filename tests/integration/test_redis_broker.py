@@ -1,0 +1,385 @@
+"""RedisBroker against a real, throwaway redis-server (never the machine's own Redis)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Delivery
+from runner.brokers.redis import RedisBroker
+from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
+from runner.task import AttemptRecord, DeadLetter, Task
+from tests.redis_server import RedisServer, free_port
+
+pytestmark = pytest.mark.redis
+
+MakeBroker = Callable[..., RedisBroker]
+
+
+@pytest.fixture
+def make_broker(redis_server: RedisServer, redis_namespace: str) -> Iterator[MakeBroker]:
+    """Brokers on the shared server, all in this test's namespace (so they see each other)."""
+    brokers: list[RedisBroker] = []
+
+    def make(**overrides: Any) -> RedisBroker:
+        options: dict[str, Any] = {
+            "url": redis_server.url,
+            "namespace": redis_namespace,
+            "capacity": 100,
+            "enqueue_timeout": 0.2,
+            "overflow": "block",
+            "visibility_timeout": 5.0,
+        }
+        options.update(overrides)
+        broker = RedisBroker(**options)
+        brokers.append(broker)
+        return broker
+
+    yield make
+    for broker in brokers:
+        broker.close()
+
+
+def failure(attempt: int, message: str = "boom") -> AttemptRecord:
+    return AttemptRecord(attempt, "RuntimeError", message, "tb", time.time(), 0.01, "test:1")
+
+
+def dead_letter(delivery: Delivery, reason: str = "error") -> DeadLetter:
+    task = delivery.task.with_failure(failure(delivery.task.attempt))
+    now = time.time()
+    return DeadLetter(task, reason, "RuntimeError", "boom", "tb", task.attempt, now, now, now)
+
+
+def test_implements_both_protocols(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    assert isinstance(broker, Broker)
+    assert isinstance(broker, BrokerAdmin)
+
+
+def test_fifo_per_type_and_slots_and_limit(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    broker.put_many([Task("a", i) for i in range(5)] + [Task("b", i) for i in range(5)])
+    got = broker.get({"a": 2, "b": 3}, limit=4, timeout=0.5)
+    assert len(got) == 4
+    assert [d.task.payload for d in got if d.task.type == "a"] == [0, 1]
+    assert [d.task.payload for d in got if d.task.type == "b"] == [0, 1]
+    assert all(d.task.attempt == 1 and not d.redelivered for d in got)
+    rest = broker.get({"a": 10, "c": 1}, limit=10, timeout=0.2)
+    assert [d.task.payload for d in rest] == [2, 3, 4]
+    assert broker.get({"a": 0, "b": 0}, limit=10, timeout=0.05) == []
+
+
+def test_get_times_out_empty(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    start = time.monotonic()
+    assert broker.get({"a": 1}, limit=1, timeout=0.3) == []
+    assert 0.3 <= time.monotonic() - start < 1.5
+
+
+def test_keys_live_under_the_namespace_hash_tag(
+    make_broker: MakeBroker, redis_server: RedisServer, redis_namespace: str
+) -> None:
+    broker = make_broker()
+    broker.put_many([Task("a", 1), Task("a", 2, not_before=time.time() + 60)])
+    broker.ack(broker.get({"a": 1}, 1, 1.0)[0])
+    client = redis_server.client()
+    keys = [k.decode() for k in client.keys(f"*{redis_namespace}*")]
+    assert keys
+    assert all(k.startswith("{" + redis_namespace + "}:") for k in keys)
+    client.close()
+
+
+def test_connection_settings_are_pinned(make_broker: MakeBroker) -> None:
+    broker = make_broker(socket_timeout=7.0)
+    kwargs = broker._client.connection_pool.connection_kwargs
+    assert kwargs["protocol"] == 2
+    assert kwargs["socket_timeout"] == 7.0
+    assert kwargs["socket_connect_timeout"] == 5.0
+    assert kwargs["health_check_interval"] > 0
+
+
+def test_unreachable_redis_raises_broker_unavailable() -> None:
+    with pytest.raises(BrokerUnavailable):
+        RedisBroker(f"redis://127.0.0.1:{free_port()}/0", "x", 10, 0.1, "block", 5.0)
+
+
+def test_consumer_names_are_unique(make_broker: MakeBroker) -> None:
+    first, second = make_broker(), make_broker()
+    assert first.consumer != second.consumer
+
+
+def test_ack_removes_task_and_frees_capacity(make_broker: MakeBroker) -> None:
+    broker = make_broker(capacity=1)
+    broker.put_many([Task("a", 1)])
+    with pytest.raises(QueueFull):
+        broker.put_many([Task("a", 2)], timeout=0.05)
+    (delivery,) = broker.get({"a": 1}, 1, 1.0)
+    assert broker.depth()["a"].leased == 1
+    assert broker.ack(delivery) is True
+    assert broker.ack(delivery) is False  # a second ack is fenced
+    assert broker.depth()["a"].total == 0
+    broker.put_many([Task("a", 2)])
+
+
+def test_put_blocks_then_fails_and_reject_fails_at_once(make_broker: MakeBroker) -> None:
+    blocking = make_broker(capacity=2, enqueue_timeout=0.3)
+    blocking.put_many([Task("a", 1), Task("a", 2)])
+    start = time.monotonic()
+    with pytest.raises(QueueFull):
+        blocking.put_many([Task("a", 3)])
+    assert 0.3 <= time.monotonic() - start < 1.5
+    rejecting = make_broker(capacity=2, enqueue_timeout=5.0, overflow="reject")
+    start = time.monotonic()
+    with pytest.raises(QueueFull):
+        rejecting.put_many([Task("a", 3)])
+    assert time.monotonic() - start < 1.0
+
+
+def test_put_many_is_all_or_nothing(make_broker: MakeBroker) -> None:
+    broker = make_broker(capacity=3)
+    broker.put_many([Task("a", 1), Task("a", 2)])
+    with pytest.raises(QueueFull):
+        broker.put_many([Task("a", 3), Task("b", 4)], timeout=0.05)
+    assert sum(d.total for d in broker.depth().values()) == 2
+
+
+def test_blocked_put_succeeds_when_capacity_frees(make_broker: MakeBroker) -> None:
+    broker = make_broker(capacity=1, enqueue_timeout=5.0)
+    broker.put_many([Task("a", 1)])
+    (delivery,) = broker.get({"a": 1}, 1, 1.0)
+    timer = threading.Timer(0.2, broker.ack, args=(delivery,))
+    timer.start()
+    start = time.monotonic()
+    broker.put_many([Task("a", 2)])
+    assert time.monotonic() - start >= 0.2
+    timer.join()
+
+
+def test_retry_is_delayed_keeps_history_and_never_blocks(make_broker: MakeBroker) -> None:
+    broker = make_broker(capacity=1)
+    broker.put_many([Task("a", "x")])
+    (first,) = broker.get({"a": 1}, 1, 1.0)
+    start = time.monotonic()
+    assert broker.retry(first, 0.3, failure(1)) is True  # capacity is full: must not block
+    assert broker.depth()["a"].delayed == 1
+    assert broker.get({"a": 1}, 1, 0.1) == []
+    (second,) = broker.get({"a": 1}, 1, 3.0)
+    assert time.monotonic() - start >= 0.3
+    assert second.task.attempt == 2
+    assert not second.redelivered
+    assert [h.message for h in second.task.history] == ["boom"]
+    assert broker.retry(first, 0.0, failure(1)) is False  # stale receipt
+
+
+def test_delayed_put_is_not_handed_out_early(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    start = time.monotonic()
+    broker.put_many([Task("a", 1, not_before=time.time() + 0.4)])
+    (delivery,) = broker.get({"a": 1}, 1, 3.0)
+    assert 0.4 <= time.monotonic() - start < 1.2
+    assert delivery.task.attempt == 1
+
+
+def test_release_gives_the_task_back_at_once_with_its_attempt(make_broker: MakeBroker) -> None:
+    first, second = make_broker(capacity=1), make_broker(capacity=1)
+    first.put_many([Task("a", 1)])
+    (delivery,) = first.get({"a": 1}, 1, 1.0)
+    assert first.release(delivery) is True  # full capacity: must not block
+    assert first.release(delivery) is False
+    (again,) = second.get({"a": 1}, 1, 1.0)
+    assert again.task.attempt == 1
+    assert not again.redelivered
+    assert second.ack(again)
+    assert second.depth()["a"].total == 0
+
+
+def test_dead_letters_filter_replay_and_purge(make_broker: MakeBroker) -> None:
+    broker = make_broker(capacity=2)
+    broker.put_many([Task("a", 1), Task("b", 2)])
+    deliveries = broker.get({"a": 1, "b": 1}, 2, 1.0)
+    for delivery in deliveries:
+        assert broker.dead(delivery, dead_letter(delivery)) is True
+        assert broker.dead(delivery, dead_letter(delivery)) is False
+    assert sum(d.total for d in broker.depth().values()) == 0
+    records = broker.dead_letters(DeadLetterFilter())
+    assert broker.dead_letter_count() == 2
+    assert sorted(r.task.payload for r in records) == [1, 2]
+    assert records[0].task.history[0].message == "boom"
+    only_b = broker.dead_letters(DeadLetterFilter(type="b"))
+    assert [r.task.type for r in only_b] == ["b"]
+
+    assert broker.replay([only_b[0].id, "missing"]) == 1
+    (replayed,) = broker.get({"b": 1}, 1, 1.0)
+    assert replayed.task.attempt == 1  # attempts reset
+    assert replayed.task.history  # the history stays readable
+    assert broker.dead_letters(DeadLetterFilter(type="b")) == []
+
+    assert broker.purge(DeadLetterFilter(error="NoSuchError")) == 0
+    assert broker.purge(DeadLetterFilter()) == 1
+    assert broker.dead_letters(DeadLetterFilter()) == []
+
+
+def test_replay_respects_capacity(make_broker: MakeBroker) -> None:
+    broker = make_broker(capacity=1, enqueue_timeout=0.1)
+    broker.put_many([Task("a", 1)])
+    (delivery,) = broker.get({"a": 1}, 1, 1.0)
+    broker.dead(delivery, dead_letter(delivery))
+    broker.put_many([Task("a", 2)])
+    with pytest.raises(QueueFull):
+        broker.replay([delivery.task.id])
+    assert len(broker.dead_letters(DeadLetterFilter())) == 1
+
+
+def test_lease_expiry_redelivers_and_fences_the_stale_receipt(make_broker: MakeBroker) -> None:
+    dying = make_broker(visibility_timeout=0.3)
+    alive = make_broker(visibility_timeout=0.3)
+    dying.put_many([Task("a", "x")])
+    (lost,) = dying.get({"a": 1}, 1, 1.0)
+    # The dying consumer never acks; the live one reclaims it once the lease expires.
+    start = time.monotonic()
+    (reclaimed,) = alive.get({"a": 1}, 1, 3.0)
+    assert time.monotonic() - start >= 0.2
+    assert reclaimed.task.id == lost.task.id
+    assert reclaimed.task.attempt == 2
+    assert reclaimed.redelivered
+    assert dying.ack(lost) is False
+    assert dying.retry(lost, 0, failure(1)) is False
+    assert dying.dead(lost, dead_letter(lost)) is False
+    assert dying.release(lost) is False
+    assert dying.extend([lost]) == [False]
+    assert alive.depth()["a"].leased == 1
+    assert alive.ack(reclaimed) is True
+    assert alive.depth()["a"].total == 0
+    assert alive.dead_letters(DeadLetterFilter()) == []
+
+
+def test_reclaim_by_the_same_consumer_is_fenced_too(make_broker: MakeBroker) -> None:
+    broker = make_broker(visibility_timeout=0.2)
+    broker.put_many([Task("a", 1)])
+    (old,) = broker.get({"a": 1}, 1, 1.0)
+    (new,) = broker.get({"a": 1}, 1, 3.0)
+    assert new.task.attempt == 2
+    assert broker.ack(old) is False
+    assert broker.ack(new) is True
+
+
+def test_extend_keeps_a_long_delivery(make_broker: MakeBroker) -> None:
+    holder = make_broker(visibility_timeout=0.4)
+    other = make_broker(visibility_timeout=0.4)
+    holder.put_many([Task("a", 1)])
+    (held,) = holder.get({"a": 1}, 1, 1.0)
+    deadline = time.monotonic() + 1.0  # 2.5x the visibility timeout
+    while time.monotonic() < deadline:
+        assert holder.extend([held]) == [True]
+        assert other.get({"a": 1}, 1, 0.12) == []
+    assert holder.ack(held) is True
+
+
+def test_attempts_count_every_hand_out(make_broker: MakeBroker) -> None:
+    broker = make_broker(visibility_timeout=0.15)
+    broker.put_many([Task("a", 1)])
+    attempts = [broker.get({"a": 1}, 1, 3.0)[0].task.attempt for _ in range(3)]
+    assert attempts == [1, 2, 3]
+
+
+def test_wake_and_close_end_a_blocked_get(make_broker: MakeBroker) -> None:
+    broker = make_broker()
+    ended = threading.Event()
+    result: list[list[Delivery]] = []
+
+    def blocked_get() -> None:
+        result.append(broker.get({"a": 1}, 1, 30.0))
+        ended.set()
+
+    thread = threading.Thread(target=blocked_get)
+    thread.start()
+    time.sleep(0.2)  # let it block; the assertion below holds either way
+    start = time.monotonic()
+    broker.wake()
+    assert ended.wait(2.0)
+    assert time.monotonic() - start < 1.0
+    assert result == [[]]
+    thread.join()
+
+    ended.clear()
+    thread = threading.Thread(target=blocked_get)
+    thread.start()
+    time.sleep(0.2)
+    broker.close()
+    assert ended.wait(2.0)
+    thread.join()
+    assert result[-1] == []
+    with pytest.raises(BrokerClosed):
+        broker.get({"a": 1}, 1, 0.1)
+    broker.close()  # idempotent
+
+
+def test_undecodable_entry_yields_decode_error(
+    make_broker: MakeBroker, redis_server: RedisServer, redis_namespace: str
+) -> None:
+    broker = make_broker()
+    broker.put_many([Task("a", 1)])
+    client = redis_server.client()
+    client.xadd("{" + redis_namespace + "}:q:a", {"a": "0", "t": b"\xff not json"})
+    client.incr("{" + redis_namespace + "}:count")
+    client.close()
+    good, bad = broker.get({"a": 2}, 2, 1.0)
+    assert good.decode_error is None
+    assert bad.decode_error is not None
+    assert bad.task.type == "a"
+    assert bad.task.attempt == 1
+    assert broker.dead(bad, dead_letter(bad)) is True
+
+
+def test_two_consumers_never_hold_the_same_task(make_broker: MakeBroker) -> None:
+    producer = make_broker(capacity=1000)
+    producer.put_many([Task("a", i) for i in range(300)])
+    held: set[str] = set()
+    done: list[str] = []
+    overlaps: list[str] = []
+    lock = threading.Lock()
+
+    def consume(broker: RedisBroker) -> None:
+        while True:
+            batch = broker.get({"a": 5}, 5, 0.3)
+            if not batch:
+                return
+            with lock:
+                for d in batch:
+                    if d.task.id in held:
+                        overlaps.append(d.task.id)
+                    held.add(d.task.id)
+            for d in batch:
+                with lock:
+                    held.discard(d.task.id)
+                    done.append(d.task.id)
+                assert broker.ack(d)
+
+    consumers = [make_broker(visibility_timeout=30.0) for _ in range(2)]
+    threads = [threading.Thread(target=consume, args=(b,)) for b in consumers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps == []
+    assert len(done) == 300
+    assert len(set(done)) == 300
+    assert producer.depth()["a"].total == 0
+
+
+def test_warns_when_eviction_is_on(
+    redis_server_factory: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_server_factory(options={"maxmemory-policy": "allkeys-lru"})
+    with caplog.at_level("WARNING", logger="runner.broker"):
+        RedisBroker(server.url, "ns", 10, 0.1, "block", 5.0).close()
+    assert any("noeviction" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    server.client().config_set("maxmemory-policy", "noeviction")
+    with caplog.at_level("WARNING", logger="runner.broker"):
+        RedisBroker(server.url, "ns", 10, 0.1, "block", 5.0).close()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

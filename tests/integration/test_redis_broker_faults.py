@@ -1,0 +1,136 @@
+"""RedisBroker under faults: idle longer than every timeout, and Redis killed and restarted."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from runner.brokers.redis import RedisBroker
+from runner.task import Task
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+
+def test_idle_consumer_still_gets_a_task_published_later(
+    redis_server: RedisServer, redis_namespace: str
+) -> None:
+    # Every client timeout is short here, so the idle period outlasts all of them several times.
+    options = {"socket_timeout": 0.5, "connect_timeout": 0.5, "health_check_interval": 1}
+    consumer = RedisBroker(redis_server.url, redis_namespace, 10, 1.0, "block", 5.0, **options)
+    producer = RedisBroker(redis_server.url, redis_namespace, 10, 1.0, "block", 5.0)
+    try:
+        idle_until = time.monotonic() + 2.5
+        while time.monotonic() < idle_until:
+            assert consumer.get({"a": 1}, 1, 0.8) == []
+        published = threading.Event()
+
+        def publish() -> None:
+            producer.put_many([Task("a", "late")])
+            published.set()
+
+        timer = threading.Timer(0.3, publish)
+        timer.start()
+        (delivery,) = consumer.get({"a": 1}, 1, 10.0)
+        received = time.monotonic()
+        assert published.is_set()
+        assert delivery.task.payload == "late"
+        timer.join()
+        assert time.monotonic() - received < 1.0
+        assert consumer.ack(delivery)
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def test_delivery_arrives_promptly_after_publish(
+    redis_server: RedisServer, redis_namespace: str
+) -> None:
+    consumer = RedisBroker(redis_server.url, redis_namespace, 10, 1.0, "block", 5.0)
+    producer = RedisBroker(redis_server.url, redis_namespace, 10, 1.0, "block", 5.0)
+    try:
+        published_at: list[float] = []
+
+        def publish() -> None:
+            published_at.append(time.monotonic())
+            producer.put_many([Task("a", 1)])
+
+        timer = threading.Timer(0.5, publish)
+        timer.start()
+        (delivery,) = consumer.get({"a": 1}, 1, 10.0)
+        latency = time.monotonic() - published_at[0]
+        timer.join()
+        assert latency < 0.5  # an XREAD BLOCK wakes at once; 0.5 s is 5x the poll slice
+        consumer.ack(delivery)
+    finally:
+        consumer.close()
+        producer.close()
+
+
+@pytest.mark.slow
+def test_redis_killed_and_restarted_loses_nothing_published(
+    redis_server_factory: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_server_factory(appendonly=True, appendfsync="always")
+    broker = RedisBroker(server.url, "loss", 1000, 5.0, "block", 30.0, reconnect_timeout=20.0)
+    try:
+        published = [Task("a", i) for i in range(50)]
+        broker.put_many(published[:25])
+        first = broker.get({"a": 10}, 10, 1.0)
+        acked = {d.task.id for d in first[:5]}
+        for delivery in first[:5]:
+            assert broker.ack(delivery)
+
+        server.kill()
+        restarter = threading.Timer(0.5, server.start)
+        restarter.start()
+        with caplog.at_level("WARNING", logger="runner.broker"):
+            broker.put_many(published[25:])  # retried until Redis is back
+        restarter.join()
+        assert any(r.getMessage().startswith("broker.reconnecting") for r in caplog.records)
+
+        # The five unacked deliveries survive in the pending list; reclaim them quickly.
+        fresh = RedisBroker(server.url, "loss", 1000, 5.0, "block", 0.2)
+        try:
+            seen: dict[str, int] = {}
+            deadline = time.monotonic() + 20.0
+            while len(seen) < 45 and time.monotonic() < deadline:
+                for delivery in fresh.get({"a": 20}, 20, 0.5):
+                    seen[delivery.task.id] = seen.get(delivery.task.id, 0) + 1
+                    assert fresh.ack(delivery)
+            assert set(seen) == {t.id for t in published} - acked
+            assert fresh.depth()["a"].total == 0
+        finally:
+            fresh.close()
+    finally:
+        broker.close()
+
+
+@pytest.mark.slow
+def test_blocked_get_survives_a_restart(redis_server_factory: Callable[..., RedisServer]) -> None:
+    server = redis_server_factory(appendonly=True, appendfsync="always")
+    consumer = RedisBroker(server.url, "restart", 10, 1.0, "block", 30.0, reconnect_timeout=20.0)
+    try:
+        results: list[object] = []
+
+        def consume() -> None:
+            results.append(consumer.get({"a": 1}, 1, 15.0))
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        time.sleep(0.3)  # let the consumer block; the test holds whether it did or not
+        server.kill()
+        time.sleep(0.3)
+        server.start()
+        producer = RedisBroker(server.url, "restart", 10, 1.0, "block", 30.0)
+        producer.put_many([Task("a", "after restart")])
+        producer.close()
+        thread.join(20.0)
+        assert not thread.is_alive()
+        (batch,) = results
+        assert [d.task.payload for d in batch] == ["after restart"]  # type: ignore[attr-defined]
+    finally:
+        consumer.close()
