@@ -25,6 +25,7 @@ from runner.events import Event, EventBus, Listener
 from runner.handlers import load_handler, resolve_exception
 from runner.logs import setup_logging, task_logger
 from runner.metrics import MetricsListener
+from runner.payloads import as_model, payload_model, payload_validator
 from runner.progress import Progress, progress_enabled
 from runner.retry import RetryPlan
 from runner.simulate import with_faults
@@ -37,7 +38,11 @@ _POLL_S = 0.02
 
 
 def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
-    """One TypeRuntime per configured task type: handler, limit, timeout and retry plan."""
+    """One TypeRuntime per configured task type: handler, limit, timeout and retry plan.
+
+    A handler annotated with a pydantic model gets its payload validated before it runs
+    (runner.payloads); a payload that fails goes to the DLQ with reason ``invalid payload``.
+    """
     search_path = config.handler_paths
     types: dict[str, TypeRuntime] = {}
     for name, spec in config.task_types.items():
@@ -46,13 +51,15 @@ def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
             resolve_exception(n, search_path=search_path) for n in policy.never_retry
         )
         handler = load_handler(spec.handler, search_path=search_path)
+        model = payload_model(handler.func)  # None unless annotated with a pydantic model
         types[name] = TypeRuntime(
             name=name,
-            handler=with_faults(handler),
+            handler=with_faults(handler if model is None else as_model(handler, model)),
             limit=config.concurrency_for(name),
             timeout_s=spec.timeout,
             interrupt=spec.timeout_action == "interrupt",
             plan=RetryPlan(policy, never_retry),
+            validate_payload=None if model is None else payload_validator(model),
         )
     return types
 
@@ -151,6 +158,8 @@ class Runner:
             self._stopped = True
             grace = self.config.shutdown.grace if grace_s is None else grace_s
             if self._started:
+                self.summary.threads = (self.worker.threads, self.worker.alive_threads())
+                self.summary.interrupts = self.worker.interrupts
                 self.worker.stop(grace)
             drain = getattr(self.broker, "drain_to_dead_letters", None)
             if drain is not None:

@@ -28,8 +28,8 @@ class Summary:
         self.counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.durations: defaultdict[str, list[float]] = defaultdict(list)
         self.dead: list[dict[str, Any]] = []
-        self.interrupted = 0
-        self.lease_lost = 0
+        self.threads: tuple[int, int] = (0, 0)  # (configured, alive when the stop began)
+        self.interrupts = 0
 
     def handle(self, event: Event) -> None:
         name = event.name
@@ -90,6 +90,8 @@ class Summary:
                 "by_type": by_type,
                 "dead_letters": list(self.dead),
                 "dead_by_reason": dict(Counter(d["reason"] for d in self.dead)),
+                "worker_threads": {"configured": self.threads[0], "alive": self.threads[1]},
+                "interrupts": self.interrupts,
             }
 
     def render(self, stream: TextIO) -> None:

@@ -151,6 +151,10 @@ class Worker:
     def limits(self) -> dict[str, int]:
         return {name: rt.limit for name, rt in self.types.items()}
 
+    def alive_threads(self) -> int:
+        """Worker threads still alive (never fewer than ``threads`` while running)."""
+        return sum(1 for t in self._threads[: self.threads] if t.is_alive())
+
     def idle(self) -> bool:
         with self._cond:
             return not self._held

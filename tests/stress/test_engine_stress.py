@@ -1,4 +1,4 @@
-"""Every published task ends exactly once, under a thread-switch storm (Python's stand-in for -race)."""
+"""Every published task ends exactly once under a thread-switch storm (our stand-in for -race)."""
 
 from __future__ import annotations
 
