@@ -73,11 +73,14 @@ class Runner:
         broker: Broker,
         listeners: Sequence[Listener] = (),
         task_logger: TaskLogger | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.config = config
         self.broker = broker
         self.summary = Summary()
-        self.events = EventBus([self.summary, *listeners])
+        self.events = events or EventBus()
+        for listener in (self.summary, *listeners):
+            self.events.subscribe(listener)
         self.worker = Worker(
             broker,
             build_types(config),
@@ -228,11 +231,19 @@ def build_runtime(
     logs, the Prometheus endpoint (started here, so its port is known), and the live progress
     view when stderr is a terminal. Library users who manage logging themselves pass False.
     """
+    events = EventBus()
+
+    def on_reconnect(attempt: int, error: BaseException | None) -> None:
+        events.emit(Event("broker.reconnecting", attempt=attempt, error=str(error)))
+
     if not observe:
-        return Runner(config, broker or create_broker(config), listeners)
+        return Runner(
+            config, broker or create_broker(config, on_reconnect), listeners, events=events
+        )
     log_listener = setup_logging(config.logging)
     try:
-        runner = Runner(config, broker or create_broker(config), listeners, task_logger)
+        broker = broker or create_broker(config, on_reconnect)
+        runner = Runner(config, broker, listeners, task_logger, events)
     except BaseException:
         log_listener.close()
         raise

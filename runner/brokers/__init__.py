@@ -5,6 +5,7 @@ Backends are imported lazily in their ``match`` arm, so a memory pipeline never 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Delivery, Depth
@@ -16,8 +17,15 @@ if TYPE_CHECKING:
 __all__ = ["Broker", "BrokerAdmin", "DeadLetterFilter", "Delivery", "Depth", "create_broker"]
 
 
-def create_broker(config: PipelineConfig) -> Broker:
-    """A new broker built from ``config.broker`` (and ``config.dead_letter`` for memory)."""
+def create_broker(
+    config: PipelineConfig,
+    on_reconnect: Callable[[int, BaseException | None], None] | None = None,
+) -> Broker:
+    """A new broker built from ``config.broker`` (and ``config.dead_letter`` for memory).
+
+    ``on_reconnect(attempt, error)`` is told about every reconnect attempt of brokers that
+    hold a network connection (Redis).
+    """
     settings = config.broker
     match settings.kind:
         case "memory":
@@ -53,6 +61,7 @@ def create_broker(config: PipelineConfig) -> Broker:
                 enqueue_timeout=settings.enqueue_timeout,
                 overflow=settings.overflow,
                 visibility_timeout=settings.visibility_timeout,
+                on_reconnect=on_reconnect,
             )
 
 

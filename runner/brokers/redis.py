@@ -82,6 +82,7 @@ class RedisBroker:
         health_check_interval: int = 15,
         reconnect_timeout: float = 30.0,
         block_slice: float = 0.1,
+        on_reconnect: Callable[[int, BaseException | None], None] | None = None,
     ) -> None:
         if socket_timeout <= block_slice:
             raise ValueError("socket_timeout must exceed block_slice, or idle reads time out")
@@ -91,6 +92,9 @@ class RedisBroker:
         self._visibility_ms = max(1, int(visibility_timeout * 1000))
         self._clock = clock
         self._reconnect_timeout = reconnect_timeout
+        # Told about every reconnect attempt (the runner turns it into a broker.reconnecting
+        # event: a log line and a metric); without one, the broker logs it itself.
+        self._on_reconnect = on_reconnect or _log_reconnecting
         self._block_slice = block_slice
         self._prefix = "{" + namespace + "}:"
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -157,7 +161,7 @@ class RedisBroker:
                 transient=_TRANSIENT,
                 timeout_s=self._reconnect_timeout,
                 stopped=lambda: self._closed,
-                on_retry=_log_reconnecting,
+                on_retry=self._on_reconnect,
             )
         except _TRANSIENT as exc:
             if self._closed:
