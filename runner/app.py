@@ -166,7 +166,9 @@ class Runner:
                 self.worker.stop(grace)
             drain = getattr(self.broker, "drain_to_dead_letters", None)
             if drain is not None:
-                for record in drain(reason="shutdown"):
+                # include_leased: a handler stuck past the grace period still holds its task;
+                # on an in-process broker it would vanish with the process otherwise.
+                for record in drain(reason="shutdown", include_leased=True):
                     self.events.emit(
                         Event(
                             "task.dead",

@@ -90,9 +90,18 @@ class Worker:
         self._asking: frozenset[str] = frozenset()  # types in the broker.get under way
         self._running: dict[Guard, tuple[Run, Delivery]] = {}
         self._local: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._fetching = threading.Lock()  # one broker.get at a time: dispatcher or _refill
         self._stopping = threading.Event()
+        # Set once shutdown's grace period is over and it expires every running handler.
+        self._forcing = False
         self._watchdog = Watchdog()
         self._threads: list[threading.Thread] = []
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="dq-dispatcher", daemon=True
+        )
+        self._lease_keeper = threading.Thread(
+            target=self._keep_leases, name="dq-leases", daemon=True
+        )
         self._order = list(self.types)
         self.interrupts = 0
         self.overruns = 0
@@ -105,10 +114,8 @@ class Worker:
             t = threading.Thread(target=self._work, name=f"dq-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
-        for target, name in ((self._dispatch, "dq-dispatcher"), (self._keep_leases, "dq-leases")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._dispatcher.start()
+        self._lease_keeper.start()
         self.events.emit(Event("worker.started", detail=f"{self.identity} threads={self.threads}"))
 
     def stop(self, grace_s: float) -> int:
@@ -120,21 +127,27 @@ class Worker:
         if self._stopping.is_set():
             return 0
         self.events.emit(Event("worker.stopping", detail=f"grace={grace_s}s"))
+        deadline = time.monotonic() + grace_s
         self._stopping.set()
         self.broker.wake()
+        with self._cond:
+            self._cond.notify_all()
+        # The dispatcher leaves within one broker.get; after that nothing new arrives locally
+        # (worker threads no longer refill once stopping is set).
+        self._dispatcher.join(timeout=GET_TIMEOUT_S + 5)
         self._release_unstarted()
-        deadline = time.monotonic() + grace_s
         with self._cond:
             while self._held and time.monotonic() < deadline:
                 self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
             forced = len(self._running)
         if forced:
+            self._forcing = True
             self._watchdog.expire_all()
             with self._cond:
                 self._cond.wait_for(lambda: not self._held, timeout=2.0)
         for _ in range(self.threads):
             self._local.put(None)
-        for t in self._threads:
+        for t in (*self._threads, self._lease_keeper):
             t.join(timeout=2.0)
         self._watchdog.stop()
         self.events.emit(Event("worker.stopped", detail=f"forced={forced}"))
@@ -153,7 +166,7 @@ class Worker:
 
     def alive_threads(self) -> int:
         """Worker threads still alive (never fewer than ``threads`` while running)."""
-        return sum(1 for t in self._threads[: self.threads] if t.is_alive())
+        return sum(1 for t in self._threads if t.is_alive())
 
     def idle(self) -> bool:
         with self._cond:
@@ -163,36 +176,76 @@ class Worker:
 
     def _dispatch(self) -> None:
         while not self._stopping.is_set():
-            with self._cond:
-                free = self.threads - len(self._held)
-                slots = {
-                    name: self.types[name].limit - self._held_by_type[name]
-                    for name in self._order
-                    if self._held_by_type[name] < self.types[name].limit
-                }
-                if free <= 0 or not slots:
-                    self._cond.wait(timeout=GET_TIMEOUT_S)
-                    continue
-                self._asking = frozenset(slots)
-                self._order.append(self._order.pop(0))  # rotate: fairness when free < slots
             try:
-                deliveries = self.broker.get(slots, free, GET_TIMEOUT_S)
+                with self._fetching:
+                    fetched = self._fetch(GET_TIMEOUT_S)
             except BrokerClosed:
                 return
             except BrokerError as exc:
                 log.warning("broker.get failed: %s", exc)
                 self._stopping.wait(0.5)
                 continue
-            finally:
-                self._asking = frozenset()
-            if not deliveries:
-                continue
+            if fetched is None:
+                with self._cond:
+                    if not self._free_slots()[0]:
+                        self._cond.wait(timeout=GET_TIMEOUT_S)
+
+    def _refill(self) -> None:
+        """From a worker thread that just freed a slot: fill free slots now, without blocking.
+
+        This saves the hop to the dispatcher thread (a wake-up and a GIL hand-off per task),
+        which is most of the engine's overhead for short tasks. It takes the same fetch lock as
+        the dispatcher, so slots are never handed out twice; when the dispatcher holds it (it
+        is inside a get that the broker will answer), there is nothing to do here.
+        """
+        if self._stopping.is_set() or not self._local.empty():
+            return
+        if not self._fetching.acquire(blocking=False):
+            return
+        try:
+            self._fetch(0.0)
+        except BrokerError:
+            pass  # the dispatcher meets the same error in its next get, and reports it
+        finally:
+            self._fetching.release()
+
+    def _free_slots(self) -> tuple[dict[str, int], int]:
+        """Per-type free slots, and how many tasks may be asked for in all (lock held)."""
+        free = self.threads - len(self._held)
+        if free <= 0:
+            return {}, 0
+        slots = {
+            name: self.types[name].limit - self._held_by_type[name]
+            for name in self._order
+            if self._held_by_type[name] < self.types[name].limit
+        }
+        return slots, free
+
+    def _fetch(self, timeout: float) -> int | None:
+        """One broker.get for the free slots (caller holds ``_fetching``).
+
+        Returns how many deliveries were queued for the worker threads, or None when no slot
+        was free. Raises what broker.get raises.
+        """
+        with self._cond:
+            slots, free = self._free_slots()
+            if not slots:
+                return None
+            if timeout > 0:
+                self._asking = frozenset(slots)  # only a blocking get needs wake() on a free
+            self._order.append(self._order.pop(0))  # rotate: fairness when free < slots
+        try:
+            deliveries = self.broker.get(slots, free, timeout)
+        finally:
+            self._asking = frozenset()
+        if deliveries:
             with self._cond:
                 for delivery in deliveries:
                     self._held[delivery.receipt] = delivery
                     self._held_by_type[delivery.task.type] += 1
             for delivery in deliveries:
                 self._local.put(delivery)
+        return len(deliveries)
 
     def _release_unstarted(self) -> None:
         while True:
@@ -224,6 +277,7 @@ class Worker:
         guard = Guard()
         guard.bind()
         while True:
+            delivery: Delivery | None = None
             try:
                 delivery = self._local.get()
                 if delivery is None:
@@ -232,12 +286,18 @@ class Worker:
                     self._finish(delivery, self._safe(self.broker.release, delivery))
                     continue
                 self._process(guard, delivery)
+                self._refill()
             except TaskInterrupted:
                 # Guard.run absorbs late interrupts; this is the last line of defence, so that
                 # a worker thread is never lost (Dramatiq #445).
                 log.warning("interrupt landed outside a handler; worker thread continues")
             except Exception:
                 log.exception("worker loop error; worker thread continues")
+            finally:
+                if delivery is not None:
+                    # Frees the slot if _process failed before its broker call; the broker
+                    # hands the task out again when its lease expires.
+                    self._forget(delivery)
 
     def _process(self, guard: Guard, delivery: Delivery) -> None:
         task = delivery.task
@@ -323,8 +383,10 @@ class Worker:
             else str(error)
         )
         trace = "".join(traceback.format_exception(error))
-        if self._stopping.is_set() and run.expired and isinstance(error, TaskInterrupted):
-            # Interrupted by shutdown, not by its own timeout: hand it back untouched.
+        if self._forcing and run.expired:
+            # Cut short by shutdown, not by its own timeout: hand it back untouched. Whatever
+            # the handler raised (the interrupt, or its own error once it saw ctx.cancelled,
+            # or nothing under timeout_action: cancel), the attempt is not its fault.
             self._finish(delivery, self._safe(self.broker.release, delivery), "release")
             return
         decision = rt.plan.decide(error, task.attempt)
@@ -410,9 +472,14 @@ class Worker:
             self._emit(
                 "task.lease_lost", delivery, detail=f"{op} refused: another delivery owns the task"
             )
+        self._forget(delivery)
+
+    def _forget(self, delivery: Delivery) -> None:
+        """Free the delivery's slot (idempotent) and wake a get that could not use it."""
         with self._cond:
-            if self._held.pop(delivery.receipt, None) is not None:
-                self._held_by_type[delivery.task.type] -= 1
+            if self._held.pop(delivery.receipt, None) is None:
+                return
+            self._held_by_type[delivery.task.type] -= 1
             self._cond.notify_all()
             wake = delivery.task.type not in self._asking and bool(self._asking)
         if wake:

@@ -1,0 +1,69 @@
+"""Runner: the library API over the engine; nothing is lost when a memory pipeline stops."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from runner import PipelineConfig, UsageError, build_runtime
+from runner.brokers.base import DeadLetterFilter
+from runner.brokers.memory import MemoryBroker
+
+
+def _config(**extra: object) -> PipelineConfig:
+    return PipelineConfig.model_validate(
+        {
+            "workers": 3,
+            "task_types": {
+                "work": {"handler": "tests.integration.recording_handlers:work"},
+                "slow": {"handler": "handlers.demo:generate_report", "timeout": 5},
+            },
+            **extra,
+        }
+    )
+
+
+@pytest.mark.parametrize("grace", [0.0, 0.05, 1.0])
+def test_stop_at_any_moment_loses_nothing(grace: float) -> None:
+    runner = build_runtime(_config(simulate={"tasks": 0}), observe=False)
+    ids = runner.publish_many([("slow", {"rows": 200_000})] * 60)
+    runner.start()
+    time.sleep(0.1)
+    summary = runner.stop(grace_s=grace)
+    totals = summary["totals"]
+    assert totals["published"] == 60
+    assert totals["succeeded"] + totals["dead"] == 60, summary
+    assert set(summary["dead_by_reason"]) <= {"shutdown"}
+    assert isinstance(runner.broker, MemoryBroker)
+    dead = {r.id for r in runner.broker.dead_letter_store.records(DeadLetterFilter())}
+    assert len(dead) == totals["dead"]
+    assert dead <= set(ids)
+
+
+def test_publish_rejects_unknown_types_and_non_json_payloads() -> None:
+    runner = build_runtime(_config(), observe=False)
+    with pytest.raises(UsageError, match="unknown task type 'nope'"):
+        runner.publish("nope", {})
+    with pytest.raises(UsageError, match="not JSON"):
+        runner.publish("work", {"when": object()})
+    assert runner.depth() == {} or sum(d.total for d in runner.depth().values()) == 0
+    runner.stop()
+
+
+def test_delayed_publish_waits_before_running() -> None:
+    runner = build_runtime(_config(), observe=False)
+    with runner:
+        t0 = time.monotonic()
+        runner.publish("work", {}, delay_s=0.3)
+        assert runner.run_until_empty(timeout=5)
+        assert time.monotonic() - t0 >= 0.3
+    assert runner.summary.to_json()["totals"]["succeeded"] == 1
+
+
+def test_run_until_empty_times_out_while_work_remains() -> None:
+    runner = build_runtime(_config(), observe=False)
+    with runner:
+        runner.publish("slow", {"rows": 50_000_000})
+        assert runner.run_until_empty(timeout=0.2) is False
+        runner.stop(grace_s=0)
