@@ -1,0 +1,415 @@
+"""SqliteBroker: a durable broker in one SQLite file, shared by the processes of one machine.
+
+Guarantees (the contract in runner.brokers.base, plus durability):
+
+- At-least-once. Every committed put, claim, ack, retry and dead-letter survives the crash of
+  any process (WAL, ``synchronous=NORMAL``); a power cut may lose the last few commits.
+- Each claim is one ``BEGIN IMMEDIATE`` transaction that leases its rows for
+  ``visibility_timeout`` seconds under a fresh receipt, so two processes never hold the same
+  delivery at once. A worker that dies leaves its lease to expire; the task is then handed out
+  again with ``redelivered=True`` and one more attempt.
+- ``ack``, ``retry``, ``dead``, ``release`` and ``extend`` match on (id, receipt), so a stale
+  worker changes nothing. ``dead`` writes the DLQ row and deletes the task in one transaction.
+- Capacity is counted in the same transaction as the insert, so it holds across processes.
+
+Limits: one machine (SQLite file locking is not reliable on network filesystems); writes are
+serialised by SQLite, so throughput is bounded by one writer at a time. Other processes'
+puts are seen by polling (1 ms backing off to 50 ms); this process's own puts, acks and
+``wake()`` end a wait at once. A process frozen inside a write transaction (SIGSTOP) blocks all
+writers; after ``BUSY_TIMEOUT_MS`` they raise BrokerUnavailable, which callers may retry.
+
+Ordering: FIFO by put within a type. Released tasks, expired leases and due retries keep their
+original place (the row's ``seq``), so they come before tasks put after them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Literal
+
+from runner.brokers.base import DeadLetterFilter, Delivery, Depth
+from runner.brokers.sqlite_schema import (
+    LEASED,
+    READY,
+    WAITING,
+    anything_claimable,
+    connect,
+    dlq_where,
+    insert_row,
+    insert_tasks,
+    next_due,
+    replay_one,
+    rollback,
+    to_dead_letter,
+    to_delivery,
+    unavailable,
+)
+from runner.errors import BrokerClosed, QueueFull
+from runner.task import (
+    AttemptRecord,
+    DeadLetter,
+    Task,
+    encode_dead_letter,
+    encode_task,
+)
+
+_MIN_POLL_S = 0.001
+_MAX_POLL_S = 0.05
+
+_CLAIM_SQL = f"""
+UPDATE tasks
+   SET state = {LEASED}, lease = :token || '-' || seq, due_at = :until, attempt = attempt + 1
+ WHERE seq IN (SELECT seq FROM tasks WHERE type = :type AND state = {READY} ORDER BY seq LIMIT :n)
+RETURNING seq, id, type, attempt, redelivered, lease, envelope
+"""
+
+
+class SqliteBroker:
+    """A Broker and BrokerAdmin over the SQLite file at ``path`` (created with its parents).
+
+    Raises BrokerUnavailable, naming the file, when the file cannot be opened, written
+    (read-only, disk full) or is not a database. Every method raises BrokerClosed after close().
+    """
+
+    def __init__(
+        self,
+        path: str,
+        capacity: int,
+        enqueue_timeout: float,
+        overflow: Literal["block", "reject"],
+        visibility_timeout: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self._capacity = capacity
+        self._enqueue_timeout = enqueue_timeout
+        self._overflow = overflow
+        self._visibility_timeout = visibility_timeout
+        self._clock = clock
+        self._conn = connect(path)
+        self._lock = threading.Lock()  # guards the one connection
+        self._cond = threading.Condition()  # local changes, wake() and close()
+        self._changes = 0
+        self._woken = False
+        self._closed = False
+        self._rotation = itertools.count()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction: committed on success, rolled back on any error."""
+        with self._lock:
+            conn = self._open_connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                rollback(conn)
+                raise unavailable(self.path, exc) from exc
+            except BaseException:
+                rollback(conn)
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._open_connection()
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise unavailable(self.path, exc) from exc
+
+    def _open_connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+        return self._conn
+
+    def _changed(self) -> None:
+        with self._cond:
+            self._changes += 1
+            self._cond.notify_all()
+
+    def _pause(self, seen: int, seconds: float) -> None:
+        """Sleep up to ``seconds`` unless this process changed something since ``seen``."""
+        with self._cond:
+            if self._changes == seen and not self._woken and not self._closed:
+                self._cond.wait(seconds)
+
+    # -- producer side ----------------------------------------------------------------------
+
+    def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None:
+        """Enqueue all of ``tasks`` or none; blocks for room up to ``timeout``, then QueueFull."""
+        if not tasks:
+            self._open_connection()  # still raise BrokerClosed after close
+            return
+        now = self._clock()
+        rows = [insert_row(task, now) for task in tasks]
+        self._insert_when_room(len(rows), lambda conn: insert_tasks(conn, rows), timeout)
+
+    def _insert_when_room(
+        self, needed: int, insert: Callable[[sqlite3.Connection], int], timeout: float | None
+    ) -> int:
+        """Run ``insert`` in a transaction that has room for ``needed`` more tasks."""
+        if self._closed:
+            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+        if needed > self._capacity:
+            raise QueueFull(f"{needed} tasks cannot fit a queue of capacity {self._capacity}")
+        wait_s = self._enqueue_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait_s
+        pause = _MIN_POLL_S
+        while True:
+            seen = self._changes
+            with self._write() as conn:
+                count = conn.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()[0]
+                inserted = insert(conn) if count + needed <= self._capacity else None
+            if inserted is not None:
+                if inserted:
+                    self._changed()
+                return inserted
+            remaining = deadline - time.monotonic()
+            if self._overflow == "reject" or remaining <= 0:
+                raise QueueFull(
+                    f"sqlite broker {self.path}: queue full ({count} of {self._capacity} held, "
+                    f"{needed} more asked for)"
+                )
+            self._pause(seen, min(pause, remaining))
+            pause = min(pause * 2, _MAX_POLL_S)
+            if self._closed:
+                raise BrokerClosed(f"sqlite broker {self.path} was closed while putting")
+
+    # -- consumer side ----------------------------------------------------------------------
+
+    def get(self, slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
+        """Claim up to ``slots[type]`` due tasks per type (``limit`` in all), oldest first.
+
+        Waits up to ``timeout`` for the first; returns [] on timeout, wake() or close().
+        """
+        if self._closed:
+            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+        deadline = time.monotonic() + max(timeout, 0.0)
+        pause = _MIN_POLL_S
+        while True:
+            seen = self._changes
+            try:
+                deliveries, next_due = self._claim(slots, limit)
+            except BrokerClosed:
+                return []  # closed while we waited
+            if deliveries:
+                return deliveries
+            with self._cond:
+                if self._woken or self._closed:
+                    self._woken = False
+                    return []
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            wait = min(pause, remaining)
+            if next_due is not None:
+                wait = min(wait, max(next_due - self._clock(), _MIN_POLL_S))
+            self._pause(seen, wait)
+            pause = min(pause * 2, _MAX_POLL_S)
+
+    def _claim(self, slots: Mapping[str, int], limit: int) -> tuple[list[Delivery], float | None]:
+        """One claim transaction; returns the deliveries, or none and the next due time."""
+        wanted = [(kind, n) for kind, n in slots.items() if n > 0]
+        if limit <= 0 or not wanted:
+            return [], None
+        # Rotate the starting type so that a small ``limit`` does not always favour the first.
+        start = next(self._rotation) % len(wanted)
+        wanted = wanted[start:] + wanted[:start]
+        with self._read() as conn:
+            if not anything_claimable(conn, [kind for kind, _ in wanted], self._clock()):
+                return [], next_due(conn)
+        rows: list[Any] = []
+        token = os.urandom(8).hex()
+        with self._write() as conn:
+            now = self._clock()  # after taking the lock, which may have waited
+            conn.execute(
+                f"UPDATE tasks SET state = {READY} WHERE state = {WAITING} AND due_at <= ?", (now,)
+            )
+            conn.execute(
+                f"UPDATE tasks SET state = {READY}, redelivered = 1"
+                f" WHERE state = {LEASED} AND due_at <= ?",
+                (now,),
+            )
+            until = now + self._visibility_timeout
+            for kind, n in wanted:
+                take = min(n, limit - len(rows))
+                if take <= 0:
+                    break
+                params = {"token": token, "until": until, "type": kind, "n": take}
+                claimed = conn.execute(_CLAIM_SQL, params).fetchall()
+                rows.extend(sorted(claimed))  # RETURNING order is unspecified; seq is FIFO
+        return [to_delivery(row) for row in rows], None
+
+    def ack(self, delivery: Delivery) -> bool:
+        with self._write() as conn:
+            cur = conn.execute(
+                "DELETE FROM tasks WHERE id = ? AND lease = ?", (delivery.task.id, delivery.receipt)
+            )
+        return self._done(cur.rowcount)
+
+    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> bool:
+        now = self._clock()
+        due = now + max(delay_s, 0.0)
+        task = replace(delivery.task.with_failure(failure), not_before=due)
+        state, due_at = (WAITING, due) if delay_s > 0 else (READY, 0.0)
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE tasks SET state = ?, due_at = ?, lease = NULL, redelivered = 0,"
+                " envelope = ? WHERE id = ? AND lease = ?",
+                (state, due_at, encode_task(task), delivery.task.id, delivery.receipt),
+            )
+        return self._done(cur.rowcount)
+
+    def dead(self, delivery: Delivery, record: DeadLetter) -> bool:
+        keep_raw = delivery.decode_error is not None
+        key = (delivery.task.id, delivery.receipt)
+        with self._write() as conn:
+            cur = conn.execute(
+                "INSERT OR REPLACE INTO dead_letters"
+                " (id, type, error_type, dead_at, record, raw_envelope)"
+                " SELECT id, type, ?, ?, ?, CASE WHEN ? THEN envelope END"
+                " FROM tasks WHERE id = ? AND lease = ?",
+                (record.error_type, record.dead_at, encode_dead_letter(record), keep_raw, *key),
+            )
+            if cur.rowcount == 1:
+                conn.execute("DELETE FROM tasks WHERE id = ? AND lease = ?", key)
+        return self._done(cur.rowcount)
+
+    def release(self, delivery: Delivery) -> bool:
+        with self._write() as conn:
+            cur = conn.execute(
+                f"UPDATE tasks SET state = {READY}, due_at = 0, lease = NULL,"
+                " attempt = max(attempt - 1, 0) WHERE id = ? AND lease = ?",
+                (delivery.task.id, delivery.receipt),
+            )
+        return self._done(cur.rowcount)
+
+    def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
+        if not deliveries:
+            self._open_connection()  # still raise BrokerClosed after close
+            return []
+        until = self._clock() + self._visibility_timeout
+        with self._write() as conn:
+            return [
+                conn.execute(
+                    f"UPDATE tasks SET state = {LEASED}, due_at = ? WHERE id = ? AND lease = ?",
+                    (until, d.task.id, d.receipt),
+                ).rowcount
+                == 1
+                for d in deliveries
+            ]
+
+    def _done(self, rowcount: int) -> bool:
+        if rowcount == 1:
+            self._changed()
+            return True
+        return False
+
+    def wake(self) -> None:
+        """End the blocked get() with [].
+
+        If no get() is waiting, the next one returns [] as soon as it finds nothing to claim: a
+        wake that races with a dispatcher about to call get() must not be lost.
+        """
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
+    def depth(self) -> dict[str, Depth]:
+        now = self._clock()
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT type, total(state = {READY} OR due_at <= :now),"
+                f" total(state = {WAITING} AND due_at > :now),"
+                f" total(state = {LEASED} AND due_at > :now)"
+                " FROM tasks GROUP BY type ORDER BY type",
+                {"now": now},
+            ).fetchall()
+        return {kind: Depth(int(r), int(d), int(le)) for kind, r, d, le in rows}
+
+    def close(self) -> None:
+        """Close the file; idempotent. Blocked get() calls return [], blocked puts raise."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> SqliteBroker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- operator side (BrokerAdmin) --------------------------------------------------------
+
+    def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
+        """Matching dead letters, oldest death first."""
+        found: list[DeadLetter] = []
+        with self._read() as conn:
+            for clause, params in dlq_where(where):
+                rows = conn.execute(
+                    "SELECT id, type, error_type, dead_at, record FROM dead_letters"
+                    f" WHERE {clause}",
+                    params,
+                ).fetchall()
+                found.extend(to_dead_letter(*row) for row in rows)
+        found.sort(key=lambda record: (record.dead_at, record.id))
+        return found
+
+    def dead_letter_count(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+
+    def oldest_enqueued_at(self) -> dict[str, float]:
+        """Per type, the earliest ``enqueued_at`` of its queued rows (one scan; operator use)."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT type, min(enqueued_at) FROM tasks GROUP BY type").fetchall()
+        return {kind: float(at) for kind, at in rows}
+
+    def replay(self, ids: Sequence[str]) -> int:
+        """Move these dead letters back to the queue with attempt 0; returns how many moved.
+
+        All-or-nothing like put_many: blocks for room up to enqueue_timeout, then QueueFull.
+        Skipped: unknown ids, ids already queued, undecodable records, and tasks that were
+        dead-lettered because their envelope could not be decoded (their payload is gone).
+        """
+        wanted = DeadLetterFilter(ids=frozenset(ids))
+        needed = len(self.dead_letters(wanted))
+        if needed == 0:
+            return 0
+
+        def insert(conn: sqlite3.Connection) -> int:
+            moved = 0
+            for clause, params in dlq_where(wanted):
+                rows = conn.execute(
+                    "SELECT id, type, error_type, dead_at, record, raw_envelope"
+                    f" FROM dead_letters WHERE {clause}",
+                    params,
+                ).fetchall()
+                for row in rows:
+                    moved += replay_one(conn, row, self._clock())
+            return moved
+
+        return self._insert_when_room(needed, insert, None)
+
+    def purge(self, where: DeadLetterFilter) -> int:
+        """Delete matching dead letters for good; returns how many."""
+        purged = 0
+        with self._write() as conn:
+            for clause, params in dlq_where(where):
+                purged += conn.execute(f"DELETE FROM dead_letters WHERE {clause}", params).rowcount
+        return purged

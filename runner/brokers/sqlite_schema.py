@@ -1,0 +1,299 @@
+"""The SQLite broker's file: schema, connection settings, error translation and row helpers.
+
+One file holds both tables. ``tasks`` keeps every task from put until ack or dead-letter, in
+one of three states, so that each claim is an index lookup rather than a scan:
+
+- ``READY``   claimable now; handed out in ``seq`` order (the rowid, so FIFO within a type).
+- ``WAITING`` a delayed put or a retry; ``due_at`` is its not_before.
+- ``LEASED``  handed out; ``due_at`` is leased_until and ``lease`` the receipt that fences it.
+
+A claim first promotes WAITING and LEASED rows whose ``due_at`` has passed to READY (an expired
+lease also sets ``redelivered``, and keeps its token until the next claim replaces it, so a
+late-but-unchallenged worker may still ack). Two indexes serve this: ``(type, state)`` (with the
+implicit rowid, so "READY rows of a type in seq order" needs no sort) and
+``(state, due_at)`` for the promotion. ``meta.count`` is kept by triggers and is the capacity
+counter, so a put does not count the table.
+
+Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the crash of any
+process; the last transactions before a power cut or kernel crash may be lost (never corrupted).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from runner.brokers.base import DeadLetterFilter, Delivery
+from runner.errors import BrokerError, BrokerUnavailable
+from runner.task import DeadLetter, Task, decode_dead_letter, decode_task, encode_task
+
+SCHEMA_VERSION = 1
+
+#: Marks a dead-letter record that could not be decoded (it can be listed and purged).
+CORRUPT = "corrupt record"
+IDS_PER_QUERY = 500  # well under SQLite's bound-parameter limit
+
+READY = 0
+WAITING = 1
+LEASED = 2
+
+#: How long a statement waits for another process's write lock before failing, in ms.
+#: Write transactions here last microseconds; reaching this means a process is stuck holding it.
+BUSY_TIMEOUT_MS = 10_000
+
+_SCHEMA = """
+CREATE TABLE tasks (
+    seq          INTEGER PRIMARY KEY,     -- rowid: FIFO order within a type
+    id           TEXT    NOT NULL UNIQUE,
+    type         TEXT    NOT NULL,
+    state        INTEGER NOT NULL,        -- 0 ready, 1 waiting, 2 leased
+    due_at       REAL    NOT NULL,        -- waiting: not_before; leased: leased_until
+    attempt      INTEGER NOT NULL,        -- deliveries so far (counted at hand-out)
+    redelivered  INTEGER NOT NULL DEFAULT 0,
+    lease        TEXT,                    -- receipt of the latest claim
+    enqueued_at  REAL    NOT NULL,
+    envelope     BLOB    NOT NULL         -- runner.task.encode_task
+);
+CREATE INDEX tasks_claim ON tasks (type, state);
+CREATE INDEX tasks_due ON tasks (state, due_at);
+
+CREATE TABLE dead_letters (
+    id           TEXT PRIMARY KEY,
+    type         TEXT NOT NULL,
+    error_type   TEXT NOT NULL,
+    dead_at      REAL NOT NULL,
+    record       BLOB NOT NULL,           -- runner.task.encode_dead_letter
+    raw_envelope BLOB                     -- the stored envelope when it could not be decoded
+);
+CREATE INDEX dead_letters_at ON dead_letters (dead_at);
+
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('count', 0);
+CREATE TRIGGER tasks_count_insert AFTER INSERT ON tasks
+    BEGIN UPDATE meta SET value = value + 1 WHERE key = 'count'; END;
+CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks
+    BEGIN UPDATE meta SET value = value - 1 WHERE key = 'count'; END;
+"""
+
+
+def describe(path: str, exc: sqlite3.Error) -> str:
+    """A message naming the file and SQLite's error code, e.g. ``SQLITE_FULL``."""
+    code = getattr(exc, "sqlite_errorname", None)
+    hint = ""
+    if code and code.startswith("SQLITE_READONLY"):
+        hint = " (is the file or its directory read-only?)"
+    elif code and code.startswith("SQLITE_FULL"):
+        hint = " (is the disk full?)"
+    elif code and code.startswith("SQLITE_NOTADB"):
+        hint = " (the file is not a SQLite database)"
+    elif code and code.startswith("SQLITE_BUSY"):
+        hint = " (another process holds the write lock)"
+    suffix = f" [{code}]" if code else ""
+    return f"sqlite broker {path}: {exc}{suffix}{hint}"
+
+
+def unavailable(path: str, exc: sqlite3.Error) -> BrokerUnavailable:
+    return BrokerUnavailable(describe(path, exc))
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open (creating if needed) the broker file at ``path`` and bring its schema up to date.
+
+    Raises BrokerUnavailable, naming the file, when it cannot be opened, written or understood.
+    """
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BrokerUnavailable(
+            f"sqlite broker {path}: cannot create its directory: {exc}"
+        ) from exc
+    conn: sqlite3.Connection | None = None
+    try:
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; check_same_thread=False: the
+        # one connection is shared by this process's threads behind the broker's lock.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: could not switch to WAL mode (got {mode!r})"
+            )
+        conn.execute("PRAGMA synchronous = NORMAL")
+        _migrate(conn, path)
+    except sqlite3.Error as exc:
+        if conn is not None:
+            conn.close()
+        raise unavailable(path, exc) from exc
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: str) -> None:
+    # BEGIN IMMEDIATE so two processes opening a new file at once create the schema once.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            # Not executescript: it would COMMIT first, outside our BEGIN IMMEDIATE.
+            for statement in _statements(_SCHEMA):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version != SCHEMA_VERSION:
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: schema version {version} is not supported "
+                f"(this runner reads version {SCHEMA_VERSION})"
+            )
+        # A file that cannot be written (read-only, immutable) still opens, read-only: one
+        # harmless write now turns that into a clear error at start-up, not at the first put.
+        conn.execute("UPDATE meta SET value = value WHERE key = 'count'")
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements; triggers contain ';' so complete_statement decides."""
+    out: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        stripped = line.split("--", 1)[0]
+        current += stripped
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip():
+        out.append(current.strip())
+    return out
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    # SQLite rolls back by itself after some errors (SQLITE_FULL); then there is nothing to undo.
+    if conn.in_transaction:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def insert_row(task: Task, now: float) -> tuple[Any, ...]:
+    if not task.enqueued_at:
+        task = replace(task, enqueued_at=now)
+    state, due_at = (WAITING, task.not_before) if task.not_before > now else (READY, 0.0)
+    return (task.id, task.type, state, due_at, task.attempt, task.enqueued_at, encode_task(task))
+
+
+def insert_tasks(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+    try:
+        conn.executemany(
+            "INSERT INTO tasks (id, type, state, due_at, attempt, enqueued_at, envelope)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    except sqlite3.IntegrityError as exc:
+        raise BrokerError(f"a task id in this batch is already queued: {exc}") from exc
+    return len(rows)
+
+
+def replay_one(conn: sqlite3.Connection, row: tuple[Any, ...], now: float) -> int:
+    """Queue one dead letter's task again (attempt 0); ``row`` ends with its raw_envelope."""
+    *fields, raw_envelope = row
+    record = to_dead_letter(*fields)
+    if record.reason == CORRUPT or raw_envelope is not None:
+        return 0  # the original task cannot be rebuilt; replaying a stub would lose its payload
+    task = replace(record.task, attempt=0, not_before=0.0)
+    inserted = conn.execute(
+        "INSERT OR IGNORE INTO tasks (id, type, state, due_at, attempt, enqueued_at, envelope)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        insert_row(task, now),
+    ).rowcount
+    if inserted:
+        conn.execute("DELETE FROM dead_letters WHERE id = ?", (record.id,))
+    return inserted
+
+
+def anything_claimable(conn: sqlite3.Connection, types: Sequence[str], now: float) -> bool:
+    # A read first, so idle pollers in other processes do not take the write lock.
+    marks = ",".join("?" * len(types))
+    ready = conn.execute(
+        f"SELECT 1 FROM tasks WHERE type IN ({marks}) AND state = {READY} LIMIT 1", types
+    ).fetchone()
+    if ready:
+        return True
+    due = conn.execute(
+        f"SELECT 1 FROM tasks WHERE state IN ({WAITING}, {LEASED}) AND due_at <= ? LIMIT 1",
+        (now,),
+    ).fetchone()
+    return due is not None
+
+
+def next_due(conn: sqlite3.Connection) -> float | None:
+    times = [
+        conn.execute(f"SELECT min(due_at) FROM tasks WHERE state = {state}").fetchone()[0]
+        for state in (WAITING, LEASED)
+    ]
+    present = [t for t in times if t is not None]
+    return min(present) if present else None
+
+
+def to_delivery(row: tuple[Any, ...]) -> Delivery:
+    _seq, task_id, kind, attempt, redelivered, receipt, envelope = row
+    try:
+        task = decode_task(envelope)
+        if task.id != task_id or task.type != kind:
+            raise ValueError(f"envelope is for {task.type}/{task.id}, row is {kind}/{task_id}")
+    except Exception as exc:  # anything undecodable must reach the DLQ, never crash the worker
+        stub = Task(type=kind, payload=None, id=task_id, attempt=attempt)
+        error = f"undecodable task envelope: {type(exc).__name__}: {exc}"
+        return Delivery(stub, receipt, bool(redelivered), decode_error=error)
+    return Delivery(replace(task, attempt=attempt), receipt, bool(redelivered))
+
+
+def to_dead_letter(
+    task_id: str, kind: str, error_type: str, dead_at: float, record: bytes
+) -> DeadLetter:
+    try:
+        return decode_dead_letter(record)
+    except Exception as exc:  # an operator must still see (and can purge) a damaged record
+        return DeadLetter(
+            task=Task(type=kind, payload=None, id=task_id),
+            reason=CORRUPT,
+            error_type=error_type,
+            message=f"undecodable dead-letter record: {type(exc).__name__}: {exc}",
+            traceback="",
+            attempts=0,
+            first_attempt_at=0.0,
+            last_attempt_at=0.0,
+            dead_at=dead_at,
+        )
+
+
+def dlq_where(where: DeadLetterFilter) -> Iterator[tuple[str, list[Any]]]:
+    """SQL conditions (one per chunk of ids) matching ``where``, with their parameters."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if where.type is not None:
+        clauses.append("type = ?")
+        params.append(where.type)
+    if where.error is not None:
+        clauses.append("error_type = ?")
+        params.append(where.error)
+    if where.since is not None:
+        clauses.append("dead_at >= ?")
+        params.append(where.since)
+    base = " AND ".join(clauses) or "1"
+    if where.ids is None:
+        yield base, params
+        return
+    ids = sorted(where.ids)
+    for i in range(0, len(ids), IDS_PER_QUERY):
+        chunk = ids[i : i + IDS_PER_QUERY]
+        yield f"{base} AND id IN ({','.join('?' * len(chunk))})", [*params, *chunk]
