@@ -11,7 +11,8 @@ Every broker passes the same suite in tests/contract. The contract, in one line 
 - ``get(slots, limit, timeout)`` hands out at most ``slots[type]`` tasks of each type and at most
   ``limit`` in all, FIFO within a type, never a task before its ``not_before``. It blocks up to
   ``timeout`` seconds for the first task and returns ``[]`` on timeout, on ``wake()``, and when
-  ``close()`` is called while it waits.
+  ``close()`` is called while it waits. A wake is sticky: one that lands while no get waits
+  ends the next get that finds nothing to hand out.
 - Attempts are counted at hand-out: each Delivery's ``task.attempt`` is one more than the last
   (1 on the first run). A delivery whose lease expired (its worker died) is handed out again
   with ``redelivered=True`` and the next attempt number; the engine, not the broker, decides
@@ -35,6 +36,8 @@ Every broker passes the same suite in tests/contract. The contract, in one line 
 - BrokerAdmin: ``dead_letters`` lists records (each keeps the task's attempt history);
   ``replay`` puts the tasks back with ``attempt`` reset to 0 (next hand-out is attempt 1),
   all or none, waiting for room like put; ``purge`` deletes records and returns how many.
+  ``oldest_enqueued_at`` maps each type with queued tasks (ready, delayed or leased) to the
+  earliest ``enqueued_at`` among them (epoch seconds of first publish); for ``dq-run stats``.
 """
 
 from __future__ import annotations
@@ -126,3 +129,5 @@ class BrokerAdmin(Protocol):
     def dead_letter_count(self) -> int: ...
 
     def depth(self) -> dict[str, Depth]: ...
+
+    def oldest_enqueued_at(self) -> dict[str, float]: ...

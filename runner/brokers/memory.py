@@ -101,7 +101,9 @@ class MemoryBroker:
         self._seq = itertools.count()
         self._rng = random.Random(os.urandom(16))
         self._rotation = 0
-        self._wakes = 0
+        # Sticky: a wake() that lands just before a get() begins still ends that get early
+        # (the engine wakes the get it is about to make when a slot frees meanwhile).
+        self._wake_pending = False
         self._put_waiting = 0
         self._closed = False
 
@@ -163,12 +165,12 @@ class MemoryBroker:
         end = time.monotonic() + timeout
         with self._cond:
             self._check_open()
-            wakes = self._wakes
             while True:
                 now = self._clock()
                 self._promote(now)
                 out = self._take(slots, limit, now)
-                if out or self._closed or self._wakes != wakes:
+                if out or self._closed or self._wake_pending:
+                    self._wake_pending = False
                     return out
                 remaining = end - time.monotonic()
                 if remaining <= 0:
@@ -282,7 +284,7 @@ class MemoryBroker:
 
     def wake(self) -> None:
         with self._cond:
-            self._wakes += 1
+            self._wake_pending = True
             self._cond.notify_all()
 
     def depth(self) -> dict[str, Depth]:
@@ -331,6 +333,18 @@ class MemoryBroker:
 
     def dead_letter_count(self) -> int:
         return self.dead_letter_store.count()
+
+    def oldest_enqueued_at(self) -> dict[str, float]:
+        """Per type, the earliest ``enqueued_at`` of its ready, delayed and leased tasks."""
+        with self._cond:
+            self._check_open()
+            tasks: list[Task] = [t for queue in self._ready.values() for t in queue]
+            tasks.extend(t for _, _, t in self._delayed)
+            tasks.extend(lease.task for lease in self._leases.values())
+        oldest: dict[str, float] = {}
+        for task in tasks:
+            oldest[task.type] = min(task.enqueued_at, oldest.get(task.type, task.enqueued_at))
+        return oldest
 
     def purge(self, where: DeadLetterFilter) -> int:
         self._check_open()

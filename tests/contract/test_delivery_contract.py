@@ -193,6 +193,14 @@ def test_wake_ends_a_blocked_get_early(broker: Broker) -> None:
     assert call.elapsed < 5
 
 
+def test_a_wake_just_before_get_still_ends_it_early(broker: Broker) -> None:
+    """The engine wakes the get it is about to make when a slot frees in between."""
+    broker.wake()
+    t0 = time.monotonic()
+    assert broker.get(ALL, 10, 5) == []
+    assert time.monotonic() - t0 < 2.5
+
+
 def test_close_ends_a_blocked_get(broker: Broker) -> None:
     call = Background(lambda: broker.get(ALL, 10, 10))
     time.sleep(0.1)  # let it start waiting; the assertion holds either way
