@@ -1,0 +1,108 @@
+"""A handler that keeps an audit trail, for tests running real `dq-run run` processes.
+
+Every run appends a ``start`` line and, if it returns, an ``end`` line to
+``<payload["audit"]>/<pid>.jsonl``: task id, attempt, pid and wall-clock time. Each line is one
+``os.write`` on an ``O_APPEND`` file, so lines from many threads never interleave and a line
+written just before a SIGKILL is on disk. The test process reads the files back with
+``read_runs`` and audits what happened: who ran what, when, how often, and whether two runs of
+one task ever overlapped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner import TaskContext
+
+
+def work(payload: dict[str, Any], ctx: TaskContext) -> None:
+    """Record a start, wait ``payload["sleep"]`` seconds (cut short by a cancel), record an end.
+
+    ``payload["suicide"]``: SIGKILL this worker process right after recording the start.
+    """
+    audit = Path(payload["audit"])
+    _record(audit, "start", ctx)
+    if payload.get("suicide"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    sleep = float(payload.get("sleep", 0.0))
+    if sleep > 0:
+        ctx.cancelled.wait(sleep)
+    if ctx.cancelled.is_set():
+        raise TimeoutError("cancelled")
+    _record(audit, "end", ctx)
+
+
+def _record(audit: Path, event: str, ctx: TaskContext) -> None:
+    line = {
+        "event": event,
+        "id": ctx.task_id,
+        "attempt": ctx.attempt,
+        "pid": os.getpid(),
+        "t": time.time(),
+    }
+    fd = os.open(audit / f"{os.getpid()}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One handler run: ``end`` is None when it never returned (killed, interrupted, failed)."""
+
+    id: str
+    attempt: int
+    pid: int
+    start: float
+    end: float | None
+
+
+def read_runs(audit: Path) -> list[Run]:
+    """Every run recorded under ``audit``, in start order."""
+    starts: dict[tuple[str, int, int], float] = {}
+    ends: dict[tuple[str, int, int], float] = {}
+    for path in audit.glob("*.jsonl"):
+        for text in path.read_text().splitlines():
+            line = json.loads(text)
+            key = (line["id"], line["attempt"], line["pid"])
+            (starts if line["event"] == "start" else ends)[key] = line["t"]
+    runs = [Run(i, a, p, t, ends.get((i, a, p))) for (i, a, p), t in starts.items()]
+    return sorted(runs, key=lambda r: r.start)
+
+
+def completed(runs: list[Run]) -> Counter[str]:
+    """Task id -> how many runs of it returned."""
+    return Counter(r.id for r in runs if r.end is not None)
+
+
+def overlaps(runs: list[Run], open_until: float | None = None) -> list[tuple[Run, Run]]:
+    """Pairs of runs of one task that overlapped in time.
+
+    A run that never returned is taken to last until ``open_until`` (when its worker was killed,
+    say), or forever when that is None.
+    """
+    by_id: dict[str, list[Run]] = {}
+    for run in runs:
+        by_id.setdefault(run.id, []).append(run)
+    found = []
+    forever = float("inf") if open_until is None else open_until
+    for same in by_id.values():
+        latest: Run | None = None  # the earlier run that ends last
+        for run in same:
+            if latest is not None and run.start < _end(latest, forever):
+                found.append((latest, run))
+            if latest is None or _end(run, forever) > _end(latest, forever):
+                latest = run
+    return found
+
+
+def _end(run: Run, open_until: float) -> float:
+    return run.end if run.end is not None else open_until
