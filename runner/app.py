@@ -213,6 +213,9 @@ class Runner:
     def limits(self) -> dict[str, int]:
         return self.worker.limits()
 
+    def overrunning(self) -> int:
+        return self.worker.overrunning()
+
     def dead_letter_count(self) -> int | None:
         if isinstance(self.broker, BrokerAdmin):
             return self.broker.dead_letter_count()

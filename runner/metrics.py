@@ -52,6 +52,10 @@ class RuntimeState(Protocol):
         """Records in the dead-letter queue, or None when the backend cannot count cheaply."""
         ...
 
+    def overrunning(self) -> int:
+        """Handler threads still running after their interrupt (stuck in a C call)."""
+        ...
+
 
 class _StateCollector:
     """Builds the gauges from ``RuntimeState`` at each scrape."""
@@ -76,6 +80,7 @@ class _StateCollector:
             inflight = self._state.inflight()
             limits = self._state.limits()
             dead = self._state.dead_letter_count()
+            overrunning = self._state.overrunning()
         except Exception as exc:
             log_event(self._log, logging.WARNING, "metrics.state_failed", error=repr(exc))
             return
@@ -105,6 +110,11 @@ class _StateCollector:
             yield GaugeMetricFamily(
                 "dq_dead_letters", "Records in the dead-letter queue", value=dead
             )
+        yield GaugeMetricFamily(
+            "dq_handlers_overrunning",
+            "Handler threads past their timeout that have not returned (blocked in a C call)",
+            value=overrunning,
+        )
 
 
 class MetricsListener:

@@ -164,6 +164,11 @@ class Worker:
     def limits(self) -> dict[str, int]:
         return {name: rt.limit for name, rt in self.types.items()}
 
+    def overrunning(self) -> int:
+        """Handlers reported as overruns that still hold their thread."""
+        with self._cond:
+            return sum(1 for run, _ in self._running.values() if run.overrun_reported)
+
     def alive_threads(self) -> int:
         """Worker threads still alive (never fewer than ``threads`` while running)."""
         return sum(1 for t in self._threads if t.is_alive())

@@ -308,3 +308,23 @@ def test_thousands_of_timeouts_lose_no_worker_thread(engines: list[Engine]) -> N
     engine.worker.types["t"] = type_runtime("t", lambda p, c: done.set(), limit=threads)
     engine.publish("t")
     assert done.wait(5)
+
+
+def test_handler_stuck_in_a_c_call_is_reported_as_an_overrun(engines: list[Engine]) -> None:
+    """time.sleep is one C call: the interrupt waits for it, the watchdog reports an overrun."""
+
+    def sleeper(payload: Any, ctx: TaskContext) -> None:
+        time.sleep(1.6)
+
+    engine = Engine([type_runtime("t", sleeper, timeout_s=0.1, retry=plan(max_attempts=1))])
+    engines.append(engine)
+    t0 = time.monotonic()
+    engine.publish("t")
+    engine.recorder.wait_for(lambda: bool(engine.recorder.named("task.overrun")), timeout=5)
+    assert time.monotonic() - t0 >= 1.0  # OVERRUN_AFTER_S after the deadline
+    assert engine.worker.overrunning() == 1
+    engine.wait_finished(1)
+    assert engine.worker.overrunning() == 0
+    [dead] = engine.recorder.named("task.dead")
+    assert dead.error_type == "TimeoutError"
+    assert engine.worker.overruns == 1

@@ -41,6 +41,9 @@ class FakeState:
     def dead_letter_count(self) -> int | None:
         return self.dead_count
 
+    def overrunning(self) -> int:
+        return 0
+
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
     out = {}

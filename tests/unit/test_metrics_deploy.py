@@ -32,6 +32,9 @@ class FakeState:
     def dead_letter_count(self) -> int | None:
         return 0
 
+    def overrunning(self) -> int:
+        return 0
+
 
 def exposed_names() -> set[str]:
     """Sample names in a scrape after every kind of event (histograms give _bucket etc.)."""

@@ -36,6 +36,9 @@ class FakeState:
     def dead_letter_count(self) -> int | None:
         return None
 
+    def overrunning(self) -> int:
+        return 0
+
 
 class FakeClock:
     def __init__(self) -> None:
