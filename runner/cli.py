@@ -1,18 +1,27 @@
 """dq-run: parse arguments, call the library, map errors to exit codes. No logic lives here.
 
-Exit codes: 0 success, 1 other failure, 2 config or usage error, 3 broker unavailable,
+Exit codes: 0 success, 1 other failure, 2 config or usage error (also: the broker cannot do
+this, e.g. publish to a memory broker), 3 broker unavailable,
 130 second signal (forced stop).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from runner.errors import BrokerUnavailable, ConfigError, RunnerError, UsageError
+from runner.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    InputError,
+    NotSupported,
+    RunnerError,
+    UsageError,
+)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 
@@ -109,14 +118,236 @@ def schema() -> None:
     click.echo(json.dumps(config_json_schema(), indent=2))
 
 
+@cli.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("type_name", metavar="TYPE", required=False)
+@click.argument("payload_json", metavar="[PAYLOAD_JSON]", required=False)
+@click.option(
+    "--file",
+    "input_file",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+    help='JSON Lines, one {"type": ..., "payload": ...} per line; - reads stdin.',
+)
+@click.option("--delay", metavar="DURATION", help="Ready only after this long (10s, 5m).")
+def publish(
+    config_file: str,
+    type_name: str | None,
+    payload_json: str | None,
+    input_file: str | None,
+    delay: str | None,
+) -> None:
+    """Publish tasks and print their ids. All input is checked first: all or nothing."""
+    from runner import admin
+    from runner.config import load_config
+    from runner.payloads import read_drafts
+
+    config = load_config(config_file)
+    admin.require_shared(config, "publish")
+    delay_s = admin.parse_delay(delay)
+    if input_file is None:
+        drafts = read_drafts(config, type_name, payload_json, None)
+    else:
+        source = "<stdin>" if input_file == "-" else input_file
+        with click.open_file(input_file, encoding="utf-8", errors="replace") as lines:
+            drafts = read_drafts(config, type_name, payload_json, lines, source)
+    for task_id in admin.publish(config, drafts, delay_s):
+        click.echo(task_id)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _dlq_filters(func: _F) -> _F:
+    options = (
+        click.option("--type", "type_name", metavar="T", help="Only this task type."),
+        click.option("--error", metavar="NAME", help="Only this error type (TimeoutError)."),
+        click.option("--since", metavar="DURATION", help="Only those dead within this (1h)."),
+    )
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: list, show, replay, purge (sqlite, redis, or a memory config's file)."""
+
+
+@dlq.command("list")
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@_dlq_filters
+def dlq_list(
+    config_file: str, as_json: bool, type_name: str | None, error: str | None, since: str | None
+) -> None:
+    """List dead letters, oldest first."""
+    import json
+
+    from runner import admin, adminview
+    from runner.config import load_config
+
+    config = load_config(config_file)
+    where = admin.dead_letter_filter(type_name, error, since)
+    with admin.open_admin(config) as target:
+        records = target.dead_letters(where)
+    if as_json:
+        for record in records:
+            click.echo(json.dumps(adminview.dead_letter_summary(record), ensure_ascii=False))
+    elif records:
+        click.echo(adminview.dead_letter_table(records))
+    else:
+        click.echo("no dead letters match", err=True)
+
+
+@dlq.command("show")
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("task_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="The whole record as JSON.")
+def dlq_show(config_file: str, task_id: str, as_json: bool) -> None:
+    """Show one dead letter: payload, every attempt's error and traceback, the final error."""
+    import json
+
+    from runner import admin, adminview
+    from runner.config import load_config
+
+    config = load_config(config_file)
+    with admin.open_admin(config) as target:
+        record = admin.find_dead_letter(target, task_id)
+    if as_json:
+        click.echo(json.dumps(record.to_json(), indent=2, ensure_ascii=False))
+    else:
+        click.echo(adminview.dead_letter_detail(record))
+
+
+@dlq.command("replay")
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("task_ids", metavar="[ID...]", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Every dead letter the filters match.")
+@_dlq_filters
+@click.option("--rate", metavar="N/s", help="At most N tasks per second (or N/m per minute).")
+@click.option("--dry-run", is_flag=True, help="List what would be replayed; change nothing.")
+def dlq_replay(
+    config_file: str,
+    task_ids: tuple[str, ...],
+    replay_all: bool,
+    type_name: str | None,
+    error: str | None,
+    since: str | None,
+    rate: str | None,
+    dry_run: bool,
+) -> None:
+    """Put dead letters back on the queue with their attempts reset."""
+    from runner import admin, adminview
+    from runner.config import load_config
+
+    config = load_config(config_file)
+    rate_per_s = None if rate is None else admin.parse_rate(rate)
+    where = admin.dead_letter_filter(type_name, error, since, task_ids)
+    with admin.open_admin(config) as target:
+        records, missing = admin.select_for_replay(target, task_ids, replay_all, where)
+        for task_id in missing:
+            click.echo(f"warning: no matching dead letter with id {task_id}", err=True)
+        if not records:
+            click.echo("nothing to replay: no dead letter matches")
+            return
+        if dry_run:
+            click.echo(adminview.dead_letter_table(records))
+            click.echo(f"dry run: {len(records)} would be replayed; nothing changed")
+            return
+        moved = admin.replay(target, [r.id for r in records], rate_per_s)
+    click.echo(f"replayed {moved} of {len(records)}")
+    if moved < len(records):
+        click.echo("the rest were skipped: already queued, or undecodable records", err=True)
+
+
+@dlq.command("purge")
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("task_ids", metavar="[ID...]", nargs=-1)
+@_dlq_filters
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def dlq_purge(
+    config_file: str,
+    task_ids: tuple[str, ...],
+    type_name: str | None,
+    error: str | None,
+    since: str | None,
+    yes: bool,
+) -> None:
+    """Delete dead letters for good (those matching the IDs and filters; all without any)."""
+    from runner import admin
+    from runner.config import load_config
+
+    config = load_config(config_file)
+    where = admin.dead_letter_filter(type_name, error, since, task_ids)
+    with admin.open_admin(config) as target:
+        records = target.dead_letters(where)
+        if not records:
+            click.echo("nothing to purge: no dead letter matches")
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                raise UsageError(
+                    f"refusing to purge {len(records)} dead letters without confirmation: "
+                    "stdin is not a terminal; pass --yes"
+                )
+            click.confirm(f"Purge {len(records)} dead letters for good?", abort=True)
+        purged = admin.purge(target, records)
+    click.echo(f"purged {purged}")
+
+
+@cli.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def stats(config_file: str, as_json: bool) -> None:
+    """Queue depth by type (ready, delayed, leased), oldest task age, dead-letter count."""
+    import json
+
+    from runner import admin, adminview
+    from runner.config import load_config
+
+    config = load_config(config_file)
+    admin.require_shared(config, "stats")
+    with admin.open_admin(config) as target:
+        result = admin.stats(config, target)
+    click.echo(json.dumps(result.to_json()) if as_json else adminview.stats_table(result))
+
+
+@cli.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--rate", default="500/s", show_default=True, help="Publish rate: 500/s, 30/m, max.")
+@click.option("--duration", default="30s", show_default=True, help="How long to publish.")
+@click.option("--tasks", type=click.IntRange(min=1), help="Stop publishing after N tasks.")
+@click.option("--type", "types", multiple=True, help="Task type to publish (repeatable).")
+@click.option("--workers", type=click.IntRange(min=1), help="Override `workers`.")
+def bench(
+    config_file: str,
+    rate: str,
+    duration: str,
+    tasks: int | None,
+    types: tuple[str, ...],
+    workers: int | None,
+) -> None:
+    """Publish synthetic load into CONFIG's pipeline; report throughput and latency per type."""
+    from runner.bench import BenchOptions, parse_rate, parse_seconds, run_bench
+    from runner.config import load_config
+
+    options = BenchOptions(
+        rate=parse_rate(rate), duration_s=parse_seconds(duration), tasks=tasks, types=types
+    )
+    flags = {"workers": workers} if workers is not None else {}
+    config = load_config(config_file, flags=flags)
+    run_bench(config, options).render(sys.stdout)
+
+
 def report(exc: RunnerError) -> int:
     """Print an error the way users should see it (no traceback) and return its exit code."""
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, ConfigError | InputError):
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         return EXIT_USAGE
     click.echo(f"error: {exc}", err=True)
-    if isinstance(exc, UsageError):
+    if isinstance(exc, UsageError | NotSupported):
         return EXIT_USAGE
     if isinstance(exc, BrokerUnavailable):
         return EXIT_BROKER
