@@ -117,6 +117,12 @@ class Runner:
                 json.dumps(payload)
             except (TypeError, ValueError) as exc:
                 raise UsageError(f"payload of a {type_name!r} task is not JSON: {exc}") from exc
+            validate = self.worker.types[type_name].validate_payload
+            if validate is not None:
+                try:
+                    validate(payload)
+                except Exception as exc:
+                    raise UsageError(f"payload of a {type_name!r} task is invalid: {exc}") from exc
             tasks.append(
                 Task(
                     type=type_name,

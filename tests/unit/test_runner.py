@@ -67,3 +67,16 @@ def test_run_until_empty_times_out_while_work_remains() -> None:
         runner.publish("slow", {"rows": 50_000_000})
         assert runner.run_until_empty(timeout=0.2) is False
         runner.stop(grace_s=0)
+
+
+def test_library_publish_checks_a_typed_handlers_payload() -> None:
+    config = PipelineConfig.model_validate(
+        {"task_types": {"ship": {"handler": "handlers.typed:ship_order"}}}
+    )
+    runner = build_runtime(config, observe=False)
+    with pytest.raises(UsageError, match="quantity"):
+        runner.publish("ship", {"sku": "A1", "quantity": 0})
+    with runner:
+        runner.publish("ship", {"sku": "A1", "quantity": 2})
+        assert runner.run_until_empty(timeout=10)
+    assert runner.summary.to_json()["totals"]["succeeded"] == 1
