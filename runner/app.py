@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from runner.brokers import create_broker
-from runner.brokers.base import Broker, BrokerAdmin, Depth
+from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth
 from runner.config import PipelineConfig
 from runner.errors import UsageError
 from runner.events import Event, EventBus, Listener
@@ -135,6 +135,22 @@ class Runner:
         for task in tasks:
             self.events.emit(Event("task.published", task_id=task.id, type=task.type, attempt=0))
         return [task.id for task in tasks]
+
+    def replay_dead_letters(self) -> int:
+        """Put every dead letter back in the queue (attempts reset); returns how many.
+
+        Blocks while the broker is full, like publish. For a memory pipeline with a file DLQ
+        this is the way back for tasks dead-lettered at an earlier shutdown.
+        """
+        if not isinstance(self.broker, BrokerAdmin):
+            return 0
+        records = self.broker.dead_letters(DeadLetterFilter())
+        replayed = self.broker.replay([r.id for r in records])
+        for record in records[:replayed]:
+            self.events.emit(
+                Event("task.published", task_id=record.id, type=record.task.type, attempt=0)
+            )
+        return replayed
 
     # -- running ---------------------------------------------------------------------------
 

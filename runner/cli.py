@@ -49,6 +49,12 @@ def cli() -> None:
 @click.option("--until-empty", is_flag=True, help="Exit when nothing is ready, delayed or running.")
 @click.option("--no-simulate", is_flag=True, help="Ignore the config's `simulate` section.")
 @click.option(
+    "--replay",
+    is_flag=True,
+    help="First put every dead letter back in the queue (attempts reset). The way to replay "
+    "a memory pipeline's file DLQ, e.g. tasks dead-lettered at shutdown.",
+)
+@click.option(
     "--summary-json",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the final summary (counts, dead letters, percentiles) as JSON here.",
@@ -58,6 +64,7 @@ def run(
     workers: int | None,
     until_empty: bool,
     no_simulate: bool,
+    replay: bool,
     summary_json: Path | None,
 ) -> None:
     """Start the workers. With a `simulate` section: publish, process, exit when all are done."""
@@ -69,7 +76,7 @@ def run(
     for warning in config_warnings(config):
         click.echo(f"warning: {warning}", err=True)
     options = RunOptions(
-        simulate=not no_simulate, until_empty=until_empty, summary_json=summary_json
+        simulate=not no_simulate, until_empty=until_empty, replay=replay, summary_json=summary_json
     )
     sys.exit(serve(config, options))
 

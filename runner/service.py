@@ -37,6 +37,7 @@ _BATCH = 100
 class RunOptions:
     simulate: bool = True
     until_empty: bool = False
+    replay: bool = False
     summary_json: Path | None = None
 
 
@@ -61,6 +62,8 @@ def serve(config: PipelineConfig, options: RunOptions, out: TextIO = sys.stdout)
     producer: threading.Thread | None = None
     failure: list[BaseException] = []
     try:
+        if options.replay:
+            runner.replay_dead_letters()
         runner.start()
         finite = options.until_empty
         if simulating:

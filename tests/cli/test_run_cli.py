@@ -123,3 +123,28 @@ def test_second_signal_exits_at_once_with_130(tmp_path: Path) -> None:
 def test_shipped_configs_validate(config: str) -> None:
     result = run("validate", f"configs/{config}")
     assert result.returncode == 0, result.stderr
+
+
+def test_tasks_dead_lettered_at_shutdown_are_replayed_from_a_file_dlq(tmp_path: Path) -> None:
+    dlq = tmp_path / "dlq.jsonl"
+    config = tmp_path / "slow.yaml"
+    config.write_text(SLOW_PIPELINE + f"dead_letter: {{kind: file, path: {dlq}}}\n")
+    first = tmp_path / "first.json"
+    proc = start(str(config), "--summary-json", str(first))
+    time.sleep(1.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    shutdown = json.loads(first.read_text())["dead_by_reason"]["shutdown"]
+    assert len(dlq.read_text().splitlines()) == shutdown > 0
+
+    second = tmp_path / "second.json"
+    result = run(
+        str(config), "--no-simulate", "--replay", "--until-empty", "--summary-json", str(second),
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    totals = json.loads(second.read_text())["totals"]
+    assert totals["published"] == shutdown
+    assert totals["succeeded"] == shutdown
+    assert dlq.read_text().strip() == ""
