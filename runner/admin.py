@@ -111,7 +111,8 @@ class FileDeadLetterAdmin:
     def replay(self, ids: Sequence[str]) -> int:
         raise NotSupported(
             f"cannot replay into a memory broker: {_MEMORY}, so no other process can put tasks "
-            f"into its queue; the records stay in {self.store.path} (list, show or purge them)"
+            f"into its queue; the records stay in {self.store.path}: replay them into the next "
+            f"run with `dq-run run CONFIG --replay`"
         )
 
     def depth(self) -> dict[str, Depth]:
