@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.brokers.base import Broker, Delivery
-from runner.errors import BrokerClosed, BrokerError, TaskInterrupted
+from runner.errors import BrokerClosed, BrokerError, BrokerUnavailable, TaskInterrupted
 from runner.events import Event, EventBus
 from runner.retry import RetryPlan, error_name
 from runner.task import AttemptRecord, DeadLetter, TaskContext
@@ -34,6 +34,10 @@ log = logging.getLogger("runner.worker")
 
 #: How long the dispatcher blocks in one broker.get before it looks around again.
 GET_TIMEOUT_S = 1.0
+#: Pauses before trying an ack / retry / dead / release again after BrokerUnavailable (a SQLite
+#: file whose write lock a frozen process holds past the busy timeout, a Redis reconnect).
+#: Giving up at once would leave the task leased, to run a second time once the lease expires.
+SETTLE_PAUSES_S = (0.05, 0.25, 1.0)
 
 Handler = Callable[[Any, TaskContext], Any]
 TaskLogger = Callable[[str, str, int], "logging.LoggerAdapter[logging.Logger]"]
@@ -465,15 +469,29 @@ class Worker:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _safe(self, op: Callable[..., bool], *args: Any) -> bool:
-        try:
-            return op(*args)
-        except BrokerError as exc:
-            log.warning("broker %s failed for task %s: %s", op.__name__, args[0].task.id, exc)
-            return False
+    def _safe(self, op: Callable[..., bool], *args: Any) -> bool | None:
+        """``op(*args)``: the broker's answer, or None when it could not give one.
 
-    def _finish(self, delivery: Delivery, accepted: bool, op: str = "release") -> None:
-        if not accepted and op != "release":
+        BrokerUnavailable is tried again after each of SETTLE_PAUSES_S (calls are fenced by the
+        receipt, so trying again is safe); any other broker error, or the last failure, gives
+        up, and the task comes back when its lease expires.
+        """
+        name, task_id = op.__name__, args[0].task.id
+        for pause in (*SETTLE_PAUSES_S, None):
+            try:
+                return op(*args)
+            except BrokerError as exc:
+                if pause is None or not isinstance(exc, BrokerUnavailable):
+                    log.warning("broker %s failed for task %s, giving up: %s", name, task_id, exc)
+                    return None
+                log.warning("broker %s failed for task %s, trying again in %ss: %s",
+                            name, task_id, pause, exc)  # fmt: skip
+                time.sleep(pause)
+        return None
+
+    def _finish(self, delivery: Delivery, accepted: bool | None, op: str = "release") -> None:
+        # None: the broker did not answer; it did not refuse, so no lease was lost (yet).
+        if accepted is False and op != "release":
             self._emit(
                 "task.lease_lost", delivery, detail=f"{op} refused: another delivery owns the task"
             )
