@@ -22,6 +22,7 @@ from runner.payloads import (
     read_drafts,
 )
 from runner.simulate import SIM_KEY
+from runner.task import Task
 
 if TYPE_CHECKING:
     from runner.task import TaskContext
@@ -148,7 +149,11 @@ def test_worker_dead_letters_an_invalid_payload_and_runs_the_valid_one(tmp_path:
     broker = runner.broker
     assert isinstance(broker, BrokerAdmin)
     with runner:
-        bad = runner.publish("order", {"sku": "", "quantity": "two"})  # publish API: no check
+        # Straight into the broker, as a producer that skips the check (or an older handler
+        # version) would: the worker must still refuse it.
+        bad_task = Task(type="order", payload={"sku": "", "quantity": "two"}, enqueued_at=1.0)
+        runner.broker.put_many([bad_task])
+        bad = bad_task.id
         runner.publish("order", {"sku": "a", "quantity": 2})
         assert runner.run_until_empty(timeout=10)
         (record,) = broker.dead_letters(DeadLetterFilter())
