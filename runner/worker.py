@@ -370,8 +370,8 @@ class Worker:
             # timeout_action: cancel, or an interrupt that landed after the handler returned.
             error = TimeoutError(f"ran past its timeout of {rt.timeout_s}s")
         if error is None:
-            self._emit("task.succeeded", delivery, duration_s=duration, outcome="succeeded")
-            self._finish(delivery, self._safe(self.broker.ack, delivery), "ack")
+            accepted = self._safe(self.broker.ack, delivery)
+            self._finish(delivery, accepted, "ack", "task.succeeded", duration_s=duration)
             return
         self._failed(delivery, rt, error, started, duration, run)
 
@@ -405,17 +405,16 @@ class Worker:
         failure = AttemptRecord(
             task.attempt, kind, message, trace, started, duration, self.identity
         )
-        self._emit(
-            "task.retrying",
+        accepted = self._safe(self.broker.retry, delivery, decision.delay_s, failure)
+        self._finish(
             delivery,
+            accepted,
+            "retry",
+            "task.retrying",
             duration_s=duration,
             delay_s=decision.delay_s,
-            outcome="retrying",
             error=f"{kind}: {message}",
             error_type=kind,
-        )
-        self._finish(
-            delivery, self._safe(self.broker.retry, delivery, decision.delay_s, failure), "retry"
         )
 
     def _dead(
@@ -444,20 +443,21 @@ class Worker:
             last_attempt_at=started,
             dead_at=time.time(),
         )
-        self._emit(
-            "task.dead",
+        accepted = self._safe(self.broker.dead, delivery, record)
+        self._finish(
             delivery,
+            accepted,
+            "dead",
+            "task.dead",
             duration_s=duration or None,
-            outcome="dead",
             reason=reason,
             error=f"{kind}: {message}",
             error_type=kind,
         )
-        self._finish(delivery, self._safe(self.broker.dead, delivery, record), "dead")
 
     def _on_timeout(self, run: Run, delivery: Delivery) -> None:
-        if self._stopping.is_set():
-            return
+        if self._forcing:
+            return  # cut short by shutdown, not a timeout of its own
         self._emit("task.timeout", delivery, detail="interrupt" if run.interrupt else "cancel")
         if run.interrupted:
             self.interrupts += 1
@@ -489,9 +489,25 @@ class Worker:
                 time.sleep(pause)
         return None
 
-    def _finish(self, delivery: Delivery, accepted: bool | None, op: str = "release") -> None:
-        # None: the broker did not answer; it did not refuse, so no lease was lost (yet).
-        if accepted is False and op != "release":
+    def _finish(
+        self,
+        delivery: Delivery,
+        accepted: bool | None,
+        op: str = "release",
+        outcome_event: str | None = None,
+        **fields: Any,
+    ) -> None:
+        """Record how the broker took the delivery's end, then free its slot.
+
+        The outcome event (task.succeeded / retrying / dead) is emitted only once the broker
+        has accepted it, so logs, metrics and the summary count each task once even when a
+        stale worker finishes late. False: the broker refused (the lease moved on). None: it
+        did not answer (already logged); the task comes back when its lease expires.
+        """
+        if accepted and outcome_event is not None:
+            outcome = outcome_event.removeprefix("task.")
+            self._emit(outcome_event, delivery, outcome=outcome, **fields)
+        elif accepted is False and op != "release":
             self._emit(
                 "task.lease_lost", delivery, detail=f"{op} refused: another delivery owns the task"
             )
