@@ -1,29 +1,25 @@
 """Real `dq-run run` processes sharing a throwaway Redis: load, crashes, outages, shutdown.
 
 Tasks are published from the test process with RedisBroker.put_many; the handler
-(tests/integration/redis_handlers.py) appends a start and an end line per run to an audit
+(tests/integration/audit_handlers.py) appends a start and an end line per run to an audit
 directory, and each test audits those lines: every published task done, none run twice at the
 same time, who ran what. Worker logs (JSON lines on stderr) go to files in tmp_path.
 """
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from runner.brokers.base import DeadLetterFilter
 from runner.brokers.redis import RedisBroker
-from runner.task import Task
-from tests.cli.run_kit import DQ_RUN, REPO, dq_env
-from tests.integration.redis_handlers import Run, completed, overlaps, read_runs
+from tests.integration.audit_handlers import completed, overlaps
+from tests.integration.fleet import Fleet, wait_for
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -42,7 +38,7 @@ retry:
   backoff: {{initial: 50ms, max: 200ms}}
 task_types:
   work:
-    handler: tests.integration.redis_handlers:work
+    handler: tests.integration.audit_handlers:work
     timeout: {timeout}s
     timeout_action: {timeout_action}
 logging: {{format: json, level: INFO}}
@@ -50,130 +46,43 @@ shutdown: {{grace: {grace}s}}
 """
 
 
-class Worker:
-    """One `dq-run run CONFIG` process; its stdout and stderr go to files."""
+class Cluster(Fleet[RedisBroker]):
+    """One test's world on a Redis server: its namespace, config, audit dir and workers."""
 
-    def __init__(self, config: Path, logs: Path, name: str) -> None:
-        self.stderr_path = logs / f"{name}.err"
-        self.stdout_path = logs / f"{name}.out"
-        with self.stderr_path.open("w") as err, self.stdout_path.open("w") as out:
-            self.process = subprocess.Popen(
-                [DQ_RUN, "run", str(config)], cwd=REPO, env=dq_env(), stdout=out, stderr=err
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        return self.stderr_path.read_text()
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        lines = (json.loads(t) for t in self.log().splitlines() if t.startswith("{"))
-        return [line for line in lines if line.get("event") == name]
-
-    def wait_started(self, timeout: float = 20.0) -> None:
-        wait_for(lambda: bool(self.events("worker.started")) or self.exited(), timeout)
-        assert not self.exited(), f"worker exited early:\n{self.log()[-3000:]}"
-
-    def exited(self) -> bool:
-        return self.process.poll() is not None
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM; the exit code after a graceful stop."""
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if not self.exited():
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-
-class Cluster:
-    """Everything one test runs: a config, an audit dir, workers, and a publishing broker."""
+    publish_batch = 500
+    numbered = True
+    poll_s = 0.2
+    worker_timeout_s = 20.0
 
     def __init__(self, tmp_path: Path, server: RedisServer, namespace: str) -> None:
-        self.tmp_path = tmp_path
         self.server = server
         self.namespace = namespace
-        self.audit = tmp_path / "audit"
-        self.audit.mkdir()
-        self.workers: list[Worker] = []
-        self.config = tmp_path / "pipeline.yaml"
-        self.configure()
-        self._broker: RedisBroker | None = None
+        super().__init__(tmp_path)
 
-    def configure(
+    # Narrower than Fleet.config_text on purpose: an option this config lacks is a TypeError.
+    def config_text(  # type: ignore[override]
         self,
         *,
-        visibility: float = 30.0,
-        timeout: float = 10.0,
-        threads: int = 4,
-        max_attempts: int = 3,
+        visibility: float,
+        timeout: float,
+        threads: int,
+        max_attempts: int,
         grace: float = 10.0,
         timeout_action: str = "interrupt",
-    ) -> None:
-        self.visibility = visibility
-        self.threads = threads
-        self.config.write_text(
-            CONFIG.format(
-                url=self.server.url,
-                namespace=self.namespace,
-                visibility=visibility,
-                threads=threads,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                grace=grace,
-                timeout_action=timeout_action,
-            )
+    ) -> str:
+        return CONFIG.format(
+            url=self.server.url,
+            namespace=self.namespace,
+            visibility=visibility,
+            threads=threads,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            grace=grace,
+            timeout_action=timeout_action,
         )
 
-    @property
-    def broker(self) -> RedisBroker:
-        if self._broker is None:
-            self._broker = RedisBroker(
-                self.server.url, self.namespace, 10000, 10.0, "block", self.visibility
-            )
-        return self._broker
-
-    def start(self, count: int = 1, *, wait: bool = True) -> list[Worker]:
-        new = [
-            Worker(self.config, self.tmp_path, f"worker-{len(self.workers) + i}")
-            for i in range(count)
-        ]
-        self.workers += new
-        for worker in new if wait else ():
-            worker.wait_started()
-        return new
-
-    def publish(self, count: int, **payload: Any) -> list[str]:
-        tasks = [Task("work", {"audit": str(self.audit), "n": i, **payload}) for i in range(count)]
-        for i in range(0, len(tasks), 500):
-            self.broker.put_many(tasks[i : i + 500])
-        return [t.id for t in tasks]
-
-    def wait_done(self, ids: list[str], timeout: float) -> list[Run]:
-        """Wait until every id has a completed run; returns all runs recorded."""
-        wanted = set(ids)
-        runs: list[Run] = []
-
-        def done() -> bool:
-            nonlocal runs
-            runs = read_runs(self.audit)
-            return wanted <= set(completed(runs))
-
-        if not wait_for(done, timeout, interval=0.2, fail=False):
-            missing = wanted - set(completed(runs))
-            logs = "\n".join(w.log()[-1500:] for w in self.workers)
-            pytest.fail(f"{len(missing)} of {len(wanted)} tasks never completed\n{logs}")
-        return runs
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.kill()
-        if self._broker is not None:
-            self._broker.close()
+    def open_broker(self) -> RedisBroker:
+        return RedisBroker(self.server.url, self.namespace, 10000, 10.0, "block", self.visibility)
 
 
 @pytest.fixture
@@ -197,19 +106,6 @@ def make_cluster(
     yield make
     for each in made:
         each.close()
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.05, *, fail: bool = True
-) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            if fail:
-                pytest.fail(f"condition not met within {timeout}s")
-            return False
-        time.sleep(interval)
-    return True
 
 
 def assert_queue_empty(cluster: Cluster) -> None:
@@ -241,10 +137,8 @@ def test_sigkilled_worker_tasks_finish_elsewhere_within_the_visibility_timeout(
     cluster.configure(visibility=2.0, timeout=1.0, threads=4)
     victim, *survivors = cluster.start(3)
     ids = cluster.publish(300, sleep=0.1)
-    wait_for(lambda: completed(read_runs(cluster.audit)).total() >= 30, 30)
-    wait_for(
-        lambda: any(r.pid == victim.pid and r.end is None for r in read_runs(cluster.audit)), 10
-    )
+    wait_for(lambda: completed(cluster.runs()).total() >= 30, 30)
+    wait_for(lambda: any(r.pid == victim.pid and r.end is None for r in cluster.runs()), 10)
     victim.kill()
     killed_at = time.time()
 
@@ -281,10 +175,10 @@ def test_redis_killed_and_restarted_mid_run_workers_reconnect_and_lose_nothing(
     cluster.configure(visibility=3.0, timeout=2.0, threads=4)
     workers = cluster.start(2)
     ids = cluster.publish(400, sleep=0.02)
-    wait_for(lambda: completed(read_runs(cluster.audit)).total() >= 60, 30)
+    wait_for(lambda: completed(cluster.runs()).total() >= 60, 30)
     server.kill()
     killed_at = time.time()
-    before = read_runs(cluster.audit)
+    before = cluster.runs()
     in_flight = sum(1 for r in before if r.end is None)
     time.sleep(0.5)  # an outage the workers must notice, not a blip
     server.start()
@@ -345,7 +239,7 @@ def test_task_that_kills_its_worker_reaches_the_dlq_after_max_attempts(cluster: 
             assert worker.process.returncode == -signal.SIGKILL, worker.log()[-2000:]
             deaths += 1
     (record,) = cluster.broker.dead_letters(DeadLetterFilter())
-    runs = read_runs(cluster.audit)
+    runs = cluster.runs()
     print(f"\nworker processes killed by the task: {deaths}; handler runs: {len(runs)}")
     assert record.id == task_id
     assert record.reason == "max deliveries"
@@ -370,12 +264,12 @@ def test_sigterm_hands_held_tasks_back_at_once(cluster: Cluster, timeout_action:
     )
     (leaving,) = cluster.start(1)
     ids = cluster.publish(2, sleep=15.0)
-    wait_for(lambda: len(read_runs(cluster.audit)) == 2, 10)
+    wait_for(lambda: len(cluster.runs()) == 2, 10)
     (staying,) = cluster.start(1)
     stopped_at = time.time()
     assert leaving.terminate() == 0
-    wait_for(lambda: len(read_runs(cluster.audit)) == 4, 10)
-    runs = read_runs(cluster.audit)
+    wait_for(lambda: len(cluster.runs()) == 4, 10)
+    runs = cluster.runs()
     moved = [r for r in runs if r.pid == staying.pid]
     picked_up = max(r.start for r in moved) - stopped_at
     print(f"\nreleased tasks started on the other worker {picked_up:.2f}s after SIGTERM")

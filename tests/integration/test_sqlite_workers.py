@@ -1,7 +1,7 @@
 """Real `dq-run run` processes on one SQLite file: crashes, restarts, corruption, freezes.
 
 Tasks are published from the test process with SqliteBroker.put_many; the handler
-(tests/integration/sqlite_handlers.py) appends a start and an end line per run to an audit
+(tests/integration/audit_handlers.py) appends a start and an end line per run to an audit
 directory. Every test ends with ``audit``: each published task either succeeded (a handler run
 returned and the row is gone) or is in the DLQ; none lost, none both, nothing left queued. It
 prints duplicates and, where there is one, the recovery time. Worker logs (JSON lines on
@@ -14,20 +14,19 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from runner.brokers.base import DeadLetterFilter
 from runner.brokers.sqlite import SqliteBroker
 from runner.task import DeadLetter, Task, encode_task
-from tests.cli.run_kit import DQ_RUN, REPO, dq_env, run
-from tests.integration.sqlite_handlers import Run, completed, overlaps, read_runs
+from tests.cli.run_kit import run
+from tests.integration.audit_handlers import completed, overlaps
+from tests.integration.fleet import Fleet, Worker, wait_for
 
 CONFIG = """\
 version: 1
@@ -42,7 +41,7 @@ retry:
   backoff: {{initial: 50ms, max: 200ms, jitter: 0}}
 task_types:
   work:
-    handler: tests.integration.sqlite_handlers:work
+    handler: tests.integration.audit_handlers:work
     timeout: {timeout}s
 dead_letter: {{kind: broker}}
 logging: {{format: json, level: INFO}}
@@ -50,145 +49,37 @@ shutdown: {{grace: 10s}}
 """
 
 
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.05, *, what: str = ""
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout}s: {what or 'condition'}")
-        time.sleep(interval)
+class Pipeline(Fleet[SqliteBroker]):
+    """One test's world on a SQLite file: the file, a config, an audit dir and workers."""
 
-
-class Worker:
-    """One `dq-run run CONFIG` process; its stdout and stderr go to files."""
-
-    def __init__(self, config: Path, logs: Path, name: str) -> None:
-        self.name = name
-        self.stderr_path = logs / f"{name}.err"
-        with self.stderr_path.open("w") as err, (logs / f"{name}.out").open("w") as out:
-            self.process = subprocess.Popen(
-                [DQ_RUN, "run", str(config)], cwd=REPO, env=dq_env(), stdout=out, stderr=err
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        return self.stderr_path.read_text()
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        lines = []
-        for text in self.log().splitlines():
-            if text.startswith("{") and text.endswith("}"):  # a SIGKILL may cut the last line
-                lines.append(json.loads(text))
-        return [line for line in lines if name is None or line.get("event") == name]
-
-    def wait_started(self, timeout: float = 30.0) -> None:
-        wait_for(
-            lambda: bool(self.events("worker.started")) or self.exited(),
-            timeout,
-            what=f"{self.name} started",
-        )
-        assert not self.exited(), f"{self.name} exited early:\n{self.log()[-3000:]}"
-
-    def exited(self) -> bool:
-        return self.process.poll() is not None
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM; the exit code after a graceful stop."""
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if not self.exited():
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-
-class Pipeline:
-    """One test's world: a SQLite file, a config, an audit dir, workers and a publisher."""
+    publish_batch = 200
+    poll_s = 0.1
+    worker_timeout_s = 30.0
 
     def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
         self.db = tmp_path / "queue.db"
-        self.audit_dir = tmp_path / "audit"
-        self.audit_dir.mkdir()
-        self.config = tmp_path / "pipeline.yaml"
-        self.workers: list[Worker] = []
-        self._broker: SqliteBroker | None = None
-        self.configure()
+        super().__init__(tmp_path)
 
-    def configure(
-        self,
-        *,
-        visibility: float = 30.0,
-        timeout: float = 10.0,
-        threads: int = 4,
-        max_attempts: int = 3,
-    ) -> None:
-        self.visibility = visibility
-        self.threads = threads
-        self.config.write_text(
-            CONFIG.format(
-                path=self.db,
-                visibility=visibility,
-                threads=threads,
-                max_attempts=max_attempts,
-                timeout=timeout,
-            )
+    # Narrower than Fleet.config_text on purpose: an option this config lacks is a TypeError.
+    def config_text(  # type: ignore[override]
+        self, *, visibility: float, timeout: float, threads: int, max_attempts: int
+    ) -> str:
+        return CONFIG.format(
+            path=self.db,
+            visibility=visibility,
+            threads=threads,
+            max_attempts=max_attempts,
+            timeout=timeout,
         )
 
-    @property
-    def broker(self) -> SqliteBroker:
-        if self._broker is None:
-            self._broker = SqliteBroker(str(self.db), 10_000, 10.0, "block", self.visibility)
-        return self._broker
-
-    def start(self, count: int = 1, *, wait: bool = True) -> list[Worker]:
-        new = [
-            Worker(self.config, self.tmp_path, f"worker-{len(self.workers) + i}")
-            for i in range(count)
-        ]
-        self.workers += new
-        for worker in new if wait else ():
-            worker.wait_started()
-        return new
-
-    def publish(self, count: int, **payload: Any) -> list[str]:
-        tasks = [Task("work", {"audit": str(self.audit_dir), **payload}) for _ in range(count)]
-        for i in range(0, len(tasks), 200):
-            self.broker.put_many(tasks[i : i + 200])
-        return [t.id for t in tasks]
-
-    def runs(self) -> list[Run]:
-        return read_runs(self.audit_dir)
+    def open_broker(self) -> SqliteBroker:
+        return SqliteBroker(str(self.db), 10_000, 10.0, "block", self.visibility)
 
     def queued(self) -> int:
         return sum(d.total for d in self.broker.depth().values())
 
     def dead_letters(self) -> dict[str, DeadLetter]:
         return {r.id: r for r in self.broker.dead_letters(DeadLetterFilter())}
-
-    def wait_done(self, ids: list[str], timeout: float) -> list[Run]:
-        """Wait until every id has a completed run; returns every run recorded."""
-        wanted = set(ids)
-        runs: list[Run] = []
-
-        def done() -> bool:
-            nonlocal runs
-            runs = self.runs()
-            return wanted <= set(completed(runs))
-
-        deadline = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() > deadline:
-                missing = wanted - set(completed(runs))
-                logs = "\n".join(w.log()[-1500:] for w in self.workers)
-                pytest.fail(f"{len(missing)} of {len(wanted)} tasks never completed\n{logs}")
-            time.sleep(0.1)
-        return runs
 
     def audit(self, ids: list[str], *, label: str = "") -> Counter[str]:
         """Every id succeeded or is dead-lettered, never both, none lost; nothing still queued.
@@ -212,12 +103,6 @@ class Pipeline:
         assert not both, f"succeeded and dead-lettered: {sorted(both)[:10]}"
         assert not strangers, f"tasks nobody published: {sorted(strangers)[:10]}"
         return done
-
-    def close(self) -> None:
-        for worker in self.workers:
-            worker.kill()
-        if self._broker is not None:
-            self._broker.close()
 
 
 @pytest.fixture

@@ -1,14 +1,16 @@
-"""Handlers for the SQLite fault tests (test_sqlite_workers.py), which run real `dq-run run`.
+"""A handler that keeps an audit trail, for tests running real `dq-run run` processes.
 
 Every run appends a ``start`` line and, if the handler returns normally, an ``end`` line to
 ``<audit dir>/<pid>.jsonl``: task id, attempt, pid and wall-clock time. The audit dir is
-``payload["audit"]``, else the ``SQLITE_TEST_AUDIT`` environment variable (not ``DQ_*``: those
-are config overrides). Each line is one ``os.write`` on an ``O_APPEND`` file, so lines from
-several threads never interleave and a line written just before a SIGKILL is on disk.
+``payload["audit"]``, else the ``AUDIT_TEST_DIR`` environment variable (not ``DQ_*``: those are
+config overrides). Each line is one ``os.write`` on an ``O_APPEND`` file, so lines from several
+threads never interleave and a line written just before a SIGKILL is on disk. The test process
+reads the files back with ``read_runs`` and audits what happened: who ran what, when, how often,
+and whether two runs of one task ever overlapped.
 
 Payload keys (all optional but the audit dir):
 
-- ``sleep``: seconds of "work" (default 0.05), cut short by ``ctx.cancelled``.
+- ``sleep``: seconds of "work" (default 0), cut short by ``ctx.cancelled``.
 - ``hold_first``: on attempt 1 only, first hold the task this long in 50 ms ``time.sleep``
   slices, so a test can SIGSTOP the process while it runs handler code (not while it writes).
   The slices keep running after a SIGCONT, so the watchdog's interrupt lands in this loop.
@@ -29,11 +31,12 @@ from typing import Any
 
 from runner import TaskContext
 
-AUDIT_ENV = "SQLITE_TEST_AUDIT"
+AUDIT_ENV = "AUDIT_TEST_DIR"
 _SLICE_S = 0.05
 
 
 def work(payload: dict[str, Any], ctx: TaskContext) -> None:
+    """Record a start, act on the payload keys above, record an end if nothing stopped it."""
     audit = Path(payload.get("audit") or os.environ[AUDIT_ENV])
     _record(audit, "start", ctx)
     if payload.get("suicide"):
@@ -41,7 +44,7 @@ def work(payload: dict[str, Any], ctx: TaskContext) -> None:
     hold = float(payload.get("hold_first", 0.0)) if ctx.attempt == 1 else 0.0
     for _ in range(round(hold / _SLICE_S)):
         time.sleep(_SLICE_S)  # slices, not one call: an interrupt lands between them
-    sleep = float(payload.get("sleep", 0.05))
+    sleep = float(payload.get("sleep", 0.0))
     if sleep > 0:
         ctx.cancelled.wait(sleep)
     if ctx.cancelled.is_set():
@@ -68,7 +71,7 @@ def _record(audit: Path, event: str, ctx: TaskContext) -> None:
 
 @dataclass(frozen=True)
 class Run:
-    """One handler run: ``end`` is None when it never returned normally."""
+    """One handler run: ``end`` is None when it never returned normally (killed, failed)."""
 
     id: str
     attempt: int
