@@ -94,7 +94,6 @@ class Worker:
         self._asking: frozenset[str] = frozenset()  # types in the broker.get under way
         self._running: dict[Guard, tuple[Run, Delivery]] = {}
         self._local: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
-        self._fetching = threading.Lock()  # one broker.get at a time: dispatcher or _refill
         self._stopping = threading.Event()
         # Set once shutdown's grace period is over and it expires every running handler.
         self._forcing = False
@@ -137,7 +136,7 @@ class Worker:
         with self._cond:
             self._cond.notify_all()
         # The dispatcher leaves within one broker.get; after that nothing new arrives locally
-        # (worker threads no longer refill once stopping is set).
+        # (only the dispatcher fetches).
         self._dispatcher.join(timeout=GET_TIMEOUT_S + 5)
         self._release_unstarted()
         with self._cond:
@@ -186,8 +185,7 @@ class Worker:
     def _dispatch(self) -> None:
         while not self._stopping.is_set():
             try:
-                with self._fetching:
-                    fetched = self._fetch(GET_TIMEOUT_S)
+                fetched = self._fetch(GET_TIMEOUT_S)
             except BrokerClosed:
                 return
             except BrokerError as exc:
@@ -198,25 +196,6 @@ class Worker:
                 with self._cond:
                     if not self._free_slots()[0]:
                         self._cond.wait(timeout=GET_TIMEOUT_S)
-
-    def _refill(self) -> None:
-        """From a worker thread that just freed a slot: fill free slots now, without blocking.
-
-        This saves the hop to the dispatcher thread (a wake-up and a GIL hand-off per task),
-        which is most of the engine's overhead for short tasks. It takes the same fetch lock as
-        the dispatcher, so slots are never handed out twice; when the dispatcher holds it (it
-        is inside a get that the broker will answer), there is nothing to do here.
-        """
-        if self._stopping.is_set() or not self._local.empty():
-            return
-        if not self._fetching.acquire(blocking=False):
-            return
-        try:
-            self._fetch(0.0)
-        except BrokerError:
-            pass  # the dispatcher meets the same error in its next get, and reports it
-        finally:
-            self._fetching.release()
 
     def _free_slots(self) -> tuple[dict[str, int], int]:
         """Per-type free slots, and how many tasks may be asked for in all (lock held)."""
@@ -231,7 +210,7 @@ class Worker:
         return slots, free
 
     def _fetch(self, timeout: float) -> int | None:
-        """One broker.get for the free slots (caller holds ``_fetching``).
+        """One broker.get for the free slots (dispatcher thread only).
 
         Returns how many deliveries were queued for the worker threads, or None when no slot
         was free. Raises what broker.get raises.
@@ -240,8 +219,7 @@ class Worker:
             slots, free = self._free_slots()
             if not slots:
                 return None
-            if timeout > 0:
-                self._asking = frozenset(slots)  # only a blocking get needs wake() on a free
+            self._asking = frozenset(slots)
             self._order.append(self._order.pop(0))  # rotate: fairness when free < slots
         try:
             deliveries = self.broker.get(slots, free, timeout)
@@ -295,7 +273,6 @@ class Worker:
                     self._finish(delivery, self._safe(self.broker.release, delivery))
                     continue
                 self._process(guard, delivery)
-                self._refill()
             except TaskInterrupted:
                 # Guard.run absorbs late interrupts; this is the last line of defence, so that
                 # a worker thread is never lost (Dramatiq #445).

@@ -1,0 +1,201 @@
+"""Workloads run through the shipped engine (runner.app.build_runtime, observe=False).
+
+observe=False means no log handler, metrics server or progress view is attached: per-task log
+events are not written, as a production deployment at level WARNING would do. The Summary
+listener (always on) and the benchmark's own BenchRecorder listener still see every event.
+
+Each function returns one measurement; run.py repeats them and takes medians.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+from runner.app import Runner, build_runtime
+from runner.bench import BenchRecorder
+from runner.config import PipelineConfig
+from runner.summary import percentile
+
+HERE = Path(__file__).resolve().parent
+#: Tasks per publish_many call (what `dq-run run` uses for simulated tasks too).
+BATCH = 100
+TYPE = "bench"
+
+
+def make_config(
+    kind: str,
+    threads: int,
+    *,
+    handler: str = "noop",
+    path: str | None = None,
+    url: str | None = None,
+    namespace: str = "bench",
+) -> PipelineConfig:
+    broker: dict[str, Any] = {"kind": kind, "capacity": 3_000_000, "visibility_timeout": 60}
+    if path is not None:
+        broker["path"] = path
+    if url is not None:
+        broker |= {"url": url, "namespace": namespace}
+    return PipelineConfig.model_validate(
+        {
+            "broker": broker,
+            "workers": threads,
+            "handler_paths": [str(HERE)],
+            "task_types": {TYPE: {"handler": f"bench_handlers:{handler}", "timeout": 30}},
+            "metrics": {"enabled": False},
+            "logging": {"level": "WARNING"},
+        }
+    )
+
+
+def _runner(config: PipelineConfig) -> tuple[Runner, BenchRecorder]:
+    recorder = BenchRecorder()
+    return build_runtime(config, listeners=[recorder], observe=False), recorder
+
+
+def _quick_stop(runner: Runner, started: bool = True) -> None:
+    # Not Runner.stop(): on the memory broker that turns every leftover task into a dead letter,
+    # which for a million parked tasks costs more than the benchmark itself.
+    if started:
+        runner.worker.stop(1.0)
+    runner.broker.close()
+
+
+def _batches(n: int, size: int = BATCH) -> list[list[tuple[str, None]]]:
+    full = [(TYPE, None)] * size
+    return [full] * (n // size) + ([[(TYPE, None)] * (n % size)] if n % size else [])
+
+
+def publish_rate(config: PipelineConfig, n: int) -> float:
+    """Tasks/s put by publish_many (batches of BATCH) with no worker running."""
+    runner, _ = _runner(config)
+    batches = _batches(n)
+    t0 = time.perf_counter()
+    for batch in batches:
+        runner.publish_many(batch)
+    rate = n / (time.perf_counter() - t0)
+    _quick_stop(runner, started=False)
+    return rate
+
+
+def end_to_end_rate(config: PipelineConfig, n: int, timeout: float = 600.0) -> float:
+    """Tasks/s from the first publish to the last task finished, workers running throughout."""
+    runner, recorder = _runner(config)
+    batches = _batches(n)
+    recorder.expect(n)
+    runner.start()
+    t0 = time.perf_counter()
+    for batch in batches:
+        runner.publish_many(batch)
+    if not recorder.wait_finished(timeout):
+        raise RuntimeError(f"only {recorder.total_finished} of {n} tasks finished")
+    rate = n / (recorder.last_finish - t0)
+    _quick_stop(runner)
+    return rate
+
+
+def latency(config: PipelineConfig, rate: float, seconds: float) -> tuple[float, float]:
+    """(p50, p99) publish -> start in seconds, one task published every 1/rate s."""
+    runner, recorder = _runner(config)
+    runner.start()
+    n = int(rate * seconds)
+    recorder.expect(n)
+    t0 = time.perf_counter()
+    for i in range(n):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        runner.publish(TYPE, None)
+    recorder.wait_finished(60.0)
+    _quick_stop(runner)
+    waits = sorted(recorder.waits[TYPE])
+    return percentile(waits, 50), percentile(waits, 99)
+
+
+def memory_per_task(config: PipelineConfig, n: int) -> float:
+    """Bytes of Python heap (tracemalloc) per task queued in the broker, workers stopped."""
+    runner, _ = _runner(config)
+    batches = _batches(n, 1000)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for batch in batches:
+            runner.publish_many(batch)
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    _quick_stop(runner, started=False)
+    return (after - before) / n
+
+
+def backlog_rates(config: PipelineConfig, backlog: int, k: int, reps: int) -> list[float]:
+    """Tasks/s while the queue is kept ``backlog`` deep, measured ``reps`` times over k tasks.
+
+    The queue is filled first, then a producer tops it up so it stays that deep while the
+    workers run; each measurement is the time the workers take to finish k more tasks.
+    """
+    runner, recorder = _runner(config)
+    for batch in _batches(backlog, 1000):
+        runner.publish_many(batch)
+    published = backlog
+    runner.start()
+    rates = []
+    for rep in range(reps):
+        target = (rep + 1) * k
+        recorder.expect(target)
+        start_done = recorder.total_finished
+        t0 = time.perf_counter()
+        while not recorder.wait_finished(0):
+            missing = backlog - (published - recorder.total_finished)
+            if missing > 0:
+                runner.publish_many([(TYPE, None)] * min(missing, 500))
+                published += min(missing, 500)
+            else:
+                time.sleep(0.0005)
+        rates.append((recorder.total_finished - start_done) / (time.perf_counter() - t0))
+    _quick_stop(runner)
+    return rates
+
+
+def redis_processes_rate(url: str, namespace: str, processes: int, threads: int, n: int) -> float:
+    """Tasks/s with ``processes`` worker processes on one Redis; this process only publishes."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "redis_worker.py"), url, namespace, str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("benchmark worker process did not start")
+        producer, _ = _runner(make_config("redis", threads, url=url, namespace=namespace))
+        t0 = time.perf_counter()
+        for batch in _batches(n):
+            producer.publish_many(batch)
+        while sum(d.total for d in producer.broker.depth().values()) > 0:
+            time.sleep(0.005)
+        rate = n / (time.perf_counter() - t0)
+        producer.broker.close()
+        return rate
+    finally:
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

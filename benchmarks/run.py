@@ -1,0 +1,344 @@
+"""`make bench`: the engine against in-run baselines; prints a table, writes results.md.
+
+    .venv/bin/python benchmarks/run.py            # issue sizes (about 10 minutes on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick    # small sizes, about a minute
+    .venv/bin/python benchmarks/run.py --brokers memory --reps 5
+
+Every figure is the median of --reps runs; each run measures the baseline and the engine back
+to back, so machine noise hits both. See baselines.py and engine_cases.py for what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import baselines  # noqa: E402
+import bench_handlers  # noqa: E402
+import engine_cases as ec  # noqa: E402
+from report import Row, render_markdown, render_table  # noqa: E402
+
+THREADS = 4
+RATE = 1000.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    noop: int  # no-op tasks per throughput run
+    sqlite_noop: int  # smaller than noop: the durable brokers run at a few thousand per second
+    redis_noop: int
+    sleep4: int  # 1 ms tasks with 4 threads
+    sleep1: int  # 1 ms tasks with 1 thread (the rate is what is compared)
+    latency_s: float  # seconds at 1,000 tasks/s
+    queued: int  # tasks parked in the memory broker
+    backlog_k: int  # tasks finished per backlog throughput measurement
+
+
+SIZES = {
+    "full": Sizes(100_000, 50_000, 20_000, 20_000, 5_000, 5.0, 1_000_000, 20_000),
+    "quick": Sizes(10_000, 5_000, 5_000, 2_000, 500, 1.0, 100_000, 5_000),
+    "tiny": Sizes(500, 300, 300, 100, 50, 0.2, 2_000, 300),
+}
+
+
+def median(fn: Callable[[], float], reps: int) -> float:
+    return statistics.median(fn() for _ in range(reps))
+
+
+def paired(
+    baseline: Callable[[], float], engine: Callable[[], float], reps: int
+) -> tuple[float, float]:
+    """Medians of (baseline, engine), each rep running both back to back."""
+    pairs = [(baseline(), engine()) for _ in range(reps)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+
+def bench_memory(sizes: Sizes, reps: int) -> list[Row]:
+    cfg = ec.make_config("memory", THREADS)
+    noop, sleep = bench_handlers.noop, bench_handlers.sleep_1ms
+    rows = []
+    a_pub, e_pub = paired(
+        lambda: baselines.pool_rate(noop, THREADS, sizes.noop)[0],
+        lambda: ec.publish_rate(cfg, sizes.noop),
+        reps,
+    )
+    rows.append(Row("memory", "publish no-op (batches of 100)", e_pub, "tasks/s", "A", a_pub))
+    a_e2e, e_e2e = paired(
+        lambda: baselines.pool_rate(noop, THREADS, sizes.noop)[1],
+        lambda: ec.end_to_end_rate(cfg, sizes.noop),
+        reps,
+    )
+    rows.append(
+        Row(
+            "memory",
+            "end-to-end no-op",
+            e_e2e,
+            "tasks/s",
+            "A",
+            a_e2e,
+            "ratio >= 0.5",
+            e_e2e >= 0.5 * a_e2e,
+        )
+    )
+    rows += _sleep_rows(
+        "memory", lambda t: ec.make_config("memory", t, handler="sleep_1ms"), sizes, reps
+    )
+    del sleep
+    rows += _latency_rows("memory", cfg, sizes, reps, limit_ms=5.0)
+    per_task = ec.memory_per_task(cfg, sizes.queued)
+    rows.append(
+        Row(
+            "memory",
+            f"heap per queued task ({sizes.queued:,} queued)",
+            per_task,
+            "bytes",
+            "",
+            None,
+            "< 1536 B",
+            per_task < 1536,
+        )
+    )
+    small = statistics.median(ec.backlog_rates(cfg, 1_000, sizes.backlog_k, reps))
+    large = statistics.median(ec.backlog_rates(cfg, sizes.queued, sizes.backlog_k, reps))
+    rows.append(Row("memory", "no-op throughput, 1,000 queued", small, "tasks/s", "", None))
+    rows.append(
+        Row(
+            "memory",
+            f"no-op throughput, {sizes.queued:,} queued",
+            large,
+            "tasks/s",
+            "1,000 queued",
+            small,
+            "ratio >= 0.9",
+            small > 0 and large >= 0.9 * small,
+        )
+    )
+    return rows
+
+
+def _sleep_rows(broker: str, config: Callable[[int], object], sizes: Sizes, reps: int) -> list[Row]:
+    one, four = paired(
+        lambda: ec.end_to_end_rate(config(1), sizes.sleep1),  # type: ignore[arg-type]
+        lambda: ec.end_to_end_rate(config(THREADS), sizes.sleep4),  # type: ignore[arg-type]
+        reps,
+    )
+    return [
+        Row(broker, "1 ms tasks, 1 thread", one, "tasks/s", "", None),
+        Row(
+            broker,
+            "1 ms tasks, 4 threads",
+            four,
+            "tasks/s",
+            "1 thread",
+            one,
+            "ratio >= 3.5",
+            four >= 3.5 * one,
+        ),
+    ]
+
+
+def _latency_rows(
+    broker: str, cfg: object, sizes: Sizes, reps: int, limit_ms: float | None, url: str = ""
+) -> list[Row]:
+    base = []
+    eng = []
+    for _ in range(reps):
+        if url:
+            base.append(baselines.bare_redis_latency(url, THREADS, RATE, sizes.latency_s))
+        else:
+            base.append(baselines.pool_latency(THREADS, RATE, sizes.latency_s))
+        eng.append(ec.latency(cfg, RATE, sizes.latency_s))  # type: ignore[arg-type]
+    name = "B" if url else "A"
+    rows = []
+    for i, q in enumerate(("p50", "p99")):
+        b = statistics.median(x[i] for x in base) * 1000
+        e = statistics.median(x[i] for x in eng) * 1000
+        target = f"< {limit_ms:g} ms" if limit_ms is not None and q == "p99" else ""
+        ok = e < limit_ms if target and limit_ms is not None else None
+        rows.append(Row(broker, f"publish->start {q} at 1,000/s", e, "ms", name, b, target, ok))
+    return rows
+
+
+def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
+    counter = iter(range(1_000_000))
+
+    def cfg(threads: int, handler: str = "noop") -> object:
+        return ec.make_config(
+            "sqlite", threads, handler=handler, path=str(tmp / f"q{next(counter)}.db")
+        )
+
+    noop = bench_handlers.noop
+    rows = []
+    a_pub, e_pub = paired(
+        lambda: baselines.pool_rate(noop, THREADS, sizes.sqlite_noop)[0],
+        lambda: ec.publish_rate(cfg(THREADS), sizes.sqlite_noop),  # type: ignore[arg-type]
+        reps,
+    )
+    rows.append(Row("sqlite", "publish no-op (batches of 100)", e_pub, "tasks/s", "A", a_pub))
+    a_e2e, e_e2e = paired(
+        lambda: baselines.pool_rate(noop, THREADS, sizes.sqlite_noop)[1],
+        lambda: ec.end_to_end_rate(cfg(THREADS), sizes.sqlite_noop),  # type: ignore[arg-type]
+        reps,
+    )
+    rows.append(
+        Row("sqlite", "end-to-end no-op", e_e2e, "tasks/s", "A", a_e2e, ">= 5,000/s", e_e2e >= 5000)
+    )
+    rows += _sleep_rows("sqlite", lambda t: cfg(t, "sleep_1ms"), sizes, reps)
+    rows += _latency_rows("sqlite", cfg(THREADS), sizes, reps, limit_ms=None)
+    return rows
+
+
+def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp)
+    server.start()
+    counter = iter(range(1_000_000))
+    try:
+        url = server.url
+
+        def cfg(threads: int, handler: str = "noop") -> object:
+            server.client().flushall()
+            return ec.make_config(
+                "redis", threads, handler=handler, url=url, namespace=f"b{next(counter)}"
+            )
+
+        noop = bench_handlers.noop
+        rows = []
+        b_pub, e_pub = paired(
+            lambda: baselines.bare_redis_rate(url, noop, THREADS, sizes.redis_noop)[0],
+            lambda: ec.publish_rate(cfg(THREADS), sizes.redis_noop),  # type: ignore[arg-type]
+            reps,
+        )
+        rows.append(Row("redis", "publish no-op (batches of 100)", e_pub, "tasks/s", "B", b_pub))
+        b_e2e, e_e2e = paired(
+            lambda: baselines.bare_redis_rate(url, noop, THREADS, sizes.redis_noop)[1],
+            lambda: ec.end_to_end_rate(cfg(THREADS), sizes.redis_noop),  # type: ignore[arg-type]
+            reps,
+        )
+        rows.append(
+            Row(
+                "redis",
+                "end-to-end no-op, 1 process",
+                e_e2e,
+                "tasks/s",
+                "B",
+                b_e2e,
+                "ratio >= 0.5",
+                e_e2e >= 0.5 * b_e2e,
+            )
+        )
+
+        def procs(n: int) -> float:
+            server.client().flushall()
+            return ec.redis_processes_rate(url, f"p{next(counter)}", n, THREADS, sizes.redis_noop)
+
+        one, two = paired(lambda: procs(1), lambda: procs(2), reps)
+        rows.append(Row("redis", "end-to-end no-op, 1 worker process", one, "tasks/s", "", None))
+        rows.append(
+            Row(
+                "redis",
+                "end-to-end no-op, 2 worker processes",
+                two,
+                "tasks/s",
+                "1 process",
+                one,
+                "ratio > 1",
+                two > one,
+            )
+        )
+        rows += _sleep_rows("redis", lambda t: cfg(t, "sleep_1ms"), sizes, reps)
+        rows += _latency_rows("redis", cfg(THREADS), sizes, reps, limit_ms=10.0, url=url)
+        return rows
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_const", const="quick", dest="size", help="small sizes"
+    )
+    size.add_argument(
+        "--tiny", action="store_const", const="tiny", dest="size", help="smoke test sizes"
+    )
+    parser.add_argument("--reps", type=int, default=3, help="runs per figure (median is shown)")
+    parser.add_argument("--brokers", default="memory,sqlite,redis", help="comma-separated subset")
+    parser.add_argument(
+        "--output", type=Path, default=HERE / "results.md", help="markdown results file"
+    )
+    args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the throwaway redis-server is stopped in a finally block.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    size_name = args.size or "full"
+    sizes = SIZES[size_name]
+    brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
+    started = time.monotonic()
+    rows: list[Row] = []
+    notes = [
+        "engine: runner.app.build_runtime(observe=False), so no log handler, metrics server or "
+        "progress view; per-task log events are not written (as at level WARNING). The Summary "
+        "listener and the benchmark's BenchRecorder listener see every event.",
+        "sizes: sqlite and redis no-op runs use fewer tasks than the issue's 100,000 (sqlite_noop, "
+        "redis_noop above), and the 1-thread 1 ms rate is measured over sleep1 tasks, so the full "
+        "run stays near ten minutes on 2 cores; rates are per second, so the ratios compare.",
+        "noise: this 2-core machine is shared with other engineers running test suites; every "
+        "figure is a median and every ratio compares runs made back to back.",
+    ]
+    with tempfile.TemporaryDirectory(prefix="dq-bench-") as tmp:
+        for broker in brokers:
+            print(f"running {broker} ...", file=sys.stderr, flush=True)
+            if broker == "memory":
+                rows += bench_memory(sizes, args.reps)
+            elif broker == "sqlite":
+                rows += bench_sqlite(sizes, args.reps, Path(tmp))
+            elif broker == "redis":
+                if shutil.which("redis-server") is None:
+                    notes.append("redis: skipped, redis-server is not installed")
+                    continue
+                sub = Path(tmp) / "redis"
+                sub.mkdir()
+                rows += bench_redis(sizes, args.reps, sub)
+            else:
+                parser.error(f"unknown broker {broker!r}")
+    elapsed = time.monotonic() - started
+    context = {
+        "sizes": f"{size_name}: {sizes}",
+        "reps": str(args.reps),
+        "threads": str(THREADS),
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {_cpus()} CPUs",
+        "elapsed": f"{elapsed:.0f}s",
+    }
+    print(render_table(rows))
+    for note in notes:
+        print(note)
+    args.output.write_text(render_markdown(rows, context, notes))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""`dq-run bench` and `make bench`'s script, run end to end on tiny workloads (not timed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.cli.run_kit import REPO, dq_env, run
+
+CONFIG = """\
+version: 1
+broker: {kind: memory, capacity: 1000}
+workers: 2
+handler_paths: [%s]
+task_types:
+  ping: {handler: "bench_handlers:noop", timeout: 2s}
+  pong: {handler: "bench_handlers:sleep_1ms", timeout: 2s}
+metrics: {enabled: false}
+"""
+
+
+def test_dq_run_bench_reports_every_type(tmp_path: Path) -> None:
+    config = tmp_path / "bench.yaml"
+    config.write_text(CONFIG % (REPO / "benchmarks"))
+    result = run("bench", str(config), "--rate", "max", "--tasks", "60")
+    assert result.returncode == 0, result.stderr
+    assert "published 60" in result.stdout
+    assert "finished 60" in result.stdout
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:3] == ["ping", "30", "30"] for line in lines)
+    assert any(line.split()[:3] == ["pong", "30", "30"] for line in lines)
+
+
+def test_dq_run_bench_rejects_a_bad_rate(tmp_path: Path) -> None:
+    config = tmp_path / "bench.yaml"
+    config.write_text(CONFIG % (REPO / "benchmarks"))
+    result = run("bench", str(config), "--rate", "fast")
+    assert result.returncode == 2
+    assert "rate must look like" in result.stderr
+
+
+def test_benchmark_script_runs_end_to_end(tmp_path: Path) -> None:
+    output = tmp_path / "results.md"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--tiny", "--reps", "1", "--output", str(output)],
+        cwd=REPO,
+        env=dq_env(),
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    text = output.read_text()
+    for case in ("end-to-end no-op", "1 ms tasks, 4 threads", "publish->start p99"):
+        assert f"| memory | {case}" in text
+        assert f"| sqlite | {case}" in text
+    assert "targets:" in result.stdout
+    assert "PASS" in text or "FAIL" in text
