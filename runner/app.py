@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
+from runner.attempt import TaskLogger, TypeRuntime, default_task_logger
 from runner.brokers import create_broker
 from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth
 from runner.config import PipelineConfig
@@ -31,7 +32,7 @@ from runner.retry import RetryPlan
 from runner.simulate import with_faults
 from runner.summary import Summary
 from runner.task import Task
-from runner.worker import TaskLogger, TypeRuntime, Worker
+from runner.worker import Worker
 
 #: How often run_until_empty looks at the broker.
 _POLL_S = 0.02
@@ -87,7 +88,7 @@ class Runner:
             threads=config.workers,
             events=self.events,
             visibility_timeout_s=config.broker.visibility_timeout,
-            **({"task_logger": task_logger} if task_logger is not None else {}),
+            task_logger=task_logger or default_task_logger,
         )
         self._closers: list[Callable[[], None]] = []
         self._started = False
@@ -113,10 +114,11 @@ class Runner:
             if type_name not in self.config.task_types:
                 known = ", ".join(sorted(self.config.task_types))
                 raise UsageError(f"unknown task type {type_name!r} (known: {known})")
-            try:
-                json.dumps(payload)
-            except (TypeError, ValueError) as exc:
-                raise UsageError(f"payload of a {type_name!r} task is not JSON: {exc}") from exc
+            if payload is not None and not isinstance(payload, str | int | float | bool):
+                try:
+                    json.dumps(payload)
+                except (TypeError, ValueError) as exc:
+                    raise UsageError(f"payload of a {type_name!r} task is not JSON: {exc}") from exc
             validate = self.worker.types[type_name].validate_payload
             if validate is not None:
                 try:

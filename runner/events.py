@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
-    """One state change. Fields that do not apply are None."""
+    """One state change. Fields that do not apply are None. Treat it as read-only: it is
+    shared by every listener (not frozen only because a frozen dataclass costs twice as much
+    to build, and the engine builds three per task)."""
 
     name: str
     ts: float = field(default_factory=time.time)

@@ -15,6 +15,7 @@ writes. The tree does not propagate to the root logger, whose handlers do take l
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import logging.handlers
@@ -229,6 +230,7 @@ def setup_logging(config: LoggingConfig, *, stream: TextIO | None = None) -> Log
     for name in (ROOT_LOGGER, TASK_LOGGER):
         for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
             logging.getLogger(name).isEnabledFor(level)
+    _task_base_logger()
     writer.start()
     return LogListener(logger, handler, writer, output, fmt)
 
@@ -251,13 +253,20 @@ class TaskLoggerAdapter(_AdapterBase):
         return msg, kwargs
 
 
+@functools.cache
+def _task_base_logger() -> logging.Logger:
+    # getLogger takes logging's module lock; look it up once, never from handler code.
+    return logging.getLogger(TASK_LOGGER)
+
+
 def task_logger(task_id: str, type: str, attempt: int) -> logging.LoggerAdapter[logging.Logger]:
     """The logger a handler gets as ``ctx.logger``; its lines have event ``task.log``.
 
-    Create it outside handler code: ``logging.getLogger`` takes logging's module lock.
+    Takes no lock once warmed (setup_logging warms it), so the engine may build it lazily
+    while handler code runs.
     """
     fields = {"event": "task.log", "task_id": task_id, "type": type, "attempt": attempt}
-    return TaskLoggerAdapter(logging.getLogger(TASK_LOGGER), fields)
+    return TaskLoggerAdapter(_task_base_logger(), fields)
 
 
 def log_event(

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 #: How many attempts a task remembers; older ones are dropped (the count stays exact).
@@ -18,8 +20,8 @@ HISTORY_LIMIT = 10
 
 
 def new_task_id() -> str:
-    """A unique, sortable-enough id: 32 hex digits."""
-    return uuid.uuid4().hex
+    """A random 128-bit id as 32 hex digits (a uuid4's randomness at a quarter of its cost)."""
+    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +175,47 @@ def decode_dead_letter(raw: bytes | str) -> DeadLetter:
     return DeadLetter.from_json(json.loads(raw))
 
 
+class Cancellation:
+    """``ctx.cancelled``: an Event-like flag (``is_set()``, ``wait(timeout)``, ``set()``).
+
+    Handlers poll it far more rarely than tasks start, so the threading.Event behind
+    ``wait()`` is made on first use instead of for every task. Creating it takes no lock (an
+    interrupt could land in handler code holding one): ``dict.setdefault`` is atomic, so every
+    waiter shares the first Event made, and ``set()`` reaches it whichever order they run in.
+    """
+
+    __slots__ = ("_box", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._box: dict[str, threading.Event] = {}
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        event = self._box.get("event")
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until set or ``timeout`` seconds pass; returns whether it is set."""
+        if self._set:
+            return True
+        event = self._box.setdefault("event", threading.Event())
+        if self._set:  # set() may have run before the Event existed
+            event.set()
+        return event.wait(timeout)
+
+
 @dataclass(frozen=True)
 class TaskContext:
     """What a handler may know about the task it runs; the optional second argument.
 
     ``cancelled`` is set when the task's timeout expires or the runner shuts down past its
-    grace period; cooperative handlers should check it in long loops.
+    grace period; cooperative handlers should check it in long loops (``is_set()``) or sleep
+    on it (``wait(seconds)``). ``logger`` carries the task's fields on every line.
     """
 
     task_id: str
@@ -186,5 +223,10 @@ class TaskContext:
     attempt: int
     max_attempts: int
     deadline: float  # time.monotonic() value after which the attempt is interrupted
-    cancelled: threading.Event
-    logger: logging.LoggerAdapter[logging.Logger]
+    cancelled: Cancellation
+    make_logger: Callable[[], logging.LoggerAdapter[logging.Logger]] = field(repr=False)
+
+    @cached_property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        # Built on first use: most handlers never log, and getLogger takes a global lock.
+        return self.make_logger()

@@ -22,6 +22,7 @@ exception still pending. An interrupt that lands during that exit path is absorb
 from __future__ import annotations
 
 import ctypes
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from runner.errors import TaskInterrupted
+from runner.task import Cancellation
 
 T = TypeVar("T")
 
@@ -47,7 +49,7 @@ class Run:
     """One handler attempt being watched. Identity is the fencing token for interrupts."""
 
     deadline: float  # time.monotonic()
-    cancelled: threading.Event
+    cancelled: Cancellation
     interrupt: bool  # False for timeout_action: cancel
     on_timeout: Callable[[Run], None] = lambda run: None
     on_overrun: Callable[[Run], None] = lambda run: None
@@ -58,21 +60,29 @@ class Run:
 
 
 class Guard:
-    """Belongs to one worker thread; the only door through which interrupts enter it."""
+    """Belongs to one worker thread; the only door through which interrupts enter it.
 
-    def __init__(self) -> None:
+    ``current`` is the run the thread is inside (None between runs): the watchdog reads it,
+    so starting and ending a run costs no lock.
+    """
+
+    def __init__(self, watchdog: Watchdog) -> None:
         self.thread_id = 0
         self.current: Run | None = None
+        self._watchdog = watchdog
         self._sending = False
+        self._sent = False
 
     def bind(self) -> None:
         """Call from the worker thread itself, once, before the first run."""
         self.thread_id = threading.get_ident()
+        self._watchdog.register(self)
 
     def run(self, run: Run, fn: Callable[[], T]) -> T:
         """Call ``fn`` as ``run``; a TaskInterrupted raised in it propagates to the caller."""
         self.current = run
         try:
+            self._watchdog.started(run)
             return fn()
         finally:
             self._leave()
@@ -83,7 +93,9 @@ class Guard:
                 self.current = None
                 while self._sending:
                     time.sleep(0)
-                _set_async_exc(self.thread_id, None)
+                if self._sent:  # the C call is only needed after an interrupt was sent
+                    self._sent = False
+                    _set_async_exc(self.thread_id, None)
                 return
             except TaskInterrupted:
                 continue  # landed on the way out: the handler is done, absorb it
@@ -94,6 +106,7 @@ class Guard:
         try:
             if self.current is not run:
                 return False
+            self._sent = True
             _set_async_exc(self.thread_id, TaskInterrupted)
             return True
         finally:
@@ -101,12 +114,21 @@ class Guard:
 
 
 class Watchdog:
-    """One thread that enforces every worker's deadline."""
+    """One thread that enforces the deadlines of every registered worker thread's runs.
+
+    It scans the guards' ``current`` runs and sleeps until the earliest deadline or overrun
+    check. A run that starts with an earlier deadline wakes it through a SimpleQueue, whose
+    put takes no Python-level lock: ``started`` runs on a worker thread inside handler
+    territory, where an interrupt landing inside a held lock would leave it held.
+
+    No run is missed: ``_next_wake`` is 0 while a scan is under way (so a run starting then
+    always wakes the watchdog), and afterwards holds the time the watchdog will look again.
+    """
 
     def __init__(self, overrun_after_s: float = OVERRUN_AFTER_S) -> None:
-        self._guards: dict[Guard, Run] = {}
-        self._cond = threading.Condition()
-        self._next_wake = float("inf")
+        self._guards: list[Guard] = []
+        self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._next_wake = 0.0
         self._stopped = False
         self._overrun_after_s = overrun_after_s
         self._thread = threading.Thread(target=self._loop, name="dq-watchdog", daemon=True)
@@ -114,50 +136,57 @@ class Watchdog:
     def start(self) -> None:
         self._thread.start()
 
-    def watch(self, guard: Guard, run: Run) -> None:
-        with self._cond:
-            self._guards[guard] = run
-            if run.deadline < self._next_wake:
-                self._cond.notify()
+    def register(self, guard: Guard) -> None:
+        self._guards = [*self._guards, guard]  # copy-on-write: the loop iterates a snapshot
 
-    def unwatch(self, guard: Guard) -> None:
-        with self._cond:
-            self._guards.pop(guard, None)
+    def started(self, run: Run) -> None:
+        """A run began: wake the watchdog if it would otherwise look too late."""
+        if run.deadline < self._next_wake:
+            self._wakeups.put(None)
 
     def expire_all(self) -> int:
-        """Cancel and interrupt every watched run now (shutdown past its grace period)."""
-        with self._cond:
-            for run in self._guards.values():
-                run.deadline = min(run.deadline, time.monotonic())
-            self._cond.notify()
-            return len(self._guards)
+        """Cancel and interrupt every running handler now (shutdown past its grace period)."""
+        now = time.monotonic()
+        runs = [run for guard in self._guards if (run := guard.current) is not None]
+        for run in runs:
+            run.deadline = min(run.deadline, now)
+        self._wakeups.put(None)
+        return len(runs)
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
+        self._stopped = True
+        self._wakeups.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
     def _loop(self) -> None:
-        with self._cond:
-            while not self._stopped:
-                now = time.monotonic()
-                next_wake = float("inf")
-                for guard, run in list(self._guards.items()):
-                    if not run.expired:
-                        if now >= run.deadline:
-                            self._expire(guard, run, now)
-                        else:
-                            next_wake = min(next_wake, run.deadline)
-                    if run.expired and not run.overrun_reported:
-                        if now >= run.overrun_at:
-                            run.overrun_reported = True
-                            run.on_overrun(run)
-                        else:
-                            next_wake = min(next_wake, run.overrun_at)
-                self._next_wake = next_wake
-                self._cond.wait(timeout=None if next_wake == float("inf") else next_wake - now)
+        while not self._stopped:
+            self._next_wake = 0.0
+            now = time.monotonic()
+            next_wake = float("inf")
+            for guard in self._guards:
+                run = guard.current
+                if run is None:
+                    continue
+                if not run.expired:
+                    if now >= run.deadline:
+                        self._expire(guard, run, now)
+                    else:
+                        next_wake = min(next_wake, run.deadline)
+                if run.expired and not run.overrun_reported:
+                    if now >= run.overrun_at:
+                        run.overrun_reported = True
+                        run.on_overrun(run)
+                    else:
+                        next_wake = min(next_wake, run.overrun_at)
+            self._next_wake = next_wake
+            try:
+                timeout = None if next_wake == float("inf") else max(0.0, next_wake - now)
+                self._wakeups.get(timeout=timeout)
+                while True:  # one scan answers every wake-up queued meanwhile
+                    self._wakeups.get_nowait()
+            except queue.Empty:
+                pass
 
     def _expire(self, guard: Guard, run: Run, now: float) -> None:
         run.expired = True

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from runner import worker as worker_module
+from runner import attempt as worker_module
 from runner.brokers.base import Delivery
 from runner.errors import BrokerError, BrokerUnavailable
 from runner.task import TaskContext

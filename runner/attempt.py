@@ -1,0 +1,298 @@
+"""One attempt of one delivery: checks, the handler under its deadline, and the broker call.
+
+Every delivery ends in exactly one broker call: ack, retry, dead or release. The outcome event
+(task.succeeded / task.retrying / task.dead) is emitted only once the broker accepted that
+call, so logs, metrics and the summary count each task once even when a stale worker finishes
+late; a refusal (the lease moved on to another delivery) is logged as ``task.lease_lost``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from runner.brokers.base import Broker, Delivery
+from runner.errors import BrokerError, BrokerUnavailable, TaskInterrupted
+from runner.events import Event, EventBus
+from runner.retry import RetryPlan, error_name
+from runner.task import AttemptRecord, Cancellation, DeadLetter, TaskContext
+from runner.timeouts import Guard, Run, Watchdog
+
+log = logging.getLogger("runner.worker")
+
+#: Pauses before trying an ack / retry / dead / release again after BrokerUnavailable (a SQLite
+#: file whose write lock a frozen process holds past the busy timeout, a Redis reconnect).
+#: Giving up at once would leave the task leased, to run a second time once the lease expires.
+SETTLE_PAUSES_S = (0.05, 0.25, 1.0)
+
+Handler = Callable[[Any, TaskContext], Any]
+TaskLogger = Callable[[str, str, int], "logging.LoggerAdapter[logging.Logger]"]
+
+
+@dataclass(frozen=True)
+class TypeRuntime:
+    """Everything an attempt needs to run one task type, built from its config."""
+
+    name: str
+    handler: Handler
+    limit: int
+    timeout_s: float
+    interrupt: bool  # timeout_action == "interrupt"
+    plan: RetryPlan
+    validate_payload: Callable[[Any], Any] | None = None  # raises on a bad payload
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@functools.cache
+def type_logger(type_name: str) -> logging.Logger:
+    """Looked up once per type, outside handler code (getLogger takes logging's lock)."""
+    return logging.getLogger(f"runner.task.{type_name}")
+
+
+def default_task_logger(
+    task_id: str, type_name: str, attempt: int
+) -> logging.LoggerAdapter[logging.Logger]:
+    """ctx.logger when the runner does not set up logging itself (library use)."""
+    return logging.LoggerAdapter(
+        type_logger(type_name), {"task_id": task_id, "type": type_name, "attempt": attempt}
+    )
+
+
+class Attempts:
+    """Runs attempts for a Worker; shared by its threads (state here is counters only)."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        types: dict[str, TypeRuntime],
+        events: EventBus,
+        watchdog: Watchdog,
+        task_logger: TaskLogger,
+    ) -> None:
+        self.broker = broker
+        self.types = types
+        self.events = events
+        self.watchdog = watchdog
+        self.identity = worker_identity()
+        self.task_logger = task_logger
+        self.forcing = False  # set when shutdown's grace period is over
+        self.running: dict[Guard, Run] = {}  # item assignment is atomic: no lock needed
+        self.interrupts = 0
+        self.overruns = 0
+
+    def run(self, guard: Guard, delivery: Delivery) -> None:
+        """Run one delivery to its end, including the broker call that settles it."""
+        task = delivery.task
+        rt = self.types.get(task.type)
+        started = time.time()
+        if rt is None or delivery.decode_error is not None:
+            why = delivery.decode_error or f"no handler for type {task.type!r} in this process"
+            self._dead(delivery, started, "undecodable", "DecodeError", why, "", 0.0)
+            return
+        if task.attempt > rt.plan.max_attempts:
+            last = task.history[-1].error_type if task.history else "none recorded"
+            message = (
+                f"handed out {task.attempt} times, max_attempts is {rt.plan.max_attempts}; "
+                f"earlier workers died or froze mid-run (last recorded error: {last})"
+            )
+            self._dead(delivery, started, "max deliveries", "MaxDeliveries", message, "", 0.0)
+            return
+        payload = task.payload
+        if rt.validate_payload is not None:
+            try:
+                payload = rt.validate_payload(payload)
+            except Exception as exc:
+                self._dead(delivery, started, "invalid payload", error_name(exc), str(exc), "", 0.0)
+                return
+
+        due = max(task.enqueued_at, task.not_before)
+        self._emit("task.started", delivery, queue_wait_s=max(0.0, started - due) if due else None)
+        cancelled = Cancellation()
+        run = Run(
+            deadline=time.monotonic() + rt.timeout_s,
+            cancelled=cancelled,
+            interrupt=rt.interrupt,
+            on_timeout=partial(self._on_timeout, delivery),
+            on_overrun=partial(self._on_overrun, delivery),
+        )
+        ctx = TaskContext(
+            task.id,
+            task.type,
+            task.attempt,
+            rt.plan.max_attempts,
+            run.deadline,
+            cancelled,
+            partial(self.task_logger, task.id, task.type, task.attempt),
+        )
+        self.running[guard] = run
+        t0 = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            guard.run(run, partial(rt.handler, payload, ctx))
+        except TaskInterrupted as exc:
+            error = exc
+        except Exception as exc:
+            error = exc
+        duration = time.perf_counter() - t0
+        self.running.pop(guard, None)
+        if error is None and run.expired:
+            # timeout_action: cancel, or an interrupt that landed after the handler returned.
+            error = TimeoutError(f"ran past its timeout of {rt.timeout_s}s")
+        if error is None:
+            accepted = self._safe(self.broker.ack, delivery)
+            self._settled(delivery, accepted, "ack", "task.succeeded", duration_s=duration)
+            return
+        self._failed(delivery, rt, error, started, duration, run)
+
+    def release(self, delivery: Delivery) -> None:
+        """Hand an unstarted delivery back to the broker at once."""
+        self._safe(self.broker.release, delivery)
+
+    def overrunning(self) -> int:
+        return sum(1 for run in list(self.running.values()) if run.overrun_reported)
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def _failed(
+        self,
+        delivery: Delivery,
+        rt: TypeRuntime,
+        error: BaseException,
+        started: float,
+        duration: float,
+        run: Run,
+    ) -> None:
+        task = delivery.task
+        kind = error_name(error)
+        message = (
+            f"ran past its timeout of {rt.timeout_s}s"
+            if isinstance(error, TaskInterrupted)
+            else str(error)
+        )
+        if self.forcing and run.expired:
+            # Cut short by shutdown, not by its own timeout: hand it back untouched. Whatever
+            # the handler raised (the interrupt, or its own error once it saw ctx.cancelled,
+            # or nothing under timeout_action: cancel), the attempt is not its fault.
+            self.release(delivery)
+            return
+        trace = "".join(traceback.format_exception(error))
+        decision = rt.plan.decide(error, task.attempt)
+        if not decision.retry:
+            self._dead(delivery, started, decision.reason, kind, message, trace, duration)
+            return
+        failure = AttemptRecord(
+            task.attempt, kind, message, trace, started, duration, self.identity
+        )
+        accepted = self._safe(self.broker.retry, delivery, decision.delay_s, failure)
+        self._settled(
+            delivery,
+            accepted,
+            "retry",
+            "task.retrying",
+            duration_s=duration,
+            delay_s=decision.delay_s,
+            error=f"{kind}: {message}",
+            error_type=kind,
+        )
+
+    def _dead(
+        self,
+        delivery: Delivery,
+        started: float,
+        reason: str,
+        kind: str,
+        message: str,
+        trace: str,
+        duration: float,
+    ) -> None:
+        task = delivery.task
+        if duration or trace:
+            task = task.with_failure(
+                AttemptRecord(task.attempt, kind, message, trace, started, duration, self.identity)
+            )
+        record = DeadLetter(
+            task=task,
+            reason=reason,
+            error_type=kind,
+            message=message,
+            traceback=trace,
+            attempts=task.attempt,
+            first_attempt_at=task.history[0].started_at if task.history else started,
+            last_attempt_at=started,
+            dead_at=time.time(),
+        )
+        accepted = self._safe(self.broker.dead, delivery, record)
+        self._settled(
+            delivery,
+            accepted,
+            "dead",
+            "task.dead",
+            duration_s=duration or None,
+            reason=reason,
+            error=f"{kind}: {message}",
+            error_type=kind,
+        )
+
+    def _settled(
+        self, delivery: Delivery, accepted: bool | None, op: str, event: str, **fields: Any
+    ) -> None:
+        """Emit the outcome once the broker accepted it. False: the broker refused (the lease
+        moved on). None: it did not answer (already logged); the task comes back when its
+        lease expires."""
+        if accepted:
+            self._emit(event, delivery, outcome=event.removeprefix("task."), **fields)
+        elif accepted is False:
+            self._emit(
+                "task.lease_lost", delivery, detail=f"{op} refused: another delivery owns the task"
+            )
+
+    def _on_timeout(self, delivery: Delivery, run: Run) -> None:
+        if self.forcing:
+            return  # cut short by shutdown, not a timeout of its own
+        self._emit("task.timeout", delivery, detail="interrupt" if run.interrupt else "cancel")
+        if run.interrupted:
+            self.interrupts += 1
+            self._emit("task.interrupted", delivery)
+
+    def _on_overrun(self, delivery: Delivery, run: Run) -> None:
+        self.overruns += 1
+        self._emit("task.overrun", delivery, detail="handler has not returned after its interrupt")
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _safe(self, op: Callable[..., bool], *args: Any) -> bool | None:
+        """``op(*args)``: the broker's answer, or None when it could not give one.
+
+        BrokerUnavailable is tried again after each of SETTLE_PAUSES_S (calls are fenced by the
+        receipt, so trying again is safe); any other broker error, or the last failure, gives
+        up, and the task comes back when its lease expires.
+        """
+        name, task_id = op.__name__, args[0].task.id
+        for pause in (*SETTLE_PAUSES_S, None):
+            try:
+                return op(*args)
+            except BrokerError as exc:
+                if pause is None or not isinstance(exc, BrokerUnavailable):
+                    log.warning("broker %s failed for task %s, giving up: %s", name, task_id, exc)
+                    return None
+                log.warning("broker %s failed for task %s, trying again in %ss: %s",
+                            name, task_id, pause, exc)  # fmt: skip
+                time.sleep(pause)
+        return None
+
+    def _emit(self, name: str, delivery: Delivery, **fields: Any) -> None:
+        task = delivery.task
+        self.events.emit(
+            Event(name, task_id=task.id, type=task.type, attempt=task.attempt, **fields)
+        )
