@@ -14,4 +14,3 @@ def log_until_interrupted(payload: Any, ctx: TaskContext) -> None:
         ctx.logger.info("still working", extra={"i": i})
         i += 1
         time.sleep(0.0005)
-
