@@ -280,6 +280,7 @@ class Worker:
                         delivery = self._pick()
                         if delivery is not None:
                             return delivery
+                        self._room.notify()  # a thread is about to idle: fetch, whatever the batch
                     self._work.wait()
             finally:
                 self._waiting_threads -= 1
