@@ -328,3 +328,27 @@ def test_handler_stuck_in_a_c_call_is_reported_as_an_overrun(engines: list[Engin
     [dead] = engine.recorder.named("task.dead")
     assert dead.error_type == "TimeoutError"
     assert engine.worker.overruns == 1
+
+
+def test_prefetch_is_bounded_per_type_and_in_all(engines: list[Engine]) -> None:
+    """A type holds at most limit + min(limit, prefetch) deliveries; the process threads * 2."""
+    release = threading.Event()
+
+    def slow(payload: Any, ctx: TaskContext) -> None:
+        release.wait(10)
+
+    engine = Engine([type_runtime("a", slow, limit=1), type_runtime("b", slow, limit=3)], threads=3)
+    engines.append(engine)
+    for _ in range(20):
+        engine.publish("a")
+        engine.publish("b")
+    try:
+        engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 3)
+        time.sleep(0.2)  # the dispatcher has had every chance to over-fetch
+        depth = engine.broker.depth()
+        assert depth["a"].leased == 1 + 1
+        assert depth["b"].leased <= 3 + 3
+        assert depth["a"].leased + depth["b"].leased <= 3 * 2
+        assert engine.worker.inflight() == {"a": 1, "b": 2}
+    finally:
+        release.set()
