@@ -89,6 +89,7 @@ class Runner:
             events=self.events,
             visibility_timeout_s=config.broker.visibility_timeout,
             task_logger=task_logger or default_task_logger,
+            prefetch=config.effective_prefetch(),
         )
         self._closers: list[Callable[[], None]] = []
         self._started = False

@@ -253,6 +253,13 @@ class PipelineConfig(_Model):
     version: Literal[1] = 1
     broker: BrokerConfig = BrokerConfig()
     workers: int = Field(4, ge=1, le=1024, description="worker threads in this process")
+    prefetch: int | None = Field(
+        None,
+        ge=0,
+        le=4096,
+        description="tasks fetched ahead of free threads (default: workers on the memory "
+        "broker, 0 on sqlite and redis)",
+    )
     handler_paths: tuple[str, ...] = Field(
         (), description="extra import directories, relative to the config file"
     )
@@ -278,6 +285,13 @@ class PipelineConfig(_Model):
     def retry_for(self, type_name: str) -> RetryPolicy:
         override = self.task_types[type_name].retry
         return override.apply_to(self.retry) if override else self.retry
+
+    def effective_prefetch(self) -> int:
+        """Prefetch on a durable broker is opt-in: a worker that crashes uses up one attempt of
+        every task it had fetched, run or not (attempts are counted at hand-out)."""
+        if self.prefetch is not None:
+            return self.prefetch
+        return self.workers if self.broker.kind == "memory" else 0
 
     def concurrency_for(self, type_name: str) -> int:
         limit = self.task_types[type_name].concurrency

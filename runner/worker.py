@@ -11,7 +11,9 @@ delivery (prefetched or running) every visibility_timeout / 3; a watchdog enforc
 Limits, precisely: at most ``limit`` tasks of a type run at once and at most ``threads`` in
 all; a type holds at most ``limit + min(limit, prefetch)`` deliveries, and the process at most
 ``threads + prefetch``. Prefetched deliveries have been handed out (their attempt counts) but
-not started; shutdown hands them back at once.
+not started; shutdown hands them back at once. A crash cannot hand them back, so a crashing
+worker uses up an attempt of each: that is why prefetch is opt-in on durable brokers
+(PipelineConfig.effective_prefetch).
 """
 
 from __future__ import annotations
