@@ -10,6 +10,12 @@ Guarantees (the contract in runner.brokers.base, plus durability):
   again with ``redelivered=True`` and one more attempt.
 - ``ack``, ``retry``, ``dead``, ``release`` and ``extend`` match on (id, receipt), so a stale
   worker changes nothing. ``dead`` writes the DLQ row and deletes the task in one transaction.
+- Group commit (sqlite_batch): claims, acks, retries, dead-letters and releases from this
+  process's threads queue up and share the next transaction; each call returns its own fenced
+  answer only after that COMMIT, so nothing is reported before it is durable.
+- Promotion of due delayed tasks and expired leases is skipped while nothing can be due: the
+  earliest due time is cached, lowered by this process's writes, and any other process's
+  commit (``PRAGMA data_version``) forces a promotion at the next claim.
 - Capacity is counted in the same transaction as the insert, so it holds across processes.
 
 Limits: one machine (SQLite file locking is not reliable on network filesystems); writes are
@@ -25,6 +31,7 @@ original place (the row's ``seq``), so they come before tasks put after them.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import sqlite3
 import threading
@@ -35,6 +42,7 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from runner.brokers.base import DeadLetterFilter, Delivery, Depth
+from runner.brokers.sqlite_batch import GroupCommit, Pending
 from runner.brokers.sqlite_schema import (
     LEASED,
     READY,
@@ -69,6 +77,23 @@ UPDATE tasks
  WHERE seq IN (SELECT seq FROM tasks WHERE type = :type AND state = {READY} ORDER BY seq LIMIT :n)
 RETURNING seq, id, type, attempt, redelivered, lease, envelope
 """
+_PROMOTE_SQL = f"""
+UPDATE tasks SET state = {READY}, redelivered = (redelivered OR state = {LEASED})
+ WHERE state IN ({WAITING}, {LEASED}) AND due_at <= ?
+"""
+_ACK_SQL = "DELETE FROM tasks WHERE id = ? AND lease = ?"
+_RETRY_SQL = (
+    "UPDATE tasks SET state = ?, due_at = ?, lease = NULL, redelivered = 0, envelope = ?"
+    " WHERE id = ? AND lease = ?"
+)
+_DEAD_SQL = (
+    "INSERT OR REPLACE INTO dead_letters (id, type, error_type, dead_at, record, raw_envelope)"
+    " SELECT id, type, ?, ?, ?, CASE WHEN ? THEN envelope END FROM tasks WHERE id = ? AND lease = ?"
+)
+_RELEASE_SQL = (
+    f"UPDATE tasks SET state = {READY}, due_at = 0, lease = NULL, attempt = max(attempt - 1, 0)"
+    " WHERE id = ? AND lease = ?"
+)
 
 
 class SqliteBroker:
@@ -94,30 +119,66 @@ class SqliteBroker:
         self._visibility_timeout = visibility_timeout
         self._clock = clock
         self._conn = connect(path)
-        self._lock = threading.Lock()  # guards the one connection
+        self._lock = threading.RLock()  # guards the one connection
+        self._commits = GroupCommit()  # fenced writes waiting for the next transaction
         self._cond = threading.Condition()  # local changes, wake() and close()
         self._changes = 0
         self._woken = False
         self._closed = False
         self._rotation = itertools.count()
+        self._token_prefix = os.urandom(8).hex()  # this broker's; a counter numbers its claims
+        self._claims = itertools.count()
+        self._busy = False  # the last claim handed something out: skip the read before the next
+        # Promotion of due rows is skipped before this time unless another process wrote since
+        # the last promotion (its data_version); -inf: promote at the next claim.
+        self._promote_at = -math.inf
+        self._seen_version: int | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One BEGIN IMMEDIATE transaction: committed on success, rolled back on any error."""
+        """One BEGIN IMMEDIATE transaction: committed on success, rolled back on any error.
+
+        Before its COMMIT it also runs every fenced write queued in the group commit, and
+        hands each its answer once committed (or the error, if the transaction failed).
+        """
         with self._lock:
             conn = self._open_connection()
+            taken: list[Pending] = []
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 yield conn
+                taken = self._commits.take()
+                results = [pending.statement(conn) for pending in taken]
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 rollback(conn)
-                raise unavailable(self.path, exc) from exc
-            except BaseException:
+                self._promote_at = -math.inf  # what the rolled-back work noted may not hold
+                error = unavailable(self.path, exc)
+                self._commits.finish(taken, error=error)
+                raise error from exc
+            except BaseException as exc:
                 rollback(conn)
+                self._promote_at = -math.inf
+                self._commits.finish(taken, error=exc)
                 raise
+        self._commits.finish(taken, results)
+        if any(result is True for result in results):  # an ack, retry, dead or release took
+            self._changed()
+
+    def _settle(self, statement: Callable[[sqlite3.Connection], bool]) -> bool:
+        """Run a fenced write in the next write transaction; its answer once committed."""
+        if self._closed:
+            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+        return bool(self._commits.run(statement, self._flush))
+
+    def _flush(self) -> None:
+        with self._lock:
+            if not self._commits.waiting():
+                return  # another transaction (a claim or put) already ran them
+            with self._write():  # the lock is reentrant: held across the check and the write
+                pass
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -153,7 +214,14 @@ class SqliteBroker:
             return
         now = self._clock()
         rows = [insert_row(task, now) for task in tasks]
-        self._insert_when_room(len(rows), lambda conn: insert_tasks(conn, rows), timeout)
+        # insert_row's (id, type, state, due_at, ...): only delayed rows fall due later
+        earliest = min((row[3] for row in rows if row[2] == WAITING), default=math.inf)
+
+        def insert(conn: sqlite3.Connection) -> int:
+            self._due_by(earliest)
+            return insert_tasks(conn, rows)
+
+        self._insert_when_room(len(rows), insert, timeout)
 
     def _insert_when_room(
         self, needed: int, insert: Callable[[sqlite3.Connection], int], timeout: float | None
@@ -226,22 +294,19 @@ class SqliteBroker:
         # Rotate the starting type so that a small ``limit`` does not always favour the first.
         start = next(self._rotation) % len(wanted)
         wanted = wanted[start:] + wanted[:start]
-        with self._read() as conn:
-            if not anything_claimable(conn, [kind for kind, _ in wanted], self._clock()):
-                return [], next_due(conn)
-        rows: list[Any] = []
-        token = os.urandom(8).hex()
-        with self._write() as conn:
-            now = self._clock()  # after taking the lock, which may have waited
-            conn.execute(
-                f"UPDATE tasks SET state = {READY} WHERE state = {WAITING} AND due_at <= ?", (now,)
-            )
-            conn.execute(
-                f"UPDATE tasks SET state = {READY}, redelivered = 1"
-                f" WHERE state = {LEASED} AND due_at <= ?",
-                (now,),
-            )
+        if not self._busy:
+            # Idle: a read first, so idle pollers in other processes do not take the write lock.
+            with self._read() as conn:
+                if not anything_claimable(conn, [kind for kind, _ in wanted], self._clock()):
+                    return [], next_due(conn)
+        token = f"{self._token_prefix}{next(self._claims):x}"  # unique per claim, no syscall
+
+        def statement(conn: sqlite3.Connection) -> list[Any]:
+            rows: list[Any] = []
+            now = self._clock()  # inside the transaction, which may have waited for the lock
+            self._promote_due(conn, now)
             until = now + self._visibility_timeout
+            self._due_by(until)
             for kind, n in wanted:
                 take = min(n, limit - len(rows))
                 if take <= 0:
@@ -249,51 +314,65 @@ class SqliteBroker:
                 params = {"token": token, "until": until, "type": kind, "n": take}
                 claimed = conn.execute(_CLAIM_SQL, params).fetchall()
                 rows.extend(sorted(claimed))  # RETURNING order is unspecified; seq is FIFO
+            return rows
+
+        # Queued like an ack, so that a claim and the acks waiting beside it share one commit.
+        rows: list[Any] = self._commits.run(statement, self._flush)
+        self._busy = bool(rows)
         return [to_delivery(row) for row in rows], None
 
+    def _promote_due(self, conn: sqlite3.Connection, now: float) -> None:
+        """Make due delayed tasks and expired leases claimable, unless none can be due yet.
+
+        Skipped while ``now`` is before the earliest due time known (taken from the whole
+        table at the last promotion, lowered by this process's own writes since) and no other
+        process has committed since (``PRAGMA data_version``): then nothing can be due.
+        """
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._seen_version and now < self._promote_at:
+            return
+        conn.execute(_PROMOTE_SQL, (now,))
+        upcoming = next_due(conn)
+        self._promote_at = math.inf if upcoming is None else upcoming
+        self._seen_version = version
+
+    def _due_by(self, when: float) -> None:
+        """Note a row this process wrote that falls due at ``when`` (connection lock held)."""
+        self._promote_at = min(self._promote_at, when)
+
     def ack(self, delivery: Delivery) -> bool:
-        with self._write() as conn:
-            cur = conn.execute(
-                "DELETE FROM tasks WHERE id = ? AND lease = ?", (delivery.task.id, delivery.receipt)
-            )
-        return self._done(cur.rowcount)
+        key = (delivery.task.id, delivery.receipt)
+        return self._settle(lambda conn: conn.execute(_ACK_SQL, key).rowcount == 1)
 
     def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> bool:
         now = self._clock()
         due = now + max(delay_s, 0.0)
         task = replace(delivery.task.with_failure(failure), not_before=due)
         state, due_at = (WAITING, due) if delay_s > 0 else (READY, 0.0)
-        with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE tasks SET state = ?, due_at = ?, lease = NULL, redelivered = 0,"
-                " envelope = ? WHERE id = ? AND lease = ?",
-                (state, due_at, encode_task(task), delivery.task.id, delivery.receipt),
-            )
-        return self._done(cur.rowcount)
+        params = (state, due_at, encode_task(task), delivery.task.id, delivery.receipt)
+
+        def statement(conn: sqlite3.Connection) -> bool:
+            self._due_by(due)
+            return bool(conn.execute(_RETRY_SQL, params).rowcount == 1)
+
+        return self._settle(statement)
 
     def dead(self, delivery: Delivery, record: DeadLetter) -> bool:
         keep_raw = delivery.decode_error is not None
         key = (delivery.task.id, delivery.receipt)
-        with self._write() as conn:
-            cur = conn.execute(
-                "INSERT OR REPLACE INTO dead_letters"
-                " (id, type, error_type, dead_at, record, raw_envelope)"
-                " SELECT id, type, ?, ?, ?, CASE WHEN ? THEN envelope END"
-                " FROM tasks WHERE id = ? AND lease = ?",
-                (record.error_type, record.dead_at, encode_dead_letter(record), keep_raw, *key),
-            )
-            if cur.rowcount == 1:
-                conn.execute("DELETE FROM tasks WHERE id = ? AND lease = ?", key)
-        return self._done(cur.rowcount)
+        params = (record.error_type, record.dead_at, encode_dead_letter(record), keep_raw, *key)
+
+        def statement(conn: sqlite3.Connection) -> bool:
+            if conn.execute(_DEAD_SQL, params).rowcount != 1:
+                return False
+            conn.execute(_ACK_SQL, key)
+            return True
+
+        return self._settle(statement)
 
     def release(self, delivery: Delivery) -> bool:
-        with self._write() as conn:
-            cur = conn.execute(
-                f"UPDATE tasks SET state = {READY}, due_at = 0, lease = NULL,"
-                " attempt = max(attempt - 1, 0) WHERE id = ? AND lease = ?",
-                (delivery.task.id, delivery.receipt),
-            )
-        return self._done(cur.rowcount)
+        key = (delivery.task.id, delivery.receipt)
+        return self._settle(lambda conn: conn.execute(_RELEASE_SQL, key).rowcount == 1)
 
     def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
         if not deliveries:
@@ -301,6 +380,7 @@ class SqliteBroker:
             return []
         until = self._clock() + self._visibility_timeout
         with self._write() as conn:
+            self._due_by(until)  # a lease that expired but was not yet claimed is leased again
             return [
                 conn.execute(
                     f"UPDATE tasks SET state = {LEASED}, due_at = ? WHERE id = ? AND lease = ?",
@@ -309,12 +389,6 @@ class SqliteBroker:
                 == 1
                 for d in deliveries
             ]
-
-    def _done(self, rowcount: int) -> bool:
-        if rowcount == 1:
-            self._changed()
-            return True
-        return False
 
     def wake(self) -> None:
         """End the blocked get() with [].
