@@ -17,6 +17,11 @@ exceeds the slice, so an idle worker never hits a client timeout mid-read (redis
 default with a longer BLOCK is a classic "alive but not consuming" bug). The protocol is pinned
 to RESP2, redis-py 8 would otherwise negotiate RESP3.
 
+Settling (ack / retry / dead / release) is group-committed (runner/brokers/redis_batch.py):
+concurrent calls share one round trip of the batched, fenced SETTLE script, and settles waiting
+when the dispatcher polls ride along with its POLL in one pipeline. Each call still returns its
+own fenced answer, only after Redis gave it. The operator commands are in redis_admin.py.
+
 Connection loss: every call is retried with exponential backoff (call_with_reconnect, built
 on tenacity) for up to ``reconnect_timeout`` seconds, logging ``broker.reconnecting``, then
 BrokerUnavailable. A call whose reply was lost may have happened: a repeated put may store a
@@ -26,7 +31,7 @@ and a poll whose reply was lost leaves its deliveries to be reclaimed after ``vi
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import os
 import secrets
@@ -43,14 +48,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from runner.brokers import redis_scripts as lua
-from runner.brokers.base import DeadLetterFilter, Delivery, Depth
+from runner.brokers.base import Delivery, Depth
+from runner.brokers.redis_admin import RedisAdmin
+from runner.brokers.redis_batch import GroupCommit
+from runner.brokers.redis_scripts import GROUP
 from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
 from runner.retry import call_with_reconnect
 from runner.task import (
     AttemptRecord,
     DeadLetter,
     Task,
-    decode_dead_letter,
     decode_task,
     encode_dead_letter,
     encode_task,
@@ -60,11 +67,12 @@ log = logging.getLogger("runner.broker")
 
 T = TypeVar("T")
 
-GROUP = "dq"
+#: One settle operation: kind, type, entry id, lease token, then three kind-specific fields.
+_Settle = tuple[Any, ...]
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 
 
-class RedisBroker:
+class RedisBroker(RedisAdmin):
     """Broker and BrokerAdmin on Redis streams; see the module docstring for the guarantees."""
 
     def __init__(
@@ -98,6 +106,10 @@ class RedisBroker:
         self._block_slice = block_slice
         self._prefix = "{" + namespace + "}:"
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # Lease tokens are this nonce + a poll counter + the hand-out's number in the poll:
+        # unique without asking the OS for randomness on every get.
+        self._nonce = secrets.token_hex(8) + "."
+        self._polls = itertools.count()
         self._woken = threading.Event()
         self._closed = False
         # Held while get() runs, so close() does not pull the socket from under a blocked read.
@@ -115,6 +127,12 @@ class RedisBroker:
         )
         try:
             self._client.ping()
+            # The two hot paths, get (one dispatcher thread, under _getting) and the settle
+            # batches (one leader at a time), each keep a connection of the pool to themselves:
+            # a pooled call pays a checkout (a lock, a non-blocking read probe and two socket
+            # timeout changes) on every command. Closing the pool closes these too.
+            self._get_client: Any = self._dedicated_client()
+            self._settle_client: Any = self._dedicated_client()
         except (*_TRANSIENT, redis.ResponseError) as exc:
             self._client.close()
             raise BrokerUnavailable(f"cannot reach redis at {_safe_url(url)}: {exc}") from exc
@@ -123,16 +141,20 @@ class RedisBroker:
             for name in (
                 "PUT",
                 "POLL",
-                "ACK",
-                "RETRY",
-                "DEAD",
-                "RELEASE",
+                "SETTLE",
                 "EXTEND",
                 "REPLAY",
                 "DEPTH",
             )
         }
+        self._settle_keys = [self._key(k) for k in ("leases", "count", "dlq", "dlq:idx")]
+        # Concurrent ack / retry / dead / release calls share one round trip.
+        self._settler: GroupCommit[_Settle, bool] = GroupCommit(self._flush_settles)
         self._warn_unless_noeviction()
+
+    def _dedicated_client(self) -> Any:
+        pool = self._client.connection_pool
+        return redis.Redis(connection_pool=pool, single_connection_client=True)
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -156,8 +178,20 @@ class RedisBroker:
         if self._closed:
             raise BrokerClosed("redis broker is closed")
         try:
+            return fn()  # the common case, without the cost of setting up the retry loop
+        except _TRANSIENT as exc:
+            failed: list[BaseException] = [exc]
+
+        def again() -> T:
+            # The retry loop starts from the failure above, so it waits and logs as if it had
+            # made that first call itself.
+            if failed:
+                raise failed.pop()
+            return fn()
+
+        try:
             return call_with_reconnect(
-                fn,
+                again,
                 transient=_TRANSIENT,
                 timeout_s=self._reconnect_timeout,
                 stopped=lambda: self._closed,
@@ -170,9 +204,9 @@ class RedisBroker:
                 f"redis unreachable for {self._reconnect_timeout}s: {exc}"
             ) from exc
 
-    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Any:
         script = self._scripts[name]
-        return self._call(lambda: script(keys=list(keys), args=list(args)))
+        return self._call(lambda: script(keys=keys, args=args, client=client))
 
     def _warn_unless_noeviction(self) -> None:
         try:
@@ -257,8 +291,8 @@ class RedisBroker:
         try:
             while True:
                 args = [repr(self._clock()), GROUP, self.consumer, self._visibility_ms, limit]
-                args += [secrets.token_hex(8), *(n for _, n in wanted)]
-                found, cursors, next_due = self._run("POLL", keys, args)
+                args += [f"{self._nonce}{next(self._polls)}", *(n for _, n in wanted)]
+                found, cursors, next_due = self._poll(keys, args)
                 if found:
                     return self._deliveries(found, wanted)
                 if self._woken.is_set() or self._closed:
@@ -276,13 +310,48 @@ class RedisBroker:
                 return []
             raise
 
+    def _poll(self, keys: list[str], args: list[Any]) -> Any:
+        """The POLL script; settles waiting for their flush ride along in the same round trip."""
+        batch = self._settler.claim()
+        if batch is None:
+            return self._run("POLL", keys, args, self._get_client)
+        settle_keys, settle_args = self._settle_call(batch.ops)
+        calls = [("SETTLE", settle_keys, settle_args), ("POLL", keys, args)]
+        try:
+            settled, polled = self._call(partial(self._pipelined, calls))
+        except BaseException as exc:  # the settles' callers get it, as from their own flush
+            self._settler.finish(batch, exc)
+            raise
+        answers: list[bool] | BaseException
+        try:
+            answers = [bool(ok) for ok in self._answer_or_rerun(settled, *calls[0])]
+        except BaseException as exc:
+            answers = exc
+        self._settler.finish(batch, answers)
+        return self._answer_or_rerun(polled, *calls[1])
+
+    def _pipelined(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        # Raw EVALSHA: a pipeline of Script objects would first ask SCRIPT EXISTS, one more
+        # round trip; a script Redis lost (restart, SCRIPT FLUSH) is re-run on its own below.
+        pipe = self._client.pipeline(transaction=False)
+        for name, keys, args in calls:
+            pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+        return list(pipe.execute(raise_on_error=False))
+
+    def _answer_or_rerun(self, reply: Any, name: str, keys: list[str], args: list[Any]) -> Any:
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            return self._run(name, keys, args, self._get_client)  # did not run: run it now
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
     def _wait_for_entries(
         self, wanted: list[tuple[str, int]], cursors: list[Any], block: float
     ) -> None:
         """XREAD BLOCK from the last entry of each wanted stream: returns when one grows."""
         streams = {self._stream(name): c for (name, _), c in zip(wanted, cursors, strict=True)}
         block_ms = max(1, int(block * 1000))
-        self._call(lambda: self._client.xread(streams, count=1, block=block_ms))
+        self._call(lambda: self._get_client.xread(streams, count=1, block=block_ms))
 
     def _deliveries(self, found: list[Any], wanted: list[tuple[str, int]]) -> list[Delivery]:
         out = []
@@ -306,35 +375,42 @@ class RedisBroker:
         return self._stream(type_), entry, token
 
     def ack(self, delivery: Delivery) -> bool:
-        stream, entry, token = self._parse(delivery)
-        keys = [stream, self._key("leases"), self._key("count")]
-        return bool(self._run("ACK", keys, [GROUP, entry, token]))
+        return self._settle(delivery, "ack")
 
     def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> bool:
-        stream, entry, token = self._parse(delivery)
         now = self._clock()
         not_before = now + max(0.0, delay_s)
         task = replace(delivery.task.with_failure(failure), not_before=not_before)
         member = _delayed_member(task.attempt, encode_task(task))
-        keys = [stream, self._key("leases"), self._delayed(stream_type(delivery))]
-        args = [GROUP, entry, token, repr(not_before), member, repr(now)]
-        return bool(self._run("RETRY", keys, args))
+        return self._settle(delivery, "retry", repr(not_before), member, repr(now))
 
     def dead(self, delivery: Delivery, record: DeadLetter) -> bool:
-        stream, entry, token = self._parse(delivery)
-        keys = [
-            stream,
-            self._key("leases"),
-            self._key("count"),
-            self._key("dlq"),
-            self._key("dlq:idx"),
-        ]
-        args = [GROUP, entry, token, record.id, encode_dead_letter(record), repr(record.dead_at)]
-        return bool(self._run("DEAD", keys, args))
+        encoded = encode_dead_letter(record)
+        return self._settle(delivery, "dead", record.id, encoded, repr(record.dead_at))
 
     def release(self, delivery: Delivery) -> bool:
-        stream, entry, token = self._parse(delivery)
-        return bool(self._run("RELEASE", [stream, self._key("leases")], [GROUP, entry, token]))
+        return self._settle(delivery, "release")
+
+    def _settle(self, delivery: Delivery, kind: str, *extra: Any) -> bool:
+        self._check_open()
+        entry, token, type_ = delivery.receipt.split("|", 2)
+        op = (kind, type_, entry, token, *extra, "", "", "")[:7]
+        return self._settler.submit(op)
+
+    def _flush_settles(self, ops: Sequence[_Settle]) -> list[bool]:
+        """One SETTLE script call for every operation in ``ops`` (see redis_batch)."""
+        keys, args = self._settle_call(ops)
+        return [bool(ok) for ok in self._run("SETTLE", keys, args, self._settle_client)]
+
+    def _settle_call(self, ops: Sequence[_Settle]) -> tuple[list[str], list[Any]]:
+        types: dict[str, int] = {}
+        args: list[Any] = [GROUP]
+        for kind, type_, *rest in ops:
+            args += [kind, types.setdefault(type_, len(types) + 1), *rest]
+        keys = list(self._settle_keys)
+        for type_ in types:
+            keys += [self._stream(type_), self._delayed(type_)]
+        return keys, args
 
     def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
         self._check_open()
@@ -380,91 +456,6 @@ class RedisBroker:
         finally:
             if acquired:
                 self._getting.release()
-
-    # -- BrokerAdmin ------------------------------------------------------------------------
-
-    def _all_dead(self) -> list[tuple[str, bytes]]:
-        ids = self._call(lambda: self._client.zrange(self._key("dlq:idx"), 0, -1))
-        if not ids:
-            return []
-        raws = self._call(lambda: self._client.hmget(self._key("dlq"), ids))
-        return [(i.decode(), raw) for i, raw in zip(ids, raws, strict=True) if raw is not None]
-
-    def dead_letter_count(self) -> int:
-        return int(self._call(lambda: self._client.zcard(self._key("dlq:idx"))))
-
-    def oldest_enqueued_at(self) -> dict[str, float]:
-        """Per type, the earliest ``enqueued_at`` of its queued tasks (streams hold only unacked
-        entries, delayed sets only waiting ones). Reads every envelope: an operator command."""
-        oldest: dict[str, float] = {}
-        for raw in self._call(lambda: self._client.smembers(self._key("types"))):
-            name = raw.decode()
-            for envelope in self._call(partial(self._queued_envelopes, name)):
-                try:
-                    at = float(json.loads(envelope)["enqueued_at"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # undecodable: it reaches the DLQ at hand-out
-                oldest[name] = min(at, oldest.get(name, at))
-        return oldest
-
-    def _queued_envelopes(self, type_: str) -> list[bytes]:
-        entries = self._client.xrange(self._stream(type_), "-", "+")
-        envelopes = [fields.get(b"t", b"") for _, fields in entries]
-        members = self._client.zscan_iter(self._delayed(type_))
-        return envelopes + [member.split(b" ", 2)[-1] for member, _ in members]
-
-    def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
-        records = []
-        for task_id, raw in self._all_dead():
-            try:
-                record = decode_dead_letter(raw)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("broker.dlq_undecodable: %s: %s", task_id, exc)
-                continue
-            if where.matches(record):
-                records.append(record)
-        return records
-
-    def replay(self, ids: Sequence[str]) -> int:
-        wanted = set(ids)
-        records = self.dead_letters(DeadLetterFilter(ids=frozenset(wanted)))
-        if not records:
-            return 0
-        types = list(dict.fromkeys(r.task.type for r in records))
-        index = {name: i + 1 for i, name in enumerate(types)}
-        keys = [self._key("count"), self._key("dlq"), self._key("dlq:idx"), self._key("types")]
-        keys += [self._stream(name) for name in types]
-        args: list[Any] = [self._capacity, GROUP, len(types), *types]
-        for record in records:
-            task = replace(record.task, attempt=0, not_before=0.0)
-            args += [index[task.type], record.id, encode_task(task)]
-        moved = 0
-
-        def attempt() -> bool:
-            nonlocal moved
-            moved = int(self._run("REPLAY", keys, args))
-            return moved >= 0
-
-        self._with_capacity(attempt, None, f"queue full: cannot replay {len(records)} task(s)")
-        return moved
-
-    def purge(self, where: DeadLetterFilter) -> int:
-        doomed = [r.id for r in self.dead_letters(where)]
-        if not doomed:
-            return 0
-
-        def remove() -> int:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.hdel(self._key("dlq"), *doomed)
-            pipe.zrem(self._key("dlq:idx"), *doomed)
-            return int(pipe.execute()[0])
-
-        return self._call(remove)
-
-
-def stream_type(delivery: Delivery) -> str:
-    """The task type a receipt belongs to (the stream it was read from)."""
-    return delivery.receipt.split("|", 2)[2]
 
 
 def _delayed_member(attempt: int, envelope: bytes) -> bytes:

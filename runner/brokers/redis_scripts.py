@@ -21,6 +21,9 @@ in one Redis Cluster slot and a script may touch any of them):
 
 from __future__ import annotations
 
+#: The one consumer group of every stream.
+GROUP = "dq"
+
 # Shared helpers, prepended to the scripts that need them.
 _ENSURE_GROUP = """
 local function ensure_group(stream, group)
@@ -149,65 +152,74 @@ return {out, cursors, next_due}
 """
 )
 
-#: KEYS: stream, leases, count. ARGV: group, id, token. Returns 1, or 0 when fenced.
-ACK = (
+#: KEYS: leases, count, dlq, dlq index, then per distinct type: stream, delayed.
+#: ARGV: group, then per operation 7 fields: kind, type index, entry id, token, x, y, z, where
+#: kind is one of
+#:   ``ack``      (x, y, z unused): drop the entry, free its capacity slot;
+#:   ``retry``    x = not_before, y = delayed-set member, z = now: drop the entry and queue the
+#:                task again (it keeps its capacity slot while it waits; one already due goes
+#:                straight back to the stream);
+#:   ``dead``     x = task id, y = dead-letter record, z = dead_at: drop the entry, free its
+#:                slot, store the record;
+#:   ``release``  (x, y, z unused): copy the entry's bytes to a new entry at the tail (a stream
+#:                cannot insert at its head) giving back the attempt this delivery used, so a
+#:                released task is ready at once.
+#: Operations run in order, each fenced by its own lease token, exactly as if each had been its
+#: own script call. Returns one 1 (done) or 0 (fenced: another delivery owns the entry) per op.
+SETTLE = (
     _LEASE_CHECK
     + """
-if not lease_matches(KEYS[2], KEYS[1], ARGV[2], ARGV[3]) then return 0 end
-drop_entry(KEYS[2], KEYS[1], ARGV[1], ARGV[2])
-redis.call('DECR', KEYS[3])
-return 1
-"""
-)
+local leases, count, dlq, dlq_idx = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local group = ARGV[1]
+local result = {}
 
-#: KEYS: stream, leases, delayed. ARGV: group, id, token, not_before, member, now.
-#: The task keeps its capacity slot while it waits in the delayed set; one already due goes
-#: straight back to the stream.
-RETRY = (
-    _LEASE_CHECK
-    + """
-if not lease_matches(KEYS[2], KEYS[1], ARGV[2], ARGV[3]) then return 0 end
-drop_entry(KEYS[2], KEYS[1], ARGV[1], ARGV[2])
-if tonumber(ARGV[4]) <= tonumber(ARGV[6]) then
-  local _, a, t = string.match(ARGV[5], '^(%S+) (%d+) (.*)$')
-  redis.call('XADD', KEYS[1], '*', 'a', a, 't', t)
-else
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+local function requeue(stream, member)
+  local _, a, t = string.match(member, '^(%S+) (%d+) (.*)$')
+  redis.call('XADD', stream, '*', 'a', a, 't', t)
 end
-return 1
-"""
-)
 
-#: KEYS: stream, leases, count, dlq, dlq index. ARGV: group, id, token, task id, record, dead_at.
-DEAD = (
-    _LEASE_CHECK
-    + """
-if not lease_matches(KEYS[2], KEYS[1], ARGV[2], ARGV[3]) then return 0 end
-drop_entry(KEYS[2], KEYS[1], ARGV[1], ARGV[2])
-redis.call('DECR', KEYS[3])
-redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
-redis.call('ZADD', KEYS[5], ARGV[6], ARGV[4])
-return 1
-"""
-)
-
-#: KEYS: stream, leases. ARGV: group, id, token.
-#: Copies the entry's bytes to a new entry at the tail (a stream cannot insert at its head) and
-#: gives back the attempt this delivery used, so a released task is ready at once.
-RELEASE = (
-    _LEASE_CHECK
-    + """
-if not lease_matches(KEYS[2], KEYS[1], ARGV[2], ARGV[3]) then return 0 end
-local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-drop_entry(KEYS[2], KEYS[1], ARGV[1], ARGV[2])
-if entry[1] then
-  local f = {}
-  for k = 1, #entry[1][2], 2 do f[entry[1][2][k]] = entry[1][2][k + 1] end
-  local used = (p[1] and p[1][4] or 1) - 1
-  redis.call('XADD', KEYS[1], '*', 'a', tonumber(f['a'] or '0') + used, 't', f['t'] or '')
+local function release(stream, id)
+  local entry = redis.call('XRANGE', stream, id, id)
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  drop_entry(leases, stream, group, id)
+  if entry[1] then
+    local f = {}
+    for k = 1, #entry[1][2], 2 do f[entry[1][2][k]] = entry[1][2][k + 1] end
+    local used = (p[1] and p[1][4] or 1) - 1
+    redis.call('XADD', stream, '*', 'a', tonumber(f['a'] or '0') + used, 't', f['t'] or '')
+  end
 end
-return 1
+
+for base = 2, #ARGV, 7 do
+  local kind, idx = ARGV[base], tonumber(ARGV[base + 1])
+  local id, token = ARGV[base + 2], ARGV[base + 3]
+  local x, y, z = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6]
+  local stream, delayed = KEYS[3 + 2 * idx], KEYS[4 + 2 * idx]
+  local ok = 0
+  if lease_matches(leases, stream, id, token) then
+    ok = 1
+    if kind == 'release' then
+      release(stream, id)
+    else
+      drop_entry(leases, stream, group, id)
+      if kind == 'retry' then
+        if tonumber(x) <= tonumber(z) then
+          requeue(stream, y)
+        else
+          redis.call('ZADD', delayed, x, y)
+        end
+      else
+        redis.call('DECR', count)
+        if kind == 'dead' then
+          redis.call('HSET', dlq, x, y)
+          redis.call('ZADD', dlq_idx, z, x)
+        end
+      end
+    end
+  end
+  result[#result + 1] = ok
+end
+return result
 """
 )
 

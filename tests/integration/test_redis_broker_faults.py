@@ -26,9 +26,11 @@ def test_idle_consumer_still_gets_a_task_published_later(
         idle_until = time.monotonic() + 2.5
         while time.monotonic() < idle_until:
             assert consumer.get({"a": 1}, 1, 0.8) == []
+        publishing = threading.Event()
         published = threading.Event()
 
         def publish() -> None:
+            publishing.set()
             producer.put_many([Task("a", "late")])
             published.set()
 
@@ -36,7 +38,10 @@ def test_idle_consumer_still_gets_a_task_published_later(
         timer.start()
         (delivery,) = consumer.get({"a": 1}, 1, 10.0)
         received = time.monotonic()
-        assert published.is_set()
+        # The task may reach the consumer before put_many's reply reaches the producer; it
+        # must not arrive before the put began, and the put must complete.
+        assert publishing.is_set()
+        assert published.wait(5.0)
         assert delivery.task.payload == "late"
         timer.join()
         assert time.monotonic() - received < 1.0
