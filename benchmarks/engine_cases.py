@@ -36,6 +36,7 @@ def make_config(
     path: str | None = None,
     url: str | None = None,
     namespace: str = "bench",
+    prefetch: int | None = None,
 ) -> PipelineConfig:
     broker: dict[str, Any] = {"kind": kind, "capacity": 3_000_000, "visibility_timeout": 60}
     if path is not None:
@@ -46,6 +47,7 @@ def make_config(
         {
             "broker": broker,
             "workers": threads,
+            "prefetch": prefetch,
             "handler_paths": [str(HERE)],
             "task_types": {TYPE: {"handler": f"bench_handlers:{handler}", "timeout": 30}},
             "metrics": {"enabled": False},

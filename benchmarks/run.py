@@ -175,9 +175,13 @@ def _latency_rows(
 def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
     counter = iter(range(1_000_000))
 
-    def cfg(threads: int, handler: str = "noop") -> object:
+    def cfg(threads: int, handler: str = "noop", prefetch: int | None = None) -> object:
         return ec.make_config(
-            "sqlite", threads, handler=handler, path=str(tmp / f"q{next(counter)}.db")
+            "sqlite",
+            threads,
+            handler=handler,
+            path=str(tmp / f"q{next(counter)}.db"),
+            prefetch=prefetch,
         )
 
     noop = bench_handlers.noop
@@ -196,6 +200,23 @@ def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
     rows.append(
         Row("sqlite", "end-to-end no-op", e_e2e, "tasks/s", "A", a_e2e, ">= 5,000/s", e_e2e >= 5000)
     )
+    a_pre, e_pre = paired(
+        lambda: baselines.pool_rate(noop, THREADS, sizes.sqlite_noop)[1],
+        lambda: ec.end_to_end_rate(cfg(THREADS, prefetch=THREADS), sizes.sqlite_noop),  # type: ignore[arg-type]
+        reps,
+    )
+    rows.append(
+        Row(
+            "sqlite",
+            f"end-to-end no-op, prefetch {THREADS}",
+            e_pre,
+            "tasks/s",
+            "A",
+            a_pre,
+            ">= 5,000/s",
+            e_pre >= 5000,
+        )
+    )
     rows += _sleep_rows("sqlite", lambda t: cfg(t, "sleep_1ms"), sizes, reps)
     rows += _latency_rows("sqlite", cfg(THREADS), sizes, reps, limit_ms=None)
     return rows
@@ -210,10 +231,15 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
     try:
         url = server.url
 
-        def cfg(threads: int, handler: str = "noop") -> object:
+        def cfg(threads: int, handler: str = "noop", prefetch: int | None = None) -> object:
             server.client().flushall()
             return ec.make_config(
-                "redis", threads, handler=handler, url=url, namespace=f"b{next(counter)}"
+                "redis",
+                threads,
+                handler=handler,
+                url=url,
+                namespace=f"b{next(counter)}",
+                prefetch=prefetch,
             )
 
         noop = bench_handlers.noop
@@ -239,6 +265,23 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
                 b_e2e,
                 "ratio >= 0.5",
                 e_e2e >= 0.5 * b_e2e,
+            )
+        )
+        b_pre, e_pre = paired(
+            lambda: baselines.bare_redis_rate(url, noop, THREADS, sizes.redis_noop)[1],
+            lambda: ec.end_to_end_rate(cfg(THREADS, prefetch=THREADS), sizes.redis_noop),  # type: ignore[arg-type]
+            reps,
+        )
+        rows.append(
+            Row(
+                "redis",
+                f"end-to-end no-op, 1 process, prefetch {THREADS}",
+                e_pre,
+                "tasks/s",
+                "B",
+                b_pre,
+                "ratio >= 0.5",
+                e_pre >= 0.5 * b_pre,
             )
         )
 
