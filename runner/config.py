@@ -2,7 +2,8 @@
 
 Flow: YAML file (runner.yamlsource: marks, duplicate keys, ${VAR:-default}) -> pydantic-settings
 sources in precedence order (CLI flags > DQ_* environment > YAML > model defaults) -> validated,
-frozen PipelineConfig -> cross-field rules and handler imports (runner.configcheck). Every
+frozen PipelineConfig -> cross-field rules and handler imports (runner.configcheck), which also
+run on the merged input when validation fails, each rule whose own inputs are valid. Every
 problem found is raised together in one ConfigError, each located as ``file:LINE:COL``,
 ``env DQ_...`` or ``flag --...``. Durations are seconds (float) once validated.
 """
@@ -395,6 +396,8 @@ def load_with_sources(
     except _Invalid as invalid:
         problems += origins.validation_problems(invalid.error, PipelineConfig)
         problems += origins.located(configcheck.import_problems(invalid.data))
+        inputs = origins.inputs(invalid.data, PipelineConfig, invalid.error)
+        problems += origins.located(configcheck.cross_field_problems(inputs))
         raise ConfigError(origins.ordered(problems)) from None
     except SettingsError as exc:
         problems.append(Problem(origins.env_label(str(exc)), "", f"cannot parse the value: {exc}"))
@@ -404,7 +407,8 @@ def load_with_sources(
     absolute = tuple(str(Path(p).resolve()) for p in config.handler_paths)
     config = config.model_copy(update={"handler_paths": absolute})
     problems += origins.located(configcheck.import_problems(config.model_dump()))
-    problems += origins.located(configcheck.cross_field_problems(config))
+    inputs = origins.inputs(config.model_dump(), PipelineConfig)
+    problems += origins.located(configcheck.cross_field_problems(inputs))
     if problems:
         raise ConfigError(origins.ordered(problems))
     return Loaded(config=config, origins=origins)

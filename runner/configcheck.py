@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from runner.configinputs import Inputs, Unknown
 from runner.errors import ConfigError
 from runner.handlers import EXCEPTION_PATTERN, HANDLER_PATTERN, load_handler, resolve_exception
 from runner.yamlsource import KeyPath, dotted
@@ -44,93 +45,152 @@ def _unknown_type(name: str, declared: Mapping[str, Any]) -> str:
     return f"{name!r} is not a declared task type ({hint})"
 
 
-def cross_field_problems(config: PipelineConfig) -> list[Finding]:
-    """Errors that involve more than one setting."""
-    found: list[Finding] = []
-    broker = config.broker
-    if broker.kind == "redis" and not broker.url:
-        found.append(Finding(("broker", "url"), "required when broker.kind is redis"))
-    if broker.kind == "sqlite" and not broker.path:
-        found.append(Finding(("broker", "path"), "required when broker.kind is sqlite"))
-    dead = config.dead_letter
-    if dead.kind == "file" and not dead.path:
-        found.append(Finding(("dead_letter", "path"), "required when dead_letter.kind is file"))
-    if broker.kind in _DURABLE and dead.kind != "broker":
-        found.append(
-            Finding(
-                ("dead_letter", "kind"),
-                f"a {broker.kind} broker keeps dead letters itself (kind: broker), so a record is "
-                f"written in the same step that removes the task; {dead.kind!r} is not allowed",
-            )
-        )
-    for index, directory in enumerate(config.handler_paths):
-        if not Path(directory).is_dir():
-            found.append(Finding(("handler_paths", index), f"{directory} is not a directory"))
-    found += _backoff_problems(config)
-    for name, task_type in config.task_types.items():
-        if task_type.timeout >= broker.visibility_timeout:
-            found.append(
-                Finding(
-                    ("task_types", name, "timeout"),
-                    f"{_seconds(task_type.timeout)} must be below broker.visibility_timeout "
-                    f"({_seconds(broker.visibility_timeout)}), or the task is handed out again "
-                    f"while it still runs",
-                )
-            )
-    if config.simulate is not None:
-        found += _simulate_problems(config)
-    return found
+def cross_field_problems(inputs: Inputs) -> list[Finding]:
+    """Errors that involve more than one setting.
 
-
-def _backoff_problems(config: PipelineConfig) -> list[Finding]:
+    Each rule reads its settings through ``inputs`` and is skipped when one of them is invalid
+    (that is reported on its own), so the rules run on a partly invalid config too.
+    """
     found: list[Finding] = []
+
+    def judge(rule: Callable[..., Finding | None], *args: Any) -> None:
+        try:
+            finding = rule(inputs, *args)
+        except Unknown:
+            return
+        if finding is not None:
+            found.append(finding)
+
+    judge(_needs, "broker", "redis", "url")
+    judge(_needs, "broker", "sqlite", "path")
+    judge(_needs, "dead_letter", "file", "path")
+    judge(_durable_dead_letter)
+    for index in range(_length(inputs, ("handler_paths",))):
+        judge(_directory, index)
     places: list[tuple[KeyPath, str]] = [(("retry", "backoff"), "")]
-    places += [
-        (("task_types", name, "retry", "backoff"), name)
-        for name, task_type in config.task_types.items()
-        if task_type.retry is not None and task_type.retry.backoff is not None
-    ]
+    for name in _names(inputs, ("task_types",)):
+        places.append((("task_types", name, "retry", "backoff"), name))
+        judge(_timeout, name)
     for path, name in places:
-        backoff = config.retry_for(name).backoff if name else config.retry.backoff
-        if backoff.initial > backoff.max:
-            found.append(
-                Finding(
-                    (*path, "initial"),
-                    f"{_seconds(backoff.initial)} is above backoff max "
-                    f"({_seconds(backoff.max)}); every delay would be max",
-                )
-            )
+        judge(_backoff, path, name)
+    if _present(inputs, ("simulate",)):
+        for section in ("mix", "faults"):
+            for name in _names(inputs, ("simulate", section)):
+                judge(_declared, ("simulate", section, name))
+        judge(_mix_weights)
+        for name in _names(inputs, ("simulate", "faults")):
+            judge(_latency, name)
     return found
 
 
-def _simulate_problems(config: PipelineConfig) -> list[Finding]:
-    simulate = config.simulate
-    assert simulate is not None  # checked by the caller
-    found: list[Finding] = []
-    for section in ("mix", "faults"):
-        for name in getattr(simulate, section):
-            if name not in config.task_types:
-                found.append(
-                    Finding(
-                        ("simulate", section, name),
-                        _unknown_type(name, config.task_types),
-                        at_key=True,
-                    )
-                )
-    if simulate.tasks > 0 and sum(simulate.mix.values()) == 0:
-        found.append(
-            Finding(("simulate", "mix"), "needs at least one task type with a positive weight")
-        )
-    for name, faults in simulate.faults.items():
-        low, high = faults.latency
-        if low > high:
-            found.append(
-                Finding(
-                    ("simulate", "faults", name, "latency"),
-                    f"min ({_seconds(low)}) is above max ({_seconds(high)})",
-                )
-            )
-    return found
+def _names(inputs: Inputs, path: KeyPath) -> list[str]:
+    try:
+        return inputs.names(path)
+    except Unknown:
+        return []
+
+
+def _length(inputs: Inputs, path: KeyPath) -> int:
+    try:
+        return len(inputs.value(path))
+    except Unknown:
+        return 0
+
+
+def _present(inputs: Inputs, path: KeyPath) -> bool:
+    try:
+        return inputs.present(path)
+    except Unknown:
+        return False
+
+
+def _needs(inputs: Inputs, section: str, kind: str, key: str) -> Finding | None:
+    if _kind(inputs, section) == kind and not inputs.value((section, key)):
+        return Finding((section, key), f"required when {section}.kind is {kind}")
+    return None
+
+
+def _kind(inputs: Inputs, section: str) -> str:
+    kind = inputs.value((section, "kind"))
+    if kind is None:  # dead_letter's default depends on the broker
+        return "memory" if inputs.value(("broker", "kind")) == "memory" else "broker"
+    return str(kind)
+
+
+def _durable_dead_letter(inputs: Inputs) -> Finding | None:
+    broker = _kind(inputs, "broker")
+    if broker not in _DURABLE:
+        return None
+    dead = _kind(inputs, "dead_letter")
+    if dead == "broker":
+        return None
+    return Finding(
+        ("dead_letter", "kind"),
+        f"a {broker} broker keeps dead letters itself (kind: broker), so a record is "
+        f"written in the same step that removes the task; {dead!r} is not allowed",
+    )
+
+
+def _directory(inputs: Inputs, index: int) -> Finding | None:
+    directory = inputs.value(("handler_paths",))[index]
+    if Path(directory).is_dir():
+        return None
+    return Finding(("handler_paths", index), f"{directory} is not a directory")
+
+
+def _timeout(inputs: Inputs, name: str) -> Finding | None:
+    timeout = inputs.value(("task_types", name, "timeout"))
+    visibility = inputs.value(("broker", "visibility_timeout"))
+    if timeout < visibility:
+        return None
+    return Finding(
+        ("task_types", name, "timeout"),
+        f"{_seconds(timeout)} must be below broker.visibility_timeout "
+        f"({_seconds(visibility)}), or the task is handed out again while it still runs",
+    )
+
+
+def _backoff(inputs: Inputs, path: KeyPath, name: str) -> Finding | None:
+    """initial <= max, where a type's override falls back to retry.backoff key by key."""
+    if name and not inputs.present(path):
+        return None  # no override: retry.backoff is checked on its own
+    initial, maximum = (_backoff_value(inputs, path, key) for key in ("initial", "max"))
+    if initial <= maximum:
+        return None
+    return Finding(
+        (*path, "initial"),
+        f"{_seconds(initial)} is above backoff max ({_seconds(maximum)}); every delay would be max",
+    )
+
+
+def _backoff_value(inputs: Inputs, path: KeyPath, key: str) -> float:
+    value = inputs.value((*path, key))
+    if value is None:
+        value = inputs.value(("retry", "backoff", key))
+    return float(value)
+
+
+def _declared(inputs: Inputs, path: KeyPath) -> Finding | None:
+    declared = inputs.names(("task_types",), complete=True)
+    name = str(path[-1])
+    if name in declared:
+        return None
+    return Finding(path, _unknown_type(name, dict.fromkeys(declared)), at_key=True)
+
+
+def _mix_weights(inputs: Inputs) -> Finding | None:
+    mix = inputs.value(("simulate", "mix"))
+    if inputs.value(("simulate", "tasks")) > 0 and sum(mix.values()) == 0:
+        return Finding(("simulate", "mix"), "needs at least one task type with a positive weight")
+    return None
+
+
+def _latency(inputs: Inputs, name: str) -> Finding | None:
+    path = ("simulate", "faults", name, "latency")
+    low, high = inputs.value(path)
+    if low > high:
+        return Finding(path, f"min ({_seconds(low)}) is above max ({_seconds(high)})")
+    return None
 
 
 def import_problems(data: Any) -> list[Finding]:

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from runner.configcheck import Finding
+from runner.configinputs import Inputs
 from runner.errors import Problem
 from runner.yamlsource import Document, KeyPath, dotted
 
@@ -109,6 +110,20 @@ class Origins:
             message = _message(item, path, at_key, model)
             findings.append(Finding(path, message, at_key or item["type"] == "extra_forbidden"))
         return self.located(findings)
+
+    def inputs(
+        self, data: Mapping[str, Any], model: type[BaseModel], error: ValidationError | None = None
+    ) -> Inputs:
+        """``data`` for the cross-field rules, with the keys ``error`` rejected marked invalid.
+
+        A value whose ``${VAR}`` could not be resolved counts as invalid too.
+        """
+        values: set[KeyPath] = set(self.doc.unresolved)
+        keys: set[KeyPath] = set()
+        for item in error.errors(include_url=False) if error is not None else ():
+            path, at_key = _clean_loc(item["loc"])
+            (keys if at_key else values).add(path)
+        return Inputs(data, model, invalid=values, invalid_keys=keys)
 
     def env_label(self, message: str) -> str:
         """The env source of a pydantic-settings parse error, which names only the field."""

@@ -147,6 +147,53 @@ def test_import_problems_come_with_type_problems(tmp_path: Path) -> None:
     assert found[1].startswith(f"{tmp_path / 'c.yaml'}:3:20: task_types.email.handler:")
 
 
+def test_cross_field_rules_run_beside_other_problems(tmp_path: Path) -> None:
+    text = (
+        "broker:\n  kind: sqlite\n  capacty: 5\n  visibility_timeout: 10s\n"
+        "workers: many\n"
+        "task_types:\n  email:\n    handler: handlers.demo:send_email\n    timeout: 1m\n"
+        "simulate:\n  mix: {email: 1, sms: 2}\n"
+    )
+    path = write(tmp_path, text)
+    found = problems(path, environ={"DQ_DEAD_LETTER__KIND": "file"})
+    assert found == [
+        f"{path}:1:1: broker.path: required when broker.kind is sqlite",
+        f"{path}:3:3: broker.capacty: unknown key 'capacty' (did you mean 'capacity'?)",
+        f"{path}:5:10: workers: Input should be a valid integer, unable to parse string as an "
+        "integer (got 'many')",
+        f"{path}:9:14: task_types.email.timeout: 60s must be below broker.visibility_timeout "
+        "(10s), or the task is handed out again while it still runs",
+        f"{path}:11:19: simulate.mix.sms: 'sms' is not a declared task type (declared: email)",
+        "env DQ_DEAD_LETTER__KIND: dead_letter.path: required when dead_letter.kind is file",
+        "env DQ_DEAD_LETTER__KIND: dead_letter.kind: a sqlite broker keeps dead letters itself "
+        "(kind: broker), so a record is written in the same step that removes the task; 'file' "
+        "is not allowed",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("broker", "timeout", "reported"),
+    [
+        ("{visibility_timeout: soon}", "1m", "broker.visibility_timeout: invalid duration"),
+        ("{visibility_timeout: 10s}", "-1", "task_types.email.timeout: Input should be greater"),
+    ],
+)
+def test_a_rule_with_an_invalid_input_is_skipped(
+    tmp_path: Path, broker: str, timeout: str, reported: str
+) -> None:
+    text = f"broker: {broker}\n{BASE}    timeout: {timeout}\n"
+    found = problems(write(tmp_path, text))
+    assert len(found) == 1, found  # the timeout rule is not judged on a guess
+    assert reported in found[0]
+
+
+def test_declared_names_with_a_bad_name_do_not_judge_simulate(tmp_path: Path) -> None:
+    text = BASE + "  Sms: {handler: handlers.demo:send_email}\nsimulate: {mix: {sms: 1}}\n"
+    found = problems(write(tmp_path, text))
+    assert len(found) == 1, found
+    assert "task type names must match" in found[0]
+
+
 def test_env_only_task_type_is_located_at_its_variable(tmp_path: Path) -> None:
     found = problems(write(tmp_path, BASE), environ={"DQ_TASK_TYPES__SMS__TIMEOUT": "1s"})
     assert found == [
