@@ -102,7 +102,7 @@ def _field(model: type[BaseModel], path: KeyPath) -> tuple[Any, Any]:
     annotation: Any = model
     default: Any = _ABSENT
     for part in path:
-        inner = _unwrap(annotation)
+        inner = unwrap_annotation(annotation)
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             info = inner.model_fields.get(str(part))
             if info is None:
@@ -120,12 +120,12 @@ def _field(model: type[BaseModel], path: KeyPath) -> tuple[Any, Any]:
     return annotation, default
 
 
-def _unwrap(annotation: Any) -> Any:
+def unwrap_annotation(annotation: Any) -> Any:
     """``X`` from ``Annotated[X, ...]`` and ``X | None``."""
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
+        return unwrap_annotation(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _unwrap(members[0]) if len(members) == 1 else annotation
+        return unwrap_annotation(members[0]) if len(members) == 1 else annotation
     return annotation

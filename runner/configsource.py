@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from runner.configcheck import Finding
-from runner.configinputs import Inputs
+from runner.configinputs import Inputs, unwrap_annotation
 from runner.errors import Problem
 from runner.yamlsource import Document, KeyPath, dotted
 
@@ -201,21 +200,11 @@ def _message(item: Any, path: KeyPath, at_key: bool, model: type[BaseModel]) -> 
     return message
 
 
-def _unwrap(annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        members = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _unwrap(members[0]) if len(members) == 1 else annotation
-    return annotation
-
-
 def _fields_at(model: type[BaseModel], path: KeyPath) -> list[str]:
     """The field names of the model found at ``path`` below ``model`` ([] if none)."""
     annotation: Any = model
     for part in path:
-        annotation = _unwrap(annotation)
+        annotation = unwrap_annotation(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             field = annotation.model_fields.get(str(part))
             if field is None:
@@ -225,7 +214,7 @@ def _fields_at(model: type[BaseModel], path: KeyPath) -> list[str]:
             annotation = typing.get_args(annotation)[1]
         else:
             return []
-    annotation = _unwrap(annotation)
+    annotation = unwrap_annotation(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return list(annotation.model_fields)
     return []
