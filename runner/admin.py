@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from runner.brokers import BrokerAdmin, DeadLetterFilter, Depth, create_broker
 from runner.config import PipelineConfig, parse_duration
+from runner.config import parse_rate as config_parse_rate
 from runner.deadletter import FileDeadLetters
 from runner.errors import BrokerError, NotSupported, QueueFull, UsageError
 from runner.payloads import Draft
@@ -194,16 +195,11 @@ def select_for_replay(
 
 
 def parse_rate(text: str) -> float:
-    """``10/s`` or ``30/m`` -> tasks per second; raises UsageError."""
-    count, _, unit = text.strip().partition("/")
-    per = {"s": 1.0, "m": 60.0}.get(unit.strip())
+    """``10/s``, ``30/m`` or ``100/h`` -> tasks per second; raises UsageError."""
     try:
-        n = float(count)
-    except ValueError:
-        n = 0.0
-    if per is None or not n > 0:
-        raise UsageError(f"--rate {text!r}: expected a positive N/s or N/m, e.g. 10/s")
-    return n / per
+        return config_parse_rate(text)
+    except ValueError as exc:
+        raise UsageError(f"--rate {text!r}: {exc}") from None
 
 
 def replay(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 import threading
 import time
 from collections import defaultdict
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from runner.config import PipelineConfig, SimulateConfig, parse_duration
+from runner.config import parse_rate as config_parse_rate
 from runner.errors import UsageError
 from runner.events import Event
 from runner.simulate import plan_tasks
@@ -42,18 +42,15 @@ _TICK_S = 0.001
 #: Planned simulated payloads are drawn in chunks of this many (the stream is endless).
 _PLAN_CHUNK = 10_000
 
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|m|min|h)\s*$")
-_PER = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
-
 
 def parse_rate(text: str) -> float | None:
     """``"500/s"``, ``"30/m"`` -> tasks per second; ``"max"`` -> None (as fast as possible)."""
     if text.strip().lower() in ("max", "unlimited"):
         return None
-    match = _RATE.match(text)
-    if match is None or float(match.group(1)) <= 0:
-        raise UsageError(f"rate must look like 500/s, 30/m or max, got {text!r}")
-    return float(match.group(1)) / _PER[match.group(2)]
+    try:
+        return config_parse_rate(text)
+    except ValueError as exc:
+        raise UsageError(f"--rate {text!r}: {exc} (or max)") from None
 
 
 def parse_seconds(text: str) -> float:

@@ -49,6 +49,18 @@ _UNIT_SECONDS = {"ms": (1, 1000), "s": (1, 1), "m": (60, 1), "h": (3600, 1), Non
 DURATION_PATTERN = r"^\s*(\d+(\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$"
 
 
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+_RATE_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(text: str) -> float:
+    """``10/s``, ``30/m``, ``7200/h`` -> tasks per second (> 0); ValueError otherwise."""
+    match = _RATE_RE.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError("expected a positive N/s, N/m or N/h, e.g. 10/s")
+    return float(match.group(1)) / _RATE_PER[match.group(2)]
+
+
 def parse_duration(value: Any) -> Any:
     """`50ms`, `2s`, `1.5m`, `1h` or a number of seconds -> float seconds.
 

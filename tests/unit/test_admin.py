@@ -43,12 +43,14 @@ def _memory_admin(records: Sequence[DeadLetter] = ()) -> MemoryBroker:
     )
 
 
-@pytest.mark.parametrize(("text", "per_s"), [("10/s", 10.0), ("30/m", 0.5), (" 2.5/s ", 2.5)])
+@pytest.mark.parametrize(
+    ("text", "per_s"), [("10/s", 10.0), ("30/m", 0.5), (" 2.5/s ", 2.5), ("7200/h", 2.0)]
+)
 def test_parse_rate(text: str, per_s: float) -> None:
     assert admin.parse_rate(text) == per_s
 
 
-@pytest.mark.parametrize("text", ["10", "10/h", "0/s", "-3/s", "x/s", "/s"])
+@pytest.mark.parametrize("text", ["10", "10/d", "0/s", "-3/s", "x/s", "/s"])
 def test_parse_rate_rejects(text: str) -> None:
     with pytest.raises(UsageError, match="--rate"):
         admin.parse_rate(text)
