@@ -346,9 +346,12 @@ def test_prefetch_is_bounded_per_type_and_in_all(engines: list[Engine]) -> None:
         engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 3)
         time.sleep(0.2)  # the dispatcher has had every chance to over-fetch
         depth = engine.broker.depth()
-        assert depth["a"].leased == 1 + 1
+        assert depth["a"].leased <= 1 + 1
         assert depth["b"].leased <= 3 + 3
-        assert depth["a"].leased + depth["b"].leased <= 3 * 2
-        assert engine.worker.inflight() == {"a": 1, "b": 2}
+        # Running ones plus a buffer, fetched in batches (so not always to the brim).
+        assert 3 < depth["a"].leased + depth["b"].leased <= 3 * 2
+        running = engine.worker.inflight()
+        assert running["a"] <= 1 and running["b"] <= 3
+        assert running["a"] + running["b"] == 3
     finally:
         release.set()
