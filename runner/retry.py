@@ -76,8 +76,7 @@ class RetryPlan:
 
     def decide(self, exc: BaseException, attempt: int) -> Decision:
         """Decide after ``exc`` ended attempt number ``attempt`` (1 for the first run)."""
-        state = tenacity.RetryCallState(self._retrying, None, (), {})
-        state.attempt_number = attempt
+        state = self._state(attempt)
         state.set_exception((type(exc), exc, exc.__traceback__))
         if not self._retrying.retry(state):
             reason = "permanent" if isinstance(exc, PermanentError) else "never_retry"
@@ -88,9 +87,13 @@ class RetryPlan:
 
     def delay(self, attempt: int) -> float:
         """The backoff after attempt ``attempt`` failed (used by tests and `dq-run config`)."""
+        return self._retrying.wait(self._state(attempt))
+
+    def _state(self, attempt: int) -> tenacity.RetryCallState:
+        """tenacity's view of a task that has just finished attempt number ``attempt``."""
         state = tenacity.RetryCallState(self._retrying, None, (), {})
         state.attempt_number = attempt
-        return self._retrying.wait(state)
+        return state
 
 
 def error_name(exc: BaseException) -> str:

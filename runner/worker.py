@@ -177,7 +177,7 @@ class Worker:
         while not self._stopping.is_set():
             with self._lock:
                 slots, room = self._free_room()
-                if not slots or not self._should_fetch(room):
+                if not slots or not self._should_fetch():
                     self._room.wait(timeout=GET_TIMEOUT_S)
                     continue
                 self._asking = frozenset(slots)
@@ -200,9 +200,13 @@ class Worker:
                         self._ready[delivery.task.type].append(delivery)
                     self._work.notify(len(deliveries))
 
+    def _room_left(self) -> int:
+        """How many more deliveries the process may hold (lock held)."""
+        return self.threads + self._prefetch - len(self._held)
+
     def _free_room(self) -> tuple[dict[str, int], int]:
         """Per-type room and room in all for more deliveries (lock held)."""
-        room = self.threads + self._prefetch - len(self._held)
+        room = self._room_left()
         if room <= 0:
             return {}, 0
         slots = {
@@ -212,9 +216,9 @@ class Worker:
         }
         return slots, room
 
-    def _should_fetch(self, room: int) -> bool:
+    def _should_fetch(self) -> bool:
         """Fetch in batches: when half the buffer is free, or when a thread would starve."""
-        return room * 2 >= self._prefetch or self._waiting_threads > 0
+        return self._room_left() * 2 >= self._prefetch or self._waiting_threads > 0
 
     def _release_unstarted(self) -> None:
         with self._lock:
@@ -293,9 +297,7 @@ class Worker:
             queue = self._ready[name]
             if queue and self._running_by_type[name] < self.types[name].limit:
                 self._running_by_type[name] += 1
-                if self._waiting_threads > 1 and self._should_fetch(
-                    self.threads + self._prefetch - len(self._held)
-                ):
+                if self._waiting_threads > 1 and self._should_fetch():
                     self._room.notify()
                 return queue.popleft()
         return None
@@ -314,8 +316,7 @@ class Worker:
             self._running_by_type[name] -= 1
             if self._ready[name] and self._waiting_threads:
                 self._work.notify()  # a task of this type may have waited for this slot
-        room = self.threads + self._prefetch - len(self._held)
-        if self._stopping.is_set() or self._should_fetch(room):
+        if self._stopping.is_set() or self._should_fetch():
             self._room.notify_all()
         if self._asking and name not in self._asking:
             self.broker.wake()  # the get under way could not take this type: ask again
