@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from functools import partial
 
 import pytest
 
@@ -19,7 +19,6 @@ from runner.brokers.base import DeadLetterFilter, Delivery
 from runner.brokers.redis import RedisBroker
 from runner.brokers.redis_batch import GroupCommit
 from runner.task import AttemptRecord, DeadLetter, Task
-from tests.redis_server import RedisServer
 
 MakeBroker = Callable[..., RedisBroker]
 
@@ -128,25 +127,9 @@ def test_a_claimed_batch_that_fails_raises_in_its_callers() -> None:
 
 
 @pytest.fixture
-def make_broker(redis_server: RedisServer, redis_namespace: str) -> Iterator[MakeBroker]:
-    brokers: list[RedisBroker] = []
-
-    def make(**overrides: Any) -> RedisBroker:
-        options: dict[str, Any] = {
-            "url": redis_server.url,
-            "namespace": redis_namespace,
-            "capacity": 200,
-            "enqueue_timeout": 0.2,
-            "overflow": "reject",
-            "visibility_timeout": 5.0,
-        } | overrides
-        broker = RedisBroker(**options)
-        brokers.append(broker)
-        return broker
-
-    yield make
-    for broker in brokers:
-        broker.close()
+def make_broker(make_broker: MakeBroker) -> MakeBroker:
+    """The shared factory (tests/integration/conftest.py), with room for bigger batches."""
+    return partial(make_broker, capacity=200, overflow="reject")
 
 
 def take(broker: RedisBroker, n: int) -> list[Delivery]:
