@@ -90,6 +90,9 @@ class Runner:
             visibility_timeout_s=config.broker.visibility_timeout,
             task_logger=task_logger or default_task_logger,
             prefetch=config.effective_prefetch(),
+            # Durable brokers' settles cost a round trip or a transaction: batch them in the
+            # background. The memory broker's cost a lock round: cheaper inline.
+            settle_in_background=config.broker.kind != "memory",
         )
         self._closers: list[Callable[[], None]] = []
         self._started = False

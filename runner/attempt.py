@@ -1,9 +1,11 @@
-"""One attempt of one delivery: checks, the handler under its deadline, and the broker call.
+"""One attempt of one delivery: checks, the handler under its deadline, and how it ends.
 
-Every delivery ends in exactly one broker call: ack, retry, dead or release. The outcome event
-(task.succeeded / task.retrying / task.dead) is emitted only once the broker accepted that
-call, so logs, metrics and the summary count each task once even when a stale worker finishes
-late; a refusal (the lease moved on to another delivery) is logged as ``task.lease_lost``.
+Every delivery ends in exactly one broker call: ack, retry, dead or release. ``Attempts.run``
+decides which and returns it as an Outcome; the Worker's Settler makes the call (runner.settle).
+The outcome event (task.succeeded / task.retrying / task.dead) is emitted by ``settled`` only
+once the broker accepted that call, so logs, metrics and the summary count each task once even
+when a stale worker finishes late; a refusal (the lease moved on to another delivery) is logged
+as ``task.lease_lost``.
 """
 
 from __future__ import annotations
@@ -19,19 +21,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from runner.brokers.base import Broker, Delivery
-from runner.errors import BrokerError, BrokerUnavailable, TaskInterrupted
+from runner.brokers.base import Delivery, Settle
+from runner.errors import TaskInterrupted
 from runner.events import Event, EventBus
 from runner.retry import RetryPlan, error_name
+from runner.settle import Outcome
 from runner.task import AttemptRecord, Cancellation, DeadLetter, TaskContext
 from runner.timeouts import Guard, Run, Watchdog
-
-log = logging.getLogger("runner.worker")
-
-#: Pauses before trying an ack / retry / dead / release again after BrokerUnavailable (a SQLite
-#: file whose write lock a frozen process holds past the busy timeout, a Redis reconnect).
-#: Giving up at once would leave the task leased, to run a second time once the lease expires.
-SETTLE_PAUSES_S = (0.05, 0.25, 1.0)
 
 Handler = Callable[[Any, TaskContext], Any]
 TaskLogger = Callable[[str, str, int], "logging.LoggerAdapter[logging.Logger]"]
@@ -74,13 +70,11 @@ class Attempts:
 
     def __init__(
         self,
-        broker: Broker,
         types: dict[str, TypeRuntime],
         events: EventBus,
         watchdog: Watchdog,
         task_logger: TaskLogger,
     ) -> None:
-        self.broker = broker
         self.types = types
         self.events = events
         self.watchdog = watchdog
@@ -91,30 +85,32 @@ class Attempts:
         self.interrupts = 0
         self.overruns = 0
 
-    def run(self, guard: Guard, delivery: Delivery) -> None:
-        """Run one delivery to its end, including the broker call that settles it."""
+    def run(self, guard: Guard, delivery: Delivery) -> Outcome:
+        """Run one delivery; how it ends, for the Settler (which calls ``settled``)."""
         task = delivery.task
         rt = self.types.get(task.type)
         started = time.time()
         if rt is None or delivery.decode_error is not None:
             why = delivery.decode_error or f"no handler for type {task.type!r} in this process"
-            self._dead(delivery, started, "undecodable", "DecodeError", why, "", 0.0)
-            return
+            return self._dead(delivery, started, "undecodable", "DecodeError", why, "", 0.0)
         if task.attempt > rt.plan.max_attempts:
             last = task.history[-1].error_type if task.history else "none recorded"
             message = (
                 f"handed out {task.attempt} times, max_attempts is {rt.plan.max_attempts}; "
                 f"earlier workers died or froze mid-run (last recorded error: {last})"
             )
-            self._dead(delivery, started, "max deliveries", "MaxDeliveries", message, "", 0.0)
-            return
+            return self._dead(
+                delivery, started, "max deliveries", "MaxDeliveries", message, "", 0.0
+            )
         payload = task.payload
         if rt.validate_payload is not None:
             try:
                 payload = rt.validate_payload(payload)
             except Exception as exc:
-                self._dead(delivery, started, "invalid payload", error_name(exc), str(exc), "", 0.0)
-                return
+                why = str(exc)
+                return self._dead(
+                    delivery, started, "invalid payload", error_name(exc), why, "", 0.0
+                )
 
         due = max(task.enqueued_at, task.not_before)
         self._emit("task.started", delivery, queue_wait_s=max(0.0, started - due) if due else None)
@@ -150,14 +146,8 @@ class Attempts:
             # timeout_action: cancel, or an interrupt that landed after the handler returned.
             error = TimeoutError(f"ran past its timeout of {rt.timeout_s}s")
         if error is None:
-            accepted = self._safe(self.broker.ack, delivery)
-            self._settled(delivery, accepted, "ack", "task.succeeded", duration_s=duration)
-            return
-        self._failed(delivery, rt, error, started, duration, run)
-
-    def release(self, delivery: Delivery) -> None:
-        """Hand an unstarted delivery back to the broker at once."""
-        self._safe(self.broker.release, delivery)
+            return Outcome(Settle(delivery, "ack"), "task.succeeded", {"duration_s": duration})
+        return self._failed(delivery, rt, error, started, duration, run)
 
     def overrunning(self) -> int:
         return sum(1 for run in list(self.running.values()) if run.overrun_reported)
@@ -172,7 +162,7 @@ class Attempts:
         started: float,
         duration: float,
         run: Run,
-    ) -> None:
+    ) -> Outcome:
         task = delivery.task
         kind = error_name(error)
         message = (
@@ -184,26 +174,23 @@ class Attempts:
             # Cut short by shutdown, not by its own timeout: hand it back untouched. Whatever
             # the handler raised (the interrupt, or its own error once it saw ctx.cancelled,
             # or nothing under timeout_action: cancel), the attempt is not its fault.
-            self.release(delivery)
-            return
+            return Outcome(Settle(delivery, "release"), None)
         trace = "".join(traceback.format_exception(error))
         decision = rt.plan.decide(error, task.attempt)
         if not decision.retry:
-            self._dead(delivery, started, decision.reason, kind, message, trace, duration)
-            return
+            return self._dead(delivery, started, decision.reason, kind, message, trace, duration)
         failure = AttemptRecord(
             task.attempt, kind, message, trace, started, duration, self.identity
         )
-        accepted = self._safe(self.broker.retry, delivery, decision.delay_s, failure)
-        self._settled(
-            delivery,
-            accepted,
-            "retry",
+        return Outcome(
+            Settle(delivery, "retry", decision.delay_s, failure),
             "task.retrying",
-            duration_s=duration,
-            delay_s=decision.delay_s,
-            error=f"{kind}: {message}",
-            error_type=kind,
+            {
+                "duration_s": duration,
+                "delay_s": decision.delay_s,
+                "error": f"{kind}: {message}",
+                "error_type": kind,
+            },
         )
 
     def _dead(
@@ -215,7 +202,7 @@ class Attempts:
         message: str,
         trace: str,
         duration: float,
-    ) -> None:
+    ) -> Outcome:
         task = delivery.task
         if duration or trace:
             task = task.with_failure(
@@ -232,27 +219,29 @@ class Attempts:
             last_attempt_at=started,
             dead_at=time.time(),
         )
-        accepted = self._safe(self.broker.dead, delivery, record)
-        self._settled(
-            delivery,
-            accepted,
-            "dead",
+        return Outcome(
+            Settle(delivery, "dead", record=record),
             "task.dead",
-            duration_s=duration or None,
-            reason=reason,
-            error=f"{kind}: {message}",
-            error_type=kind,
+            {
+                "duration_s": duration or None,
+                "reason": reason,
+                "error": f"{kind}: {message}",
+                "error_type": kind,
+            },
         )
 
-    def _settled(
-        self, delivery: Delivery, accepted: bool | None, op: str, event: str, **fields: Any
-    ) -> None:
+    def settled(self, outcome: Outcome, accepted: bool | None) -> None:
         """Emit the outcome once the broker accepted it. False: the broker refused (the lease
         moved on). None: it did not answer (already logged); the task comes back when its
         lease expires."""
+        if outcome.event is None:
+            return
+        delivery = outcome.settle.delivery
         if accepted:
-            self._emit(event, delivery, outcome=event.removeprefix("task."), **fields)
+            result = outcome.event.removeprefix("task.")
+            self._emit(outcome.event, delivery, outcome=result, **outcome.fields)
         elif accepted is False:
+            op = outcome.settle.kind
             self._emit(
                 "task.lease_lost", delivery, detail=f"{op} refused: another delivery owns the task"
             )
@@ -270,26 +259,6 @@ class Attempts:
         self._emit("task.overrun", delivery, detail="handler has not returned after its interrupt")
 
     # -- helpers ---------------------------------------------------------------------------
-
-    def _safe(self, op: Callable[..., bool], *args: Any) -> bool | None:
-        """``op(*args)``: the broker's answer, or None when it could not give one.
-
-        BrokerUnavailable is tried again after each of SETTLE_PAUSES_S (calls are fenced by the
-        receipt, so trying again is safe); any other broker error, or the last failure, gives
-        up, and the task comes back when its lease expires.
-        """
-        name, task_id = op.__name__, args[0].task.id
-        for pause in (*SETTLE_PAUSES_S, None):
-            try:
-                return op(*args)
-            except BrokerError as exc:
-                if pause is None or not isinstance(exc, BrokerUnavailable):
-                    log.warning("broker %s failed for task %s, giving up: %s", name, task_id, exc)
-                    return None
-                log.warning("broker %s failed for task %s, trying again in %ss: %s",
-                            name, task_id, pause, exc)  # fmt: skip
-                time.sleep(pause)
-        return None
 
     def _emit(self, name: str, delivery: Delivery, **fields: Any) -> None:
         task = delivery.task

@@ -3,8 +3,9 @@
 One dispatcher thread asks the broker only for types with room (so a saturated type never
 stalls the others) and keeps a small local buffer of prefetched deliveries per type, so worker
 threads rarely wait for it and the broker can hand out tasks in batches. Worker threads take
-the next task of a type whose running count is below its limit, run it (runner.attempt), and
-take the next one in the same lock round. A lease keeper renews the lease of every held
+the next task of a type whose running count is below its limit, run it (runner.attempt), hand
+its broker call to the Settler (runner.settle: inline on the memory broker, batched in its own
+thread on durable ones) and take the next one in the same lock round. A lease keeper renews the lease of every held
 delivery (prefetched or running) every visibility_timeout / 3; a watchdog enforces deadlines
 (runner.timeouts).
 
@@ -22,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from runner.attempt import (
     Attempts,
@@ -32,9 +33,10 @@ from runner.attempt import (
     type_logger,
     worker_identity,
 )
-from runner.brokers.base import Broker, Delivery
+from runner.brokers.base import Broker, Delivery, Settle
 from runner.errors import BrokerClosed, BrokerError, TaskInterrupted
 from runner.events import Event, EventBus
+from runner.settle import Outcome, Settler
 from runner.timeouts import Guard, Watchdog
 
 __all__ = ["GET_TIMEOUT_S", "TaskLogger", "TypeRuntime", "Worker", "worker_identity"]
@@ -43,6 +45,8 @@ log = logging.getLogger("runner.worker")
 
 #: How long the dispatcher blocks in one broker.get before it looks around again.
 GET_TIMEOUT_S = 1.0
+#: How long stop() waits for the Settler to send the last finished tasks' broker calls.
+SETTLE_DRAIN_S = 10.0
 
 
 class Worker:
@@ -57,6 +61,7 @@ class Worker:
         visibility_timeout_s: float,
         task_logger: TaskLogger = default_task_logger,
         prefetch: int | None = None,
+        settle_in_background: bool = False,
     ) -> None:
         self.broker = broker
         self.types = dict(types)
@@ -75,13 +80,18 @@ class Worker:
         self._running_by_type = dict.fromkeys(self.types, 0)
         self._held: dict[str, Delivery] = {}  # receipt -> delivery (prefetched or running)
         self._held_by_type = dict.fromkeys(self.types, 0)
+        # Finished, their broker call handed to the Settler and not yet answered. No longer
+        # counted against any room, but still held: leases renewed, stop() waits for them.
+        self._settling: dict[str, Delivery] = {}
+        self._max_unsettled = max(64, 4 * threads)  # then threads wait before taking more
         self._waiting_threads = 0
         self._asking: frozenset[str] = frozenset()  # types in the broker.get under way
         self._order = list(self.types)
         self._stopping = threading.Event()
         self._closing = False  # worker threads exit once they see it
         self._watchdog = Watchdog()
-        self.attempts = Attempts(broker, self.types, events, self._watchdog, task_logger)
+        self.attempts = Attempts(self.types, events, self._watchdog, task_logger)
+        self._settler = Settler(broker, self._on_settled, background=settle_in_background)
         self._threads: list[threading.Thread] = []
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="dq-dispatcher", daemon=True
@@ -96,6 +106,7 @@ class Worker:
         for name in self.types:
             type_logger(name)  # warm: handler code must never be first to call getLogger
         self._watchdog.start()
+        self._settler.start()
         for i in range(self.threads):
             t = threading.Thread(target=self._work_loop, name=f"dq-worker-{i}", daemon=True)
             t.start()
@@ -130,6 +141,7 @@ class Worker:
             self._watchdog.expire_all()
             with self._lock:
                 self._room.wait_for(lambda: not self._held, timeout=2.0)
+        self._settler.stop(timeout=SETTLE_DRAIN_S)
         with self._lock:
             self._closing = True
             self._work.notify_all()
@@ -169,7 +181,7 @@ class Worker:
 
     def idle(self) -> bool:
         with self._lock:
-            return not self._held
+            return not self._held and not self._settling
 
     # -- dispatcher ------------------------------------------------------------------------
 
@@ -225,14 +237,14 @@ class Worker:
             unstarted = [d for queue in self._ready.values() for d in queue]
             for queue in self._ready.values():
                 queue.clear()
+        self._settler.call([Settle(delivery, "release") for delivery in unstarted])
         for delivery in unstarted:
-            self.attempts.release(delivery)
             self._forget(delivery, started=False)
 
     def _keep_leases(self) -> None:
         while not self._stopping.wait(self._renew_every_s):
             with self._lock:
-                held = list(self._held.values())
+                held = [*self._held.values(), *self._settling.values()]
             if not held:
                 continue
             try:
@@ -254,35 +266,47 @@ class Worker:
         guard = Guard(self._watchdog)
         guard.bind()
         done: Delivery | None = None
+        outcome: Outcome | None = None  # done's broker call, for the Settler's thread
         while True:
             delivery: Delivery | None = None
             try:
-                delivery = self._next(done)
-                done = None
+                delivery = self._next(done, outcome)
+                done = outcome = None
                 if delivery is None:
                     return
-                self.attempts.run(guard, delivery)
+                ended = self.attempts.run(guard, delivery)
+                if self._settler.background:
+                    outcome = ended
+                else:
+                    self._settler.settle([ended])
             except TaskInterrupted:
                 # Guard.run absorbs late interrupts; this is the last line of defence, so that
                 # a worker thread is never lost (Dramatiq #445).
                 log.warning("interrupt landed outside a handler; worker thread continues")
             except Exception:
                 log.exception("worker loop error; worker thread continues")
-            # Settled, or failed before its broker call (then the broker hands the task out
-            # again when its lease expires): either way its slot is freed with the next pick.
+            # Settled, handed to the Settler, or failed before its broker call (then the broker
+            # hands the task out again when its lease expires): its slot is freed with the next
+            # pick.
             done = delivery
 
-    def _next(self, done: Delivery | None) -> Delivery | None:
-        """Free the slot of ``done`` and take the next task to run, in one lock round."""
+    def _next(self, done: Delivery | None, outcome: Outcome | None) -> Delivery | None:
+        """Free the slot of ``done`` (handing ``outcome`` to the Settler) and take the next task
+        to run, in one lock round."""
         with self._lock:
             if done is not None:
                 self._release_slot(done, started=True)
+                if outcome is not None:
+                    self._settling[done.receipt] = done
+                    self._settler.submit(outcome)
             self._waiting_threads += 1
             try:
                 while True:
                     if self._closing:
                         return None
-                    if not self._stopping.is_set():
+                    # While the Settler is behind, wait for it (it notifies _work).
+                    behind = len(self._settling) >= self._max_unsettled
+                    if not self._stopping.is_set() and not behind:
                         delivery = self._pick()
                         if delivery is not None:
                             return delivery
@@ -301,6 +325,21 @@ class Worker:
                     self._room.notify()
                 return queue.popleft()
         return None
+
+    def _on_settled(self, outcomes: Sequence[Outcome], answers: Sequence[bool | None]) -> None:
+        """The Settler's report (from its thread, or inline from a worker thread)."""
+        for outcome, accepted in zip(outcomes, answers, strict=True):
+            self.attempts.settled(outcome, accepted)
+        if not self._settler.background:
+            return
+        with self._lock:
+            behind = len(self._settling) >= self._max_unsettled
+            for outcome in outcomes:
+                self._settling.pop(outcome.settle.delivery.receipt, None)
+            if behind:
+                self._work.notify_all()
+            if not self._settling:
+                self._room.notify_all()  # stop() may wait for the last of them
 
     def _forget(self, delivery: Delivery, started: bool) -> None:
         with self._lock:

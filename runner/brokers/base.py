@@ -28,6 +28,11 @@ Every broker passes the same suite in tests/contract. The contract, in one line 
   and gives back its attempt: the next hand-out has the same attempt number.
 - ``dead`` writes the dead-letter record and removes the task in one step (durable brokers: one
   transaction), so a task is never both queued and dead, nor neither.
+- ``settle_many(ops)`` runs several of ack / retry / dead / release (``Settle`` values) in order
+  and answers one bool per op, each exactly what its own call would have answered, in one round
+  trip or transaction where the broker can (the engine settles finished tasks this way, in the
+  background, on durable brokers). When it raises, any of the ops may or may not have happened;
+  the receipts make trying them again safe (an op that did happen then answers False).
 - ``depth()`` counts each type's ready (due), delayed and leased tasks; a type with no tasks may
   be absent or all zeros.
 - ``close()`` is idempotent and wakes every waiter: a blocked ``get`` returns ``[]``, a ``put``
@@ -44,7 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from runner.task import AttemptRecord, DeadLetter, Task
 
@@ -58,6 +63,29 @@ class Delivery:
     redelivered: bool = False
     # Set when the stored task could not be decoded; task then carries only id and type.
     decode_error: str | None = None
+
+
+SettleKind = Literal["ack", "retry", "dead", "release"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """How one delivery ends, for ``settle_many``: the arguments of ack / retry / dead / release.
+
+    ``retry`` needs ``failure`` (and ``delay_s``), ``dead`` needs ``record``.
+    """
+
+    delivery: Delivery
+    kind: SettleKind
+    delay_s: float = 0.0
+    failure: AttemptRecord | None = None
+    record: DeadLetter | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kind == "retry") != (self.failure is not None):
+            raise ValueError("a retry, and only a retry, carries a failure")
+        if (self.kind == "dead") != (self.record is not None):
+            raise ValueError("a dead-letter, and only a dead-letter, carries a record")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +135,8 @@ class Broker(Protocol):
 
     def release(self, delivery: Delivery) -> bool: ...
 
+    def settle_many(self, ops: Sequence[Settle]) -> list[bool]: ...
+
     def extend(self, deliveries: Sequence[Delivery]) -> list[bool]: ...
 
     def wake(self) -> None: ...
@@ -131,3 +161,21 @@ class BrokerAdmin(Protocol):
     def depth(self) -> dict[str, Depth]: ...
 
     def oldest_enqueued_at(self) -> dict[str, float]: ...
+
+
+def settle_each(broker: Broker, ops: Sequence[Settle]) -> list[bool]:
+    """``settle_many`` for a broker whose single calls cost no round trip: one call per op."""
+    return [settle_one(broker, op) for op in ops]
+
+
+def settle_one(broker: Broker, op: Settle) -> bool:
+    """``op`` as the single call it stands for."""
+    if op.kind == "ack":
+        return broker.ack(op.delivery)
+    if op.kind == "release":
+        return broker.release(op.delivery)
+    if op.kind == "retry":
+        assert op.failure is not None  # checked when the Settle was made
+        return broker.retry(op.delivery, op.delay_s, op.failure)
+    assert op.record is not None
+    return broker.dead(op.delivery, op.record)

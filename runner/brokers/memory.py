@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
-from runner.brokers.base import DeadLetterFilter, Delivery, Depth
+from runner.brokers.base import DeadLetterFilter, Delivery, Depth, Settle, settle_each
 from runner.deadletter import DeadLetterStore
 from runner.errors import BrokerClosed, QueueFull
 from runner.task import HISTORY_LIMIT, AttemptRecord, DeadLetter, Task
@@ -268,6 +268,9 @@ class MemoryBroker:
                 self._redelivered.add(task.id)
             self._cond.notify_all()
             return True
+
+    def settle_many(self, ops: Sequence[Settle]) -> list[bool]:
+        return settle_each(self, ops)
 
     def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
         with self._cond:

@@ -17,7 +17,9 @@ exceeds the slice, so an idle worker never hits a client timeout mid-read (redis
 default with a longer BLOCK is a classic "alive but not consuming" bug). The protocol is pinned
 to RESP2, redis-py 8 would otherwise negotiate RESP3.
 
-Settling (ack / retry / dead / release) is group-committed (runner/brokers/redis_batch.py):
+``settle_many`` sends any number of acks / retries / dead-letters / releases in one call of the
+fenced SETTLE script (the engine's Settler uses it). Single calls (ack / retry / dead / release)
+are group-committed (runner/brokers/redis_batch.py):
 concurrent calls share one round trip of the batched, fenced SETTLE script, and settles waiting
 when the dispatcher polls ride along with its POLL in one pipeline. Each call still returns its
 own fenced answer, only after Redis gave it. The operator commands are in redis_admin.py.
@@ -48,7 +50,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from runner.brokers import redis_scripts as lua
-from runner.brokers.base import Delivery, Depth
+from runner.brokers.base import Delivery, Depth, Settle
 from runner.brokers.redis_admin import RedisAdmin
 from runner.brokers.redis_batch import GroupCommit
 from runner.brokers.redis_scripts import GROUP
@@ -375,27 +377,42 @@ class RedisBroker(RedisAdmin):
         return self._stream(type_), entry, token
 
     def ack(self, delivery: Delivery) -> bool:
-        return self._settle(delivery, "ack")
+        return self._settle(Settle(delivery, "ack"))
 
     def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> bool:
-        now = self._clock()
-        not_before = now + max(0.0, delay_s)
-        task = replace(delivery.task.with_failure(failure), not_before=not_before)
-        member = _delayed_member(task.attempt, encode_task(task))
-        return self._settle(delivery, "retry", repr(not_before), member, repr(now))
+        return self._settle(Settle(delivery, "retry", delay_s, failure))
 
     def dead(self, delivery: Delivery, record: DeadLetter) -> bool:
-        encoded = encode_dead_letter(record)
-        return self._settle(delivery, "dead", record.id, encoded, repr(record.dead_at))
+        return self._settle(Settle(delivery, "dead", record=record))
 
     def release(self, delivery: Delivery) -> bool:
-        return self._settle(delivery, "release")
+        return self._settle(Settle(delivery, "release"))
 
-    def _settle(self, delivery: Delivery, kind: str, *extra: Any) -> bool:
+    def settle_many(self, ops: Sequence[Settle]) -> list[bool]:
+        """Every op in one SETTLE script call: one round trip, atomic in Redis."""
         self._check_open()
-        entry, token, type_ = delivery.receipt.split("|", 2)
-        op = (kind, type_, entry, token, *extra, "", "", "")[:7]
-        return self._settler.submit(op)
+        return self._flush_settles([self._op(op) for op in ops]) if ops else []
+
+    def _settle(self, op: Settle) -> bool:
+        self._check_open()
+        return self._settler.submit(self._op(op))
+
+    def _op(self, op: Settle) -> _Settle:
+        """``op`` as the SETTLE script's seven fields (see redis_scripts.SETTLE)."""
+        entry, token, type_ = op.delivery.receipt.split("|", 2)
+        if op.kind == "retry":
+            assert op.failure is not None
+            now = self._clock()
+            not_before = now + max(0.0, op.delay_s)
+            task = replace(op.delivery.task.with_failure(op.failure), not_before=not_before)
+            member = _delayed_member(task.attempt, encode_task(task))
+            return ("retry", type_, entry, token, repr(not_before), member, repr(now))
+        if op.kind == "dead":
+            record = op.record
+            assert record is not None
+            encoded = encode_dead_letter(record)
+            return ("dead", type_, entry, token, record.id, encoded, repr(record.dead_at))
+        return (op.kind, type_, entry, token, "", "", "")
 
     def _flush_settles(self, ops: Sequence[_Settle]) -> list[bool]:
         """One SETTLE script call for every operation in ``ops`` (see redis_batch)."""

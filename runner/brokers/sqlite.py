@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Literal
 
-from runner.brokers.base import DeadLetterFilter, Delivery, Depth
+from runner.brokers.base import DeadLetterFilter, Delivery, Depth, Settle
 from runner.brokers.sqlite_batch import GroupCommit, Pending
 from runner.brokers.sqlite_schema import (
     LEASED,
@@ -129,6 +129,7 @@ class SqliteBroker:
         self._token_prefix = os.urandom(8).hex()  # this broker's; a counter numbers its claims
         self._claims = itertools.count()
         self._busy = False  # the last claim handed something out: skip the read before the next
+        self._settled = False  # a settle in the open transaction took: wake waiters after COMMIT
         # Promotion of due rows is skipped before this time unless another process wrote since
         # the last promotion (its data_version); -inf: promote at the next claim.
         self._promote_at = -math.inf
@@ -153,25 +154,39 @@ class SqliteBroker:
                 results = [pending.statement(conn) for pending in taken]
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                rollback(conn)
-                self._promote_at = -math.inf  # what the rolled-back work noted may not hold
+                self._rolled_back(conn)
                 error = unavailable(self.path, exc)
                 self._commits.finish(taken, error=error)
                 raise error from exc
             except BaseException as exc:
-                rollback(conn)
-                self._promote_at = -math.inf
+                self._rolled_back(conn)
                 self._commits.finish(taken, error=exc)
                 raise
+            settled, self._settled = self._settled, False
         self._commits.finish(taken, results)
-        if any(result is True for result in results):  # an ack, retry, dead or release took
+        if settled:  # an ack, retry, dead or release took: room, or a task ready again
             self._changed()
 
-    def _settle(self, statement: Callable[[sqlite3.Connection], bool]) -> bool:
-        """Run a fenced write in the next write transaction; its answer once committed."""
+    def _rolled_back(self, conn: sqlite3.Connection) -> None:
+        rollback(conn)
+        self._promote_at = -math.inf  # what the rolled-back work noted may not hold
+        self._settled = False
+
+    def _settle(self, ops: Sequence[Settle]) -> list[bool]:
+        """Run fenced writes in the next write transaction; their answers once committed."""
         if self._closed:
             raise BrokerClosed(f"sqlite broker {self.path} is closed")
-        return bool(self._commits.run(statement, self._flush))
+        if not ops:
+            return []
+        statements = [self._statement(op) for op in ops]
+
+        def statement(conn: sqlite3.Connection) -> list[bool]:
+            answers = [run(conn) for run in statements]
+            self._settled = self._settled or any(answers)
+            return answers
+
+        answers: list[bool] = self._commits.run(statement, self._flush)
+        return answers
 
     def _flush(self) -> None:
         with self._lock:
@@ -341,38 +356,54 @@ class SqliteBroker:
         self._promote_at = min(self._promote_at, when)
 
     def ack(self, delivery: Delivery) -> bool:
-        key = (delivery.task.id, delivery.receipt)
-        return self._settle(lambda conn: conn.execute(_ACK_SQL, key).rowcount == 1)
+        return self._settle([Settle(delivery, "ack")])[0]
 
     def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> bool:
-        now = self._clock()
-        due = now + max(delay_s, 0.0)
-        task = replace(delivery.task.with_failure(failure), not_before=due)
-        state, due_at = (WAITING, due) if delay_s > 0 else (READY, 0.0)
-        params = (state, due_at, encode_task(task), delivery.task.id, delivery.receipt)
-
-        def statement(conn: sqlite3.Connection) -> bool:
-            self._due_by(due)
-            return bool(conn.execute(_RETRY_SQL, params).rowcount == 1)
-
-        return self._settle(statement)
+        return self._settle([Settle(delivery, "retry", delay_s, failure)])[0]
 
     def dead(self, delivery: Delivery, record: DeadLetter) -> bool:
-        keep_raw = delivery.decode_error is not None
-        key = (delivery.task.id, delivery.receipt)
-        params = (record.error_type, record.dead_at, encode_dead_letter(record), keep_raw, *key)
+        return self._settle([Settle(delivery, "dead", record=record)])[0]
 
-        def statement(conn: sqlite3.Connection) -> bool:
-            if conn.execute(_DEAD_SQL, params).rowcount != 1:
+    def release(self, delivery: Delivery) -> bool:
+        return self._settle([Settle(delivery, "release")])[0]
+
+    def settle_many(self, ops: Sequence[Settle]) -> list[bool]:
+        """All of ``ops`` in one transaction (with whatever else is queued for it)."""
+        return self._settle(ops)
+
+    def _statement(self, op: Settle) -> Callable[[sqlite3.Connection], bool]:
+        """The fenced write for ``op``; True when the delivery's lease was still current."""
+        delivery = op.delivery
+        key = (delivery.task.id, delivery.receipt)
+        if op.kind == "ack":
+            return lambda conn: conn.execute(_ACK_SQL, key).rowcount == 1
+        if op.kind == "release":
+            return lambda conn: conn.execute(_RELEASE_SQL, key).rowcount == 1
+        if op.kind == "retry":
+            assert op.failure is not None
+            due = self._clock() + max(op.delay_s, 0.0)
+            task = replace(delivery.task.with_failure(op.failure), not_before=due)
+            state, due_at = (WAITING, due) if op.delay_s > 0 else (READY, 0.0)
+            params = (state, due_at, encode_task(task), *key)
+
+            def retry(conn: sqlite3.Connection) -> bool:
+                self._due_by(due)
+                return bool(conn.execute(_RETRY_SQL, params).rowcount == 1)
+
+            return retry
+        record = op.record
+        assert record is not None
+        keep_raw = delivery.decode_error is not None
+        encoded = encode_dead_letter(record)
+        dead_params = (record.error_type, record.dead_at, encoded, keep_raw, *key)
+
+        def dead(conn: sqlite3.Connection) -> bool:
+            if conn.execute(_DEAD_SQL, dead_params).rowcount != 1:
                 return False
             conn.execute(_ACK_SQL, key)
             return True
 
-        return self._settle(statement)
-
-    def release(self, delivery: Delivery) -> bool:
-        key = (delivery.task.id, delivery.receipt)
-        return self._settle(lambda conn: conn.execute(_RELEASE_SQL, key).rowcount == 1)
+        return dead
 
     def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
         if not deliveries:

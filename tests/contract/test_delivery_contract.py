@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth
+from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth, Settle
 from runner.errors import BrokerClosed
 from tests.contract.conftest import BrokerMaker
 from tests.contract.helpers import ALL, Background, dead_record, failure, get_one, put, task
@@ -141,6 +141,25 @@ def test_a_finished_delivery_cannot_finish_again(broker: Broker, finish: str) ->
     assert outcomes[finish]() is True
     assert [outcome() for outcome in outcomes.values()] == [False] * 4
     assert broker.extend([d]) == [False]
+
+
+def test_settle_many_answers_each_op_as_its_own_call_would(
+    broker: Broker, admin: BrokerAdmin
+) -> None:
+    put(broker, *(task("a", i) for i in range(5)))
+    d = broker.get({"a": 5}, 5, 0)
+    ops = [
+        Settle(d[0], "ack"),
+        Settle(d[1], "retry", 30, failure(1)),
+        Settle(d[2], "dead", record=dead_record(d[2])),
+        Settle(d[3], "release"),
+        Settle(d[0], "ack"),  # already acked earlier in this very batch
+    ]
+    assert broker.settle_many(ops) == [True, True, True, True, False]
+    assert broker.depth()["a"] == Depth(ready=1, delayed=1, leased=1)  # released, retried, d[4]
+    assert [r.id for r in admin.dead_letters(DeadLetterFilter())] == [d[2].task.id]
+    assert broker.settle_many([]) == []
+    assert broker.settle_many([Settle(d[4], "ack"), Settle(d[1], "ack")]) == [True, False]
 
 
 def test_extend_keeps_a_lease_alive_past_twice_the_visibility_timeout(

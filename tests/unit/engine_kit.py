@@ -89,6 +89,11 @@ def type_runtime(
     return TypeRuntime(name, handler, limit, timeout_s, interrupt, retry or plan())
 
 
+#: Whether Engine settles in the Settler's thread (as on durable brokers) or inline (as on the
+#: memory broker); tests that must hold in both modes parametrize it (see test_engine.py).
+SETTLE_IN_BACKGROUND = False
+
+
 class Engine:
     """A started Worker over a MemoryBroker; stop() in teardown."""
 
@@ -98,6 +103,7 @@ class Engine:
         threads: int = 3,
         capacity: int = 100_000,
         visibility_timeout: float = 30.0,
+        settle_in_background: bool | None = None,
     ) -> None:
         self.recorder = Recorder()
         self.dead_letters = MemoryDeadLetters()
@@ -114,6 +120,9 @@ class Engine:
             threads=threads,
             events=EventBus([self.recorder]),
             visibility_timeout_s=visibility_timeout,
+            settle_in_background=(
+                SETTLE_IN_BACKGROUND if settle_in_background is None else settle_in_background
+            ),
         )
         self.worker.start()
 

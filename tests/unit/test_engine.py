@@ -1,4 +1,8 @@
-"""The execution engine on the memory broker: limits, retries, timeouts, DLQ, shutdown."""
+"""The execution engine on the memory broker: limits, retries, timeouts, DLQ, shutdown.
+
+Every test runs twice: settling inline (as on the memory broker) and in the Settler's thread
+(as on SQLite and Redis).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,14 @@ import pytest
 
 from runner.errors import PermanentError
 from runner.task import TaskContext
+from tests.unit import engine_kit
 from tests.unit.engine_kit import Concurrency, Engine, plan, type_runtime
+
+
+@pytest.fixture(autouse=True, params=["inline", "background"])
+def settle_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(engine_kit, "SETTLE_IN_BACKGROUND", request.param == "background")
+    return str(request.param)
 
 
 @pytest.fixture

@@ -1,58 +1,70 @@
-"""The engine when the broker fails an ack: BrokerUnavailable is tried again, nothing else is."""
+"""The engine when the broker fails a settle: BrokerUnavailable is tried again, nothing else is.
+
+Runs with settling inline (memory broker) and in the Settler's thread (durable brokers).
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
-from runner import attempt as worker_module
-from runner.brokers.base import Delivery
+from runner import settle as settle_module
+from runner.brokers.base import Settle
 from runner.errors import BrokerError, BrokerUnavailable
 from runner.task import TaskContext
 from tests.unit.engine_kit import Engine, type_runtime
 
+SettleMany = Callable[[Sequence[Settle]], list[bool]]
 
-class FlakyAck:
-    """Wraps broker.ack: raises ``error`` on the first ``failures`` calls, then delegates."""
 
-    def __init__(self, ack: Callable[[Delivery], bool], failures: int, error: BrokerError):
-        self._ack = ack
+class FlakySettle:
+    """Wraps broker.settle_many: raises ``error`` on the first ``failures`` calls."""
+
+    def __init__(self, settle_many: SettleMany, failures: int, error: BrokerError) -> None:
+        self._settle_many = settle_many
         self._failures = failures
         self._error = error
         self.calls = 0
+        self.tries: Counter[str] = Counter()  # task id -> calls that carried it
         self.answers: list[bool] = []
         self.settled = threading.Event()  # set once a call got through to the broker
-        self.__name__ = "ack"
 
-    def __call__(self, delivery: Delivery) -> bool:
+    def __call__(self, ops: Sequence[Settle]) -> list[bool]:
         self.calls += 1
+        self.tries.update(op.delivery.task.id for op in ops)
         if self.calls <= self._failures:
             raise self._error
-        answer = self._ack(delivery)
-        self.answers.append(answer)
+        answers = self._settle_many(ops)
+        self.answers += answers
         self.settled.set()
-        return answer
+        return answers
 
 
-@pytest.fixture
-def engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
-    monkeypatch.setattr(worker_module, "SETTLE_PAUSES_S", (0.01, 0.01, 0.01))
+@pytest.fixture(params=["inline", "background"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
+    monkeypatch.setattr(settle_module, "SETTLE_PAUSES_S", (0.01, 0.01, 0.01))
 
     def handler(payload: Any, ctx: TaskContext) -> None:
         return None
 
-    made = Engine([type_runtime("t", handler)], threads=1, visibility_timeout=30.0)
+    made = Engine(
+        [type_runtime("t", handler)],
+        threads=1,
+        visibility_timeout=30.0,
+        settle_in_background=request.param == "background",
+    )
     yield made
     made.stop(grace=1.0)
 
 
-def flaky(engine: Engine, failures: int, error: BrokerError) -> FlakyAck:
-    wrapper = FlakyAck(engine.broker.ack, failures, error)
-    engine.broker.ack = wrapper  # type: ignore[method-assign]
+def flaky(engine: Engine, failures: int, error: BrokerError) -> FlakySettle:
+    wrapper = FlakySettle(engine.broker.settle_many, failures, error)
+    engine.broker.settle_many = wrapper  # type: ignore[method-assign]
     return wrapper
 
 
@@ -63,33 +75,38 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-def test_an_ack_failing_with_broker_unavailable_is_tried_again(engine: Engine) -> None:
-    ack = flaky(engine, failures=3, error=BrokerUnavailable("database is locked"))
-    engine.publish("t")
-    assert ack.settled.wait(5.0)
-    assert ack.calls == 4 and ack.answers == [True]
+def test_a_settle_failing_with_broker_unavailable_is_tried_again(engine: Engine) -> None:
+    settle = flaky(engine, failures=3, error=BrokerUnavailable("database is locked"))
+    task_id = engine.publish("t")
+    assert settle.settled.wait(5.0)
+    assert settle.tries == {task_id: 4} and settle.answers == [True]
     assert sum(d.total for d in engine.broker.depth().values()) == 0
+    engine.recorder.wait_for(lambda: len(engine.recorder.named("task.succeeded")) == 1)
     assert not engine.recorder.named("task.lease_lost")
 
 
 def test_giving_up_is_not_reported_as_a_lost_lease_and_frees_the_slot(engine: Engine) -> None:
-    ack = flaky(engine, failures=10**6, error=BrokerUnavailable("database is locked"))
-    engine.publish("t")
-    engine.publish("t")
+    settle = flaky(engine, failures=10**6, error=BrokerUnavailable("database is locked"))
+    first, second = engine.publish("t"), engine.publish("t")
     # One thread: the second task starts only once the first one's slot was freed.
     engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 2)
-    wait_until(lambda: ack.calls >= 8)
-    time.sleep(0.05)  # a ninth try would show up here
-    assert ack.calls == 2 * (len(worker_module.SETTLE_PAUSES_S) + 1)
+    tries = len(settle_module.SETTLE_PAUSES_S) + 1
+    wait_until(lambda: sum(settle.tries.values()) >= 2 * tries)
+    wait_until(engine.worker.idle)  # given up on: no longer waiting to be settled
+    time.sleep(0.05)  # a further try would show up here
+    assert settle.tries == {first: tries, second: tries}
     assert not engine.recorder.named("task.lease_lost")
+    assert not engine.recorder.named("task.succeeded")
+    # Still leased: the broker hands both out again once their leases expire.
+    assert engine.broker.depth()["t"].leased == 2
 
 
 def test_other_broker_errors_are_not_tried_again(engine: Engine) -> None:
-    ack = flaky(engine, failures=10**6, error=BrokerError("something else"))
-    engine.publish("t")
-    engine.publish("t")
-    engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 2)
-    wait_until(lambda: ack.calls >= 2)
+    settle = flaky(engine, failures=10**6, error=BrokerError("something else"))
+    task_id = engine.publish("t")
+    engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 1)
+    wait_until(lambda: settle.calls >= 1)
+    wait_until(engine.worker.idle)
     time.sleep(0.05)
-    assert ack.calls == 2
+    assert settle.tries == {task_id: 1}
     assert not engine.recorder.named("task.lease_lost")
