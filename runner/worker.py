@@ -5,9 +5,9 @@ stalls the others) and keeps a small local buffer of prefetched deliveries per t
 threads rarely wait for it and the broker can hand out tasks in batches. Worker threads take
 the next task of a type whose running count is below its limit, run it (runner.attempt), hand
 its broker call to the Settler (runner.settle: inline on the memory broker, batched in its own
-thread on durable ones) and take the next one in the same lock round. A lease keeper renews the lease of every held
-delivery (prefetched or running) every visibility_timeout / 3; a watchdog enforces deadlines
-(runner.timeouts).
+thread on durable ones) and take the next one in the same lock round. A lease keeper renews
+the lease of every held delivery (prefetched, running or settling) every visibility_timeout / 3;
+a watchdog enforces deadlines (runner.timeouts).
 
 Limits, precisely: at most ``limit`` tasks of a type run at once and at most ``threads`` in
 all; a type holds at most ``limit + min(limit, prefetch)`` deliveries, and the process at most
