@@ -21,11 +21,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
-from runner.brokers.base import Broker, Settle
+from runner.brokers.base import Broker, Settle, settle_one
 from runner.errors import BrokerClosed, BrokerError, BrokerUnavailable
 
 log = logging.getLogger("runner.worker")
@@ -39,8 +39,7 @@ SETTLE_PAUSES_S = (0.05, 0.25, 1.0)
 MAX_BATCH = 256
 
 
-@dataclass(slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How an attempt ended: the broker call to make, and the event to emit once it is made.
 
     ``event`` is None for a call with no event of its own (a task handed back at shutdown).
@@ -48,21 +47,30 @@ class Outcome:
 
     settle: Settle
     event: str | None
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: Mapping[str, Any] = MappingProxyType({})
 
 
-#: Told about each batch once the broker answered: one answer per outcome, True (done), False
-#: (refused: another delivery owns the task) or None (no answer; the task comes back later).
-OnSettled = Callable[[Sequence[Outcome], Sequence[bool | None]], None]
+#: Told about each outcome once the broker answered: True (done), False (refused: another
+#: delivery owns the task) or None (no answer; the task comes back when its lease expires).
+Report = Callable[[Outcome, "bool | None"], None]
 
 
 class Settler:
     """Makes the broker calls of finished attempts; see the module docstring."""
 
-    def __init__(self, broker: Broker, on_settled: OnSettled, background: bool) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        report: Report,
+        background: bool,
+        batch_done: Callable[[Sequence[Outcome]], None] | None = None,
+    ) -> None:
+        """``report`` hears every outcome's answer; ``batch_done`` each background batch once
+        all of it was reported."""
         self.broker = broker
         self.background = background
-        self._on_settled = on_settled
+        self._report = report
+        self._batch_done = batch_done
         self._queue: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="dq-settler", daemon=True)
 
@@ -77,38 +85,64 @@ class Settler:
             self._thread.join(timeout)
 
     def submit(self, outcome: Outcome) -> None:
-        """Settle ``outcome``: in the background, or now when settling inline."""
+        """Hand ``outcome`` to the background thread (or settle it now when inline)."""
         if self.background:
             self._queue.put(outcome)
         else:
-            self.settle([outcome])
+            self.settle_now(outcome)
+
+    def settle_now(self, outcome: Outcome) -> None:
+        """Settle one outcome in this thread with the broker's single call, and report it."""
+        op = outcome.settle
+        try:
+            answer: bool | None = settle_one(self.broker, op)
+        except BrokerError as exc:
+            answer = self._after_failure([op], exc)[0]
+        self._report(outcome, answer)
 
     def settle(self, outcomes: Sequence[Outcome]) -> None:
-        """Settle ``outcomes`` now, in this thread, and report them."""
-        self._on_settled(outcomes, self.call([o.settle for o in outcomes]))
+        """Settle ``outcomes`` in one ``settle_many`` call, in this thread, and report them."""
+        ops = [o.settle for o in outcomes]
+        try:
+            answers: Sequence[bool | None] = self.broker.settle_many(ops)
+        except BrokerError as exc:
+            answers = self._after_failure(ops, exc)
+        try:
+            for outcome, answer in zip(outcomes, answers, strict=True):
+                self._report(outcome, answer)
+        finally:
+            if self._batch_done is not None:
+                self._batch_done(outcomes)
 
     def call(self, ops: Sequence[Settle]) -> list[bool | None]:
-        """``broker.settle_many(ops)``: the answers, None for each op it could not answer.
+        """``broker.settle_many(ops)``: the answers, None for each op it could not answer."""
+        try:
+            return list(self.broker.settle_many(ops))
+        except BrokerError as exc:
+            return self._after_failure(ops, exc)
+
+    def _after_failure(self, ops: Sequence[Settle], exc: BrokerError) -> list[bool | None]:
+        """The answers to ``ops`` after ``settle_many`` raised ``exc``.
 
         BrokerUnavailable is tried again after each of SETTLE_PAUSES_S (settles are fenced by
         the receipt, so trying again is safe). Any other broker error fails the ops one by one
         (so one bad op cannot sink the rest of its batch) and gives up on those that still fail.
         """
-        for pause in (*SETTLE_PAUSES_S, None):
+        for pause in SETTLE_PAUSES_S:
+            if not isinstance(exc, BrokerUnavailable):
+                break
+            log.warning("broker settle of %d task(s) failed, trying again in %ss: %s",
+                        len(ops), pause, exc)  # fmt: skip
+            time.sleep(pause)
             try:
                 return list(self.broker.settle_many(ops))
-            except BrokerError as exc:
-                if isinstance(exc, BrokerUnavailable) and pause is not None:
-                    log.warning("broker settle of %d task(s) failed, trying again in %ss: %s",
-                                len(ops), pause, exc)  # fmt: skip
-                    time.sleep(pause)
-                    continue
-                if len(ops) > 1 and not isinstance(exc, BrokerUnavailable | BrokerClosed):
-                    return [answer for op in ops for answer in self.call([op])]
-                ids = ", ".join(op.delivery.task.id for op in ops)
-                log.warning("broker settle failed for task %s, giving up: %s", ids, exc)
-                return [None] * len(ops)
-        return [None] * len(ops)  # not reached: the last pause is None
+            except BrokerError as again:
+                exc = again
+        if len(ops) > 1 and not isinstance(exc, BrokerUnavailable | BrokerClosed):
+            return [answer for op in ops for answer in self.call([op])]
+        ids = ", ".join(op.delivery.task.id for op in ops)
+        log.warning("broker settle failed for task %s, giving up: %s", ids, exc)
+        return [None] * len(ops)
 
     def _loop(self) -> None:
         stopping = False  # the stop marker was seen: end once the queue is empty

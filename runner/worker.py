@@ -91,7 +91,9 @@ class Worker:
         self._closing = False  # worker threads exit once they see it
         self._watchdog = Watchdog()
         self.attempts = Attempts(self.types, events, self._watchdog, task_logger)
-        self._settler = Settler(broker, self._on_settled, background=settle_in_background)
+        self._settler = Settler(
+            broker, self.attempts.settled, settle_in_background, batch_done=self._settled
+        )
         self._threads: list[threading.Thread] = []
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="dq-dispatcher", daemon=True
@@ -278,7 +280,7 @@ class Worker:
                 if self._settler.background:
                     outcome = ended
                 else:
-                    self._settler.settle([ended])
+                    self._settler.settle_now(ended)
             except TaskInterrupted:
                 # Guard.run absorbs late interrupts; this is the last line of defence, so that
                 # a worker thread is never lost (Dramatiq #445).
@@ -326,12 +328,8 @@ class Worker:
                 return queue.popleft()
         return None
 
-    def _on_settled(self, outcomes: Sequence[Outcome], answers: Sequence[bool | None]) -> None:
-        """The Settler's report (from its thread, or inline from a worker thread)."""
-        for outcome, accepted in zip(outcomes, answers, strict=True):
-            self.attempts.settled(outcome, accepted)
-        if not self._settler.background:
-            return
+    def _settled(self, outcomes: Sequence[Outcome]) -> None:
+        """The Settler's thread answered (and reported) ``outcomes``: drop them from the books."""
         with self._lock:
             behind = len(self._settling) >= self._max_unsettled
             for outcome in outcomes:

@@ -19,7 +19,7 @@ def outcome(n: int) -> Outcome:
 
 
 class GatedBroker:
-    """settle_many answers True per op, but the first call waits until ``gate`` is set."""
+    """settle_many answers True per op, but waits until ``gate`` is set; ``ack`` is one op."""
 
     def __init__(self, poison: str | None = None) -> None:
         self.calls: list[list[str]] = []
@@ -38,16 +38,18 @@ class GatedBroker:
             raise BrokerError("bad op")
         return [True] * len(ops)
 
+    def ack(self, delivery: Delivery) -> bool:
+        return self.settle_many([Settle(delivery, "ack")])[0]
+
 
 class Reports:
     def __init__(self) -> None:
         self.answers: dict[str, bool | None] = {}
         self.threads: set[str] = set()
 
-    def __call__(self, outcomes: Sequence[Outcome], answers: Sequence[bool | None]) -> None:
+    def __call__(self, outcome: Outcome, answer: bool | None) -> None:
         self.threads.add(threading.current_thread().name)
-        for o, a in zip(outcomes, answers, strict=True):
-            self.answers[o.settle.delivery.task.id] = a
+        self.answers[outcome.settle.delivery.task.id] = answer
 
 
 def test_tasks_finished_during_a_call_share_the_next_call() -> None:

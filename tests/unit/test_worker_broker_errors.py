@@ -63,8 +63,12 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
 
 
 def flaky(engine: Engine, failures: int, error: BrokerError) -> FlakySettle:
-    wrapper = FlakySettle(engine.broker.settle_many, failures, error)
+    """Make the broker's settles flaky: ``settle_many`` (the Settler's thread batches with it,
+    and retries with it) and ``ack`` (what inline settling calls first; the handler succeeds)."""
+    ack = engine.broker.ack
+    wrapper = FlakySettle(lambda ops: [ack(op.delivery) for op in ops], failures, error)
     engine.broker.settle_many = wrapper  # type: ignore[method-assign]
+    engine.broker.ack = lambda d: wrapper([Settle(d, "ack")])[0]  # type: ignore[method-assign]
     return wrapper
 
 
