@@ -129,17 +129,20 @@ def bench_memory(sizes: Sizes, reps: int) -> list[Row]:
     return rows
 
 
-def _sleep_rows(broker: str, config: Callable[[int], object], sizes: Sizes, reps: int) -> list[Row]:
+def _sleep_rows(
+    broker: str, config: Callable[[int], object], sizes: Sizes, reps: int, label: str = ""
+) -> list[Row]:
+    """1 ms tasks on 1 and on THREADS threads; ``label`` names the config (e.g. its prefetch)."""
     one, four = paired(
         lambda: ec.end_to_end_rate(config(1), sizes.sleep1),  # type: ignore[arg-type]
         lambda: ec.end_to_end_rate(config(THREADS), sizes.sleep4),  # type: ignore[arg-type]
         reps,
     )
     return [
-        Row(broker, "1 ms tasks, 1 thread", one, "tasks/s", "", None),
+        Row(broker, f"1 ms tasks, 1 thread{label}", one, "tasks/s", "", None),
         Row(
             broker,
-            "1 ms tasks, 4 threads",
+            f"1 ms tasks, 4 threads{label}",
             four,
             "tasks/s",
             "1 thread",
@@ -218,6 +221,9 @@ def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
         )
     )
     rows += _sleep_rows("sqlite", lambda t: cfg(t, "sleep_1ms"), sizes, reps)
+    rows += _sleep_rows(
+        "sqlite", lambda t: cfg(t, "sleep_1ms", t), sizes, reps, label=", prefetch = threads"
+    )
     rows += _latency_rows("sqlite", cfg(THREADS), sizes, reps, limit_ms=None)
     return rows
 
@@ -304,6 +310,9 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
             )
         )
         rows += _sleep_rows("redis", lambda t: cfg(t, "sleep_1ms"), sizes, reps)
+        rows += _sleep_rows(
+            "redis", lambda t: cfg(t, "sleep_1ms", t), sizes, reps, label=", prefetch = threads"
+        )
         rows += _latency_rows("redis", cfg(THREADS), sizes, reps, limit_ms=10.0, url=url)
         return rows
     finally:
