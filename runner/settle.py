@@ -3,9 +3,13 @@
 A worker thread that finished a task has one broker call left (ack, retry, dead or release).
 On the memory broker that call costs a lock round, so the thread makes it itself (inline). On
 SQLite and Redis it costs a transaction or a round trip, and a thread waiting for it is a thread
-not running handlers; there the thread hands the call to the Settler's own thread and takes its
-next task at once. The Settler sends everything handed to it meanwhile in one
-``broker.settle_many`` call, so a busy worker settles many tasks per round trip.
+not running handlers; there the thread hands the call on and takes its next task at once:
+
+- to the Worker's dispatcher, when it is not blocked in a fetch: it sends every settle handed
+  to it along with its next fetch (``Broker.exchange``: one transaction / one round trip for
+  both) and reports them through ``Settler.report``;
+- otherwise to the Settler's own thread, which sends everything handed to it meanwhile in one
+  ``broker.settle_many`` call (and retries when the broker is unavailable).
 
 What does not change: the outcome event (task.succeeded / retrying / dead, or task.lease_lost
 when the broker refused) is emitted only once the broker answered, and a task whose settle did
@@ -107,6 +111,10 @@ class Settler:
             answers: Sequence[bool | None] = self.broker.settle_many(ops)
         except BrokerError as exc:
             answers = self._after_failure(ops, exc)
+        self.report(outcomes, answers)
+
+    def report(self, outcomes: Sequence[Outcome], answers: Sequence[bool | None]) -> None:
+        """Report a batch the broker answered (here, or along with a fetch: Broker.exchange)."""
         try:
             for outcome, answer in zip(outcomes, answers, strict=True):
                 self._report(outcome, answer)

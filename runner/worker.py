@@ -4,8 +4,9 @@ One dispatcher thread asks the broker only for types with room (so a saturated t
 stalls the others) and keeps a small local buffer of prefetched deliveries per type, so worker
 threads rarely wait for it and the broker can hand out tasks in batches. Worker threads take
 the next task of a type whose running count is below its limit, run it (runner.attempt), hand
-its broker call to the Settler (runner.settle: inline on the memory broker, batched in its own
-thread on durable ones) and take the next one in the same lock round. A lease keeper renews
+its broker call on (runner.settle: made inline on the memory broker; on durable ones sent by the
+dispatcher along with its next fetch, or by the Settler's thread) and take the next one in the
+same lock round. A lease keeper renews
 the lease of every held delivery (prefetched, running or settling) every visibility_timeout / 3;
 a watchdog enforces deadlines (runner.timeouts).
 
@@ -84,6 +85,10 @@ class Worker:
         # counted against any room, but still held: leases renewed, stop() waits for them.
         self._settling: dict[str, Delivery] = {}
         self._max_unsettled = max(64, 4 * threads)  # then threads wait before taking more
+        # Settles the dispatcher sends along with its next fetch (Broker.exchange): one round
+        # trip or transaction for both. Only while it is not blocked in a get; else the Settler.
+        self._carry: list[Outcome] = []
+        self._blocked_in_get = False
         self._waiting_threads = 0
         self._asking: frozenset[str] = frozenset()  # types in the broker.get under way
         self._order = list(self.types)
@@ -188,16 +193,33 @@ class Worker:
     # -- dispatcher ------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        try:
+            self._dispatch_loop()
+        finally:
+            with self._lock:
+                left, self._carry = self._carry, []
+            for outcome in left:
+                self._settler.submit(outcome)
+
+    def _dispatch_loop(self) -> None:
         while not self._stopping.is_set():
             with self._lock:
                 slots, room = self._free_room()
-                if not slots or not self._should_fetch():
+                carry, self._carry = self._carry, []
+                fetch = bool(slots) and self._should_fetch()
+                if fetch:
+                    self._asking = frozenset(slots)
+                    self._blocked_in_get = not carry
+                    self._order.append(self._order.pop(0))  # rotate: fairness when room < slots
+                elif not carry:
                     self._room.wait(timeout=GET_TIMEOUT_S)
                     continue
-                self._asking = frozenset(slots)
-                self._order.append(self._order.pop(0))  # rotate: fairness when room < slots
+            if not fetch:
+                for outcome in carry:
+                    self._settler.submit(outcome)
+                continue
             try:
-                deliveries = self.broker.get(slots, room, GET_TIMEOUT_S)
+                deliveries = self._fetch(slots, room, carry)
             except BrokerClosed:
                 return
             except BrokerError as exc:
@@ -206,6 +228,7 @@ class Worker:
                 continue
             finally:
                 self._asking = frozenset()
+                self._blocked_in_get = False
             if deliveries:
                 with self._lock:
                     for delivery in deliveries:
@@ -213,6 +236,19 @@ class Worker:
                         self._held_by_type[delivery.task.type] += 1
                         self._ready[delivery.task.type].append(delivery)
                     self._work.notify(len(deliveries))
+
+    def _fetch(self, slots: dict[str, int], room: int, carry: list[Outcome]) -> list[Delivery]:
+        """``broker.get``; with settles to carry, ``broker.exchange`` (which does not block)."""
+        if not carry:
+            return self.broker.get(slots, room, GET_TIMEOUT_S)
+        try:
+            answers, deliveries = self.broker.exchange([o.settle for o in carry], slots, room)
+        except BrokerError:
+            for outcome in carry:
+                self._settler.submit(outcome)  # tried again there (settles are fenced)
+            raise
+        self._settler.report(carry, answers)
+        return deliveries
 
     def _room_left(self) -> int:
         """How many more deliveries the process may hold (lock held)."""
@@ -300,7 +336,11 @@ class Worker:
                 self._release_slot(done, started=True)
                 if outcome is not None:
                     self._settling[done.receipt] = done
-                    self._settler.submit(outcome)
+                    if self._stopping.is_set() or self._blocked_in_get:
+                        self._settler.submit(outcome)
+                    else:
+                        self._carry.append(outcome)
+                        self._room.notify_all()  # the dispatcher sends it with its next fetch
             self._waiting_threads += 1
             try:
                 while True:

@@ -33,6 +33,11 @@ Every broker passes the same suite in tests/contract. The contract, in one line 
   trip or transaction where the broker can (the engine settles finished tasks this way, in the
   background, on durable brokers). When it raises, any of the ops may or may not have happened;
   the receipts make trying them again safe (an op that did happen then answers False).
+- ``exchange(ops, slots, limit)`` is ``settle_many(ops)`` followed by ``get(slots, limit, 0)``
+  (it never blocks), in one round trip or transaction where the broker can: the engine's
+  dispatcher sends finished tasks' settles along with its next fetch. It answers
+  ``(answers, deliveries)``; when it raises, the settles may or may not have happened, as with
+  ``settle_many``, and anything it may have handed out comes back when its lease expires.
 - ``depth()`` counts each type's ready (due), delayed and leased tasks; a type with no tasks may
   be absent or all zeros.
 - ``close()`` is idempotent and wakes every waiter: a blocked ``get`` returns ``[]``, a ``put``
@@ -130,6 +135,10 @@ class Broker(Protocol):
     def release(self, delivery: Delivery) -> bool: ...
 
     def settle_many(self, ops: Sequence[Settle]) -> list[bool]: ...
+
+    def exchange(
+        self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
+    ) -> tuple[list[bool], list[Delivery]]: ...
 
     def extend(self, deliveries: Sequence[Delivery]) -> list[bool]: ...
 

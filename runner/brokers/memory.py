@@ -272,6 +272,11 @@ class MemoryBroker:
     def settle_many(self, ops: Sequence[Settle]) -> list[bool]:
         return settle_each(self, ops)
 
+    def exchange(
+        self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
+    ) -> tuple[list[bool], list[Delivery]]:
+        return settle_each(self, ops), self.get(slots, limit, 0)
+
     def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
         with self._cond:
             self._check_open()

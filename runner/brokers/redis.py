@@ -281,20 +281,50 @@ class RedisBroker(RedisAdmin):
             self._woken.wait(max(0.0, timeout))
             self._woken.clear()
             return []
+        with self._getting:
+            return self._get(self._poll_keys(wanted), wanted, limit, deadline)
+
+    def exchange(
+        self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
+    ) -> tuple[list[bool], list[Delivery]]:
+        """``settle_many(ops)`` and one POLL (as ``get`` with timeout 0) in one round trip.
+
+        If the reply is lost, the settles may have happened (trying them again is safe) and
+        the polled deliveries come back after ``visibility_timeout``, as with a lost get.
+        """
+        self._check_open()
+        wanted = [(name, n) for name, n in slots.items() if n > 0]
+        if not wanted or limit <= 0 or not ops:
+            return self.settle_many(ops), self.get(slots, limit, 0)
+        with self._getting:
+            settle_keys, settle_args = self._settle_call([self._op(op) for op in ops])
+            poll_keys = self._poll_keys(wanted)
+            calls = [
+                ("SETTLE", settle_keys, settle_args),
+                ("POLL", poll_keys, self._poll_args(wanted, limit)),
+            ]
+            settled, polled = self._call(partial(self._pipelined, calls))
+            found, _cursors, _next_due = self._answer_or_rerun(polled, *calls[1])
+            deliveries = self._deliveries(found, wanted)
+            answers = [bool(ok) for ok in self._answer_or_rerun(settled, *calls[0])]
+            return answers, deliveries
+
+    def _poll_keys(self, wanted: list[tuple[str, int]]) -> list[str]:
         keys = [self._key("leases")]
         for name, _ in wanted:
             keys += [self._stream(name), self._delayed(name)]
-        with self._getting:
-            return self._get(keys, wanted, limit, deadline)
+        return keys
+
+    def _poll_args(self, wanted: list[tuple[str, int]], limit: int) -> list[Any]:
+        args = [repr(self._clock()), GROUP, self.consumer, self._visibility_ms, limit]
+        return [*args, f"{self._nonce}{next(self._polls)}", *(n for _, n in wanted)]
 
     def _get(
         self, keys: list[str], wanted: list[tuple[str, int]], limit: int, deadline: float
     ) -> list[Delivery]:
         try:
             while True:
-                args = [repr(self._clock()), GROUP, self.consumer, self._visibility_ms, limit]
-                args += [f"{self._nonce}{next(self._polls)}", *(n for _, n in wanted)]
-                found, cursors, next_due = self._poll(keys, args)
+                found, cursors, next_due = self._poll(keys, self._poll_args(wanted, limit))
                 if found:
                     return self._deliveries(found, wanted)
                 if self._woken.is_set() or self._closed:

@@ -303,17 +303,50 @@ class SqliteBroker:
 
     def _claim(self, slots: Mapping[str, int], limit: int) -> tuple[list[Delivery], float | None]:
         """One claim transaction; returns the deliveries, or none and the next due time."""
-        wanted = [(kind, n) for kind, n in slots.items() if n > 0]
-        if limit <= 0 or not wanted:
+        wanted = self._wanted(slots, limit)
+        if not wanted:
             return [], None
-        # Rotate the starting type so that a small ``limit`` does not always favour the first.
-        start = next(self._rotation) % len(wanted)
-        wanted = wanted[start:] + wanted[:start]
         if not self._busy:
             # Idle: a read first, so idle pollers in other processes do not take the write lock.
             with self._read() as conn:
                 if not anything_claimable(conn, [kind for kind, _ in wanted], self._clock()):
                     return [], next_due(conn)
+        # Queued like an ack, so that a claim and the acks waiting beside it share one commit.
+        rows: list[Any] = self._commits.run(self._claim_statement(wanted, limit), self._flush)
+        self._busy = bool(rows)
+        return [to_delivery(row) for row in rows], None
+
+    def exchange(
+        self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
+    ) -> tuple[list[bool], list[Delivery]]:
+        """``settle_many(ops)`` and a claim (as ``get`` with timeout 0), in one transaction."""
+        if self._closed:
+            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+        statements = [self._statement(op) for op in ops]
+        wanted = self._wanted(slots, limit)
+        claim = self._claim_statement(wanted, limit) if wanted else None
+
+        def statement(conn: sqlite3.Connection) -> tuple[list[bool], list[Any]]:
+            answers = [run(conn) for run in statements]
+            self._settled = self._settled or any(answers)
+            return answers, claim(conn) if claim is not None else []
+
+        answers, rows = self._commits.run(statement, self._flush)
+        self._busy = bool(rows)
+        return answers, [to_delivery(row) for row in rows]
+
+    def _wanted(self, slots: Mapping[str, int], limit: int) -> list[tuple[str, int]]:
+        """The types to claim from, with their slots; the first one rotates."""
+        wanted = [(kind, n) for kind, n in slots.items() if n > 0]
+        if limit <= 0 or not wanted:
+            return []
+        # Rotate the starting type so that a small ``limit`` does not always favour the first.
+        start = next(self._rotation) % len(wanted)
+        return wanted[start:] + wanted[:start]
+
+    def _claim_statement(
+        self, wanted: list[tuple[str, int]], limit: int
+    ) -> Callable[[sqlite3.Connection], list[Any]]:
         token = f"{self._token_prefix}{next(self._claims):x}"  # unique per claim, no syscall
 
         def statement(conn: sqlite3.Connection) -> list[Any]:
@@ -331,10 +364,7 @@ class SqliteBroker:
                 rows.extend(sorted(claimed))  # RETURNING order is unspecified; seq is FIFO
             return rows
 
-        # Queued like an ack, so that a claim and the acks waiting beside it share one commit.
-        rows: list[Any] = self._commits.run(statement, self._flush)
-        self._busy = bool(rows)
-        return [to_delivery(row) for row in rows], None
+        return statement
 
     def _promote_due(self, conn: sqlite3.Connection, now: float) -> None:
         """Make due delayed tasks and expired leases claimable, unless none can be due yet.

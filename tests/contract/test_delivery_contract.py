@@ -162,6 +162,27 @@ def test_settle_many_answers_each_op_as_its_own_call_would(
     assert broker.settle_many([Settle(d[4], "ack"), Settle(d[1], "ack")]) == [True, False]
 
 
+def test_exchange_settles_then_hands_out_without_blocking(
+    broker: Broker, admin: BrokerAdmin
+) -> None:
+    put(broker, *(task("a", i) for i in range(4)), task("b", "b0"))
+    first, second = broker.get({"a": 2}, 2, 0)
+    ops = [Settle(first, "ack"), Settle(second, "dead", record=dead_record(second))]
+    answers, got = broker.exchange(ops, {"a": 1, "b": 5}, 10)
+    assert answers == [True, True]
+    assert sorted(str(d.task.payload) for d in got) == ["2", "b0"]  # slots per type still hold
+    assert [r.id for r in admin.dead_letters(DeadLetterFilter())] == [second.task.id]
+    # A stale op answers False in place; nothing to hand out returns at once, not after a wait.
+    start = time.monotonic()
+    answers, none = broker.exchange([Settle(first, "ack")], {"c": 1}, 1)
+    assert (answers, none) == ([False], [])
+    assert time.monotonic() - start < 0.3
+    # Settled before the hand-out, in the same call: a released task can be handed out again.
+    (third,) = broker.get({"a": 1}, 1, 0)
+    answers, again = broker.exchange([Settle(third, "release")], {"a": 1}, 1)
+    assert answers == [True] and [d.task.id for d in again] == [third.task.id]
+
+
 def test_extend_keeps_a_lease_alive_past_twice_the_visibility_timeout(
     make_broker: BrokerMaker,
 ) -> None:

@@ -98,7 +98,10 @@ def test_giving_up_is_not_reported_as_a_lost_lease_and_frees_the_slot(engine: En
     wait_until(lambda: sum(settle.tries.values()) >= 2 * tries)
     wait_until(engine.worker.idle)  # given up on: no longer waiting to be settled
     time.sleep(0.05)  # a further try would show up here
-    assert settle.tries == {first: tries, second: tries}
+    # In the background one more try may come first: the one the dispatcher carried along with
+    # its fetch (Broker.exchange) before handing the settle to the Settler.
+    assert set(settle.tries) == {first, second}
+    assert all(tries <= n <= tries + 1 for n in settle.tries.values()), settle.tries
     assert not engine.recorder.named("task.lease_lost")
     assert not engine.recorder.named("task.succeeded")
     # Still leased: the broker hands both out again once their leases expire.
@@ -112,5 +115,6 @@ def test_other_broker_errors_are_not_tried_again(engine: Engine) -> None:
     wait_until(lambda: settle.calls >= 1)
     wait_until(engine.worker.idle)
     time.sleep(0.05)
-    assert settle.tries == {task_id: 1}
+    assert set(settle.tries) == {task_id}
+    assert settle.tries[task_id] <= 2  # at most the dispatcher's carried try, then the Settler's
     assert not engine.recorder.named("task.lease_lost")
