@@ -223,7 +223,7 @@ class Worker:
             except BrokerClosed:
                 return
             except BrokerError as exc:
-                log.warning("broker.get failed: %s", exc)
+                log.warning("broker.%s failed: %s", "exchange" if carry else "get", exc)
                 self._stopping.wait(0.5)
                 continue
             finally:

@@ -54,4 +54,5 @@ def test_outage_emits_reconnecting_events_and_metric(
     text = metrics.exposition().decode()
     [line] = [x for x in text.splitlines() if x.startswith("dq_broker_reconnects_total")]
     assert float(line.split()[-1]) >= 1
-    assert runner.summary.to_json()["totals"]["succeeded"] == 2
+    task_events = [name for name in seen.names if name.startswith("task.")]
+    assert runner.summary.to_json()["totals"]["succeeded"] == 2, task_events

@@ -391,7 +391,9 @@ def test_an_ack_blocked_past_the_busy_timeout_is_retried_not_dropped(pipeline: P
     blocker.execute("BEGIN IMMEDIATE")
     locked_at = time.monotonic()
     try:
-        wait_for(lambda: "broker settle of 1 task(s) failed" in worker.log(), 20, 0.1,
+        # Sent by the dispatcher along with a fetch (broker.exchange) or by the settler thread.
+        failed = ("broker.exchange failed", "broker settle of 1 task(s) failed")
+        wait_for(lambda: any(text in worker.log() for text in failed), 20, 0.1,
                  what="the ack to fail once")  # fmt: skip
     finally:
         blocker.execute("ROLLBACK")
