@@ -93,12 +93,13 @@ class Task:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Task:
+    def from_json(cls, data: dict[str, Any], attempt: int | None = None) -> Task:
+        """``attempt``, when given, replaces the stored one (brokers count it at hand-out)."""
         return cls(
             id=str(data["id"]),
             type=str(data["type"]),
             payload=data.get("payload"),
-            attempt=int(data.get("attempt", 0)),
+            attempt=int(data.get("attempt", 0)) if attempt is None else attempt,
             enqueued_at=float(data.get("enqueued_at", 0.0)),
             not_before=float(data.get("not_before", 0.0)),
             history=tuple(AttemptRecord.from_json(h) for h in data.get("history", ())),
@@ -110,13 +111,14 @@ def encode_task(task: Task) -> bytes:
     return json.dumps(task.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def decode_task(raw: bytes | str) -> Task:
-    """Inverse of encode_task; raises ValueError (or a subclass) on anything malformed."""
+def decode_task(raw: bytes | str, attempt: int | None = None) -> Task:
+    """Inverse of encode_task (with ``attempt`` replacing the stored one when given); raises
+    ValueError (or a subclass) on anything malformed."""
     data = json.loads(raw)
     if not isinstance(data, dict):
         raise ValueError(f"task envelope must be a JSON object, got {type(data).__name__}")
     try:
-        return Task.from_json(data)
+        return Task.from_json(data, attempt)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed task envelope: {exc!r}") from exc
 

@@ -144,6 +144,7 @@ class RedisBroker(RedisAdmin):
                 "PUT",
                 "POLL",
                 "SETTLE",
+                "EXCHANGE",
                 "EXTEND",
                 "REPLAY",
                 "DEPTH",
@@ -287,7 +288,8 @@ class RedisBroker(RedisAdmin):
     def exchange(
         self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
     ) -> tuple[list[bool], list[Delivery]]:
-        """``settle_many(ops)`` and one POLL (as ``get`` with timeout 0) in one round trip.
+        """``settle_many(ops)`` and one POLL (as ``get`` with timeout 0): one script call
+        (EXCHANGE), on the dispatcher's own connection.
 
         If the reply is lost, the settles may have happened (trying them again is safe) and
         the polled deliveries come back after ``visibility_timeout``, as with a lost get.
@@ -296,18 +298,15 @@ class RedisBroker(RedisAdmin):
         wanted = [(name, n) for name, n in slots.items() if n > 0]
         if not wanted or limit <= 0 or not ops:
             return self.settle_many(ops), self.get(slots, limit, 0)
+        settle_keys, settle_args = self._settle_call([self._op(op) for op in ops])
+        keys = [*settle_keys, *self._poll_keys(wanted)]
         with self._getting:
-            settle_keys, settle_args = self._settle_call([self._op(op) for op in ops])
-            poll_keys = self._poll_keys(wanted)
-            calls = [
-                ("SETTLE", settle_keys, settle_args),
-                ("POLL", poll_keys, self._poll_args(wanted, limit)),
-            ]
-            settled, polled = self._call(partial(self._pipelined, calls))
-            found, _cursors, _next_due = self._answer_or_rerun(polled, *calls[1])
-            deliveries = self._deliveries(found, wanted)
-            answers = [bool(ok) for ok in self._answer_or_rerun(settled, *calls[0])]
-            return answers, deliveries
+            args = [len(settle_keys), len(settle_args), *settle_args]
+            args += self._poll_args(wanted, limit)
+            settled, (found, _cursors, _next_due) = self._run(
+                "EXCHANGE", keys, args, self._get_client
+            )
+        return [bool(ok) for ok in settled], self._deliveries(found, wanted)
 
     def _poll_keys(self, wanted: list[tuple[str, int]]) -> list[str]:
         keys = [self._key("leases")]
@@ -394,7 +393,7 @@ class RedisBroker(RedisAdmin):
             receipt = f"{entry}|{token.decode()}|{type_}"
             attempt = int(before) + int(count)
             try:
-                task = replace(decode_task(raw), attempt=attempt)
+                task = decode_task(raw, attempt)
                 error = None
             except ValueError as exc:
                 task = Task(type=type_, payload=None, id=f"redis:{entry}", attempt=attempt)

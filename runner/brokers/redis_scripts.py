@@ -83,74 +83,74 @@ return 1
 #: Returns {deliveries, cursors, next_due}: deliveries flat as (type index, id, a, t,
 #: delivery count, token, redelivered 0/1); cursors = last entry id per type (for XREAD BLOCK);
 #: next_due = earliest delayed score among these types, or ''.
-POLL = (
-    _ENSURE_GROUP
-    + """
-local now, group, consumer = ARGV[1], ARGV[2], ARGV[3]
-local min_idle, limit, nonce = ARGV[4], tonumber(ARGV[5]), ARGV[6]
-local leases = KEYS[1]
-local ntypes = (#KEYS - 1) / 2
-local out, cursors, next_due = {}, {}, ''
-local handed, seq = 0, 0
+_POLL_FN = """
+local function poll(KEYS, ARGV)
+  local now, group, consumer = ARGV[1], ARGV[2], ARGV[3]
+  local min_idle, limit, nonce = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+  local leases = KEYS[1]
+  local ntypes = (#KEYS - 1) / 2
+  local out, cursors, next_due = {}, {}, ''
+  local handed, seq = 0, 0
 
-local function fields_of(entry_fields)
-  local f = {}
-  for k = 1, #entry_fields, 2 do f[entry_fields[k]] = entry_fields[k + 1] end
-  return f
-end
-
-local function hand_out(i, stream, id, entry_fields, count, redelivered)
-  local f = fields_of(entry_fields)
-  seq = seq + 1
-  local token = nonce .. ':' .. seq
-  redis.call('HSET', leases, id .. '@' .. stream, token)
-  local n = #out
-  out[n + 1] = i; out[n + 2] = id; out[n + 3] = f['a'] or '0'; out[n + 4] = f['t'] or ''
-  out[n + 5] = count; out[n + 6] = token; out[n + 7] = redelivered
-  handed = handed + 1
-end
-
-for i = 1, ntypes do
-  local stream, delayed = KEYS[2 * i], KEYS[2 * i + 1]
-  local free = tonumber(ARGV[6 + i])
-  ensure_group(stream, group)
-  local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
-  for _, member in ipairs(due) do
-    local _, a, t = string.match(member, '^(%S+) (%d+) (.*)$')
-    if t then redis.call('XADD', stream, '*', 'a', a, 't', t) end
-    redis.call('ZREM', delayed, member)
+  local function fields_of(entry_fields)
+    local f = {}
+    for k = 1, #entry_fields, 2 do f[entry_fields[k]] = entry_fields[k + 1] end
+    return f
   end
-  local want = math.min(free, limit - handed)
-  if want > 0 then
-    local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, '0-0',
-                               'COUNT', want)
-    local got = 0
-    for _, e in ipairs(claimed[2]) do
-      if e[2] then
-        local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
-        hand_out(i, stream, e[1], e[2], p[1][4], 1)
-        got = got + 1
-      end
+
+  local function hand_out(i, stream, id, entry_fields, count, redelivered)
+    local f = fields_of(entry_fields)
+    seq = seq + 1
+    local token = nonce .. ':' .. seq
+    redis.call('HSET', leases, id .. '@' .. stream, token)
+    local n = #out
+    out[n + 1] = i; out[n + 2] = id; out[n + 3] = f['a'] or '0'; out[n + 4] = f['t'] or ''
+    out[n + 5] = count; out[n + 6] = token; out[n + 7] = redelivered
+    handed = handed + 1
+  end
+
+  for i = 1, ntypes do
+    local stream, delayed = KEYS[2 * i], KEYS[2 * i + 1]
+    local free = tonumber(ARGV[6 + i])
+    ensure_group(stream, group)
+    local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
+    for _, member in ipairs(due) do
+      local _, a, t = string.match(member, '^(%S+) (%d+) (.*)$')
+      if t then redis.call('XADD', stream, '*', 'a', a, 't', t) end
+      redis.call('ZREM', delayed, member)
     end
-    want = math.min(free - got, limit - handed)
+    local want = math.min(free, limit - handed)
     if want > 0 then
-      local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want,
-                           'STREAMS', stream, '>')
-      if r then
-        for _, e in ipairs(r[1][2]) do hand_out(i, stream, e[1], e[2], 1, 0) end
+      local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, '0-0',
+                                 'COUNT', want)
+      local got = 0
+      for _, e in ipairs(claimed[2]) do
+        if e[2] then
+          local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
+          hand_out(i, stream, e[1], e[2], p[1][4], 1)
+          got = got + 1
+        end
+      end
+      want = math.min(free - got, limit - handed)
+      if want > 0 then
+        local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want,
+                             'STREAMS', stream, '>')
+        if r then
+          for _, e in ipairs(r[1][2]) do hand_out(i, stream, e[1], e[2], 1, 0) end
+        end
       end
     end
+    local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    cursors[i] = last[1] and last[1][1] or '0-0'
+    local head = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+    if head[2] and (next_due == '' or tonumber(head[2]) < tonumber(next_due)) then
+      next_due = head[2]
+    end
   end
-  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-  cursors[i] = last[1] and last[1][1] or '0-0'
-  local head = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
-  if head[2] and (next_due == '' or tonumber(head[2]) < tonumber(next_due)) then
-    next_due = head[2]
-  end
+  return {out, cursors, next_due}
 end
-return {out, cursors, next_due}
 """
-)
+POLL = _ENSURE_GROUP + _POLL_FN + "return poll(KEYS, ARGV)\n"
 
 #: KEYS: leases, count, dlq, dlq index, then per distinct type: stream, delayed.
 #: ARGV: group, then per operation 7 fields: kind, type index, entry id, token, x, y, z, where
@@ -166,60 +166,83 @@ return {out, cursors, next_due}
 #:                released task is ready at once.
 #: Operations run in order, each fenced by its own lease token, exactly as if each had been its
 #: own script call. Returns one 1 (done) or 0 (fenced: another delivery owns the entry) per op.
-SETTLE = (
-    _LEASE_CHECK
-    + """
-local leases, count, dlq, dlq_idx = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local group = ARGV[1]
-local result = {}
+_SETTLE_FN = """
+local function settle(KEYS, ARGV)
+  local leases, count, dlq, dlq_idx = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+  local group = ARGV[1]
+  local result = {}
 
-local function requeue(stream, member)
-  local _, a, t = string.match(member, '^(%S+) (%d+) (.*)$')
-  redis.call('XADD', stream, '*', 'a', a, 't', t)
-end
-
-local function release(stream, id)
-  local entry = redis.call('XRANGE', stream, id, id)
-  local p = redis.call('XPENDING', stream, group, id, id, 1)
-  drop_entry(leases, stream, group, id)
-  if entry[1] then
-    local f = {}
-    for k = 1, #entry[1][2], 2 do f[entry[1][2][k]] = entry[1][2][k + 1] end
-    local used = (p[1] and p[1][4] or 1) - 1
-    redis.call('XADD', stream, '*', 'a', tonumber(f['a'] or '0') + used, 't', f['t'] or '')
+  local function requeue(stream, member)
+    local _, a, t = string.match(member, '^(%S+) (%d+) (.*)$')
+    redis.call('XADD', stream, '*', 'a', a, 't', t)
   end
-end
 
-for base = 2, #ARGV, 7 do
-  local kind, idx = ARGV[base], tonumber(ARGV[base + 1])
-  local id, token = ARGV[base + 2], ARGV[base + 3]
-  local x, y, z = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6]
-  local stream, delayed = KEYS[3 + 2 * idx], KEYS[4 + 2 * idx]
-  local ok = 0
-  if lease_matches(leases, stream, id, token) then
-    ok = 1
-    if kind == 'release' then
-      release(stream, id)
-    else
-      drop_entry(leases, stream, group, id)
-      if kind == 'retry' then
-        if tonumber(x) <= tonumber(z) then
-          requeue(stream, y)
-        else
-          redis.call('ZADD', delayed, x, y)
-        end
+  local function release(stream, id)
+    local entry = redis.call('XRANGE', stream, id, id)
+    local p = redis.call('XPENDING', stream, group, id, id, 1)
+    drop_entry(leases, stream, group, id)
+    if entry[1] then
+      local f = {}
+      for k = 1, #entry[1][2], 2 do f[entry[1][2][k]] = entry[1][2][k + 1] end
+      local used = (p[1] and p[1][4] or 1) - 1
+      redis.call('XADD', stream, '*', 'a', tonumber(f['a'] or '0') + used, 't', f['t'] or '')
+    end
+  end
+
+  for base = 2, #ARGV, 7 do
+    local kind, idx = ARGV[base], tonumber(ARGV[base + 1])
+    local id, token = ARGV[base + 2], ARGV[base + 3]
+    local x, y, z = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6]
+    local stream, delayed = KEYS[3 + 2 * idx], KEYS[4 + 2 * idx]
+    local ok = 0
+    if lease_matches(leases, stream, id, token) then
+      ok = 1
+      if kind == 'release' then
+        release(stream, id)
       else
-        redis.call('DECR', count)
-        if kind == 'dead' then
-          redis.call('HSET', dlq, x, y)
-          redis.call('ZADD', dlq_idx, z, x)
+        drop_entry(leases, stream, group, id)
+        if kind == 'retry' then
+          if tonumber(x) <= tonumber(z) then
+            requeue(stream, y)
+          else
+            redis.call('ZADD', delayed, x, y)
+          end
+        else
+          redis.call('DECR', count)
+          if kind == 'dead' then
+            redis.call('HSET', dlq, x, y)
+            redis.call('ZADD', dlq_idx, z, x)
+          end
         end
       end
     end
+    result[#result + 1] = ok
   end
-  result[#result + 1] = ok
+  return result
 end
-return result
+"""
+SETTLE = _LEASE_CHECK + _SETTLE_FN + "return settle(KEYS, ARGV)\n"
+
+#: SETTLE then POLL in one script call (the dispatcher's ``exchange``).
+#: KEYS: SETTLE's keys, then POLL's. ARGV: how many of KEYS are SETTLE's, how many of the
+#: following ARGV are SETTLE's, SETTLE's ARGV, then POLL's. Returns {SETTLE's reply, POLL's}.
+EXCHANGE = (
+    _LEASE_CHECK
+    + _ENSURE_GROUP
+    + _SETTLE_FN
+    + _POLL_FN
+    + """
+local nkeys, nargs = tonumber(ARGV[1]), tonumber(ARGV[2])
+local settle_keys, settle_args, poll_keys, poll_args = {}, {}, {}, {}
+for i = 1, #KEYS do
+  if i <= nkeys then settle_keys[#settle_keys + 1] = KEYS[i]
+  else poll_keys[#poll_keys + 1] = KEYS[i] end
+end
+for i = 3, #ARGV do
+  if i < 3 + nargs then settle_args[#settle_args + 1] = ARGV[i]
+  else poll_args[#poll_args + 1] = ARGV[i] end
+end
+return {settle(settle_keys, settle_args), poll(poll_keys, poll_args)}
 """
 )
 

@@ -247,14 +247,14 @@ def next_due(conn: sqlite3.Connection) -> float | None:
 def to_delivery(row: tuple[Any, ...]) -> Delivery:
     _seq, task_id, kind, attempt, redelivered, receipt, envelope = row
     try:
-        task = decode_task(envelope)
+        task = decode_task(envelope, attempt)
         if task.id != task_id or task.type != kind:
             raise ValueError(f"envelope is for {task.type}/{task.id}, row is {kind}/{task_id}")
     except Exception as exc:  # anything undecodable must reach the DLQ, never crash the worker
         stub = Task(type=kind, payload=None, id=task_id, attempt=attempt)
         error = f"undecodable task envelope: {type(exc).__name__}: {exc}"
         return Delivery(stub, receipt, bool(redelivered), decode_error=error)
-    return Delivery(replace(task, attempt=attempt), receipt, bool(redelivered))
+    return Delivery(task, receipt, bool(redelivered))
 
 
 def to_dead_letter(
