@@ -6,9 +6,8 @@ threads rarely wait for it and the broker can hand out tasks in batches. Worker 
 the next task of a type whose running count is below its limit, run it (runner.attempt), hand
 its broker call on (runner.settle: made inline on the memory broker; on durable ones sent by the
 dispatcher along with its next fetch, or by the Settler's thread) and take the next one in the
-same lock round. A lease keeper renews
-the lease of every held delivery (prefetched, running or settling) every visibility_timeout / 3;
-a watchdog enforces deadlines (runner.timeouts).
+same lock round. A lease keeper renews the lease of every held delivery (prefetched, running or
+settling) every visibility_timeout / 3; a watchdog enforces deadlines (runner.timeouts).
 
 Limits, precisely: at most ``limit`` tasks of a type run at once and at most ``threads`` in
 all; a type holds at most ``limit + min(limit, prefetch)`` deliveries, and the process at most
@@ -89,6 +88,7 @@ class Worker:
         # trip or transaction for both. Only while it is not blocked in a get; else the Settler.
         self._carry: list[Outcome] = []
         self._blocked_in_get = False
+        self._dispatching = False  # the dispatcher runs and will take what is carried
         self._waiting_threads = 0
         self._asking: frozenset[str] = frozenset()  # types in the broker.get under way
         self._order = list(self.types)
@@ -118,6 +118,7 @@ class Worker:
             t = threading.Thread(target=self._work_loop, name=f"dq-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        self._dispatching = True
         self._dispatcher.start()
         self._lease_keeper.start()
         self.events.emit(Event("worker.started", detail=f"{self.identity} threads={self.threads}"))
@@ -197,6 +198,7 @@ class Worker:
             self._dispatch_loop()
         finally:
             with self._lock:
+                self._dispatching = False
                 left, self._carry = self._carry, []
             for outcome in left:
                 self._settler.submit(outcome)
@@ -304,7 +306,7 @@ class Worker:
         guard = Guard(self._watchdog)
         guard.bind()
         done: Delivery | None = None
-        outcome: Outcome | None = None  # done's broker call, for the Settler's thread
+        outcome: Outcome | None = None  # done's broker call, to be settled in the background
         while True:
             delivery: Delivery | None = None
             try:
@@ -329,14 +331,14 @@ class Worker:
             done = delivery
 
     def _next(self, done: Delivery | None, outcome: Outcome | None) -> Delivery | None:
-        """Free the slot of ``done`` (handing ``outcome`` to the Settler) and take the next task
-        to run, in one lock round."""
+        """Free the slot of ``done`` (handing ``outcome`` on to be settled) and take the next
+        task to run, in one lock round."""
         with self._lock:
             if done is not None:
                 self._release_slot(done, started=True)
                 if outcome is not None:
                     self._settling[done.receipt] = done
-                    if self._stopping.is_set() or self._blocked_in_get:
+                    if not self._dispatching or self._blocked_in_get or self._stopping.is_set():
                         self._settler.submit(outcome)
                     else:
                         self._carry.append(outcome)
