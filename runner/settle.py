@@ -102,6 +102,8 @@ class Settler:
             answer: bool | None = settle_one(self.broker, op)
         except BrokerError as exc:
             answer = self._after_failure([op], exc)[0]
+        except Exception:
+            answer = self._unexpected([op])[0]
         self._report(outcome, answer)
 
     def settle(self, outcomes: Sequence[Outcome]) -> None:
@@ -111,6 +113,8 @@ class Settler:
             answers: Sequence[bool | None] = self.broker.settle_many(ops)
         except BrokerError as exc:
             answers = self._after_failure(ops, exc)
+        except Exception:
+            answers = self._unexpected(ops)
         self.report(outcomes, answers)
 
     def report(self, outcomes: Sequence[Outcome], answers: Sequence[bool | None]) -> None:
@@ -128,6 +132,14 @@ class Settler:
             return list(self.broker.settle_many(ops))
         except BrokerError as exc:
             return self._after_failure(ops, exc)
+        except Exception:
+            return self._unexpected(ops)
+
+    def _unexpected(self, ops: Sequence[Settle]) -> list[bool | None]:
+        """No answers after an error the broker did not wrap (a bug, or a backend error it did
+        not expect): the tasks stay leased and come back when their leases expire."""
+        log.exception("broker settle of %d task(s) failed unexpectedly", len(ops))
+        return [None] * len(ops)
 
     def _after_failure(self, ops: Sequence[Settle], exc: BrokerError) -> list[bool | None]:
         """The answers to ``ops`` after ``settle_many`` raised ``exc``.

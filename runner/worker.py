@@ -228,6 +228,14 @@ class Worker:
                 log.warning("broker.%s failed: %s", "exchange" if carry else "get", exc)
                 self._stopping.wait(0.5)
                 continue
+            except Exception:
+                # Not a broker error the broker knew to wrap (a bug, or a backend error it did
+                # not expect): the dispatcher must not die of it, or the worker stops consuming.
+                log.exception(
+                    "broker.%s failed; the dispatcher continues", "exchange" if carry else "get"
+                )
+                self._stopping.wait(0.5)
+                continue
             finally:
                 self._asking = frozenset()
                 self._blocked_in_get = False
@@ -245,7 +253,7 @@ class Worker:
             return self.broker.get(slots, room, GET_TIMEOUT_S)
         try:
             answers, deliveries = self.broker.exchange([o.settle for o in carry], slots, room)
-        except BrokerError:
+        except Exception:
             for outcome in carry:
                 self._settler.submit(outcome)  # tried again there (settles are fenced)
             raise

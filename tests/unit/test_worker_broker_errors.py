@@ -118,3 +118,45 @@ def test_other_broker_errors_are_not_tried_again(engine: Engine) -> None:
     assert set(settle.tries) == {task_id}
     assert settle.tries[task_id] <= 2  # at most the dispatcher's carried try, then the Settler's
     assert not engine.recorder.named("task.lease_lost")
+
+
+class BrokenOnce:
+    """Wraps a broker method: the first call raises an error no broker wraps (a bug, say)."""
+
+    def __init__(self, method: Callable[..., Any]) -> None:
+        self._method = method
+        self.calls = 0
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("not a BrokerError")
+        return self._method(*args)
+
+
+def test_an_unexpected_fetch_error_does_not_stop_the_dispatcher(engine: Engine) -> None:
+    broken = BrokenOnce(engine.broker.get)
+    engine.broker.get = broken  # type: ignore[method-assign]
+    time.sleep(0.05)  # let the dispatcher's current get (made before the patch) come back
+    engine.broker.wake()
+    wait_until(lambda: broken.calls >= 1)
+    engine.publish("t")
+    engine.wait_finished(1, timeout=10)  # the worker still consumes
+
+
+def test_an_unexpected_settle_error_keeps_the_books(engine: Engine) -> None:
+    # Only the background Settler calls settle_many on its own; make every other route fail
+    # the same way, so whichever route the settle takes meets the error.
+    failing = RuntimeError("not a BrokerError")
+
+    def boom(*args: Any) -> Any:
+        raise failing
+
+    engine.broker.settle_many = boom  # type: ignore[method-assign]
+    engine.broker.exchange = boom  # type: ignore[method-assign]
+    engine.broker.ack = boom  # type: ignore[method-assign]
+    engine.publish("t")
+    engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 1)
+    wait_until(engine.worker.idle)  # no answer, but not held forever either
+    assert not engine.recorder.named("task.succeeded")
+    assert engine.broker.depth()["t"].leased == 1  # comes back when its lease expires
