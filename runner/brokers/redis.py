@@ -18,11 +18,10 @@ default with a longer BLOCK is a classic "alive but not consuming" bug). The pro
 to RESP2, redis-py 8 would otherwise negotiate RESP3.
 
 ``settle_many`` sends any number of acks / retries / dead-letters / releases in one call of the
-fenced SETTLE script (the engine's Settler uses it). Single calls (ack / retry / dead / release)
-are group-committed (runner/brokers/redis_batch.py):
-concurrent calls share one round trip of the batched, fenced SETTLE script, and settles waiting
-when the dispatcher polls ride along with its POLL in one pipeline. Each call still returns its
-own fenced answer, only after Redis gave it. The operator commands are in redis_admin.py.
+fenced SETTLE script, and ``exchange`` sends them with a POLL in one EXCHANGE script call (the
+engine settles through these two; a single ack / retry / dead / release is a ``settle_many`` of
+one). Each op gets its own fenced answer, only after Redis gave it. The operator commands are in
+redis_admin.py.
 
 Connection loss: every call is retried with exponential backoff (call_with_reconnect, built
 on tenacity) for up to ``reconnect_timeout`` seconds, logging ``broker.reconnecting``, then
@@ -42,7 +41,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
 from typing import Any, Literal, TypeVar
 
 import redis
@@ -52,7 +50,6 @@ from redis.retry import Retry
 from runner.brokers import redis_scripts as lua
 from runner.brokers.base import Delivery, Depth, Settle
 from runner.brokers.redis_admin import RedisAdmin
-from runner.brokers.redis_batch import GroupCommit
 from runner.brokers.redis_scripts import GROUP
 from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
 from runner.retry import call_with_reconnect
@@ -151,8 +148,6 @@ class RedisBroker(RedisAdmin):
             )
         }
         self._settle_keys = [self._key(k) for k in ("leases", "count", "dlq", "dlq:idx")]
-        # Concurrent ack / retry / dead / release calls share one round trip.
-        self._settler: GroupCommit[_Settle, bool] = GroupCommit(self._flush_settles)
         self._warn_unless_noeviction()
 
     def _dedicated_client(self) -> Any:
@@ -323,7 +318,8 @@ class RedisBroker(RedisAdmin):
     ) -> list[Delivery]:
         try:
             while True:
-                found, cursors, next_due = self._poll(keys, self._poll_args(wanted, limit))
+                args = self._poll_args(wanted, limit)
+                found, cursors, next_due = self._run("POLL", keys, args, self._get_client)
                 if found:
                     return self._deliveries(found, wanted)
                 if self._woken.is_set() or self._closed:
@@ -340,41 +336,6 @@ class RedisBroker(RedisAdmin):
             if self._closed:
                 return []
             raise
-
-    def _poll(self, keys: list[str], args: list[Any]) -> Any:
-        """The POLL script; settles waiting for their flush ride along in the same round trip."""
-        batch = self._settler.claim()
-        if batch is None:
-            return self._run("POLL", keys, args, self._get_client)
-        settle_keys, settle_args = self._settle_call(batch.ops)
-        calls = [("SETTLE", settle_keys, settle_args), ("POLL", keys, args)]
-        try:
-            settled, polled = self._call(partial(self._pipelined, calls))
-        except BaseException as exc:  # the settles' callers get it, as from their own flush
-            self._settler.finish(batch, exc)
-            raise
-        answers: list[bool] | BaseException
-        try:
-            answers = [bool(ok) for ok in self._answer_or_rerun(settled, *calls[0])]
-        except BaseException as exc:
-            answers = exc
-        self._settler.finish(batch, answers)
-        return self._answer_or_rerun(polled, *calls[1])
-
-    def _pipelined(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
-        # Raw EVALSHA: a pipeline of Script objects would first ask SCRIPT EXISTS, one more
-        # round trip; a script Redis lost (restart, SCRIPT FLUSH) is re-run on its own below.
-        pipe = self._client.pipeline(transaction=False)
-        for name, keys, args in calls:
-            pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
-        return list(pipe.execute(raise_on_error=False))
-
-    def _answer_or_rerun(self, reply: Any, name: str, keys: list[str], args: list[Any]) -> Any:
-        if isinstance(reply, redis.exceptions.NoScriptError):
-            return self._run(name, keys, args, self._get_client)  # did not run: run it now
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
 
     def _wait_for_entries(
         self, wanted: list[tuple[str, int]], cursors: list[Any], block: float
@@ -423,8 +384,7 @@ class RedisBroker(RedisAdmin):
         return self._flush_settles([self._op(op) for op in ops]) if ops else []
 
     def _settle(self, op: Settle) -> bool:
-        self._check_open()
-        return self._settler.submit(self._op(op))
+        return self.settle_many([op])[0]
 
     def _op(self, op: Settle) -> _Settle:
         """``op`` as the SETTLE script's seven fields (see redis_scripts.SETTLE)."""
@@ -444,7 +404,7 @@ class RedisBroker(RedisAdmin):
         return (op.kind, type_, entry, token, "", "", "")
 
     def _flush_settles(self, ops: Sequence[_Settle]) -> list[bool]:
-        """One SETTLE script call for every operation in ``ops`` (see redis_batch)."""
+        """One SETTLE script call for every operation in ``ops``."""
         keys, args = self._settle_call(ops)
         return [bool(ok) for ok in self._run("SETTLE", keys, args, self._settle_client)]
 
