@@ -15,7 +15,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -140,16 +140,22 @@ def bare_redis_rate(url: str, job: Job, threads: int, n: int) -> tuple[float, fl
     return rates
 
 
-def bare_redis_latency(url: str, threads: int, rate: float, seconds: float) -> tuple[float, float]:
-    """(p50, p99) seconds XADD -> consumer start, one entry every 1/rate s."""
-    bare = _BareRedis(url, threads, lambda payload, ctx: None)
-    n = int(rate * seconds)
-    bare.start(n)
+def paced(n: int, rate: float) -> Iterator[int]:
+    """0 .. n-1, each yielded at its slot on a steady ``rate`` per second from the first."""
     t0 = time.perf_counter()
     for i in range(n):
         delay = t0 + i / rate - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
+        yield i
+
+
+def bare_redis_latency(url: str, threads: int, rate: float, seconds: float) -> tuple[float, float]:
+    """(p50, p99) seconds XADD -> consumer start, one entry every 1/rate s."""
+    bare = _BareRedis(url, threads, lambda payload, ctx: None)
+    n = int(rate * seconds)
+    bare.start(n)
+    for _ in paced(n, rate):
         bare.publish(1)
     bare.all_done.wait(60)
     bare.close()

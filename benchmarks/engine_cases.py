@@ -17,6 +17,8 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from baselines import paced
+
 from runner.app import Runner, build_runtime
 from runner.bench import BenchRecorder
 from runner.config import PipelineConfig
@@ -108,11 +110,7 @@ def latency(config: PipelineConfig, rate: float, seconds: float) -> tuple[float,
     runner.start()
     n = int(rate * seconds)
     recorder.expect(n)
-    t0 = time.perf_counter()
-    for i in range(n):
-        delay = t0 + i / rate - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+    for _ in paced(n, rate):
         runner.publish(TYPE, None)
     recorder.wait_finished(60.0)
     _quick_stop(runner)

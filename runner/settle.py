@@ -108,14 +108,7 @@ class Settler:
 
     def settle(self, outcomes: Sequence[Outcome]) -> None:
         """Settle ``outcomes`` in one ``settle_many`` call, in this thread, and report them."""
-        ops = [o.settle for o in outcomes]
-        try:
-            answers: Sequence[bool | None] = self.broker.settle_many(ops)
-        except BrokerError as exc:
-            answers = self._after_failure(ops, exc)
-        except Exception:
-            answers = self._unexpected(ops)
-        self.report(outcomes, answers)
+        self.report(outcomes, self.call([o.settle for o in outcomes]))
 
     def report(self, outcomes: Sequence[Outcome], answers: Sequence[bool | None]) -> None:
         """Report a batch the broker answered (here, or along with a fetch: Broker.exchange)."""

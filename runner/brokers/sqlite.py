@@ -178,15 +178,21 @@ class SqliteBroker:
             raise BrokerClosed(f"sqlite broker {self.path} is closed")
         if not ops:
             return []
+        answers: list[bool] = self._commits.run(self._settle_statement(ops), self._flush)
+        return answers
+
+    def _settle_statement(
+        self, ops: Sequence[Settle]
+    ) -> Callable[[sqlite3.Connection], list[bool]]:
+        """The fenced writes of ``ops`` as one statement for the group commit."""
         statements = [self._statement(op) for op in ops]
 
         def statement(conn: sqlite3.Connection) -> list[bool]:
             answers = [run(conn) for run in statements]
-            self._settled = self._settled or any(answers)
+            self._settled = self._settled or any(answers)  # wake waiters after COMMIT
             return answers
 
-        answers: list[bool] = self._commits.run(statement, self._flush)
-        return answers
+        return statement
 
     def _flush(self) -> None:
         with self._lock:
@@ -322,14 +328,12 @@ class SqliteBroker:
         """``settle_many(ops)`` and a claim (as ``get`` with timeout 0), in one transaction."""
         if self._closed:
             raise BrokerClosed(f"sqlite broker {self.path} is closed")
-        statements = [self._statement(op) for op in ops]
+        settle = self._settle_statement(ops)
         wanted = self._wanted(slots, limit)
         claim = self._claim_statement(wanted, limit) if wanted else None
 
         def statement(conn: sqlite3.Connection) -> tuple[list[bool], list[Any]]:
-            answers = [run(conn) for run in statements]
-            self._settled = self._settled or any(answers)
-            return answers, claim(conn) if claim is not None else []
+            return settle(conn), claim(conn) if claim is not None else []
 
         answers, rows = self._commits.run(statement, self._flush)
         self._busy = bool(rows)
