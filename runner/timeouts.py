@@ -22,6 +22,7 @@ exception still pending. An interrupt that lands during that exit path is absorb
 from __future__ import annotations
 
 import ctypes
+import math
 import queue
 import threading
 import time
@@ -36,6 +37,8 @@ T = TypeVar("T")
 
 #: How long an interrupted handler may take to return before it is reported as an overrun.
 OVERRUN_AFTER_S = 1.0
+#: The shortest idle look-again of the watchdog (see Watchdog's horizon_s).
+MIN_HORIZON_S = 0.05
 
 
 def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> int:
@@ -123,9 +126,15 @@ class Watchdog:
 
     No run is missed: ``_next_wake`` is 0 while a scan is under way (so a run starting then
     always wakes the watchdog), and afterwards holds the time the watchdog will look again.
+
+    ``horizon_s`` is the shortest timeout a run will have (0: unknown). With nothing running,
+    the watchdog looks again that long after its scan instead of sleeping until woken: a run
+    starting meanwhile cannot fall due before then, so it need not wake the watchdog (short
+    tasks would otherwise cost a wake-up each time the threads go idle and start again).
     """
 
-    def __init__(self, overrun_after_s: float = OVERRUN_AFTER_S) -> None:
+    def __init__(self, overrun_after_s: float = OVERRUN_AFTER_S, horizon_s: float = 0.0) -> None:
+        self._horizon_s = max(horizon_s, MIN_HORIZON_S) if horizon_s > 0 else math.inf
         self._guards: list[Guard] = []
         self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._next_wake = 0.0
@@ -163,7 +172,7 @@ class Watchdog:
         while not self._stopped:
             self._next_wake = 0.0
             now = time.monotonic()
-            next_wake = float("inf")
+            next_wake = now + self._horizon_s
             for guard in self._guards:
                 run = guard.current
                 if run is None:
@@ -181,7 +190,7 @@ class Watchdog:
                         next_wake = min(next_wake, run.overrun_at)
             self._next_wake = next_wake
             try:
-                timeout = None if next_wake == float("inf") else max(0.0, next_wake - now)
+                timeout = None if next_wake == math.inf else max(0.0, next_wake - now)
                 self._wakeups.get(timeout=timeout)
                 while True:  # one scan answers every wake-up queued meanwhile
                     self._wakeups.get_nowait()

@@ -94,7 +94,7 @@ class Worker:
         self._order = list(self.types)
         self._stopping = threading.Event()
         self._closing = False  # worker threads exit once they see it
-        self._watchdog = Watchdog()
+        self._watchdog = Watchdog(horizon_s=min(rt.timeout_s for rt in self.types.values()))
         self.attempts = Attempts(self.types, events, self._watchdog, task_logger)
         self._settler = Settler(
             broker, self.attempts.settled, settle_in_background, batch_done=self._settled

@@ -1,0 +1,115 @@
+"""The watchdog's idle horizon: short tasks do not wake it, and no deadline is missed."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from runner.task import Cancellation
+from runner.timeouts import Guard, Run, Watchdog
+
+
+class CountingQueue:
+    """The watchdog's wake-up queue, counting the wake-ups it is sent."""
+
+    def __init__(self) -> None:
+        self.inner: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self.puts = 0
+
+    def put(self, item: None) -> None:
+        self.puts += 1
+        self.inner.put(item)
+
+    def get(self, timeout: float | None = None) -> None:
+        self.inner.get(timeout=timeout)
+
+    def get_nowait(self) -> None:
+        self.inner.get_nowait()
+
+
+def watched(horizon_s: float) -> tuple[Watchdog, CountingQueue]:
+    watchdog = Watchdog(horizon_s=horizon_s)
+    wakeups = CountingQueue()
+    watchdog._wakeups = wakeups  # type: ignore[assignment]
+    return watchdog, wakeups
+
+
+def run_in_thread(watchdog: Watchdog, runs: list[Run], body: float = 0.0) -> None:
+    """Run each of ``runs`` in one bound worker thread; each waits until cancelled or body s."""
+
+    def work() -> None:
+        guard = Guard(watchdog)
+        guard.bind()
+        for run in runs:
+            guard.run(run, lambda run=run: run.cancelled.wait(body))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=10)
+
+
+def a_run(timeout_s: float, timed_out: list[Run] | None = None) -> Run:
+    run = Run(deadline=time.monotonic() + timeout_s, cancelled=Cancellation(), interrupt=False)
+    if timed_out is not None:
+        run.on_timeout = timed_out.append
+    return run
+
+
+def settle() -> None:
+    """Give the watchdog time to finish the scan it is in and fall asleep."""
+    time.sleep(0.1)
+
+
+def test_short_runs_after_an_idle_scan_do_not_wake_the_watchdog() -> None:
+    watchdog, wakeups = watched(horizon_s=30.0)
+    watchdog.start()
+    try:
+        settle()
+        before = wakeups.puts
+        run_in_thread(watchdog, [a_run(30.0) for _ in range(200)])
+        assert wakeups.puts == before
+    finally:
+        watchdog.stop()
+
+
+def test_without_a_horizon_every_idle_start_wakes_the_watchdog() -> None:
+    """The cost the horizon removes (so the test above can fail)."""
+    watchdog, wakeups = watched(horizon_s=0.0)
+    watchdog.start()
+    try:
+        settle()
+        before = wakeups.puts
+        run_in_thread(watchdog, [a_run(30.0)])
+        assert wakeups.puts > before
+    finally:
+        watchdog.stop()
+
+
+def test_a_run_longer_than_the_horizon_still_times_out() -> None:
+    timed_out: list[Run] = []
+    watchdog, _ = watched(horizon_s=0.2)
+    watchdog.start()
+    try:
+        settle()
+        t0 = time.monotonic()
+        run_in_thread(watchdog, [a_run(0.5, timed_out)], body=5.0)
+        assert timed_out, "the run was never timed out"
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        watchdog.stop()
+
+
+def test_a_run_shorter_than_the_horizon_wakes_the_watchdog_and_times_out() -> None:
+    timed_out: list[Run] = []
+    watchdog, wakeups = watched(horizon_s=30.0)
+    watchdog.start()
+    try:
+        settle()
+        t0 = time.monotonic()
+        run_in_thread(watchdog, [a_run(0.2, timed_out)], body=5.0)
+        assert timed_out, "the run was never timed out"
+        assert time.monotonic() - t0 < 2.0
+        assert wakeups.puts >= 1
+    finally:
+        watchdog.stop()
