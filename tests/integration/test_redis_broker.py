@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Delivery
+from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Delivery, Settle
 from runner.brokers.redis import RedisBroker
 from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
 from runner.task import AttemptRecord, DeadLetter, Task
@@ -358,3 +358,20 @@ def test_warns_when_eviction_is_on(
     with caplog.at_level("WARNING", logger="runner.broker"):
         RedisBroker(server.url, "ns", 10, 0.1, "block", 5.0).close()
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_scripts_flushed_from_redis_are_loaded_again(
+    make_broker: MakeBroker, redis_server: RedisServer
+) -> None:
+    """A restarted Redis has no scripts: every hot path (get, exchange, settle) loads its own
+    again instead of failing with NOSCRIPT."""
+    broker = make_broker()
+    broker.put_many([Task("a", i) for i in range(3)])
+    redis_server.client().script_flush()
+    first = broker.get({"a": 1}, limit=1, timeout=0.5)
+    redis_server.client().script_flush()
+    answers, second = broker.exchange([Settle(first[0], "ack")], {"a": 1}, 1)
+    assert answers == [True] and len(second) == 1
+    redis_server.client().script_flush()
+    assert broker.settle_many([Settle(second[0], "ack")]) == [True]
+    assert [d.task.payload for d in broker.get({"a": 5}, limit=5, timeout=0.5)] == [2]
