@@ -483,6 +483,9 @@ class _Line:
     """
 
     def __init__(self, client: Any) -> None:
+        # Keep the client: once collected, it would hand its connection back to the pool while
+        # this line still uses it, and another caller's replies would interleave with ours.
+        self._client = client
         self._conn = client.connection
         self._lock = client.single_connection_lock
 

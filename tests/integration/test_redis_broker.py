@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -375,3 +376,18 @@ def test_scripts_flushed_from_redis_are_loaded_again(
     redis_server.client().script_flush()
     assert broker.settle_many([Settle(second[0], "ack")]) == [True]
     assert [d.task.payload for d in broker.get({"a": 5}, limit=5, timeout=0.5)] == [2]
+
+
+def test_dedicated_connections_never_go_back_to_the_pool(make_broker: MakeBroker) -> None:
+    """The dispatcher's and the Settler's connections stay theirs: were one handed back to the
+    pool, another caller's replies could interleave with theirs."""
+    broker = make_broker()
+    gc.collect()
+    pool = broker._client.connection_pool
+    taken = [pool.get_connection() for _ in range(4)]
+    try:
+        dedicated = {id(broker._get_line._conn), id(broker._settle_line._conn)}
+        assert not dedicated & {id(conn) for conn in taken}
+    finally:
+        for conn in taken:
+            pool.release(conn)
