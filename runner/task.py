@@ -18,6 +18,8 @@ from typing import Any
 #: How many attempts a task remembers; older ones are dropped (the count stays exact).
 HISTORY_LIMIT = 10
 
+_decode_json = json.JSONDecoder().decode
+
 
 def new_task_id() -> str:
     """A random 128-bit id as 32 hex digits (a uuid4's randomness at a quarter of its cost)."""
@@ -95,6 +97,7 @@ class Task:
     @classmethod
     def from_json(cls, data: dict[str, Any], attempt: int | None = None) -> Task:
         """``attempt``, when given, replaces the stored one (brokers count it at hand-out)."""
+        history = data.get("history")
         return cls(
             id=str(data["id"]),
             type=str(data["type"]),
@@ -102,7 +105,7 @@ class Task:
             attempt=int(data.get("attempt", 0)) if attempt is None else attempt,
             enqueued_at=float(data.get("enqueued_at", 0.0)),
             not_before=float(data.get("not_before", 0.0)),
-            history=tuple(AttemptRecord.from_json(h) for h in data.get("history", ())),
+            history=tuple(AttemptRecord.from_json(h) for h in history) if history else (),
         )
 
 
@@ -114,7 +117,8 @@ def encode_task(task: Task) -> bytes:
 def decode_task(raw: bytes | str, attempt: int | None = None) -> Task:
     """Inverse of encode_task (with ``attempt`` replacing the stored one when given); raises
     ValueError (or a subclass) on anything malformed."""
-    data = json.loads(raw)
+    # str, and the decoder itself: json.loads would first sniff the bytes' encoding.
+    data = _decode_json(raw.decode() if isinstance(raw, bytes) else raw)
     if not isinstance(data, dict):
         raise ValueError(f"task envelope must be a JSON object, got {type(data).__name__}")
     try:
