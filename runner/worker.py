@@ -10,10 +10,11 @@ same lock round. A lease keeper renews the lease of every held delivery (prefetc
 settling) every visibility_timeout / 3; a watchdog enforces deadlines (runner.timeouts).
 
 Limits, precisely: at most ``limit`` tasks of a type run at once and at most ``threads`` in
-all; a type holds at most ``limit + min(limit, prefetch)`` deliveries, and the process at most
-``threads + prefetch``. Prefetched deliveries have been handed out (their attempt counts) but
-not started; shutdown hands them back at once. A crash cannot hand them back, so a crashing
-worker uses up an attempt of each: that is why prefetch is opt-in on durable brokers
+all; a type holds at most ``limit + min(prefetch, max(limit, prefetch // types))`` deliveries
+(its running ones plus its share of the buffer), and the process at most ``threads +
+prefetch``. Prefetched deliveries have been handed out (their attempt counts) but not started;
+shutdown hands them back at once. A crash cannot hand them back, so a crashing worker uses up
+an attempt of each: that is why prefetch is opt-in on durable brokers
 (PipelineConfig.effective_prefetch).
 """
 
@@ -70,8 +71,12 @@ class Worker:
         self.identity = worker_identity()
         self._renew_every_s = visibility_timeout_s / 3
         self._prefetch = threads if prefetch is None else prefetch
+        # A type may prefetch its fair share of the buffer, or as many as its limit if that is
+        # more: a slow type cannot fill the buffer and starve the others.
+        share = self._prefetch // len(self.types)
         self._room_of = {
-            name: rt.limit + min(rt.limit, self._prefetch) for name, rt in self.types.items()
+            name: rt.limit + min(self._prefetch, max(rt.limit, share))
+            for name, rt in self.types.items()
         }
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # worker threads wait for a task here

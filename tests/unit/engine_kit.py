@@ -104,6 +104,7 @@ class Engine:
         capacity: int = 100_000,
         visibility_timeout: float = 30.0,
         settle_in_background: bool | None = None,
+        prefetch: int | None = None,
     ) -> None:
         self.recorder = Recorder()
         self.dead_letters = MemoryDeadLetters()
@@ -120,6 +121,7 @@ class Engine:
             threads=threads,
             events=EventBus([self.recorder]),
             visibility_timeout_s=visibility_timeout,
+            prefetch=prefetch,
             settle_in_background=(
                 SETTLE_IN_BACKGROUND if settle_in_background is None else settle_in_background
             ),

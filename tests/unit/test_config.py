@@ -57,6 +57,25 @@ def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
     assert config.retry_for("email") == config.retry
 
 
+@pytest.mark.parametrize(
+    ("broker", "prefetch", "expected"),
+    [
+        ({"kind": "memory"}, None, 16 * 4),  # nothing to lose in a crash: a deep buffer
+        ({"kind": "sqlite", "path": "q.db"}, None, 0),  # opt-in where a crash costs attempts
+        ({"kind": "redis"}, None, 0),
+        ({"kind": "redis"}, 8, 8),
+        ({"kind": "memory"}, 0, 0),
+    ],
+)
+def test_prefetch_default_depends_on_the_broker(
+    broker: dict[str, str], prefetch: int | None, expected: int
+) -> None:
+    config = PipelineConfig.model_validate(
+        {"broker": broker, "prefetch": prefetch, "task_types": {"t": {"handler": "m:f"}}}
+    )
+    assert config.effective_prefetch() == expected
+
+
 def test_shipped_configs_load() -> None:
     for name in ("demo", "sqlite", "redis"):
         config = load_config(ROOT / "configs" / f"{name}.yaml", environ={})

@@ -342,7 +342,8 @@ def test_handler_stuck_in_a_c_call_is_reported_as_an_overrun(engines: list[Engin
 
 
 def test_prefetch_is_bounded_per_type_and_in_all(engines: list[Engine]) -> None:
-    """A type holds at most limit + min(limit, prefetch) deliveries; the process threads * 2."""
+    """A type holds at most limit + its share of the buffer (prefetch / types, or its limit if
+    that is more); the process threads + prefetch (here prefetch = threads = 3)."""
     release = threading.Event()
 
     def slow(payload: Any, ctx: TaskContext) -> None:
@@ -364,5 +365,28 @@ def test_prefetch_is_bounded_per_type_and_in_all(engines: list[Engine]) -> None:
         running = engine.worker.inflight()
         assert running["a"] <= 1 and running["b"] <= 3
         assert running["a"] + running["b"] == 3
+    finally:
+        release.set()
+
+
+def test_one_type_may_fill_the_whole_prefetch_buffer(engines: list[Engine]) -> None:
+    """A single type's share is all of ``prefetch``, not just its limit again: a deep buffer
+    (the memory broker's default) lets threads run on without waiting for each fetch."""
+    release = threading.Event()
+
+    def slow(payload: Any, ctx: TaskContext) -> None:
+        release.wait(10)
+
+    engine = Engine([type_runtime("a", slow, limit=2)], threads=2, prefetch=10)
+    engines.append(engine)
+    for _ in range(30):
+        engine.publish("a")
+    try:
+        engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 2)
+        time.sleep(0.3)  # the dispatcher has had every chance to fetch (and to over-fetch)
+        # It fetches while at least half the buffer is free, so it stops somewhere between
+        # 2 + 10 - 10 // 2 and the brim; the old rule (limit again: 2 + 2) stopped at 4.
+        assert 2 + 10 - 10 // 2 <= engine.broker.depth()["a"].leased <= 2 + 10
+        assert engine.worker.inflight() == {"a": 2}
     finally:
         release.set()
