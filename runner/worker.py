@@ -4,10 +4,15 @@ One dispatcher thread asks the broker only for types with room (so a saturated t
 stalls the others) and keeps a small local buffer of prefetched deliveries per type, so worker
 threads rarely wait for it and the broker can hand out tasks in batches. Worker threads take
 the next task of a type whose running count is below its limit, run it (runner.attempt), hand
-its broker call on (runner.settle: made inline on the memory broker; on durable ones sent by the
-dispatcher along with its next fetch, or by the Settler's thread) and take the next one in the
-same lock round. A lease keeper renews the lease of every held delivery (prefetched, running or
-settling) every visibility_timeout / 3; a watchdog enforces deadlines (runner.timeouts).
+its broker call on (runner.settle: made inline on the memory broker; on durable ones sent along
+with the next fetch, or by the Settler's thread) and take the next one in the same lock round.
+Without a prefetch buffer (the default on durable brokers), a thread that finds nothing to run
+fetches for itself (``Broker.exchange``, carrying the finished tasks' settles): no hand-off to
+the dispatcher and back, and several idle threads' fetches overlap. Every fetch first reserves
+the room it asks for, so fetches under way at once never ask for the same room twice; the
+dispatcher keeps the blocking wait for an empty queue. A lease keeper renews the lease of
+every held delivery (prefetched, running or settling) every visibility_timeout / 3; a watchdog
+enforces deadlines (runner.timeouts).
 
 Limits, precisely: at most ``limit`` tasks of a type run at once and at most ``threads`` in
 all; a type holds at most ``limit + min(prefetch, max(limit, prefetch // types))`` deliveries
@@ -48,6 +53,8 @@ log = logging.getLogger("runner.worker")
 GET_TIMEOUT_S = 1.0
 #: How long stop() waits for the Settler to send the last finished tasks' broker calls.
 SETTLE_DRAIN_S = 10.0
+#: After a failed fetch, worker threads leave fetching to the dispatcher for this long.
+FETCH_PAUSE_S = 0.5
 
 
 class Worker:
@@ -95,6 +102,17 @@ class Worker:
         self._blocked_in_get = False
         self._dispatching = False  # the dispatcher runs and will take what is carried
         self._waiting_threads = 0
+        # Room promised to the fetches under way (the dispatcher's, and those of idle worker
+        # threads fetching for themselves): counted as held, so that fetches running at the
+        # same time never ask for the same room twice.
+        self._reserved_by_type = dict.fromkeys(self.types, 0)
+        self._reserved = 0
+        # Without a prefetch buffer, a thread that finds nothing to run fetches for itself
+        # rather than wait for the dispatcher to fetch and hand over; with one, the dispatcher
+        # keeps the buffer filled in batches and the threads only take from it.
+        self._threads_fetch = self._prefetch == 0
+        self._fetchers = 0  # worker threads fetching for themselves right now
+        self._fetch_paused_until = 0.0  # after a failed fetch, threads leave it to the dispatcher
         self._asking: frozenset[str] = frozenset()  # types in the broker.get under way
         self._order = list(self.types)
         self._stopping = threading.Event()
@@ -142,8 +160,11 @@ class Worker:
         self.broker.wake()
         with self._lock:
             self._room.notify_all()
-        # The dispatcher leaves within one broker.get; after that nothing new arrives locally.
+        # The dispatcher leaves within one broker.get, and the threads' own fetches (which do
+        # not block) end; after that nothing new arrives locally.
         self._dispatcher.join(timeout=GET_TIMEOUT_S + 5)
+        with self._lock:
+            self._room.wait_for(lambda: not self._fetchers, timeout=GET_TIMEOUT_S + 5)
         self._release_unstarted()
         with self._lock:
             while self._held and time.monotonic() < deadline:
@@ -215,6 +236,7 @@ class Worker:
                 carry, self._carry = self._carry, []
                 fetch = bool(slots) and self._should_fetch()
                 if fetch:
+                    self._reserve(slots, room)
                     self._asking = frozenset(slots)
                     self._blocked_in_get = not carry
                     self._order.append(self._order.pop(0))  # rotate: fairness when room < slots
@@ -226,60 +248,84 @@ class Worker:
                     self._settler.submit(outcome)
                 continue
             try:
-                deliveries = self._fetch(slots, room, carry)
+                fetched = self._fetch(slots, room, carry, block=not carry)
             except BrokerClosed:
                 return
-            except BrokerError as exc:
-                log.warning("broker.%s failed: %s", "exchange" if carry else "get", exc)
-                self._stopping.wait(0.5)
-                continue
-            except Exception:
-                # Not a broker error the broker knew to wrap (a bug, or a backend error it did
-                # not expect): the dispatcher must not die of it, or the worker stops consuming.
-                log.exception(
-                    "broker.%s failed; the dispatcher continues", "exchange" if carry else "get"
-                )
-                self._stopping.wait(0.5)
-                continue
             finally:
                 self._asking = frozenset()
                 self._blocked_in_get = False
-            if deliveries:
-                with self._lock:
-                    for delivery in deliveries:
-                        self._held[delivery.receipt] = delivery
-                        self._held_by_type[delivery.task.type] += 1
-                        self._ready[delivery.task.type].append(delivery)
-                    self._work.notify(len(deliveries))
+            if not fetched:
+                self._stopping.wait(0.5)
 
-    def _fetch(self, slots: dict[str, int], room: int, carry: list[Outcome]) -> list[Delivery]:
-        """``broker.get``; with settles to carry, ``broker.exchange`` (which does not block)."""
-        if not carry:
-            return self.broker.get(slots, room, GET_TIMEOUT_S)
+    def _fetch(self, slots: dict[str, int], room: int, carry: list[Outcome], block: bool) -> bool:
+        """Fetch into the reserved ``slots`` / ``room`` (lock not held): ``broker.get`` when
+        ``block``, else ``broker.exchange`` (which carries ``carry``'s settles and does not
+        block). Files what came for the threads and gives the reservation back. Returns False
+        when the broker call failed (logged); raises BrokerClosed."""
+        deliveries: list[Delivery] = []
+        call = "get" if block else "exchange"
         try:
-            answers, deliveries = self.broker.exchange([o.settle for o in carry], slots, room)
-        except Exception:
-            for outcome in carry:
-                self._settler.submit(outcome)  # tried again there (settles are fenced)
+            if block:
+                deliveries = self.broker.get(slots, room, GET_TIMEOUT_S)
+                return True
+            try:
+                answers, deliveries = self.broker.exchange([o.settle for o in carry], slots, room)
+            except Exception:
+                for outcome in carry:
+                    self._settler.submit(outcome)  # tried again there (settles are fenced)
+                raise
+            self._settler.report(carry, answers)
+            return True
+        except BrokerClosed:
             raise
-        self._settler.report(carry, answers)
-        return deliveries
+        except BrokerError as exc:
+            log.warning("broker.%s failed: %s", call, exc)
+            return False
+        except Exception:
+            # Not a broker error the broker knew to wrap (a bug, or a backend error it did
+            # not expect): no fetching thread may die of it, or the worker stops consuming.
+            log.exception("broker.%s failed; the worker continues", call)
+            return False
+        finally:
+            with self._lock:
+                self._unreserve(slots, room)
+                self._file(deliveries)
+
+    def _reserve(self, slots: dict[str, int], room: int) -> None:
+        """Promise ``slots`` / ``room`` to a fetch about to start (lock held)."""
+        self._reserved += room
+        for name, n in slots.items():
+            self._reserved_by_type[name] += n
+
+    def _unreserve(self, slots: dict[str, int], room: int) -> None:
+        self._reserved -= room
+        for name, n in slots.items():
+            self._reserved_by_type[name] -= n
+
+    def _file(self, deliveries: list[Delivery]) -> None:
+        """Hold fetched deliveries and offer them to the threads (lock held)."""
+        for delivery in deliveries:
+            self._held[delivery.receipt] = delivery
+            self._held_by_type[delivery.task.type] += 1
+            self._ready[delivery.task.type].append(delivery)
+        if deliveries:
+            self._work.notify(len(deliveries))
 
     def _room_left(self) -> int:
         """How many more deliveries the process may hold (lock held)."""
-        return self.threads + self._prefetch - len(self._held)
+        return self.threads + self._prefetch - len(self._held) - self._reserved
 
     def _free_room(self) -> tuple[dict[str, int], int]:
         """Per-type room and room in all for more deliveries (lock held)."""
         room = self._room_left()
         if room <= 0:
             return {}, 0
-        slots = {
-            name: self._room_of[name] - self._held_by_type[name]
-            for name in self._order
-            if self._held_by_type[name] < self._room_of[name]
-        }
-        return slots, room
+        slots = {}
+        for name in self._order:
+            free = self._room_of[name] - self._held_by_type[name] - self._reserved_by_type[name]
+            if free > 0:
+                slots[name] = free
+        return slots, min(room, sum(slots.values()))  # promise no more than the types can take
 
     def _should_fetch(self) -> bool:
         """Fetch in batches: when half the buffer is free, or when a thread would starve."""
@@ -344,33 +390,77 @@ class Worker:
             done = delivery
 
     def _next(self, done: Delivery | None, outcome: Outcome | None) -> Delivery | None:
-        """Free the slot of ``done`` (handing ``outcome`` on to be settled) and take the next
-        task to run, in one lock round."""
+        """Free the slot of ``done``, hand ``outcome`` on to be settled, and take the next task
+        to run, in one lock round; with nothing to take but room to fetch, fetch it here."""
         with self._lock:
             if done is not None:
                 self._release_slot(done, started=True)
                 if outcome is not None:
                     self._settling[done.receipt] = done
-                    if not self._dispatching or self._blocked_in_get or self._stopping.is_set():
-                        self._settler.submit(outcome)
-                    else:
-                        self._carry.append(outcome)
-                        self._room.notify_all()  # the dispatcher sends it with its next fetch
+            may_fetch = self._threads_fetch
             self._waiting_threads += 1
             try:
                 while True:
                     if self._closing:
+                        self._hand_on(outcome)
                         return None
                     # While the Settler is behind, wait for it (it notifies _work).
                     behind = len(self._settling) >= self._max_unsettled
                     if not self._stopping.is_set() and not behind:
                         delivery = self._pick()
                         if delivery is not None:
+                            self._hand_on(outcome)
                             return delivery
+                        if may_fetch and self._fetch_here(outcome):
+                            outcome = None  # it went along with the fetch
+                            may_fetch = False  # until woken: the queue may be empty
+                            continue
                         self._room.notify()  # a thread is about to idle: fetch, whatever the batch
+                    self._hand_on(outcome)
+                    outcome = None
                     self._work.wait()
+                    may_fetch = self._threads_fetch
             finally:
                 self._waiting_threads -= 1
+
+    def _hand_on(self, outcome: Outcome | None) -> None:
+        """Pass a finished task's settle to the dispatcher's next fetch or the Settler (lock
+        held)."""
+        if outcome is None:
+            return
+        if not self._dispatching or self._blocked_in_get or self._stopping.is_set():
+            self._settler.submit(outcome)
+        else:
+            self._carry.append(outcome)
+            self._room.notify_all()  # the dispatcher sends it with its next fetch
+
+    def _fetch_here(self, outcome: Outcome | None) -> bool:
+        """Fetch for this idle thread (and any other idle ones) in this thread, carrying
+        ``outcome`` and the other waiting settles: no hand-off to the dispatcher and back, and
+        several threads' fetches overlap (lock held; released during the broker call). False
+        when there is no room to fetch into, or fetches failed a moment ago."""
+        slots, room = self._free_room()
+        if not slots or time.monotonic() < self._fetch_paused_until:
+            return False
+        carry, self._carry = self._carry, []
+        if outcome is not None:
+            carry.append(outcome)
+        self._reserve(slots, room)
+        self._fetchers += 1
+        self._lock.release()
+        fetched = False
+        try:
+            fetched = self._fetch(slots, room, carry, block=False)
+        except BrokerClosed:
+            pass
+        finally:
+            self._lock.acquire()
+            self._fetchers -= 1
+            if not fetched:
+                self._fetch_paused_until = time.monotonic() + FETCH_PAUSE_S
+            if self._stopping.is_set():
+                self._room.notify_all()  # stop() waits for the last fetch under way
+        return True
 
     def _pick(self) -> Delivery | None:
         """The oldest prefetched task of the first type below its limit (lock held)."""
@@ -408,7 +498,9 @@ class Worker:
             self._running_by_type[name] -= 1
             if self._ready[name] and self._waiting_threads:
                 self._work.notify()  # a task of this type may have waited for this slot
-        if self._stopping.is_set() or self._should_fetch():
+        # Without prefetch the thread that freed the slot fetches for itself (or wakes the
+        # dispatcher before it idles); with it, the dispatcher refills the buffer in batches.
+        if self._stopping.is_set() or (self._prefetch and self._should_fetch()):
             self._room.notify_all()
         if self._asking and name not in self._asking:
             self.broker.wake()  # the get under way could not take this type: ask again

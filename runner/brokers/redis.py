@@ -18,9 +18,10 @@ default with a longer BLOCK is a classic "alive but not consuming" bug). The pro
 to RESP2, redis-py 8 would otherwise negotiate RESP3.
 
 ``settle_many`` sends any number of acks / retries / dead-letters / releases in one call of the
-fenced SETTLE script, and ``exchange`` sends them with a POLL in one EXCHANGE script call (the
-engine settles through these two; a single ack / retry / dead / release is a ``settle_many`` of
-one). Each op gets its own fenced answer, only after Redis gave it. The operator commands are in
+fenced SETTLE script, and ``exchange`` sends them with a POLL in one EXCHANGE script call, on
+the calling thread's own connection, so several threads' exchanges overlap (the engine settles
+through these two; a single ack / retry / dead / release is a ``settle_many`` of one). Each op
+gets its own fenced answer, only after Redis gave it. The operator commands are in
 redis_admin.py.
 
 Connection loss: every call is retried with exponential backoff (call_with_reconnect, built
@@ -115,6 +116,7 @@ class RedisBroker(RedisAdmin):
         self._closed = False
         # Held while get() runs, so close() does not pull the socket from under a blocked read.
         self._getting = threading.Lock()
+        self._lines = threading.local()  # per-thread connections for exchange
         # Any: redis-py's annotations are unions of sync/async and bytes/str replies.
         self._client: Any = redis.Redis.from_url(
             url,
@@ -128,10 +130,11 @@ class RedisBroker(RedisAdmin):
         )
         try:
             self._client.ping()
-            # The two hot paths, get / exchange (the dispatcher, under _getting) and the settle
-            # batches (the Settler), each keep a connection of the pool to themselves: a pooled
-            # call pays a checkout (a lock, a non-blocking read probe and two socket timeout
-            # changes) on every command. Closing the pool closes these too.
+            # The hot paths, get (the dispatcher, under _getting), the settle batches (the
+            # Settler) and each fetching thread's exchanges (_line_here), keep a connection of
+            # the pool to themselves: a pooled call pays a checkout (a lock, a non-blocking read
+            # probe and two socket timeout changes) on every command. Closing the pool closes
+            # these too.
             self._get_client: Any = self._dedicated_client()
             self._get_line = _Line(self._get_client)
             self._settle_line = _Line(self._dedicated_client())
@@ -291,24 +294,30 @@ class RedisBroker(RedisAdmin):
         self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
     ) -> tuple[list[bool], list[Delivery]]:
         """``settle_many(ops)`` and one POLL (as ``get`` with timeout 0): one script call
-        (EXCHANGE), on the dispatcher's own connection.
+        (EXCHANGE), on the calling thread's own connection.
 
         If the reply is lost, the settles may have happened (trying them again is safe) and
         the polled deliveries come back after ``visibility_timeout``, as with a lost get.
         """
         self._check_open()
         wanted = [(name, n) for name, n in slots.items() if n > 0]
-        if not wanted or limit <= 0 or not ops:
-            return self.settle_many(ops), self.get(slots, limit, 0)
+        if not wanted or limit <= 0:
+            return self.settle_many(ops), []
         settle_keys, settle_args = self._settle_call([self._op(op) for op in ops])
         keys = [*settle_keys, *self._poll_keys(wanted)]
-        with self._getting:
-            args = [len(settle_keys), len(settle_args), *settle_args]
-            args += self._poll_args(wanted, limit)
-            settled, (found, _cursors, _next_due) = self._run(
-                "EXCHANGE", keys, args, self._get_line
-            )
+        args = [len(settle_keys), len(settle_args), *settle_args, *self._poll_args(wanted, limit)]
+        settled, (found, _cursors, _next_due) = self._call(
+            lambda: self._line_here().run(self._scripts["EXCHANGE"], keys, args)
+        )
         return [bool(ok) for ok in settled], self._deliveries(found, wanted)
+
+    def _line_here(self) -> _Line:
+        """This thread's own connection for exchanges (the engine's fetching threads each
+        make theirs at the same time), made on first use."""
+        line: _Line | None = getattr(self._lines, "line", None)
+        if line is None:
+            line = self._lines.line = _Line(self._dedicated_client())
+        return line
 
     def _poll_keys(self, wanted: list[tuple[str, int]]) -> list[str]:
         keys = [self._key("leases")]

@@ -1,0 +1,178 @@
+"""Without a prefetch buffer, idle worker threads fetch for themselves: their fetches overlap,
+never over-fetch, survive broker errors, and strand nothing at shutdown.
+
+The broker is the memory broker with a slowed-down ``exchange`` (the call idle threads make),
+so that fetches under way are long enough to overlap and to be caught mid-flight.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from runner.brokers.base import Delivery, Settle
+from runner.errors import BrokerUnavailable
+from runner.task import TaskContext
+from tests.unit.engine_kit import Engine, type_runtime
+
+Exchange = Callable[[Sequence[Settle], Mapping[str, int], int], tuple[list[bool], list[Delivery]]]
+
+
+class SlowExchange:
+    """Wraps broker.exchange: takes ``delay_s`` longer, and records who called and how many
+    calls were under way at once."""
+
+    def __init__(self, exchange: Exchange, delay_s: float) -> None:
+        self._exchange = exchange
+        self._delay_s = delay_s
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.callers: set[str] = set()
+        self.after: Callable[[list[Delivery]], None] = lambda deliveries: None
+
+    def __call__(
+        self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
+    ) -> tuple[list[bool], list[Delivery]]:
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.callers.add(threading.current_thread().name)
+        try:
+            time.sleep(self._delay_s)
+            answers, deliveries = self._exchange(ops, slots, limit)
+            self.after(deliveries)
+            return answers, deliveries
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+@pytest.fixture
+def engines() -> Iterator[list[Engine]]:
+    made: list[Engine] = []
+    yield made
+    for engine in made:
+        engine.stop(grace=1.0)
+
+
+def slow_exchange(engine: Engine, delay_s: float) -> SlowExchange:
+    wrapper = SlowExchange(engine.broker.exchange, delay_s)
+    engine.broker.exchange = wrapper  # type: ignore[method-assign]
+    return wrapper
+
+
+def short_random_sleep(payload: Any, ctx: TaskContext) -> None:
+    time.sleep(random.uniform(0.0, 0.01))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_idle_threads_fetch_for_themselves_and_their_fetches_overlap(
+    engines: list[Engine], background: bool
+) -> None:
+    engine = Engine(
+        [type_runtime("t", short_random_sleep, limit=4)],
+        threads=4,
+        prefetch=0,
+        settle_in_background=background,
+    )
+    engines.append(engine)
+    wrapper = slow_exchange(engine, 0.03)
+    for _ in range(60):
+        engine.publish("t")
+    engine.wait_finished(60, timeout=30)
+    assert any(name.startswith("dq-worker-") for name in wrapper.callers)
+    assert wrapper.most_in_flight >= 2
+
+
+def test_fetches_under_way_at_once_never_over_fetch(engines: list[Engine]) -> None:
+    """Each fetch asks only for room no other fetch under way was promised: what the broker
+    has handed out stays within the worker's bounds (settling inline, so that every leased
+    task is held by the worker or on its way to it)."""
+    engine = Engine(
+        [
+            type_runtime("a", short_random_sleep, limit=1),
+            type_runtime("b", short_random_sleep, limit=3),
+        ],
+        threads=3,
+        prefetch=0,
+        settle_in_background=False,
+    )
+    engines.append(engine)
+    wrapper = slow_exchange(engine, 0.01)
+    seen: list[tuple[int, int]] = []
+    wrapper.after = lambda deliveries: seen.append(
+        (engine.broker.depth()["a"].leased, engine.broker.depth()["b"].leased)
+    )
+    for _ in range(40):
+        engine.publish("a")
+        engine.publish("b")
+    engine.wait_finished(80, timeout=30)
+    assert seen, "no thread fetched for itself"
+    assert max(a for a, _ in seen) <= 1  # no buffer: each type holds its limit at most
+    assert max(b for _, b in seen) <= 3
+    assert max(a + b for a, b in seen) <= 3  # and the process its threads
+
+
+def test_with_a_prefetch_buffer_the_dispatcher_fetches(engines: list[Engine]) -> None:
+    engine = Engine([type_runtime("t", short_random_sleep, limit=2)], threads=2, prefetch=4)
+    engines.append(engine)
+    wrapper = slow_exchange(engine, 0.0)
+    for _ in range(20):
+        engine.publish("t")
+    engine.wait_finished(20, timeout=20)
+    assert not any(name.startswith("dq-worker-") for name in wrapper.callers)
+
+
+def test_a_failing_fetch_leaves_the_work_to_the_dispatcher(engines: list[Engine]) -> None:
+    engine = Engine([type_runtime("t", short_random_sleep, limit=2)], threads=2, prefetch=0)
+    engines.append(engine)
+
+    def unavailable(*args: Any) -> Any:
+        raise BrokerUnavailable("down for this test")
+
+    engine.broker.exchange = unavailable  # type: ignore[method-assign]
+    for _ in range(6):
+        engine.publish("t")
+    engine.wait_finished(6, timeout=20)
+    assert engine.worker.alive_threads() == 2
+
+
+def test_stop_waits_for_a_fetch_under_way_and_hands_its_tasks_back(
+    engines: list[Engine],
+) -> None:
+    engine = Engine(
+        [type_runtime("t", short_random_sleep)],
+        threads=1,
+        prefetch=0,
+        settle_in_background=False,
+    )
+    engines.append(engine)
+    wrapper = slow_exchange(engine, 0.0)
+    in_fetch = threading.Event()
+    go_on = threading.Event()
+
+    def hold(deliveries: list[Delivery]) -> None:
+        if deliveries:
+            in_fetch.set()
+            go_on.wait(10)
+
+    wrapper.after = hold
+    for _ in range(3):
+        engine.publish("t")
+    assert in_fetch.wait(10), "the worker thread never fetched for itself"
+    stopper = threading.Thread(target=engine.worker.stop, args=(5.0,))
+    stopper.start()
+    time.sleep(0.3)
+    assert stopper.is_alive(), "stop() did not wait for the fetch under way"
+    go_on.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    depth = engine.broker.depth()["t"]
+    assert depth.leased == 0  # the fetched task was handed back, not stranded
+    assert depth.ready == 3 - engine.recorder.finished()
