@@ -118,9 +118,10 @@ class Runner:
             if type_name not in self.config.task_types:
                 known = ", ".join(sorted(self.config.task_types))
                 raise UsageError(f"unknown task type {type_name!r} (known: {known})")
-            if payload is not None and not isinstance(payload, str | int | float | bool):
+            if payload is not None and not isinstance(payload, str | int | bool):
                 try:
-                    json.dumps(payload)
+                    # NaN and Infinity are not JSON (and the codec would write them as null).
+                    json.dumps(payload, allow_nan=False)
                 except (TypeError, ValueError) as exc:
                     raise UsageError(f"payload of a {type_name!r} task is not JSON: {exc}") from exc
             validate = self.worker.types[type_name].validate_payload

@@ -1,7 +1,10 @@
 """The task envelope, its JSON codec, dead-letter records, and the context handlers receive.
 
 Everything that crosses a broker is JSON (never pickle), so a dead-letter record can be read and
-replayed without the producer's code.
+replayed without the producer's code. The codec is orjson (C; a tenth of the standard library's
+cost per envelope, which counts on every put and every hand-out), falling back to the standard
+library for what orjson refuses: integers beyond 64 bits and non-string keys when writing, and
+NaN / Infinity (which the standard library writes) when reading.
 """
 
 from __future__ import annotations
@@ -15,10 +18,26 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+import orjson
+
 #: How many attempts a task remembers; older ones are dropped (the count stays exact).
 HISTORY_LIMIT = 10
 
-_decode_json = json.JSONDecoder().decode
+
+def to_json_bytes(data: Any) -> bytes:
+    """Compact UTF-8 JSON."""
+    try:
+        return orjson.dumps(data)
+    except TypeError:  # orjson.JSONEncodeError: let the standard library write it, or refuse
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def from_json_bytes(raw: bytes | str) -> Any:
+    """Inverse of to_json_bytes; raises ValueError (or a subclass) on anything malformed."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)  # NaN / Infinity, or the standard library's own error
 
 
 def new_task_id() -> str:
@@ -111,14 +130,13 @@ class Task:
 
 def encode_task(task: Task) -> bytes:
     """The wire form of a task: compact UTF-8 JSON."""
-    return json.dumps(task.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+    return to_json_bytes(task.to_json())
 
 
 def decode_task(raw: bytes | str, attempt: int | None = None) -> Task:
     """Inverse of encode_task (with ``attempt`` replacing the stored one when given); raises
     ValueError (or a subclass) on anything malformed."""
-    # str, and the decoder itself: json.loads would first sniff the bytes' encoding.
-    data = _decode_json(raw.decode() if isinstance(raw, bytes) else raw)
+    data = from_json_bytes(raw)
     if not isinstance(data, dict):
         raise ValueError(f"task envelope must be a JSON object, got {type(data).__name__}")
     try:
@@ -174,11 +192,11 @@ class DeadLetter:
 
 
 def encode_dead_letter(record: DeadLetter) -> bytes:
-    return json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+    return to_json_bytes(record.to_json())
 
 
 def decode_dead_letter(raw: bytes | str) -> DeadLetter:
-    return DeadLetter.from_json(json.loads(raw))
+    return DeadLetter.from_json(from_json_bytes(raw))
 
 
 class Cancellation:

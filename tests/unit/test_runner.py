@@ -47,6 +47,9 @@ def test_publish_rejects_unknown_types_and_non_json_payloads() -> None:
         runner.publish("nope", {})
     with pytest.raises(UsageError, match="not JSON"):
         runner.publish("work", {"when": object()})
+    for not_json in (float("nan"), {"x": [float("inf")]}):
+        with pytest.raises(UsageError, match="not JSON"):
+            runner.publish("work", not_json)
     assert runner.depth() == {} or sum(d.total for d in runner.depth().values()) == 0
     runner.stop()
 
