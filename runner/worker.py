@@ -55,6 +55,9 @@ GET_TIMEOUT_S = 1.0
 SETTLE_DRAIN_S = 10.0
 #: After a failed fetch, worker threads leave fetching to the dispatcher for this long.
 FETCH_PAUSE_S = 0.5
+#: While threads fetch for themselves, the longest a finished task's settle waits for the next
+#: fetch to carry it before the dispatcher sends it (threads busy with long tasks fetch rarely).
+CARRY_WAIT_S = 0.05
 
 
 class Worker:
@@ -102,6 +105,12 @@ class Worker:
         self._blocked_in_get = False
         self._dispatching = False  # the dispatcher runs and will take what is carried
         self._waiting_threads = 0
+        # Threads asleep for a task, and how many of them were woken and are not back yet: a
+        # wake-up goes only to a task no earlier one covers, and a thread that takes a task
+        # while more wait wakes the next (so short tasks do not wake every thread each time).
+        self._sleeping = 0
+        self._signalled = 0
+        self._ready_count = 0
         # Room promised to the fetches under way (the dispatcher's, and those of idle worker
         # threads fetching for themselves): counted as held, so that fetches running at the
         # same time never ask for the same room twice.
@@ -178,7 +187,7 @@ class Worker:
         self._settler.stop(timeout=SETTLE_DRAIN_S)
         with self._lock:
             self._closing = True
-            self._work.notify_all()
+            self._wake_all()
         for t in (*self._threads, self._lease_keeper):
             t.join(timeout=2.0)
         self._watchdog.stop()
@@ -241,7 +250,7 @@ class Worker:
                     self._blocked_in_get = not carry
                     self._order.append(self._order.pop(0))  # rotate: fairness when room < slots
                 elif not carry:
-                    self._room.wait(timeout=GET_TIMEOUT_S)
+                    self._room.wait(CARRY_WAIT_S if self._threads_fetch else GET_TIMEOUT_S)
                     continue
             if not fetch:
                 for outcome in carry:
@@ -309,7 +318,8 @@ class Worker:
             self._held_by_type[delivery.task.type] += 1
             self._ready[delivery.task.type].append(delivery)
         if deliveries:
-            self._work.notify(len(deliveries))
+            self._ready_count += len(deliveries)
+            self._wake()  # the threads it finds wake the others (see _pick)
 
     def _room_left(self) -> int:
         """How many more deliveries the process may hold (lock held)."""
@@ -336,6 +346,7 @@ class Worker:
             unstarted = [d for queue in self._ready.values() for d in queue]
             for queue in self._ready.values():
                 queue.clear()
+            self._ready_count = 0
         self._settler.call([Settle(delivery, "release") for delivery in unstarted])
         for delivery in unstarted:
             self._forget(delivery, started=False)
@@ -415,13 +426,28 @@ class Worker:
                             outcome = None  # it went along with the fetch
                             may_fetch = False  # until woken: the queue may be empty
                             continue
-                        self._room.notify()  # a thread is about to idle: fetch, whatever the batch
+                        if self._dispatcher_needed(may_fetch):
+                            self._room.notify()  # a thread is about to idle: fetch anyway
                     self._hand_on(outcome)
                     outcome = None
-                    self._work.wait()
+                    self._sleeping += 1
+                    try:
+                        self._work.wait()
+                    finally:
+                        self._sleeping -= 1
+                        self._signalled = max(0, self._signalled - 1)
                     may_fetch = self._threads_fetch
             finally:
                 self._waiting_threads -= 1
+
+    def _dispatcher_needed(self, may_fetch: bool) -> bool:
+        """Whether a thread about to idle should wake the dispatcher (lock held). Threads that
+        fetch for themselves leave it the blocking wait for an empty queue: needed once this
+        thread's own fetch found nothing, or fetching failed a moment ago; not while another
+        fetch under way holds the room (it wakes the dispatcher itself if it finds nothing)."""
+        if not self._threads_fetch or not may_fetch:
+            return True
+        return time.monotonic() < self._fetch_paused_until
 
     def _hand_on(self, outcome: Outcome | None) -> None:
         """Pass a finished task's settle to the dispatcher's next fetch or the Settler (lock
@@ -430,9 +456,12 @@ class Worker:
             return
         if not self._dispatching or self._blocked_in_get or self._stopping.is_set():
             self._settler.submit(outcome)
-        else:
-            self._carry.append(outcome)
-            self._room.notify_all()  # the dispatcher sends it with its next fetch
+            return
+        self._carry.append(outcome)
+        # Sent with the next fetch: a thread's own (then the dispatcher need not wake; it
+        # looks every CARRY_WAIT_S while threads fetch), or the dispatcher's.
+        if not self._threads_fetch:
+            self._room.notify_all()
 
     def _fetch_here(self, outcome: Outcome | None) -> bool:
         """Fetch for this idle thread (and any other idle ones) in this thread, carrying
@@ -468,10 +497,23 @@ class Worker:
             queue = self._ready[name]
             if queue and self._running_by_type[name] < self.types[name].limit:
                 self._running_by_type[name] += 1
-                if self._waiting_threads > 1 and self._should_fetch():
-                    self._room.notify()
+                if not self._threads_fetch and self._waiting_threads > 1 and self._should_fetch():
+                    self._room.notify()  # refill the buffer
+                self._ready_count -= 1
+                if self._ready_count > self._signalled:
+                    self._wake()  # more wait than threads on their way: wake the next
                 return queue.popleft()
         return None
+
+    def _wake(self) -> None:
+        """Wake one sleeping thread that no earlier wake-up reached yet (lock held)."""
+        if self._sleeping > self._signalled:
+            self._signalled += 1
+            self._work.notify()
+
+    def _wake_all(self) -> None:
+        self._signalled = self._sleeping
+        self._work.notify_all()
 
     def _settled(self, outcomes: Sequence[Outcome]) -> None:
         """The Settler's thread answered (and reported) ``outcomes``: drop them from the books."""
@@ -480,8 +522,8 @@ class Worker:
             for outcome in outcomes:
                 self._settling.pop(outcome.settle.delivery.receipt, None)
             if behind:
-                self._work.notify_all()
-            if not self._settling:
+                self._wake_all()
+            if not self._settling and self._stopping.is_set():
                 self._room.notify_all()  # stop() may wait for the last of them
 
     def _forget(self, delivery: Delivery, started: bool) -> None:
@@ -496,8 +538,8 @@ class Worker:
         self._held_by_type[name] -= 1
         if started:
             self._running_by_type[name] -= 1
-            if self._ready[name] and self._waiting_threads:
-                self._work.notify()  # a task of this type may have waited for this slot
+            if self._ready[name]:
+                self._wake()  # a task of this type may have waited for this slot
         # Without prefetch the thread that freed the slot fetches for itself (or wakes the
         # dispatcher before it idles); with it, the dispatcher refills the buffer in batches.
         if self._stopping.is_set() or (self._prefetch and self._should_fetch()):

@@ -390,3 +390,34 @@ def test_one_type_may_fill_the_whole_prefetch_buffer(engines: list[Engine]) -> N
         assert engine.worker.inflight() == {"a": 2}
     finally:
         release.set()
+
+
+def test_wake_up_books_balance_after_bursts_of_mixed_tasks(engines: list[Engine]) -> None:
+    """Threads are woken one at a time, each found thread waking the next while tasks wait
+    (so short tasks do not wake every thread). After bursts of short and longer tasks over two
+    types with limits, every task ran, and no wake-up is left owed or counted twice: a leak
+    either way would strand tasks or wake threads for nothing."""
+    rng = random.Random(7)
+
+    def varied(payload: Any, ctx: TaskContext) -> None:
+        time.sleep(payload)
+
+    engine = Engine(
+        [type_runtime("a", varied, limit=2), type_runtime("b", varied, limit=4)], threads=4
+    )
+    engines.append(engine)
+    total = 0
+    for _ in range(15):
+        for _ in range(rng.randint(1, 12)):
+            engine.publish(rng.choice("ab"), rng.choice([0.0, 0.0, 0.001, 0.005]))
+            total += 1
+        time.sleep(rng.choice([0.0, 0.01, 0.03]))
+    engine.wait_finished(total, timeout=30)
+    worker = engine.worker
+    deadline = time.monotonic() + 5
+    while worker._sleeping < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with worker._lock:
+        assert worker._ready_count == 0
+        assert worker._signalled == 0
+        assert worker._sleeping == 4
