@@ -8,11 +8,12 @@ its broker call on (runner.settle: made inline on the memory broker; on durable 
 with the next fetch, or by the Settler's thread) and take the next one in the same lock round.
 Without a prefetch buffer (the default on durable brokers), a thread that finds nothing to run
 fetches for itself (``Broker.exchange``, carrying the finished tasks' settles): no hand-off to
-the dispatcher and back, and several idle threads' fetches overlap. Every fetch first reserves
-the room it asks for, so fetches under way at once never ask for the same room twice; the
-dispatcher keeps the blocking wait for an empty queue. A lease keeper renews the lease of
-every held delivery (prefetched, running or settling) every visibility_timeout / 3; a watchdog
-enforces deadlines (runner.timeouts).
+the dispatcher and back. One thread fetches at a time; threads that go idle meanwhile leave
+their settles to the next fetch, which fetches for them all. Every fetch first reserves the
+room it asks for, so fetches under way at once (a thread's and the dispatcher's) never ask for
+the same room twice; the dispatcher keeps the blocking wait for an empty queue. A lease
+keeper renews the lease of every held delivery (prefetched, running or settling) every
+visibility_timeout / 3; a watchdog enforces deadlines (runner.timeouts).
 
 Limits, precisely: at most ``limit`` tasks of a type run at once and at most ``threads`` in
 all; a type holds at most ``limit + min(prefetch, max(limit, prefetch // types))`` deliveries
@@ -263,20 +264,22 @@ class Worker:
             finally:
                 self._asking = frozenset()
                 self._blocked_in_get = False
-            if not fetched:
+            if fetched is None:
                 self._stopping.wait(0.5)
 
-    def _fetch(self, slots: dict[str, int], room: int, carry: list[Outcome], block: bool) -> bool:
+    def _fetch(
+        self, slots: dict[str, int], room: int, carry: list[Outcome], block: bool
+    ) -> int | None:
         """Fetch into the reserved ``slots`` / ``room`` (lock not held): ``broker.get`` when
         ``block``, else ``broker.exchange`` (which carries ``carry``'s settles and does not
-        block). Files what came for the threads and gives the reservation back. Returns False
-        when the broker call failed (logged); raises BrokerClosed."""
+        block). Files what came for the threads and gives the reservation back. Returns how
+        many came, None when the broker call failed (logged); raises BrokerClosed."""
         deliveries: list[Delivery] = []
         call = "get" if block else "exchange"
         try:
             if block:
                 deliveries = self.broker.get(slots, room, GET_TIMEOUT_S)
-                return True
+                return len(deliveries)
             try:
                 answers, deliveries = self.broker.exchange([o.settle for o in carry], slots, room)
             except Exception:
@@ -284,17 +287,17 @@ class Worker:
                     self._settler.submit(outcome)  # tried again there (settles are fenced)
                 raise
             self._settler.report(carry, answers)
-            return True
+            return len(deliveries)
         except BrokerClosed:
             raise
         except BrokerError as exc:
             log.warning("broker.%s failed: %s", call, exc)
-            return False
+            return None
         except Exception:
             # Not a broker error the broker knew to wrap (a bug, or a backend error it did
             # not expect): no fetching thread may die of it, or the worker stops consuming.
             log.exception("broker.%s failed; the worker continues", call)
-            return False
+            return None
         finally:
             with self._lock:
                 self._unreserve(slots, room)
@@ -444,7 +447,8 @@ class Worker:
         """Whether a thread about to idle should wake the dispatcher (lock held). Threads that
         fetch for themselves leave it the blocking wait for an empty queue: needed once this
         thread's own fetch found nothing, or fetching failed a moment ago; not while another
-        fetch under way holds the room (it wakes the dispatcher itself if it finds nothing)."""
+        thread's fetch is under way (which wakes a thread for the next one if it found tasks,
+        or the dispatcher if it found none)."""
         if not self._threads_fetch or not may_fetch:
             return True
         return time.monotonic() < self._fetch_paused_until
@@ -465,9 +469,13 @@ class Worker:
 
     def _fetch_here(self, outcome: Outcome | None) -> bool:
         """Fetch for this idle thread (and any other idle ones) in this thread, carrying
-        ``outcome`` and the other waiting settles: no hand-off to the dispatcher and back, and
-        several threads' fetches overlap (lock held; released during the broker call). False
-        when there is no room to fetch into, or fetches failed a moment ago."""
+        ``outcome`` and the other waiting settles: no hand-off to the dispatcher and back
+        (lock held; released during the broker call). One such fetch at a time: threads that
+        go idle meanwhile leave their settles to the next one, which fetches for them all (a
+        transaction or round trip per batch, not per task). False when another fetch is under
+        way, there is no room to fetch into, or fetches failed a moment ago."""
+        if self._fetchers:
+            return False
         slots, room = self._free_room()
         if not slots or time.monotonic() < self._fetch_paused_until:
             return False
@@ -477,7 +485,7 @@ class Worker:
         self._reserve(slots, room)
         self._fetchers += 1
         self._lock.release()
-        fetched = False
+        fetched: int | None = None
         try:
             fetched = self._fetch(slots, room, carry, block=False)
         except BrokerClosed:
@@ -485,8 +493,10 @@ class Worker:
         finally:
             self._lock.acquire()
             self._fetchers -= 1
-            if not fetched:
+            if fetched is None:
                 self._fetch_paused_until = time.monotonic() + FETCH_PAUSE_S
+            elif fetched and self._free_room()[0]:
+                self._wake()  # threads that went idle meanwhile: the next fetch is theirs
             if self._stopping.is_set():
                 self._room.notify_all()  # stop() waits for the last fetch under way
         return True
