@@ -1,8 +1,9 @@
 """RedisBroker: one stream per task type, shared by any number of processes on any machines.
 
 Guarantees: at-least-once. A task is removed only by a fenced ack or dead-letter; a delivery
-whose worker died is reclaimed (XAUTOCLAIM) after ``visibility_timeout`` and handed out again
-with attempt + 1. How much survives a Redis crash depends on Redis' persistence
+whose worker died is reclaimed (XAUTOCLAIM) after ``visibility_timeout`` (polls look for such
+deliveries ten times per visibility timeout, at most once a second) and handed out again with
+attempt + 1. How much survives a Redis crash depends on Redis' persistence
 (``appendonly yes`` + ``appendfsync always`` loses nothing it acknowledged). Redis must run with
 ``maxmemory-policy noeviction``: eviction silently drops tasks (we warn at start).
 
@@ -72,6 +73,8 @@ T = TypeVar("T")
 #: One settle operation: kind, type, entry id, lease token, then three kind-specific fields.
 _Settle = tuple[Any, ...]
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+#: Polls look for expired leases this many times per visibility timeout (at most once a second).
+RECLAIMS_PER_VISIBILITY = 10
 
 
 class RedisBroker(RedisAdmin):
@@ -100,6 +103,10 @@ class RedisBroker(RedisAdmin):
         self._enqueue_timeout = enqueue_timeout
         self._overflow = overflow
         self._visibility_ms = max(1, int(visibility_timeout * 1000))
+        # How often polls look for expired leases (XAUTOCLAIM): a delivery whose worker died is
+        # handed out again within visibility_timeout + this, not on the dot.
+        self._reclaim_every_s = min(visibility_timeout / RECLAIMS_PER_VISIBILITY, 1.0)
+        self._next_reclaim = 0.0
         self._clock = clock
         self._reconnect_timeout = reconnect_timeout
         # Told about every reconnect attempt (the runner turns it into a broker.reconnecting
@@ -305,7 +312,8 @@ class RedisBroker(RedisAdmin):
             return self.settle_many(ops), []
         settle_keys, settle_args = self._settle_call([self._op(op) for op in ops])
         keys = [*settle_keys, *self._poll_keys(wanted)]
-        args = [len(settle_keys), len(settle_args), *settle_args, *self._poll_args(wanted, limit)]
+        args = [len(settle_keys), len(settle_args), *settle_args]
+        args += self._poll_args(wanted, limit, waits=False)
         settled, (found, _cursors, _next_due) = self._call(
             lambda: self._line_here().run(self._scripts["EXCHANGE"], keys, args)
         )
@@ -325,16 +333,22 @@ class RedisBroker(RedisAdmin):
             keys += [self._stream(name), self._delayed(name)]
         return keys
 
-    def _poll_args(self, wanted: list[tuple[str, int]], limit: int) -> list[Any]:
+    def _poll_args(self, wanted: list[tuple[str, int]], limit: int, waits: bool) -> list[Any]:
+        """POLL's arguments; ``waits``: the caller blocks on the streams if nothing came."""
+        now = time.monotonic()
+        reclaim = now >= self._next_reclaim
+        if reclaim:  # expired leases are looked for a few times per visibility timeout
+            self._next_reclaim = now + self._reclaim_every_s
         args = [repr(self._clock()), GROUP, self.consumer, self._visibility_ms, limit]
-        return [*args, f"{self._nonce}{next(self._polls)}", *(n for _, n in wanted)]
+        args += [f"{self._nonce}{next(self._polls)}", int(reclaim), int(waits)]
+        return [*args, *(n for _, n in wanted)]
 
     def _get(
         self, keys: list[str], wanted: list[tuple[str, int]], limit: int, deadline: float
     ) -> list[Delivery]:
         try:
             while True:
-                args = self._poll_args(wanted, limit)
+                args = self._poll_args(wanted, limit, waits=True)
                 found, cursors, next_due = self._run("POLL", keys, args, self._get_line)
                 if found:
                     return self._deliveries(found, wanted)

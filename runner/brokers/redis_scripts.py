@@ -76,17 +76,21 @@ return 1
 )
 
 #: KEYS: leases, then per type: stream, delayed.
-#: ARGV: now, group, consumer, min_idle_ms, limit, nonce, then per type: free slots.
+#: ARGV: now, group, consumer, min_idle_ms, limit, nonce, reclaim (1/0), waits (1/0), then per
+#: type: free slots.
 #: For each type, in order: move due delayed tasks to the stream, reclaim deliveries idle longer
-#: than the visibility timeout (XAUTOCLAIM), then read new entries (XREADGROUP), never more than
-#: the type's free slots nor ``limit`` in all. Every hand-out gets a fresh lease token.
+#: than the visibility timeout (XAUTOCLAIM; only with ``reclaim``: the broker asks for it a few
+#: times per visibility timeout, not on every poll), then read new entries (XREADGROUP), never
+#: more than the type's free slots nor ``limit`` in all. Every hand-out gets a fresh lease token.
 #: Returns {deliveries, cursors, next_due}: deliveries flat as (type index, id, a, t,
-#: delivery count, token, redelivered 0/1); cursors = last entry id per type (for XREAD BLOCK);
-#: next_due = earliest delayed score among these types, or ''.
+#: delivery count, token, redelivered 0/1); with ``waits`` (a get that will block when nothing
+#: came), cursors = last entry id per type (for XREAD BLOCK) and next_due = earliest delayed
+#: score among these types, or ''; without, both empty.
 _POLL_FN = """
 local function poll(KEYS, ARGV)
   local now, group, consumer = ARGV[1], ARGV[2], ARGV[3]
   local min_idle, limit, nonce = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+  local reclaim, waits = ARGV[7] == '1', ARGV[8] == '1'
   local leases = KEYS[1]
   local ntypes = (#KEYS - 1) / 2
   local out, cursors, next_due = {}, {}, ''
@@ -111,7 +115,7 @@ local function poll(KEYS, ARGV)
 
   for i = 1, ntypes do
     local stream, delayed = KEYS[2 * i], KEYS[2 * i + 1]
-    local free = tonumber(ARGV[6 + i])
+    local free = tonumber(ARGV[8 + i])
     ensure_group(stream, group)
     local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
     for _, member in ipairs(due) do
@@ -121,14 +125,16 @@ local function poll(KEYS, ARGV)
     end
     local want = math.min(free, limit - handed)
     if want > 0 then
-      local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, '0-0',
-                                 'COUNT', want)
       local got = 0
-      for _, e in ipairs(claimed[2]) do
-        if e[2] then
-          local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
-          hand_out(i, stream, e[1], e[2], p[1][4], 1)
-          got = got + 1
+      if reclaim then
+        local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, '0-0',
+                                   'COUNT', want)
+        for _, e in ipairs(claimed[2]) do
+          if e[2] then
+            local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
+            hand_out(i, stream, e[1], e[2], p[1][4], 1)
+            got = got + 1
+          end
         end
       end
       want = math.min(free - got, limit - handed)
@@ -140,11 +146,13 @@ local function poll(KEYS, ARGV)
         end
       end
     end
-    local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-    cursors[i] = last[1] and last[1][1] or '0-0'
-    local head = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
-    if head[2] and (next_due == '' or tonumber(head[2]) < tonumber(next_due)) then
-      next_due = head[2]
+    if waits then
+      local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+      cursors[i] = last[1] and last[1][1] or '0-0'
+      local head = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
+      if head[2] and (next_due == '' or tonumber(head[2]) < tonumber(next_due)) then
+        next_due = head[2]
+      end
     end
   end
   return {out, cursors, next_due}

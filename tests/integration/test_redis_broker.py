@@ -391,3 +391,24 @@ def test_dedicated_connections_never_go_back_to_the_pool(make_broker: MakeBroker
     finally:
         for conn in taken:
             pool.release(conn)
+
+
+def test_polls_look_for_expired_leases_a_few_times_per_visibility_timeout(
+    make_broker: MakeBroker, redis_server: RedisServer
+) -> None:
+    """XAUTOCLAIM scans the pending entries: not on every poll (ten times per visibility
+    timeout, at most once a second), yet a dead worker's delivery still comes back."""
+    broker = make_broker(visibility_timeout=1.0)
+    broker.put_many([Task("a", i) for i in range(30)])
+    client = redis_server.client()
+    client.config_resetstat()
+    [held] = broker.get({"a": 1}, limit=1, timeout=0.5)  # never settled: its worker "died"
+    got = broker.get({"a": 1}, limit=1, timeout=0.5)
+    for _ in range(20):
+        _, got = broker.exchange([Settle(got[0], "ack")], {"a": 1}, 1)
+    claims = client.info("commandstats").get("cmdstat_xautoclaim", {}).get("calls", 0)
+    assert 1 <= claims <= 3  # 22 polls in well under the 0.3 s three looks would take
+    time.sleep(1.1)
+    _, again = broker.exchange([Settle(got[0], "ack")], {"a": 5}, 5)
+    assert held.task.id in [d.task.id for d in again]
+    assert [d.redelivered for d in again if d.task.id == held.task.id] == [True]
