@@ -33,17 +33,6 @@ local function ensure_group(stream, group)
 end
 """
 
-_LEASE_CHECK = """
-local function lease_matches(leases, stream, id, token)
-  return redis.call('HGET', leases, id .. '@' .. stream) == token
-end
-local function drop_entry(leases, stream, group, id)
-  redis.call('HDEL', leases, id .. '@' .. stream)
-  redis.call('XACK', stream, group, id)
-  redis.call('XDEL', stream, id)
-end
-"""
-
 #: KEYS: count, types, then per distinct type: stream, delayed.
 #: ARGV: capacity, group, ntypes, type names..., then per task: type index, not_before, a, data.
 #: ``data`` is the envelope for a ready task and the delayed-set member for a delayed one.
@@ -173,12 +162,33 @@ POLL = _ENSURE_GROUP + _POLL_FN + "return poll(KEYS, ARGV)\n"
 #:                cannot insert at its head) giving back the attempt this delivery used, so a
 #:                released task is ready at once.
 #: Operations run in order, each fenced by its own lease token, exactly as if each had been its
-#: own script call. Returns one 1 (done) or 0 (fenced: another delivery owns the entry) per op.
+#: own script call (an entry dropped by an earlier op of the call fences later ones). The drops
+#: themselves are gathered into one HDEL, one XACK and one XDEL per stream and one DECRBY at
+#: the end. Returns one 1 (done) or 0 (fenced: another delivery owns the entry) per op.
 _SETTLE_FN = """
 local function settle(KEYS, ARGV)
   local leases, count, dlq, dlq_idx = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
   local group = ARGV[1]
   local result = {}
+  local gone, fields, by_stream, streams, freed = {}, {}, {}, {}, 0
+
+  local function lease_matches(stream, id, token)
+    local field = id .. '@' .. stream
+    return not gone[field] and redis.call('HGET', leases, field) == token
+  end
+
+  local function drop(stream, id)
+    local field = id .. '@' .. stream
+    gone[field] = true
+    fields[#fields + 1] = field
+    local ids = by_stream[stream]
+    if not ids then
+      ids = {}
+      by_stream[stream] = ids
+      streams[#streams + 1] = stream
+    end
+    ids[#ids + 1] = id
+  end
 
   local function requeue(stream, member)
     local _, a, t = string.match(member, '^(%S+) (%d+) (.*)$')
@@ -188,7 +198,7 @@ local function settle(KEYS, ARGV)
   local function release(stream, id)
     local entry = redis.call('XRANGE', stream, id, id)
     local p = redis.call('XPENDING', stream, group, id, id, 1)
-    drop_entry(leases, stream, group, id)
+    drop(stream, id)
     if entry[1] then
       local f = {}
       for k = 1, #entry[1][2], 2 do f[entry[1][2][k]] = entry[1][2][k + 1] end
@@ -203,12 +213,12 @@ local function settle(KEYS, ARGV)
     local x, y, z = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6]
     local stream, delayed = KEYS[3 + 2 * idx], KEYS[4 + 2 * idx]
     local ok = 0
-    if lease_matches(leases, stream, id, token) then
+    if lease_matches(stream, id, token) then
       ok = 1
       if kind == 'release' then
         release(stream, id)
       else
-        drop_entry(leases, stream, group, id)
+        drop(stream, id)
         if kind == 'retry' then
           if tonumber(x) <= tonumber(z) then
             requeue(stream, y)
@@ -216,7 +226,7 @@ local function settle(KEYS, ARGV)
             redis.call('ZADD', delayed, x, y)
           end
         else
-          redis.call('DECR', count)
+          freed = freed + 1
           if kind == 'dead' then
             redis.call('HSET', dlq, x, y)
             redis.call('ZADD', dlq_idx, z, x)
@@ -226,17 +236,23 @@ local function settle(KEYS, ARGV)
     end
     result[#result + 1] = ok
   end
+
+  if #fields > 0 then redis.call('HDEL', leases, unpack(fields)) end
+  for _, stream in ipairs(streams) do
+    redis.call('XACK', stream, group, unpack(by_stream[stream]))
+    redis.call('XDEL', stream, unpack(by_stream[stream]))
+  end
+  if freed > 0 then redis.call('DECRBY', count, freed) end
   return result
 end
 """
-SETTLE = _LEASE_CHECK + _SETTLE_FN + "return settle(KEYS, ARGV)\n"
+SETTLE = _SETTLE_FN + "return settle(KEYS, ARGV)\n"
 
 #: SETTLE then POLL in one script call (the dispatcher's ``exchange``).
 #: KEYS: SETTLE's keys, then POLL's. ARGV: how many of KEYS are SETTLE's, how many of the
 #: following ARGV are SETTLE's, SETTLE's ARGV, then POLL's. Returns {SETTLE's reply, POLL's}.
 EXCHANGE = (
-    _LEASE_CHECK
-    + _ENSURE_GROUP
+    _ENSURE_GROUP
     + _SETTLE_FN
     + _POLL_FN
     + """

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth
+from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth, Settle
 from runner.errors import BrokerClosed, QueueFull
 from tests.contract.conftest import BrokerMaker
 from tests.contract.helpers import ALL, Background, dead_record, failure, get_one, put, task
@@ -36,6 +36,25 @@ def test_capacity_counts_a_task_from_put_until_ack_or_dead(make_broker: BrokerMa
     again = get_one(broker)
     assert broker.dead(again, dead_record(again))
     put(broker, task("b"))
+
+
+def test_one_settle_many_frees_exactly_what_its_acks_and_dead_letters_held(
+    make_broker: BrokerMaker,
+) -> None:
+    broker = make_broker(capacity=5)
+    put(broker, *(task("a", i) for i in range(5)))
+    d = broker.get({"a": 5}, 5, 0)
+    ops = [
+        Settle(d[0], "ack"),
+        Settle(d[1], "dead", record=dead_record(d[1])),
+        Settle(d[0], "ack"),  # refused: frees nothing twice
+        Settle(d[2], "retry", 30, failure(1)),
+        Settle(d[3], "release"),
+    ]
+    assert broker.settle_many(ops) == [True, True, False, True, True]
+    put(broker, task("b"), task("b"))  # the two slots the ack and the dead letter freed
+    with pytest.raises(QueueFull):
+        broker.put_many([task("b")], timeout=0)
 
 
 def test_put_many_is_all_or_nothing(make_broker: BrokerMaker) -> None:
