@@ -82,6 +82,9 @@ UPDATE tasks SET state = {READY}, redelivered = (redelivered OR state = {LEASED}
  WHERE state IN ({WAITING}, {LEASED}) AND due_at <= ?
 """
 _ACK_SQL = "DELETE FROM tasks WHERE id = ? AND lease = ?"
+#: Many acks at once. A lease names one claim of one row, so matching any of the ids and any of
+#: the leases matches exactly the (id, lease) pairs asked for.
+_ACK_MANY_SQL = "DELETE FROM tasks WHERE id IN ({0}) AND lease IN ({0}) RETURNING lease"
 _RETRY_SQL = (
     "UPDATE tasks SET state = ?, due_at = ?, lease = NULL, redelivered = 0, envelope = ?"
     " WHERE id = ? AND lease = ?"
@@ -184,11 +187,36 @@ class SqliteBroker:
     def _settle_statement(
         self, ops: Sequence[Settle]
     ) -> Callable[[sqlite3.Connection], list[bool]]:
-        """The fenced writes of ``ops`` as one statement for the group commit."""
-        statements = [self._statement(op) for op in ops]
+        """The fenced writes of ``ops`` as one statement for the group commit.
+
+        Answers as if run one by one, in order: only the first op on a delivery can take (any
+        write moves its lease on), so a later one answers False unrun; the others touch
+        different rows, so the acks among them run as one DELETE.
+        """
+        seen: set[str] = set()
+        acks: list[int] = []
+        others: list[tuple[int, Callable[[sqlite3.Connection], bool]]] = []
+        for i, op in enumerate(ops):
+            receipt = op.delivery.receipt  # the lease: unique to one claim of one row
+            if receipt in seen:
+                continue
+            seen.add(receipt)
+            if op.kind == "ack":
+                acks.append(i)
+            else:
+                others.append((i, self._statement(op)))
 
         def statement(conn: sqlite3.Connection) -> list[bool]:
-            answers = [run(conn) for run in statements]
+            answers = [False] * len(ops)
+            if acks:
+                ids = [ops[i].delivery.task.id for i in acks]
+                leases = [ops[i].delivery.receipt for i in acks]
+                sql = _ACK_MANY_SQL.format(", ".join("?" * len(acks)))
+                gone = {row[0] for row in conn.execute(sql, (*ids, *leases))}
+                for i, lease in zip(acks, leases, strict=True):
+                    answers[i] = lease in gone
+            for i, run in others:
+                answers[i] = run(conn)
             self._settled = self._settled or any(answers)  # wake waiters after COMMIT
             return answers
 

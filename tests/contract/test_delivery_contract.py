@@ -162,6 +162,23 @@ def test_settle_many_answers_each_op_as_its_own_call_would(
     assert broker.settle_many([Settle(d[4], "ack"), Settle(d[1], "ack")]) == [True, False]
 
 
+def test_settle_many_fences_each_ack_by_its_own_receipt(broker: Broker) -> None:
+    put(broker, task("a", 0), task("a", 1), task("a", 2))
+    d0, d1, d2 = broker.get({"a": 3}, 3, 0)
+    assert broker.release(d1)
+    (d1_again,) = broker.get({"a": 1}, 1, 0)  # the same task under a new receipt
+    assert d1_again.task.id == d1.task.id
+    ops = [
+        Settle(d1, "ack"),  # stale: its receipt moved on
+        Settle(d0, "ack"),
+        Settle(d1_again, "ack"),
+        Settle(d2, "ack"),
+        Settle(d0, "ack"),  # already acked in this batch
+    ]
+    assert broker.settle_many(ops) == [False, True, True, True, False]
+    assert broker.depth().get("a", Depth()).total == 0
+
+
 def test_exchange_settles_then_hands_out_without_blocking(
     broker: Broker, admin: BrokerAdmin
 ) -> None:
