@@ -6,6 +6,8 @@ import queue
 import threading
 import time
 
+import pytest
+
 from runner.task import Cancellation
 from runner.timeouts import Guard, Run, Watchdog
 
@@ -61,55 +63,46 @@ def settle() -> None:
     time.sleep(0.1)
 
 
-def test_short_runs_after_an_idle_scan_do_not_wake_the_watchdog() -> None:
-    watchdog, wakeups = watched(horizon_s=30.0)
+@pytest.mark.parametrize(
+    ("horizon_s", "wakes"),
+    [
+        (30.0, False),  # runs after an idle scan start without waking it
+        (0.0, True),  # no horizon: every start after an idle scan wakes it (the cost removed)
+    ],
+)
+def test_short_runs_wake_the_watchdog_only_without_a_horizon(horizon_s: float, wakes: bool) -> None:
+    watchdog, wakeups = watched(horizon_s=horizon_s)
     watchdog.start()
     try:
         settle()
         before = wakeups.puts
         run_in_thread(watchdog, [a_run(30.0) for _ in range(200)])
-        assert wakeups.puts == before
+        assert (wakeups.puts > before) == wakes
     finally:
         watchdog.stop()
 
 
-def test_without_a_horizon_every_idle_start_wakes_the_watchdog() -> None:
-    """The cost the horizon removes (so the test above can fail)."""
-    watchdog, wakeups = watched(horizon_s=0.0)
+@pytest.mark.parametrize(
+    ("horizon_s", "timeout_s", "wakes"),
+    [
+        (0.2, 0.5, False),  # longer than the horizon: found at the next look, no wake-up needed
+        (30.0, 0.2, True),  # shorter: it wakes the watchdog
+    ],
+)
+def test_a_run_times_out_on_time_whatever_the_horizon(
+    horizon_s: float, timeout_s: float, wakes: bool
+) -> None:
+    timed_out: list[Run] = []
+    watchdog, wakeups = watched(horizon_s=horizon_s)
     watchdog.start()
     try:
         settle()
         before = wakeups.puts
-        run_in_thread(watchdog, [a_run(30.0)])
-        assert wakeups.puts > before
-    finally:
-        watchdog.stop()
-
-
-def test_a_run_longer_than_the_horizon_still_times_out() -> None:
-    timed_out: list[Run] = []
-    watchdog, _ = watched(horizon_s=0.2)
-    watchdog.start()
-    try:
-        settle()
         t0 = time.monotonic()
-        run_in_thread(watchdog, [a_run(0.5, timed_out)], body=5.0)
+        run_in_thread(watchdog, [a_run(timeout_s, timed_out)], body=5.0)
         assert timed_out, "the run was never timed out"
         assert time.monotonic() - t0 < 2.0
-    finally:
-        watchdog.stop()
-
-
-def test_a_run_shorter_than_the_horizon_wakes_the_watchdog_and_times_out() -> None:
-    timed_out: list[Run] = []
-    watchdog, wakeups = watched(horizon_s=30.0)
-    watchdog.start()
-    try:
-        settle()
-        t0 = time.monotonic()
-        run_in_thread(watchdog, [a_run(0.2, timed_out)], body=5.0)
-        assert timed_out, "the run was never timed out"
-        assert time.monotonic() - t0 < 2.0
-        assert wakeups.puts >= 1
+        if wakes:
+            assert wakeups.puts > before
     finally:
         watchdog.stop()
