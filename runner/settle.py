@@ -5,9 +5,9 @@ On the memory broker that call costs a lock round, so the thread makes it itself
 SQLite and Redis it costs a transaction or a round trip, and a thread waiting for it is a thread
 not running handlers; there the thread hands the call on and takes its next task at once:
 
-- to the Worker's dispatcher, when it is not blocked in a fetch: it sends every settle handed
-  to it along with its next fetch (``Broker.exchange``: one transaction / one round trip for
-  both) and reports them through ``Settler.report``;
+- to the Worker's next fetch (a worker thread's own, or the dispatcher's when it is not blocked
+  in one), which sends every settle handed on meanwhile along with it (``Broker.exchange``: one
+  transaction / one round trip for both) and reports them through ``Settler.report``;
 - otherwise to the Settler's own thread, which sends everything handed to it meanwhile in one
   ``broker.settle_many`` call (and retries when the broker is unavailable).
 

@@ -100,8 +100,9 @@ class Worker:
         # counted against any room, but still held: leases renewed, stop() waits for them.
         self._settling: dict[str, Delivery] = {}
         self._max_unsettled = max(64, 4 * threads)  # then threads wait before taking more
-        # Settles the dispatcher sends along with its next fetch (Broker.exchange): one round
-        # trip or transaction for both. Only while it is not blocked in a get; else the Settler.
+        # Settles the next fetch (a thread's own, or the dispatcher's) sends along with it
+        # (Broker.exchange): one round trip or transaction for both. Only while the dispatcher
+        # is not blocked in a get; else the Settler.
         self._carry: list[Outcome] = []
         self._blocked_in_get = False
         self._dispatching = False  # the dispatcher runs and will take what is carried

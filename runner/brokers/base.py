@@ -34,8 +34,9 @@ Every broker passes the same suite in tests/contract. The contract, in one line 
   background, on durable brokers). When it raises, any of the ops may or may not have happened;
   the receipts make trying them again safe (an op that did happen then answers False).
 - ``exchange(ops, slots, limit)`` is ``settle_many(ops)`` followed by ``get(slots, limit, 0)``
-  (it never blocks), in one round trip or transaction where the broker can: the engine's
-  dispatcher sends finished tasks' settles along with its next fetch. It answers
+  (it never blocks), in one round trip or transaction where the broker can: the engine sends
+  finished tasks' settles along with its next fetch (from several threads at once, so it must
+  be safe to call concurrently). It answers
   ``(answers, deliveries)``; when it raises, the settles may or may not have happened, as with
   ``settle_many``, and anything it may have handed out comes back when its lease expires.
 - ``depth()`` counts each type's ready (due), delayed and leased tasks; a type with no tasks may

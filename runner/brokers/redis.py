@@ -20,9 +20,9 @@ to RESP2, redis-py 8 would otherwise negotiate RESP3.
 
 ``settle_many`` sends any number of acks / retries / dead-letters / releases in one call of the
 fenced SETTLE script, and ``exchange`` sends them with a POLL in one EXCHANGE script call, on
-the calling thread's own connection, so several threads' exchanges overlap (the engine settles
-through these two; a single ack / retry / dead / release is a ``settle_many`` of one). Each op
-gets its own fenced answer, only after Redis gave it. The operator commands are in
+the calling thread's own connection, so exchanges from several threads may overlap (the engine
+settles through these two; a single ack / retry / dead / release is a ``settle_many`` of one).
+Each op gets its own fenced answer, only after Redis gave it. The operator commands are in
 redis_admin.py.
 
 Connection loss: every call is retried with exponential backoff (call_with_reconnect, built

@@ -5,11 +5,12 @@ Runs once per broker in conftest.BROKERS. Timing checks: lower bounds strict, up
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
-from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth, Settle
+from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Delivery, Depth, Settle
 from runner.errors import BrokerClosed
 from tests.contract.conftest import BrokerMaker
 from tests.contract.helpers import ALL, Background, dead_record, failure, get_one, put, task
@@ -176,6 +177,34 @@ def test_settle_many_fences_each_ack_by_its_own_receipt(broker: Broker) -> None:
         Settle(d0, "ack"),  # already acked in this batch
     ]
     assert broker.settle_many(ops) == [False, True, True, True, False]
+    assert broker.depth().get("a", Depth()).total == 0
+
+
+def test_exchange_is_safe_from_several_threads_at_once(broker: Broker) -> None:
+    """The engine's threads fetch (and settle) through exchange concurrently: every task is
+    handed out once and acked once."""
+    put(broker, *(task("a", i) for i in range(60)))
+    seen: list[str] = []
+    answers: list[bool] = []
+    lock = threading.Lock()
+
+    def consume() -> None:
+        held: list[Delivery] = []
+        while True:
+            got_answers, held = broker.exchange([Settle(d, "ack") for d in held], {"a": 2}, 2)
+            with lock:
+                answers.extend(got_answers)
+                seen.extend(d.task.id for d in held)
+            if not held:
+                return
+
+    threads = [threading.Thread(target=consume) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(seen) == len(set(seen)) == 60
+    assert answers == [True] * 60
     assert broker.depth().get("a", Depth()).total == 0
 
 
