@@ -434,11 +434,10 @@ class SqliteBroker:
         return self._settle(ops)
 
     def _statement(self, op: Settle) -> Callable[[sqlite3.Connection], bool]:
-        """The fenced write for ``op``; True when the delivery's lease was still current."""
+        """The fenced write for a release, retry or dead ``op`` (acks run together, in
+        ``_settle_statement``); True when the delivery's lease was still current."""
         delivery = op.delivery
         key = (delivery.task.id, delivery.receipt)
-        if op.kind == "ack":
-            return lambda conn: conn.execute(_ACK_SQL, key).rowcount == 1
         if op.kind == "release":
             return lambda conn: conn.execute(_RELEASE_SQL, key).rowcount == 1
         if op.kind == "retry":
