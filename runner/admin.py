@@ -166,12 +166,18 @@ def dead_letter_filter(
 
 
 def find_dead_letter(admin: BrokerAdmin, task_id: str) -> DeadLetter:
-    """The record with this task id, or the only one whose id starts with it (4+ characters)."""
+    """The record with this task id, or the only one whose id starts or ends with it (4+
+    characters). Ids begin with their creation time, so ids made together share their start;
+    their end is random."""
     exact = admin.dead_letters(DeadLetterFilter(ids=frozenset({task_id})))
     if exact:
         return exact[0]
     if len(task_id) >= 4:
-        matches = [r for r in admin.dead_letters(DeadLetterFilter()) if r.id.startswith(task_id)]
+        matches = [
+            r
+            for r in admin.dead_letters(DeadLetterFilter())
+            if r.id.startswith(task_id) or r.id.endswith(task_id)
+        ]
         if len(matches) == 1:
             return matches[0]
         if matches:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -41,8 +43,18 @@ def from_json_bytes(raw: bytes | str) -> Any:
 
 
 def new_task_id() -> str:
-    """A random 128-bit id as 32 hex digits (a uuid4's randomness at a quarter of its cost)."""
-    return os.urandom(16).hex()
+    """32 hex digits: the creation time in milliseconds (12), then 80 random bits (20).
+
+    Ids sort by creation (as a UUIDv7's do), so the SQLite broker's id index grows at its end
+    rather than touching a random page on every put and ack.
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{_id_bits.getrandbits(80):020x}"
+
+
+# A private generator (handlers may seed the random module's), seeded from os.urandom and
+# seeded again in a forked child, which would otherwise repeat its parent's ids.
+_id_bits = random.Random()
+os.register_at_fork(after_in_child=_id_bits.seed)
 
 
 @dataclass(frozen=True, slots=True)

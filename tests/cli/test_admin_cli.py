@@ -218,7 +218,7 @@ def test_dlq_round_trip_list_show_dry_run_replay_and_success(tmp_path: Path) -> 
     assert len(_dead_lines(config, "--error", "DependencyDown", "--since", "1h")) == 4
     assert _dead_lines(config, "--error", "TimeoutError") == []
 
-    shown = run("dlq", "show", config, ids[0][:8])
+    shown = run("dlq", "show", config, ids[0][-8:])
     assert shown.returncode == 0, shown.stderr
     for attempt in (1, 2, 3):
         assert f"--- attempt {attempt} at" in shown.stdout

