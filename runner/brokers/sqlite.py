@@ -17,6 +17,7 @@ Guarantees (the contract in runner.brokers.base, plus durability):
   earliest due time is cached, lowered by this process's writes, and any other process's
   commit (``PRAGMA data_version``) forces a promotion at the next claim.
 - Capacity is counted in the same transaction as the insert, so it holds across processes.
+- WAL checkpoints run in a background thread (sqlite_checkpoint), not in the committing one.
 
 Limits: one machine (SQLite file locking is not reliable on network filesystems); writes are
 serialised by SQLite, so throughput is bounded by one writer at a time. Other processes'
@@ -43,6 +44,7 @@ from typing import Any, Literal
 
 from runner.brokers.base import DeadLetterFilter, Delivery, Depth, Settle
 from runner.brokers.sqlite_batch import GroupCommit, Pending
+from runner.brokers.sqlite_checkpoint import Checkpointer
 from runner.brokers.sqlite_schema import (
     LEASED,
     READY,
@@ -122,6 +124,7 @@ class SqliteBroker:
         self._visibility_timeout = visibility_timeout
         self._clock = clock
         self._conn = connect(path)
+        self._checkpoints = Checkpointer(path)  # WAL checkpoints off the commit path
         self._lock = threading.RLock()  # guards the one connection
         self._commits = GroupCommit()  # fenced writes waiting for the next transaction
         self._cond = threading.Condition()  # local changes, wake() and close()
@@ -156,6 +159,7 @@ class SqliteBroker:
                 taken = self._commits.take()
                 results = [pending.statement(conn) for pending in taken]
                 conn.execute("COMMIT")
+                self._checkpoints.committed()
             except sqlite3.Error as exc:
                 self._rolled_back(conn)
                 error = unavailable(self.path, exc)
@@ -511,6 +515,7 @@ class SqliteBroker:
                 return
             self._closed = True
             self._cond.notify_all()
+        self._checkpoints.close()
         with self._lock:
             self._conn.close()
 

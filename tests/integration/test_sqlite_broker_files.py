@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth
 from runner.brokers.sqlite import SqliteBroker
+from runner.brokers.sqlite_checkpoint import Checkpointer
 from runner.errors import BrokerError, BrokerUnavailable
 from runner.task import Task
 from tests.integration.test_sqlite_broker import VT, FakeClock, dead_record, one
@@ -55,6 +58,50 @@ def test_open_creates_parents_schema_and_wal(broker: SqliteBroker, db: str) -> N
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         conn.close()
+
+
+def test_commits_reach_the_database_file_by_a_background_checkpoint(
+    broker: SqliteBroker, db: str
+) -> None:
+    # ~100 pages: far below the 1,000 at which the commit path checkpoints, so only the
+    # background thread copies them from the WAL into the database file meanwhile.
+    before = os.path.getsize(db)
+    for _ in range(10):
+        broker.put_many([Task("a", "x" * 4000) for _ in range(10)])
+    deadline = time.monotonic() + 5
+    while os.path.getsize(db) < before + 300_000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.path.getsize(db) >= before + 300_000
+    broker.close()
+    assert not broker._checkpoints._thread.is_alive()
+
+
+def test_a_failing_background_checkpoint_is_logged_once_per_spell(tmp_path: Path) -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger = logging.getLogger("runner.broker")  # whatever an earlier test configured
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # setLevel: it clears the loggers' level caches
+    checkpoints = Checkpointer(str(tmp_path / "missing" / "queue.db"), every_s=0.001)
+    try:
+        deadline = time.monotonic() + 5
+        while checkpoints.failures < 3 and time.monotonic() < deadline:
+            checkpoints.committed()
+            time.sleep(0.005)
+        assert checkpoints.failures >= 3
+    finally:
+        checkpoints.close()
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    failures = [r for r in records if "background checkpoint failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert checkpoints.runs == 0
 
 
 def test_tasks_leases_and_dead_letters_survive_reopening(
