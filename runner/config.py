@@ -260,8 +260,10 @@ class SimulateConfig(_Model):
     )
 
 
-#: The memory broker's default prefetch per worker thread, and the largest prefetch allowed.
+#: The default prefetch per worker thread on the memory broker and on the durable ones, and the
+#: largest prefetch allowed.
 MEMORY_PREFETCH_PER_WORKER = 16
+DURABLE_PREFETCH_PER_WORKER = 2
 MAX_PREFETCH = 4096
 
 
@@ -276,7 +278,7 @@ class PipelineConfig(_Model):
         ge=0,
         le=MAX_PREFETCH,
         description="tasks fetched ahead of free threads (default: 16 x workers on the "
-        "memory broker, 0 on sqlite and redis)",
+        "memory broker, 2 x workers on sqlite and redis)",
     )
     handler_paths: tuple[str, ...] = Field(
         (), description="extra import directories, relative to the config file"
@@ -305,15 +307,20 @@ class PipelineConfig(_Model):
         return override.apply_to(self.retry) if override else self.retry
 
     def effective_prefetch(self) -> int:
-        """Prefetch on a durable broker is opt-in: a worker that crashes uses up one attempt of
-        every task it had fetched, run or not (attempts are counted at hand-out). The memory
-        broker keeps nothing across a crash, so there a deep buffer costs nothing and saves
-        the threads from waiting for the dispatcher (fewer, larger fetches)."""
+        """A buffer keeps threads from waiting for the broker: the next task is fetched while
+        the last one runs, and in batches. On a durable broker it is shallow (two per thread,
+        as Dramatiq's consumers): a worker that crashes uses up one attempt of every task it
+        had fetched, run or not (attempts are counted at hand-out), and a prefetched task
+        waits for this process while another may be idle. The memory broker keeps nothing
+        across a crash and has no other process, so there a deep one costs nothing."""
         if self.prefetch is not None:
             return self.prefetch
-        if self.broker.kind == "memory":
-            return min(MEMORY_PREFETCH_PER_WORKER * self.workers, MAX_PREFETCH)
-        return 0
+        per_worker = (
+            MEMORY_PREFETCH_PER_WORKER
+            if self.broker.kind == "memory"
+            else DURABLE_PREFETCH_PER_WORKER
+        )
+        return min(per_worker * self.workers, MAX_PREFETCH)
 
     def concurrency_for(self, type_name: str) -> int:
         limit = self.task_types[type_name].concurrency

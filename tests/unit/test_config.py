@@ -61,9 +61,10 @@ def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
     ("broker", "prefetch", "expected"),
     [
         ({"kind": "memory"}, None, 16 * 4),  # nothing to lose in a crash: a deep buffer
-        ({"kind": "sqlite", "path": "q.db"}, None, 0),  # opt-in where a crash costs attempts
-        ({"kind": "redis"}, None, 0),
+        ({"kind": "sqlite", "path": "q.db"}, None, 2 * 4),  # shallow where a crash costs attempts
+        ({"kind": "redis"}, None, 2 * 4),
         ({"kind": "redis"}, 8, 8),
+        ({"kind": "redis"}, 0, 0),
         ({"kind": "memory"}, 0, 0),
     ],
 )
