@@ -120,7 +120,7 @@ def test_find_dead_letter_by_id_or_unique_prefix() -> None:
     assert admin.find_dead_letter(broker, second.id[-6:]) == second  # the random end
     assert admin.find_dead_letter(broker, second.id[:26]) == second
     with pytest.raises(UsageError, match="matches 2 dead letters; give more of it"):
-        admin.find_dead_letter(broker, first.id[:6])  # made in the same few seconds
+        admin.find_dead_letter(broker, first.id[:6])  # made moments apart: the same start
     with pytest.raises(UsageError, match="no dead letter"):
         admin.find_dead_letter(broker, "zzzzzzzz")
     with pytest.raises(UsageError, match="no dead letter"):

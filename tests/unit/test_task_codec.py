@@ -7,6 +7,7 @@ import math
 import os
 import random
 import time
+import warnings
 
 import pytest
 from hypothesis import given
@@ -92,7 +93,9 @@ def test_task_ids_sort_by_creation_time() -> None:
 
 def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
     read, write = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():  # 3.12+ warns of forking a process that has threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # the child: its next ids, to the parent
         os.write(write, "".join(new_task_id() for _ in range(100)).encode())
         os._exit(0)
