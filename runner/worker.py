@@ -6,7 +6,7 @@ threads rarely wait for it and the broker can hand out tasks in batches. Worker 
 the next task of a type whose running count is below its limit, run it (runner.attempt), hand
 its broker call on (runner.settle: made inline on the memory broker; on durable ones sent along
 with the next fetch, or by the Settler's thread) and take the next one in the same lock round.
-Without a prefetch buffer (the default on durable brokers), a thread that finds nothing to run
+Without a prefetch buffer (``prefetch: 0``), a thread that finds nothing to run
 fetches for itself (``Broker.exchange``, carrying the finished tasks' settles): no hand-off to
 the dispatcher and back. One thread fetches at a time; threads that go idle meanwhile leave
 their settles to the next fetch, which fetches for them all. Every fetch first reserves the
@@ -20,7 +20,7 @@ all; a type holds at most ``limit + min(prefetch, max(limit, prefetch // types))
 (its running ones plus its share of the buffer), and the process at most ``threads +
 prefetch``. Prefetched deliveries have been handed out (their attempt counts) but not started;
 shutdown hands them back at once. A crash cannot hand them back, so a crashing worker uses up
-an attempt of each: that is why prefetch is opt-in on durable brokers
+an attempt of each: that is why the buffer is shallow on durable brokers
 (PipelineConfig.effective_prefetch).
 """
 
