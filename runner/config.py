@@ -310,9 +310,11 @@ class PipelineConfig(_Model):
         """A buffer keeps threads from waiting for the broker: the next task is fetched while
         the last one runs, and in batches. On a durable broker it is shallow (two per thread,
         as Dramatiq's consumers): a worker that crashes uses up one attempt of every task it
-        had fetched, run or not (attempts are counted at hand-out), and a prefetched task
-        waits for this process while another may be idle. The memory broker keeps nothing
-        across a crash and has no other process, so there a deep one costs nothing."""
+        had fetched, run or not (attempts are counted at hand-out; the Worker runs a task
+        handed out again with nothing prefetched beside it, so a task that kills its worker
+        costs its neighbours that attempt once), and a prefetched task waits for this process
+        while another may be idle. The memory broker keeps nothing across a crash and has no
+        other process, so there a deep one costs nothing."""
         if self.prefetch is not None:
             return self.prefetch
         per_worker = (

@@ -21,7 +21,8 @@ all; a type holds at most ``limit + min(prefetch, max(limit, prefetch // types))
 prefetch``. Prefetched deliveries have been handed out (their attempt counts) but not started;
 shutdown hands them back at once. A crash cannot hand them back, so a crashing worker uses up
 an attempt of each: that is why the buffer is shallow on durable brokers
-(PipelineConfig.effective_prefetch).
+(PipelineConfig.effective_prefetch), and why a task handed out again after its lease expired
+(its last worker may have died of it) runs with nothing prefetched beside it (``_isolate``).
 """
 
 from __future__ import annotations
@@ -123,6 +124,11 @@ class Worker:
         # keeps the buffer filled in batches and the threads only take from it.
         self._threads_fetch = self._prefetch == 0
         self._fetchers = 0  # worker threads fetching for themselves right now
+        # Receipts of running tasks that were handed out again after a lease expired (their
+        # last worker may have died of them): while any runs, nothing is prefetched.
+        self._suspects: set[str] = set()
+        self._fetches_begun = 0  # fetches that reserved room, and those that gave it back
+        self._fetches_ended = 0
         self._fetch_paused_until = 0.0  # after a failed fetch, threads leave it to the dispatcher
         self._asking: frozenset[str] = frozenset()  # types in the broker.get under way
         self._order = list(self.types)
@@ -306,11 +312,15 @@ class Worker:
 
     def _reserve(self, slots: dict[str, int], room: int) -> None:
         """Promise ``slots`` / ``room`` to a fetch about to start (lock held)."""
+        self._fetches_begun += 1
         self._reserved += room
         for name, n in slots.items():
             self._reserved_by_type[name] += n
 
     def _unreserve(self, slots: dict[str, int], room: int) -> None:
+        self._fetches_ended += 1
+        if self._suspects:
+            self._room.notify_all()  # _isolate may wait for the fetch
         self._reserved -= room
         for name, n in slots.items():
             self._reserved_by_type[name] -= n
@@ -327,7 +337,8 @@ class Worker:
 
     def _room_left(self) -> int:
         """How many more deliveries the process may hold (lock held)."""
-        return self.threads + self._prefetch - len(self._held) - self._reserved
+        buffer = 0 if self._suspects else self._prefetch
+        return self.threads + buffer - len(self._held) - self._reserved
 
     def _free_room(self) -> tuple[dict[str, int], int]:
         """Per-type room and room in all for more deliveries (lock held)."""
@@ -347,13 +358,41 @@ class Worker:
 
     def _release_unstarted(self) -> None:
         with self._lock:
-            unstarted = [d for queue in self._ready.values() for d in queue]
-            for queue in self._ready.values():
-                queue.clear()
-            self._ready_count = 0
+            unstarted = self._take_unstarted()
+        self._hand_back(unstarted)
+
+    def _take_unstarted(self) -> list[Delivery]:
+        """Every prefetched delivery no thread has taken yet, out of the ready queues (lock
+        held)."""
+        unstarted = [d for queue in self._ready.values() for d in queue]
+        for queue in self._ready.values():
+            queue.clear()
+        self._ready_count = 0
+        return unstarted
+
+    def _hand_back(self, unstarted: list[Delivery]) -> None:
+        """Release unstarted deliveries to the broker (their attempt is given back)."""
+        if not unstarted:
+            return
         self._settler.call([Settle(delivery, "release") for delivery in unstarted])
         for delivery in unstarted:
             self._forget(delivery, started=False)
+
+    def _isolate(self, suspect: Delivery) -> None:
+        """Before running a task handed out again after its lease expired (its last worker may
+        have died of it, and may die again): hand back every prefetched task, whose attempt a
+        crash would use up too, once the fetches under way have ended; prefetch nothing until
+        it ends (``_room_left``)."""
+        with self._lock:
+            self._suspects.add(suspect.receipt)
+            under_way = self._fetches_begun
+            if self._fetches_ended < under_way:
+                self.broker.wake()  # a blocked get returns at once
+                self._room.wait_for(
+                    lambda: self._fetches_ended >= under_way, timeout=GET_TIMEOUT_S + 5
+                )
+            unstarted = self._take_unstarted()
+        self._hand_back(unstarted)
 
     def _keep_leases(self) -> None:
         while not self._stopping.wait(self._renew_every_s):
@@ -388,6 +427,8 @@ class Worker:
                 done = outcome = None
                 if delivery is None:
                     return
+                if delivery.redelivered and self._prefetch:
+                    self._isolate(delivery)
                 ended = self.attempts.run(guard, delivery)
                 if self._settler.background:
                     outcome = ended
@@ -547,6 +588,7 @@ class Worker:
             return
         name = delivery.task.type
         self._held_by_type[name] -= 1
+        self._suspects.discard(delivery.receipt)
         if started:
             self._running_by_type[name] -= 1
             if self._ready[name]:

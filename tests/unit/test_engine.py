@@ -6,6 +6,7 @@ Every test runs twice: settling inline (as on the memory broker) and in the Sett
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import threading
@@ -15,8 +16,9 @@ from typing import Any
 
 import pytest
 
+from runner.brokers.memory import MemoryBroker
 from runner.errors import PermanentError
-from runner.task import TaskContext
+from runner.task import Task, TaskContext
 from tests.unit import engine_kit
 from tests.unit.engine_kit import Concurrency, Engine, plan, type_runtime
 
@@ -425,3 +427,36 @@ def test_wake_up_books_balance_after_bursts_of_mixed_tasks(engines: list[Engine]
         assert worker._ready_count == 0
         assert worker._signalled == 0
         assert worker._sleeping == 4
+
+
+def test_a_task_handed_out_again_runs_with_nothing_unstarted_beside_it(
+    engines: list[Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task whose lease expired may be what killed its last worker: while it runs, the
+    process holds no prefetched task (a crash would use up an attempt of each) and fetches no
+    more than its idle threads take."""
+    get, exchange = MemoryBroker.get, MemoryBroker.exchange
+
+    def again(deliveries: list[Any]) -> list[Any]:
+        return [dataclasses.replace(d, redelivered=True) for d in deliveries]
+
+    def exchange_again(self: MemoryBroker, *args: Any) -> tuple[list[bool], list[Any]]:
+        answers, deliveries = exchange(self, *args)
+        return answers, again(deliveries)
+
+    monkeypatch.setattr(MemoryBroker, "get", lambda self, *a: again(get(self, *a)))
+    monkeypatch.setattr(MemoryBroker, "exchange", exchange_again)
+    held_at_start: list[int] = []
+
+    def handler(payload: Any, ctx: TaskContext) -> None:
+        held_at_start.append(len(engine.worker._held))
+        time.sleep(0.01)
+
+    engine = Engine([type_runtime("t", handler)], threads=1, prefetch=4)
+    engines.append(engine)
+    engine.broker.put_many([Task("t", i) for i in range(6)])
+    engine.wait_finished(6)
+    assert held_at_start == [1] * 6
+    succeeded = engine.recorder.named("task.succeeded")
+    assert sorted(e.task_id for e in succeeded) == sorted({e.task_id for e in succeeded})
+    assert [e.attempt for e in succeeded] == [1] * 6  # handing back refunds the attempt
