@@ -12,7 +12,8 @@ not running handlers; there the thread hands the call on and takes its next task
   ``broker.settle_many`` call (and retries when the broker is unavailable).
 
 What does not change: the outcome event (task.succeeded / retrying / dead, or task.lease_lost
-when the broker refused) is emitted only once the broker answered, and a task whose settle did
+when the broker answered FENCED) is emitted only once the broker answered (DONE, or
+ALREADY_DONE for a call sent again after its first reply was lost), and a task whose settle did
 not go through stays leased, so it comes back once its lease expires (at-least-once). The
 Worker keeps holding (and renewing the lease of) every delivery until its settle is answered,
 and stops taking tasks while ``max_unsettled`` are waiting, so a slow broker slows the workers
@@ -29,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from runner.brokers.base import Broker, Settle, settle_one
+from runner.brokers.base import Answer, Broker, Settle, settle_one
 from runner.errors import BrokerClosed, BrokerError, BrokerUnavailable
 
 log = logging.getLogger("runner.worker")
@@ -54,9 +55,10 @@ class Outcome(NamedTuple):
     fields: Mapping[str, Any] = MappingProxyType({})
 
 
-#: Told about each outcome once the broker answered: True (done), False (refused: another
-#: delivery owns the task) or None (no answer; the task comes back when its lease expires).
-Report = Callable[[Outcome, "bool | None"], None]
+#: Told about each outcome once the broker answered: DONE, ALREADY_DONE (an earlier call under
+#: the same receipt took effect: its reply was lost), FENCED (refused: another delivery owns the
+#: task) or None (no answer; the task comes back when its lease expires).
+Report = Callable[[Outcome, "Answer | None"], None]
 
 
 class Settler:
@@ -99,7 +101,7 @@ class Settler:
         """Settle one outcome in this thread with the broker's single call, and report it."""
         op = outcome.settle
         try:
-            answer: bool | None = settle_one(self.broker, op)
+            answer: Answer | None = settle_one(self.broker, op)
         except BrokerError as exc:
             answer = self._after_failure([op], exc)[0]
         except Exception:
@@ -110,7 +112,7 @@ class Settler:
         """Settle ``outcomes`` in one ``settle_many`` call, in this thread, and report them."""
         self.report(outcomes, self.call([o.settle for o in outcomes]))
 
-    def report(self, outcomes: Sequence[Outcome], answers: Sequence[bool | None]) -> None:
+    def report(self, outcomes: Sequence[Outcome], answers: Sequence[Answer | None]) -> None:
         """Report a batch the broker answered (here, or along with a fetch: Broker.exchange)."""
         try:
             for outcome, answer in zip(outcomes, answers, strict=True):
@@ -119,7 +121,7 @@ class Settler:
             if self._batch_done is not None:
                 self._batch_done(outcomes)
 
-    def call(self, ops: Sequence[Settle]) -> list[bool | None]:
+    def call(self, ops: Sequence[Settle]) -> list[Answer | None]:
         """``broker.settle_many(ops)``: the answers, None for each op it could not answer."""
         try:
             return list(self.broker.settle_many(ops))
@@ -128,17 +130,18 @@ class Settler:
         except Exception:
             return self._unexpected(ops)
 
-    def _unexpected(self, ops: Sequence[Settle]) -> list[bool | None]:
+    def _unexpected(self, ops: Sequence[Settle]) -> list[Answer | None]:
         """No answers after an error the broker did not wrap (a bug, or a backend error it did
         not expect): the tasks stay leased and come back when their leases expire."""
         log.exception("broker settle of %d task(s) failed unexpectedly", len(ops))
         return [None] * len(ops)
 
-    def _after_failure(self, ops: Sequence[Settle], exc: BrokerError) -> list[bool | None]:
+    def _after_failure(self, ops: Sequence[Settle], exc: BrokerError) -> list[Answer | None]:
         """The answers to ``ops`` after ``settle_many`` raised ``exc``.
 
         BrokerUnavailable is tried again after each of SETTLE_PAUSES_S (settles are fenced by
-        the receipt, so trying again is safe). Any other broker error fails the ops one by one
+        the receipt, so trying again is safe: an op whose first reply was lost answers
+        ALREADY_DONE). Any other broker error fails the ops one by one
         (so one bad op cannot sink the rest of its batch) and gives up on those that still fail.
         """
         for pause in SETTLE_PAUSES_S:

@@ -20,11 +20,13 @@ __all__ = ["Broker", "BrokerAdmin", "DeadLetterFilter", "Delivery", "Depth", "cr
 def create_broker(
     config: PipelineConfig,
     on_reconnect: Callable[[int, BaseException | None], None] | None = None,
+    read_only: bool = False,
 ) -> Broker:
     """A new broker built from ``config.broker`` (and ``config.dead_letter`` for memory).
 
     ``on_reconnect(attempt, error)`` is told about every reconnect attempt of brokers that
-    hold a network connection (Redis).
+    hold a network connection (Redis). ``read_only``: for operator reads; a SQLite file is then
+    opened read-only (an existing queue only, nothing written).
     """
     settings = config.broker
     match settings.kind:
@@ -50,6 +52,8 @@ def create_broker(
                 enqueue_timeout=settings.enqueue_timeout,
                 overflow=settings.overflow,
                 visibility_timeout=settings.visibility_timeout,
+                read_only=read_only,
+                file_mode=int(settings.file_mode, 8),
             )
         case "redis":
             from runner.brokers.redis import RedisBroker

@@ -18,21 +18,28 @@ Every broker passes the same suite in tests/contract. The contract, in one line 
   with ``redelivered=True`` and the next attempt number; the engine, not the broker, decides
   that too many deliveries means the dead-letter queue (reason ``max deliveries``).
 - Every delivery holds a lease of ``visibility_timeout`` seconds, renewed by ``extend``.
-  ``ack``, ``retry``, ``dead``, ``release`` and ``extend`` return False (and change nothing)
-  once the lease has moved on (reclaimed after expiry, or the task already acked, retried,
-  released or dead): the receipt fences stale workers, so a task completes once.
+  ``ack``, ``retry``, ``dead``, ``release`` and ``extend`` answer one ``Answer`` each:
+  ``DONE`` (it took effect now), ``ALREADY_DONE`` (this receipt was settled by an earlier call:
+  a call sent again because the reply to the first was lost, or a renewal racing the settle;
+  nothing changes, and it is not an error) or ``FENCED`` (the lease has moved on to another
+  delivery, or expired: nothing changes). The receipt fences stale workers, so a task
+  completes once; only ``FENCED`` is a lost lease. A broker remembers settled receipts for at
+  least one ``visibility_timeout`` after the settle (then they may answer ``FENCED``).
 - ``retry(delivery, delay_s, failure)`` appends ``failure`` to the task's history and makes it
   ready again after ``delay_s``, keeping its attempt count. ``retry`` and ``release`` never
   block on capacity (the task already holds its place).
 - ``release`` hands an unstarted task back at once (another consumer may get it immediately)
-  and gives back its attempt: the next hand-out has the same attempt number.
+  and gives back its attempt: the next hand-out has the same attempt number and the same
+  ``redelivered`` flag. It keeps its place: handed out before the tasks of its type that were
+  not handed out yet (a released redelivery must not wait behind the whole queue).
 - ``dead`` writes the dead-letter record and removes the task in one step (durable brokers: one
   transaction), so a task is never both queued and dead, nor neither.
 - ``settle_many(ops)`` runs several of ack / retry / dead / release (``Settle`` values) in order
-  and answers one bool per op, each exactly what its own call would have answered, in one round
-  trip or transaction where the broker can (the engine settles finished tasks this way, in the
+  and answers one ``Answer`` per op, each exactly what its own call would have answered, in one
+  round trip or transaction where the broker can (the engine settles finished tasks this way, in the
   background, on durable brokers). When it raises, any of the ops may or may not have happened;
-  the receipts make trying them again safe (an op that did happen then answers False).
+  the receipts make trying them again safe (an op that did happen then answers
+  ``ALREADY_DONE``).
 - ``exchange(ops, slots, limit)`` is ``settle_many(ops)`` followed by ``get(slots, limit, 0)``
   (it never blocks), in one round trip or transaction where the broker can: the engine sends
   finished tasks' settles along with its next fetch (from several threads at once, so it must
@@ -53,6 +60,7 @@ Every broker passes the same suite in tests/contract. The contract, in one line 
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
@@ -69,6 +77,21 @@ class Delivery:
     redelivered: bool = False
     # Set when the stored task could not be decoded; task then carries only id and type.
     decode_error: str | None = None
+
+
+class Answer(enum.Enum):
+    """A broker's answer to one settle or renewal under a delivery's receipt.
+
+    Truthy when the op has taken effect (now, or under this receipt before); only ``FENCED``
+    is falsy, and only ``FENCED`` means the lease was lost.
+    """
+
+    DONE = "done"
+    ALREADY_DONE = "already done"
+    FENCED = "fenced"
+
+    def __bool__(self) -> bool:
+        return self is not Answer.FENCED
 
 
 SettleKind = Literal["ack", "retry", "dead", "release"]
@@ -127,21 +150,21 @@ class Broker(Protocol):
 
     def get(self, slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]: ...
 
-    def ack(self, delivery: Delivery) -> bool: ...
+    def ack(self, delivery: Delivery) -> Answer: ...
 
-    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> bool: ...
+    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> Answer: ...
 
-    def dead(self, delivery: Delivery, record: DeadLetter) -> bool: ...
+    def dead(self, delivery: Delivery, record: DeadLetter) -> Answer: ...
 
-    def release(self, delivery: Delivery) -> bool: ...
+    def release(self, delivery: Delivery) -> Answer: ...
 
-    def settle_many(self, ops: Sequence[Settle]) -> list[bool]: ...
+    def settle_many(self, ops: Sequence[Settle]) -> list[Answer]: ...
 
     def exchange(
         self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
-    ) -> tuple[list[bool], list[Delivery]]: ...
+    ) -> tuple[list[Answer], list[Delivery]]: ...
 
-    def extend(self, deliveries: Sequence[Delivery]) -> list[bool]: ...
+    def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]: ...
 
     def wake(self) -> None: ...
 
@@ -167,12 +190,12 @@ class BrokerAdmin(Protocol):
     def oldest_enqueued_at(self) -> dict[str, float]: ...
 
 
-def settle_each(broker: Broker, ops: Sequence[Settle]) -> list[bool]:
+def settle_each(broker: Broker, ops: Sequence[Settle]) -> list[Answer]:
     """``settle_many`` for a broker whose single calls cost no round trip: one call per op."""
     return [settle_one(broker, op) for op in ops]
 
 
-def settle_one(broker: Broker, op: Settle) -> bool:
+def settle_one(broker: Broker, op: Settle) -> Answer:
     """``op`` as the single call it stands for."""
     if op.kind == "ack":
         return broker.ack(op.delivery)

@@ -2,18 +2,23 @@
 
 Guarantees: at-least-once. A task is removed only by a fenced ack or dead-letter; a delivery
 whose worker died is reclaimed (XAUTOCLAIM) after ``visibility_timeout`` (polls look for such
-deliveries ten times per visibility timeout, at most once a second) and handed out again with
-attempt + 1. How much survives a Redis crash depends on Redis' persistence
-(``appendonly yes`` + ``appendfsync always`` loses nothing it acknowledged). Redis must run with
-``maxmemory-policy noeviction``: eviction silently drops tasks (we warn at start).
+deliveries of each type ten times per visibility timeout, at most once a second, and again at
+once after finding one) and handed out again with attempt + 1. A released task keeps its place
+in its stream. How much survives a Redis crash depends on Redis' persistence (``appendonly yes``
++ ``appendfsync always`` loses nothing it acknowledged). Redis must run with
+``maxmemory-policy noeviction``: eviction silently drops tasks (we warn at start, and also when
+Redis keeps nothing on disk: ``appendonly no`` and no RDB save points).
 
 The data model and the atomic steps are in runner/brokers/redis_scripts.py.
 
 Blocking ``get``: one Lua poll (move due retries, reclaim, read) and, when it finds nothing, an
 ``XREAD BLOCK`` on the wanted streams from their last entry id, in slices of at most
-``block_slice`` seconds (default 0.1). Between slices the broker re-polls, so ``wake()`` and
-``close()`` end a blocked get within one slice, due retries and expired leases are seen within
-one slice, and a new task wakes the XREAD at once. Every socket timeout is set explicitly and
+``block_slice`` seconds (default 0.1). A new task wakes the XREAD at once, and so do ``wake()``
+and ``close()``: the read also watches this broker's own wake stream, to which they add an entry
+(a wake that lands after the get last looked for one but before its read starts still ends it,
+as the read starts from the wake stream's last entry the get saw). Between slices the broker
+re-polls, so tasks that fall due (retries, also other processes') and expired leases are seen
+within one slice: that is why slices stay short. Every socket timeout is set explicitly and
 exceeds the slice, so an idle worker never hits a client timeout mid-read (redis-py 8's 5 s
 default with a longer BLOCK is a classic "alive but not consuming" bug). The protocol is pinned
 to RESP2, redis-py 8 would otherwise negotiate RESP3.
@@ -28,12 +33,14 @@ redis_admin.py.
 Connection loss: every call is retried with exponential backoff (call_with_reconnect, built
 on tenacity) for up to ``reconnect_timeout`` seconds, logging ``broker.reconnecting``, then
 BrokerUnavailable. A call whose reply was lost may have happened: a repeated put may store a
-task twice (at-least-once), a repeated ack of a delivery that was in fact acked returns False,
-and a poll whose reply was lost leaves its deliveries to be reclaimed after ``visibility_timeout``.
+task twice (at-least-once), a repeated ack of a delivery that was in fact acked answers
+ALREADY_DONE (the scripts remember settled lease tokens for one to two visibility timeouts), and
+a poll whose reply was lost leaves its deliveries to be reclaimed after ``visibility_timeout``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -52,10 +59,11 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from runner.brokers import redis_scripts as lua
-from runner.brokers.base import Delivery, Depth, Settle
+from runner.brokers.base import Answer, Delivery, Depth, Settle
 from runner.brokers.redis_admin import RedisAdmin
 from runner.brokers.redis_scripts import GROUP
 from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
+from runner.eventlog import log_event
 from runner.retry import call_with_reconnect
 from runner.task import (
     AttemptRecord,
@@ -73,12 +81,22 @@ T = TypeVar("T")
 #: One settle operation: kind, type, entry id, lease token, then three kind-specific fields.
 _Settle = tuple[Any, ...]
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+#: The scripts' answers (0 fenced, 1 done, 2 already done), by number.
+_ANSWERS = (Answer.FENCED, Answer.DONE, Answer.ALREADY_DONE)
 #: Polls look for expired leases this many times per visibility timeout (at most once a second).
 RECLAIMS_PER_VISIBILITY = 10
+#: Timeouts of the connection wake() sends on: it is called under the engine's lock, so it must
+#: not wait long for a Redis that is down (the get then ends at its next slice instead).
+WAKE_TIMEOUT_S = 0.5
+#: A wake stream outlives its broker by at most this (close deletes it; a crash cannot).
+WAKE_KEY_TTL_MS = 3_600_000
 
 
 class RedisBroker(RedisAdmin):
     """Broker and BrokerAdmin on Redis streams; see the module docstring for the guarantees."""
+
+    #: Capability flag: any number of processes, on any machines, may use the same streams.
+    shared = True
 
     def __init__(
         self,
@@ -106,7 +124,9 @@ class RedisBroker(RedisAdmin):
         # How often polls look for expired leases (XAUTOCLAIM): a delivery whose worker died is
         # handed out again within visibility_timeout + this, not on the dot.
         self._reclaim_every_s = min(visibility_timeout / RECLAIMS_PER_VISIBILITY, 1.0)
-        self._next_reclaim = 0.0
+        # Per type: a poll that cannot ask for a type (its slots are full) must not use up
+        # that type's look, or a busy type's expired leases could wait for ever.
+        self._next_reclaim: dict[str, float] = {}
         self._clock = clock
         self._reconnect_timeout = reconnect_timeout
         # Told about every reconnect attempt (the runner turns it into a broker.reconnecting
@@ -121,6 +141,22 @@ class RedisBroker(RedisAdmin):
         self._polls = itertools.count()
         self._woken = threading.Event()
         self._closed = False
+        # wake() ends a blocked read by adding to this stream, which every blocking read also
+        # watches from the last entry the get saw (_wake_cursor). Under _wake_lock: whether a
+        # read is under way, and whether a wake was sent to it already (one is enough).
+        self._wake_key = self._key("wake", self.consumer)
+        self._wake_cursor: bytes | str = "0-0"
+        self._wake_lock = threading.Lock()
+        self._reading = False
+        self._wake_sent = False
+        self._wake_client: Any = redis.Redis.from_url(
+            url,
+            protocol=2,
+            socket_timeout=WAKE_TIMEOUT_S,
+            socket_connect_timeout=WAKE_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )  # its own small pool: connects on first use
+        self._wake_key_made = False
         # Held while get() runs, so close() does not pull the socket from under a blocked read.
         self._getting = threading.Lock()
         self._lines = threading.local()  # per-thread connections for exchange
@@ -161,6 +197,10 @@ class RedisBroker(RedisAdmin):
             )
         }
         self._settle_keys = [self._key(k) for k in ("leases", "count", "dlq", "dlq:idx")]
+        # The sets of tokens settled lately by brokers with this visibility timeout.
+        settled = [self._key("settled", str(self._visibility_ms), p) for p in ("0", "1")]
+        self._settle_keys += settled
+        self._extend_keys = [self._key("leases"), *settled]
         self._warn_unless_noeviction()
 
     def _dedicated_client(self) -> Any:
@@ -224,20 +264,35 @@ class RedisBroker(RedisAdmin):
         return self._call(lambda: line.run(script, keys, args))
 
     def _warn_unless_noeviction(self) -> None:
+        """Warn at start about settings that lose tasks silently: eviction, no persistence."""
+        reply: dict[Any, Any] = {}
         try:
-            reply = self._client.config_get("maxmemory-policy")
+            for name in ("maxmemory-policy", "appendonly", "save"):
+                reply.update(self._client.config_get(name))
         except redis.ResponseError:  # CONFIG disabled or renamed (managed Redis): cannot check
-            log.info("broker.config_unreadable", extra={"event": "broker.config_unreadable"})
+            log_event(log, logging.INFO, "broker.config_unreadable")
             return
         # redis-py decodes CONFIG GET keys but may leave values as bytes.
         values = {_text(k): _text(v) for k, v in reply.items()}
         policy = values.get("maxmemory-policy")
         if policy is not None and policy != "noeviction":
-            log.warning(
-                "broker.eviction_policy: redis maxmemory-policy is %s, not noeviction; "
+            log_event(
+                log,
+                logging.WARNING,
+                "broker.eviction_policy",
+                f"redis maxmemory-policy is {policy}, not noeviction; "
                 "Redis may silently evict queued tasks",
-                policy,
-                extra={"event": "broker.eviction_policy", "policy": policy},
+                policy=policy,
+            )
+        if values.get("appendonly") == "no" and values.get("save", "?").strip() == "":
+            log_event(
+                log,
+                logging.WARNING,
+                "broker.no_persistence",
+                "redis keeps nothing on disk (appendonly no, no RDB save points): a Redis "
+                "restart loses every queued, delayed and running task and every dead letter",
+                appendonly="no",
+                save="",
             )
 
     # -- Broker -----------------------------------------------------------------------------
@@ -299,7 +354,7 @@ class RedisBroker(RedisAdmin):
 
     def exchange(
         self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
-    ) -> tuple[list[bool], list[Delivery]]:
+    ) -> tuple[list[Answer], list[Delivery]]:
         """``settle_many(ops)`` and one POLL (as ``get`` with timeout 0): one script call
         (EXCHANGE), on the calling thread's own connection.
 
@@ -317,7 +372,7 @@ class RedisBroker(RedisAdmin):
         settled, (found, _cursors, _next_due) = self._call(
             lambda: self._line_here().run(self._scripts["EXCHANGE"], keys, args)
         )
-        return [bool(ok) for ok in settled], self._deliveries(found, wanted)
+        return [_ANSWERS[ok] for ok in settled], self._deliveries(found, wanted)
 
     def _line_here(self) -> _Line:
         """This thread's own connection for exchanges (the engine's fetching threads each
@@ -336,12 +391,15 @@ class RedisBroker(RedisAdmin):
     def _poll_args(self, wanted: list[tuple[str, int]], limit: int, waits: bool) -> list[Any]:
         """POLL's arguments; ``waits``: the caller blocks on the streams if nothing came."""
         now = time.monotonic()
-        reclaim = now >= self._next_reclaim
-        if reclaim:  # expired leases are looked for a few times per visibility timeout
-            self._next_reclaim = now + self._reclaim_every_s
         args = [repr(self._clock()), GROUP, self.consumer, self._visibility_ms, limit]
-        args += [f"{self._nonce}{next(self._polls)}", int(reclaim), int(waits)]
-        return [*args, *(n for _, n in wanted)]
+        args += [f"{self._nonce}{next(self._polls)}", int(waits)]
+        for name, n in wanted:
+            # Expired leases are looked for a few times per visibility timeout, per type.
+            reclaim = now >= self._next_reclaim.get(name, 0.0)
+            if reclaim:
+                self._next_reclaim[name] = now + self._reclaim_every_s
+            args += [n, int(reclaim)]
+        return args
 
     def _get(
         self, keys: list[str], wanted: list[tuple[str, int]], limit: int, deadline: float
@@ -360,8 +418,9 @@ class RedisBroker(RedisAdmin):
                     block = min(block, float(next_due) - self._clock())
                 if block <= 0 and time.monotonic() >= deadline:
                     return []
-                if block >= 0.001:
-                    self._wait_for_entries(wanted, cursors, block)
+                if block >= 0.001 and self._wait_for_entries(wanted, cursors, block):
+                    self._woken.clear()
+                    return []
         except BrokerClosed:
             if self._closed:
                 return []
@@ -369,11 +428,30 @@ class RedisBroker(RedisAdmin):
 
     def _wait_for_entries(
         self, wanted: list[tuple[str, int]], cursors: list[Any], block: float
-    ) -> None:
-        """XREAD BLOCK from the last entry of each wanted stream: returns when one grows."""
+    ) -> bool:
+        """XREAD BLOCK from the last entry of each wanted stream and of the wake stream: returns
+        when one grows or ``block`` ends. True when the get was woken or the broker closed."""
         streams = {self._stream(name): c for (name, _), c in zip(wanted, cursors, strict=True)}
+        streams[self._wake_key] = self._wake_cursor
         block_ms = max(1, int(block * 1000))
-        self._call(lambda: self._get_client.xread(streams, count=1, block=block_ms))
+
+        def read() -> Any:
+            with self._wake_lock:
+                # A wake from here on sees _reading and adds an entry after _wake_cursor, so
+                # the read returns at once even if the entry lands before the read starts.
+                if self._woken.is_set() or self._closed:
+                    return None
+                self._reading, self._wake_sent = True, False
+            try:
+                return self._get_client.xread(streams, count=1, block=block_ms)
+            finally:
+                with self._wake_lock:
+                    self._reading = False
+
+        for name, entries in self._call(read) or ():
+            if entries and _text(name) == self._wake_key:
+                self._wake_cursor = entries[-1][0]
+        return self._woken.is_set() or self._closed
 
     def _deliveries(self, found: list[Any], wanted: list[tuple[str, int]]) -> list[Delivery]:
         out = []
@@ -389,31 +467,34 @@ class RedisBroker(RedisAdmin):
             except ValueError as exc:
                 task = Task(type=type_, payload=None, id=f"redis:{entry}", attempt=attempt)
                 error = f"undecodable task in {self._stream(type_)} entry {entry}: {exc}"
-            out.append(Delivery(task, receipt, bool(int(redelivered)), decode_error=error))
+            again = bool(int(redelivered))
+            if again:  # a worker of this type died: the next poll looks for more of its leases
+                self._next_reclaim.pop(type_, None)
+            out.append(Delivery(task, receipt, again, decode_error=error))
         return out
 
     def _parse(self, delivery: Delivery) -> tuple[str, str, str]:
         entry, token, type_ = delivery.receipt.split("|", 2)
         return self._stream(type_), entry, token
 
-    def ack(self, delivery: Delivery) -> bool:
+    def ack(self, delivery: Delivery) -> Answer:
         return self._settle(Settle(delivery, "ack"))
 
-    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> bool:
+    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> Answer:
         return self._settle(Settle(delivery, "retry", delay_s, failure))
 
-    def dead(self, delivery: Delivery, record: DeadLetter) -> bool:
+    def dead(self, delivery: Delivery, record: DeadLetter) -> Answer:
         return self._settle(Settle(delivery, "dead", record=record))
 
-    def release(self, delivery: Delivery) -> bool:
+    def release(self, delivery: Delivery) -> Answer:
         return self._settle(Settle(delivery, "release"))
 
-    def settle_many(self, ops: Sequence[Settle]) -> list[bool]:
+    def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
         """Every op in one SETTLE script call: one round trip, atomic in Redis."""
         self._check_open()
         return self._flush_settles([self._op(op) for op in ops]) if ops else []
 
-    def _settle(self, op: Settle) -> bool:
+    def _settle(self, op: Settle) -> Answer:
         return self.settle_many([op])[0]
 
     def _op(self, op: Settle) -> _Settle:
@@ -433,14 +514,14 @@ class RedisBroker(RedisAdmin):
             return ("dead", type_, entry, token, record.id, encoded, repr(record.dead_at))
         return (op.kind, type_, entry, token, "", "", "")
 
-    def _flush_settles(self, ops: Sequence[_Settle]) -> list[bool]:
+    def _flush_settles(self, ops: Sequence[_Settle]) -> list[Answer]:
         """One SETTLE script call for every operation in ``ops``."""
         keys, args = self._settle_call(ops)
-        return [bool(ok) for ok in self._run("SETTLE", keys, args, self._settle_line)]
+        return [_ANSWERS[ok] for ok in self._run("SETTLE", keys, args, self._settle_line)]
 
     def _settle_call(self, ops: Sequence[_Settle]) -> tuple[list[str], list[Any]]:
         types: dict[str, int] = {}
-        args: list[Any] = [GROUP]
+        args: list[Any] = [GROUP, self._visibility_ms]
         for kind, type_, *rest in ops:
             args += [kind, types.setdefault(type_, len(types) + 1), *rest]
         keys = list(self._settle_keys)
@@ -448,20 +529,37 @@ class RedisBroker(RedisAdmin):
             keys += [self._stream(type_), self._delayed(type_)]
         return keys, args
 
-    def extend(self, deliveries: Sequence[Delivery]) -> list[bool]:
+    def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]:
         self._check_open()
         if not deliveries:
             return []
-        keys = [self._key("leases")]
+        keys = list(self._extend_keys)
         args: list[Any] = [GROUP, self.consumer]
         for delivery in deliveries:
             stream, entry, token = self._parse(delivery)
             keys.append(stream)
             args += [entry, token]
-        return [bool(ok) for ok in self._run("EXTEND", keys, args)]
+        return [_ANSWERS[ok] for ok in self._run("EXTEND", keys, args)]
 
     def wake(self) -> None:
         self._woken.set()
+        with self._wake_lock:
+            send = self._reading and not self._wake_sent
+            self._wake_sent = self._wake_sent or send
+        if send:
+            self._send_wake()
+
+    def _send_wake(self) -> None:
+        """Add an entry to the wake stream: the blocked read returns. Never raises: if Redis
+        cannot be reached, the get ends at the end of its slice instead."""
+        try:
+            pipe = self._wake_client.pipeline(transaction=False)
+            pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+            pipe.pexpire(self._wake_key, WAKE_KEY_TTL_MS)
+            pipe.execute()
+            self._wake_key_made = True
+        except redis.RedisError as exc:
+            log.debug("wake not sent: %s", exc)
 
     def depth(self) -> dict[str, Depth]:
         types = sorted(
@@ -484,10 +582,15 @@ class RedisBroker(RedisAdmin):
         if self._closed:
             return
         self._closed = True
-        self._woken.set()
-        # A blocked get notices within one block slice; do not wait forever on a stuck one.
+        self.wake()
+        # The wake ends a blocked read at once (with Redis down, at the end of its slice); do
+        # not wait forever on a stuck one.
         acquired = self._getting.acquire(timeout=max(2.0, 3 * self._block_slice))
         try:
+            if self._wake_key_made:
+                with contextlib.suppress(redis.RedisError):
+                    self._wake_client.delete(self._wake_key)
+            self._wake_client.close()
             self._client.close()
         finally:
             if acquired:
@@ -543,9 +646,11 @@ def _safe_url(url: str) -> str:
 
 
 def _log_reconnecting(attempt: int, exc: BaseException | None) -> None:
-    log.warning(
-        "broker.reconnecting: attempt %d after %s",
-        attempt,
-        exc,
-        extra={"event": "broker.reconnecting", "attempt": attempt, "error": str(exc)},
+    log_event(
+        log,
+        logging.WARNING,
+        "broker.reconnecting",
+        f"attempt {attempt} after {exc}",
+        attempt=attempt,
+        error=str(exc),
     )

@@ -53,7 +53,10 @@ class Checkpointer:
         conn: sqlite3.Connection | None = None
         failing = False
         try:
-            while True:
+            # Checked on every pass: a close() landing after ``_closing.wait`` timed out and
+            # before ``_committed.clear()`` has its wake-up cleared, and ``_committed.wait()``
+            # alone would then wait (and close's join with it) for a commit that never comes.
+            while not self._closing.is_set():
                 self._committed.wait()
                 if self._closing.wait(self._every_s):
                     return

@@ -14,13 +14,32 @@ implicit rowid, so "READY rows of a type in seq order" needs no sort) and
 ``(state, due_at)`` for the promotion. ``meta.count`` is kept by triggers and is the capacity
 counter, so a put does not count the table.
 
+``settled`` remembers the receipts whose ack, retry, dead or release took effect, written in the
+settle's own transaction, so that the same call sent again answers ALREADY_DONE rather than
+FENCED. It is read only for an op whose receipt no longer matches its row. Receipts begin with
+their claim time, so new rows go at the end of the key and the rows old enough to prune are at
+its start (see ``SqliteBroker``): one B-tree, no index to keep, and pruning never scans the
+rest. The table came after schema version 1 and is created when missing, so older files open
+unchanged (and older runners ignore it).
+
+Which files are queues: only a path that does not exist is created (with mode 0600 unless
+``file_mode`` widens it; SQLite gives its ``-wal`` and ``-shm`` files the same mode). The new
+file is stamped ``PRAGMA application_id = APPLICATION_ID`` and ``user_version =
+SCHEMA_VERSION``; an existing file must carry both, so a file truncated to 0 bytes, or any
+other database, is refused instead of being taken for a new, empty queue. A file from before
+the stamp (application_id 0, version 1, our tables) is recognised by its tables and stamped on
+open. A process that finds a 0-byte file waits up to ``CREATE_WAIT_S`` for its creator's first
+write before refusing it.
+
 Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the crash of any
 process; the last transactions before a power cut or kernel crash may be lost (never corrupted).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from dataclasses import replace
@@ -32,6 +51,11 @@ from runner.errors import BrokerError, BrokerUnavailable
 from runner.task import DeadLetter, Task, decode_dead_letter, decode_task, encode_task
 
 SCHEMA_VERSION = 1
+#: ``PRAGMA application_id`` of a queue file: the bytes "dq-q".
+APPLICATION_ID = 0x64712D71
+#: How long an open waits for a file another process has just created to get its schema.
+CREATE_WAIT_S = 1.0
+_TABLES = frozenset({"tasks", "dead_letters", "meta"})
 
 #: Marks a dead-letter record that could not be decoded (it can be listed and purged).
 CORRUPT = "corrupt record"
@@ -82,6 +106,14 @@ CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks
     BEGIN UPDATE meta SET value = value - 1 WHERE key = 'count'; END;
 """
 
+#: Added to version 1 files when missing (see the module docstring), hence IF NOT EXISTS.
+_SETTLED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS settled (
+    receipt    TEXT PRIMARY KEY,          -- the lease of a claim whose settle took effect
+    settled_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
 
 def describe(path: str, exc: sqlite3.Error) -> str:
     """A message naming the file and SQLite's error code, e.g. ``SQLITE_FULL``."""
@@ -103,17 +135,25 @@ def unavailable(path: str, exc: sqlite3.Error) -> BrokerUnavailable:
     return BrokerUnavailable(describe(path, exc))
 
 
-def connect(path: str) -> sqlite3.Connection:
+def connect(path: str, read_only: bool = False, file_mode: int = 0o600) -> sqlite3.Connection:
     """Open (creating if needed) the broker file at ``path`` and bring its schema up to date.
 
-    Raises BrokerUnavailable, naming the file, when it cannot be opened, written or understood.
+    ``read_only`` (operator reads: stats, dlq list/show) opens an existing queue file without
+    writing anything, so it works on a file that cannot be written; a missing one is created.
+    ``file_mode``: of a file this call creates (exactly, whatever the umask). Raises
+    BrokerUnavailable, naming the file, when it cannot be opened, written or understood.
     """
+    if read_only and os.path.exists(path):  # a missing file is created: an empty queue
+        return _connect_read_only(path)
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BrokerUnavailable(
             f"sqlite broker {path}: cannot create its directory: {exc}"
         ) from exc
+    created = _create(path, file_mode)
+    if not created:
+        _wait_for_content(path)
     conn: sqlite3.Connection | None = None
     try:
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; check_same_thread=False: the
@@ -126,7 +166,7 @@ def connect(path: str) -> sqlite3.Connection:
                 f"sqlite broker {path}: could not switch to WAL mode (got {mode!r})"
             )
         conn.execute("PRAGMA synchronous = NORMAL")
-        _migrate(conn, path)
+        _migrate(conn, path, created)
     except sqlite3.Error as exc:
         if conn is not None:
             conn.close()
@@ -138,21 +178,104 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _migrate(conn: sqlite3.Connection, path: str) -> None:
+def _connect_read_only(path: str) -> sqlite3.Connection:
+    _wait_for_content(path)
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        stamp = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if stamp not in (0, APPLICATION_ID) or not tables >= _TABLES:
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: the file is not a distributed-queue database "
+                f"(application_id {stamp:#x}, user_version {version}); refusing to use it"
+            )
+        if version != SCHEMA_VERSION:
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: schema version {version} is not supported "
+                f"(this runner reads version {SCHEMA_VERSION})"
+            )
+    except sqlite3.Error as exc:
+        if conn is not None:
+            conn.close()
+        raise unavailable(path, exc) from exc
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        raise
+    return conn
+
+
+def _create(path: str, mode: int) -> bool:
+    """Create ``path`` with ``mode`` if it does not exist; True if this call created it."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.fchmod(fd, mode)  # exactly: a umask would otherwise narrow a widened mode
+        finally:
+            os.close(fd)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise BrokerUnavailable(f"sqlite broker {path}: cannot create it: {exc}") from exc
+    return True
+
+
+def _wait_for_content(path: str) -> None:
+    """Refuse a 0-byte file, unless it gains content soon (its creator's first write)."""
+    deadline = time.monotonic() + CREATE_WAIT_S
+    while _size(path) == 0:
+        if time.monotonic() >= deadline:
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: the file exists but holds no queue (0 bytes: truncated?); "
+                "refusing to start a new, empty queue in it: move it away first"
+            )
+        time.sleep(0.02)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1  # gone or unreadable: let the open report it
+
+
+def _migrate(conn: sqlite3.Connection, path: str, created: bool) -> None:
+    """Check the file's stamp and bring its schema up to date (creating it in a new file)."""
     # BEGIN IMMEDIATE so two processes opening a new file at once create the schema once.
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
+        stamp = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if version == 0 and stamp == 0 and not tables:
+            if not created:
+                raise BrokerUnavailable(
+                    f"sqlite broker {path}: the file exists but holds no queue (truncated?); "
+                    "refusing to start a new, empty queue in it: move it away first"
+                )
             # Not executescript: it would COMMIT first, outside our BEGIN IMMEDIATE.
             for statement in _statements(_SCHEMA):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        elif stamp == 0 and version == SCHEMA_VERSION and tables >= _TABLES:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")  # from before the stamp
+        elif stamp != APPLICATION_ID:
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: the file is not a distributed-queue database "
+                f"(application_id {stamp:#x}, user_version {version}); refusing to use it"
+            )
         elif version != SCHEMA_VERSION:
             raise BrokerUnavailable(
                 f"sqlite broker {path}: schema version {version} is not supported "
                 f"(this runner reads version {SCHEMA_VERSION})"
             )
+        for statement in _statements(_SETTLED_SCHEMA):
+            conn.execute(statement)
         # A file that cannot be written (read-only, immutable) still opens, read-only: one
         # harmless write now turns that into a clear error at start-up, not at the first put.
         conn.execute("UPDATE meta SET value = value WHERE key = 'count'")

@@ -10,7 +10,15 @@ import time
 
 import pytest
 
-from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Delivery, Depth, Settle
+from runner.brokers.base import (
+    Answer,
+    Broker,
+    BrokerAdmin,
+    DeadLetterFilter,
+    Delivery,
+    Depth,
+    Settle,
+)
 from runner.errors import BrokerClosed
 from tests.contract.conftest import BrokerMaker
 from tests.contract.helpers import ALL, Background, dead_record, failure, get_one, put, task
@@ -113,40 +121,24 @@ def test_stale_receipt_is_fenced_and_the_task_completes_once(make_broker: Broker
     fresh = get_one(broker, timeout=3 * vt + 1)
     assert fresh.task.id == stale.task.id and fresh.receipt != stale.receipt
 
-    assert broker.ack(stale) is False
-    assert broker.retry(stale, 0, failure(1)) is False
-    assert broker.dead(stale, dead_record(stale)) is False
-    assert broker.release(stale) is False
-    assert broker.extend([stale]) == [False]
+    assert broker.ack(stale) is Answer.FENCED
+    assert broker.retry(stale, 0, failure(1)) is Answer.FENCED
+    assert broker.dead(stale, dead_record(stale)) is Answer.FENCED
+    assert broker.release(stale) is Answer.FENCED
+    assert broker.extend([stale]) == [Answer.FENCED]
     # ... and none of them changed anything.
     assert admin.dead_letters(DeadLetterFilter()) == []
     assert broker.depth().get("a", Depth()) == Depth(leased=1)
     assert broker.get(ALL, 10, 0) == []
 
-    assert broker.ack(fresh) is True
-    assert broker.ack(fresh) is False  # a finished delivery is stale too
+    assert broker.ack(fresh) is Answer.DONE  # the new holder's lease is intact
     assert broker.get(ALL, 10, 2 * vt) == []
     assert broker.depth().get("a", Depth()).total == 0
 
 
-@pytest.mark.parametrize("finish", ["ack", "retry", "dead", "release"])
-def test_a_finished_delivery_cannot_finish_again(broker: Broker, finish: str) -> None:
-    put(broker, task("a"))
-    d = get_one(broker)
-    outcomes = {
-        "ack": lambda: broker.ack(d),
-        "retry": lambda: broker.retry(d, 10, failure(1)),
-        "dead": lambda: broker.dead(d, dead_record(d)),
-        "release": lambda: broker.release(d),
-    }
-    assert outcomes[finish]() is True
-    assert [outcome() for outcome in outcomes.values()] == [False] * 4
-    assert broker.extend([d]) == [False]
-
-
-def test_settle_many_answers_each_op_as_its_own_call_would(
-    broker: Broker, admin: BrokerAdmin
-) -> None:
+def test_settle_many_answers_each_op_as_its_own_call_would(make_broker: BrokerMaker) -> None:
+    broker = make_broker(visibility_timeout=30)  # every answer below is given well within it
+    admin = make_broker.admin(broker)
     put(broker, *(task("a", i) for i in range(5)))
     d = broker.get({"a": 5}, 5, 0)
     ops = [
@@ -156,27 +148,30 @@ def test_settle_many_answers_each_op_as_its_own_call_would(
         Settle(d[3], "release"),
         Settle(d[0], "ack"),  # already acked earlier in this very batch
     ]
-    assert broker.settle_many(ops) == [True, True, True, True, False]
+    done, again = Answer.DONE, Answer.ALREADY_DONE
+    assert broker.settle_many(ops) == [done, done, done, done, again]
     assert broker.depth()["a"] == Depth(ready=1, delayed=1, leased=1)  # released, retried, d[4]
     assert [r.id for r in admin.dead_letters(DeadLetterFilter())] == [d[2].task.id]
     assert broker.settle_many([]) == []
-    assert broker.settle_many([Settle(d[4], "ack"), Settle(d[1], "ack")]) == [True, False]
+    assert broker.settle_many([Settle(d[4], "ack"), Settle(d[1], "ack")]) == [done, again]
 
 
-def test_settle_many_fences_each_ack_by_its_own_receipt(broker: Broker) -> None:
+def test_settle_many_fences_each_ack_by_its_own_receipt(make_broker: BrokerMaker) -> None:
+    broker = make_broker(visibility_timeout=30)
     put(broker, task("a", 0), task("a", 1), task("a", 2))
     d0, d1, d2 = broker.get({"a": 3}, 3, 0)
     assert broker.release(d1)
     (d1_again,) = broker.get({"a": 1}, 1, 0)  # the same task under a new receipt
     assert d1_again.task.id == d1.task.id
     ops = [
-        Settle(d1, "ack"),  # stale: its receipt moved on
+        Settle(d1, "ack"),  # its receipt was settled (released): the task is not acked
         Settle(d0, "ack"),
         Settle(d1_again, "ack"),
         Settle(d2, "ack"),
         Settle(d0, "ack"),  # already acked in this batch
     ]
-    assert broker.settle_many(ops) == [False, True, True, True, False]
+    done, again = Answer.DONE, Answer.ALREADY_DONE
+    assert broker.settle_many(ops) == [again, done, done, done, again]
     assert broker.depth().get("a", Depth()).total == 0
 
 
@@ -185,7 +180,7 @@ def test_exchange_is_safe_from_several_threads_at_once(broker: Broker) -> None:
     handed out once and acked once."""
     put(broker, *(task("a", i) for i in range(60)))
     seen: list[str] = []
-    answers: list[bool] = []
+    answers: list[Answer] = []
     lock = threading.Lock()
 
     def consume() -> None:
@@ -204,29 +199,29 @@ def test_exchange_is_safe_from_several_threads_at_once(broker: Broker) -> None:
     for t in threads:
         t.join(30)
     assert len(seen) == len(set(seen)) == 60
-    assert answers == [True] * 60
+    assert answers == [Answer.DONE] * 60
     assert broker.depth().get("a", Depth()).total == 0
 
 
-def test_exchange_settles_then_hands_out_without_blocking(
-    broker: Broker, admin: BrokerAdmin
-) -> None:
+def test_exchange_settles_then_hands_out_without_blocking(make_broker: BrokerMaker) -> None:
+    broker = make_broker(visibility_timeout=30)  # every answer below is given well within it
+    admin = make_broker.admin(broker)
     put(broker, *(task("a", i) for i in range(4)), task("b", "b0"))
     first, second = broker.get({"a": 2}, 2, 0)
     ops = [Settle(first, "ack"), Settle(second, "dead", record=dead_record(second))]
     answers, got = broker.exchange(ops, {"a": 1, "b": 5}, 10)
-    assert answers == [True, True]
+    assert answers == [Answer.DONE, Answer.DONE]
     assert sorted(str(d.task.payload) for d in got) == ["2", "b0"]  # slots per type still hold
     assert [r.id for r in admin.dead_letters(DeadLetterFilter())] == [second.task.id]
-    # A stale op answers False in place; nothing to hand out returns at once, not after a wait.
+    # A resent op answers in place; nothing to hand out returns at once, not after a wait.
     start = time.monotonic()
     answers, none = broker.exchange([Settle(first, "ack")], {"c": 1}, 1)
-    assert (answers, none) == ([False], [])
+    assert (answers, none) == ([Answer.ALREADY_DONE], [])
     assert time.monotonic() - start < 0.3
     # Settled before the hand-out, in the same call: a released task can be handed out again.
     (third,) = broker.get({"a": 1}, 1, 0)
     answers, again = broker.exchange([Settle(third, "release")], {"a": 1}, 1)
-    assert answers == [True] and [d.task.id for d in again] == [third.task.id]
+    assert answers == [Answer.DONE] and [d.task.id for d in again] == [third.task.id]
 
 
 def test_extend_keeps_a_lease_alive_past_twice_the_visibility_timeout(
@@ -238,10 +233,10 @@ def test_extend_keeps_a_lease_alive_past_twice_the_visibility_timeout(
     held = get_one(broker)
     until = time.monotonic() + 2.5 * vt
     while time.monotonic() < until:
-        assert broker.extend([held]) == [True]
+        assert broker.extend([held]) == [Answer.DONE]
         # Doubles as the pause between renewals: nothing may be redelivered meanwhile.
         assert broker.get(ALL, 10, vt / 3) == []
-    assert broker.ack(held) is True
+    assert broker.ack(held) is Answer.DONE
 
 
 def test_release_hands_the_task_to_another_consumer_at_once(make_broker: BrokerMaker) -> None:
@@ -292,11 +287,15 @@ def test_a_wake_just_before_get_still_ends_it_early(broker: Broker) -> None:
 
 def test_close_ends_a_blocked_get(broker: Broker) -> None:
     call = Background(lambda: broker.get(ALL, 10, 10))
-    time.sleep(0.1)  # let it start waiting; the assertion holds either way
+    # Still running after 0.5 s of a 10 s get on an empty queue: it is waiting, not starting
+    # (a get that began after close would raise BrokerClosed, which is not what this tests).
+    assert call.blocked_for(0.5)
+    closed_at = time.monotonic()
     broker.close()
-    call.join(5)
-    assert call.elapsed < 5
-    assert call.result == [] or isinstance(call.error, BrokerClosed)
+    call.join(5)  # asserts the call ended: close woke it, the 10 s timeout did not
+    # The contract: a get waiting when close() comes returns [] (it does not raise).
+    assert call.error is None and call.result == []
+    assert call.ended_at is not None and call.ended_at - closed_at < 5
 
 
 def test_calls_after_close_raise_broker_closed(broker: Broker, admin: BrokerAdmin) -> None:

@@ -12,7 +12,7 @@ from functools import partial
 
 import pytest
 
-from runner.brokers.base import DeadLetterFilter, Delivery
+from runner.brokers.base import Answer, DeadLetterFilter, Delivery
 from runner.brokers.redis import RedisBroker
 from runner.task import AttemptRecord, DeadLetter, Task
 
@@ -47,10 +47,10 @@ def test_concurrent_acks_each_get_their_fenced_answer(make_broker: MakeBroker) -
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(broker.ack, calls))
     # The stale receipt is fenced whichever thread sends it; fresh wins once and only once.
-    assert answers[0] is False
-    assert answers[1] is True
-    assert answers[2] is False
-    assert answers[3:] == [True] * 40
+    assert answers[0] is Answer.FENCED
+    assert answers[1] is Answer.DONE
+    assert answers[2] is Answer.FENCED
+    assert answers[3:] == [Answer.DONE] * 40
     assert broker.depth()["a"].total == 0
     broker.put_many([Task("a", i) for i in range(200)])  # every capacity slot came back
 
@@ -66,17 +66,17 @@ def test_concurrent_retry_dead_release_and_ack_all_land(make_broker: MakeBroker)
     record = DeadLetter(
         doomed.task.with_failure(failure), "error", "RuntimeError", "boom", "tb", 1, now, now, now
     )
-    calls: list[Callable[[], bool]] = [
+    calls: list[Callable[[], Answer]] = [
         lambda: broker.ack(by_payload[0]),
         lambda: broker.retry(by_payload[1], 0.0, failure),
         lambda: broker.dead(doomed, record),
         lambda: broker.release(by_payload[3]),
     ]
     with ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(lambda call: call(), calls)) == [True] * 4
+        assert list(pool.map(lambda call: call(), calls)) == [Answer.DONE] * 4
     back = {d.task.payload: d.task for d in take(broker, 2)}
     assert back[1].attempt == 2 and len(back[1].history) == 1  # retried: one more attempt
     assert back[3].attempt == 1  # released: the attempt it used is given back
     (dead,) = broker.dead_letters(DeadLetterFilter())
     assert dead.task.id == doomed.task.id
-    assert broker.ack(by_payload[0]) is False  # settled once means settled
+    assert broker.ack(by_payload[0]) is Answer.ALREADY_DONE  # settled once means settled

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from runner.brokers.redis import RedisBroker
+from runner.eventlog import FIELDS_ATTR
 from runner.task import Task
 from tests.redis_server import RedisServer
 
@@ -95,7 +96,8 @@ def test_redis_killed_and_restarted_loses_nothing_published(
         with caplog.at_level("WARNING", logger="runner.broker"):
             broker.put_many(published[25:])  # retried until Redis is back
         restarter.join()
-        assert any(r.getMessage().startswith("broker.reconnecting") for r in caplog.records)
+        events = [getattr(r, FIELDS_ATTR, {}).get("event") for r in caplog.records]
+        assert "broker.reconnecting" in events
 
         # The five unacked deliveries survive in the pending list; reclaim them quickly.
         fresh = RedisBroker(server.url, "loss", 1000, 5.0, "block", 0.2)

@@ -55,4 +55,4 @@ def test_outage_emits_reconnecting_events_and_metric(
     [line] = [x for x in text.splitlines() if x.startswith("dq_broker_reconnects_total")]
     assert float(line.split()[-1]) >= 1
     task_events = [name for name in seen.names if name.startswith("task.")]
-    assert runner.summary.to_json()["totals"]["succeeded"] == 2, task_events
+    assert runner.summary.to_dict()["totals"]["succeeded"] == 2, task_events

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from runner.brokers.base import DeadLetterFilter, Delivery, Depth
+from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth
 from runner.brokers.sqlite import SqliteBroker
 from runner.errors import BrokerClosed, QueueFull
 from runner.task import AttemptRecord, DeadLetter, Task
@@ -93,8 +93,8 @@ def test_put_get_ack_counts_attempts_fifo_and_slots(broker: SqliteBroker) -> Non
     assert all(d.task.attempt == 1 and not d.redelivered for d in got)
     assert len({d.receipt for d in got}) == 4
     assert broker.get({"a": 5}, 1, 0)[0].task.payload == 3  # limit caps the total
-    assert all(broker.ack(d) for d in got)
-    assert not broker.ack(got[0])  # already acked
+    assert [broker.ack(d) for d in got] == [Answer.DONE] * 4
+    assert broker.ack(got[0]) is Answer.ALREADY_DONE
     assert broker.depth() == {"a": Depth(ready=1, leased=1), "c": Depth(ready=1)}
 
 
@@ -111,8 +111,8 @@ def test_retry_keeps_attempt_appends_history_and_delays(
 ) -> None:
     broker.put_many([Task("a", "p")])
     first = one(broker)
-    assert broker.retry(first, 2.0, failure(1))
-    assert not broker.retry(first, 2.0, failure(1))  # the receipt is spent
+    assert broker.retry(first, 2.0, failure(1)) is Answer.DONE
+    assert broker.retry(first, 2.0, failure(1)) is Answer.ALREADY_DONE  # the receipt is spent
     assert broker.get({"a": 1}, 1, 0) == []
     clock.advance(2.0)
     second = one(broker)
@@ -126,12 +126,12 @@ def test_retry_keeps_attempt_appends_history_and_delays(
 def test_release_gives_back_the_attempt_and_fences(broker: SqliteBroker) -> None:
     broker.put_many([Task("a", 1), Task("a", 2)])
     first = one(broker)
-    assert broker.release(first)
+    assert broker.release(first) is Answer.DONE
     again = one(broker)
     assert again.task.payload == 1  # back in its place, before task 2
     assert again.task.attempt == 1
-    assert not broker.ack(first) and not broker.release(first)
-    assert broker.ack(again)
+    assert broker.ack(first) is broker.release(first) is Answer.ALREADY_DONE
+    assert broker.ack(again) is Answer.DONE
 
 
 def test_expired_lease_is_redelivered_and_the_stale_receipt_fenced(
@@ -144,13 +144,13 @@ def test_expired_lease_is_redelivered_and_the_stale_receipt_fenced(
     clock.advance(0.02)
     fresh = one(broker)
     assert fresh.redelivered and fresh.task.attempt == 2
-    assert not broker.ack(stale)
-    assert not broker.retry(stale, 0, failure(1))
-    assert not broker.dead(stale, dead_record(stale))
-    assert not broker.release(stale)
-    assert broker.extend([stale, fresh]) == [False, True]
+    assert broker.ack(stale) is Answer.FENCED
+    assert broker.retry(stale, 0, failure(1)) is Answer.FENCED
+    assert broker.dead(stale, dead_record(stale)) is Answer.FENCED
+    assert broker.release(stale) is Answer.FENCED
+    assert broker.extend([stale, fresh]) == [Answer.FENCED, Answer.DONE]
     assert broker.dead_letters(DeadLetterFilter()) == []
-    assert broker.ack(fresh)
+    assert broker.ack(fresh) is Answer.DONE
     assert broker.depth() == {}
 
 
@@ -161,7 +161,7 @@ def test_expired_but_unclaimed_lease_may_still_be_acked(
     late = one(broker)
     clock.advance(VT * 2)
     assert broker.depth()["a"] == Depth(ready=1)
-    assert broker.ack(late)
+    assert broker.ack(late) is Answer.DONE
     assert broker.get({"a": 1}, 1, 0) == []
 
 
@@ -170,7 +170,7 @@ def test_extend_renews_the_lease(broker: SqliteBroker, clock: FakeClock) -> None
     held = one(broker)
     for _ in range(3):  # runs for 2x the visibility timeout, renewed every VT * 2/3
         clock.advance(VT * 2 / 3)
-        assert broker.extend([held]) == [True]
+        assert broker.extend([held]) == [Answer.DONE]
         assert broker.get({"a": 1}, 1, 0) == []
     assert broker.ack(held)
 
@@ -180,7 +180,7 @@ def test_dead_moves_the_task_to_the_dlq_atomically(broker: SqliteBroker) -> None
     da, db_ = one(broker, "a"), one(broker, "b")
     assert broker.dead(da, dead_record(da, "ValueError", dead_at=10.0))
     assert broker.dead(db_, dead_record(db_, "TimeoutError", dead_at=20.0))
-    assert not broker.dead(da, dead_record(da))  # fenced: already dead
+    assert broker.dead(da, dead_record(da)) is Answer.ALREADY_DONE  # a resend: already dead
     assert broker.depth() == {}
     records = broker.dead_letters(DeadLetterFilter())
     assert [r.task.payload for r in records] == [1, 2]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from runner.brokers import create_broker
-from runner.brokers.base import DeadLetterFilter, Delivery, Depth
+from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth
 from runner.brokers.memory import MemoryBroker
 from runner.config import PipelineConfig
 from runner.deadletter import FileDeadLetters, MemoryDeadLetters
@@ -154,8 +154,45 @@ def test_many_extends_do_not_grow_the_expiry_heap_without_bound() -> None:
     broker.put_many([Task("a", i) for i in range(10)])
     held = broker.get({"a": 10}, 10, 0)
     for _ in range(200):
-        assert broker.extend(held) == [True] * 10
+        assert broker.extend(held) == [Answer.DONE] * 10
     assert len(broker._expiry) <= 2 * 10 + 64 + 10
+
+
+def test_a_settled_receipt_is_remembered_for_one_visibility_timeout() -> None:
+    clock = FakeClock()
+    broker = make(clock)  # visibility_timeout 1.0
+    broker.put_many([Task("a", 0), Task("a", 1)])
+    acked, released = broker.get({"a": 2}, 2, 0)
+    assert broker.ack(acked) is Answer.DONE
+    clock.now += 0.5
+    assert broker.release(released) is Answer.DONE
+    clock.now += 0.499
+    assert broker.ack(acked) is Answer.ALREADY_DONE
+    assert broker.extend([acked, released]) == [Answer.ALREADY_DONE] * 2
+    clock.now += 0.001  # one visibility timeout after the ack, half of one after the release
+    assert broker.ack(acked) is Answer.FENCED
+    assert broker.ack(released) is Answer.ALREADY_DONE
+    clock.now += 0.5
+    assert broker.extend([released]) == [Answer.FENCED]
+
+
+def test_settled_receipts_older_than_the_visibility_timeout_are_dropped() -> None:
+    clock = FakeClock()
+    broker = make(clock)
+    broker.put_many([Task("a", i) for i in range(50)])
+    for d in broker.get({"a": 50}, 50, 0):
+        assert broker.ack(d) is Answer.DONE
+    assert len(broker._settled) == 50
+    clock.now += 0.5
+    broker.put_many([Task("a", "later")])
+    (later,) = broker.get({"a": 1}, 1, 0)
+    assert broker.ack(later) is Answer.DONE
+    assert len(broker._settled) == 51  # nothing is a visibility timeout old yet
+    clock.now += 0.5
+    broker.put_many([Task("a", "last")])
+    (last,) = broker.get({"a": 1}, 1, 0)
+    assert broker.ack(last) is Answer.DONE  # the first 50 are now one timeout old
+    assert set(broker._settled) == {later.receipt, last.receipt}
 
 
 def test_a_blocked_get_sleeps_until_the_next_due_time_instead_of_polling() -> None:

@@ -2,6 +2,8 @@
 
 The clock is fake and every get is non-blocking, so each step is deterministic. The model mirrors
 the broker's lazy reclaim: expired leases and due delays take effect at the next get or depth.
+It also models the settled receipts: an op under a receipt settled less than a visibility
+timeout ago answers ALREADY_DONE, any other op that finds no lease answers FENCED.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from runner.brokers.base import DeadLetterFilter, Delivery, Depth
+from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth
 from runner.brokers.memory import MemoryBroker
 from runner.deadletter import MemoryDeadLetters
 from runner.errors import QueueFull
@@ -56,6 +58,7 @@ class MemoryBrokerMachine(RuleBasedStateMachine):
         )
         self.tasks: dict[str, Modelled] = {}
         self.put_count = 0
+        self.settled: dict[str, float] = {}  # receipt -> when its settle took effect
 
     # -- model helpers -------------------------------------------------------------------------
 
@@ -72,6 +75,23 @@ class MemoryBrokerMachine(RuleBasedStateMachine):
     def current(self, d: Delivery) -> Modelled | None:
         t = self.tasks[d.task.id]
         return t if t.state == "leased" and t.receipt == d.receipt else None
+
+    def answer(self, d: Delivery) -> Answer:
+        """What a settle or renewal under ``d``'s receipt must answer now."""
+        if self.current(d) is not None:
+            return Answer.DONE
+        at = self.settled.get(d.receipt)
+        if at is not None and at > self.now - VISIBILITY:
+            return Answer.ALREADY_DONE
+        return Answer.FENCED
+
+    def settle(self, d: Delivery, answer: Answer) -> Modelled | None:
+        """Check ``answer`` against the model; the task if the settle took effect now."""
+        assert answer is self.answer(d)
+        if answer is not Answer.DONE:
+            return None
+        self.settled[d.receipt] = self.now
+        return self.tasks[d.task.id]
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -126,8 +146,7 @@ class MemoryBrokerMachine(RuleBasedStateMachine):
         if not batch:
             return
         d = batch[pick % len(batch)]
-        t = self.current(d)
-        assert self.broker.ack(d) is (t is not None)
+        t = self.settle(d, self.broker.ack(d))
         if t:
             t.state, t.receipt = "done", None
 
@@ -136,9 +155,8 @@ class MemoryBrokerMachine(RuleBasedStateMachine):
         if not batch:
             return
         d = batch[pick % len(batch)]
-        t = self.current(d)
         failure = AttemptRecord(d.task.attempt, "E", "m", "tb", self.now, 0.1, "w")
-        assert self.broker.retry(d, delay, failure) is (t is not None)
+        t = self.settle(d, self.broker.retry(d, delay, failure))
         if t:
             t.history.append(d.task.attempt)
             t.state, t.receipt, t.due = (
@@ -152,9 +170,8 @@ class MemoryBrokerMachine(RuleBasedStateMachine):
         if not batch:
             return
         d = batch[pick % len(batch)]
-        t = self.current(d)
         record = DeadLetter(d.task, "error", "E", "m", "tb", d.task.attempt, 0, 0, self.now)
-        assert self.broker.dead(d, record) is (t is not None)
+        t = self.settle(d, self.broker.dead(d, record))
         if t:
             t.state, t.receipt = "dead", None
 
@@ -163,8 +180,7 @@ class MemoryBrokerMachine(RuleBasedStateMachine):
         if not batch:
             return
         d = batch[pick % len(batch)]
-        t = self.current(d)
-        assert self.broker.release(d) is (t is not None)
+        t = self.settle(d, self.broker.release(d))
         if t:
             t.state, t.receipt, t.attempt, t.redelivered_next = (
                 "ready",
@@ -175,10 +191,10 @@ class MemoryBrokerMachine(RuleBasedStateMachine):
 
     @rule(batch=deliveries)
     def extend(self, batch: list[Delivery]) -> None:
-        expected = [self.current(d) is not None for d in batch]
+        expected = [self.answer(d) for d in batch]
         assert self.broker.extend(batch) == expected
-        for d, renewed in zip(batch, expected, strict=True):
-            if renewed:
+        for d, answer in zip(batch, expected, strict=True):
+            if answer is Answer.DONE:
                 self.tasks[d.task.id].due = self.now + VISIBILITY
 
     @rule(batch=consumes(deliveries))

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from runner.brokers.base import Delivery, Settle
+from runner.brokers.base import Answer, Delivery, Settle
 from runner.errors import BrokerError
 from runner.settle import MAX_BATCH, Outcome, Settler
 from runner.task import Task
@@ -19,7 +19,7 @@ def outcome(n: int) -> Outcome:
 
 
 class GatedBroker:
-    """settle_many answers True per op, but waits until ``gate`` is set; ``ack`` is one op."""
+    """settle_many answers DONE per op, but waits until ``gate`` is set; ``ack`` is one op."""
 
     def __init__(self, poison: str | None = None) -> None:
         self.calls: list[list[str]] = []
@@ -27,7 +27,7 @@ class GatedBroker:
         self.entered = threading.Event()
         self.poison = poison
 
-    def settle_many(self, ops: Sequence[Settle]) -> list[bool]:
+    def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
         ids = [op.delivery.task.id for op in ops]
         self.calls.append(ids)
         self.entered.set()
@@ -36,18 +36,18 @@ class GatedBroker:
             raise BrokerError("one op in this batch is bad")
         if self.poison in ids:
             raise BrokerError("bad op")
-        return [True] * len(ops)
+        return [Answer.DONE] * len(ops)
 
-    def ack(self, delivery: Delivery) -> bool:
+    def ack(self, delivery: Delivery) -> Answer:
         return self.settle_many([Settle(delivery, "ack")])[0]
 
 
 class Reports:
     def __init__(self) -> None:
-        self.answers: dict[str, bool | None] = {}
+        self.answers: dict[str, Answer | None] = {}
         self.threads: set[str] = set()
 
-    def __call__(self, outcome: Outcome, answer: bool | None) -> None:
+    def __call__(self, outcome: Outcome, answer: Answer | None) -> None:
         self.threads.add(threading.current_thread().name)
         self.answers[outcome.settle.delivery.task.id] = answer
 
@@ -63,7 +63,7 @@ def test_tasks_finished_during_a_call_share_the_next_call() -> None:
     broker.gate.set()
     settler.stop(timeout=5)
     assert broker.calls == [["task-0"], [f"task-{n}" for n in range(1, 11)]]
-    assert reports.answers == {f"task-{n}": True for n in range(11)}
+    assert reports.answers == {f"task-{n}": Answer.DONE for n in range(11)}
     assert reports.threads == {"dq-settler"}
 
 
@@ -86,8 +86,9 @@ def test_one_bad_op_does_not_sink_its_batch() -> None:
     broker.gate.set()
     settler = Settler(broker, reports, background=False)  # type: ignore[arg-type]
     settler.settle([outcome(n) for n in range(5)])
-    assert reports.answers == {"task-0": True, "task-1": True, "task-2": True,
-                               "task-3": None, "task-4": True}  # fmt: skip
+    done = Answer.DONE
+    assert reports.answers == {"task-0": done, "task-1": done, "task-2": done,
+                               "task-3": None, "task-4": done}  # fmt: skip
     assert broker.calls[0] == [f"task-{n}" for n in range(5)]  # tried together first
 
 
@@ -112,4 +113,4 @@ def test_inline_settles_in_the_callers_thread(background: bool) -> None:
     settler.stop(timeout=5)
     expected = "dq-settler" if background else threading.current_thread().name
     assert reports.threads == {expected}
-    assert reports.answers == {"task-1": True}
+    assert reports.answers == {"task-1": Answer.DONE}

@@ -14,30 +14,36 @@ from typing import Any
 import pytest
 
 from runner import settle as settle_module
-from runner.brokers.base import Settle
+from runner.brokers.base import Answer, Settle
 from runner.errors import BrokerError, BrokerUnavailable
 from runner.task import TaskContext
 from tests.unit.engine_kit import Engine, type_runtime
 
-SettleMany = Callable[[Sequence[Settle]], list[bool]]
+SettleMany = Callable[[Sequence[Settle]], list[Answer]]
 
 
 class FlakySettle:
-    """Wraps broker.settle_many: raises ``error`` on the first ``failures`` calls."""
+    """Wraps broker.settle_many: raises ``error`` on the first ``failures`` calls (after
+    making them when ``lose_reply``: the broker did the work, its reply was lost)."""
 
-    def __init__(self, settle_many: SettleMany, failures: int, error: BrokerError) -> None:
+    def __init__(
+        self, settle_many: SettleMany, failures: int, error: BrokerError, lose_reply: bool = False
+    ) -> None:
         self._settle_many = settle_many
         self._failures = failures
         self._error = error
+        self._lose_reply = lose_reply
         self.calls = 0
         self.tries: Counter[str] = Counter()  # task id -> calls that carried it
-        self.answers: list[bool] = []
+        self.answers: list[Answer] = []
         self.settled = threading.Event()  # set once a call got through to the broker
 
-    def __call__(self, ops: Sequence[Settle]) -> list[bool]:
+    def __call__(self, ops: Sequence[Settle]) -> list[Answer]:
         self.calls += 1
         self.tries.update(op.delivery.task.id for op in ops)
         if self.calls <= self._failures:
+            if self._lose_reply:
+                self._settle_many(ops)
             raise self._error
         answers = self._settle_many(ops)
         self.answers += answers
@@ -62,11 +68,13 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
     made.stop(grace=1.0)
 
 
-def flaky(engine: Engine, failures: int, error: BrokerError) -> FlakySettle:
+def flaky(
+    engine: Engine, failures: int, error: BrokerError, lose_reply: bool = False
+) -> FlakySettle:
     """Make the broker's settles flaky: ``settle_many`` (the Settler's thread batches with it,
     and retries with it) and ``ack`` (what inline settling calls first; the handler succeeds)."""
     ack = engine.broker.ack
-    wrapper = FlakySettle(lambda ops: [ack(op.delivery) for op in ops], failures, error)
+    wrapper = FlakySettle(lambda ops: [ack(op.delivery) for op in ops], failures, error, lose_reply)
     engine.broker.settle_many = wrapper  # type: ignore[method-assign]
     engine.broker.ack = lambda d: wrapper([Settle(d, "ack")])[0]  # type: ignore[method-assign]
     return wrapper
@@ -83,10 +91,25 @@ def test_a_settle_failing_with_broker_unavailable_is_tried_again(engine: Engine)
     settle = flaky(engine, failures=3, error=BrokerUnavailable("database is locked"))
     task_id = engine.publish("t")
     assert settle.settled.wait(5.0)
-    assert settle.tries == {task_id: 4} and settle.answers == [True]
+    assert settle.tries == {task_id: 4} and settle.answers == [Answer.DONE]
     assert sum(d.total for d in engine.broker.depth().values()) == 0
     engine.recorder.wait_for(lambda: len(engine.recorder.named("task.succeeded")) == 1)
     assert not engine.recorder.named("task.lease_lost")
+
+
+def test_a_settle_whose_reply_was_lost_is_answered_already_done_and_counted_once(
+    engine: Engine,
+) -> None:
+    """The broker acked, but its reply was lost (a connection dropped): the resent ack answers
+    ALREADY_DONE, which is the task's success, not a lost lease."""
+    settle = flaky(engine, failures=1, error=BrokerUnavailable("connection reset"), lose_reply=True)
+    engine.publish("t")
+    assert settle.settled.wait(5.0)
+    assert settle.answers == [Answer.ALREADY_DONE]
+    engine.recorder.wait_for(lambda: len(engine.recorder.named("task.succeeded")) == 1)
+    time.sleep(0.05)
+    assert not engine.recorder.named("task.lease_lost")
+    assert len(engine.recorder.named("task.succeeded")) == 1
 
 
 def test_giving_up_is_not_reported_as_a_lost_lease_and_frees_the_slot(engine: Engine) -> None:

@@ -1,0 +1,152 @@
+"""SQLite files the broker must not take for its own, and the modes of the files it makes."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.brokers import create_broker
+from runner.brokers.sqlite import SqliteBroker
+from runner.brokers.sqlite_schema import APPLICATION_ID, CREATE_WAIT_S
+from runner.config import PipelineConfig
+from runner.deadletter import FileDeadLetters, create_dead_letter_store
+from runner.errors import BrokerUnavailable
+from runner.task import DeadLetter, Task
+
+VT = 30.0
+
+
+def _open(path: Path) -> SqliteBroker:
+    return SqliteBroker(str(path), 100, 0.2, "block", VT)
+
+
+def _pragma(path: Path, name: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        value: int = conn.execute(f"PRAGMA {name}").fetchone()[0]
+        return value
+    finally:
+        conn.close()
+
+
+def test_a_new_file_carries_the_queue_stamp(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    _open(path).close()
+    assert _pragma(path, "application_id") == APPLICATION_ID
+    assert _pragma(path, "user_version") == 1
+
+
+def test_a_file_truncated_to_nothing_is_refused_not_recreated(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    broker = _open(path)
+    broker.put_many([Task("a", i) for i in range(20)])
+    broker.close()
+    path.write_bytes(b"")
+    Path(f"{path}-wal").unlink(missing_ok=True)
+    Path(f"{path}-shm").unlink(missing_ok=True)
+    start = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match=r"q\.db: the file exists but holds no queue"):
+        _open(path)
+    assert time.monotonic() - start >= CREATE_WAIT_S  # it waited for a creator first
+    assert path.stat().st_size == 0  # left as found
+
+
+def test_another_sqlite_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (text TEXT)")
+    conn.close()
+    with pytest.raises(BrokerUnavailable, match="not a distributed-queue database"):
+        _open(path)
+    conn = sqlite3.connect(path)
+    try:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    finally:
+        conn.close()
+    assert names == {"notes"}
+
+
+def test_a_file_from_before_the_stamp_opens_and_is_stamped(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    broker = _open(path)
+    broker.put_many([Task("a", "kept")])
+    broker.close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA application_id = 0")  # as files were before the stamp
+    conn.close()
+    broker = _open(path)
+    try:
+        assert broker.depth()["a"].total == 1
+    finally:
+        broker.close()
+    assert _pragma(path, "application_id") == APPLICATION_ID
+
+
+def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    errors: list[BaseException] = []
+    opened: list[SqliteBroker] = []
+    lock = threading.Lock()
+
+    def open_one() -> None:
+        try:
+            broker = _open(path)
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+            return
+        with lock:
+            opened.append(broker)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for broker in opened:
+        broker.close()
+    assert errors == []
+    assert len(opened) == 6
+
+
+def test_the_database_and_its_wal_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    broker = _open(path)
+    try:
+        broker.put_many([Task("a", 1)])
+        for name in (path, Path(f"{path}-wal")):
+            assert stat.S_IMODE(name.stat().st_mode) == 0o600, name
+    finally:
+        broker.close()
+
+
+def test_the_file_dead_letter_queue_is_private(tmp_path: Path) -> None:
+    store = FileDeadLetters(tmp_path / "dlq.jsonl")
+    records = [
+        DeadLetter(Task("a", {"secret": i}), "error", "E", "m", "", 1, 1.0, 1.0, 1.0)
+        for i in range(2)
+    ]
+    store.add_many(records)
+    assert store.take([records[0].id])  # rewrites the file through a temporary file
+    for name in ("dlq.jsonl", "dlq.jsonl.lock"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+
+
+def test_file_mode_widens_the_files_it_creates(tmp_path: Path) -> None:
+    config = PipelineConfig.model_validate(
+        {
+            "broker": {"kind": "sqlite", "path": str(tmp_path / "q.db"), "file_mode": "0640"},
+            "dead_letter": {"kind": "file", "path": str(tmp_path / "d.jsonl"), "file_mode": 0o640},
+            "task_types": {"a": {"handler": "handlers.demo:send_email"}},
+        }
+    )
+    create_broker(config).close()
+    store = create_dead_letter_store(config)
+    assert isinstance(store, FileDeadLetters)
+    store.add(DeadLetter(Task("a", 1), "error", "E", "m", "", 1, 1.0, 1.0, 1.0))
+    for name in ("q.db", "d.jsonl"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
