@@ -3,9 +3,10 @@
 Every delivery ends in exactly one broker call: ack, retry, dead or release. ``Attempts.run``
 decides which and returns it as an Outcome; the Worker's Settler makes the call (runner.settle).
 The outcome event (task.succeeded / task.retrying / task.dead) is emitted by ``settled`` only
-once the broker accepted that call, so logs, metrics and the summary count each task once even
-when a stale worker finishes late; a refusal (the lease moved on to another delivery) is logged
-as ``task.lease_lost``.
+once the broker took that call (``Answer.DONE``, or ``ALREADY_DONE`` when it was sent again
+after its reply was lost), so logs, metrics and the summary count each task once even when a
+stale worker finishes late; a refusal (``FENCED``: the lease moved on to another delivery) is
+logged as ``task.lease_lost``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from runner.brokers.base import Delivery, Settle
+from runner.brokers.base import Answer, Delivery, Settle
 from runner.errors import TaskInterrupted
 from runner.events import Event, EventBus
 from runner.retry import RetryPlan, error_name
@@ -113,7 +114,10 @@ class Attempts:
                 )
 
         due = max(task.enqueued_at, task.not_before)
-        self._emit("task.started", delivery, queue_wait_s=max(0.0, started - due) if due else None)
+        queue_wait = max(0.0, started - due) if due else None
+        # A redelivered task may be what killed the last process: its start is written out
+        # before its handler runs (flush), so the log names it if it kills this one too.
+        self._emit("task.started", delivery, queue_wait_s=queue_wait, flush=delivery.redelivered)
         cancelled = Cancellation()
         run = Run(
             deadline=time.monotonic() + rt.timeout_s,
@@ -136,9 +140,10 @@ class Attempts:
         error: BaseException | None = None
         try:
             guard.run(run, partial(rt.handler, payload, ctx))
-        except TaskInterrupted as exc:
-            error = exc
-        except Exception as exc:
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt or a handler's own BaseException is a failed
+            # attempt like any other (the signals that stop the runner reach only the main
+            # thread); so is the runner's own interrupt (TaskInterrupted).
             error = exc
         duration = time.perf_counter() - t0
         self.running.pop(guard, None)
@@ -190,6 +195,7 @@ class Attempts:
                 "delay_s": decision.delay_s,
                 "error": f"{kind}: {message}",
                 "error_type": kind,
+                "traceback": trace,
             },
         )
 
@@ -227,20 +233,22 @@ class Attempts:
                 "reason": reason,
                 "error": f"{kind}: {message}",
                 "error_type": kind,
+                "traceback": trace or None,
             },
         )
 
-    def settled(self, outcome: Outcome, accepted: bool | None) -> None:
-        """Emit the outcome once the broker accepted it. False: the broker refused (the lease
-        moved on). None: it did not answer (already logged); the task comes back when its
-        lease expires."""
+    def settled(self, outcome: Outcome, answer: Answer | None) -> None:
+        """Emit the outcome once the broker took it: DONE, or ALREADY_DONE (an earlier call
+        under this receipt took effect; its reply was lost). FENCED: the broker refused (the
+        lease moved on). None: it did not answer (already logged); the task comes back when
+        its lease expires."""
         if outcome.event is None:
             return
         delivery = outcome.settle.delivery
-        if accepted:
+        if answer is Answer.DONE or answer is Answer.ALREADY_DONE:
             result = outcome.event.removeprefix("task.")
             self._emit(outcome.event, delivery, outcome=result, **outcome.fields)
-        elif accepted is False:
+        elif answer is Answer.FENCED:
             op = outcome.settle.kind
             self._emit(
                 "task.lease_lost", delivery, detail=f"{op} refused: another delivery owns the task"

@@ -2,15 +2,19 @@
 
 Exit codes: 0 success, 1 other failure, 2 config or usage error (also: the broker cannot do
 this, e.g. publish to a memory broker), 3 broker unavailable,
-130 second signal (forced stop).
+130 second signal (forced stop). `run` exits with its code even when a handler left threads
+running (see runner.service).
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -19,6 +23,7 @@ from runner.errors import (
     ConfigError,
     InputError,
     NotSupported,
+    Problem,
     RunnerError,
     UsageError,
 )
@@ -26,14 +31,41 @@ from runner.errors import (
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 
 
-class _DefaultToRun(click.Group):
-    """`dq-run CONFIG` means `dq-run run CONFIG`."""
+class _Group(click.Group):
+    """A command group that answers a mistyped command with the one meant."""
 
     def resolve_command(
         self, ctx: click.Context, args: list[str]
     ) -> tuple[str | None, click.Command | None, list[str]]:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["run", *args]
+            close = difflib.get_close_matches(args[0], list(self.commands), n=1)
+            if close:
+                raise click.UsageError(
+                    f"no such command {args[0]!r}; did you mean {close[0]!r}?", ctx
+                )
+        return super().resolve_command(ctx, args)
+
+
+class _DefaultToRun(_Group):
+    """`dq-run CONFIG` means `dq-run run CONFIG`.
+
+    A first argument that is neither a command nor an option is a config file, unless no such
+    file exists and it is a word, not a path, that looks like a command: a misspelt one
+    (``valdate``), or any word followed by a file (``frobnicate configs/demo.yaml``, which
+    `run` would take as a second config).
+    """
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            if Path(args[0]).exists() or any(c in args[0] for c in "./\\"):
+                args = ["run", *args]  # a file, or a path: never taken for a command
+            elif not difflib.get_close_matches(args[0], list(self.commands), n=1):
+                if len(args) > 1 and Path(args[1]).is_file():
+                    known = ", ".join(self.commands)
+                    raise click.UsageError(f"no such command {args[0]!r} (commands: {known})", ctx)
+                args = ["run", *args]  # `run` says that the config file is missing
         return super().resolve_command(ctx, args)
 
 
@@ -78,7 +110,24 @@ def run(
     options = RunOptions(
         simulate=not no_simulate, until_empty=until_empty, replay=replay, summary_json=summary_json
     )
-    sys.exit(serve(config, options))
+    try:
+        code = serve(config, options)
+    except RunnerError as exc:
+        code = report(exc)
+    _exit_run(code)
+
+
+def _exit_run(code: int) -> NoReturn:
+    """Exit with ``code``, without waiting for threads a handler left running (CPython would;
+    serve has logged their names and written out everything of ours)."""
+    from runner.service import threads_left
+
+    if not threads_left():
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing to save
+            stream.flush()
+    os._exit(code)
 
 
 @cli.command()
@@ -156,10 +205,29 @@ def publish(
         drafts = read_drafts(config, type_name, payload_json, None)
     else:
         source = "<stdin>" if input_file == "-" else input_file
-        with click.open_file(input_file, encoding="utf-8", errors="replace") as lines:
+        with click.open_file(input_file, mode="rb") as raw:
+            lines = _utf8_lines(raw, source)
             drafts = read_drafts(config, type_name, payload_json, lines, source)
     for task_id in admin.publish(config, drafts, delay_s):
         click.echo(task_id)
+
+
+def _utf8_lines(raw: Iterable[bytes], source: str) -> Iterator[str]:
+    """``--file`` input decoded line by line: invalid UTF-8 is an InputError naming the line."""
+    for number, line in enumerate(raw, start=1):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                [
+                    Problem(
+                        f"{source}:{number}",
+                        "",
+                        f"invalid UTF-8 (byte {line[exc.start]:#04x} at column {exc.start + 1}); "
+                        "the input must be UTF-8",
+                    )
+                ]
+            ) from None
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -176,7 +244,7 @@ def _dlq_filters(func: _F) -> _F:
     return func
 
 
-@cli.group()
+@cli.group(cls=_Group)
 def dlq() -> None:
     """Dead letters: list, show, replay, purge (sqlite, redis, or a memory config's file)."""
 
@@ -196,7 +264,7 @@ def dlq_list(
 
     config = load_config(config_file)
     where = admin.dead_letter_filter(type_name, error, since)
-    with admin.open_admin(config) as target:
+    with admin.open_admin(config, read_only=True) as target:
         records = target.dead_letters(where)
     if as_json:
         for record in records:
@@ -212,14 +280,18 @@ def dlq_list(
 @click.argument("task_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="The whole record as JSON.")
 def dlq_show(config_file: str, task_id: str, as_json: bool) -> None:
-    """Show one dead letter: payload, every attempt's error and traceback, the final error."""
+    """Show one dead letter: payload, every attempt's error and traceback, the final error.
+
+    ID is the whole id or any end of it (6 characters or more) that only one dead letter has,
+    such as the short id tables and logs show.
+    """
     import json
 
     from runner import admin, adminview
     from runner.config import load_config
 
     config = load_config(config_file)
-    with admin.open_admin(config) as target:
+    with admin.open_admin(config, read_only=True) as target:
         record = admin.find_dead_letter(target, task_id)
     if as_json:
         click.echo(json.dumps(record.to_json(), indent=2, ensure_ascii=False))
@@ -244,15 +316,19 @@ def dlq_replay(
     rate: str | None,
     dry_run: bool,
 ) -> None:
-    """Put dead letters back on the queue with their attempts reset."""
+    """Put dead letters back on the queue with their attempts reset.
+
+    Each ID is a whole id or a unique end of one (6+ characters), as tables show them.
+    """
     from runner import admin, adminview
     from runner.config import load_config
 
     config = load_config(config_file)
     rate_per_s = None if rate is None else admin.parse_rate(rate)
-    where = admin.dead_letter_filter(type_name, error, since, task_ids)
     with admin.open_admin(config) as target:
-        records, missing = admin.select_for_replay(target, task_ids, replay_all, where)
+        ids = admin.resolve_ids(target, task_ids)
+        where = admin.dead_letter_filter(type_name, error, since, ids)
+        records, missing = admin.select_for_replay(target, ids, replay_all, where)
         for task_id in missing:
             click.echo(f"warning: no matching dead letter with id {task_id}", err=True)
         if not records:
@@ -281,13 +357,18 @@ def dlq_purge(
     since: str | None,
     yes: bool,
 ) -> None:
-    """Delete dead letters for good (those matching the IDs and filters; all without any)."""
+    """Delete dead letters for good (those matching the IDs and filters; all without any).
+
+    Each ID is a whole id or a unique end of one (6+ characters), as tables show them.
+    """
     from runner import admin
     from runner.config import load_config
 
     config = load_config(config_file)
-    where = admin.dead_letter_filter(type_name, error, since, task_ids)
     with admin.open_admin(config) as target:
+        where = admin.dead_letter_filter(
+            type_name, error, since, admin.resolve_ids(target, task_ids)
+        )
         records = target.dead_letters(where)
         if not records:
             click.echo("nothing to purge: no dead letter matches")
@@ -315,7 +396,7 @@ def stats(config_file: str, as_json: bool) -> None:
 
     config = load_config(config_file)
     admin.require_shared(config, "stats")
-    with admin.open_admin(config) as target:
+    with admin.open_admin(config, read_only=True) as target:
         result = admin.stats(config, target)
     click.echo(json.dumps(result.to_json()) if as_json else adminview.stats_table(result))
 

@@ -7,7 +7,8 @@ listener cannot stop a worker).
 Event names (the `event` field of every log line):
 
     task.published   a task entered the broker
-    task.started     a worker began an attempt (queue_wait_s: published or due -> started)
+    task.started     a worker began an attempt (queue_wait_s: published or due -> started);
+                     for a redelivered task it is written out before the handler runs (flush)
     task.succeeded   the attempt returned (duration_s)
     task.retrying    the attempt failed and the task will run again after delay_s
     task.timeout     the attempt ran past its timeout (followed by task.retrying or task.dead)
@@ -47,6 +48,10 @@ class Event:
     error: str | None = None  # "ErrorType: message"
     error_type: str | None = None
     detail: str | None = None  # free text for operator events
+    traceback: str | None = None  # a failed attempt's (task.retrying, task.dead)
+    # Listeners that write asynchronously (the logs) have written this event out before
+    # handle() returns: a redelivered task's task.started, whose handler may end the process.
+    flush: bool = False
 
 
 class Listener(Protocol):

@@ -10,6 +10,21 @@ lock leaves that lock held, and every later log call in the process deadlocks. S
 tree has exactly one handler, a ``QueueHandler`` without a lock that pushes onto a
 ``queue.SimpleQueue`` (whose ``put`` is one C call), and a ``QueueListener`` thread formats and
 writes. The tree does not propagate to the root logger, whose handlers do take locks.
+
+The price is that lines still queued when the process dies are lost: ``os._exit`` (or a kill)
+does not wait for the writer. So an event with ``flush`` set (a redelivered task's
+``task.started``: its handler may be what killed the last process, and may kill this one) is
+written through: the emitting thread waits, at most ``WRITE_WAIT_S``, until the writer has
+written and flushed that record. Waiting takes a lock (an Event's), which is safe there because
+interrupts land only inside handler code (timeouts.py) and the engine emits it before the handler
+runs. Every other event stays fire-and-forget.
+
+What a person sees: per-task publish events (``task.published``) are DEBUG, so publishing 3,000
+tasks does not print 3,000 lines at INFO (the simulator logs one INFO line per batch); so are the
+memory broker's ``task.dead`` with reason ``shutdown`` (one per task still queued at shutdown:
+``dq-run run`` logs one line per type instead). On a terminal, text lines longer than the
+terminal wrap with an indent under the level column. Each text line is written holding
+``STDERR_LOCK``, which the progress view also holds while it draws its first and last frame.
 """
 
 from __future__ import annotations
@@ -19,21 +34,33 @@ import functools
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import socket
 import sys
+import textwrap
+import threading
 import traceback
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TextIO
 
 from runner.config import LoggingConfig
+from runner.eventlog import FIELDS_ATTR
+from runner.eventlog import log_event as log_event  # noqa: PLC0414  (re-exported for callers)
 from runner.events import Event
+from runner.task import short_id
 
 ROOT_LOGGER = "runner"
 TASK_LOGGER = "runner.task"
-# The attribute a LogRecord carries its structured fields in (set through `extra`).
-FIELDS_ATTR = "dq_fields"
+# The attribute of a written-through record: a threading.Event the writer sets once it is out.
+WRITTEN_ATTR = "dq_written"
+# The attribute of a flush() marker: a record the writer only acknowledges.
+MARKER_ATTR = "dq_marker"
+#: How long flush() waits for the lines queued before it (a backlog on a slow terminal).
+FLUSH_WAIT_S = 2.0
+#: How long a written-through line may hold up its thread (a stalled stream, a long backlog).
+WRITE_WAIT_S = 5.0
 
 # Order of keys in a JSON line; keys not listed here follow in insertion order.
 _KEY_ORDER = (
@@ -44,10 +71,23 @@ _KEY_ORDER = (
 _WARNING_EVENTS = frozenset(
     {"task.dead", "task.timeout", "task.overrun", "task.lease_lost", "broker.reconnecting"}
 )
+# One per task published: the publisher logs one INFO line per batch instead.
+_DEBUG_EVENTS = frozenset({"task.published"})
+#: Held while a text line is written to stderr, and by the progress view while it starts and
+#: stops (see progress.py), so a line never lands inside the panel's first or last frame.
+#: Only the writer thread and the main thread take it (never a worker thread); reentrant, for
+#: a signal handler that runs while its thread holds it.
+STDERR_LOCK = threading.RLock()
+#: Continuation lines of a wrapped text line start under the level column.
+WRAP_INDENT = " " * len("12:00:01.234 ")
 
 
-def event_level(name: str) -> int:
-    """The level an engine event is logged at: WARNING for trouble, INFO for the rest."""
+def event_level(name: str, reason: str | None = None) -> int:
+    """The level an engine event is logged at: WARNING for trouble, DEBUG for publishing and
+    for the memory broker's shutdown drain (``task.dead`` with reason ``shutdown``), INFO for
+    the rest."""
+    if name in _DEBUG_EVENTS or (reason == "shutdown" and name == "task.dead"):
+        return logging.DEBUG
     return logging.WARNING if name in _WARNING_EVENTS else logging.INFO
 
 
@@ -67,6 +107,8 @@ def event_fields(event: Event) -> dict[str, Any]:
         value = getattr(event, key)
         if value is not None:
             fields[key] = value
+    if event.traceback:
+        fields["exc"] = event.traceback.rstrip()  # printed below the line in text format
     return fields
 
 
@@ -97,14 +139,59 @@ class _LockFreeQueueHandler(logging.handlers.QueueHandler):
         return record
 
 
+class _Writer(logging.handlers.QueueListener):
+    """The writer thread; sets a written-through record's Event once its handlers returned
+    (StreamHandler.emit flushes, so the line is on the stream by then)."""
+
+    def handle(self, record: logging.LogRecord) -> None:
+        try:
+            if not record.__dict__.get(MARKER_ATTR):  # a flush() marker: nothing to write
+                super().handle(record)
+        finally:
+            written = record.__dict__.get(WRITTEN_ATTR)
+            if written is not None:
+                written.set()
+
+
 class _CurrentStderr:
     """Writes to whatever sys.stderr is at write time (so Rich's Live can redirect it)."""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        with STDERR_LOCK:
+            return sys.stderr.write(text)
 
     def flush(self) -> None:
-        sys.stderr.flush()
+        with STDERR_LOCK:
+            sys.stderr.flush()
+
+
+def terminal_width(stream: TextIO | None = None) -> Callable[[], int | None] | None:
+    """For a terminal ``stream`` (default: stderr at setup), a function that returns its
+    width now (it follows resizes; None once it cannot tell); None when it is not a terminal."""
+    target = stream if stream is not None else sys.stderr
+    isatty = getattr(target, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        return None
+    try:
+        fd = target.fileno()
+    except (AttributeError, OSError, ValueError):  # a terminal-like object without a file
+        return None
+
+    def width() -> int | None:
+        try:
+            return os.get_terminal_size(fd).columns
+        except OSError:
+            return None
+
+    return width
+
+
+def wrap_line(line: str, width: int, indent: str = WRAP_INDENT) -> str:
+    """``line`` broken at spaces into lines of at most ``width`` characters, every line after
+    the first starting with ``indent``; a word longer than a line is split."""
+    if len(line) <= width or width <= len(indent) + 10:
+        return line
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False))
 
 
 def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -145,7 +232,14 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``12:00:01.234 INFO    task.succeeded   email    3f2a9c1e  attempt=1 duration_ms=12.5``."""
+    """``12:00:01.234 INFO    task.succeeded   email    3f2a9c1e  attempt=1 duration_ms=12.5``
+    (the task id in its short form, runner.task.short_id)."""
+
+    def __init__(self, width: Callable[[], int | None] | None = None) -> None:
+        # With ``width`` (the terminal's width now), a longer line wraps with WRAP_INDENT; a
+        # traceback below it is printed as it is.
+        super().__init__()
+        self._width = width
 
     def format(self, record: logging.LogRecord) -> str:
         fields = _record_fields(record)
@@ -153,12 +247,15 @@ class TextFormatter(logging.Formatter):
         clock = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%H:%M:%S.%f")[:-3]
         event = fields.pop("event")
         type_ = str(fields.pop("type", ""))
-        task_id = str(fields.pop("task_id", ""))[:8]
+        task_id = short_id(str(fields.pop("task_id", "")))
         message = fields.pop("message", "")
         exc = fields.pop("exc", None)
         pairs = " ".join(f"{key}={value}" for key, value in fields.items())
         head = f"{clock} {record.levelname:<7} {event:<16} {type_:<8} {task_id:<8}"
         line = " ".join(part for part in (head, message, pairs) if part).rstrip()
+        width = self._width() if self._width is not None else None
+        if width is not None:
+            line = "\n".join(wrap_line(part, width) for part in line.split("\n"))
         return f"{line}\n{exc}" if exc else line
 
 
@@ -169,7 +266,7 @@ class LogListener:
         self,
         logger: logging.Logger,
         handler: _LockFreeQueueHandler,
-        writer: logging.handlers.QueueListener,
+        writer: _Writer,
         output: logging.Handler,
         format: str,
     ) -> None:
@@ -181,7 +278,7 @@ class LogListener:
         self._closed = False
 
     def handle(self, event: Event) -> None:
-        level = event_level(event.name)
+        level = event_level(event.name, event.reason)
         if not self.logger.isEnabledFor(level):
             return  # the cheap exit: per-task events cost one dict lookup when filtered out
         fields = event_fields(event)
@@ -191,7 +288,50 @@ class LogListener:
             self.logger.name, level, "(events)", 0, event.name, (), None,
             extra={FIELDS_ATTR: fields},
         )  # fmt: skip
+        if event.flush:
+            self._write_through(record)
+        else:
+            self.logger.handle(record)
+
+    def write_now(self, level: int, event: str, message: str = "", **fields: Any) -> None:
+        """Log a runner line and return once it is written out, even after ``close()``.
+
+        For the last words of a process that is about to end with ``os._exit``. After close
+        the line is formatted and written in the calling thread (the writer thread is gone).
+        """
+        if not self.logger.isEnabledFor(level):
+            return
+        record = self.logger.makeRecord(
+            self.logger.name, level, "(runner)", 0, message or event, (), None,
+            extra={FIELDS_ATTR: {"event": event, **fields}},
+        )  # fmt: skip
+        if not self._closed:
+            self._write_through(record)
+            return
+        record.message = record.getMessage()  # what the queue handler's prepare() does
+        self._output.handle(record)
+        self._output.flush()
+
+    def _write_through(self, record: logging.LogRecord) -> None:
+        written = threading.Event()
+        record.__dict__[WRITTEN_ATTR] = written
         self.logger.handle(record)
+        # After close the record went to a NullHandler: nothing would ever set the Event.
+        if not self._closed:
+            written.wait(WRITE_WAIT_S)
+
+    def flush(self, timeout: float = FLUSH_WAIT_S) -> bool:
+        """Wait until every line queued so far is written out (at most ``timeout`` seconds);
+        False if the wait timed out. The progress view calls it before its last frame, so the
+        panel ends up below the last lines. A no-op after close."""
+        if self._closed:
+            return True
+        marker = logging.LogRecord(self.logger.name, logging.DEBUG, "(flush)", 0, "", None, None)
+        written = threading.Event()
+        marker.__dict__[MARKER_ATTR] = True
+        marker.__dict__[WRITTEN_ATTR] = written
+        self.handler.enqueue(marker)  # past the level check and prepare(): the writer skips it
+        return written.wait(timeout)
 
     def close(self) -> None:
         """Write out everything queued, stop the writer thread, detach. Safe to call twice."""
@@ -213,12 +353,14 @@ def setup_logging(config: LoggingConfig, *, stream: TextIO | None = None) -> Log
     again replaces the previous setup's handler (close the previous listener first).
     """
     fmt = resolve_format(config, stream)
-    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    formatter: logging.Formatter = (
+        JsonFormatter() if fmt == "json" else TextFormatter(terminal_width(stream))
+    )
     output = logging.StreamHandler(stream if stream is not None else _CurrentStderr())
     output.setFormatter(formatter)
     events: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     handler = _LockFreeQueueHandler(events)
-    writer = logging.handlers.QueueListener(events, output)
+    writer = _Writer(events, output)
 
     logger = logging.getLogger(ROOT_LOGGER)
     for old in list(logger.handlers):
@@ -267,11 +409,3 @@ def task_logger(task_id: str, type: str, attempt: int) -> logging.LoggerAdapter[
     """
     fields = {"event": "task.log", "task_id": task_id, "type": type, "attempt": attempt}
     return TaskLoggerAdapter(_task_base_logger(), fields)
-
-
-def log_event(
-    logger: logging.Logger, level: int, event: str, message: str = "", **fields: Any
-) -> None:
-    """Log a runner line with an event name and extra fields (used for non-task lines)."""
-    if logger.isEnabledFor(level):
-        logger.log(level, message or event, extra={FIELDS_ATTR: {"event": event, **fields}})

@@ -16,13 +16,21 @@ keeper renews the lease of every held delivery (prefetched, running or settling)
 visibility_timeout / 3; a watchdog enforces deadlines (runner.timeouts).
 
 Limits, precisely: at most ``limit`` tasks of a type run at once and at most ``threads`` in
-all; a type holds at most ``limit + min(prefetch, max(limit, prefetch // types))`` deliveries
-(its running ones plus its share of the buffer), and the process at most ``threads +
-prefetch``. Prefetched deliveries have been handed out (their attempt counts) but not started;
-shutdown hands them back at once. A crash cannot hand them back, so a crashing worker uses up
-an attempt of each: that is why the buffer is shallow on durable brokers
+all; a type holds at most ``limit + min(prefetch, max(limit, prefetch // busy))`` deliveries
+(its running ones plus its share of the buffer; ``busy`` counts the types the last fetch that
+asked for them found tasks of, so idle types take no share), and the process at most
+``threads + prefetch``. Prefetched deliveries have been handed out (their attempt counts) but
+not started; shutdown hands them back at once. A crash cannot hand them back, so a crashing
+worker uses up an attempt of each: that is why the buffer is shallow on durable brokers
 (PipelineConfig.effective_prefetch), and why a task handed out again after its lease expired
-(its last worker may have died of it) runs with nothing prefetched beside it (``_isolate``).
+(its last worker may have died of it) runs alone: nothing fetched and unstarted beside it, and
+no other task starts while it runs (``_isolate``), so a task that kills its process costs a
+healthy task at most one attempt per crash, and only when it was fetched with it the first time.
+
+A process frozen past its leases (SIGSTOP, a VM pause) must not start, once thawed, prefetched
+tasks another worker ran meanwhile: a task whose lease was last known good more than half a
+lease ago is checked with the broker before it starts, and dropped unrun if the lease moved on
+(``_lease_lapsed``). A renewal the broker answers FENCED drops an unstarted task the same way.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from runner.attempt import (
     type_logger,
     worker_identity,
 )
-from runner.brokers.base import Broker, Delivery, Settle
+from runner.brokers.base import Answer, Broker, Delivery, Settle
 from runner.errors import BrokerClosed, BrokerError, TaskInterrupted
 from runner.events import Event, EventBus
 from runner.settle import Outcome, Settler
@@ -53,6 +61,9 @@ log = logging.getLogger("runner.worker")
 
 #: How long the dispatcher blocks in one broker.get before it looks around again.
 GET_TIMEOUT_S = 1.0
+#: After the grace period, how long stop() waits in all for interrupted handlers to return and
+#: for its threads to end.
+FORCED_WAIT_S = 1.0
 #: How long stop() waits for the Settler to send the last finished tasks' broker calls.
 SETTLE_DRAIN_S = 10.0
 #: After a failed fetch, worker threads leave fetching to the dispatcher for this long.
@@ -84,12 +95,12 @@ class Worker:
         self._renew_every_s = visibility_timeout_s / 3
         self._prefetch = threads if prefetch is None else prefetch
         # A type may prefetch its fair share of the buffer, or as many as its limit if that is
-        # more: a slow type cannot fill the buffer and starve the others.
-        share = self._prefetch // len(self.types)
-        self._room_of = {
-            name: rt.limit + min(self._prefetch, max(rt.limit, share))
-            for name, rt in self.types.items()
-        }
+        # more: a slow type cannot fill the buffer and starve the others. The buffer is shared
+        # among the busy types (those the last fetch that asked for them found tasks of), so
+        # idle types do not shrink a busy type's share (which would make it fetch one task per
+        # freed slot instead of in batches).
+        self._busy = set(self.types)
+        self._room_of = self._rooms()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # worker threads wait for a task here
         self._room = threading.Condition(self._lock)  # the dispatcher and stop() wait here
@@ -125,8 +136,15 @@ class Worker:
         self._threads_fetch = self._prefetch == 0
         self._fetchers = 0  # worker threads fetching for themselves right now
         # Receipts of running tasks that were handed out again after a lease expired (their
-        # last worker may have died of them): while any runs, nothing is prefetched.
+        # last worker may have died of them): while any runs, nothing is fetched and no other
+        # task starts.
         self._suspects: set[str] = set()
+        # When each held delivery's lease was last known good (fetched or renewed; monotonic,
+        # which runs on while the process is stopped): one older than half the lease is checked
+        # with the broker before it starts (the process may have been frozen past its lease,
+        # and another worker may have run the task meanwhile).
+        self._renewed_at: dict[str, float] = {}
+        self._visibility_timeout_s = visibility_timeout_s
         self._fetches_begun = 0  # fetches that reserved room, and those that gave it back
         self._fetches_ended = 0
         self._fetch_paused_until = 0.0  # after a failed fetch, threads leave it to the dispatcher
@@ -167,7 +185,9 @@ class Worker:
         """Stop taking tasks, release unstarted ones, give running handlers ``grace_s``.
 
         Handlers still running after the grace period are cancelled and interrupted; their
-        tasks are released back to the broker. Returns how many had to be interrupted.
+        tasks are released back to the broker as they return. One that does not return within
+        FORCED_WAIT_S (blocked in a C call) is left to its daemon thread, its task leased
+        until the lease expires. Returns how many had to be interrupted.
         """
         if self._stopping.is_set() or not self._dispatcher.is_alive():
             return 0
@@ -187,17 +207,22 @@ class Worker:
             while self._held and time.monotonic() < deadline:
                 self._room.wait(timeout=max(0.0, deadline - time.monotonic()))
             forced = len(self._held)
+        # Interrupted handlers get FORCED_WAIT_S, in all, to return; one blocked in a C call
+        # keeps its thread (a daemon) and its task stays leased: it comes back once the
+        # lease expires. The process does not wait for it.
+        after_grace = time.monotonic() + FORCED_WAIT_S
         if forced:
             self.attempts.forcing = True
             self._watchdog.expire_all()
             with self._lock:
-                self._room.wait_for(lambda: not self._held, timeout=2.0)
+                self._room.wait_for(lambda: not self._held, timeout=FORCED_WAIT_S)
         self._settler.stop(timeout=SETTLE_DRAIN_S)
         with self._lock:
             self._closing = True
             self._wake_all()
+        joined_by = max(after_grace, time.monotonic() + 0.5)
         for t in (*self._threads, self._lease_keeper):
-            t.join(timeout=2.0)
+            t.join(timeout=max(0.0, joined_by - time.monotonic()))
         self._watchdog.stop()
         self.events.emit(Event("worker.stopped", detail=f"forced={forced}"))
         return forced
@@ -308,6 +333,7 @@ class Worker:
         finally:
             with self._lock:
                 self._unreserve(slots, room)
+                self._note_demand(deliveries, slots, room)
                 self._file(deliveries)
 
     def _reserve(self, slots: dict[str, int], room: int) -> None:
@@ -325,10 +351,30 @@ class Worker:
         for name, n in slots.items():
             self._reserved_by_type[name] -= n
 
+    def _rooms(self) -> dict[str, int]:
+        """How many deliveries each type may hold: its limit plus its share of the buffer."""
+        share = self._prefetch // max(1, len(self._busy))
+        return {
+            name: rt.limit + min(self._prefetch, max(rt.limit, share))
+            for name, rt in self.types.items()
+        }
+
+    def _note_demand(self, deliveries: list[Delivery], slots: dict[str, int], room: int) -> None:
+        """Types a fetch found tasks of are busy; those it asked for and found none of, while
+        it had room left, are idle (lock held). Busy types share the buffer."""
+        busy = self._busy | {d.task.type for d in deliveries}
+        if len(deliveries) < room:
+            busy -= slots.keys() - {d.task.type for d in deliveries}
+        if busy != self._busy:
+            self._busy = busy
+            self._room_of = self._rooms()
+
     def _file(self, deliveries: list[Delivery]) -> None:
         """Hold fetched deliveries and offer them to the threads (lock held)."""
+        now = time.monotonic()
         for delivery in deliveries:
             self._held[delivery.receipt] = delivery
+            self._renewed_at[delivery.receipt] = now
             self._held_by_type[delivery.task.type] += 1
             self._ready[delivery.task.type].append(delivery)
         if deliveries:
@@ -336,9 +382,11 @@ class Worker:
             self._wake()  # the threads it finds wake the others (see _pick)
 
     def _room_left(self) -> int:
-        """How many more deliveries the process may hold (lock held)."""
-        buffer = 0 if self._suspects else self._prefetch
-        return self.threads + buffer - len(self._held) - self._reserved
+        """How many more deliveries the process may hold (lock held): none while a suspect
+        runs."""
+        if self._suspects:
+            return 0
+        return self.threads + self._prefetch - len(self._held) - self._reserved
 
     def _free_room(self) -> tuple[dict[str, int], int]:
         """Per-type room and room in all for more deliveries (lock held)."""
@@ -378,13 +426,14 @@ class Worker:
         for delivery in unstarted:
             self._forget(delivery, started=False)
 
-    def _isolate(self, suspect: Delivery) -> None:
+    def _isolate(self) -> None:
         """Before running a task handed out again after its lease expired (its last worker may
-        have died of it, and may die again): hand back every prefetched task, whose attempt a
-        crash would use up too, once the fetches under way have ended; prefetch nothing until
-        it ends (``_room_left``)."""
+        have died of it, and may die again; ``_pick`` made it a suspect): hand back every
+        fetched task not yet started, whose attempt a crash would use up too (other suspects
+        fetched in the same batch among them: release keeps their redelivered flag, so each
+        runs alone in turn), once the fetches under way have ended. Until it ends, nothing is
+        fetched (``_room_left``) and no other task starts (``_pick``)."""
         with self._lock:
-            self._suspects.add(suspect.receipt)
             under_way = self._fetches_begun
             if self._fetches_ended < under_way:
                 self.broker.wake()  # a blocked get returns at once
@@ -398,20 +447,48 @@ class Worker:
         while not self._stopping.wait(self._renew_every_s):
             with self._lock:
                 held = [*self._held.values(), *self._settling.values()]
-            if not held:
-                continue
-            try:
-                kept = self.broker.extend(held)
-            except BrokerError as exc:
-                log.warning("lease renewal failed: %s", exc)
-                continue
-            for delivery, ok in zip(held, kept, strict=True):
-                if not ok:
-                    task = delivery.task
-                    self.events.emit(
-                        Event("task.lease_lost", task_id=task.id, type=task.type,
-                              attempt=task.attempt, detail="extend refused")
-                    )  # fmt: skip
+            if held:
+                self._renew(held)
+
+    def _renew(self, held: list[Delivery]) -> list[Answer] | None:
+        """Extend the leases of ``held``; a delivery whose lease another delivery now owns
+        (FENCED) is dropped unrun if it has not started, and reported. ALREADY_DONE (its
+        settle went through meanwhile) is no loss. None when the broker failed (logged)."""
+        asked = time.monotonic()
+        try:
+            answers = self.broker.extend(held)
+        except BrokerError as exc:
+            log.warning("lease renewal failed: %s", exc)
+            return None
+        lost: list[Delivery] = []
+        with self._lock:
+            for delivery, answer in zip(held, answers, strict=True):
+                if answer is Answer.DONE and delivery.receipt in self._renewed_at:
+                    self._renewed_at[delivery.receipt] = asked
+                elif answer is Answer.FENCED:
+                    lost.append(delivery)
+                    queue = self._ready[delivery.task.type]
+                    if delivery in queue:  # prefetched, never started: drop it unrun
+                        queue.remove(delivery)
+                        self._ready_count -= 1
+                        self._release_slot(delivery, started=False)
+        for delivery in lost:
+            task = delivery.task
+            self.events.emit(
+                Event("task.lease_lost", task_id=task.id, type=task.type,
+                      attempt=task.attempt, detail="extend refused")
+            )  # fmt: skip
+        return answers
+
+    def _lease_lapsed(self, delivery: Delivery) -> bool:
+        """Whether a task about to start may no longer be ours: if its lease was last known
+        good more than half a lease ago (the process was frozen, or the renewals failed), ask
+        the broker first. Lost (FENCED): it must not run (another worker may have run it)."""
+        renewed = self._renewed_at.get(delivery.receipt)
+        if renewed is None or time.monotonic() - renewed < self._visibility_timeout_s / 2:
+            return False
+        answers = self._renew([delivery])
+        return answers is not None and answers[0] is Answer.FENCED
 
     # -- worker threads --------------------------------------------------------------------
 
@@ -427,10 +504,10 @@ class Worker:
                 done = outcome = None
                 if delivery is None:
                     return
-                if delivery.redelivered and self._prefetch:
-                    self._isolate(delivery)
-                ended = self.attempts.run(guard, delivery)
-                if self._settler.background:
+                ended = self._start(guard, delivery)
+                if ended is None:
+                    pass  # dropped unrun: the lease had moved on
+                elif self._settler.background:
                     outcome = ended
                 else:
                     self._settler.settle_now(ended)
@@ -438,12 +515,22 @@ class Worker:
                 # Guard.run absorbs late interrupts; this is the last line of defence, so that
                 # a worker thread is never lost (Dramatiq #445).
                 log.warning("interrupt landed outside a handler; worker thread continues")
-            except Exception:
+            except BaseException:
+                # Whatever escapes (a bug, a handler's BaseException raised outside the
+                # attempt), the thread lives on: a dead thread would hold its task forever.
                 log.exception("worker loop error; worker thread continues")
             # Settled, handed to the Settler, or failed before its broker call (then the broker
             # hands the task out again when its lease expires): its slot is freed with the next
             # pick.
             done = delivery
+
+    def _start(self, guard: Guard, delivery: Delivery) -> Outcome | None:
+        """Run a picked delivery; None when it must not run (its lease lapsed and moved on)."""
+        if self._lease_lapsed(delivery):
+            return None
+        if delivery.redelivered:
+            self._isolate()
+        return self.attempts.run(guard, delivery)
 
     def _next(self, done: Delivery | None, outcome: Outcome | None) -> Delivery | None:
         """Free the slot of ``done``, hand ``outcome`` on to be settled, and take the next task
@@ -544,11 +631,16 @@ class Worker:
         return True
 
     def _pick(self) -> Delivery | None:
-        """The oldest prefetched task of the first type below its limit (lock held)."""
+        """The oldest prefetched task of the first type below its limit (lock held). None
+        while a task handed out again after its lease expired runs (see ``_isolate``)."""
+        if self._suspects:
+            return None
         for name in self._order:
             queue = self._ready[name]
             if queue and self._running_by_type[name] < self.types[name].limit:
                 self._running_by_type[name] += 1
+                if queue[0].redelivered:
+                    self._suspects.add(queue[0].receipt)  # nothing else starts until it ends
                 if not self._threads_fetch and self._waiting_threads > 1 and self._should_fetch():
                     self._room.notify()  # refill the buffer
                 self._ready_count -= 1
@@ -586,9 +678,13 @@ class Worker:
         """Drop a settled delivery from the books and wake whoever can use its room."""
         if self._held.pop(delivery.receipt, None) is None:
             return
+        self._renewed_at.pop(delivery.receipt, None)
         name = delivery.task.type
         self._held_by_type[name] -= 1
-        self._suspects.discard(delivery.receipt)
+        if self._suspects:
+            self._suspects.discard(delivery.receipt)
+            if not self._suspects:
+                self._wake_all()  # threads that found nothing they could start look again
         if started:
             self._running_by_type[name] -= 1
             if self._ready[name]:

@@ -48,7 +48,7 @@ def _json_lines(out: io.StringIO) -> list[dict]:
 
 
 def test_json_lines_carry_event_fields_and_omit_none(make_logs) -> None:
-    logs, out = make_logs("json")
+    logs, out = make_logs("json", level="DEBUG")  # task.published is DEBUG
     logs.handle(Event("task.published", ts=1_700_000_000.25, task_id="t1", type="email"))
     logs.handle(Event("task.started", task_id="t1", type="email", attempt=1, queue_wait_s=0.0125))
     logs.handle(
@@ -65,7 +65,7 @@ def test_json_lines_carry_event_fields_and_omit_none(make_logs) -> None:
     assert published["ts"] == "2023-11-14T22:13:20.250Z"
     assert list(published)[:3] == ["ts", "level", "event"]
     assert published == {
-        "ts": published["ts"], "level": "INFO", "event": "task.published", "task_id": "t1",
+        "ts": published["ts"], "level": "DEBUG", "event": "task.published", "task_id": "t1",
         "type": "email", "host": published["host"], "pid": os.getpid(),
     }  # fmt: skip
     assert published["host"]
@@ -81,8 +81,11 @@ def test_json_lines_carry_event_fields_and_omit_none(make_logs) -> None:
 def test_event_levels() -> None:
     for name in ("task.dead", "task.timeout", "task.overrun", "task.lease_lost"):
         assert event_level(name) == logging.WARNING
-    for name in ("task.published", "task.started", "task.succeeded", "worker.started"):
+    for name in ("task.started", "task.succeeded", "worker.started"):
         assert event_level(name) == logging.INFO
+    assert event_level("task.published") == logging.DEBUG  # one INFO line per batch instead
+    assert event_level("task.dead", "shutdown") == logging.DEBUG  # one line per type instead
+    assert event_level("task.dead", "exhausted") == logging.WARNING
 
 
 def test_level_filters_events(make_logs) -> None:
@@ -126,10 +129,25 @@ def test_text_format_is_aligned_and_readable(make_logs) -> None:
     logs.handle(Event("worker.started", detail="3 threads"))
     logs.close()
     first, second = out.getvalue().splitlines()
-    assert "INFO    task.succeeded   email    abcdef12" in first
+    assert "INFO    task.succeeded   email    ef123456" in first  # the id's end: short_id
     assert "duration_ms=12.5" in first and "outcome=succeeded" in first
     assert "worker.started" in second and "detail=3 threads" in second
     assert first.index("task.succeeded") == second.index("worker.started")
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_a_failed_attempt_logs_its_traceback(make_logs, fmt: str) -> None:
+    logs, out = make_logs(fmt)
+    trace = 'Traceback (most recent call last):\n  File "h.py", line 1\nSystemExit: 3\n'
+    logs.handle(Event("task.retrying", task_id="t1", type="email", attempt=1,
+                      error="SystemExit: 3", traceback=trace))  # fmt: skip
+    logs.close()
+    if fmt == "json":
+        [line] = _json_lines(out)
+        assert line["exc"] == trace.rstrip()
+    else:
+        first, *rest = out.getvalue().splitlines()
+        assert "task.retrying" in first and rest == trace.rstrip().splitlines()
 
 
 def test_auto_format_follows_the_terminal() -> None:
@@ -159,13 +177,13 @@ def test_emitting_thread_never_blocks_on_a_slow_writer(make_logs) -> None:
             return super().write(text)
 
     logs, out = make_logs("json", stream=SlowStream())
-    logs.handle(Event("task.published", task_id="x", type="t"))
+    logs.handle(Event("task.succeeded", task_id="x", type="t"))
     assert entered.wait(5)  # the writer thread is now stuck inside write()
     emitted = threading.Event()
 
     def emit_many() -> None:
         for i in range(100):
-            logs.handle(Event("task.published", task_id=str(i), type="t"))
+            logs.handle(Event("task.succeeded", task_id=str(i), type="t"))
         emitted.set()
 
     emitter = threading.Thread(target=emit_many)
