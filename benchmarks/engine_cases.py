@@ -39,19 +39,24 @@ def make_config(
     url: str | None = None,
     namespace: str = "bench",
     prefetch: int | None = None,
+    types: int = 1,
 ) -> PipelineConfig:
+    """A config whose type TYPE runs ``handler``; ``types - 1`` more types (``idle1`` ...)
+    run it too, but the benchmarks publish only TYPE: they stay idle."""
     broker: dict[str, Any] = {"kind": kind, "capacity": 3_000_000, "visibility_timeout": 60}
     if path is not None:
         broker["path"] = path
     if url is not None:
         broker |= {"url": url, "namespace": namespace}
+    type_config = {"handler": f"bench_handlers:{handler}", "timeout": 30}
+    names = [TYPE, *(f"idle{i}" for i in range(1, types))]
     return PipelineConfig.model_validate(
         {
             "broker": broker,
             "workers": threads,
             "prefetch": prefetch,
             "handler_paths": [str(HERE)],
-            "task_types": {TYPE: {"handler": f"bench_handlers:{handler}", "timeout": 30}},
+            "task_types": dict.fromkeys(names, type_config),
             "metrics": {"enabled": False},
             "logging": {"level": "WARNING"},
         }

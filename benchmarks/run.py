@@ -45,12 +45,13 @@ class Sizes:
     latency_s: float  # seconds at 1,000 tasks/s
     queued: int  # tasks parked in the memory broker
     backlog_k: int  # tasks finished per backlog throughput measurement
+    types: int  # 1 ms tasks per run of the multi-type row and of its one-type baseline
 
 
 SIZES = {
-    "full": Sizes(100_000, 100_000, 100_000, 20_000, 5_000, 5.0, 1_000_000, 20_000),
-    "quick": Sizes(10_000, 5_000, 5_000, 2_000, 500, 1.0, 100_000, 5_000),
-    "tiny": Sizes(500, 300, 300, 100, 50, 0.2, 2_000, 300),
+    "full": Sizes(100_000, 100_000, 100_000, 20_000, 5_000, 5.0, 1_000_000, 20_000, 5_000),
+    "quick": Sizes(10_000, 5_000, 5_000, 2_000, 500, 1.0, 100_000, 5_000, 1_000),
+    "tiny": Sizes(500, 300, 300, 100, 50, 0.2, 2_000, 300, 100),
 }
 
 
@@ -95,6 +96,14 @@ def bench_memory(sizes: Sizes, reps: int) -> list[Row]:
     )
     rows += _sleep_rows(
         "memory", lambda t: ec.make_config("memory", t, handler="sleep_1ms"), sizes, reps
+    )
+    rows.append(
+        _types_row(
+            "memory",
+            lambda n: ec.make_config("memory", THREADS, handler="sleep_1ms", types=n),
+            sizes,
+            reps,
+        )
     )
     del sleep
     rows += _latency_rows("memory", cfg, sizes, reps, limit_ms=5.0)
@@ -159,6 +168,30 @@ def _sleep_rows(
     ]
 
 
+def _types_row(
+    broker: str, config: Callable[[int], object], sizes: Sizes, reps: int, label: str = ""
+) -> Row:
+    """1 ms tasks on THREADS threads in a config of five types, only one of which gets tasks,
+    against the same config with that one type only, back to back. Idle types must cost
+    nothing: the dispatcher's get waits on them while the busy type's slots are full, and a
+    freed slot must end that wait at once (issue 13 item 4). ``config(types)``."""
+    one, five = paired(
+        lambda: ec.end_to_end_rate(config(1), sizes.types),  # type: ignore[arg-type]
+        lambda: ec.end_to_end_rate(config(5), sizes.types),  # type: ignore[arg-type]
+        reps,
+    )
+    return Row(
+        broker,
+        f"1 ms tasks, 4 threads, 5 types (1 busy){label}",
+        five,
+        "tasks/s",
+        "1 type",
+        one,
+        "ratio >= 0.9",
+        five >= 0.9 * one,
+    )
+
+
 def _latency_rows(
     broker: str, cfg: object, sizes: Sizes, reps: int, limit_ms: float | None, url: str = ""
 ) -> list[Row]:
@@ -184,13 +217,16 @@ def _latency_rows(
 def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
     counter = iter(range(1_000_000))
 
-    def cfg(threads: int, handler: str = "noop", prefetch: int | None = None) -> object:
+    def cfg(
+        threads: int, handler: str = "noop", prefetch: int | None = None, types: int = 1
+    ) -> object:
         return ec.make_config(
             "sqlite",
             threads,
             handler=handler,
             path=str(tmp / f"q{next(counter)}.db"),
             prefetch=prefetch,
+            types=types,
         )
 
     noop = bench_handlers.noop
@@ -219,6 +255,7 @@ def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
     rows += _sleep_rows(
         "sqlite", lambda t: cfg(t, "sleep_1ms", 0), sizes, reps, ", prefetch 0", judged=False
     )
+    rows.append(_types_row("sqlite", lambda n: cfg(THREADS, "sleep_1ms", types=n), sizes, reps))
     rows += _latency_rows("sqlite", cfg(THREADS), sizes, reps, limit_ms=None)
     return rows
 
@@ -232,7 +269,9 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
     try:
         url = server.url
 
-        def cfg(threads: int, handler: str = "noop", prefetch: int | None = None) -> object:
+        def cfg(
+            threads: int, handler: str = "noop", prefetch: int | None = None, types: int = 1
+        ) -> object:
             server.client().flushall()
             return ec.make_config(
                 "redis",
@@ -241,6 +280,7 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
                 url=url,
                 namespace=f"b{next(counter)}",
                 prefetch=prefetch,
+                types=types,
             )
 
         noop = bench_handlers.noop
@@ -298,6 +338,16 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
         rows += _sleep_rows("redis", lambda t: cfg(t, "sleep_1ms"), sizes, reps)
         rows += _sleep_rows(
             "redis", lambda t: cfg(t, "sleep_1ms", 0), sizes, reps, ", prefetch 0", judged=False
+        )
+        rows.append(_types_row("redis", lambda n: cfg(THREADS, "sleep_1ms", types=n), sizes, reps))
+        rows.append(
+            _types_row(
+                "redis",
+                lambda n: cfg(THREADS, "sleep_1ms", 0, types=n),
+                sizes,
+                reps,
+                ", prefetch 0",
+            )
         )
         rows += _latency_rows("redis", cfg(THREADS), sizes, reps, limit_ms=10.0, url=url)
         return rows
