@@ -33,6 +33,9 @@ from runner.task import DeadLetter, Task
 
 T = TypeVar("T")
 
+#: The fewest characters of an id's end or start that ``dq-run dlq`` looks an id up by.
+MIN_ID_CHARS = 6
+
 #: A throttled replay sends about this many chunks per second (at least one task per chunk).
 CHUNKS_PER_S = 10
 
@@ -130,14 +133,17 @@ class FileDeadLetterAdmin:
 
 
 @contextmanager
-def open_admin(config: PipelineConfig) -> Iterator[BrokerAdmin]:
-    """The operator's side of the config's broker (or of its dead-letter file), closed after."""
+def open_admin(config: PipelineConfig, read_only: bool = False) -> Iterator[BrokerAdmin]:
+    """The operator's side of the config's broker (or of its dead-letter file), closed after.
+
+    ``read_only``: the caller only reads (stats, dlq list/show), so a read-only file will do.
+    """
     if config.broker.kind == "memory":
         if config.dead_letter.kind != "file" or not config.dead_letter.path:
             raise NotSupported(_NO_DLQ)
         yield FileDeadLetterAdmin(FileDeadLetters(config.dead_letter.path))
         return
-    broker = create_broker(config)
+    broker = create_broker(config, read_only=read_only)
     try:
         if not isinstance(broker, BrokerAdmin):
             raise NotSupported(f"the {config.broker.kind} broker has no operator side")
@@ -166,23 +172,50 @@ def dead_letter_filter(
 
 
 def find_dead_letter(admin: BrokerAdmin, task_id: str) -> DeadLetter:
-    """The record with this task id, or the only one whose id starts or ends with it (4+
-    characters). Ids begin with their creation time, so ids made together share their start;
-    their end is random."""
+    """The record with this task id, or the only one whose id ends or starts with it.
+
+    Tables and logs show an id's end (runner.task.short_id), so that is what people type; the
+    start, its creation time, is shared by ids made together. Raises UsageError when nothing
+    matches or when several do (saying how many).
+    """
     exact = admin.dead_letters(DeadLetterFilter(ids=frozenset({task_id})))
     if exact:
         return exact[0]
-    if len(task_id) >= 4:
-        matches = [
-            r
-            for r in admin.dead_letters(DeadLetterFilter())
-            if r.id.startswith(task_id) or r.id.endswith(task_id)
-        ]
-        if len(matches) == 1:
-            return matches[0]
-        if matches:
+    matches = _id_matches(admin.dead_letters(DeadLetterFilter()), task_id)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UsageError(f"{task_id!r} matches {len(matches)} dead letters; give more of it")
+    raise UsageError(f"no dead letter with id {task_id!r}{_too_short(task_id)}")
+
+
+def resolve_ids(admin: BrokerAdmin, given: Sequence[str]) -> list[str]:
+    """The whole ids of the dead letters ``given`` names, each by its whole id or a unique end
+    or start (as find_dead_letter); one that names none is kept as given (the caller reports it
+    missing); one that names several raises UsageError."""
+    if not given:
+        return []
+    known = {r.id for r in admin.dead_letters(DeadLetterFilter(ids=frozenset(given)))}
+    records = admin.dead_letters(DeadLetterFilter()) if set(given) - known else []
+    out: list[str] = []
+    for task_id in given:
+        matches = [] if task_id in known else _id_matches(records, task_id)
+        if len(matches) > 1:
             raise UsageError(f"{task_id!r} matches {len(matches)} dead letters; give more of it")
-    raise UsageError(f"no dead letter with id {task_id!r}")
+        out.append(matches[0].id if matches else task_id)
+    return out
+
+
+def _id_matches(records: Sequence[DeadLetter], part: str) -> list[DeadLetter]:
+    if len(part) < MIN_ID_CHARS:
+        return []
+    return [r for r in records if r.id.endswith(part) or r.id.startswith(part)]
+
+
+def _too_short(part: str) -> str:
+    if len(part) < MIN_ID_CHARS:
+        return f" (an id's end or start needs {MIN_ID_CHARS} characters or more)"
+    return ""
 
 
 def select_for_replay(

@@ -2,17 +2,23 @@
 
 Pure functions from records to strings or JSON-ready dicts, so the CLI only prints.
 Times are shown in UTC (``2024-05-01T12:00:00Z``); ages as ``950ms``, ``12.3s``, ``4m05s``.
+Tables fit ``width`` (default: the terminal's; no limit when stdout is not a terminal): columns
+drop or shrink, and cut text ends in an ellipsis (runner.tablefit).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from runner.admin import Stats
-from runner.task import DeadLetter
+from runner.tablefit import Column, elide, plain_table
+from runner.task import DeadLetter, short_id
 
 #: The ERROR column quotes at most this many characters of the message.
 _MESSAGE_CHARS = 60
@@ -36,24 +42,36 @@ def age(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
-    lines = [
-        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in (header, *rows)
-    ]
-    return "\n".join(lines)
-
-
 def _short(text: str) -> str:
     first = text.splitlines()[0] if text else ""
-    return first if len(first) <= _MESSAGE_CHARS else first[: _MESSAGE_CHARS - 3] + "..."
+    return elide(first, _MESSAGE_CHARS)
 
 
-def dead_letter_table(records: Sequence[DeadLetter]) -> str:
+def _width(width: int | None) -> int | None:
+    """``width``, else the terminal's (or ``$COLUMNS``); None (no limit) when stdout is a pipe
+    or a file: a script reading the table gets every column whole."""
+    if width is not None:
+        return width
+    isatty = getattr(sys.stdout, "isatty", None)
+    if "COLUMNS" in os.environ or (callable(isatty) and isatty()):
+        return shutil.get_terminal_size().columns
+    return None
+
+
+_DEAD_LETTER_COLUMNS = (
+    Column("ID"),
+    Column("TYPE", flexible=True, min_width=6),
+    Column("ATTEMPTS", rank=1),
+    Column("REASON", flexible=True, min_width=8),
+    Column("ERROR", flexible=True, min_width=24),
+    Column("DEAD_AT", rank=2),  # `dq-run dlq show` and --json have it; the error matters more
+)
+
+
+def dead_letter_table(records: Sequence[DeadLetter], width: int | None = None) -> str:
     rows = [
         (
-            r.id,
+            short_id(r.id),
             r.task.type,
             str(r.attempts),
             r.reason,
@@ -62,7 +80,7 @@ def dead_letter_table(records: Sequence[DeadLetter]) -> str:
         )
         for r in records
     ]
-    return table(("ID", "TYPE", "ATTEMPTS", "REASON", "ERROR", "DEAD_AT"), rows)
+    return plain_table(_DEAD_LETTER_COLUMNS, rows, _width(width))
 
 
 def dead_letter_summary(record: DeadLetter) -> dict[str, Any]:
@@ -108,7 +126,7 @@ def dead_letter_detail(record: DeadLetter) -> str:
     return "\n".join(out)
 
 
-def stats_table(stats: Stats) -> str:
+def stats_table(stats: Stats, width: int | None = None) -> str:
     rows = [
         (
             name,
@@ -121,7 +139,14 @@ def stats_table(stats: Stats) -> str:
     ]
     return "\n".join(
         [
-            table(("TYPE", "READY", "DELAYED", "LEASED", "OLDEST"), rows),
+            plain_table(
+                (
+                    Column("TYPE", flexible=True, min_width=6),
+                    *(Column(h) for h in ("READY", "DELAYED", "LEASED", "OLDEST")),
+                ),
+                rows,
+                _width(width),
+            ),
             "",
             f"dead letters: {stats.dead_letters}",
             f"oldest task:  {age(stats.oldest_age_s)}",

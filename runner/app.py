@@ -6,7 +6,7 @@ A Runner owns one broker, one Worker and the listeners (logs, metrics, summary).
     with runner:                       # start() ... stop()
         runner.publish("email", {"to": "a@example.com"})
         runner.run_until_empty()
-    print(runner.summary.to_json())
+    print(runner.summary.to_dict())
 """
 
 from __future__ import annotations
@@ -193,6 +193,9 @@ class Runner:
                 self.summary.threads = (self.worker.threads, self.worker.alive_threads())
                 self.summary.interrupts = self.worker.interrupts
                 self.worker.stop(grace)
+            # Closed before the drain (which works after close): a publish blocked on a full
+            # queue raises BrokerClosed instead of filling the room the drain makes, after it.
+            self.broker.close()
             drain = getattr(self.broker, "drain_to_dead_letters", None)
             if drain is not None:
                 # include_leased: a handler stuck past the grace period still holds its task;
@@ -206,14 +209,13 @@ class Runner:
                             attempt=record.attempts,
                             outcome="dead",
                             reason="shutdown",
-                            error=f"{record.error_type}: {record.message}",
+                            error=": ".join(filter(None, (record.error_type, record.message))),
                             error_type=record.error_type,
                         )
                     )
-            self.broker.close()
             self.summary.finish()
             self.close_observers()
-        return self.summary.to_json()
+        return self.summary.to_dict()
 
     def close_observers(self) -> None:
         """Stop the progress view and metrics server, flush the logs (reverse of attachment)."""
@@ -287,7 +289,10 @@ def build_runtime(
         runner.attach(metrics, metrics.close)
         metrics.start()
     if progress_enabled(config.logging):
-        progress = Progress(progress_total, runner.limits(), runner)
+        shared = getattr(runner.broker, "shared", True)  # unknown brokers: may be shared
+        progress = Progress(
+            progress_total, runner.limits(), runner, shared=shared, flush_logs=log_listener.flush
+        )
         runner.attach(progress, progress.stop)
         progress.start()
     return runner

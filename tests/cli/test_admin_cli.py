@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from runner.brokers import DeadLetterFilter
 from runner.deadletter import FileDeadLetters
 from runner.payloads import MAX_PAYLOAD_BYTES
-from runner.task import DeadLetter, Task
+from runner.task import DeadLetter, Task, short_id
 from tests.cli.run_kit import DQ_RUN, REPO, dq_env, run
 
 PIPELINE = """
@@ -213,7 +214,9 @@ def test_dlq_round_trip_list_show_dry_run_replay_and_success(tmp_path: Path) -> 
     assert table.stdout.splitlines()[0].split() == [
         "ID", "TYPE", "ATTEMPTS", "REASON", "ERROR", "DEAD_AT"
     ]  # fmt: skip
-    assert all(i in table.stdout for i in ids)
+    assert sorted(line.split()[0] for line in table.stdout.splitlines()[1:]) == sorted(
+        short_id(i) for i in ids
+    )  # the random end that tells them apart, not the shared time prefix
     assert _dead_lines(config, "--type", "order") == []
     assert len(_dead_lines(config, "--error", "DependencyDown", "--since", "1h")) == 4
     assert _dead_lines(config, "--error", "TimeoutError") == []
@@ -234,7 +237,7 @@ def test_dlq_round_trip_list_show_dry_run_replay_and_success(tmp_path: Path) -> 
     assert _queued(config) == 0
 
     (tmp_path / "marker").touch()  # the dependency is back
-    replayed = run("dlq", "replay", config, *ids[:3])
+    replayed = run("dlq", "replay", config, short_id(ids[0]), *ids[1:3])  # as tables show
     assert replayed.returncode == 0, replayed.stderr
     assert "replayed 3 of 3" in replayed.stdout
     rest = run("dlq", "replay", config, "--all", "--type", "flaky")
@@ -373,3 +376,41 @@ def test_memory_broker_file_dead_letters_can_be_listed_shown_and_purged(tmp_path
     purged = run("dlq", "purge", config, records[1].id, "--yes")
     assert "purged 1" in purged.stdout
     assert [r.id for r in store.records(DeadLetterFilter())] == [records[0].id]
+
+
+def test_twelve_dead_letters_of_one_millisecond_read_apart_and_show_by_short_id(
+    tmp_path: Path,
+) -> None:
+    dlq_file = tmp_path / "dead.jsonl"
+    config = _memory_config(tmp_path, f"{{kind: file, path: {dlq_file}}}")
+    now = time.time()
+    prefix = f"{int(now * 1000):012x}"  # every id made in the same millisecond
+    records = [
+        DeadLetter(
+            task=Task(type="order", payload={"n": n}, id=f"{prefix}{uuid.uuid4().hex[:20]}"),
+            reason="exhausted",
+            error_type="RuntimeError",
+            message="boom",
+            traceback="",
+            attempts=3,
+            first_attempt_at=now,
+            last_attempt_at=now,
+            dead_at=now,
+        )
+        for n in range(12)
+    ]
+    FileDeadLetters(dlq_file).add_many(records)
+
+    table = run("dlq", "list", config)
+    assert table.returncode == 0, table.stderr
+    shown = [line.split()[0] for line in table.stdout.splitlines()[1:]]
+    assert shown == [short_id(r.id) for r in records]  # the short form, the random end
+    assert len(set(shown)) == 12  # twelve rows that can be told apart
+    for n, record in enumerate(records):
+        found = run("dlq", "show", config, shown[n])
+        assert found.returncode == 0, found.stderr
+        assert f"id:          {record.id}" in found.stdout
+        assert f'"n": {n}' in found.stdout
+    ambiguous = run("dlq", "show", config, prefix)  # the time prefix every id shares
+    assert ambiguous.returncode == 2
+    assert f"'{prefix}' matches 12 dead letters; give more of it" in ambiguous.stderr

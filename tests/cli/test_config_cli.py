@@ -101,6 +101,17 @@ def test_validate_reports_env_problems_and_warnings() -> None:
     )
 
 
+def test_misindented_keys_are_named_as_such_not_in_pydantic_wording() -> None:
+    name = "tests/cli/invalid/misindented_task_type.yaml"
+    for command in ("validate", "run"):
+        result = dq_run(command, name)
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            f"{name}:6:3: task_types.email: has no keys: are the lines below it indented?",
+            f"{name}:11:1: retry: has no keys: are the lines below it indented?",
+        ]
+
+
 def test_validate_mixes_ok_and_bad_files() -> None:
     result = dq_run("validate", "configs/demo.yaml", "tests/cli/invalid/workers_zero.yaml")
     assert result.returncode == 2
@@ -117,6 +128,9 @@ def test_config_prints_sources_and_loads_back(tmp_path: Path) -> None:
     assert "concurrency: 4  # env DQ_TASK_TYPES__EMAIL__CONCURRENCY" in out
     assert "tasks: 25  # configs/demo.yaml:" in out
     assert "overflow: block  # default" in out
+    assert "prefetch: 96  # computed: 16 x workers" in out  # not `prefetch: null`
+    assert "    concurrency: 6  # computed: workers" in out  # report: no concurrency set
+    assert "null  # computed" not in out
     effective = tmp_path / "effective.yaml"
     effective.write_text(out)
     again = dq_run("config", str(effective))

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from runner.brokers.base import Depth
 from runner.config import MetricsConfig
 from runner.events import Event
-from runner.metrics import MetricsListener
+from runner.metrics import DEAD_REASONS, MetricsListener
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "dq.json"
@@ -36,14 +36,18 @@ class FakeState:
         return 0
 
 
-def exposed_names() -> set[str]:
-    """Sample names in a scrape after every kind of event (histograms give _bucket etc.)."""
+def healthy_scrape() -> str:
+    """A scrape of a pipeline where nothing went wrong: tasks published, started, succeeded;
+    nothing retried, timed out or died (the dashboard showed "no data" there)."""
     listener = MetricsListener(MetricsConfig(), FakeState())
-    for name in ("task.published", "task.started", "task.succeeded", "task.retrying",
-                 "task.dead", "task.timeout", "task.lease_lost", "task.interrupted",
-                 "task.overrun", "broker.reconnecting"):  # fmt: skip
+    for name in ("task.published", "task.started", "task.succeeded"):
         listener.handle(Event(name, task_id="t", type="email", duration_s=0.1, queue_wait_s=0.1))
-    text = listener.exposition().decode()
+    return listener.exposition().decode()
+
+
+def exposed_names() -> set[str]:
+    """Sample names in a healthy pipeline's scrape (histograms give _bucket etc.)."""
+    text = healthy_scrape()
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
 
@@ -74,6 +78,35 @@ def test_every_dashboard_metric_exists_in_the_exposition() -> None:
     referenced = {name for expr in dashboard_exprs() for name in METRIC_NAME.findall(expr)}
     assert len(referenced) >= 12  # the dashboard covers the metric set, not a token panel
     assert referenced <= exposed, f"not exposed: {sorted(referenced - exposed)}"
+
+
+def test_every_counter_of_every_type_and_reason_starts_at_zero() -> None:
+    """dq_tasks_dead_total had no sample until something died, so the success-ratio panel
+    (succeeded / (succeeded + dead)) showed "no data" on a healthy pipeline."""
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(healthy_scrape())
+        for s in family.samples
+    }
+    for reason in DEAD_REASONS:
+        key = ("dq_tasks_dead_total", (("reason", reason), ("type", "email")))
+        assert samples.get(key) == 0.0, key
+    for name in ("dq_tasks_retried_total", "dq_tasks_timed_out_total", "dq_lease_lost_total",
+                 "dq_interrupts_total", "dq_overruns_total"):  # fmt: skip
+        assert samples.get((name, (("type", "email"),))) == 0.0, name
+    assert samples.get(("dq_broker_reconnects_total", ())) == 0.0
+    assert samples.get(("dq_tasks_succeeded_total", (("type", "email"),))) == 1.0
+
+
+def test_every_dead_letter_reason_in_the_code_starts_at_zero() -> None:
+    """DEAD_REASONS lists every reason the engine can give (a new one must be added there)."""
+    source = "\n".join(p.read_text() for p in (DEPLOY.parent / "runner").rglob("*.py"))
+    given = set(re.findall(r'reason="([a-z_ ]+)"', source))
+    given |= set(re.findall(r'_dead\(\s*delivery, started, "([a-z_ ]+)"', source))
+    for pair in re.findall(r'reason = "([a-z_ ]+)" if .+ else "([a-z_ ]+)"', source):
+        given |= set(pair)
+    assert {"exhausted", "never_retry", "shutdown", "max deliveries"} <= given  # the scan works
+    assert given <= set(DEAD_REASONS), sorted(given - set(DEAD_REASONS))
 
 
 def test_dashboard_panels_use_the_provisioned_datasource() -> None:
