@@ -22,7 +22,9 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -35,6 +37,7 @@ from pydantic_settings import (
 )
 
 from runner import configcheck
+from runner.confignumbers import boolean_problem
 from runner.configsource import Loaded, Origins, absolutize_handler_paths, render
 from runner.errors import ConfigError, Problem
 from runner.handlers import EXCEPTION_PATTERN, HANDLER_PATTERN
@@ -106,8 +109,32 @@ ExceptionName = Annotated[
 ]
 
 
+def _octal(value: Any) -> Any:
+    # Unquoted, YAML 1.1 reads 0640 as the octal integer 416: write it back as octal text.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"0{value:o}"
+    return value
+
+
+FileMode = Annotated[
+    str,
+    BeforeValidator(_octal),
+    Field(pattern=r"^0?[0-7]{3}$", description="octal mode of files created, e.g. '0640'"),
+]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # `workers: yes` is YAML 1.1's True, which pydantic's lax mode would take as 1.
+        if info.field_name is not None:
+            problem = boolean_problem(cls.model_fields[info.field_name], value)
+            if problem:
+                raise ValueError(problem)
+        return value
 
 
 class BrokerConfig(_Model):
@@ -130,6 +157,9 @@ class BrokerConfig(_Model):
     namespace: str = Field("dq", pattern=r"^[A-Za-z0-9_.:-]+$", description="redis key prefix")
     visibility_timeout: Duration = Field(
         30.0, gt=0, description="an unacked delivery is handed out again after this"
+    )
+    file_mode: FileMode = Field(
+        "0600", description="sqlite: mode of a new database file (its WAL and shm follow it)"
     )
 
 
@@ -209,6 +239,7 @@ class DeadLetterConfig(_Model):
         None, description="default: memory for the memory broker, broker for sqlite and redis"
     )
     path: str | None = Field(None, description="file: JSON Lines file (required for file)")
+    file_mode: FileMode = Field("0600", description="file: mode of the files it creates")
 
 
 def _upper(value: Any) -> Any:
@@ -317,16 +348,38 @@ class PipelineConfig(_Model):
         other process, so there a deep one costs nothing."""
         if self.prefetch is not None:
             return self.prefetch
+        return self._default_prefetch()[0]
+
+    def _default_prefetch(self) -> tuple[int, str]:
         per_worker = (
             MEMORY_PREFETCH_PER_WORKER
             if self.broker.kind == "memory"
             else DURABLE_PREFETCH_PER_WORKER
         )
-        return min(per_worker * self.workers, MAX_PREFETCH)
+        if per_worker * self.workers > MAX_PREFETCH:
+            return MAX_PREFETCH, f"{per_worker} x workers, at most {MAX_PREFETCH}"
+        return per_worker * self.workers, f"{per_worker} x workers"
 
     def concurrency_for(self, type_name: str) -> int:
         limit = self.task_types[type_name].concurrency
         return min(limit, self.workers) if limit is not None else self.workers
+
+    def in_force(self) -> dict[tuple[str | int, ...], tuple[int, str]]:
+        """Settings whose value in force is not the one set, by key path: (value, why).
+
+        An unset prefetch or concurrency is computed from other settings; a concurrency above
+        ``workers`` is capped at it. ``dq-run config`` prints these.
+        """
+        found: dict[tuple[str | int, ...], tuple[int, str]] = {}
+        if self.prefetch is None:
+            found[("prefetch",)] = self._default_prefetch()
+        for name, task_type in self.task_types.items():
+            path = ("task_types", name, "concurrency")
+            if task_type.concurrency is None:
+                found[path] = (self.workers, "workers")
+            elif task_type.concurrency > self.workers:
+                found[path] = (self.workers, "capped at workers")
+        return found
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from runner.configcheck import Finding
 from runner.configinputs import Inputs, unwrap_annotation
+from runner.configlayout import regroup
 from runner.errors import Problem
 from runner.yamlsource import Document, KeyPath, dotted
 
@@ -108,7 +109,7 @@ class Origins:
                 continue
             message = _message(item, path, at_key, model)
             findings.append(Finding(path, message, at_key or item["type"] == "extra_forbidden"))
-        return self.located(findings)
+        return self.located(regroup(findings, self.doc, model))
 
     def inputs(
         self, data: Mapping[str, Any], model: type[BaseModel], error: ValidationError | None = None
@@ -196,7 +197,8 @@ def _message(item: Any, path: KeyPath, at_key: bool, model: type[BaseModel]) -> 
             return f"must be an exception name like ValueError or module:Class (got {value!r})"
     message = str(item["msg"]).removeprefix("Value error, ")
     if kind != "value_error" and isinstance(value, _SCALARS):
-        message += f" (got {value!r})"
+        shown = redact_url(value) if path in _SECRET_URLS and isinstance(value, str) else value
+        message += f" (got {shown!r})"
     return message
 
 
@@ -224,26 +226,64 @@ def _fields_at(model: type[BaseModel], path: KeyPath) -> list[str]:
 
 
 def render(loaded: Loaded, name: str) -> str:
-    """YAML of the effective config; every value ends with ``# <its origin>``."""
+    """YAML of the effective config; every value ends with ``# <its origin>``.
+
+    A value computed from other settings (an unset prefetch or concurrency) is printed as the
+    value in force, commented ``# computed: 16 x workers``; a set value that is capped says
+    what is in force. The output loads back to a config that runs the same.
+    """
     lines = [
         f"# Effective configuration of {name}.",
-        "# Each value's origin: default, FILE:LINE, env DQ_..., or flag --....",
+        "# Each value's origin: default, FILE:LINE, env DQ_..., flag --..., or computed.",
     ]
-    _emit(loaded.config.model_dump(), (), 0, lines, loaded.origins)
+    _emit(loaded.config.model_dump(), (), 0, lines, loaded.origins, loaded.config.in_force())
     return "\n".join(lines) + "\n"
 
 
 def _emit(
-    data: Mapping[str, Any], path: KeyPath, depth: int, lines: list[str], origins: Origins
+    data: Mapping[str, Any],
+    path: KeyPath,
+    depth: int,
+    lines: list[str],
+    origins: Origins,
+    in_force: Mapping[KeyPath, tuple[Any, str]],
 ) -> None:
     pad = "  " * depth
     for key, value in data.items():
         child = (*path, key)
         if isinstance(value, dict) and value:
             lines.append(f"{pad}{key}:")
-            _emit(value, child, depth + 1, lines, origins)
-        else:
-            lines.append(f"{pad}{key}: {_scalar(value)}  # {origins.origin_of(child)}")
+            _emit(value, child, depth + 1, lines, origins, in_force)
+            continue
+        shown, origin = value, origins.origin_of(child)
+        if child in in_force:
+            actual, why = in_force[child]
+            if value is None:
+                shown, origin = actual, f"computed: {why}"
+            else:
+                origin += f"; in force: {actual} ({why})"
+        if child in _SECRET_URLS and isinstance(shown, str):
+            shown, origin = redact_url(shown), f"{origin}; password hidden"
+        lines.append(f"{pad}{key}: {_scalar(shown)}  # {origin}")
+
+
+#: Values that may hold a password: printed with it replaced by ``***``.
+_SECRET_URLS: frozenset[KeyPath] = frozenset({("broker", "url")})
+_PASSWORD_QUERY_RE = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host/0`` -> ``redis://user:***@host/0``; ``?password=`` too.
+
+    A user-info part without a colon is all hidden: redis-py may send it as the password.
+    """
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        userinfo, _, host = authority.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user + ':***' if colon else '***'}@{host}{slash}{path}"
+    return _PASSWORD_QUERY_RE.sub(r"\1***", f"{scheme}{sep}{rest}")
 
 
 def _scalar(value: Any) -> str:

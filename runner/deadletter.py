@@ -86,6 +86,10 @@ class MemoryDeadLetters:
             return len(self._records)
 
 
+#: Mode of the files FileDeadLetters creates: dead letters hold payloads and error messages.
+FILE_MODE = 0o600
+
+
 class FileDeadLetters:
     """Dead letters in a JSON Lines file, one ``encode_dead_letter`` record per line.
 
@@ -95,16 +99,23 @@ class FileDeadLetters:
     off before the next append; a malformed line anywhere else raises ValueError naming the line,
     because silently skipping it would lose a task.
 
+    The file, its lock and its temporary files are created with ``file_mode`` (0600 unless the
+    config's ``dead_letter.file_mode`` widens it; the umask may still narrow it).
+
     Several processes may share the file (a running ``dq-run`` appends while ``dq-run dlq replay``
     rewrites it): every operation holds an exclusive ``flock`` on ``<path>.lock`` and opens the
     file afresh, so an append never lands in a file that has just been replaced.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, file_mode: int = FILE_MODE) -> None:
         self.path = Path(path)
+        self._mode = file_mode
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _opener(self, path: str, flags: int) -> int:
+        return os.open(path, flags, self._mode)  # the mode applies only when this creates it
 
     def add(self, record: DeadLetter) -> None:
         self.add_many([record])
@@ -115,7 +126,7 @@ class FileDeadLetters:
         data = b"".join(encode_dead_letter(r) + b"\n" for r in records)
         with self._locked():
             self._cut_torn_tail()
-            with open(self.path, "ab") as f:
+            with open(self.path, "ab", opener=self._opener) as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -148,7 +159,7 @@ class FileDeadLetters:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         # The thread lock orders our own threads; flock (per open file) orders other processes.
-        with self._lock, open(self._lock_path, "ab") as lock_file:
+        with self._lock, open(self._lock_path, "ab", opener=self._opener) as lock_file:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -194,7 +205,7 @@ class FileDeadLetters:
 
     def _rewrite(self, records: list[DeadLetter]) -> None:
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb", opener=self._opener) as f:
             f.write(b"".join(encode_dead_letter(r) + b"\n" for r in records))
             f.flush()
             os.fsync(f.fileno())
@@ -217,6 +228,6 @@ def create_dead_letter_store(config: PipelineConfig) -> DeadLetterStore | None:
                 raise ConfigError(
                     [Problem("", "dead_letter.path", "required when dead_letter.kind is file")]
                 )
-            return FileDeadLetters(config.dead_letter.path)
+            return FileDeadLetters(config.dead_letter.path, int(config.dead_letter.file_mode, 8))
         case "broker":
             return None

@@ -4,6 +4,14 @@
 Gauges (queue depth, in-flight, limits, dead letters) are read from a ``RuntimeState`` at scrape
 time by a custom collector, so they can never drift from the broker and the executor.
 
+Every counter starts at 0 for every configured type (and, for ``dq_tasks_dead_total``, every
+reason in ``DEAD_REASONS``): a series that appears only when its first event does would leave
+``rate()`` and the dashboard's ratios without data on a healthy pipeline.
+
+A state read that raises (Redis down) skips the state gauges for that scrape only. It is counted
+in ``dq_metrics_state_errors_total`` and logged once per spell: ``metrics.state_failed`` when reads
+start failing, ``metrics.state_recovered`` when one succeeds again, not a line per scrape.
+
 The registry is private to each listener (never prometheus_client's global one): two runtimes in
 one process, as in tests, do not share or collide on metrics.
 """
@@ -16,7 +24,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
 from runner.brokers.base import Depth
@@ -27,6 +35,19 @@ from runner.logs import log_event
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
+
+#: Every reason a task can be dead-lettered for (runner.retry, runner.attempt, the memory
+#: broker's shutdown drain; README "Dead-letter queue"): each type's dq_tasks_dead_total starts
+#: at 0 for each, so a ratio over it has data on a pipeline where nothing has died yet.
+DEAD_REASONS = (
+    "exhausted",
+    "never_retry",
+    "permanent",
+    "max deliveries",
+    "invalid payload",
+    "undecodable",
+    "shutdown",
+)
 
 # Seconds. Handlers range from milliseconds to minutes; queue waits can reach hours in a backlog.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -64,9 +85,13 @@ class _StateCollector:
         self._state = state
         self._up = up
         self._log = logging.getLogger("runner.metrics")
+        self._lock = threading.Lock()  # two scrapes may run at once (one thread per request)
+        self.errors = 0  # scrapes whose state read raised, ever (dq_metrics_state_errors_total)
+        self._failing = False  # inside a spell of failed reads: logged once, at its start
 
     def describe(self) -> list[Metric]:
         # Registering must not call the broker; these names cannot collide with the counters.
+        # Without describe(), an auto-describing registry would call collect() at registration.
         return []
 
     def collect(self) -> Iterator[Metric]:
@@ -75,6 +100,8 @@ class _StateCollector:
         yield up
         # A broker that cannot answer (Redis down) must not fail the whole scrape: the
         # counters and dq_worker_up are still worth having, so the state gauges are skipped.
+        # A spell of failures (Redis down for an hour of 15 s scrapes) logs one line when it
+        # starts and one when it ends; the counter tells how many scrapes it cost.
         try:
             depth = self._state.depth()
             inflight = self._state.inflight()
@@ -82,8 +109,18 @@ class _StateCollector:
             dead = self._state.dead_letter_count()
             overrunning = self._state.overrunning()
         except Exception as exc:
-            log_event(self._log, logging.WARNING, "metrics.state_failed", error=repr(exc))
+            with self._lock:
+                self.errors += 1
+                first, self._failing = not self._failing, True
+            if first:
+                log_event(self._log, logging.WARNING, "metrics.state_failed", error=repr(exc))
+            yield self._errors_metric()
             return
+        with self._lock:
+            recovered, self._failing = self._failing, False
+        if recovered:
+            log_event(self._log, logging.INFO, "metrics.state_recovered")
+        yield self._errors_metric()
         queue = GaugeMetricFamily(
             "dq_queue_depth", "Tasks in the broker by type and state", labels=["type", "state"]
         )
@@ -114,6 +151,13 @@ class _StateCollector:
             "dq_handlers_overrunning",
             "Handler threads past their timeout that have not returned (blocked in a C call)",
             value=overrunning,
+        )
+
+    def _errors_metric(self) -> Metric:
+        return CounterMetricFamily(
+            "dq_metrics_state_errors",
+            "Scrapes whose queue-depth and in-flight gauges were skipped: the state read failed",
+            value=self.errors,
         )
 
 
@@ -163,6 +207,8 @@ class MetricsListener:
                            self.timed_out, self.lease_lost, self.interrupts, self.overruns,
                            self.duration, self.queue_wait):  # fmt: skip
                 family.labels(type=type_)
+            for reason in DEAD_REASONS:
+                self.dead.labels(type=type_, reason=reason)
         self.registry.register(_StateCollector(state, self._up))
 
     def handle(self, event: Event) -> None:

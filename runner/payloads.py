@@ -36,7 +36,7 @@ from runner.config import PipelineConfig
 from runner.errors import InputError, InvalidPayload, Problem, UsageError
 from runner.handlers import load_handler
 from runner.simulate import SIM_KEY
-from runner.task import TaskContext
+from runner.task import TaskContext, to_json_bytes
 
 #: The largest payload ``dq-run publish`` accepts, measured as compact UTF-8 JSON.
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -138,8 +138,8 @@ def read_drafts(
     payload: Any = {}
     if payload_json is not None:
         try:
-            payload = json.loads(payload_json)
-        except json.JSONDecodeError as exc:
+            payload = _loads(payload_json)
+        except ValueError as exc:
             raise InputError([Problem("PAYLOAD_JSON", "", f"invalid JSON: {exc}")]) from None
     problems += _check(config, type_name, payload, "TYPE", "PAYLOAD_JSON")
     if problems:
@@ -155,8 +155,8 @@ def _drafts_from_lines(config: PipelineConfig, lines: Iterable[str], source: str
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
+            item = _loads(line)
+        except ValueError as exc:
             problems.append(Problem(where, "", f"invalid JSON: {exc}"))
             continue
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
@@ -178,13 +178,31 @@ def _drafts_from_lines(config: PipelineConfig, lines: Iterable[str], source: str
     return drafts
 
 
+def _loads(text: str) -> Any:
+    """json.loads without the standard library's NaN / Infinity extension (JSON has neither)."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (use null, a number or a string)")
+
+
+def _reason(exc: ValueError) -> str:
+    if isinstance(exc, UnicodeError) and "surrogate" in str(exc):
+        return "a string holds a lone surrogate (\\ud800-\\udfff), which UTF-8 cannot carry"
+    return str(exc)
+
+
 def _check(
     config: PipelineConfig, type_name: str, payload: Any, type_at: str, payload_at: str
 ) -> list[Problem]:
     if type_name not in config.task_types:
         known = ", ".join(sorted(config.task_types))
         return [Problem(type_at, "type", f"unknown task type {type_name!r} (known: {known})")]
-    size = encoded_size(payload)
+    try:
+        size = len(to_json_bytes(payload))
+    except ValueError as exc:  # the codec refuses what JSON cannot carry (lone surrogates)
+        return [Problem(payload_at, "payload", f"cannot be encoded as JSON: {_reason(exc)}")]
     if size > MAX_PAYLOAD_BYTES:
         return [
             Problem(

@@ -9,7 +9,11 @@ What it adds over ``yaml.safe_load``:
 - ``${VAR}`` and ``${VAR:-default}`` in values are replaced from the given environment; an
   unquoted result is typed again by YAML's rules (``${WORKERS:-3}`` is the integer 3), a quoted
   one stays a string; ``$${`` writes a literal ``${``; mapping keys are never interpolated;
-- an empty file, a top-level list or scalar, and a second document are clear errors.
+- an empty file, a top-level list or scalar, and a second document are clear errors;
+- aliases are not expanded again on each use: the composer shares the anchored node and counts
+  what each use would expand to, so a document that would expand past ``MAX_NODES`` nodes (an
+  "alias bomb"), or an alias used inside its own anchor, is refused at the alias's line before
+  anything is built.
 
 Fatal problems (syntax, document shape) raise ConfigError at once; the others are returned with
 the data, so the caller can report them together with the validation errors.
@@ -25,6 +29,7 @@ from typing import Any
 
 import yaml
 from yaml.constructor import SafeConstructor
+from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from runner.errors import ConfigError, Problem
@@ -36,6 +41,62 @@ KeyPath = tuple[str | int, ...]
 _REFERENCE_RE = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
 _NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.DOTALL)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+
+#: The most nodes a config document may expand to, counting each alias use as a copy of its
+#: anchor. Real configs have a few hundred; a 383-byte alias bomb expands to millions.
+MAX_NODES = 10_000
+
+
+class _AliasProblem(yaml.YAMLError):
+    """An alias that would expand too far, or inside its own anchor; carries the alias's mark."""
+
+    def __init__(self, mark: yaml.Mark, message: str) -> None:
+        super().__init__(message)
+        self.mark = mark
+        self.message = message
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """A SafeLoader whose composer knows each node's expanded size and stops a bomb early.
+
+    Sizes are computed once per node, when it is complete, from its children's sizes, so the
+    count costs one pass over the text however often an anchor is used.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}
+        self._expanded = 0
+
+    def compose_document(self) -> Node | None:
+        self._sizes, self._expanded = {}, 0
+        return super().compose_document()
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        if self.check_event(AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            aliased = super().compose_node(parent, index)
+            size = self._sizes.get(id(aliased))
+            if size is None:  # still being composed: the alias is inside its own anchor
+                raise _AliasProblem(mark, "an alias cannot be used inside its own anchor")
+            self._expanded += size
+            if self._expanded > MAX_NODES:
+                raise _AliasProblem(
+                    mark,
+                    f"this alias makes the document expand past {MAX_NODES:,} values "
+                    "(an alias bomb?); use fewer or smaller aliases",
+                )
+            return aliased
+        node = super().compose_node(parent, index)
+        self._expanded += 1
+        if isinstance(node, SequenceNode):
+            children = node.value
+        elif isinstance(node, MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = []
+        self._sizes[id(node)] = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+        return node
 
 
 @dataclass
@@ -66,7 +127,10 @@ def read_document(path: Path, name: str, environ: Mapping[str, str]) -> Document
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([Problem(name, "", f"cannot read the file: {exc}")]) from None
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        nodes = list(yaml.compose_all(text, Loader=_CountingLoader))
+    except _AliasProblem as exc:
+        where = f"{name}:{exc.mark.line + 1}:{exc.mark.column + 1}"
+        raise ConfigError([Problem(where, "", exc.message)]) from None
     except yaml.MarkedYAMLError as exc:
         raise ConfigError([_syntax_problem(name, exc)]) from None
     except yaml.YAMLError as exc:

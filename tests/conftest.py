@@ -3,6 +3,17 @@
 Redis: tests start their own throwaway ``redis-server`` (tests/redis_server.py) on a free
 127.0.0.1 port; they never touch a Redis the machine already runs. When the binary is missing
 they skip, unless ``DQ_REQUIRE_REDIS=1`` (set by .ci/run), which turns the skip into a failure.
+
+Hypothesis: property tests run under the profile named by ``DQ_HYPOTHESIS_PROFILE``, "ci" by
+default (so `make test`, which CI runs, is the same run every time):
+
+- ``ci``: derandomized (each test's seed is a hash of the test itself: fixed, and recorded in
+  the repository as the test's source), no example database, no deadline (timing is never the
+  point of a property here), and no shrinking: a failure reports its generated example at once
+  instead of shrinking past the 120 s test timeout (Hypothesis allows itself 300 s). Keep a
+  failure found this way as an explicit ``@example``.
+- ``dev``: the same examples, shrunk to a minimal one (to debug a failure ``ci`` reported).
+- ``explore``: random seeds and ten times the examples, to look for new failures.
 """
 
 from __future__ import annotations
@@ -14,8 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import Phase, settings
 
 from tests.redis_server import RedisServer, redis_server_binary
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=(Phase.explicit, Phase.generate),
+    print_blob=True,
+)
+settings.register_profile("dev", settings.get_profile("ci"), phases=tuple(Phase))
+settings.register_profile("explore", deadline=None, max_examples=1000, phases=tuple(Phase))
+settings.load_profile(os.environ.get("DQ_HYPOTHESIS_PROFILE", "ci"))
 
 
 def _require_redis_binary() -> None:

@@ -71,6 +71,6 @@ def test_metrics_match_what_handlers_saw() -> None:
     assert samples[("dq_task_duration_seconds_count", (("type", "a"),))] == started_a
     assert samples[("dq_dead_letters", ())] == 5
     # And the summary the CLI prints agrees.
-    summary = runner.summary.to_json()
+    summary = runner.summary.to_dict()
     assert summary["totals"]["succeeded"] == 25
     assert summary["totals"]["dead"] == 5

@@ -16,6 +16,7 @@ from runner.config import (
     render_config,
 )
 from runner.errors import ConfigError
+from tests.unit.config_kit import as_run
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "task_types:\n  email:\n    handler: handlers.demo:send_email\n"
@@ -287,9 +288,11 @@ def test_render_names_every_source_and_loads_back(tmp_path: Path) -> None:
     assert f"handler: handlers.demo:send_email  # {path}:6" in text
     assert "host: $${x}  # " in text
     assert "overflow: block  # default" in text
+    assert "prefetch: 112  # computed: 16 x workers\n" in text  # not `prefetch: null`
+    assert "    concurrency: 7  # computed: workers\n" in text
     again = write(tmp_path, text, "again.yaml")
-    assert load_config(again, environ={}) == load_config(
-        path, environ=environ, flags={"workers": 7}
+    assert as_run(load_config(again, environ={})) == as_run(
+        load_config(path, environ=environ, flags={"workers": 7})
     )
 
 
@@ -314,3 +317,22 @@ def test_models_are_frozen() -> None:
     config = PipelineConfig.model_validate({"task_types": {"a": {"handler": "m:f"}}})
     with pytest.raises(ValueError, match="frozen"):
         config.workers = 3  # type: ignore[misc]
+
+
+def test_render_prints_the_values_in_force_and_how_they_were_computed(tmp_path: Path) -> None:
+    text = (
+        "broker: {kind: sqlite, path: q.db}\nworkers: 3000\n"
+        "task_types:\n"
+        "  a: {handler: handlers.demo:send_email, concurrency: 5000}\n"
+        "  b: {handler: handlers.demo:send_email, concurrency: 2}\n"
+    )
+    path = write(tmp_path, text)
+    rendered = render_config(path, environ={}, flags={"workers": 1000})
+    lines = {line.strip() for line in rendered.splitlines()}
+    assert "prefetch: 2000  # computed: 2 x workers" in lines
+    assert f"concurrency: 5000  # {path}:4; in force: 1000 (capped at workers)" in lines
+    assert f"concurrency: 2  # {path}:5" in lines
+    huge = render_config(write(tmp_path, "workers: 1000\n" + BASE, "huge.yaml"), environ={})
+    assert "prefetch: 4096  # computed: 16 x workers, at most 4096" in huge
+    explicit = write(tmp_path, "prefetch: 0\n" + BASE, "explicit.yaml")
+    assert "prefetch: 0  # " in render_config(explicit, environ={})

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from runner.config import load_config, render_config
+from tests.unit.config_kit import as_run
 
 HANDLERS = [
     "handlers.demo:send_email",
@@ -90,7 +91,7 @@ def test_generated_configs_load_and_round_trip(case: tuple[dict[str, Any], dict[
 
         effective = Path(tmp) / "effective.yaml"
         effective.write_text(render_config(path, environ={}))
-        assert load_config(effective, environ={}) == config
+        assert as_run(load_config(effective, environ={})) == as_run(config)
 
 
 @settings(max_examples=25, deadline=None)
@@ -103,3 +104,23 @@ def test_precedence_holds_for_any_values(yaml_w: int, env_w: int, flag_w: int) -
         assert load_config(path, environ={}).workers == yaml_w
         assert load_config(path, environ=env).workers == env_w
         assert load_config(path, environ=env, flags={"workers": flag_w}).workers == flag_w
+
+
+def test_property_tests_run_with_a_fixed_seed_and_bounded_time() -> None:
+    """The "ci" profile (tests/conftest.py) reaches every property test, explicit settings too."""
+    from tests.unit import test_memory_broker_stateful, test_retry, test_task_codec
+
+    tests = [
+        test_generated_configs_load_and_round_trip,
+        test_precedence_holds_for_any_values,
+        test_task_codec.test_any_json_value_round_trips_and_the_standard_library_reads_it,
+        *(v for k, v in vars(test_retry).items() if hasattr(v, "hypothesis")),
+    ]
+    chosen = [t._hypothesis_internal_use_settings for t in tests]
+    chosen.append(test_memory_broker_stateful.MemoryBrokerMachine.TestCase.settings)
+    assert len(chosen) >= 5
+    for used in chosen:
+        assert used.derandomize  # the same examples on every run
+        assert used.database is None  # nothing replayed from a previous run
+        assert used.deadline is None
+        assert Phase.shrink not in used.phases  # a failure is reported, not shrunk for minutes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +48,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> DeadLetterStore:
 
 
 def test_both_stores_satisfy_the_protocol(store: DeadLetterStore) -> None:
+    # isinstance() on a runtime-checkable Protocol checks method names only: compare each
+    # method's signature too (parameter names, kinds, defaults, annotations and return type).
     assert isinstance(store, DeadLetterStore)
+    methods = vars(DeadLetterStore).items()
+    members = [n for n, v in methods if inspect.isfunction(v) and not n.startswith("_")]
+    assert {"add", "add_many", "records", "take", "purge", "count"} <= set(members)
+    for name in members:
+        wanted = inspect.signature(getattr(DeadLetterStore, name))
+        wanted = wanted.replace(parameters=list(wanted.parameters.values())[1:])  # drop self
+        assert inspect.signature(getattr(store, name)) == wanted, name
 
 
 def test_records_come_back_in_order_and_filtered(store: DeadLetterStore) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import urllib.error
@@ -16,6 +17,7 @@ from runner.brokers.base import Depth
 from runner.config import MetricsConfig
 from runner.errors import RunnerError
 from runner.events import Event, EventBus
+from runner.logs import FIELDS_ATTR
 from runner.metrics import MetricsListener
 
 
@@ -238,8 +240,86 @@ def test_write_exposition_for_promtool(metrics) -> None:
         Path(target).write_bytes(text)
 
 
+class QueryLog(FakeState):
+    """A FakeState that records every read, so a swallowed exception cannot hide one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def depth(self) -> dict[str, Depth]:
+        self.calls.append("depth")
+        return super().depth()
+
+    def inflight(self) -> dict[str, int]:
+        self.calls.append("inflight")
+        return super().inflight()
+
+    def limits(self) -> dict[str, int]:
+        self.calls.append("limits")
+        return super().limits()
+
+    def dead_letter_count(self) -> int | None:
+        self.calls.append("dead_letter_count")
+        return super().dead_letter_count()
+
+    def overrunning(self) -> int:
+        self.calls.append("overrunning")
+        return super().overrunning()
+
+
 def test_construction_does_not_query_the_broker(metrics) -> None:
-    state = FakeState()
-    state.fail = True  # depth() raises: building the listener must not call it
+    state = QueryLog()
+    state.fail = True  # as when Redis is down at start-up
     listener = metrics(state)
+    # limits() is config (the per-type concurrency), read once to pre-create the series; the
+    # broker-backed reads must wait for the first scrape. Checked on the log, not on an
+    # exception: collect() swallows the state's exceptions, so a raise would prove nothing.
+    assert state.calls == ["limits"]
     assert b"dq_tasks_published_total" in listener.exposition()
+    assert state.calls[1:] == ["depth"]  # the scrape does read it, and survives the failure
+
+
+class LogLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append(getattr(record, FIELDS_ATTR, {}).get("event", ""))
+
+
+@pytest.fixture
+def metrics_log():
+    logger = logging.getLogger("runner.metrics")
+    handler, level = LogLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_state_failures_are_counted_and_logged_once_per_spell(metrics, metrics_log) -> None:
+    state = FakeState()
+    listener = metrics(state)
+
+    def scrape_errors() -> float:
+        found = samples(listener.exposition().decode())
+        return value(found, "dq_metrics_state_errors_total")
+
+    assert scrape_errors() == 0
+    state.fail = True
+    assert [scrape_errors() for _ in range(3)] == [1, 2, 3]
+    assert metrics_log.events == ["metrics.state_failed"]  # one line for the spell, not three
+    state.fail = False
+    assert scrape_errors() == 3
+    assert scrape_errors() == 3
+    assert metrics_log.events == ["metrics.state_failed", "metrics.state_recovered"]
+    state.fail = True  # a second spell is news again
+    assert scrape_errors() == 4
+    assert metrics_log.events == [
+        "metrics.state_failed",
+        "metrics.state_recovered",
+        "metrics.state_failed",
+    ]

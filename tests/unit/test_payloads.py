@@ -157,7 +157,7 @@ def test_worker_dead_letters_an_invalid_payload_and_runs_the_valid_one(tmp_path:
         runner.publish("order", {"sku": "a", "quantity": 2})
         assert runner.run_until_empty(timeout=10)
         (record,) = broker.dead_letters(DeadLetterFilter())
-        totals = runner.summary.to_json()["totals"]
+        totals = runner.summary.to_dict()["totals"]
     assert (totals["succeeded"], totals["dead"]) == (1, 1)
     assert record.id == bad
     assert record.reason == "invalid payload"

@@ -61,7 +61,7 @@ def test_delayed_publish_waits_before_running() -> None:
         runner.publish("work", {}, delay_s=0.3)
         assert runner.run_until_empty(timeout=5)
         assert time.monotonic() - t0 >= 0.3
-    assert runner.summary.to_json()["totals"]["succeeded"] == 1
+    assert runner.summary.to_dict()["totals"]["succeeded"] == 1
 
 
 def test_run_until_empty_times_out_while_work_remains() -> None:
@@ -82,4 +82,4 @@ def test_library_publish_checks_a_typed_handlers_payload() -> None:
     with runner:
         runner.publish("ship", {"sku": "A1", "quantity": 2})
         assert runner.run_until_empty(timeout=10)
-    assert runner.summary.to_json()["totals"]["succeeded"] == 1
+    assert runner.summary.to_dict()["totals"]["succeeded"] == 1

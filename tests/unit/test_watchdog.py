@@ -38,17 +38,28 @@ def watched(horizon_s: float) -> tuple[Watchdog, CountingQueue]:
 
 
 def run_in_thread(watchdog: Watchdog, runs: list[Run], body: float = 0.0) -> None:
-    """Run each of ``runs`` in one bound worker thread; each waits until cancelled or body s."""
+    """Run each of ``runs`` in one bound worker thread; each waits until cancelled or body s.
+    Returns only once every run has finished in it, without an error (else the test fails:
+    a thread that hangs or dies would starve the watchdog of starts and fake "no wake-up")."""
+    finished: list[Run] = []
+    errors: list[BaseException] = []
 
     def work() -> None:
-        guard = Guard(watchdog)
-        guard.bind()
-        for run in runs:
-            guard.run(run, lambda run=run: run.cancelled.wait(body))
+        try:
+            guard = Guard(watchdog)
+            guard.bind()
+            for run in runs:
+                guard.run(run, lambda run=run: run.cancelled.wait(body))
+                finished.append(run)
+        except BaseException as exc:
+            errors.append(exc)
 
     thread = threading.Thread(target=work)
     thread.start()
-    thread.join(timeout=10)
+    thread.join(timeout=10 + body * len(runs))
+    assert not thread.is_alive(), "the worker thread is still running its runs"
+    assert errors == []
+    assert finished == runs
 
 
 def a_run(timeout_s: float, timed_out: list[Run] | None = None) -> Run:

@@ -130,11 +130,33 @@ def test_fetches_under_way_at_once_never_over_fetch(engines: list[Engine]) -> No
 def test_with_a_prefetch_buffer_the_dispatcher_fetches(engines: list[Engine]) -> None:
     engine = Engine([type_runtime("t", short_random_sleep, limit=2)], threads=2, prefetch=4)
     engines.append(engine)
+    # Both ways to fetch are watched (a thread could fetch with a blocking get as well as with
+    # exchange): every task came through a call the dispatcher made, none through a thread.
+    fetched: list[tuple[str, int]] = []
     wrapper = slow_exchange(engine, 0.0)
+    wrapper.after = lambda deliveries: fetched.append(
+        (threading.current_thread().name, len(deliveries))
+    )
+    get = engine.broker.get
+
+    wrapped_get_called = threading.Event()
+
+    def recorded_get(slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
+        wrapped_get_called.set()
+        deliveries = get(slots, limit, timeout)
+        fetched.append((threading.current_thread().name, len(deliveries)))
+        return deliveries
+
+    engine.broker.get = recorded_get  # type: ignore[method-assign]
+    # The dispatcher is already blocked in the unwrapped get: end it (a wake is sticky, so
+    # this holds even if it is not waiting yet) and publish only once its next get is ours.
+    engine.broker.wake()
+    assert wrapped_get_called.wait(10), "the idle dispatcher is not waiting in get for work"
     for _ in range(20):
         engine.publish("t")
     engine.wait_finished(20, timeout=20)
-    assert not any(name.startswith("dq-worker-") for name in wrapper.callers)
+    assert {name for name, _ in fetched} == {"dq-dispatcher"}
+    assert sum(n for _, n in fetched) == 20
 
 
 def test_a_failing_fetch_leaves_the_work_to_the_dispatcher(engines: list[Engine]) -> None:
