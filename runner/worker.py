@@ -31,6 +31,10 @@ A process frozen past its leases (SIGSTOP, a VM pause) must not start, once thaw
 tasks another worker ran meanwhile: a task whose lease was last known good more than half a
 lease ago is checked with the broker before it starts, and dropped unrun if the lease moved on
 (``_lease_lapsed``). A renewal the broker answers FENCED drops an unstarted task the same way.
+
+Size: about 700 lines, over our 500: one Worker class owns the dispatcher, the worker
+threads, the lease keeper and the per-type books under one lock. Issue 15 splits it into
+engine/ parts (bookkeeping, dispatch, leases, lifecycle), each with its own tests.
 """
 
 from __future__ import annotations

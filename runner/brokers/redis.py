@@ -36,6 +36,11 @@ BrokerUnavailable. A call whose reply was lost may have happened: a repeated put
 task twice (at-least-once), a repeated ack of a delivery that was in fact acked answers
 ALREADY_DONE (the scripts remember settled lease tokens for one to two visibility timeouts), and
 a poll whose reply was lost leaves its deliveries to be reclaimed after ``visibility_timeout``.
+
+Size: about 650 lines: the whole Redis side of the broker contract (put, poll and blocking
+wait, wake, settle, extend, reconnects, per-thread lines); the Lua lives in redis_scripts.py
+and the operator side in redis_admin.py. Issue 15 moves the scripts to .lua files and splits
+the connection handling out.
 """
 
 from __future__ import annotations

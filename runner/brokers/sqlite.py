@@ -32,6 +32,10 @@ writers; after ``BUSY_TIMEOUT_MS`` they raise BrokerUnavailable, which callers m
 
 Ordering: FIFO by put within a type. Released tasks, expired leases and due retries keep their
 original place (the row's ``seq``), so they come before tasks put after them.
+
+Size: about 650 lines: the broker contract on one connection and its group commit; schema,
+opening and row codecs are in sqlite_schema.py, batching in sqlite_batch.py, checkpoints in
+sqlite_checkpoint.py. Issue 15 moves it to brokers/sqlite/ with the admin side split out.
 """
 
 from __future__ import annotations

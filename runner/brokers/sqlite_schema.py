@@ -40,7 +40,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
@@ -154,11 +154,8 @@ def connect(path: str, read_only: bool = False, file_mode: int = 0o600) -> sqlit
     created = _create(path, file_mode)
     if not created:
         _wait_for_content(path)
-    conn: sqlite3.Connection | None = None
-    try:
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; check_same_thread=False: the
-        # one connection is shared by this process's threads behind the broker's lock.
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+
+    def prepare(conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -167,13 +164,32 @@ def connect(path: str, read_only: bool = False, file_mode: int = 0o600) -> sqlit
             )
         conn.execute("PRAGMA synchronous = NORMAL")
         _migrate(conn, path, created)
-    except sqlite3.Error as exc:
+
+    # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; check_same_thread=False: the
+    # one connection is shared by this process's threads behind the broker's lock.
+    return _open(
+        path,
+        lambda: sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0),
+        prepare,
+    )
+
+
+def _open(
+    path: str,
+    make: Callable[[], sqlite3.Connection],
+    prepare: Callable[[sqlite3.Connection], None],
+) -> sqlite3.Connection:
+    """``make()`` a connection and ``prepare`` it; on any failure close it, and raise a
+    sqlite3.Error as BrokerUnavailable naming ``path``."""
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = make()
+        prepare(conn)
+    except BaseException as exc:
         if conn is not None:
             conn.close()
-        raise unavailable(path, exc) from exc
-    except BaseException:
-        if conn is not None:
-            conn.close()
+        if isinstance(exc, sqlite3.Error):
+            raise unavailable(path, exc) from exc
         raise
     return conn
 
@@ -181,9 +197,8 @@ def connect(path: str, read_only: bool = False, file_mode: int = 0o600) -> sqlit
 def _connect_read_only(path: str) -> sqlite3.Connection:
     _wait_for_content(path)
     uri = f"{Path(path).resolve().as_uri()}?mode=ro"
-    conn: sqlite3.Connection | None = None
-    try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+
+    def check(conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         stamp = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -198,15 +213,12 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
                 f"sqlite broker {path}: schema version {version} is not supported "
                 f"(this runner reads version {SCHEMA_VERSION})"
             )
-    except sqlite3.Error as exc:
-        if conn is not None:
-            conn.close()
-        raise unavailable(path, exc) from exc
-    except BaseException:
-        if conn is not None:
-            conn.close()
-        raise
-    return conn
+
+    return _open(
+        path,
+        lambda: sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False),
+        check,
+    )
 
 
 def _create(path: str, mode: int) -> bool:
