@@ -6,9 +6,11 @@ WORKDIR /app
 
 COPY pyproject.toml README.md ./
 COPY runner ./runner
-COPY handlers ./handlers
 RUN pip install .
 
+# The demo handlers are not installed (a top-level "handlers" package would shadow a user's
+# own): dq-run finds them from the working directory, as `make demo` does.
+COPY handlers ./handlers
 COPY configs ./configs
 COPY deploy ./deploy
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from runner.summary import percentile
+from runner.observe.summary import percentile
 
 Job = Callable[[Any, Any], None]
 _GROUP = "g"

@@ -27,8 +27,8 @@ import pytest
 from chaos_ledger import Outcome
 
 from runner.brokers.base import DeadLetterFilter
-from runner.brokers.redis import RedisBroker
-from runner.brokers.sqlite import SqliteBroker
+from runner.brokers.redis.broker import RedisBroker
+from runner.brokers.sqlite.broker import SqliteBroker
 from tests.integration.audit_handlers import Run, read_runs
 from tests.integration.fleet import Fleet, Worker, wait_for
 from tests.redis_server import RedisServer

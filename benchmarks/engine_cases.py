@@ -20,9 +20,9 @@ from typing import Any
 from baselines import paced
 
 from runner.app import Runner, build_runtime
-from runner.bench import BenchRecorder
-from runner.config import PipelineConfig
-from runner.summary import percentile
+from runner.config.models import PipelineConfig
+from runner.observe.summary import percentile
+from runner.ops.bench import BenchRecorder
 
 HERE = Path(__file__).resolve().parent
 #: Tasks per publish_many call (what `dq-run run` uses for simulated tasks too).

@@ -2,8 +2,8 @@
 
 They are ordinary handlers: ``(payload, ctx)``, return on success, raise on failure. The demo's
 latency, random failures, hangs and poison payloads are injected by the config's `simulate`
-section (runner/simulate.py), not coded here, so the same faults can be rehearsed against any
-handler.
+section (runner/middleware/simulate.py), not coded here, so the same faults can be rehearsed
+against any handler.
 """
 
 from __future__ import annotations

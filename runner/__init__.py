@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from runner.config import PipelineConfig, load_config
+from runner.config.load import load_config
+from runner.config.models import PipelineConfig
 from runner.errors import (
     BrokerClosed,
     BrokerError,
@@ -15,7 +16,7 @@ from runner.errors import (
     RunnerError,
     UsageError,
 )
-from runner.task import DeadLetter, Task, TaskContext
+from runner.model import DeadLetter, Task, TaskContext
 
 if TYPE_CHECKING:
     from runner.app import Runner, build_runtime

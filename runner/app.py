@@ -17,22 +17,24 @@ from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
-from runner.attempt import TaskLogger, TypeRuntime, default_task_logger
-from runner.brokers import create_broker
 from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth
-from runner.config import PipelineConfig
-from runner.errors import UsageError
+from runner.config.models import PipelineConfig
+from runner.deadletter.file import FileDeadLetters
+from runner.deadletter.memory import MemoryDeadLetters
+from runner.deadletter.store import DeadLetterStore
+from runner.engine.attempt import TaskLogger, TypeRuntime, default_task_logger
+from runner.engine.retry import RetryPlan
+from runner.engine.worker import Worker
+from runner.errors import ConfigError, Problem, UsageError
 from runner.events import Event, EventBus, Listener
-from runner.handlers import load_handler, resolve_exception
-from runner.logs import setup_logging, task_logger
-from runner.metrics import MetricsListener
-from runner.payloads import as_model, payload_model, payload_validator
-from runner.progress import Progress, progress_enabled
-from runner.retry import RetryPlan
-from runner.simulate import with_faults
-from runner.summary import Summary
-from runner.task import Task
-from runner.worker import Worker
+from runner.loader import load_handler, resolve_exception
+from runner.middleware.payloads import as_model, payload_model, payload_validator
+from runner.middleware.simulate import with_faults
+from runner.model import Task
+from runner.observe.logs import setup_logging, task_logger
+from runner.observe.metrics import MetricsListener
+from runner.observe.progress import Progress, progress_enabled
+from runner.observe.summary import Summary
 
 #: How often run_until_empty looks at the broker.
 _POLL_S = 0.02
@@ -42,7 +44,8 @@ def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
     """One TypeRuntime per configured task type: handler, limit, timeout and retry plan.
 
     A handler annotated with a pydantic model gets its payload validated before it runs
-    (runner.payloads); a payload that fails goes to the DLQ with reason ``invalid payload``.
+    (runner.middleware.payloads); a payload that fails goes to the DLQ with reason
+    ``invalid payload``.
     """
     search_path = config.handler_paths
     types: dict[str, TypeRuntime] = {}
@@ -59,7 +62,14 @@ def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
             limit=config.concurrency_for(name),
             timeout_s=spec.timeout,
             interrupt=spec.timeout_action == "interrupt",
-            plan=RetryPlan(policy, never_retry),
+            plan=RetryPlan(
+                policy.max_attempts,
+                initial=policy.backoff.initial,
+                maximum=policy.backoff.max,
+                multiplier=policy.backoff.multiplier,
+                jitter=policy.backoff.jitter,
+                never_retry=never_retry,
+            ),
             validate_payload=None if model is None else payload_validator(model),
         )
     return types
@@ -296,3 +306,75 @@ def build_runtime(
         runner.attach(progress, progress.stop)
         progress.start()
     return runner
+
+
+def create_dead_letter_store(config: PipelineConfig) -> DeadLetterStore | None:
+    """The store ``config.dead_letter`` asks for; None when the broker keeps its own."""
+    match config.dead_letter.kind:
+        case "memory" | None:
+            return MemoryDeadLetters()
+        case "file":
+            if not config.dead_letter.path:
+                raise ConfigError(
+                    [Problem("", "dead_letter.path", "required when dead_letter.kind is file")]
+                )
+            return FileDeadLetters(config.dead_letter.path, int(config.dead_letter.file_mode, 8))
+        case "broker":
+            return None
+
+
+def create_broker(
+    config: PipelineConfig,
+    on_reconnect: Callable[[int, BaseException | None], None] | None = None,
+    read_only: bool = False,
+) -> Broker:
+    """A new broker built from ``config.broker`` (and ``config.dead_letter`` for memory).
+
+    ``on_reconnect(attempt, error)`` is told about every reconnect attempt of brokers that
+    hold a network connection (Redis). ``read_only``: for operator reads; a SQLite file is then
+    opened read-only (an existing queue only, nothing written).
+    """
+    settings = config.broker
+    match settings.kind:
+        case "memory":
+            from runner.brokers.memory import MemoryBroker
+
+            # dead_letter.kind "broker" on a memory broker means its own in-memory store.
+            store = create_dead_letter_store(config) or MemoryDeadLetters()
+            return MemoryBroker(
+                capacity=settings.capacity,
+                enqueue_timeout=settings.enqueue_timeout,
+                overflow=settings.overflow,
+                visibility_timeout=settings.visibility_timeout,
+                dead_letters=store,
+            )
+        case "sqlite":
+            from runner.brokers.sqlite.broker import SqliteBroker
+
+            return SqliteBroker(
+                path=_required(settings.path, "broker.path", "sqlite"),
+                capacity=settings.capacity,
+                enqueue_timeout=settings.enqueue_timeout,
+                overflow=settings.overflow,
+                visibility_timeout=settings.visibility_timeout,
+                read_only=read_only,
+                file_mode=int(settings.file_mode, 8),
+            )
+        case "redis":
+            from runner.brokers.redis.broker import RedisBroker
+
+            return RedisBroker(
+                url=_required(settings.url, "broker.url", "redis"),
+                namespace=settings.namespace,
+                capacity=settings.capacity,
+                enqueue_timeout=settings.enqueue_timeout,
+                overflow=settings.overflow,
+                visibility_timeout=settings.visibility_timeout,
+                on_reconnect=on_reconnect,
+            )
+
+
+def _required(value: str | None, path: str, kind: str) -> str:
+    if not value:
+        raise ConfigError([Problem("", path, f"required when broker.kind is {kind}")])
+    return value

@@ -1,9 +1,9 @@
 """Log a line that carries an event name and fields, from any layer (brokers included).
 
-The runner's formatters (runner.logs) read a record's structured fields from the ``FIELDS_ATTR``
-attribute, set through ``extra``; any other ``extra`` key is ignored by them. runner.logs needs
-the config (pydantic), which the brokers may not import, so the attribute and the helper that
-sets it live here, below both.
+The runner's formatters (runner.observe.logs) read a record's structured fields from the
+``FIELDS_ATTR`` attribute, set through ``extra``; any other ``extra`` key is ignored by them.
+runner.observe.logs needs the config (pydantic), which the brokers may not import, so the
+attribute and the helper that sets it live here, below both.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
-from runner.task import AttemptRecord, DeadLetter, Task
+from runner.model import AttemptRecord, DeadLetter, Task
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,9 +47,9 @@ from dataclasses import replace
 from typing import Literal
 
 from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth, Settle, settle_each
-from runner.deadletter import DeadLetterStore
+from runner.deadletter.store import DeadLetterStore
 from runner.errors import BrokerClosed, QueueFull
-from runner.task import HISTORY_LIMIT, AttemptRecord, DeadLetter, Task
+from runner.model import HISTORY_LIMIT, AttemptRecord, DeadLetter, Task
 
 #: The answers, read once: an Enum member lookup costs about 0.1 us on Python 3.11, per settle.
 _DONE, _ALREADY_DONE, _FENCED = Answer.DONE, Answer.ALREADY_DONE, Answer.FENCED

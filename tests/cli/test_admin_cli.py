@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from runner.brokers import DeadLetterFilter
-from runner.deadletter import FileDeadLetters
-from runner.payloads import MAX_PAYLOAD_BYTES
-from runner.task import DeadLetter, Task, short_id
+from runner.brokers.base import DeadLetterFilter
+from runner.deadletter.file import FileDeadLetters
+from runner.middleware.payloads import MAX_PAYLOAD_BYTES
+from runner.model import DeadLetter, Task, short_id
 from tests.cli.run_kit import DQ_RUN, REPO, dq_env, run
 
 PIPELINE = """

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from tests.cli.run_kit import run
+from tests.cli.run_kit import REPO, dq_env, run
 
 
 @pytest.mark.parametrize(
@@ -39,3 +42,29 @@ def test_a_config_path_still_means_run() -> None:
     assert "configs/nope.yaml: cannot read the file" in missing.stderr
     ok = run("validate", "configs/demo.yaml")
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["validate", "configs/demo.yaml"],  # success: exit 0 and the same output
+        ["valdate", "configs/demo.yaml"],  # a usage error: exit 2 and the same line
+        ["validate", "tests/cli/invalid/never_retry_not_exception.yaml"],  # config error: 2
+    ],
+)
+def test_python_dash_m_runner_is_the_same_command_line(args: list[str]) -> None:
+    dq_run = run(*args)
+    module = subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        cwd=REPO,
+        env=dq_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (module.returncode, module.stdout, module.stderr) == (
+        dq_run.returncode,
+        dq_run.stdout,
+        dq_run.stderr,
+    )

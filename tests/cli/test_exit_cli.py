@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from runner.task import short_id
+from runner.model import short_id
 from tests.cli.exit_handlers import KILL_CODE, LEFT_THREAD
 from tests.cli.run_kit import run
 

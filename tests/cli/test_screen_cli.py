@@ -381,8 +381,8 @@ def test_a_shared_broker_on_a_terminal_shows_done_and_the_queue_not_a_fraction(
 
 def test_brokers_say_whether_other_processes_may_share_them() -> None:
     from runner.brokers.memory import MemoryBroker
-    from runner.brokers.redis import RedisBroker
-    from runner.brokers.sqlite import SqliteBroker
+    from runner.brokers.redis.broker import RedisBroker
+    from runner.brokers.sqlite.broker import SqliteBroker
 
     assert MemoryBroker.shared is False
     assert SqliteBroker.shared is True and RedisBroker.shared is True

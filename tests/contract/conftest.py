@@ -20,7 +20,7 @@ import pytest
 
 from runner.brokers.base import Broker, BrokerAdmin
 from runner.brokers.memory import MemoryBroker
-from runner.deadletter import MemoryDeadLetters
+from runner.deadletter.memory import MemoryDeadLetters
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def _memory(request: pytest.FixtureRequest, settings: BrokerSettings) -> Made:
 
 
 def _redis(request: pytest.FixtureRequest, settings: BrokerSettings) -> Made:
-    from runner.brokers.redis import RedisBroker
+    from runner.brokers.redis.broker import RedisBroker
 
     server = request.getfixturevalue("redis_server")  # skips when redis-server is missing
     return RedisBroker(
@@ -62,7 +62,7 @@ def _redis(request: pytest.FixtureRequest, settings: BrokerSettings) -> Made:
 
 
 def _sqlite(request: pytest.FixtureRequest, settings: BrokerSettings) -> Made:
-    from runner.brokers.sqlite import SqliteBroker
+    from runner.brokers.sqlite.broker import SqliteBroker
 
     tmp_path = request.getfixturevalue("tmp_path")
     return SqliteBroker(

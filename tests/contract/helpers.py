@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from runner.brokers.base import Broker, Delivery
-from runner.task import AttemptRecord, DeadLetter, Task
+from runner.model import AttemptRecord, DeadLetter, Task
 
 ALL = {"a": 100, "b": 100, "c": 100}
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from runner.brokers.base import Broker, BrokerAdmin
-from runner.task import Task
+from runner.model import Task
 from tests.contract.helpers import dead_record, failure, get_one, put
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from runner.brokers.redis import RedisBroker
+from runner.brokers.redis.broker import RedisBroker
 from tests.redis_server import RedisServer
 
 MakeBroker = Callable[..., RedisBroker]

@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 import pytest
 
 from runner.brokers.base import Broker
-from runner.task import Task
+from runner.model import Task
 from tests.cli.run_kit import DQ_RUN, REPO, dq_env
 from tests.integration.audit_handlers import Run, completed, read_runs
 

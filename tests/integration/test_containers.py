@@ -29,8 +29,8 @@ import pytest
 import yaml
 
 import runner
-from runner.brokers.redis import RedisBroker
-from runner.cli import cli
+from runner.brokers.redis.broker import RedisBroker
+from runner.ops.cli import cli
 from tests.cli.run_kit import DQ_RUN, REPO, dq_env, run
 from tests.redis_server import RedisServer
 
@@ -139,15 +139,21 @@ def test_dockerfile_installs_this_package_and_runs_dq_run_as_non_root() -> None:
         if i.keyword == "COPY"
         for src in i.words()[:-1]
     }
-    top_levels = {p.split(".")[0] for p in project["tool"]["setuptools"]["packages"]}
+    included = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    top_levels = {p.split(".")[0] for p in included}
+    assert top_levels == {"runner"}  # handlers/ is not installed: it would shadow a user's own
     assert {"pyproject.toml", project["project"]["readme"], *top_levels} <= copied_before
+    copied = {
+        PurePosixPath(s).parts[0] for i in steps if i.keyword == "COPY" for s in i.words()[:-1]
+    }
+    assert "handlers" in copied  # the demo handlers, found from the working directory
 
     users = [i.args for i in steps if i.keyword == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert steps.index(next(i for i in steps if i.keyword == "USER")) > install
     (entrypoint,) = [i.words() for i in steps if i.keyword == "ENTRYPOINT"]
     assert entrypoint == ["dq-run"]
-    assert project["project"]["scripts"]["dq-run"] == "runner.cli:main"
+    assert project["project"]["scripts"]["dq-run"] == "runner.ops.cli:main"
 
 
 def test_tests_run_the_package_the_image_installs() -> None:
@@ -162,7 +168,7 @@ def test_tests_run_the_package_the_image_installs() -> None:
     ]
     assert installed, f"{name} is not pip-installed from {REPO}"
     scripts = [e for e in installed[0].entry_points if e.group == "console_scripts"]
-    assert {(e.name, e.value) for e in scripts} == {("dq-run", "runner.cli:main")}
+    assert {(e.name, e.value) for e in scripts} == {("dq-run", "runner.ops.cli:main")}
     assert Path(DQ_RUN).exists()
 
 
@@ -307,3 +313,17 @@ def test_compose_commands_run_the_sample_tasks_against_redis(
     for each in processes:
         each.process.send_signal(signal.SIGTERM)
     assert [each.process.wait(timeout=30) for each in processes] == [0] * replicas
+
+
+def test_every_data_file_of_the_package_is_shipped() -> None:
+    """The Lua scripts (and py.typed) are package data: a wheel without them would import and
+    then fail at the first Redis call."""
+    patterns = pyproject()["tool"]["setuptools"]["package-data"]["runner"]
+    data = {
+        p.relative_to(REPO / "runner")
+        for p in (REPO / "runner").rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc")
+    }
+    assert data, "no data files found: the test looks in the wrong place"
+    unshipped = {str(p) for p in data if not any(p.match(pattern) for pattern in patterns)}
+    assert unshipped == set()

@@ -28,10 +28,10 @@ import pytest
 
 from runner.brokers.base import Answer, Broker, Delivery
 from runner.brokers.memory import MemoryBroker
-from runner.deadletter import MemoryDeadLetters
+from runner.deadletter.memory import MemoryDeadLetters
+from runner.engine.worker import Worker
 from runner.events import EventBus
-from runner.task import Task, TaskContext
-from runner.worker import Worker
+from runner.model import Task, TaskContext
 from tests.unit.engine_kit import Recorder, plan, type_runtime
 
 #: The brokers' lease: renewed every VISIBILITY_S / 3, so a renewal may be up to two thirds of
@@ -64,11 +64,11 @@ class Store:
                 self._memory = MemoryBroker(100, 1.0, "block", VISIBILITY_S, MemoryDeadLetters())
             return self._memory
         if self.kind == "sqlite":
-            from runner.brokers.sqlite import SqliteBroker
+            from runner.brokers.sqlite.broker import SqliteBroker
 
             tmp_path: Path = self._request.getfixturevalue("tmp_path")
             return SqliteBroker(str(tmp_path / f"{self._name}.db"), 100, 1.0, "block", VISIBILITY_S)
-        from runner.brokers.redis import RedisBroker
+        from runner.brokers.redis.broker import RedisBroker
 
         server = self._request.getfixturevalue("redis_server")  # skips without redis-server
         return RedisBroker(server.url, self._name, 100, 1.0, "block", VISIBILITY_S)

@@ -8,8 +8,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from runner.app import Runner, build_runtime
-from runner.config import PipelineConfig
-from runner.metrics import MetricsListener
+from runner.config.models import PipelineConfig
+from runner.observe.metrics import MetricsListener
 from tests.integration import recording_handlers as rec
 
 

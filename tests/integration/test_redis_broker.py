@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pytest
 
 from runner.brokers.base import Answer, Broker, BrokerAdmin, DeadLetterFilter, Delivery, Settle
-from runner.brokers.redis import RedisBroker
+from runner.brokers.redis.broker import RedisBroker
 from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
-from runner.task import AttemptRecord, DeadLetter, Task
+from runner.model import AttemptRecord, DeadLetter, Task
 from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.redis

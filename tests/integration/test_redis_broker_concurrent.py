@@ -13,8 +13,8 @@ from functools import partial
 import pytest
 
 from runner.brokers.base import Answer, DeadLetterFilter, Delivery
-from runner.brokers.redis import RedisBroker
-from runner.task import AttemptRecord, DeadLetter, Task
+from runner.brokers.redis.broker import RedisBroker
+from runner.model import AttemptRecord, DeadLetter, Task
 
 MakeBroker = Callable[..., RedisBroker]
 

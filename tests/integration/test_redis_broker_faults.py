@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from runner.brokers.redis import RedisBroker
+from runner.brokers.redis.broker import RedisBroker
 from runner.eventlog import FIELDS_ATTR
-from runner.task import Task
+from runner.model import Task
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis

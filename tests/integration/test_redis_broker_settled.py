@@ -3,7 +3,7 @@
 A settle or renewal under a receipt that already settled answers ALREADY_DONE (a call resent
 because its reply was lost, a renewal racing the ack), for at least one visibility timeout;
 only a lease that moved on answers FENCED. The memory lives in two rotating sets per namespace
-and visibility timeout (redis_scripts.py), which must not grow without bound.
+and visibility timeout (runner/brokers/redis/scripts.py), which must not grow without bound.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from runner.brokers.base import Answer, Delivery, Settle
-from runner.brokers.redis import RedisBroker
-from runner.task import AttemptRecord, Task
+from runner.brokers.redis.broker import RedisBroker
+from runner.model import AttemptRecord, Task
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from runner.task import Task
+from runner.model import Task
 from tests.integration.conftest import MakeBroker
 
 pytestmark = pytest.mark.redis

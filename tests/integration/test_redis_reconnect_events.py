@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from runner.app import build_runtime
-from runner.config import PipelineConfig
+from runner.config.models import PipelineConfig
 from runner.events import Event
-from runner.metrics import MetricsListener
+from runner.observe.metrics import MetricsListener
 from tests.redis_server import RedisServer
 
 

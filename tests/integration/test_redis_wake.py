@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from runner.brokers.base import Delivery
-from runner.brokers.redis import RedisBroker
+from runner.brokers.redis.broker import RedisBroker
 from tests.integration.conftest import MakeBroker
 from tests.redis_server import RedisServer
 

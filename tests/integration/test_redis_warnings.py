@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from runner.brokers.redis import RedisBroker, _log_reconnecting
-from runner.config import LoggingConfig
-from runner.logs import setup_logging
+from runner.brokers.redis.broker import RedisBroker, _log_reconnecting
+from runner.config.models import LoggingConfig
+from runner.observe.logs import setup_logging
 from tests.redis_server import RedisServer
 
 Lines = Callable[[], list[dict[str, Any]]]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from runner.brokers.base import DeadLetterFilter
-from runner.brokers.redis import RedisBroker
+from runner.brokers.redis.broker import RedisBroker
 from tests.integration.audit_handlers import completed, overlaps
 from tests.integration.fleet import Fleet, wait_for
 from tests.redis_server import RedisServer

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth
-from runner.brokers.sqlite import SqliteBroker
+from runner.brokers.sqlite.broker import SqliteBroker
 from runner.errors import BrokerClosed, QueueFull
-from runner.task import AttemptRecord, DeadLetter, Task
+from runner.model import AttemptRecord, DeadLetter, Task
 
 VT = 10.0  # visibility timeout under the fake clock
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from runner.brokers.base import Answer
-from runner.brokers.sqlite import SqliteBroker
-from runner.task import Task
+from runner.brokers.sqlite.broker import SqliteBroker
+from runner.model import Task
 
 
 class Clock:

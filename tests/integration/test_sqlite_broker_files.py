@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth
-from runner.brokers.sqlite import SqliteBroker
-from runner.brokers.sqlite_checkpoint import Checkpointer
+from runner.brokers.sqlite.broker import SqliteBroker
+from runner.brokers.sqlite.checkpoint import Checkpointer
 from runner.errors import BrokerError, BrokerUnavailable
-from runner.task import Task
+from runner.model import Task
 from tests.integration.test_sqlite_broker import VT, FakeClock, dead_record, one
 
 

@@ -8,14 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-from runner.brokers.sqlite import SqliteBroker
-from runner.task import Task
+from runner.brokers.sqlite.broker import SqliteBroker
+from runner.model import Task
 
 # A consumer process: prints "ready", then claims, "works" ~1 ms per task, acks, and prints
 # each task id it acked; stops after the queue has been empty for a while.
 CONSUMER = """
 import sys, time
-from runner.brokers.sqlite import SqliteBroker
+from runner.brokers.sqlite.broker import SqliteBroker
 broker = SqliteBroker(sys.argv[1], 10_000, 5.0, "block", 60.0)
 print("ready", flush=True)
 idle_since = None
@@ -37,7 +37,7 @@ broker.close()
 # Claims one task and dies without acking it (os._exit skips every cleanup, like SIGKILL).
 CRASHER = """
 import os, sys
-from runner.brokers.sqlite import SqliteBroker
+from runner.brokers.sqlite.broker import SqliteBroker
 broker = SqliteBroker(sys.argv[1], 10_000, 5.0, "block", float(sys.argv[2]))
 (delivery,) = broker.get({"a": 1}, 1, 5.0)
 print(delivery.task.id, delivery.receipt, flush=True)

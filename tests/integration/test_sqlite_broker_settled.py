@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from runner.brokers.base import Answer, Settle
-from runner.brokers.sqlite import PRUNE_EVERY_S, SqliteBroker
-from runner.brokers.sqlite_schema import IDS_PER_QUERY
-from runner.task import Task
+from runner.brokers.sqlite.broker import PRUNE_EVERY_S, SqliteBroker
+from runner.brokers.sqlite.schema import IDS_PER_QUERY
+from runner.model import Task
 from tests.integration.test_sqlite_broker import VT, FakeClock, failure, one
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from runner.brokers.sqlite_checkpoint import Checkpointer
+from runner.brokers.sqlite.checkpoint import Checkpointer
 
 
 class CloseInTheWindow(threading.Event):

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from runner.brokers import create_broker
-from runner.brokers.sqlite import SqliteBroker
-from runner.brokers.sqlite_schema import APPLICATION_ID, CREATE_WAIT_S
-from runner.config import PipelineConfig
-from runner.deadletter import FileDeadLetters, create_dead_letter_store
+from runner.app import create_broker, create_dead_letter_store
+from runner.brokers.sqlite.broker import SqliteBroker
+from runner.brokers.sqlite.schema import APPLICATION_ID, CREATE_WAIT_S
+from runner.config.models import PipelineConfig
+from runner.deadletter.file import FileDeadLetters
 from runner.errors import BrokerUnavailable
-from runner.task import DeadLetter, Task
+from runner.model import DeadLetter, Task
 
 VT = 30.0
 

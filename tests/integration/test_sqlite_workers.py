@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from runner.brokers.base import DeadLetterFilter
-from runner.brokers.sqlite import SqliteBroker
-from runner.task import DeadLetter, Task, encode_task
+from runner.brokers.sqlite.broker import SqliteBroker
+from runner.codec import encode_task
+from runner.model import DeadLetter, Task
 from tests.cli.run_kit import run
 from tests.integration.audit_handlers import completed, overlaps
 from tests.integration.fleet import Fleet, Worker, wait_for

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from runner.brokers.base import DeadLetterFilter
-from runner.task import TaskContext
+from runner.model import TaskContext
 from tests.unit.engine_kit import Engine, plan, type_runtime
 
 

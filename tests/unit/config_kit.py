@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner.config import PipelineConfig
+from runner.config.models import PipelineConfig
 
 
 def as_run(config: PipelineConfig) -> PipelineConfig:

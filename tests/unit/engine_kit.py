@@ -9,12 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from runner.brokers.memory import MemoryBroker
-from runner.config import BackoffPolicy, RetryPolicy
-from runner.deadletter import MemoryDeadLetters
+from runner.deadletter.memory import MemoryDeadLetters
+from runner.engine.retry import RetryPlan
+from runner.engine.worker import TypeRuntime, Worker
 from runner.events import Event, EventBus
-from runner.retry import RetryPlan
-from runner.task import Task, TaskContext
-from runner.worker import TypeRuntime, Worker
+from runner.model import Task, TaskContext
 
 
 class Recorder:
@@ -71,11 +70,14 @@ class Concurrency:
 def plan(max_attempts: int = 3, initial: float = 0.01, maximum: float = 0.1,
          multiplier: float = 2.0, jitter: float = 0.0,
          never_retry: tuple[type[BaseException], ...] = ()) -> RetryPlan:  # fmt: skip
-    policy = RetryPolicy(
-        max_attempts=max_attempts,
-        backoff=BackoffPolicy(initial=initial, max=maximum, multiplier=multiplier, jitter=jitter),
+    return RetryPlan(
+        max_attempts,
+        initial=initial,
+        maximum=maximum,
+        multiplier=multiplier,
+        jitter=jitter,
+        never_retry=never_retry,
     )
-    return RetryPlan(policy, never_retry)
 
 
 def type_runtime(

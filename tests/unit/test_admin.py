@@ -1,4 +1,5 @@
-"""Operator operations (runner.admin) without subprocesses: rates, throttling, selection, stats."""
+"""Operator operations (runner.ops.admin) without subprocesses: rates, throttling, selection and
+stats."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from runner import admin
-from runner.brokers import DeadLetterFilter, Depth
+from runner.brokers.base import DeadLetterFilter, Depth
 from runner.brokers.memory import MemoryBroker
-from runner.config import load_config
-from runner.deadletter import MemoryDeadLetters
+from runner.config.load import load_config
+from runner.deadletter.memory import MemoryDeadLetters
 from runner.errors import NotSupported, QueueFull, UsageError
-from runner.task import DeadLetter, Task
+from runner.model import DeadLetter, Task
+from runner.ops import admin
 
 
 def _record(type_name: str = "a", error: str = "RuntimeError", dead_at: float = 0.0) -> DeadLetter:

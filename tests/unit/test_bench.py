@@ -1,4 +1,4 @@
-"""runner.bench: option parsing, payload planning, the recorder, and one small real run."""
+"""runner.ops.bench: option parsing, payload planning, the recorder, and one small real run."""
 
 from __future__ import annotations
 
@@ -9,11 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from runner.bench import BenchOptions, BenchRecorder, parse_rate, parse_seconds, payloads, run_bench
-from runner.config import PipelineConfig
+from runner.config.models import PipelineConfig
 from runner.errors import UsageError
 from runner.events import Event
-from runner.simulate import SIM_KEY
+from runner.middleware.simulate import SIM_KEY
+from runner.ops.bench import (
+    BenchOptions,
+    BenchRecorder,
+    parse_rate,
+    parse_seconds,
+    payloads,
+    run_bench,
+)
 
 HANDLERS = Path(__file__).resolve().parents[2] / "benchmarks"
 

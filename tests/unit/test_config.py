@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.config import (
-    PipelineConfig,
-    config_json_schema,
-    config_warnings,
-    load_config,
-    parse_duration,
-    render_config,
-)
+from runner.config.load import config_warnings, load_config, render_config
+from runner.config.models import PipelineConfig, parse_duration
+from runner.config.schema import config_json_schema
 from runner.errors import ConfigError
 from tests.unit.config_kit import as_run
 

@@ -1,4 +1,4 @@
-"""runner.handlers: module:function strings and exception names."""
+"""runner.loader: module:function strings and exception names."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from runner.errors import ConfigError, PermanentError
-from runner.handlers import Handler, load_handler, resolve_exception
+from runner.loader import Handler, load_handler, resolve_exception
 
 
 def test_two_argument_handler_gets_ctx() -> None:
@@ -35,9 +35,9 @@ def test_search_path_finds_local_modules(tmp_path: Path) -> None:
         ("nocolon", "is not 'module:function'"),
         ("handlers.demoo:send_email", "cannot import module 'handlers.demoo'"),
         ("handlers.demo:send_emails", "did you mean 'send_email'?"),
-        ("runner.task:HISTORY_LIMIT", "is not callable"),
+        ("runner.model:HISTORY_LIMIT", "is not callable"),
         ("operator:setitem", "must accept (payload, ctx) or (payload)"),
-        ("runner.task:new_task_id", "must accept (payload, ctx) or (payload)"),
+        ("runner.model:new_task_id", "must accept (payload, ctx) or (payload)"),
     ],
 )
 def test_bad_handlers(spec: str, fragment: str) -> None:
@@ -66,7 +66,7 @@ def test_resolve_exception(name: str, expected: type[BaseException]) -> None:
     [
         ("ValueErorr", "did you mean 'ValueError'?"),
         ("len", "is not an exception class"),
-        ("runner.task:Task", "is not an exception class"),
+        ("runner.model:Task", "is not an exception class"),
         ("no_such_module_x:Err", "cannot import module"),
     ],
 )

@@ -10,7 +10,7 @@ import yaml
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from runner.config import load_config, render_config
+from runner.config.load import load_config, render_config
 from tests.unit.config_kit import as_run
 
 HANDLERS = [

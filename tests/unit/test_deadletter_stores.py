@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from runner.app import create_dead_letter_store
 from runner.brokers.base import DeadLetterFilter
-from runner.config import PipelineConfig
-from runner.deadletter import (
-    DeadLetterStore,
-    FileDeadLetters,
-    MemoryDeadLetters,
-    create_dead_letter_store,
-)
+from runner.codec import encode_dead_letter
+from runner.config.models import PipelineConfig
+from runner.deadletter.file import FileDeadLetters
+from runner.deadletter.memory import MemoryDeadLetters
+from runner.deadletter.store import DeadLetterStore
 from runner.errors import ConfigError
-from runner.task import AttemptRecord, DeadLetter, Task, encode_dead_letter
+from runner.model import AttemptRecord, DeadLetter, Task
 
 ANY = DeadLetterFilter()
 

@@ -16,15 +16,15 @@ from typing import Any
 
 import pytest
 
-from runner import worker as worker_module
 from runner.brokers.base import Answer, DeadLetterFilter
 from runner.brokers.memory import MemoryBroker
-from runner.deadletter import MemoryDeadLetters
+from runner.deadletter.memory import MemoryDeadLetters
+from runner.engine import worker as worker_module
+from runner.engine.timeouts import OVERRUN_AFTER_S
+from runner.engine.worker import Worker
 from runner.errors import PermanentError
 from runner.events import Event, EventBus
-from runner.task import Task, TaskContext
-from runner.timeouts import OVERRUN_AFTER_S
-from runner.worker import Worker
+from runner.model import Task, TaskContext
 from tests.unit import engine_kit
 from tests.unit.engine_kit import Concurrency, Engine, Recorder, plan, type_runtime
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.config import load_config, render_config
+from runner.config.load import load_config, render_config
 from runner.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

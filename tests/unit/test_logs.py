@@ -11,9 +11,9 @@ from datetime import datetime
 
 import pytest
 
-from runner.config import LoggingConfig
+from runner.config.models import LoggingConfig
 from runner.events import Event
-from runner.logs import (
+from runner.observe.logs import (
     TASK_LOGGER,
     LogListener,
     event_level,

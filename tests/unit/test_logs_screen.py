@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from runner.config import LoggingConfig
+from runner.config.models import LoggingConfig
 from runner.events import Event
-from runner.logs import FIELDS_ATTR, WRAP_INDENT, TextFormatter, setup_logging, wrap_line
+from runner.observe.logs import FIELDS_ATTR, WRAP_INDENT, TextFormatter, setup_logging, wrap_line
 
 
 @pytest.fixture

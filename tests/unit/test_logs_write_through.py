@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-import runner.logs
-from runner.config import LoggingConfig
+from runner.config.models import LoggingConfig
 from runner.events import Event
-from runner.logs import LogListener, setup_logging
+from runner.observe import logs as logs_module
+from runner.observe.logs import LogListener, setup_logging
 
 #: Each write of the slow stream below takes this long.
 _SLOW_S = 0.2
@@ -71,7 +71,7 @@ def test_an_ordinary_event_does_not_wait_for_the_writer(made) -> None:
 
 
 def test_the_wait_for_a_stuck_stream_is_bounded(made, monkeypatch) -> None:
-    monkeypatch.setattr(runner.logs, "WRITE_WAIT_S", 0.3)
+    monkeypatch.setattr(logs_module, "WRITE_WAIT_S", 0.3)
     gate = threading.Event()
     logs = _logs(made, _SlowStream(gate))
     t0 = time.monotonic()

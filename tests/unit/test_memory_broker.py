@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from runner.brokers import create_broker
+from runner.app import create_broker
 from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth
 from runner.brokers.memory import MemoryBroker
-from runner.config import PipelineConfig
-from runner.deadletter import FileDeadLetters, MemoryDeadLetters
+from runner.config.models import PipelineConfig
+from runner.deadletter.file import FileDeadLetters
+from runner.deadletter.memory import MemoryDeadLetters
 from runner.errors import BrokerClosed
-from runner.task import AttemptRecord, DeadLetter, Task
+from runner.model import AttemptRecord, DeadLetter, Task
 
 ANY = DeadLetterFilter()
 

@@ -14,11 +14,11 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from runner.brokers.base import Depth
-from runner.config import MetricsConfig
+from runner.config.models import MetricsConfig
 from runner.errors import RunnerError
 from runner.events import Event, EventBus
-from runner.logs import FIELDS_ATTR
-from runner.metrics import MetricsListener
+from runner.observe.logs import FIELDS_ATTR
+from runner.observe.metrics import MetricsListener
 
 
 class FakeState:

@@ -10,9 +10,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from runner.brokers.base import Depth
-from runner.config import MetricsConfig
+from runner.config.models import MetricsConfig
 from runner.events import Event
-from runner.metrics import DEAD_REASONS, MetricsListener
+from runner.observe.metrics import DEAD_REASONS, MetricsListener
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "dq.json"

@@ -9,23 +9,23 @@ import pytest
 from pydantic import BaseModel, Field
 
 from runner.app import build_runtime
-from runner.brokers import BrokerAdmin, DeadLetterFilter
-from runner.config import load_config
+from runner.brokers.base import BrokerAdmin, DeadLetterFilter
+from runner.config.load import load_config
 from runner.errors import InputError, InvalidPayload, UsageError
-from runner.payloads import (
+from runner.middleware.payloads import (
     MAX_PAYLOAD_BYTES,
     as_model,
     check_payload,
     encoded_size,
     payload_model,
     payload_validator,
-    read_drafts,
 )
-from runner.simulate import SIM_KEY
-from runner.task import Task
+from runner.middleware.simulate import SIM_KEY
+from runner.model import Task
+from runner.ops.drafts import read_drafts
 
 if TYPE_CHECKING:
-    from runner.task import TaskContext
+    from runner.model import TaskContext
 
 
 class Item(BaseModel):

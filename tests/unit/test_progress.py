@@ -12,10 +12,10 @@ import pytest
 from rich.console import Console
 
 from runner.brokers.base import Depth
-from runner.config import LoggingConfig
+from runner.config.models import LoggingConfig
 from runner.events import Event
-from runner.logs import setup_logging
-from runner.progress import Progress, progress_enabled
+from runner.observe.logs import setup_logging
+from runner.observe.progress import Progress, progress_enabled
 
 
 class _Tty(io.StringIO):

@@ -8,17 +8,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.config import BackoffPolicy, RetryPolicy
+from runner.engine.retry import RetryPlan, error_name
 from runner.errors import PermanentError, TaskInterrupted
-from runner.retry import RetryPlan, error_name
 
 
 def make(max_attempts: int = 5, initial: float = 0.1, maximum: float = 1.0,
          multiplier: float = 2.0, jitter: float = 0.0, never: tuple[type[BaseException], ...] = (),
          seed: int = 0) -> RetryPlan:  # fmt: skip
-    backoff = BackoffPolicy(initial=initial, max=maximum, multiplier=multiplier, jitter=jitter)
     return RetryPlan(
-        RetryPolicy(max_attempts=max_attempts, backoff=backoff), never, random.Random(seed)
+        max_attempts,
+        initial=initial,
+        maximum=maximum,
+        multiplier=multiplier,
+        jitter=jitter,
+        never_retry=never,
+        rng=random.Random(seed),
     )
 
 

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import pytest
 
 from runner.brokers.base import Answer, Delivery, Settle
+from runner.engine.settle import MAX_BATCH, Outcome, Settler
 from runner.errors import BrokerError
-from runner.settle import MAX_BATCH, Outcome, Settler
-from runner.task import Task
+from runner.model import Task
 
 
 def outcome(n: int) -> Outcome:

@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from runner import admin
-from runner.adminview import dead_letter_table
 from runner.brokers.memory import MemoryBroker
-from runner.deadletter import MemoryDeadLetters
+from runner.deadletter.memory import MemoryDeadLetters
 from runner.errors import UsageError
 from runner.events import Event
-from runner.logs import FIELDS_ATTR, TextFormatter
-from runner.summary import Summary
-from runner.task import SHORT_ID_CHARS, DeadLetter, Task, short_id
+from runner.model import SHORT_ID_CHARS, DeadLetter, Task, short_id
+from runner.observe.logs import FIELDS_ATTR, TextFormatter
+from runner.observe.summary import Summary
+from runner.ops import admin
+from runner.ops.views import dead_letter_table
 
 
 def same_millisecond_ids(n: int, seed: int = 7) -> list[str]:

@@ -9,9 +9,9 @@ import time
 import pytest
 
 from runner.brokers.memory import MemoryBroker
-from runner.deadletter import MemoryDeadLetters
+from runner.deadletter.memory import MemoryDeadLetters
 from runner.errors import BrokerClosed
-from runner.task import Task
+from runner.model import Task
 
 
 class _LateWaker(threading.Condition):
@@ -64,7 +64,7 @@ def test_a_run_stopped_while_its_producer_waits_for_room_accounts_for_every_task
     tasks: int,
 ) -> None:
     from runner.app import build_runtime
-    from runner.config import PipelineConfig
+    from runner.config.models import PipelineConfig
     from runner.events import Event
 
     config = PipelineConfig.model_validate(

@@ -6,7 +6,7 @@ import json
 import threading
 
 from runner.events import Event
-from runner.summary import Summary
+from runner.observe.summary import Summary
 
 
 def test_counts_from_many_threads_are_exact_and_readable_meanwhile() -> None:
@@ -85,7 +85,7 @@ def test_to_dict_is_named_for_what_it_returns() -> None:
 def test_durations_kept_for_percentiles_are_bounded() -> None:
     """A long-lived worker's summary keeps a bounded sample of durations per type and thread
     (memory must not grow with each task), while the maximum stays exact."""
-    from runner import summary as summary_module
+    from runner.observe import summary as summary_module
 
     summary = Summary()
     n = summary_module.DURATION_SAMPLES * 5

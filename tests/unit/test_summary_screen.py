@@ -9,8 +9,8 @@ import time
 from rich.console import Console
 
 from runner.events import Event
-from runner.summary import Summary
-from runner.task import new_task_id
+from runner.model import new_task_id
+from runner.observe.summary import Summary
 
 
 def rendered(summary: Summary, width: int = 80, **kwargs: str) -> list[str]:

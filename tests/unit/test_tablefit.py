@@ -1,13 +1,13 @@
-"""Tables that fit a terminal (runner.tablefit) and the dlq/stats tables built on it."""
+"""Tables that fit a terminal (runner.observe.tablefit) and the dlq/stats tables built on it."""
 
 from __future__ import annotations
 
 import time
 
-from runner.admin import Stats
-from runner.adminview import dead_letter_table, stats_table
-from runner.tablefit import Column, elide, fit_columns, plain_table
-from runner.task import DeadLetter, Task, new_task_id
+from runner.model import DeadLetter, Task, new_task_id
+from runner.observe.tablefit import Column, elide, fit_columns, plain_table
+from runner.ops.admin import Stats
+from runner.ops.views import dead_letter_table, stats_table
 
 COLUMNS = [
     Column("id"),
@@ -85,8 +85,8 @@ def test_dlq_list_fits_80_columns() -> None:
 
 
 def test_stats_table_fits_a_narrow_terminal() -> None:
-    from runner.admin import TypeStats
     from runner.brokers.base import Depth
+    from runner.ops.admin import TypeStats
 
     stats = Stats(
         types={"a_task_type_with_a_long_long_name": TypeStats(Depth(1, 2, 3), 4.0)},

@@ -13,18 +13,15 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from runner.task import (
-    AttemptRecord,
-    DeadLetter,
-    Task,
+from runner.codec import (
     decode_dead_letter,
     decode_task,
     encode_dead_letter,
     encode_task,
     from_json_bytes,
-    new_task_id,
     to_json_bytes,
 )
+from runner.model import AttemptRecord, DeadLetter, Task, new_task_id
 
 json_values = st.recursive(
     st.none()

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from runner.task import Cancellation
-from runner.timeouts import Guard, Run, Watchdog
+from runner.engine.timeouts import Guard, Run, Watchdog
+from runner.model import Cancellation
 
 
 class CountingQueue:

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from runner import settle as settle_module
 from runner.brokers.base import Answer, Settle
+from runner.engine import settle as settle_module
 from runner.errors import BrokerError, BrokerUnavailable
-from runner.task import TaskContext
+from runner.model import TaskContext
 from tests.unit.engine_kit import Engine, type_runtime
 
 SettleMany = Callable[[Sequence[Settle]], list[Answer]]

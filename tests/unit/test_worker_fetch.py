@@ -17,7 +17,7 @@ import pytest
 
 from runner.brokers.base import Delivery, Settle
 from runner.errors import BrokerUnavailable
-from runner.task import TaskContext
+from runner.model import TaskContext
 from tests.unit.engine_kit import Engine, type_runtime
 
 Exchange = Callable[[Sequence[Settle], Mapping[str, int], int], tuple[list[bool], list[Delivery]]]

@@ -1,0 +1,127 @@
+"""The BrokerAdmin half of RedisBroker: the operator commands (dead letters, replay, purge,
+queue ages). Mixed into RedisBroker, whose client and call plumbing it uses (declared below);
+the data model is in runner/brokers/redis/scripts.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from functools import partial
+from typing import Any, TypeVar
+
+from runner.brokers.base import DeadLetterFilter
+from runner.brokers.redis.scripts import GROUP
+from runner.codec import decode_dead_letter, encode_task
+from runner.model import DeadLetter
+
+log = logging.getLogger("runner.broker")
+
+T = TypeVar("T")
+
+
+class RedisAdmin:
+    """BrokerAdmin on the Redis data model; RedisBroker provides what is declared here."""
+
+    _client: Any
+    _capacity: int
+
+    def _key(self, *parts: str) -> str:
+        raise NotImplementedError
+
+    def _stream(self, type_: str) -> str:
+        raise NotImplementedError
+
+    def _delayed(self, type_: str) -> str:
+        raise NotImplementedError
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        raise NotImplementedError
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Any:
+        raise NotImplementedError
+
+    def _with_capacity(
+        self, attempt: Callable[[], bool], timeout: float | None, message: str
+    ) -> None:
+        raise NotImplementedError
+
+    def _all_dead(self) -> list[tuple[str, bytes]]:
+        ids = self._call(lambda: self._client.zrange(self._key("dlq:idx"), 0, -1))
+        if not ids:
+            return []
+        raws = self._call(lambda: self._client.hmget(self._key("dlq"), ids))
+        return [(i.decode(), raw) for i, raw in zip(ids, raws, strict=True) if raw is not None]
+
+    def dead_letter_count(self) -> int:
+        return int(self._call(lambda: self._client.zcard(self._key("dlq:idx"))))
+
+    def oldest_enqueued_at(self) -> dict[str, float]:
+        """Per type, the earliest ``enqueued_at`` of its queued tasks (streams hold only unacked
+        entries, delayed sets only waiting ones). Reads every envelope: an operator command."""
+        oldest: dict[str, float] = {}
+        for raw in self._call(lambda: self._client.smembers(self._key("types"))):
+            name = raw.decode()
+            for envelope in self._call(partial(self._queued_envelopes, name)):
+                try:
+                    at = float(json.loads(envelope)["enqueued_at"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # undecodable: it reaches the DLQ at hand-out
+                oldest[name] = min(at, oldest.get(name, at))
+        return oldest
+
+    def _queued_envelopes(self, type_: str) -> list[bytes]:
+        entries = self._client.xrange(self._stream(type_), "-", "+")
+        envelopes = [fields.get(b"t", b"") for _, fields in entries]
+        members = self._client.zscan_iter(self._delayed(type_))
+        return envelopes + [member.split(b" ", 2)[-1] for member, _ in members]
+
+    def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
+        records = []
+        for task_id, raw in self._all_dead():
+            try:
+                record = decode_dead_letter(raw)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("broker.dlq_undecodable: %s: %s", task_id, exc)
+                continue
+            if where.matches(record):
+                records.append(record)
+        return records
+
+    def replay(self, ids: Sequence[str]) -> int:
+        wanted = set(ids)
+        records = self.dead_letters(DeadLetterFilter(ids=frozenset(wanted)))
+        if not records:
+            return 0
+        types = list(dict.fromkeys(r.task.type for r in records))
+        index = {name: i + 1 for i, name in enumerate(types)}
+        keys = [self._key("count"), self._key("dlq"), self._key("dlq:idx"), self._key("types")]
+        keys += [self._stream(name) for name in types]
+        args: list[Any] = [self._capacity, GROUP, len(types), *types]
+        for record in records:
+            task = replace(record.task, attempt=0, not_before=0.0)
+            args += [index[task.type], record.id, encode_task(task)]
+        moved = 0
+
+        def attempt() -> bool:
+            nonlocal moved
+            moved = int(self._run("REPLAY", keys, args))
+            return moved >= 0
+
+        self._with_capacity(attempt, None, f"queue full: cannot replay {len(records)} task(s)")
+        return moved
+
+    def purge(self, where: DeadLetterFilter) -> int:
+        doomed = [r.id for r in self.dead_letters(where)]
+        if not doomed:
+            return 0
+
+        def remove() -> int:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hdel(self._key("dlq"), *doomed)
+            pipe.zrem(self._key("dlq:idx"), *doomed)
+            return int(pipe.execute()[0])
+
+        return self._call(remove)

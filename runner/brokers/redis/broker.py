@@ -1,0 +1,655 @@
+"""RedisBroker: one stream per task type, shared by any number of processes on any machines.
+
+Guarantees: at-least-once. A task is removed only by a fenced ack or dead-letter; a delivery
+whose worker died is reclaimed (XAUTOCLAIM) after ``visibility_timeout`` (polls look for such
+deliveries of each type ten times per visibility timeout, at most once a second, and again at
+once after finding one) and handed out again with attempt + 1. A released task keeps its place
+in its stream. How much survives a Redis crash depends on Redis' persistence (``appendonly yes``
++ ``appendfsync always`` loses nothing it acknowledged). Redis must run with
+``maxmemory-policy noeviction``: eviction silently drops tasks (we warn at start, and also when
+Redis keeps nothing on disk: ``appendonly no`` and no RDB save points).
+
+The data model and the atomic steps are in runner/brokers/redis/scripts.py.
+
+Blocking ``get``: one Lua poll (move due retries, reclaim, read) and, when it finds nothing, an
+``XREAD BLOCK`` on the wanted streams from their last entry id, in slices of at most
+``block_slice`` seconds (default 0.1). A new task wakes the XREAD at once, and so do ``wake()``
+and ``close()``: the read also watches this broker's own wake stream, to which they add an entry
+(a wake that lands after the get last looked for one but before its read starts still ends it,
+as the read starts from the wake stream's last entry the get saw). Between slices the broker
+re-polls, so tasks that fall due (retries, also other processes') and expired leases are seen
+within one slice: that is why slices stay short. Every socket timeout is set explicitly and
+exceeds the slice, so an idle worker never hits a client timeout mid-read (redis-py 8's 5 s
+default with a longer BLOCK is a classic "alive but not consuming" bug). The protocol is pinned
+to RESP2, redis-py 8 would otherwise negotiate RESP3.
+
+``settle_many`` sends any number of acks / retries / dead-letters / releases in one call of the
+fenced SETTLE script, and ``exchange`` sends them with a POLL in one EXCHANGE script call, on
+the calling thread's own connection, so exchanges from several threads may overlap (the engine
+settles through these two; a single ack / retry / dead / release is a ``settle_many`` of one).
+Each op gets its own fenced answer, only after Redis gave it. The operator commands are in
+admin.py.
+
+Connection loss: every call is retried with exponential backoff (call_with_reconnect, built
+on tenacity) for up to ``reconnect_timeout`` seconds, logging ``broker.reconnecting``, then
+BrokerUnavailable. A call whose reply was lost may have happened: a repeated put may store a
+task twice (at-least-once), a repeated ack of a delivery that was in fact acked answers
+ALREADY_DONE (the scripts remember settled lease tokens for one to two visibility timeouts), and
+a poll whose reply was lost leaves its deliveries to be reclaimed after ``visibility_timeout``.
+
+Size: about 650 lines: the whole Redis side of the broker contract (put, poll and blocking
+wait, wake, settle, extend, reconnects, per-thread lines); the Lua lives in scripts.py and its
+.lua files, the operator side in admin.py. The connection handling is the next part to split
+out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Literal, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+from redis.retry import Retry
+
+from runner.brokers.base import Answer, Delivery, Depth, Settle
+from runner.brokers.reconnect import call_with_reconnect
+from runner.brokers.redis import scripts as lua
+from runner.brokers.redis.admin import RedisAdmin
+from runner.brokers.redis.scripts import GROUP
+from runner.codec import decode_task, encode_dead_letter, encode_task
+from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
+from runner.eventlog import log_event
+from runner.model import AttemptRecord, DeadLetter, Task
+
+log = logging.getLogger("runner.broker")
+
+T = TypeVar("T")
+
+#: One settle operation: kind, type, entry id, lease token, then three kind-specific fields.
+_Settle = tuple[Any, ...]
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+#: The scripts' answers (0 fenced, 1 done, 2 already done), by number.
+_ANSWERS = (Answer.FENCED, Answer.DONE, Answer.ALREADY_DONE)
+#: Polls look for expired leases this many times per visibility timeout (at most once a second).
+RECLAIMS_PER_VISIBILITY = 10
+#: Timeouts of the connection wake() sends on: it is called under the engine's lock, so it must
+#: not wait long for a Redis that is down (the get then ends at its next slice instead).
+WAKE_TIMEOUT_S = 0.5
+#: A wake stream outlives its broker by at most this (close deletes it; a crash cannot).
+WAKE_KEY_TTL_MS = 3_600_000
+
+
+class RedisBroker(RedisAdmin):
+    """Broker and BrokerAdmin on Redis streams; see the module docstring for the guarantees."""
+
+    #: Capability flag: any number of processes, on any machines, may use the same streams.
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        capacity: int,
+        enqueue_timeout: float,
+        overflow: Literal["block", "reject"],
+        visibility_timeout: float,
+        clock: Callable[[], float] = time.time,
+        *,
+        socket_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        health_check_interval: int = 15,
+        reconnect_timeout: float = 30.0,
+        block_slice: float = 0.1,
+        on_reconnect: Callable[[int, BaseException | None], None] | None = None,
+    ) -> None:
+        if socket_timeout <= block_slice:
+            raise ValueError("socket_timeout must exceed block_slice, or idle reads time out")
+        self._capacity = capacity
+        self._enqueue_timeout = enqueue_timeout
+        self._overflow = overflow
+        self._visibility_ms = max(1, int(visibility_timeout * 1000))
+        # How often polls look for expired leases (XAUTOCLAIM): a delivery whose worker died is
+        # handed out again within visibility_timeout + this, not on the dot.
+        self._reclaim_every_s = min(visibility_timeout / RECLAIMS_PER_VISIBILITY, 1.0)
+        # Per type: a poll that cannot ask for a type (its slots are full) must not use up
+        # that type's look, or a busy type's expired leases could wait for ever.
+        self._next_reclaim: dict[str, float] = {}
+        self._clock = clock
+        self._reconnect_timeout = reconnect_timeout
+        # Told about every reconnect attempt (the runner turns it into a broker.reconnecting
+        # event: a log line and a metric); without one, the broker logs it itself.
+        self._on_reconnect = on_reconnect or _log_reconnecting
+        self._block_slice = block_slice
+        self._prefix = "{" + namespace + "}:"
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # Lease tokens are this nonce + a poll counter + the hand-out's number in the poll:
+        # unique without asking the OS for randomness on every get.
+        self._nonce = secrets.token_hex(8) + "."
+        self._polls = itertools.count()
+        self._woken = threading.Event()
+        self._closed = False
+        # wake() ends a blocked read by adding to this stream, which every blocking read also
+        # watches from the last entry the get saw (_wake_cursor). Under _wake_lock: whether a
+        # read is under way, and whether a wake was sent to it already (one is enough).
+        self._wake_key = self._key("wake", self.consumer)
+        self._wake_cursor: bytes | str = "0-0"
+        self._wake_lock = threading.Lock()
+        self._reading = False
+        self._wake_sent = False
+        self._wake_client: Any = redis.Redis.from_url(
+            url,
+            protocol=2,
+            socket_timeout=WAKE_TIMEOUT_S,
+            socket_connect_timeout=WAKE_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )  # its own small pool: connects on first use
+        self._wake_key_made = False
+        # Held while get() runs, so close() does not pull the socket from under a blocked read.
+        self._getting = threading.Lock()
+        self._lines = threading.local()  # per-thread connections for exchange
+        # Any: redis-py's annotations are unions of sync/async and bytes/str replies.
+        self._client: Any = redis.Redis.from_url(
+            url,
+            protocol=2,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            health_check_interval=health_check_interval,
+            # Our own tenacity loop retries (and logs); redis-py's built-in retry would hide
+            # outages and multiply the waits.
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            self._client.ping()
+            # The hot paths, get (the dispatcher, under _getting), the settle batches (the
+            # Settler) and each fetching thread's exchanges (_line_here), keep a connection of
+            # the pool to themselves: a pooled call pays a checkout (a lock, a non-blocking read
+            # probe and two socket timeout changes) on every command. Closing the pool closes
+            # these too.
+            self._get_client: Any = self._dedicated_client()
+            self._get_line = _Line(self._get_client)
+            self._settle_line = _Line(self._dedicated_client())
+        except (*_TRANSIENT, redis.ResponseError) as exc:
+            self._client.close()
+            raise BrokerUnavailable(f"cannot reach redis at {_safe_url(url)}: {exc}") from exc
+        self._scripts = {
+            name: self._client.register_script(getattr(lua, name))
+            for name in (
+                "PUT",
+                "POLL",
+                "SETTLE",
+                "EXCHANGE",
+                "EXTEND",
+                "REPLAY",
+                "DEPTH",
+            )
+        }
+        self._settle_keys = [self._key(k) for k in ("leases", "count", "dlq", "dlq:idx")]
+        # The sets of tokens settled lately by brokers with this visibility timeout.
+        settled = [self._key("settled", str(self._visibility_ms), p) for p in ("0", "1")]
+        self._settle_keys += settled
+        self._extend_keys = [self._key("leases"), *settled]
+        self._warn_unless_noeviction()
+
+    def _dedicated_client(self) -> Any:
+        pool = self._client.connection_pool
+        return redis.Redis(connection_pool=pool, single_connection_client=True)
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    def _stream(self, type_: str) -> str:
+        return self._key("q", type_)
+
+    def _delayed(self, type_: str) -> str:
+        return self._key("d", type_)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerClosed("redis broker is closed")
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run one Redis call, retrying connection errors with backoff until reconnect_timeout."""
+        if self._closed:
+            raise BrokerClosed("redis broker is closed")
+        try:
+            return fn()  # the common case, without the cost of setting up the retry loop
+        except _TRANSIENT as exc:
+            failed: list[BaseException] = [exc]
+
+        def again() -> T:
+            # The retry loop starts from the failure above, so it waits and logs as if it had
+            # made that first call itself.
+            if failed:
+                raise failed.pop()
+            return fn()
+
+        try:
+            return call_with_reconnect(
+                again,
+                transient=_TRANSIENT,
+                timeout_s=self._reconnect_timeout,
+                stopped=lambda: self._closed,
+                on_retry=self._on_reconnect,
+            )
+        except _TRANSIENT as exc:
+            if self._closed:
+                raise BrokerClosed("redis broker is closed") from exc
+            raise BrokerUnavailable(
+                f"redis unreachable for {self._reconnect_timeout}s: {exc}"
+            ) from exc
+
+    def _run(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], line: _Line | None = None
+    ) -> Any:
+        script = self._scripts[name]
+        if line is None:
+            return self._call(lambda: script(keys=keys, args=args))
+        return self._call(lambda: line.run(script, keys, args))
+
+    def _warn_unless_noeviction(self) -> None:
+        """Warn at start about settings that lose tasks silently: eviction, no persistence."""
+        reply: dict[Any, Any] = {}
+        try:
+            for name in ("maxmemory-policy", "appendonly", "save"):
+                reply.update(self._client.config_get(name))
+        except redis.ResponseError:  # CONFIG disabled or renamed (managed Redis): cannot check
+            log_event(log, logging.INFO, "broker.config_unreadable")
+            return
+        # redis-py decodes CONFIG GET keys but may leave values as bytes.
+        values = {_text(k): _text(v) for k, v in reply.items()}
+        policy = values.get("maxmemory-policy")
+        if policy is not None and policy != "noeviction":
+            log_event(
+                log,
+                logging.WARNING,
+                "broker.eviction_policy",
+                f"redis maxmemory-policy is {policy}, not noeviction; "
+                "Redis may silently evict queued tasks",
+                policy=policy,
+            )
+        if values.get("appendonly") == "no" and values.get("save", "?").strip() == "":
+            log_event(
+                log,
+                logging.WARNING,
+                "broker.no_persistence",
+                "redis keeps nothing on disk (appendonly no, no RDB save points): a Redis "
+                "restart loses every queued, delayed and running task and every dead letter",
+                appendonly="no",
+                save="",
+            )
+
+    # -- Broker -----------------------------------------------------------------------------
+
+    def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None:
+        self._check_open()
+        if not tasks:
+            return
+        if len(tasks) > self._capacity:  # could never fit: do not wait for it
+            raise QueueFull(f"{len(tasks)} tasks exceed the capacity of {self._capacity}")
+        now = self._clock()
+        types = list(dict.fromkeys(t.type for t in tasks))
+        index = {name: i + 1 for i, name in enumerate(types)}
+        keys = [self._key("count"), self._key("types")]
+        for name in types:
+            keys += [self._stream(name), self._delayed(name)]
+        args: list[Any] = [self._capacity, GROUP, len(types), *types]
+        for task in tasks:
+            stored = replace(task, enqueued_at=task.enqueued_at or now)
+            envelope = encode_task(stored)
+            if stored.not_before > now:
+                member = _delayed_member(stored.attempt, envelope)
+                args += [index[task.type], repr(stored.not_before), stored.attempt, member]
+            else:
+                args += [index[task.type], "", stored.attempt, envelope]
+        self._with_capacity(
+            lambda: bool(self._run("PUT", keys, args)),
+            timeout,
+            f"queue full: {len(tasks)} task(s) do not fit in capacity {self._capacity}",
+        )
+
+    def _with_capacity(
+        self, attempt: Callable[[], bool], timeout: float | None, message: str
+    ) -> None:
+        """Call attempt() until it fits: at once with overflow reject, else poll until timeout."""
+        wait_s = self._enqueue_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait_s
+        pause = 0.01
+        while not attempt():
+            remaining = deadline - time.monotonic()
+            if self._closed:
+                raise BrokerClosed("redis broker was closed while waiting for capacity")
+            if self._overflow == "reject" or remaining <= 0:
+                raise QueueFull(message)
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.2)
+
+    def get(self, slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
+        if self._closed:
+            raise BrokerClosed("redis broker is closed")
+        wanted = [(name, n) for name, n in slots.items() if n > 0]
+        deadline = time.monotonic() + timeout
+        if not wanted or limit <= 0:
+            self._woken.wait(max(0.0, timeout))
+            self._woken.clear()
+            return []
+        with self._getting:
+            return self._get(self._poll_keys(wanted), wanted, limit, deadline)
+
+    def exchange(
+        self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
+    ) -> tuple[list[Answer], list[Delivery]]:
+        """``settle_many(ops)`` and one POLL (as ``get`` with timeout 0): one script call
+        (EXCHANGE), on the calling thread's own connection.
+
+        If the reply is lost, the settles may have happened (trying them again is safe) and
+        the polled deliveries come back after ``visibility_timeout``, as with a lost get.
+        """
+        self._check_open()
+        wanted = [(name, n) for name, n in slots.items() if n > 0]
+        if not wanted or limit <= 0:
+            return self.settle_many(ops), []
+        settle_keys, settle_args = self._settle_call([self._op(op) for op in ops])
+        keys = [*settle_keys, *self._poll_keys(wanted)]
+        args = [len(settle_keys), len(settle_args), *settle_args]
+        args += self._poll_args(wanted, limit, waits=False)
+        settled, (found, _cursors, _next_due) = self._call(
+            lambda: self._line_here().run(self._scripts["EXCHANGE"], keys, args)
+        )
+        return [_ANSWERS[ok] for ok in settled], self._deliveries(found, wanted)
+
+    def _line_here(self) -> _Line:
+        """This thread's own connection for exchanges (the engine's fetching threads each
+        make theirs at the same time), made on first use."""
+        line: _Line | None = getattr(self._lines, "line", None)
+        if line is None:
+            line = self._lines.line = _Line(self._dedicated_client())
+        return line
+
+    def _poll_keys(self, wanted: list[tuple[str, int]]) -> list[str]:
+        keys = [self._key("leases")]
+        for name, _ in wanted:
+            keys += [self._stream(name), self._delayed(name)]
+        return keys
+
+    def _poll_args(self, wanted: list[tuple[str, int]], limit: int, waits: bool) -> list[Any]:
+        """POLL's arguments; ``waits``: the caller blocks on the streams if nothing came."""
+        now = time.monotonic()
+        args = [repr(self._clock()), GROUP, self.consumer, self._visibility_ms, limit]
+        args += [f"{self._nonce}{next(self._polls)}", int(waits)]
+        for name, n in wanted:
+            # Expired leases are looked for a few times per visibility timeout, per type.
+            reclaim = now >= self._next_reclaim.get(name, 0.0)
+            if reclaim:
+                self._next_reclaim[name] = now + self._reclaim_every_s
+            args += [n, int(reclaim)]
+        return args
+
+    def _get(
+        self, keys: list[str], wanted: list[tuple[str, int]], limit: int, deadline: float
+    ) -> list[Delivery]:
+        try:
+            while True:
+                args = self._poll_args(wanted, limit, waits=True)
+                found, cursors, next_due = self._run("POLL", keys, args, self._get_line)
+                if found:
+                    return self._deliveries(found, wanted)
+                if self._woken.is_set() or self._closed:
+                    self._woken.clear()
+                    return []
+                block = min(self._block_slice, deadline - time.monotonic())
+                if next_due:
+                    block = min(block, float(next_due) - self._clock())
+                if block <= 0 and time.monotonic() >= deadline:
+                    return []
+                if block >= 0.001 and self._wait_for_entries(wanted, cursors, block):
+                    self._woken.clear()
+                    return []
+        except BrokerClosed:
+            if self._closed:
+                return []
+            raise
+
+    def _wait_for_entries(
+        self, wanted: list[tuple[str, int]], cursors: list[Any], block: float
+    ) -> bool:
+        """XREAD BLOCK from the last entry of each wanted stream and of the wake stream: returns
+        when one grows or ``block`` ends. True when the get was woken or the broker closed."""
+        streams = {self._stream(name): c for (name, _), c in zip(wanted, cursors, strict=True)}
+        streams[self._wake_key] = self._wake_cursor
+        block_ms = max(1, int(block * 1000))
+
+        def read() -> Any:
+            with self._wake_lock:
+                # A wake from here on sees _reading and adds an entry after _wake_cursor, so
+                # the read returns at once even if the entry lands before the read starts.
+                if self._woken.is_set() or self._closed:
+                    return None
+                self._reading, self._wake_sent = True, False
+            try:
+                return self._get_client.xread(streams, count=1, block=block_ms)
+            finally:
+                with self._wake_lock:
+                    self._reading = False
+
+        for name, entries in self._call(read) or ():
+            if entries and _text(name) == self._wake_key:
+                self._wake_cursor = entries[-1][0]
+        return self._woken.is_set() or self._closed
+
+    def _deliveries(self, found: list[Any], wanted: list[tuple[str, int]]) -> list[Delivery]:
+        out = []
+        for i in range(0, len(found), 7):
+            idx, entry_id, before, raw, count, token, redelivered = found[i : i + 7]
+            type_ = wanted[int(idx) - 1][0]
+            entry = entry_id.decode()
+            receipt = f"{entry}|{token.decode()}|{type_}"
+            attempt = int(before) + int(count)
+            try:
+                task = decode_task(raw, attempt)
+                error = None
+            except ValueError as exc:
+                task = Task(type=type_, payload=None, id=f"redis:{entry}", attempt=attempt)
+                error = f"undecodable task in {self._stream(type_)} entry {entry}: {exc}"
+            again = bool(int(redelivered))
+            if again:  # a worker of this type died: the next poll looks for more of its leases
+                self._next_reclaim.pop(type_, None)
+            out.append(Delivery(task, receipt, again, decode_error=error))
+        return out
+
+    def _parse(self, delivery: Delivery) -> tuple[str, str, str]:
+        entry, token, type_ = delivery.receipt.split("|", 2)
+        return self._stream(type_), entry, token
+
+    def ack(self, delivery: Delivery) -> Answer:
+        return self._settle(Settle(delivery, "ack"))
+
+    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> Answer:
+        return self._settle(Settle(delivery, "retry", delay_s, failure))
+
+    def dead(self, delivery: Delivery, record: DeadLetter) -> Answer:
+        return self._settle(Settle(delivery, "dead", record=record))
+
+    def release(self, delivery: Delivery) -> Answer:
+        return self._settle(Settle(delivery, "release"))
+
+    def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
+        """Every op in one SETTLE script call: one round trip, atomic in Redis."""
+        self._check_open()
+        return self._flush_settles([self._op(op) for op in ops]) if ops else []
+
+    def _settle(self, op: Settle) -> Answer:
+        return self.settle_many([op])[0]
+
+    def _op(self, op: Settle) -> _Settle:
+        """``op`` as the SETTLE script's seven fields (see redis_scripts.SETTLE)."""
+        entry, token, type_ = op.delivery.receipt.split("|", 2)
+        if op.kind == "retry":
+            assert op.failure is not None
+            now = self._clock()
+            not_before = now + max(0.0, op.delay_s)
+            task = replace(op.delivery.task.with_failure(op.failure), not_before=not_before)
+            member = _delayed_member(task.attempt, encode_task(task))
+            return ("retry", type_, entry, token, repr(not_before), member, repr(now))
+        if op.kind == "dead":
+            record = op.record
+            assert record is not None
+            encoded = encode_dead_letter(record)
+            return ("dead", type_, entry, token, record.id, encoded, repr(record.dead_at))
+        return (op.kind, type_, entry, token, "", "", "")
+
+    def _flush_settles(self, ops: Sequence[_Settle]) -> list[Answer]:
+        """One SETTLE script call for every operation in ``ops``."""
+        keys, args = self._settle_call(ops)
+        return [_ANSWERS[ok] for ok in self._run("SETTLE", keys, args, self._settle_line)]
+
+    def _settle_call(self, ops: Sequence[_Settle]) -> tuple[list[str], list[Any]]:
+        types: dict[str, int] = {}
+        args: list[Any] = [GROUP, self._visibility_ms]
+        for kind, type_, *rest in ops:
+            args += [kind, types.setdefault(type_, len(types) + 1), *rest]
+        keys = list(self._settle_keys)
+        for type_ in types:
+            keys += [self._stream(type_), self._delayed(type_)]
+        return keys, args
+
+    def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]:
+        self._check_open()
+        if not deliveries:
+            return []
+        keys = list(self._extend_keys)
+        args: list[Any] = [GROUP, self.consumer]
+        for delivery in deliveries:
+            stream, entry, token = self._parse(delivery)
+            keys.append(stream)
+            args += [entry, token]
+        return [_ANSWERS[ok] for ok in self._run("EXTEND", keys, args)]
+
+    def wake(self) -> None:
+        self._woken.set()
+        with self._wake_lock:
+            send = self._reading and not self._wake_sent
+            self._wake_sent = self._wake_sent or send
+        if send:
+            self._send_wake()
+
+    def _send_wake(self) -> None:
+        """Add an entry to the wake stream: the blocked read returns. Never raises: if Redis
+        cannot be reached, the get ends at the end of its slice instead."""
+        try:
+            pipe = self._wake_client.pipeline(transaction=False)
+            pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+            pipe.pexpire(self._wake_key, WAKE_KEY_TTL_MS)
+            pipe.execute()
+            self._wake_key_made = True
+        except redis.RedisError as exc:
+            log.debug("wake not sent: %s", exc)
+
+    def depth(self) -> dict[str, Depth]:
+        types = sorted(
+            t.decode() for t in self._call(lambda: self._client.smembers(self._key("types")))
+        )
+        if not types:
+            return {}
+        keys = [k for name in types for k in (self._stream(name), self._delayed(name))]
+        rows = self._run("DEPTH", keys, [GROUP, repr(self._clock())])
+        return {
+            name: Depth(
+                ready=int(length) - int(pending) + int(due),
+                delayed=int(delayed) - int(due),
+                leased=int(pending),
+            )
+            for name, (length, pending, delayed, due) in zip(types, rows, strict=True)
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.wake()
+        # The wake ends a blocked read at once (with Redis down, at the end of its slice); do
+        # not wait forever on a stuck one.
+        acquired = self._getting.acquire(timeout=max(2.0, 3 * self._block_slice))
+        try:
+            if self._wake_key_made:
+                with contextlib.suppress(redis.RedisError):
+                    self._wake_client.delete(self._wake_key)
+            self._wake_client.close()
+            self._client.close()
+        finally:
+            if acquired:
+                self._getting.release()
+
+
+class _Line:
+    """A client's one connection, driven directly for the hot script calls.
+
+    A call through ``redis.Redis`` passes a deprecated-arguments check, a retry wrapper, timing
+    hooks and a response-callback lookup around the command itself; on the dispatcher's path
+    that cost more CPU than the script's own work in Redis. This sends EVALSHA and reads the
+    reply on the same connection, under the client's own lock (so its other commands, such as
+    the blocking XREAD, never interleave). Errors are redis-py's: a connection that failed
+    mid-command is closed by redis-py and reconnects on the next call.
+    """
+
+    def __init__(self, client: Any) -> None:
+        # Keep the client: once collected, it would hand its connection back to the pool while
+        # this line still uses it, and another caller's replies would interleave with ours.
+        self._client = client
+        self._conn = client.connection
+        self._lock = client.single_connection_lock
+
+    def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        with self._lock:
+            try:
+                return self._command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except NoScriptError:  # a restarted (or SCRIPT FLUSHed) Redis: load it again
+                self._command("SCRIPT", "LOAD", script.script)
+                return self._command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def _command(self, *parts: Any) -> Any:
+        self._conn.send_command(*parts)
+        return self._conn.read_response()
+
+
+def _delayed_member(attempt: int, envelope: bytes) -> bytes:
+    # A random prefix keeps two identical envelopes apart in the sorted set.
+    return f"{secrets.token_hex(8)} {attempt} ".encode() + envelope
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for error messages."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+def _log_reconnecting(attempt: int, exc: BaseException | None) -> None:
+    log_event(
+        log,
+        logging.WARNING,
+        "broker.reconnecting",
+        f"attempt {attempt} after {exc}",
+        attempt=attempt,
+        error=str(exc),
+    )

@@ -1,0 +1,87 @@
+"""The Redis broker's data model, and its Lua scripts (kept in .lua files beside this module).
+
+Data model (every key starts with ``{namespace}:``, a hash tag, so all keys of one namespace live
+in one Redis Cluster slot and a script may touch any of them):
+
+- ``q:<type>``   stream of ready and leased tasks, one consumer group ``GROUP``. Entry fields:
+  ``a`` = hand-outs before this entry (attempts already used), ``t`` = the JSON envelope.
+  A task's attempt at hand-out is ``a`` + the entry's delivery count, which Redis keeps in the
+  pending entries list (XREADGROUP sets it to 1, XAUTOCLAIM adds 1, ``XCLAIM JUSTID`` does not).
+  A delivery count of 2 or more means a lease of the entry expired: it is handed out as
+  *redelivered*. A released entry stays where it is, pending for the consumer ``RELEASED``
+  with its delivery count lowered by one, so it is handed out again before newer entries, with
+  the same attempt and redelivered flag (as on the other brokers).
+- ``d:<type>``   sorted set of delayed tasks scored by not_before; member ``"<nonce> <a> <t>"``
+  (the nonce keeps two equal envelopes apart).
+- ``leases``     hash ``"<entry id>@<stream key>"`` -> lease token of the current delivery. Every
+  ack / retry / dead / release / extend checks the token first: XACK alone does not check who
+  owns an entry, so this is what fences a worker whose delivery was reclaimed.
+- ``settled:<ms>:0`` / ``settled:<ms>:1``  sets of the lease tokens settled recently by brokers
+  whose visibility timeout is ``<ms>`` milliseconds, so that a settle or renewal under a token
+  that already settled answers *already done*, not *fenced* (a resent call whose reply was
+  lost, a renewal racing the settle). Redis' clock cuts time into buckets one visibility
+  timeout wide; bucket ``b`` writes the set of parity ``b % 2``, which holds the member
+  ``#<b>``: a settle finding another bucket's mark there empties the set first. A set expires
+  at the end of bucket ``b + 1``, so a token is remembered for one to two visibility timeouts,
+  and the two sets hold at most two buckets' settles (at 10,000 settles/s and a 30 s visibility
+  timeout, about 0.6 million tokens, roughly 50 MB). Tokens are unique (a random nonce per
+  broker), so any token found in either set did settle. Only the broker that settled a token
+  sends it again, so brokers of one namespace with different visibility timeouts keep
+  separate sets.
+- ``count``      the capacity counter: tasks from put until ack or dead (XLEN cannot serve, as it
+  would count what another consumer has read, and a stream is never trimmed below its unacked
+  entries; acked entries are XDEL-ed instead).
+- ``types``      set of every type ever put (for depth and the operator commands).
+- ``dlq`` / ``dlq:idx``  hash task id -> dead-letter JSON, and a sorted set by dead_at.
+- ``wake:<consumer>``  one broker's wake stream (one entry, expiring): ``wake()`` adds to it to
+  end that broker's blocked XREAD (runner/brokers/redis.py), never read by a script.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _lua(name: str) -> str:
+    """The text of ``name``.lua, beside this module (shipped as package data)."""
+    return Path(__file__).with_name(f"{name}.lua").read_text(encoding="utf-8")
+
+
+#: The one consumer group of every stream.
+GROUP = "dq"
+#: The consumer that released entries are pending for until a poll hands them out again (no
+#: real consumer has this name: theirs are "host:pid:random"). Spelled out in the scripts.
+RELEASED = "~released"
+
+# Shared helpers, prepended to the scripts that need them.
+_ENSURE_GROUP = _lua("ensure_group")
+
+# The memory of settled tokens (the ``settled:<ms>:*`` sets of the module docstring).
+_WAS_SETTLED = _lua("was_settled")
+
+# TIME is Redis' clock; a script may write after it, as scripts replicate their effects (the
+# only mode Redis 7 has).
+_REMEMBER = _lua("remember")
+
+# put.lua (KEYS, ARGV and the reply are described there).
+PUT = _ENSURE_GROUP + _lua("put")
+
+# poll.lua (KEYS, ARGV and the reply are described there).
+_POLL_FN = _lua("poll")
+POLL = _ENSURE_GROUP + _POLL_FN + "return poll(KEYS, ARGV)\n"
+
+# settle.lua (KEYS, ARGV and the reply are described there).
+_SETTLE_FN = _lua("settle")
+SETTLE = _WAS_SETTLED + _REMEMBER + _SETTLE_FN + "return settle(KEYS, ARGV)\n"
+
+# exchange.lua (KEYS, ARGV and the reply are described there).
+EXCHANGE = _ENSURE_GROUP + _WAS_SETTLED + _REMEMBER + _SETTLE_FN + _POLL_FN + _lua("exchange")
+
+# extend.lua (KEYS, ARGV and the reply are described there).
+EXTEND = _WAS_SETTLED + _lua("extend")
+
+# replay.lua (KEYS, ARGV and the reply are described there).
+REPLAY = _ENSURE_GROUP + _lua("replay")
+
+# depth.lua (KEYS, ARGV and the reply are described there).
+DEPTH = _lua("depth")

@@ -1,0 +1,6 @@
+"""The SQLite broker: a durable queue in one file, shared by the processes of one machine.
+
+``broker`` (SqliteBroker), ``schema`` (the file: schema, connection settings, error
+translation, row helpers), ``batch`` (group commit of many threads' writes) and ``checkpoint``
+(WAL checkpoints off the commit path).
+"""

@@ -1,0 +1,653 @@
+"""SqliteBroker: a durable broker in one SQLite file, shared by the processes of one machine.
+
+Guarantees (the contract in runner.brokers.base, plus durability):
+
+- At-least-once. Every committed put, claim, ack, retry and dead-letter survives the crash of
+  any process (WAL, ``synchronous=NORMAL``); a power cut may lose the last few commits.
+- Each claim is one ``BEGIN IMMEDIATE`` transaction that leases its rows for
+  ``visibility_timeout`` seconds under a fresh receipt, so two processes never hold the same
+  delivery at once. A worker that dies leaves its lease to expire; the task is then handed out
+  again with ``redelivered=True`` and one more attempt.
+- ``ack``, ``retry``, ``dead``, ``release`` and ``extend`` match on (id, receipt), so a stale
+  worker changes nothing. ``dead`` writes the DLQ row and deletes the task in one transaction.
+  A settle that takes effect also writes its receipt to the ``settled`` table in that
+  transaction; an op whose receipt no longer matches answers ALREADY_DONE when the table has it
+  from less than a ``visibility_timeout`` ago, FENCED otherwise. Receipts begin with their
+  claim time, so the rows that can be that old are the first ones in the table: at most once
+  per ``PRUNE_EVERY_S``, a settle's transaction deletes the old ones among them.
+- Group commit (sqlite_batch): claims, acks, retries, dead-letters and releases from this
+  process's threads queue up and share the next transaction; each call returns its own fenced
+  answer only after that COMMIT, so nothing is reported before it is durable.
+- Promotion of due delayed tasks and expired leases is skipped while nothing can be due: the
+  earliest due time is cached, lowered by this process's writes, and any other process's
+  commit (``PRAGMA data_version``) forces a promotion at the next claim.
+- Capacity is counted in the same transaction as the insert, so it holds across processes.
+- WAL checkpoints run in a background thread (sqlite_checkpoint), not in the committing one.
+
+Limits: one machine (SQLite file locking is not reliable on network filesystems); writes are
+serialised by SQLite, so throughput is bounded by one writer at a time. Other processes'
+puts are seen by polling (1 ms backing off to 50 ms); this process's own puts, acks and
+``wake()`` end a wait at once. A process frozen inside a write transaction (SIGSTOP) blocks all
+writers; after ``BUSY_TIMEOUT_MS`` they raise BrokerUnavailable, which callers may retry.
+
+Ordering: FIFO by put within a type. Released tasks, expired leases and due retries keep their
+original place (the row's ``seq``), so they come before tasks put after them.
+
+Size: about 650 lines: the broker contract on one connection and its group commit; schema,
+opening and row codecs are in schema.py, batching in batch.py, checkpoints in checkpoint.py.
+The admin side is the next part to split out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Literal
+
+from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth, Settle
+from runner.brokers.sqlite.batch import GroupCommit, Pending
+from runner.brokers.sqlite.checkpoint import Checkpointer
+from runner.brokers.sqlite.schema import (
+    IDS_PER_QUERY,
+    LEASED,
+    READY,
+    WAITING,
+    anything_claimable,
+    connect,
+    dlq_where,
+    insert_row,
+    insert_tasks,
+    next_due,
+    replay_one,
+    rollback,
+    to_dead_letter,
+    to_delivery,
+    unavailable,
+)
+from runner.codec import encode_dead_letter, encode_task
+from runner.errors import BrokerClosed, QueueFull
+from runner.model import AttemptRecord, DeadLetter, Task
+
+#: The answers, read once: an Enum member lookup costs about 0.1 us on Python 3.11, per settle.
+_DONE, _ALREADY_DONE, _FENCED = Answer.DONE, Answer.ALREADY_DONE, Answer.FENCED
+
+_MIN_POLL_S = 0.001
+_MAX_POLL_S = 0.05
+#: Settled receipts a visibility timeout old are deleted at most this often (per process).
+PRUNE_EVERY_S = 1.0
+
+_CLAIM_SQL = f"""
+UPDATE tasks
+   SET state = {LEASED}, lease = :token || '-' || seq, due_at = :until, attempt = attempt + 1
+ WHERE seq IN (SELECT seq FROM tasks WHERE type = :type AND state = {READY} ORDER BY seq LIMIT :n)
+RETURNING seq, id, type, attempt, redelivered, lease, envelope
+"""
+_PROMOTE_SQL = f"""
+UPDATE tasks SET state = {READY}, redelivered = (redelivered OR state = {LEASED})
+ WHERE state IN ({WAITING}, {LEASED}) AND due_at <= ?
+"""
+_ACK_SQL = "DELETE FROM tasks WHERE id = ? AND lease = ?"
+#: Many acks at once. A lease names one claim of one row, so matching any of the ids and any of
+#: the leases matches exactly the (id, lease) pairs asked for.
+_ACK_MANY_SQL = "DELETE FROM tasks WHERE id IN ({0}) AND lease IN ({0}) RETURNING lease"
+_RETRY_SQL = (
+    "UPDATE tasks SET state = ?, due_at = ?, lease = NULL, redelivered = 0, envelope = ?"
+    " WHERE id = ? AND lease = ?"
+)
+_DEAD_SQL = (
+    "INSERT OR REPLACE INTO dead_letters (id, type, error_type, dead_at, record, raw_envelope)"
+    " SELECT id, type, ?, ?, ?, CASE WHEN ? THEN envelope END FROM tasks WHERE id = ? AND lease = ?"
+)
+_RELEASE_SQL = (
+    f"UPDATE tasks SET state = {READY}, due_at = 0, lease = NULL, attempt = max(attempt - 1, 0)"
+    " WHERE id = ? AND lease = ?"
+)
+_EXTEND_SQL = f"UPDATE tasks SET state = {LEASED}, due_at = ? WHERE id = ? AND lease = ?"
+#: One statement per batch: executemany costs about 2 us more per row.
+_SETTLED_SQL = (
+    "INSERT OR IGNORE INTO settled (receipt, settled_at) SELECT column1, ? FROM (VALUES {0})"
+)
+_WAS_SETTLED_SQL = "SELECT 1 FROM settled WHERE receipt = ? AND settled_at > ?"
+#: Only rows claimed before the cutoff can have been settled before it: a range of the key.
+_PRUNE_SQL = "DELETE FROM settled WHERE receipt < ? AND settled_at <= ?"
+
+
+def _claim_mark(at: float) -> str:
+    """How every receipt claimed at ``at`` begins: fixed-width ms, so receipts sort by claim
+    time. The leading ``z`` sorts after the hex digits that began receipts before there was a
+    ``settled`` table, so those fall in the pruned range too."""
+    return f"z{max(int(at * 1000), 0):012x}"
+
+
+class SqliteBroker:
+    """A Broker and BrokerAdmin over the SQLite file at ``path`` (created with its parents).
+
+    Raises BrokerUnavailable, naming the file, when the file cannot be opened, written
+    (read-only, disk full) or is not a database. Every method raises BrokerClosed after close().
+    """
+
+    #: Capability flag: other processes on this machine may use the same file.
+    shared = True
+
+    def __init__(
+        self,
+        path: str,
+        capacity: int,
+        enqueue_timeout: float,
+        overflow: Literal["block", "reject"],
+        visibility_timeout: float,
+        clock: Callable[[], float] = time.time,
+        read_only: bool = False,  # operator reads only (stats, dlq list): the file is not written
+        file_mode: int = 0o600,  # of the file when this call creates it
+    ) -> None:
+        self.path = path
+        self._capacity = capacity
+        self._enqueue_timeout = enqueue_timeout
+        self._overflow = overflow
+        self._visibility_timeout = visibility_timeout
+        self._clock = clock
+        self._conn = connect(path, read_only=read_only, file_mode=file_mode)
+        self._checkpoints = Checkpointer(path)  # WAL checkpoints off the commit path
+        self._lock = threading.RLock()  # guards the one connection
+        self._commits = GroupCommit()  # fenced writes waiting for the next transaction
+        self._cond = threading.Condition()  # local changes, wake() and close()
+        self._changes = 0
+        self._woken = False
+        self._closed = False
+        self._rotation = itertools.count()
+        self._token_prefix = os.urandom(8).hex()  # this broker's; a counter numbers its claims
+        self._claims = itertools.count()
+        self._busy = False  # the last claim handed something out: skip the read before the next
+        self._settled = False  # a settle in the open transaction took: wake waiters after COMMIT
+        # Promotion of due rows is skipped before this time unless another process wrote since
+        # the last promotion (its data_version); -inf: promote at the next claim.
+        self._promote_at = -math.inf
+        self._seen_version: int | None = None
+        self._prune_at = -math.inf  # when settled receipts are next pruned
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction: committed on success, rolled back on any error.
+
+        Before its COMMIT it also runs every fenced write queued in the group commit, and
+        hands each its answer once committed (or the error, if the transaction failed).
+        """
+        with self._lock:
+            conn = self._open_connection()
+            taken: list[Pending] = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                taken = self._commits.take()
+                results = [pending.statement(conn) for pending in taken]
+                conn.execute("COMMIT")
+                self._checkpoints.committed()
+            except sqlite3.Error as exc:
+                self._rolled_back(conn)
+                error = unavailable(self.path, exc)
+                self._commits.finish(taken, error=error)
+                raise error from exc
+            except BaseException as exc:
+                self._rolled_back(conn)
+                self._commits.finish(taken, error=exc)
+                raise
+            settled, self._settled = self._settled, False
+        self._commits.finish(taken, results)
+        if settled:  # an ack, retry, dead or release took: room, or a task ready again
+            self._changed()
+
+    def _rolled_back(self, conn: sqlite3.Connection) -> None:
+        rollback(conn)
+        self._promote_at = -math.inf  # what the rolled-back work noted may not hold
+        self._settled = False
+
+    def _settle(self, ops: Sequence[Settle]) -> list[Answer]:
+        """Run fenced writes in the next write transaction; their answers once committed."""
+        if self._closed:
+            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+        if not ops:
+            return []
+        answers: list[Answer] = self._commits.run(self._settle_statement(ops), self._flush)
+        return answers
+
+    def _settle_statement(
+        self, ops: Sequence[Settle]
+    ) -> Callable[[sqlite3.Connection], list[Answer]]:
+        """The fenced writes of ``ops`` as one statement for the group commit.
+
+        Answers as if run one by one, in order: only the first op on a delivery can take effect
+        (any write moves its lease on), so a later one answers unrun (ALREADY_DONE, or FENCED
+        when the first was); the others touch different rows, so the acks among them run as one
+        DELETE.
+        """
+        first: dict[str, int] = {}  # receipt (unique to one claim of one row) -> its first op
+        repeats: list[tuple[int, int]] = []  # (op, the first op on the same receipt)
+        acks: list[int] = []
+        others: list[tuple[int, Callable[[sqlite3.Connection], bool]]] = []
+        for i, op in enumerate(ops):
+            receipt = op.delivery.receipt
+            earlier = first.get(receipt)
+            if earlier is not None:
+                repeats.append((i, earlier))
+                continue
+            first[receipt] = i
+            if op.kind == "ack":
+                acks.append(i)
+            else:
+                others.append((i, self._statement(op)))
+
+        def statement(conn: sqlite3.Connection) -> list[Answer]:
+            answers = [_FENCED] * len(ops)
+            now = self._clock()
+            done: list[str] = []  # receipts for ``settled``
+            if acks:
+                ids = [ops[i].delivery.task.id for i in acks]
+                leases = [ops[i].delivery.receipt for i in acks]
+                sql = _ACK_MANY_SQL.format(", ".join("?" * len(acks)))
+                gone = {row[0] for row in conn.execute(sql, (*ids, *leases))}
+                for i, lease in zip(acks, leases, strict=True):
+                    if lease in gone:
+                        answers[i] = _DONE
+                        done.append(lease)
+            for i, run in others:
+                if run(conn):
+                    answers[i] = _DONE
+                    done.append(ops[i].delivery.receipt)
+            if len(done) < len(first):  # some found their lease gone: settled, or fenced?
+                for receipt, i in first.items():
+                    if answers[i] is _FENCED and self._was_settled(conn, receipt, now):
+                        answers[i] = _ALREADY_DONE
+            if done:
+                self._remember(conn, done, now)
+            for i, earlier in repeats:
+                answers[i] = _ALREADY_DONE if answers[earlier] else _FENCED
+            return answers
+
+        return statement
+
+    def _remember(self, conn: sqlite3.Connection, done: list[str], now: float) -> None:
+        """Write the receipts ``done`` to ``settled`` as settled at ``now``; prune when due."""
+        self._settled = True  # wake waiters after COMMIT
+        for i in range(0, len(done), IDS_PER_QUERY):
+            chunk = done[i : i + IDS_PER_QUERY]
+            conn.execute(_SETTLED_SQL.format(", ".join(["(?)"] * len(chunk))), (now, *chunk))
+        if now >= self._prune_at:
+            cutoff = now - self._visibility_timeout
+            conn.execute(_PRUNE_SQL, (_claim_mark(cutoff), cutoff))
+            self._prune_at = now + PRUNE_EVERY_S
+
+    def _was_settled(self, conn: sqlite3.Connection, receipt: str, now: float) -> bool:
+        """Whether a settle under ``receipt`` took effect less than a visibility timeout ago."""
+        since = now - self._visibility_timeout
+        return conn.execute(_WAS_SETTLED_SQL, (receipt, since)).fetchone() is not None
+
+    def _flush(self) -> None:
+        with self._lock:
+            if not self._commits.waiting():
+                return  # another transaction (a claim or put) already ran them
+            with self._write():  # the lock is reentrant: held across the check and the write
+                pass
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._open_connection()
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise unavailable(self.path, exc) from exc
+
+    def _open_connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+        return self._conn
+
+    def _changed(self) -> None:
+        with self._cond:
+            self._changes += 1
+            self._cond.notify_all()
+
+    def _pause(self, seen: int, seconds: float) -> None:
+        """Sleep up to ``seconds`` unless this process changed something since ``seen``."""
+        with self._cond:
+            if self._changes == seen and not self._woken and not self._closed:
+                self._cond.wait(seconds)
+
+    # -- producer side ----------------------------------------------------------------------
+
+    def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None:
+        """Enqueue all of ``tasks`` or none; blocks for room up to ``timeout``, then QueueFull."""
+        if not tasks:
+            self._open_connection()  # still raise BrokerClosed after close
+            return
+        now = self._clock()
+        rows = [insert_row(task, now) for task in tasks]
+        # insert_row's (id, type, state, due_at, ...): only delayed rows fall due later
+        earliest = min((row[3] for row in rows if row[2] == WAITING), default=math.inf)
+
+        def insert(conn: sqlite3.Connection) -> int:
+            self._due_by(earliest)
+            return insert_tasks(conn, rows)
+
+        self._insert_when_room(len(rows), insert, timeout)
+
+    def _insert_when_room(
+        self, needed: int, insert: Callable[[sqlite3.Connection], int], timeout: float | None
+    ) -> int:
+        """Run ``insert`` in a transaction that has room for ``needed`` more tasks."""
+        if self._closed:
+            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+        if needed > self._capacity:
+            raise QueueFull(f"{needed} tasks cannot fit a queue of capacity {self._capacity}")
+        wait_s = self._enqueue_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait_s
+        pause = _MIN_POLL_S
+        while True:
+            seen = self._changes
+            with self._write() as conn:
+                count = conn.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()[0]
+                inserted = insert(conn) if count + needed <= self._capacity else None
+            if inserted is not None:
+                if inserted:
+                    self._changed()
+                return inserted
+            remaining = deadline - time.monotonic()
+            if self._overflow == "reject" or remaining <= 0:
+                raise QueueFull(
+                    f"sqlite broker {self.path}: queue full ({count} of {self._capacity} held, "
+                    f"{needed} more asked for)"
+                )
+            self._pause(seen, min(pause, remaining))
+            pause = min(pause * 2, _MAX_POLL_S)
+            if self._closed:
+                raise BrokerClosed(f"sqlite broker {self.path} was closed while putting")
+
+    # -- consumer side ----------------------------------------------------------------------
+
+    def get(self, slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
+        """Claim up to ``slots[type]`` due tasks per type (``limit`` in all), oldest first.
+
+        Waits up to ``timeout`` for the first; returns [] on timeout, wake() or close().
+        """
+        if self._closed:
+            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+        deadline = time.monotonic() + max(timeout, 0.0)
+        pause = _MIN_POLL_S
+        while True:
+            seen = self._changes
+            try:
+                deliveries, next_due = self._claim(slots, limit)
+            except BrokerClosed:
+                return []  # closed while we waited
+            if deliveries:
+                return deliveries
+            with self._cond:
+                if self._woken or self._closed:
+                    self._woken = False
+                    return []
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            wait = min(pause, remaining)
+            if next_due is not None:
+                wait = min(wait, max(next_due - self._clock(), _MIN_POLL_S))
+            self._pause(seen, wait)
+            pause = min(pause * 2, _MAX_POLL_S)
+
+    def _claim(self, slots: Mapping[str, int], limit: int) -> tuple[list[Delivery], float | None]:
+        """One claim transaction; returns the deliveries, or none and the next due time."""
+        wanted = self._wanted(slots, limit)
+        if not wanted:
+            return [], None
+        if not self._busy:
+            # Idle: a read first, so idle pollers in other processes do not take the write lock.
+            with self._read() as conn:
+                if not anything_claimable(conn, [kind for kind, _ in wanted], self._clock()):
+                    return [], next_due(conn)
+        # Queued like an ack, so that a claim and the acks waiting beside it share one commit.
+        rows: list[Any] = self._commits.run(self._claim_statement(wanted, limit), self._flush)
+        self._busy = bool(rows)
+        return [to_delivery(row) for row in rows], None
+
+    def exchange(
+        self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
+    ) -> tuple[list[Answer], list[Delivery]]:
+        """``settle_many(ops)`` and a claim (as ``get`` with timeout 0), in one transaction."""
+        if self._closed:
+            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+        settle = self._settle_statement(ops)
+        wanted = self._wanted(slots, limit)
+        claim = self._claim_statement(wanted, limit) if wanted else None
+
+        def statement(conn: sqlite3.Connection) -> tuple[list[Answer], list[Any]]:
+            return settle(conn), claim(conn) if claim is not None else []
+
+        answers, rows = self._commits.run(statement, self._flush)
+        self._busy = bool(rows)
+        return answers, [to_delivery(row) for row in rows]
+
+    def _wanted(self, slots: Mapping[str, int], limit: int) -> list[tuple[str, int]]:
+        """The types to claim from, with their slots; the first one rotates."""
+        wanted = [(kind, n) for kind, n in slots.items() if n > 0]
+        if limit <= 0 or not wanted:
+            return []
+        # Rotate the starting type so that a small ``limit`` does not always favour the first.
+        start = next(self._rotation) % len(wanted)
+        return wanted[start:] + wanted[:start]
+
+    def _claim_statement(
+        self, wanted: list[tuple[str, int]], limit: int
+    ) -> Callable[[sqlite3.Connection], list[Any]]:
+        unique = f"{self._token_prefix}{next(self._claims):x}"  # per claim, with no syscall
+
+        def statement(conn: sqlite3.Connection) -> list[Any]:
+            rows: list[Any] = []
+            now = self._clock()  # inside the transaction, which may have waited for the lock
+            token = _claim_mark(now) + unique
+            self._promote_due(conn, now)
+            until = now + self._visibility_timeout
+            self._due_by(until)
+            for kind, n in wanted:
+                take = min(n, limit - len(rows))
+                if take <= 0:
+                    break
+                params = {"token": token, "until": until, "type": kind, "n": take}
+                claimed = conn.execute(_CLAIM_SQL, params).fetchall()
+                rows.extend(sorted(claimed))  # RETURNING order is unspecified; seq is FIFO
+            return rows
+
+        return statement
+
+    def _promote_due(self, conn: sqlite3.Connection, now: float) -> None:
+        """Make due delayed tasks and expired leases claimable, unless none can be due yet.
+
+        Skipped while ``now`` is before the earliest due time known (taken from the whole
+        table at the last promotion, lowered by this process's own writes since) and no other
+        process has committed since (``PRAGMA data_version``): then nothing can be due.
+        """
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._seen_version and now < self._promote_at:
+            return
+        conn.execute(_PROMOTE_SQL, (now,))
+        upcoming = next_due(conn)
+        self._promote_at = math.inf if upcoming is None else upcoming
+        self._seen_version = version
+
+    def _due_by(self, when: float) -> None:
+        """Note a row this process wrote that falls due at ``when`` (connection lock held)."""
+        self._promote_at = min(self._promote_at, when)
+
+    def ack(self, delivery: Delivery) -> Answer:
+        return self._settle([Settle(delivery, "ack")])[0]
+
+    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> Answer:
+        return self._settle([Settle(delivery, "retry", delay_s, failure)])[0]
+
+    def dead(self, delivery: Delivery, record: DeadLetter) -> Answer:
+        return self._settle([Settle(delivery, "dead", record=record)])[0]
+
+    def release(self, delivery: Delivery) -> Answer:
+        return self._settle([Settle(delivery, "release")])[0]
+
+    def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
+        """All of ``ops`` in one transaction (with whatever else is queued for it)."""
+        return self._settle(ops)
+
+    def _statement(self, op: Settle) -> Callable[[sqlite3.Connection], bool]:
+        """The fenced write for a release, retry or dead ``op`` (acks run together, in
+        ``_settle_statement``); True when the delivery's lease was still current."""
+        delivery = op.delivery
+        key = (delivery.task.id, delivery.receipt)
+        if op.kind == "release":
+            return lambda conn: conn.execute(_RELEASE_SQL, key).rowcount == 1
+        if op.kind == "retry":
+            assert op.failure is not None
+            due = self._clock() + max(op.delay_s, 0.0)
+            task = replace(delivery.task.with_failure(op.failure), not_before=due)
+            state, due_at = (WAITING, due) if op.delay_s > 0 else (READY, 0.0)
+            params = (state, due_at, encode_task(task), *key)
+
+            def retry(conn: sqlite3.Connection) -> bool:
+                self._due_by(due)
+                return bool(conn.execute(_RETRY_SQL, params).rowcount == 1)
+
+            return retry
+        record = op.record
+        assert record is not None
+        keep_raw = delivery.decode_error is not None
+        encoded = encode_dead_letter(record)
+        dead_params = (record.error_type, record.dead_at, encoded, keep_raw, *key)
+
+        def dead(conn: sqlite3.Connection) -> bool:
+            if conn.execute(_DEAD_SQL, dead_params).rowcount != 1:
+                return False
+            conn.execute(_ACK_SQL, key)
+            return True
+
+        return dead
+
+    def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]:
+        if not deliveries:
+            self._open_connection()  # still raise BrokerClosed after close
+            return []
+        now = self._clock()
+        until = now + self._visibility_timeout
+        answers: list[Answer] = []
+        with self._write() as conn:
+            self._due_by(until)  # a lease that expired but was not yet claimed is leased again
+            for d in deliveries:
+                if conn.execute(_EXTEND_SQL, (until, d.task.id, d.receipt)).rowcount == 1:
+                    answers.append(_DONE)
+                elif self._was_settled(conn, d.receipt, now):
+                    answers.append(_ALREADY_DONE)  # a renewal racing the settle
+                else:
+                    answers.append(_FENCED)
+        return answers
+
+    def wake(self) -> None:
+        """End the blocked get() with [].
+
+        If no get() is waiting, the next one returns [] as soon as it finds nothing to claim: a
+        wake that races with a dispatcher about to call get() must not be lost.
+        """
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
+    def depth(self) -> dict[str, Depth]:
+        now = self._clock()
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT type, total(state = {READY} OR due_at <= :now),"
+                f" total(state = {WAITING} AND due_at > :now),"
+                f" total(state = {LEASED} AND due_at > :now)"
+                " FROM tasks GROUP BY type ORDER BY type",
+                {"now": now},
+            ).fetchall()
+        return {kind: Depth(int(r), int(d), int(le)) for kind, r, d, le in rows}
+
+    def close(self) -> None:
+        """Close the file; idempotent. Blocked get() calls return [], blocked puts raise."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._checkpoints.close()
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> SqliteBroker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- operator side (BrokerAdmin) --------------------------------------------------------
+
+    def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
+        """Matching dead letters, oldest death first."""
+        found: list[DeadLetter] = []
+        with self._read() as conn:
+            for clause, params in dlq_where(where):
+                rows = conn.execute(
+                    "SELECT id, type, error_type, dead_at, record FROM dead_letters"
+                    f" WHERE {clause}",
+                    params,
+                ).fetchall()
+                found.extend(to_dead_letter(*row) for row in rows)
+        found.sort(key=lambda record: (record.dead_at, record.id))
+        return found
+
+    def dead_letter_count(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+
+    def oldest_enqueued_at(self) -> dict[str, float]:
+        """Per type, the earliest ``enqueued_at`` of its queued rows (one scan; operator use)."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT type, min(enqueued_at) FROM tasks GROUP BY type").fetchall()
+        return {kind: float(at) for kind, at in rows}
+
+    def replay(self, ids: Sequence[str]) -> int:
+        """Move these dead letters back to the queue with attempt 0; returns how many moved.
+
+        All-or-nothing like put_many: blocks for room up to enqueue_timeout, then QueueFull.
+        Skipped: unknown ids, ids already queued, undecodable records, and tasks that were
+        dead-lettered because their envelope could not be decoded (their payload is gone).
+        """
+        wanted = DeadLetterFilter(ids=frozenset(ids))
+        needed = len(self.dead_letters(wanted))
+        if needed == 0:
+            return 0
+
+        def insert(conn: sqlite3.Connection) -> int:
+            moved = 0
+            for clause, params in dlq_where(wanted):
+                rows = conn.execute(
+                    "SELECT id, type, error_type, dead_at, record, raw_envelope"
+                    f" FROM dead_letters WHERE {clause}",
+                    params,
+                ).fetchall()
+                for row in rows:
+                    moved += replay_one(conn, row, self._clock())
+            return moved
+
+        return self._insert_when_room(needed, insert, None)
+
+    def purge(self, where: DeadLetterFilter) -> int:
+        """Delete matching dead letters for good; returns how many."""
+        purged = 0
+        with self._write() as conn:
+            for clause, params in dlq_where(where):
+                purged += conn.execute(f"DELETE FROM dead_letters WHERE {clause}", params).rowcount
+        return purged

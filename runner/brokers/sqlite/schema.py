@@ -1,0 +1,435 @@
+"""The SQLite broker's file: schema, connection settings, error translation and row helpers.
+
+One file holds both tables. ``tasks`` keeps every task from put until ack or dead-letter, in
+one of three states, so that each claim is an index lookup rather than a scan:
+
+- ``READY``   claimable now; handed out in ``seq`` order (the rowid, so FIFO within a type).
+- ``WAITING`` a delayed put or a retry; ``due_at`` is its not_before.
+- ``LEASED``  handed out; ``due_at`` is leased_until and ``lease`` the receipt that fences it.
+
+A claim first promotes WAITING and LEASED rows whose ``due_at`` has passed to READY (an expired
+lease also sets ``redelivered``, and keeps its token until the next claim replaces it, so a
+late-but-unchallenged worker may still ack). Two indexes serve this: ``(type, state)`` (with the
+implicit rowid, so "READY rows of a type in seq order" needs no sort) and
+``(state, due_at)`` for the promotion. ``meta.count`` is kept by triggers and is the capacity
+counter, so a put does not count the table.
+
+``settled`` remembers the receipts whose ack, retry, dead or release took effect, written in the
+settle's own transaction, so that the same call sent again answers ALREADY_DONE rather than
+FENCED. It is read only for an op whose receipt no longer matches its row. Receipts begin with
+their claim time, so new rows go at the end of the key and the rows old enough to prune are at
+its start (see ``SqliteBroker``): one B-tree, no index to keep, and pruning never scans the
+rest. The table came after schema version 1 and is created when missing, so older files open
+unchanged (and older runners ignore it).
+
+Which files are queues: only a path that does not exist is created (with mode 0600 unless
+``file_mode`` widens it; SQLite gives its ``-wal`` and ``-shm`` files the same mode). The new
+file is stamped ``PRAGMA application_id = APPLICATION_ID`` and ``user_version =
+SCHEMA_VERSION``; an existing file must carry both, so a file truncated to 0 bytes, or any
+other database, is refused instead of being taken for a new, empty queue. A file from before
+the stamp (application_id 0, version 1, our tables) is recognised by its tables and stamped on
+open. A process that finds a 0-byte file waits up to ``CREATE_WAIT_S`` for its creator's first
+write before refusing it.
+
+Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the crash of any
+process; the last transactions before a power cut or kernel crash may be lost (never corrupted).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from runner.brokers.base import DeadLetterFilter, Delivery
+from runner.codec import decode_dead_letter, decode_task, encode_task
+from runner.errors import BrokerError, BrokerUnavailable
+from runner.model import DeadLetter, Task
+
+SCHEMA_VERSION = 1
+#: ``PRAGMA application_id`` of a queue file: the bytes "dq-q".
+APPLICATION_ID = 0x64712D71
+#: How long an open waits for a file another process has just created to get its schema.
+CREATE_WAIT_S = 1.0
+_TABLES = frozenset({"tasks", "dead_letters", "meta"})
+
+#: Marks a dead-letter record that could not be decoded (it can be listed and purged).
+CORRUPT = "corrupt record"
+IDS_PER_QUERY = 500  # well under SQLite's bound-parameter limit
+
+READY = 0
+WAITING = 1
+LEASED = 2
+
+#: How long a statement waits for another process's write lock before failing, in ms.
+#: Write transactions here last microseconds; reaching this means a process is stuck holding it.
+BUSY_TIMEOUT_MS = 10_000
+
+_SCHEMA = """
+CREATE TABLE tasks (
+    seq          INTEGER PRIMARY KEY,     -- rowid: FIFO order within a type
+    id           TEXT    NOT NULL UNIQUE,
+    type         TEXT    NOT NULL,
+    state        INTEGER NOT NULL,        -- 0 ready, 1 waiting, 2 leased
+    due_at       REAL    NOT NULL,        -- waiting: not_before; leased: leased_until
+    attempt      INTEGER NOT NULL,        -- deliveries so far (counted at hand-out)
+    redelivered  INTEGER NOT NULL DEFAULT 0,
+    lease        TEXT,                    -- receipt of the latest claim
+    enqueued_at  REAL    NOT NULL,
+    envelope     BLOB    NOT NULL         -- runner.codec.encode_task
+);
+CREATE INDEX tasks_claim ON tasks (type, state);
+CREATE INDEX tasks_due ON tasks (state, due_at);
+
+CREATE TABLE dead_letters (
+    id           TEXT PRIMARY KEY,
+    type         TEXT NOT NULL,
+    error_type   TEXT NOT NULL,
+    dead_at      REAL NOT NULL,
+    record       BLOB NOT NULL,           -- runner.codec.encode_dead_letter
+    raw_envelope BLOB                     -- the stored envelope when it could not be decoded
+);
+CREATE INDEX dead_letters_at ON dead_letters (dead_at);
+
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('count', 0);
+CREATE TRIGGER tasks_count_insert AFTER INSERT ON tasks
+    BEGIN UPDATE meta SET value = value + 1 WHERE key = 'count'; END;
+CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks
+    BEGIN UPDATE meta SET value = value - 1 WHERE key = 'count'; END;
+"""
+
+#: Added to version 1 files when missing (see the module docstring), hence IF NOT EXISTS.
+_SETTLED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS settled (
+    receipt    TEXT PRIMARY KEY,          -- the lease of a claim whose settle took effect
+    settled_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def describe(path: str, exc: sqlite3.Error) -> str:
+    """A message naming the file and SQLite's error code, e.g. ``SQLITE_FULL``."""
+    code = getattr(exc, "sqlite_errorname", None)
+    hint = ""
+    if code and code.startswith("SQLITE_READONLY"):
+        hint = " (is the file or its directory read-only?)"
+    elif code and code.startswith("SQLITE_FULL"):
+        hint = " (is the disk full?)"
+    elif code and code.startswith("SQLITE_NOTADB"):
+        hint = " (the file is not a SQLite database)"
+    elif code and code.startswith("SQLITE_BUSY"):
+        hint = " (another process holds the write lock)"
+    suffix = f" [{code}]" if code else ""
+    return f"sqlite broker {path}: {exc}{suffix}{hint}"
+
+
+def unavailable(path: str, exc: sqlite3.Error) -> BrokerUnavailable:
+    return BrokerUnavailable(describe(path, exc))
+
+
+def connect(path: str, read_only: bool = False, file_mode: int = 0o600) -> sqlite3.Connection:
+    """Open (creating if needed) the broker file at ``path`` and bring its schema up to date.
+
+    ``read_only`` (operator reads: stats, dlq list/show) opens an existing queue file without
+    writing anything, so it works on a file that cannot be written; a missing one is created.
+    ``file_mode``: of a file this call creates (exactly, whatever the umask). Raises
+    BrokerUnavailable, naming the file, when it cannot be opened, written or understood.
+    """
+    if read_only and os.path.exists(path):  # a missing file is created: an empty queue
+        return _connect_read_only(path)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BrokerUnavailable(
+            f"sqlite broker {path}: cannot create its directory: {exc}"
+        ) from exc
+    created = _create(path, file_mode)
+    if not created:
+        _wait_for_content(path)
+
+    def prepare(conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: could not switch to WAL mode (got {mode!r})"
+            )
+        conn.execute("PRAGMA synchronous = NORMAL")
+        _migrate(conn, path, created)
+
+    # isolation_level=None: we issue BEGIN IMMEDIATE ourselves; check_same_thread=False: the
+    # one connection is shared by this process's threads behind the broker's lock.
+    return _open(
+        path,
+        lambda: sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0),
+        prepare,
+    )
+
+
+def _open(
+    path: str,
+    make: Callable[[], sqlite3.Connection],
+    prepare: Callable[[sqlite3.Connection], None],
+) -> sqlite3.Connection:
+    """``make()`` a connection and ``prepare`` it; on any failure close it, and raise a
+    sqlite3.Error as BrokerUnavailable naming ``path``."""
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = make()
+        prepare(conn)
+    except BaseException as exc:
+        if conn is not None:
+            conn.close()
+        if isinstance(exc, sqlite3.Error):
+            raise unavailable(path, exc) from exc
+        raise
+    return conn
+
+
+def _connect_read_only(path: str) -> sqlite3.Connection:
+    _wait_for_content(path)
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+
+    def check(conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        stamp = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if stamp not in (0, APPLICATION_ID) or not tables >= _TABLES:
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: the file is not a distributed-queue database "
+                f"(application_id {stamp:#x}, user_version {version}); refusing to use it"
+            )
+        if version != SCHEMA_VERSION:
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: schema version {version} is not supported "
+                f"(this runner reads version {SCHEMA_VERSION})"
+            )
+
+    return _open(
+        path,
+        lambda: sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False),
+        check,
+    )
+
+
+def _create(path: str, mode: int) -> bool:
+    """Create ``path`` with ``mode`` if it does not exist; True if this call created it."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.fchmod(fd, mode)  # exactly: a umask would otherwise narrow a widened mode
+        finally:
+            os.close(fd)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise BrokerUnavailable(f"sqlite broker {path}: cannot create it: {exc}") from exc
+    return True
+
+
+def _wait_for_content(path: str) -> None:
+    """Refuse a 0-byte file, unless it gains content soon (its creator's first write)."""
+    deadline = time.monotonic() + CREATE_WAIT_S
+    while _size(path) == 0:
+        if time.monotonic() >= deadline:
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: the file exists but holds no queue (0 bytes: truncated?); "
+                "refusing to start a new, empty queue in it: move it away first"
+            )
+        time.sleep(0.02)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1  # gone or unreadable: let the open report it
+
+
+def _migrate(conn: sqlite3.Connection, path: str, created: bool) -> None:
+    """Check the file's stamp and bring its schema up to date (creating it in a new file)."""
+    # BEGIN IMMEDIATE so two processes opening a new file at once create the schema once.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        stamp = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if version == 0 and stamp == 0 and not tables:
+            if not created:
+                raise BrokerUnavailable(
+                    f"sqlite broker {path}: the file exists but holds no queue (truncated?); "
+                    "refusing to start a new, empty queue in it: move it away first"
+                )
+            # Not executescript: it would COMMIT first, outside our BEGIN IMMEDIATE.
+            for statement in _statements(_SCHEMA):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        elif stamp == 0 and version == SCHEMA_VERSION and tables >= _TABLES:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")  # from before the stamp
+        elif stamp != APPLICATION_ID:
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: the file is not a distributed-queue database "
+                f"(application_id {stamp:#x}, user_version {version}); refusing to use it"
+            )
+        elif version != SCHEMA_VERSION:
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: schema version {version} is not supported "
+                f"(this runner reads version {SCHEMA_VERSION})"
+            )
+        for statement in _statements(_SETTLED_SCHEMA):
+            conn.execute(statement)
+        # A file that cannot be written (read-only, immutable) still opens, read-only: one
+        # harmless write now turns that into a clear error at start-up, not at the first put.
+        conn.execute("UPDATE meta SET value = value WHERE key = 'count'")
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements; triggers contain ';' so complete_statement decides."""
+    out: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        stripped = line.split("--", 1)[0]
+        current += stripped
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip():
+        out.append(current.strip())
+    return out
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    # SQLite rolls back by itself after some errors (SQLITE_FULL); then there is nothing to undo.
+    if conn.in_transaction:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def insert_row(task: Task, now: float) -> tuple[Any, ...]:
+    if not task.enqueued_at:
+        task = replace(task, enqueued_at=now)
+    state, due_at = (WAITING, task.not_before) if task.not_before > now else (READY, 0.0)
+    return (task.id, task.type, state, due_at, task.attempt, task.enqueued_at, encode_task(task))
+
+
+def insert_tasks(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+    try:
+        conn.executemany(
+            "INSERT INTO tasks (id, type, state, due_at, attempt, enqueued_at, envelope)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    except sqlite3.IntegrityError as exc:
+        raise BrokerError(f"a task id in this batch is already queued: {exc}") from exc
+    return len(rows)
+
+
+def replay_one(conn: sqlite3.Connection, row: tuple[Any, ...], now: float) -> int:
+    """Queue one dead letter's task again (attempt 0); ``row`` ends with its raw_envelope."""
+    *fields, raw_envelope = row
+    record = to_dead_letter(*fields)
+    if record.reason == CORRUPT or raw_envelope is not None:
+        return 0  # the original task cannot be rebuilt; replaying a stub would lose its payload
+    task = replace(record.task, attempt=0, not_before=0.0)
+    inserted = conn.execute(
+        "INSERT OR IGNORE INTO tasks (id, type, state, due_at, attempt, enqueued_at, envelope)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        insert_row(task, now),
+    ).rowcount
+    if inserted:
+        conn.execute("DELETE FROM dead_letters WHERE id = ?", (record.id,))
+    return inserted
+
+
+def anything_claimable(conn: sqlite3.Connection, types: Sequence[str], now: float) -> bool:
+    # A read first, so idle pollers in other processes do not take the write lock.
+    marks = ",".join("?" * len(types))
+    ready = conn.execute(
+        f"SELECT 1 FROM tasks WHERE type IN ({marks}) AND state = {READY} LIMIT 1", types
+    ).fetchone()
+    if ready:
+        return True
+    due = conn.execute(
+        f"SELECT 1 FROM tasks WHERE state IN ({WAITING}, {LEASED}) AND due_at <= ? LIMIT 1",
+        (now,),
+    ).fetchone()
+    return due is not None
+
+
+def next_due(conn: sqlite3.Connection) -> float | None:
+    times = [
+        conn.execute(f"SELECT min(due_at) FROM tasks WHERE state = {state}").fetchone()[0]
+        for state in (WAITING, LEASED)
+    ]
+    present = [t for t in times if t is not None]
+    return min(present) if present else None
+
+
+def to_delivery(row: tuple[Any, ...]) -> Delivery:
+    _seq, task_id, kind, attempt, redelivered, receipt, envelope = row
+    try:
+        task = decode_task(envelope, attempt)
+        if task.id != task_id or task.type != kind:
+            raise ValueError(f"envelope is for {task.type}/{task.id}, row is {kind}/{task_id}")
+    except Exception as exc:  # anything undecodable must reach the DLQ, never crash the worker
+        stub = Task(type=kind, payload=None, id=task_id, attempt=attempt)
+        error = f"undecodable task envelope: {type(exc).__name__}: {exc}"
+        return Delivery(stub, receipt, bool(redelivered), decode_error=error)
+    return Delivery(task, receipt, bool(redelivered))
+
+
+def to_dead_letter(
+    task_id: str, kind: str, error_type: str, dead_at: float, record: bytes
+) -> DeadLetter:
+    try:
+        return decode_dead_letter(record)
+    except Exception as exc:  # an operator must still see (and can purge) a damaged record
+        return DeadLetter(
+            task=Task(type=kind, payload=None, id=task_id),
+            reason=CORRUPT,
+            error_type=error_type,
+            message=f"undecodable dead-letter record: {type(exc).__name__}: {exc}",
+            traceback="",
+            attempts=0,
+            first_attempt_at=0.0,
+            last_attempt_at=0.0,
+            dead_at=dead_at,
+        )
+
+
+def dlq_where(where: DeadLetterFilter) -> Iterator[tuple[str, list[Any]]]:
+    """SQL conditions (one per chunk of ids) matching ``where``, with their parameters."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if where.type is not None:
+        clauses.append("type = ?")
+        params.append(where.type)
+    if where.error is not None:
+        clauses.append("error_type = ?")
+        params.append(where.error)
+    if where.since is not None:
+        clauses.append("dead_at >= ?")
+        params.append(where.since)
+    base = " AND ".join(clauses) or "1"
+    if where.ids is None:
+        yield base, params
+        return
+    ids = sorted(where.ids)
+    for i in range(0, len(ids), IDS_PER_QUERY):
+        chunk = ids[i : i + IDS_PER_QUERY]
+        yield f"{base} AND id IN ({','.join('?' * len(chunk))})", [*params, *chunk]

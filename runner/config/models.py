@@ -1,0 +1,379 @@
+"""The config models: one frozen pydantic class per YAML section, with its field docs.
+
+The field descriptions also make the JSON schema (runner.config.schema) and the reference.
+Durations accept ``250ms``, ``2s``, ``5m``, ``1h`` or a number of seconds and are seconds (float)
+once validated; rates accept ``N/s``, ``N/m``, ``N/h``.
+
+Size: about 400 lines because it holds every model of the YAML file in one place, which is
+where a reader looks for a key.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from runner.config.numbers import boolean_problem
+from runner.loader import EXCEPTION_PATTERN, HANDLER_PATTERN
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+
+
+# (multiplier, divisor): dividing by 1000 keeps "7132ms" == 7.132, where * 0.001 would not.
+_UNIT_SECONDS = {"ms": (1, 1000), "s": (1, 1), "m": (60, 1), "h": (3600, 1), None: (1, 1)}
+
+
+DURATION_PATTERN = r"^\s*(\d+(\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$"
+
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+
+
+_RATE_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_rate(text: str) -> float:
+    """``10/s``, ``30/m``, ``7200/h`` -> tasks per second (> 0); ValueError otherwise."""
+    match = _RATE_RE.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise ValueError("expected a positive N/s, N/m or N/h, e.g. 10/s")
+    return float(match.group(1)) / _RATE_PER[match.group(2)]
+
+
+def parse_duration(value: Any) -> Any:
+    """`50ms`, `2s`, `1.5m`, `1h` or a number of seconds -> float seconds.
+
+    Other types are returned unchanged for pydantic to reject with its own message.
+    """
+    if isinstance(value, bool):
+        return value  # pydantic rejects it with a clear message
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(
+                f"invalid duration {value!r}: use a number of seconds or 50ms, 2s, 1.5m, 1h"
+            )
+        multiplier, divisor = _UNIT_SECONDS[match.group(2)]
+        return float(match.group(1)) * multiplier / divisor
+    return value
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    Field(allow_inf_nan=False),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": DURATION_PATTERN},
+            ],
+            "description": "seconds: a number, or a number with a unit ms, s, m, h (50ms, 1.5m)",
+            "examples": ["50ms", "2s", "1.5m", 30],
+        }
+    ),
+]
+
+
+"""Seconds: a number, or a string with a unit: ms, s, m, h (``50ms``, ``2s``, ``1.5m``)."""
+
+
+TYPE_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+
+
+TypeName = Annotated[str, Field(pattern=TYPE_NAME_PATTERN)]
+
+
+ExceptionName = Annotated[
+    str, Field(pattern=EXCEPTION_PATTERN, description="ValueError, or module:Class")
+]
+
+
+def _octal(value: Any) -> Any:
+    # Unquoted, YAML 1.1 reads 0640 as the octal integer 416: write it back as octal text.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"0{value:o}"
+    return value
+
+
+FileMode = Annotated[
+    str,
+    BeforeValidator(_octal),
+    Field(pattern=r"^0?[0-7]{3}$", description="octal mode of files created, e.g. '0640'"),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # `workers: yes` is YAML 1.1's True, which pydantic's lax mode would take as 1.
+        if info.field_name is not None:
+            problem = boolean_problem(cls.model_fields[info.field_name], value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+
+class BrokerConfig(_Model):
+    """Where tasks wait. `memory` is in-process; `sqlite` and `redis` are durable and shared."""
+
+    kind: Literal["memory", "sqlite", "redis"] = Field(
+        "memory", description="memory (in-process), sqlite (one file) or redis (shared)"
+    )
+    capacity: int = Field(1000, ge=1, description="max tasks held (queued, delayed or running)")
+    overflow: Literal["block", "reject"] = Field(
+        "block", description="when full: block up to enqueue_timeout, or reject at once"
+    )
+    enqueue_timeout: Duration = Field(5.0, ge=0, description="how long a put waits when full")
+    path: str | None = Field(None, description="sqlite: database file (required for sqlite)")
+    url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="redis: redis://host:port/db (required for redis)",
+    )
+    namespace: str = Field("dq", pattern=r"^[A-Za-z0-9_.:-]+$", description="redis key prefix")
+    visibility_timeout: Duration = Field(
+        30.0, gt=0, description="an unacked delivery is handed out again after this"
+    )
+    file_mode: FileMode = Field(
+        "0600", description="sqlite: mode of a new database file (its WAL and shm follow it)"
+    )
+
+
+class BackoffPolicy(_Model):
+    """delay(n) = min(max, initial * multiplier**(n-1)), times a random factor in 1 +- jitter."""
+
+    initial: Duration = Field(0.05, ge=0, description="delay before the first retry")
+    max: Duration = Field(1.0, ge=0, description="upper bound of any delay")
+    multiplier: float = Field(2.0, ge=1, description="growth factor per attempt")
+    jitter: float = Field(0.1, ge=0, le=1, description="random spread, a fraction of the delay")
+
+
+class RetryPolicy(_Model):
+    """How failed attempts are retried. max_attempts counts the first run."""
+
+    max_attempts: int = Field(3, ge=1, description="attempts in all, the first run included")
+    backoff: BackoffPolicy = BackoffPolicy()
+    never_retry: tuple[ExceptionName, ...] = Field(
+        (), description="exception names (builtins or module:Class) sent straight to the DLQ"
+    )
+
+
+class BackoffOverride(_Model):
+    """Per-type backoff; unset fields come from retry.backoff."""
+
+    initial: Duration | None = Field(None, ge=0)
+    max: Duration | None = Field(None, ge=0)
+    multiplier: float | None = Field(None, ge=1)
+    jitter: float | None = Field(None, ge=0, le=1)
+
+
+class RetryOverride(_Model):
+    """Per-type retry settings; unset fields fall back to the top-level `retry`."""
+
+    max_attempts: int | None = Field(None, ge=1)
+    backoff: BackoffOverride | None = None
+    never_retry: tuple[ExceptionName, ...] | None = Field(
+        None, description="replaces (does not extend) retry.never_retry for this type"
+    )
+
+    def apply_to(self, base: RetryPolicy) -> RetryPolicy:
+        backoff = base.backoff
+        if self.backoff is not None:
+            backoff = backoff.model_copy(update=self.backoff.model_dump(exclude_none=True))
+        return RetryPolicy(
+            max_attempts=self.max_attempts if self.max_attempts is not None else base.max_attempts,
+            backoff=backoff,
+            never_retry=self.never_retry if self.never_retry is not None else base.never_retry,
+        )
+
+
+class TaskTypeConfig(_Model):
+    """One kind of task: its handler and how it may run."""
+
+    handler: str = Field(
+        pattern=HANDLER_PATTERN,
+        description="module:function called as f(payload, ctx) or f(payload)",
+        examples=["handlers.demo:send_email"],
+    )
+    concurrency: int | None = Field(
+        None, ge=1, description="max running at once per process (default: workers)"
+    )
+    timeout: Duration = Field(
+        10.0, gt=0, description="per attempt; must stay below broker.visibility_timeout"
+    )
+    timeout_action: Literal["interrupt", "cancel"] = Field(
+        "interrupt",
+        description="interrupt: raise in the handler's thread; cancel: only set ctx.cancelled",
+    )
+    retry: RetryOverride | None = None
+
+
+class DeadLetterConfig(_Model):
+    """Where dead tasks go. Durable brokers keep them in the broker (the default there)."""
+
+    kind: Literal["memory", "file", "broker"] | None = Field(
+        None, description="default: memory for the memory broker, broker for sqlite and redis"
+    )
+    path: str | None = Field(None, description="file: JSON Lines file (required for file)")
+    file_mode: FileMode = Field("0600", description="file: mode of the files it creates")
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+class MetricsConfig(_Model):
+    """Prometheus metrics served on http://host:port/metrics."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535, description="0 picks a free port")
+
+
+class LoggingConfig(_Model):
+    """Log lines: json (one object per event), text, or auto (text on a terminal, else json)."""
+
+    format: Literal["auto", "json", "text"] = "auto"
+    level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = "INFO"
+
+
+class ShutdownConfig(_Model):
+    """What the first SIGINT/SIGTERM does: stop taking tasks, let running ones finish."""
+
+    grace: Duration = Field(10.0, ge=0, description="how long running handlers may finish")
+
+
+class SimulatedFaults(_Model):
+    """Fault injection for one simulated type; decided per task from the seed."""
+
+    latency: tuple[Duration, Duration] = Field(
+        (0.01, 0.1), description="[min, max] handler run time"
+    )
+    failure_rate: float = Field(0.0, ge=0, le=1, description="share of attempts that raise")
+    hang_rate: float = Field(0.0, ge=0, le=1, description="share of attempts that hang")
+    poison_rate: float = Field(0.0, ge=0, le=1, description="share of tasks that always fail")
+
+
+class SimulateConfig(_Model):
+    """The demo producer: publish `tasks` tasks drawn from `mix`, then exit when all are done."""
+
+    tasks: int = Field(10, ge=0, description="how many tasks to publish")
+    mix: dict[TypeName, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="task type -> relative weight"
+    )
+    seed: int = 42
+    faults: dict[TypeName, SimulatedFaults] = Field(
+        default_factory=dict, description="task type -> injected faults"
+    )
+
+
+#: The default prefetch per worker thread on the memory broker and on the durable ones, and the
+#: largest prefetch allowed.
+MEMORY_PREFETCH_PER_WORKER = 16
+
+
+DURABLE_PREFETCH_PER_WORKER = 2
+
+
+MAX_PREFETCH = 4096
+
+
+class PipelineConfig(_Model):
+    """A whole pipeline, validated."""
+
+    version: Literal[1] = 1
+    broker: BrokerConfig = BrokerConfig()
+    workers: int = Field(4, ge=1, le=1024, description="worker threads in this process")
+    prefetch: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_PREFETCH,
+        description="tasks fetched ahead of free threads (default: 16 x workers on the "
+        "memory broker, 2 x workers on sqlite and redis)",
+    )
+    handler_paths: tuple[str, ...] = Field(
+        (), description="extra import directories, relative to the config file"
+    )
+    retry: RetryPolicy = RetryPolicy()
+    task_types: dict[TypeName, TaskTypeConfig] = Field(
+        min_length=1, description="task type name ([a-z][a-z0-9_]*) -> its settings"
+    )
+    dead_letter: DeadLetterConfig = DeadLetterConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    simulate: SimulateConfig | None = None
+
+    @model_validator(mode="after")
+    def _defaults_that_depend_on_others(self) -> PipelineConfig:
+        # Filled here so every consumer sees concrete values.
+        if self.dead_letter.kind is None:
+            kind = "memory" if self.broker.kind == "memory" else "broker"
+            dead_letter = DeadLetterConfig(kind=kind, path=self.dead_letter.path)
+            object.__setattr__(self, "dead_letter", dead_letter)
+        return self
+
+    def retry_for(self, type_name: str) -> RetryPolicy:
+        override = self.task_types[type_name].retry
+        return override.apply_to(self.retry) if override else self.retry
+
+    def effective_prefetch(self) -> int:
+        """A buffer keeps threads from waiting for the broker: the next task is fetched while
+        the last one runs, and in batches. On a durable broker it is shallow (two per thread,
+        as Dramatiq's consumers): a worker that crashes uses up one attempt of every task it
+        had fetched, run or not (attempts are counted at hand-out; the Worker runs a task
+        handed out again with nothing prefetched beside it, so a task that kills its worker
+        costs its neighbours that attempt once), and a prefetched task waits for this process
+        while another may be idle. The memory broker keeps nothing across a crash and has no
+        other process, so there a deep one costs nothing."""
+        if self.prefetch is not None:
+            return self.prefetch
+        return self._default_prefetch()[0]
+
+    def _default_prefetch(self) -> tuple[int, str]:
+        per_worker = (
+            MEMORY_PREFETCH_PER_WORKER
+            if self.broker.kind == "memory"
+            else DURABLE_PREFETCH_PER_WORKER
+        )
+        if per_worker * self.workers > MAX_PREFETCH:
+            return MAX_PREFETCH, f"{per_worker} x workers, at most {MAX_PREFETCH}"
+        return per_worker * self.workers, f"{per_worker} x workers"
+
+    def concurrency_for(self, type_name: str) -> int:
+        limit = self.task_types[type_name].concurrency
+        return min(limit, self.workers) if limit is not None else self.workers
+
+    def in_force(self) -> dict[tuple[str | int, ...], tuple[int, str]]:
+        """Settings whose value in force is not the one set, by key path: (value, why).
+
+        An unset prefetch or concurrency is computed from other settings; a concurrency above
+        ``workers`` is capped at it. ``dq-run config`` prints these.
+        """
+        found: dict[tuple[str | int, ...], tuple[int, str]] = {}
+        if self.prefetch is None:
+            found[("prefetch",)] = self._default_prefetch()
+        for name, task_type in self.task_types.items():
+            path = ("task_types", name, "concurrency")
+            if task_type.concurrency is None:
+                found[path] = (self.workers, "workers")
+            elif task_type.concurrency > self.workers:
+                found[path] = (self.workers, "capped at workers")
+        return found

@@ -1,0 +1,256 @@
+"""Rules a config must meet beyond each field's own type and range: part of load_config.
+
+- ``cross_field_problems``: settings that are valid alone but wrong together (errors).
+- ``import_problems``: handlers and never_retry names must import; runs on raw merged data too,
+  so an import mistake is reported in the same run as a type or range mistake.
+- ``warnings``: legal but probably unintended settings (a concurrency above ``workers``).
+
+Each finding names the key path it is about; load_config turns the path into a file location.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from runner.config.document import KeyPath, dotted
+from runner.config.inputs import Inputs, Unknown
+from runner.errors import ConfigError
+from runner.loader import EXCEPTION_PATTERN, HANDLER_PATTERN, load_handler, resolve_exception
+
+if TYPE_CHECKING:
+    from runner.config.models import PipelineConfig
+
+_DURABLE = ("sqlite", "redis")
+
+
+class Finding(NamedTuple):
+    """One problem about one key; ``at_key`` points at the key itself rather than its value."""
+
+    path: KeyPath
+    message: str
+    at_key: bool = False
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _unknown_type(name: str, declared: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(declared), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"declared: {', '.join(sorted(declared))}"
+    return f"{name!r} is not a declared task type ({hint})"
+
+
+def cross_field_problems(inputs: Inputs) -> list[Finding]:
+    """Errors that involve more than one setting.
+
+    Each rule reads its settings through ``inputs`` and is skipped when one of them is invalid
+    (that is reported on its own), so the rules run on a partly invalid config too.
+    """
+    found: list[Finding] = []
+
+    def judge(rule: Callable[..., Finding | None], *args: Any) -> None:
+        try:
+            finding = rule(inputs, *args)
+        except Unknown:
+            return
+        if finding is not None:
+            found.append(finding)
+
+    judge(_needs, "broker", "redis", "url")
+    judge(_needs, "broker", "sqlite", "path")
+    judge(_needs, "dead_letter", "file", "path")
+    judge(_durable_dead_letter)
+    for index in range(_length(inputs, ("handler_paths",))):
+        judge(_directory, index)
+    places: list[tuple[KeyPath, str]] = [(("retry", "backoff"), "")]
+    for name in _names(inputs, ("task_types",)):
+        places.append((("task_types", name, "retry", "backoff"), name))
+        judge(_timeout, name)
+    for path, name in places:
+        judge(_backoff, path, name)
+    if _present(inputs, ("simulate",)):
+        for section in ("mix", "faults"):
+            for name in _names(inputs, ("simulate", section)):
+                judge(_declared, ("simulate", section, name))
+        judge(_mix_weights)
+        for name in _names(inputs, ("simulate", "faults")):
+            judge(_latency, name)
+    return found
+
+
+def _names(inputs: Inputs, path: KeyPath) -> list[str]:
+    try:
+        return inputs.names(path)
+    except Unknown:
+        return []
+
+
+def _length(inputs: Inputs, path: KeyPath) -> int:
+    try:
+        return len(inputs.value(path))
+    except Unknown:
+        return 0
+
+
+def _present(inputs: Inputs, path: KeyPath) -> bool:
+    try:
+        return inputs.present(path)
+    except Unknown:
+        return False
+
+
+def _needs(inputs: Inputs, section: str, kind: str, key: str) -> Finding | None:
+    if _kind(inputs, section) == kind and not inputs.value((section, key)):
+        return Finding((section, key), f"required when {section}.kind is {kind}")
+    return None
+
+
+def _kind(inputs: Inputs, section: str) -> str:
+    kind = inputs.value((section, "kind"))
+    if kind is None:  # dead_letter's default depends on the broker
+        return "memory" if inputs.value(("broker", "kind")) == "memory" else "broker"
+    return str(kind)
+
+
+def _durable_dead_letter(inputs: Inputs) -> Finding | None:
+    broker = _kind(inputs, "broker")
+    if broker not in _DURABLE:
+        return None
+    dead = _kind(inputs, "dead_letter")
+    if dead == "broker":
+        return None
+    return Finding(
+        ("dead_letter", "kind"),
+        f"a {broker} broker keeps dead letters itself (kind: broker), so a record is "
+        f"written in the same step that removes the task; {dead!r} is not allowed",
+    )
+
+
+def _directory(inputs: Inputs, index: int) -> Finding | None:
+    directory = inputs.value(("handler_paths",))[index]
+    if Path(directory).is_dir():
+        return None
+    return Finding(("handler_paths", index), f"{directory} is not a directory")
+
+
+def _timeout(inputs: Inputs, name: str) -> Finding | None:
+    timeout = inputs.value(("task_types", name, "timeout"))
+    visibility = inputs.value(("broker", "visibility_timeout"))
+    if timeout < visibility:
+        return None
+    return Finding(
+        ("task_types", name, "timeout"),
+        f"{_seconds(timeout)} must be below broker.visibility_timeout "
+        f"({_seconds(visibility)}), or the task is handed out again while it still runs",
+    )
+
+
+def _backoff(inputs: Inputs, path: KeyPath, name: str) -> Finding | None:
+    """initial <= max, where a type's override falls back to retry.backoff key by key."""
+    if name and not inputs.present(path):
+        return None  # no override: retry.backoff is checked on its own
+    initial, maximum = (_backoff_value(inputs, path, key) for key in ("initial", "max"))
+    if initial <= maximum:
+        return None
+    return Finding(
+        (*path, "initial"),
+        f"{_seconds(initial)} is above backoff max ({_seconds(maximum)}); every delay would be max",
+    )
+
+
+def _backoff_value(inputs: Inputs, path: KeyPath, key: str) -> float:
+    value = inputs.value((*path, key))
+    if value is None:
+        value = inputs.value(("retry", "backoff", key))
+    return float(value)
+
+
+def _declared(inputs: Inputs, path: KeyPath) -> Finding | None:
+    declared = inputs.names(("task_types",), complete=True)
+    name = str(path[-1])
+    if name in declared:
+        return None
+    return Finding(path, _unknown_type(name, dict.fromkeys(declared)), at_key=True)
+
+
+def _mix_weights(inputs: Inputs) -> Finding | None:
+    mix = inputs.value(("simulate", "mix"))
+    if inputs.value(("simulate", "tasks")) > 0 and sum(mix.values()) == 0:
+        return Finding(("simulate", "mix"), "needs at least one task type with a positive weight")
+    return None
+
+
+def _latency(inputs: Inputs, name: str) -> Finding | None:
+    path = ("simulate", "faults", name, "latency")
+    low, high = inputs.value(path)
+    if low > high:
+        return Finding(path, f"min ({_seconds(low)}) is above max ({_seconds(high)})")
+    return None
+
+
+def import_problems(data: Any) -> list[Finding]:
+    """Import every handler and never_retry name found in (raw or dumped) config data."""
+    if not isinstance(data, Mapping):
+        return []
+    paths = data.get("handler_paths")
+    if not isinstance(paths, list | tuple):
+        paths = ()  # malformed: reported by validation; import from the working directory only
+    search = tuple(p for p in paths if isinstance(p, str))
+    found: list[Finding] = []
+
+    def check(path: KeyPath, value: Any, pattern: str, load: Any) -> None:
+        if isinstance(value, str) and re.match(pattern, value):
+            try:
+                load(value, search_path=search)
+            except ConfigError as exc:
+                found.extend(Finding(path, problem.message) for problem in exc.problems)
+
+    def check_names(path: KeyPath, retry: Any) -> None:
+        names = retry.get("never_retry") if isinstance(retry, Mapping) else None
+        if isinstance(names, list | tuple):
+            for index, name in enumerate(names):
+                check((*path, "never_retry", index), name, EXCEPTION_PATTERN, resolve_exception)
+
+    check_names(("retry",), data.get("retry"))
+    task_types = data.get("task_types")
+    if isinstance(task_types, Mapping):
+        for name, task_type in task_types.items():
+            if isinstance(task_type, Mapping):
+                path = ("task_types", name)
+                check((*path, "handler"), task_type.get("handler"), HANDLER_PATTERN, load_handler)
+                check_names((*path, "retry"), task_type.get("retry"))
+    return found
+
+
+def warnings(config: PipelineConfig) -> list[str]:
+    """Settings that are legal but probably not what was meant."""
+    found: list[tuple[KeyPath, str]] = []
+    for name, task_type in config.task_types.items():
+        if task_type.concurrency is not None and task_type.concurrency > config.workers:
+            found.append(
+                (
+                    ("task_types", name, "concurrency"),
+                    f"{task_type.concurrency} is above workers ({config.workers}); at most "
+                    f"{config.workers} can run at once",
+                )
+            )
+    broker = config.broker
+    if broker.path and broker.kind != "sqlite":
+        found.append((("broker", "path"), f"ignored: broker.kind is {broker.kind}, not sqlite"))
+    if broker.url and broker.kind != "redis":
+        found.append((("broker", "url"), f"ignored: broker.kind is {broker.kind}, not redis"))
+    dead = config.dead_letter
+    if dead.path and dead.kind != "file":
+        found.append((("dead_letter", "path"), f"ignored: dead_letter.kind is {dead.kind}"))
+    if config.simulate is not None:
+        for name in config.simulate.faults:
+            if name in config.task_types and not config.simulate.mix.get(name):
+                found.append(
+                    (("simulate", "faults", name), "never used: the type has no weight in mix")
+                )
+    return [f"{dotted(path)}: {message}" for path, message in found]

@@ -1,0 +1,154 @@
+"""FileDeadLetters: dead letters as JSON Lines in one file that outlives the process.
+
+Appends are locked (fcntl) so several processes may share the file; ``dq-run dlq`` lists,
+replays and purges it later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from runner.brokers.base import DeadLetterFilter
+from runner.codec import decode_dead_letter, encode_dead_letter
+from runner.model import DeadLetter
+
+if TYPE_CHECKING:
+    pass
+
+
+#: Mode of the files FileDeadLetters creates: dead letters hold payloads and error messages.
+FILE_MODE = 0o600
+
+
+class FileDeadLetters:
+    """Dead letters in a JSON Lines file, one ``encode_dead_letter`` record per line.
+
+    Each append is flushed and fsynced before ``add`` returns. ``take`` and ``purge`` rewrite the
+    file through a temporary file and ``os.replace``, so a crash leaves either the old or the new
+    file, never half of one. A torn last line (a crash mid-append) is ignored when reading and cut
+    off before the next append; a malformed line anywhere else raises ValueError naming the line,
+    because silently skipping it would lose a task.
+
+    The file, its lock and its temporary files are created with ``file_mode`` (0600 unless the
+    config's ``dead_letter.file_mode`` widens it; the umask may still narrow it).
+
+    Several processes may share the file (a running ``dq-run`` appends while ``dq-run dlq replay``
+    rewrites it): every operation holds an exclusive ``flock`` on ``<path>.lock`` and opens the
+    file afresh, so an append never lands in a file that has just been replaced.
+    """
+
+    def __init__(self, path: str | Path, file_mode: int = FILE_MODE) -> None:
+        self.path = Path(path)
+        self._mode = file_mode
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _opener(self, path: str, flags: int) -> int:
+        return os.open(path, flags, self._mode)  # the mode applies only when this creates it
+
+    def add(self, record: DeadLetter) -> None:
+        self.add_many([record])
+
+    def add_many(self, records: Sequence[DeadLetter]) -> None:
+        if not records:
+            return
+        data = b"".join(encode_dead_letter(r) + b"\n" for r in records)
+        with self._locked():
+            self._cut_torn_tail()
+            with open(self.path, "ab", opener=self._opener) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def records(self, where: DeadLetterFilter) -> list[DeadLetter]:
+        with self._locked():
+            return [r for r in self._read() if where.matches(r)]
+
+    def take(self, ids: Collection[str]) -> list[DeadLetter]:
+        wanted = frozenset(ids)
+        with self._locked():
+            records = self._read()
+            taken = [r for r in records if r.id in wanted]
+            if taken:
+                self._rewrite([r for r in records if r.id not in wanted])
+        return taken
+
+    def purge(self, where: DeadLetterFilter) -> int:
+        with self._locked():
+            records = self._read()
+            kept = [r for r in records if not where.matches(r)]
+            if len(kept) != len(records):
+                self._rewrite(kept)
+        return len(records) - len(kept)
+
+    def count(self) -> int:
+        with self._locked():
+            return len(self._read())
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # The thread lock orders our own threads; flock (per open file) orders other processes.
+        with self._lock, open(self._lock_path, "ab", opener=self._opener) as lock_file:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+    def _read(self) -> list[DeadLetter]:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        # Everything after the last newline is a torn line (an append that died): ignored.
+        complete = raw.split(b"\n")[:-1]
+        records = []
+        for number, line in enumerate(complete, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(decode_dead_letter(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(
+                    f"{self.path}:{number}: malformed dead-letter record: {exc}"
+                ) from exc
+        return records
+
+    def _cut_torn_tail(self) -> None:
+        """Truncate an unfinished last line so the next append starts on a line of its own."""
+        try:
+            with open(self.path, "rb+") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size == 0:
+                    return
+                f.seek(size - 1)
+                if f.read(1) == b"\n":
+                    return
+                f.seek(0)
+                keep = f.read().rfind(b"\n") + 1
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+        except FileNotFoundError:
+            return
+
+    def _rewrite(self, records: list[DeadLetter]) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb", opener=self._opener) as f:
+            f.write(b"".join(encode_dead_letter(r) + b"\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        # Make the rename itself durable.
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,276 @@
+"""One attempt of one delivery: checks, the handler under its deadline, and how it ends.
+
+Every delivery ends in exactly one broker call: ack, retry, dead or release. ``Attempts.run``
+decides which and returns it as an Outcome; the Worker's Settler makes the call
+(runner.engine.settle).
+The outcome event (task.succeeded / task.retrying / task.dead) is emitted by ``settled`` only
+once the broker took that call (``Answer.DONE``, or ``ALREADY_DONE`` when it was sent again
+after its reply was lost), so logs, metrics and the summary count each task once even when a
+stale worker finishes late; a refusal (``FENCED``: the lease moved on to another delivery) is
+logged as ``task.lease_lost``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from runner.brokers.base import Answer, Delivery, Settle
+from runner.engine.retry import RetryPlan, error_name
+from runner.engine.settle import Outcome
+from runner.engine.timeouts import Guard, Run, Watchdog
+from runner.errors import TaskInterrupted
+from runner.events import Event, EventBus
+from runner.model import AttemptRecord, Cancellation, DeadLetter, TaskContext
+
+Handler = Callable[[Any, TaskContext], Any]
+TaskLogger = Callable[[str, str, int], "logging.LoggerAdapter[logging.Logger]"]
+
+
+@dataclass(frozen=True)
+class TypeRuntime:
+    """Everything an attempt needs to run one task type, built from its config."""
+
+    name: str
+    handler: Handler
+    limit: int
+    timeout_s: float
+    interrupt: bool  # timeout_action == "interrupt"
+    plan: RetryPlan
+    validate_payload: Callable[[Any], Any] | None = None  # raises on a bad payload
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@functools.cache
+def type_logger(type_name: str) -> logging.Logger:
+    """Looked up once per type, outside handler code (getLogger takes logging's lock)."""
+    return logging.getLogger(f"runner.task.{type_name}")
+
+
+def default_task_logger(
+    task_id: str, type_name: str, attempt: int
+) -> logging.LoggerAdapter[logging.Logger]:
+    """ctx.logger when the runner does not set up logging itself (library use)."""
+    return logging.LoggerAdapter(
+        type_logger(type_name), {"task_id": task_id, "type": type_name, "attempt": attempt}
+    )
+
+
+class Attempts:
+    """Runs attempts for a Worker; shared by its threads (state here is counters only)."""
+
+    def __init__(
+        self,
+        types: dict[str, TypeRuntime],
+        events: EventBus,
+        watchdog: Watchdog,
+        task_logger: TaskLogger,
+    ) -> None:
+        self.types = types
+        self.events = events
+        self.watchdog = watchdog
+        self.identity = worker_identity()
+        self.task_logger = task_logger
+        self.forcing = False  # set when shutdown's grace period is over
+        self.running: dict[Guard, Run] = {}  # item assignment is atomic: no lock needed
+        self.interrupts = 0
+        self.overruns = 0
+
+    def run(self, guard: Guard, delivery: Delivery) -> Outcome:
+        """Run one delivery; how it ends, for the Settler (which calls ``settled``)."""
+        task = delivery.task
+        rt = self.types.get(task.type)
+        started = time.time()
+        if rt is None or delivery.decode_error is not None:
+            why = delivery.decode_error or f"no handler for type {task.type!r} in this process"
+            return self._dead(delivery, started, "undecodable", "DecodeError", why, "", 0.0)
+        if task.attempt > rt.plan.max_attempts:
+            last = task.history[-1].error_type if task.history else "none recorded"
+            message = (
+                f"handed out {task.attempt} times, max_attempts is {rt.plan.max_attempts}; "
+                f"earlier workers died or froze mid-run (last recorded error: {last})"
+            )
+            return self._dead(
+                delivery, started, "max deliveries", "MaxDeliveries", message, "", 0.0
+            )
+        payload = task.payload
+        if rt.validate_payload is not None:
+            try:
+                payload = rt.validate_payload(payload)
+            except Exception as exc:
+                why = str(exc)
+                return self._dead(
+                    delivery, started, "invalid payload", error_name(exc), why, "", 0.0
+                )
+
+        due = max(task.enqueued_at, task.not_before)
+        queue_wait = max(0.0, started - due) if due else None
+        # A redelivered task may be what killed the last process: its start is written out
+        # before its handler runs (flush), so the log names it if it kills this one too.
+        self._emit("task.started", delivery, queue_wait_s=queue_wait, flush=delivery.redelivered)
+        cancelled = Cancellation()
+        run = Run(
+            deadline=time.monotonic() + rt.timeout_s,
+            cancelled=cancelled,
+            interrupt=rt.interrupt,
+            on_timeout=partial(self._on_timeout, delivery),
+            on_overrun=partial(self._on_overrun, delivery),
+        )
+        ctx = TaskContext(
+            task.id,
+            task.type,
+            task.attempt,
+            rt.plan.max_attempts,
+            run.deadline,
+            cancelled,
+            partial(self.task_logger, task.id, task.type, task.attempt),
+        )
+        self.running[guard] = run
+        t0 = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            guard.run(run, partial(rt.handler, payload, ctx))
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt or a handler's own BaseException is a failed
+            # attempt like any other (the signals that stop the runner reach only the main
+            # thread); so is the runner's own interrupt (TaskInterrupted).
+            error = exc
+        duration = time.perf_counter() - t0
+        self.running.pop(guard, None)
+        if error is None and run.expired:
+            # timeout_action: cancel, or an interrupt that landed after the handler returned.
+            error = TimeoutError(f"ran past its timeout of {rt.timeout_s}s")
+        if error is None:
+            return Outcome(Settle(delivery, "ack"), "task.succeeded", {"duration_s": duration})
+        return self._failed(delivery, rt, error, started, duration, run)
+
+    def overrunning(self) -> int:
+        return sum(1 for run in list(self.running.values()) if run.overrun_reported)
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def _failed(
+        self,
+        delivery: Delivery,
+        rt: TypeRuntime,
+        error: BaseException,
+        started: float,
+        duration: float,
+        run: Run,
+    ) -> Outcome:
+        task = delivery.task
+        kind = error_name(error)
+        message = (
+            f"ran past its timeout of {rt.timeout_s}s"
+            if isinstance(error, TaskInterrupted)
+            else str(error)
+        )
+        if self.forcing and run.expired:
+            # Cut short by shutdown, not by its own timeout: hand it back untouched. Whatever
+            # the handler raised (the interrupt, or its own error once it saw ctx.cancelled,
+            # or nothing under timeout_action: cancel), the attempt is not its fault.
+            return Outcome(Settle(delivery, "release"), None)
+        trace = "".join(traceback.format_exception(error))
+        decision = rt.plan.decide(error, task.attempt)
+        if not decision.retry:
+            return self._dead(delivery, started, decision.reason, kind, message, trace, duration)
+        failure = AttemptRecord(
+            task.attempt, kind, message, trace, started, duration, self.identity
+        )
+        return Outcome(
+            Settle(delivery, "retry", decision.delay_s, failure),
+            "task.retrying",
+            {
+                "duration_s": duration,
+                "delay_s": decision.delay_s,
+                "error": f"{kind}: {message}",
+                "error_type": kind,
+                "traceback": trace,
+            },
+        )
+
+    def _dead(
+        self,
+        delivery: Delivery,
+        started: float,
+        reason: str,
+        kind: str,
+        message: str,
+        trace: str,
+        duration: float,
+    ) -> Outcome:
+        task = delivery.task
+        if duration or trace:
+            task = task.with_failure(
+                AttemptRecord(task.attempt, kind, message, trace, started, duration, self.identity)
+            )
+        record = DeadLetter(
+            task=task,
+            reason=reason,
+            error_type=kind,
+            message=message,
+            traceback=trace,
+            attempts=task.attempt,
+            first_attempt_at=task.history[0].started_at if task.history else started,
+            last_attempt_at=started,
+            dead_at=time.time(),
+        )
+        return Outcome(
+            Settle(delivery, "dead", record=record),
+            "task.dead",
+            {
+                "duration_s": duration or None,
+                "reason": reason,
+                "error": f"{kind}: {message}",
+                "error_type": kind,
+                "traceback": trace or None,
+            },
+        )
+
+    def settled(self, outcome: Outcome, answer: Answer | None) -> None:
+        """Emit the outcome once the broker took it: DONE, or ALREADY_DONE (an earlier call
+        under this receipt took effect; its reply was lost). FENCED: the broker refused (the
+        lease moved on). None: it did not answer (already logged); the task comes back when
+        its lease expires."""
+        if outcome.event is None:
+            return
+        delivery = outcome.settle.delivery
+        if answer is Answer.DONE or answer is Answer.ALREADY_DONE:
+            result = outcome.event.removeprefix("task.")
+            self._emit(outcome.event, delivery, outcome=result, **outcome.fields)
+        elif answer is Answer.FENCED:
+            op = outcome.settle.kind
+            self._emit(
+                "task.lease_lost", delivery, detail=f"{op} refused: another delivery owns the task"
+            )
+
+    def _on_timeout(self, delivery: Delivery, run: Run) -> None:
+        if self.forcing:
+            return  # cut short by shutdown, not a timeout of its own
+        self._emit("task.timeout", delivery, detail="interrupt" if run.interrupt else "cancel")
+        if run.interrupted:
+            self.interrupts += 1
+            self._emit("task.interrupted", delivery)
+
+    def _on_overrun(self, delivery: Delivery, run: Run) -> None:
+        self.overruns += 1
+        self._emit("task.overrun", delivery, detail="handler has not returned after its interrupt")
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _emit(self, name: str, delivery: Delivery, **fields: Any) -> None:
+        task = delivery.task
+        self.events.emit(
+            Event(name, task_id=task.id, type=task.type, attempt=task.attempt, **fields)
+        )

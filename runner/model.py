@@ -1,0 +1,239 @@
+"""What a task is: the envelope, its attempts, dead-letter records, task ids, and the context a
+handler receives (with its cancellation). Plain dataclasses; the JSON codec is runner.codec.
+
+Everything that crosses a broker is JSON (never pickle), so a dead-letter record can be read and
+replayed without the producer's code.
+
+May import: the standard library only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+# A private generator (handlers may seed the random module's), seeded from os.urandom and
+# seeded again in a forked child, which would otherwise repeat its parent's ids.
+_id_bits = random.Random()
+os.register_at_fork(after_in_child=_id_bits.seed)
+
+
+#: How many attempts a task remembers; older ones are dropped (the count stays exact).
+HISTORY_LIMIT = 10
+
+
+def new_task_id() -> str:
+    """32 hex digits: the creation time in milliseconds (12), then 80 random bits (20).
+
+    Ids sort by creation (as a UUIDv7's do), so the SQLite broker's id index grows at its end
+    rather than touching a random page on every put and ack.
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{_id_bits.getrandbits(80):020x}"
+
+
+#: How many characters of an id people see (text logs, tables, the summary).
+SHORT_ID_CHARS = 8
+
+
+def short_id(task_id: str) -> str:
+    """The form of a task id shown to people: its last SHORT_ID_CHARS characters.
+
+    An id's start is its creation time, the same for every task made in the same moment; its
+    end is random (32 bits of it here), so it tells tasks apart: two of 1,000 dead letters
+    share it with odds of about 1 in 9,000. ``dq-run dlq show`` takes it, as it takes any end or
+    start of an id of 6 characters or more that only one record has.
+    """
+    return task_id[-SHORT_ID_CHARS:]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """What happened in one failed attempt."""
+
+    attempt: int
+    error_type: str
+    message: str
+    traceback: str
+    started_at: float  # epoch seconds
+    duration_s: float
+    worker: str  # "host:pid"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt,
+            "error_type": self.error_type,
+            "message": self.message,
+            "traceback": self.traceback,
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
+            "worker": self.worker,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AttemptRecord:
+        return cls(
+            attempt=int(data["attempt"]),
+            error_type=str(data["error_type"]),
+            message=str(data["message"]),
+            traceback=str(data.get("traceback", "")),
+            started_at=float(data["started_at"]),
+            duration_s=float(data["duration_s"]),
+            worker=str(data.get("worker", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One unit of work. ``id`` is stable across attempts.
+
+    ``attempt`` is the number of times a broker has handed the task out: 0 while it waits for
+    its first run, 1 during its first run. Brokers count it at hand-out, so a task that kills its
+    worker still uses up an attempt.
+    """
+
+    type: str
+    payload: Any
+    id: str = field(default_factory=new_task_id)
+    attempt: int = 0
+    enqueued_at: float = 0.0  # epoch seconds of the first publish
+    not_before: float = 0.0  # epoch seconds; 0 means ready now
+    history: tuple[AttemptRecord, ...] = ()
+
+    def with_failure(self, failure: AttemptRecord) -> Task:
+        """This task with one more failed attempt in its (bounded) history."""
+        return replace(self, history=(*self.history, failure)[-HISTORY_LIMIT:])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "payload": self.payload,
+            "attempt": self.attempt,
+            "enqueued_at": self.enqueued_at,
+            "not_before": self.not_before,
+            "history": [h.to_json() for h in self.history],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], attempt: int | None = None) -> Task:
+        """``attempt``, when given, replaces the stored one (brokers count it at hand-out)."""
+        history = data.get("history")
+        return cls(
+            id=str(data["id"]),
+            type=str(data["type"]),
+            payload=data.get("payload"),
+            attempt=int(data.get("attempt", 0)) if attempt is None else attempt,
+            enqueued_at=float(data.get("enqueued_at", 0.0)),
+            not_before=float(data.get("not_before", 0.0)),
+            history=tuple(AttemptRecord.from_json(h) for h in history) if history else (),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A task that will not run again unless replayed, and why."""
+
+    task: Task
+    reason: str  # "error", "never_retry", "permanent", "max deliveries", "shutdown", ...
+    error_type: str
+    message: str
+    traceback: str
+    attempts: int
+    first_attempt_at: float
+    last_attempt_at: float
+    dead_at: float
+
+    @property
+    def id(self) -> str:
+        return self.task.id
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task.to_json(),
+            "reason": self.reason,
+            "error_type": self.error_type,
+            "message": self.message,
+            "traceback": self.traceback,
+            "attempts": self.attempts,
+            "first_attempt_at": self.first_attempt_at,
+            "last_attempt_at": self.last_attempt_at,
+            "dead_at": self.dead_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeadLetter:
+        return cls(
+            task=Task.from_json(data["task"]),
+            reason=str(data["reason"]),
+            error_type=str(data["error_type"]),
+            message=str(data["message"]),
+            traceback=str(data.get("traceback", "")),
+            attempts=int(data["attempts"]),
+            first_attempt_at=float(data["first_attempt_at"]),
+            last_attempt_at=float(data["last_attempt_at"]),
+            dead_at=float(data["dead_at"]),
+        )
+
+
+class Cancellation:
+    """``ctx.cancelled``: an Event-like flag (``is_set()``, ``wait(timeout)``, ``set()``).
+
+    Handlers poll it far more rarely than tasks start, so the threading.Event behind
+    ``wait()`` is made on first use instead of for every task. Creating it takes no lock (an
+    interrupt could land in handler code holding one): ``dict.setdefault`` is atomic, so every
+    waiter shares the first Event made, and ``set()`` reaches it whichever order they run in.
+    """
+
+    __slots__ = ("_box", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._box: dict[str, threading.Event] = {}
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        event = self._box.get("event")
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until set or ``timeout`` seconds pass; returns whether it is set."""
+        if self._set:
+            return True
+        event = self._box.setdefault("event", threading.Event())
+        if self._set:  # set() may have run before the Event existed
+            event.set()
+        return event.wait(timeout)
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a handler may know about the task it runs; the optional second argument.
+
+    ``cancelled`` is set when the task's timeout expires or the runner shuts down past its
+    grace period; cooperative handlers should check it in long loops (``is_set()``) or sleep
+    on it (``wait(seconds)``). ``logger`` carries the task's fields on every line.
+    """
+
+    task_id: str
+    type: str
+    attempt: int
+    max_attempts: int
+    deadline: float  # time.monotonic() value after which the attempt is interrupted
+    cancelled: Cancellation
+    make_logger: Callable[[], logging.LoggerAdapter[logging.Logger]] = field(repr=False)
+
+    @cached_property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        # Built on first use: most handlers never log, and getLogger takes a global lock.
+        return self.make_logger()

@@ -1,0 +1,350 @@
+"""Operator operations behind ``dq-run publish``, ``dq-run dlq`` and ``dq-run stats``.
+
+Plain functions over a validated config and a ``BrokerAdmin``; they return data and raise the
+runner's errors, and the CLI only parses, calls and prints (runner.ops.views formats).
+
+Everything goes through the broker's ``Broker`` / ``BrokerAdmin`` side, never raw SQL or keys,
+so every durable broker (sqlite, redis) works the same. A memory broker lives inside one
+``dq-run`` process, so another process cannot publish to it, replay into it or see its queue:
+those raise NotSupported and say why. Its dead letters can still be listed, shown and purged
+when the config keeps them in a file (``dead_letter: {kind: file, path: ...}``).
+
+Publishing is all or nothing: every input is checked first (type, JSON, size, the handler's
+pydantic model) and every problem is reported; only then are all tasks put in one ``put_many``,
+which the broker applies atomically. Input with more tasks than ``broker.capacity`` could never
+be queued at once, so it is refused before anything is put.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from runner.app import create_broker
+from runner.brokers.base import BrokerAdmin, DeadLetterFilter, Depth
+from runner.config.models import PipelineConfig, parse_duration
+from runner.config.models import parse_rate as config_parse_rate
+from runner.deadletter.file import FileDeadLetters
+from runner.errors import BrokerError, NotSupported, QueueFull, UsageError
+from runner.model import DeadLetter, Task
+from runner.ops.drafts import Draft
+
+T = TypeVar("T")
+
+#: The fewest characters of an id's end or start that ``dq-run dlq`` looks an id up by.
+MIN_ID_CHARS = 6
+
+#: A throttled replay sends about this many chunks per second (at least one task per chunk).
+CHUNKS_PER_S = 10
+
+_MEMORY = "a memory broker lives inside the one dq-run process that runs it"
+_NO_PUBLISH = (
+    f"cannot publish: {_MEMORY}, so tasks published from another process could never reach it; "
+    "use a sqlite or redis broker (or a `simulate` section)"
+)
+_NO_STATS = (
+    f"cannot show stats: {_MEMORY}, and no other process can see its queue; the running "
+    "process shows live progress and /metrics instead"
+)
+_NO_DLQ = (
+    f"no dead letters to read: {_MEMORY} and keeps them in memory, lost when it exits; "
+    "keep them with `dead_letter: {kind: file, path: ...}`, or use a sqlite or redis broker"
+)
+
+
+# -- publish -------------------------------------------------------------------------------------
+
+
+def require_shared(config: PipelineConfig, command: str) -> None:
+    """Raise NotSupported (saying why) when ``command`` cannot work on the config's broker."""
+    if config.broker.kind == "memory":
+        raise NotSupported({"publish": _NO_PUBLISH, "stats": _NO_STATS}[command])
+
+
+def publish(config: PipelineConfig, drafts: Sequence[Draft], delay_s: float = 0.0) -> list[str]:
+    """Put every draft as one all-or-nothing batch; returns the task ids in input order.
+
+    Blocks up to ``broker.enqueue_timeout`` for room, then QueueFull (nothing published).
+    """
+    require_shared(config, "publish")
+    if len(drafts) > config.broker.capacity:
+        raise UsageError(
+            f"{len(drafts)} tasks exceed broker.capacity ({config.broker.capacity}): they could "
+            "never be queued at once, so nothing was published; split the input"
+        )
+    now = time.time()
+    tasks = [
+        Task(
+            type=d.type,
+            payload=d.payload,
+            enqueued_at=now,
+            not_before=now + delay_s if delay_s > 0 else 0.0,
+        )
+        for d in drafts
+    ]
+    broker = create_broker(config)
+    try:
+        broker.put_many(tasks)
+    except QueueFull as exc:
+        raise QueueFull(f"{exc}; nothing was published") from exc
+    finally:
+        broker.close()
+    return [task.id for task in tasks]
+
+
+# -- the admin side --------------------------------------------------------------------------
+
+
+class FileDeadLetterAdmin:
+    """BrokerAdmin over a memory config's JSON Lines dead-letter file: list, show, purge."""
+
+    def __init__(self, store: FileDeadLetters) -> None:
+        self.store = store
+
+    def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
+        return self._reading(lambda: self.store.records(where))
+
+    def purge(self, where: DeadLetterFilter) -> int:
+        return self._reading(lambda: self.store.purge(where))
+
+    def dead_letter_count(self) -> int:
+        return self._reading(self.store.count)
+
+    def replay(self, ids: Sequence[str]) -> int:
+        raise NotSupported(
+            f"cannot replay into a memory broker: {_MEMORY}, so no other process can put tasks "
+            f"into its queue; the records stay in {self.store.path}: replay them into the next "
+            f"run with `dq-run run CONFIG --replay`"
+        )
+
+    def depth(self) -> dict[str, Depth]:
+        raise NotSupported(_NO_STATS)
+
+    def oldest_enqueued_at(self) -> dict[str, float]:
+        raise NotSupported(_NO_STATS)
+
+    def _reading(self, op: Callable[[], T]) -> T:
+        try:
+            return op()
+        except ValueError as exc:  # a malformed line, named by FileDeadLetters
+            raise BrokerError(str(exc)) from exc
+
+
+@contextmanager
+def open_admin(config: PipelineConfig, read_only: bool = False) -> Iterator[BrokerAdmin]:
+    """The operator's side of the config's broker (or of its dead-letter file), closed after.
+
+    ``read_only``: the caller only reads (stats, dlq list/show), so a read-only file will do.
+    """
+    if config.broker.kind == "memory":
+        if config.dead_letter.kind != "file" or not config.dead_letter.path:
+            raise NotSupported(_NO_DLQ)
+        yield FileDeadLetterAdmin(FileDeadLetters(config.dead_letter.path))
+        return
+    broker = create_broker(config, read_only=read_only)
+    try:
+        if not isinstance(broker, BrokerAdmin):
+            raise NotSupported(f"the {config.broker.kind} broker has no operator side")
+        yield broker
+    finally:
+        broker.close()
+
+
+# -- dead letters --------------------------------------------------------------------------
+
+
+def dead_letter_filter(
+    type_name: str | None = None,
+    error: str | None = None,
+    since: str | None = None,
+    ids: Sequence[str] = (),
+    now: float | None = None,
+) -> DeadLetterFilter:
+    """The filter for CLI options; ``since`` is a duration (``1h``, ``30m``) back from now."""
+    cutoff = None
+    if since is not None:
+        cutoff = (time.time() if now is None else now) - _duration("--since", since)
+    return DeadLetterFilter(
+        ids=frozenset(ids) if ids else None, type=type_name, error=error, since=cutoff
+    )
+
+
+def find_dead_letter(admin: BrokerAdmin, task_id: str) -> DeadLetter:
+    """The record with this task id, or the only one whose id ends or starts with it.
+
+    Tables and logs show an id's end (runner.model.short_id), so that is what people type; the
+    start, its creation time, is shared by ids made together. Raises UsageError when nothing
+    matches or when several do (saying how many).
+    """
+    exact = admin.dead_letters(DeadLetterFilter(ids=frozenset({task_id})))
+    if exact:
+        return exact[0]
+    matches = _id_matches(admin.dead_letters(DeadLetterFilter()), task_id)
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UsageError(f"{task_id!r} matches {len(matches)} dead letters; give more of it")
+    raise UsageError(f"no dead letter with id {task_id!r}{_too_short(task_id)}")
+
+
+def resolve_ids(admin: BrokerAdmin, given: Sequence[str]) -> list[str]:
+    """The whole ids of the dead letters ``given`` names, each by its whole id or a unique end
+    or start (as find_dead_letter); one that names none is kept as given (the caller reports it
+    missing); one that names several raises UsageError."""
+    if not given:
+        return []
+    known = {r.id for r in admin.dead_letters(DeadLetterFilter(ids=frozenset(given)))}
+    records = admin.dead_letters(DeadLetterFilter()) if set(given) - known else []
+    out: list[str] = []
+    for task_id in given:
+        matches = [] if task_id in known else _id_matches(records, task_id)
+        if len(matches) > 1:
+            raise UsageError(f"{task_id!r} matches {len(matches)} dead letters; give more of it")
+        out.append(matches[0].id if matches else task_id)
+    return out
+
+
+def _id_matches(records: Sequence[DeadLetter], part: str) -> list[DeadLetter]:
+    if len(part) < MIN_ID_CHARS:
+        return []
+    return [r for r in records if r.id.endswith(part) or r.id.startswith(part)]
+
+
+def _too_short(part: str) -> str:
+    if len(part) < MIN_ID_CHARS:
+        return f" (an id's end or start needs {MIN_ID_CHARS} characters or more)"
+    return ""
+
+
+def select_for_replay(
+    admin: BrokerAdmin, ids: Sequence[str], replay_all: bool, where: DeadLetterFilter
+) -> tuple[list[DeadLetter], list[str]]:
+    """The records to replay, and the given ids that matched nothing."""
+    if isinstance(admin, FileDeadLetterAdmin):
+        admin.replay(())  # refuses, saying why; before a dry run would suggest otherwise
+    if ids and replay_all:
+        raise UsageError("give either IDs or --all, not both")
+    if not ids and not replay_all:
+        raise UsageError("name the dead letters to replay (ID...) or pass --all")
+    records = admin.dead_letters(where)
+    found = {r.id for r in records}
+    return records, [i for i in dict.fromkeys(ids) if i not in found]
+
+
+def parse_rate(text: str) -> float:
+    """``10/s``, ``30/m`` or ``100/h`` -> tasks per second; raises UsageError."""
+    try:
+        return config_parse_rate(text)
+    except ValueError as exc:
+        raise UsageError(f"--rate {text!r}: {exc}") from None
+
+
+def replay(
+    admin: BrokerAdmin,
+    ids: Sequence[str],
+    rate_per_s: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Put these dead letters back (attempt reset); returns how many moved.
+
+    With a rate, tasks go back in chunks of about ``rate / CHUNKS_PER_S`` (at least one),
+    each chunk starting no earlier than ``index / rate`` seconds after the first, so that a
+    recovering dependency is not flooded. A full queue stops the replay with QueueFull saying
+    how many went back; the rest stay in the dead-letter queue.
+    """
+    chunk = len(ids) or 1
+    if rate_per_s is not None:
+        chunk = max(1, int(rate_per_s / CHUNKS_PER_S))
+    start = clock()
+    moved = 0
+    for index in range(0, len(ids), chunk):
+        if rate_per_s is not None:
+            wait = start + index / rate_per_s - clock()
+            if wait > 0:
+                sleep(wait)
+        try:
+            moved += admin.replay(ids[index : index + chunk])
+        except QueueFull as exc:
+            raise QueueFull(
+                f"{exc}; replayed {moved} of {len(ids)}, the rest are still dead letters"
+            ) from exc
+    return moved
+
+
+def purge(admin: BrokerAdmin, records: Sequence[DeadLetter]) -> int:
+    """Delete exactly these records (not whatever matches the filter by now)."""
+    if not records:
+        return 0
+    return admin.purge(DeadLetterFilter(ids=frozenset(r.id for r in records)))
+
+
+# -- stats ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TypeStats:
+    depth: Depth
+    oldest_age_s: float | None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What ``dq-run stats`` shows: per-type depth and age, the DLQ size."""
+
+    types: dict[str, TypeStats]
+    dead_letters: int
+
+    @property
+    def oldest_age_s(self) -> float | None:
+        ages = [s.oldest_age_s for s in self.types.values() if s.oldest_age_s is not None]
+        return max(ages) if ages else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "types": {
+                name: {
+                    "ready": s.depth.ready,
+                    "delayed": s.depth.delayed,
+                    "leased": s.depth.leased,
+                    "oldest_age_s": s.oldest_age_s,
+                }
+                for name, s in self.types.items()
+            },
+            "dead_letters": self.dead_letters,
+            "oldest_age_s": self.oldest_age_s,
+        }
+
+
+def stats(config: PipelineConfig, admin: BrokerAdmin, now: float | None = None) -> Stats:
+    """Depth and oldest task age for every configured type (and any other the broker holds)."""
+    require_shared(config, "stats")
+    at = time.time() if now is None else now
+    depth = admin.depth()
+    oldest = admin.oldest_enqueued_at()
+    names = sorted(set(config.task_types) | set(depth) | set(oldest))
+    types = {
+        name: TypeStats(
+            depth=depth.get(name, Depth()),
+            oldest_age_s=max(0.0, at - oldest[name]) if name in oldest else None,
+        )
+        for name in names
+    }
+    return Stats(types=types, dead_letters=admin.dead_letter_count())
+
+
+def parse_delay(text: str | None) -> float:
+    return 0.0 if text is None else _duration("--delay", text)
+
+
+def _duration(option: str, text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, float) or value < 0:
+        raise UsageError(f"{option} {text!r}: expected a duration such as 500ms, 10s, 5m or 1h")
+    return value

@@ -1,0 +1,103 @@
+"""What a stop leaves behind, in words for the person who pressed Ctrl-C.
+
+- ``drained_to(config)``: where the memory broker's shutdown dead letters go (a file that
+  ``--replay`` reads, or nowhere that outlives the process).
+- ``forced_exit_line(...)``: the one line a second signal prints before the process exits with
+  130. Asking the broker what is left runs on a helper thread and is waited for at most
+  ``ASK_WAIT_S``: the signal handler runs on the main thread, which may be holding the very
+  lock the broker needs (the memory broker's condition, the SQLite connection's lock), and a
+  forced exit must not hang on it. If the broker does not answer in time, the line says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from runner.app import Runner
+from runner.config.models import PipelineConfig
+
+#: How long a forced exit waits for the broker to say what is left.
+ASK_WAIT_S = 0.5
+
+_T = TypeVar("_T")
+
+
+def drained_to(config: PipelineConfig) -> str:
+    """Where the memory broker's dead letters (shutdown ones included) end up, in a few words."""
+    if config.dead_letter.kind == "file":
+        return f"in {config.dead_letter.path} (`dq-run run CONFIG --replay` runs them)"
+    return "in memory only: lost at exit (`dead_letter: {kind: file}` keeps them)"
+
+
+def broker_place(config: PipelineConfig) -> str:
+    """The broker in a few words, without credentials: ``the SQLite file var/queue.db``."""
+    broker = config.broker
+    if broker.kind == "sqlite":
+        return f"the SQLite file {broker.path}"
+    if broker.kind == "redis":
+        url = broker.url or ""
+        scheme, sep, rest = url.partition("://")
+        if "@" in rest:
+            url = f"{scheme}{sep}{rest.rsplit('@', 1)[1]}"
+        return f"Redis at {url}"
+    return "the memory broker"
+
+
+def forced_exit_line(runner: Runner, config: PipelineConfig, stopped: bool) -> str:
+    """The line a second signal prints. ``stopped``: the runner has stopped (the broker is
+    closed; on memory its queue was dead-lettered) and only the summary was left to print."""
+    cut = "; the summary was cut short" if stopped else ""
+    if config.broker.kind == "memory":
+        # Dead-lettered by the stop already (it may have got that far), and by us now.
+        drained = sum(1 for d in runner.summary.dead if d["reason"] == "shutdown")
+        if not stopped:
+            drain = getattr(runner.broker, "drain_to_dead_letters", None)
+            records = (
+                None
+                if drain is None
+                else _ask(lambda: drain(reason="shutdown", include_leased=True), ASK_WAIT_S)
+            )
+            if records is None:
+                return (
+                    "forced exit: the tasks still queued or running in the memory broker were "
+                    "lost (it did not answer in time)"
+                )
+            drained += len(records)
+        if not drained:
+            return f"forced exit: nothing was left queued or running{cut}"
+        return f"forced exit: {drained} unfinished tasks dead-lettered, {drained_to(config)}{cut}"
+    place = broker_place(config)
+    timeout = f"{config.broker.visibility_timeout:g}s"
+    if stopped:
+        return f"forced exit: nothing was running here; unfinished tasks stay in {place}{cut}"
+    depth = _ask(runner.depth, ASK_WAIT_S)
+    running = _ask(runner.inflight, ASK_WAIT_S)
+    if depth is None or running is None:
+        return (
+            f"forced exit: unfinished tasks stay in {place}; those that were running here are "
+            f"handed out again after visibility_timeout ({timeout})"
+        )
+    queued = sum(d.ready + d.delayed for d in depth.values())
+    here = sum(running.values())
+    return (
+        f"forced exit: {queued} tasks stay queued in {place}; the {here} running here are "
+        f"handed out again after visibility_timeout ({timeout})"
+    )
+
+
+def _ask(call: Callable[[], _T], wait_s: float) -> _T | None:
+    """``call()`` on a daemon thread; its result, or None if it raised or took over ``wait_s``."""
+    result: list[_T] = []
+
+    def run() -> None:
+        # A closed or unreachable broker: the caller says it could not tell.
+        with contextlib.suppress(Exception):
+            result.append(call())
+
+    helper = threading.Thread(target=run, name="dq-forced-exit", daemon=True)
+    helper.start()
+    helper.join(wait_s)
+    return result[0] if result else None
