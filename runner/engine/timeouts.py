@@ -124,8 +124,8 @@ class Watchdog:
     put takes no Python-level lock: ``started`` runs on a worker thread inside handler
     territory, where an interrupt landing inside a held lock would leave it held.
 
-    No run is missed: ``_next_wake`` is 0 while a scan is under way (so a run starting then
-    always wakes the watchdog), and afterwards holds the time the watchdog will look again.
+    No run is missed: ``_next_wake`` is infinite while a scan is under way (so a run starting
+    then always wakes the watchdog), and afterwards holds the time the watchdog will look again.
 
     ``horizon_s`` is the shortest timeout a run will have (0: unknown). With nothing running,
     the watchdog looks again that long after its scan instead of sleeping until woken: a run
@@ -137,7 +137,7 @@ class Watchdog:
         self._horizon_s = max(horizon_s, MIN_HORIZON_S) if horizon_s > 0 else math.inf
         self._guards: list[Guard] = []
         self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
-        self._next_wake = 0.0
+        self._next_wake = math.inf  # until the first scan has looked: every start wakes it
         self._stopped = False
         self._overrun_after_s = overrun_after_s
         self._thread = threading.Thread(target=self._loop, name="dq-watchdog", daemon=True)
@@ -170,7 +170,7 @@ class Watchdog:
 
     def _loop(self) -> None:
         while not self._stopped:
-            self._next_wake = 0.0
+            self._next_wake = math.inf
             now = time.monotonic()
             next_wake = now + self._horizon_s
             for guard in self._guards:

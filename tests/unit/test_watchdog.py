@@ -117,3 +117,35 @@ def test_a_run_times_out_on_time_whatever_the_horizon(
             assert wakeups.puts > before
     finally:
         watchdog.stop()
+
+
+def test_a_run_that_starts_during_a_scan_is_not_missed() -> None:
+    """Without a horizon the watchdog sleeps until woken once nothing runs; a run that starts
+    while a scan is under way, on a guard the scan has already passed, must still wake it (the
+    scan's own result does not know the run). Made certain by a second guard whose ``current``
+    starts the run on the first as the scan reads it."""
+    watchdog = Watchdog(horizon_s=0)
+    passed = Guard(watchdog)
+    passed.thread_id = threading.get_ident()
+    run = Run(deadline=time.monotonic() + 0.1, cancelled=Cancellation(), interrupt=False)
+
+    class StartsARunWhenRead(Guard):
+        @property  # type: ignore[override]
+        def current(self) -> Run | None:
+            if passed.current is None and not run.cancelled.is_set():
+                passed.current = run  # as Guard.run does, then tells the watchdog
+                watchdog.started(run)
+            return None
+
+        @current.setter
+        def current(self, value: Run | None) -> None:
+            pass
+
+    watchdog.register(passed)
+    watchdog.register(StartsARunWhenRead(watchdog))
+    watchdog.start()
+    try:
+        # Well past the 0.1 s deadline, on a loaded machine too; a missed run never expires.
+        assert run.cancelled.wait(5.0), "the run that started during a scan never timed out"
+    finally:
+        watchdog.stop()
