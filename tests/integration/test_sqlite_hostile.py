@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from runner.app import create_broker, create_dead_letter_store
+from runner.brokers.sqlite import schema as sqlite_schema
 from runner.brokers.sqlite.broker import SqliteBroker
 from runner.brokers.sqlite.schema import APPLICATION_ID, CREATE_WAIT_S
 from runner.config.models import PipelineConfig
@@ -54,6 +55,46 @@ def test_a_file_truncated_to_nothing_is_refused_not_recreated(tmp_path: Path) ->
         _open(path)
     assert time.monotonic() - start >= CREATE_WAIT_S  # it waited for a creator first
     assert path.stat().st_size == 0  # left as found
+
+
+def _header_only(path: Path) -> None:
+    """What a creator has written when it has switched to WAL but not yet made the schema."""
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+
+
+def test_a_file_whose_creator_is_still_writing_the_schema_is_waited_for(tmp_path: Path) -> None:
+    """The race of processes opening a new file at once, made certain: the file holds SQLite's
+    header (its creator switched to WAL) and the creator writes the schema 0.3 s later. An open
+    in between waits for it instead of refusing the file as one that holds no queue."""
+    path = tmp_path / "q.db"
+    _header_only(path)
+
+    def creator_writes_the_schema() -> None:
+        time.sleep(0.3)  # an open that does not wait has refused the file by now
+        creator = sqlite3.connect(path, isolation_level=None)
+        creator.execute(f"PRAGMA busy_timeout = {sqlite_schema.BUSY_TIMEOUT_MS}")
+        sqlite_schema._migrate(creator, str(path), created=True)
+        creator.close()
+
+    creator = threading.Thread(target=creator_writes_the_schema)
+    creator.start()
+    try:
+        _open(path).close()
+    finally:
+        creator.join()
+    assert _pragma(path, "application_id") == APPLICATION_ID
+
+
+def test_a_file_with_only_a_header_and_no_creator_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    _header_only(path)
+    start = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match=r"q\.db: the file exists but holds no queue"):
+        _open(path)
+    assert time.monotonic() - start >= CREATE_WAIT_S  # it waited for a creator first
+    assert _pragma(path, "application_id") == 0  # left as found
 
 
 def test_another_sqlite_database_is_refused(tmp_path: Path) -> None:

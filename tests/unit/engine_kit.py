@@ -15,6 +15,18 @@ from runner.engine.worker import TypeRuntime, Worker
 from runner.events import Event, EventBus
 from runner.model import Task, TaskContext
 
+#: How long a test waits for a condition before it fails: generous, as the machine running the
+#: suite may be loaded (a condition that holds is usually met within milliseconds).
+WAIT_S = 10.0
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    """Poll ``predicate`` until it holds; fail, naming ``what``, once ``timeout`` s passed."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
 
 class Recorder:
     """Collects events; lets a test wait until a condition over them holds."""
@@ -32,7 +44,7 @@ class Recorder:
         with self._cond:
             return [e for e in self.events if e.name == name]
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
         deadline = time.monotonic() + timeout
         with self._cond:
             while not predicate():
@@ -137,6 +149,36 @@ class Engine:
 
     def wait_finished(self, n: int, timeout: float = 20.0) -> None:
         self.recorder.wait_for(lambda: self.recorder.finished() >= n, timeout)
+
+    def quiet(self) -> bool:
+        """Whether nothing is left to run: the broker holds no task (ready, delayed or leased),
+        the worker none (prefetched, running or being settled), and every thread waits for work.
+        From then on nothing runs until a task is published, and every run so far has ended
+        and emitted its outcome: a run twice, or a retry too many, is in the counts by now."""
+        worker = self.worker
+        # Under the worker's lock its books cannot change while the broker is asked (brokers
+        # never take that lock), so both answers describe one moment.
+        with worker._lock:
+            if worker._held or worker._settling or worker._sleeping < worker.threads:
+                return False
+            return all(depth.total == 0 for depth in self.broker.depth().values())
+
+    def wait_quiet(self, timeout: float = WAIT_S) -> None:
+        wait_until(self.quiet, "the broker and the worker hold nothing", timeout)
+
+    def done_fetching(self) -> bool:
+        """Whether the worker fetches no more: no fetch is under way and none is due, or the
+        one under way waits for types the broker has no task of. While no task ends and none
+        is published, the worker holds all it will (an over-fetch has happened by now)."""
+        worker = self.worker
+        with worker._lock:  # as in quiet()
+            if not worker._reserved:
+                slots, _ = worker._free_room()
+                return not (slots and worker._should_fetch())
+            if not worker._blocked_in_get:
+                return False
+            depth = self.broker.depth()
+            return all(name not in depth or not depth[name].ready for name in worker._asking)
 
     def stop(self, grace: float = 5.0) -> int:
         forced = self.worker.stop(grace)

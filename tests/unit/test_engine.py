@@ -7,7 +7,6 @@ Every test runs twice: settling inline (as on the memory broker) and in the Sett
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import random
 import threading
 import time
@@ -26,7 +25,7 @@ from runner.errors import PermanentError
 from runner.events import Event, EventBus
 from runner.model import Task, TaskContext
 from tests.unit import engine_kit
-from tests.unit.engine_kit import Concurrency, Engine, Recorder, plan, type_runtime
+from tests.unit.engine_kit import Concurrency, Engine, Recorder, plan, type_runtime, wait_until
 
 
 @pytest.fixture(autouse=True, params=["inline", "background"])
@@ -56,7 +55,7 @@ def test_five_tasks_on_three_workers_each_run_exactly_once(engines: list[Engine]
     for n in range(5):
         engine.publish("t", n)
     engine.wait_finished(5)
-    time.sleep(0.1)  # a duplicate run would show up here
+    engine.wait_quiet()  # a duplicate run would have to happen before this holds
     assert runs == Counter(range(5))
 
 
@@ -74,7 +73,7 @@ def test_task_failing_twice_succeeds_on_third_attempt_and_is_not_run_again(
     engines.append(engine)
     engine.publish("t")
     engine.wait_finished(1)
-    time.sleep(0.1)
+    engine.wait_quiet()  # a further attempt would have to happen before this holds
     assert attempts == [1, 2, 3]
     assert len(engine.recorder.named("task.retrying")) == 2
     assert len(engine.recorder.named("task.succeeded")) == 1
@@ -91,9 +90,7 @@ def test_always_failing_task_is_dead_lettered_once_with_every_attempt(
     engines.append(engine)
     task_id = engine.publish("t", {"x": 1})
     engine.wait_finished(1)
-    time.sleep(0.1)
-    from runner.brokers.base import DeadLetterFilter
-
+    engine.wait_quiet()  # a second dead letter would have to be written before this holds
     [record] = engine.dead_letters.records(DeadLetterFilter())
     assert record.id == task_id
     assert record.attempts == 3
@@ -132,7 +129,7 @@ def test_saturated_type_does_not_block_other_types(engines: list[Engine]) -> Non
     b_done = threading.Event()
 
     def slow(payload: Any, ctx: TaskContext) -> None:
-        release.wait(10)
+        release.wait(30)  # longer than b waits: b cannot get in by an "a" ending meanwhile
 
     def fast(payload: Any, ctx: TaskContext) -> None:
         b_done.set()
@@ -143,7 +140,7 @@ def test_saturated_type_does_not_block_other_types(engines: list[Engine]) -> Non
         engine.publish("a")
     engine.publish("b")
     try:
-        assert b_done.wait(2.0), "type b waited behind a saturated type a"
+        assert b_done.wait(10), "type b waited behind a saturated type a"
     finally:
         release.set()
 
@@ -183,10 +180,15 @@ def test_limits_are_never_exceeded_and_are_reached(engines: list[Engine]) -> Non
 
 def test_backoff_frees_the_worker_and_follows_the_policy(engines: list[Engine]) -> None:
     starts: list[float] = []
+    failed: list[float] = []
     others_done: list[float] = []
+    others_queued = threading.Event()
 
     def failing(payload: Any, ctx: TaskContext) -> None:
         starts.append(time.monotonic())
+        if ctx.attempt == 1:
+            others_queued.wait(10)  # so the others wait in the broker when the backoff begins
+        failed.append(time.monotonic())
         raise RuntimeError("again")
 
     def other(payload: Any, ctx: TaskContext) -> None:
@@ -198,15 +200,22 @@ def test_backoff_frees_the_worker_and_follows_the_policy(engines: list[Engine]) 
     )
     engines.append(engine)
     engine.publish("f")
-    time.sleep(0.05)
-    t_others = time.monotonic()
+    engine.recorder.wait_for(lambda: bool(engine.recorder.named("task.started")))
     for _ in range(10):
         engine.publish("o")
+    others_queued.set()
     engine.wait_finished(11)
-    # With one thread, the others ran during the failing task's first backoff of 0.2 s.
+    # With one thread, the others ran while the failing task waited out its first backoff:
+    # all of them before its second attempt, and the first of them within the backoff's
+    # 0.2 s (it was ready when the backoff began, so it starts within a hand-off, a few ms; a
+    # thread that sleeps out the backoff itself starts it 0.2 s late, after the sleep).
     assert len(others_done) == 10
-    assert max(others_done) - t_others < 0.2
-    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert max(others_done) < starts[1]
+    assert others_done[0] < failed[0] + 0.2
+    # Each retry waits its backoff (counted here from the failure; the broker counts it from
+    # the settle, later still) and not much longer: the margin, twice the backoff, is for a
+    # loaded machine; a backoff three times too long fails.
+    gaps = [start - fail for fail, start in zip(failed[:-1], starts[1:], strict=True)]
     for gap, nominal in zip(gaps, [0.2, 0.4, 0.8], strict=True):
         assert nominal <= gap < nominal * 3, (gaps, nominal)
 
@@ -259,7 +268,7 @@ def test_timeout_interrupts_a_busy_pure_python_handler(engines: list[Engine]) ->
     engines.append(engine)
     stamps = stamped(engine)
     engine.publish("t")
-    engine.wait_finished(1, timeout=5)
+    engine.wait_finished(1)
     [started], [interrupted] = stamps.at("task.started"), interrupted_at
     assert interrupted - started >= TIMEOUT_S
     assert interrupted - began[0] < TIMEOUT_S + TIMEOUT_LATE_S
@@ -331,6 +340,10 @@ def test_stop_past_grace_interrupts_and_releases_the_task() -> None:
     t0 = time.monotonic()
     forced = engine.worker.stop(grace_s=0.2)
     assert forced == 1
+    # The grace, then an interrupt that lands within one 0.01 s sleep: about 0.2 s. The rest
+    # of the 3 s is margin for a loaded machine; a stop that waited for the handler would not
+    # return at all, one that waited out FORCED_WAIT_S per thread would take 1.2 s or more
+    # (and leave the task leased, which the next line catches).
     assert time.monotonic() - t0 < 3
     # Released back, not dead-lettered or lost: still in the broker, ready.
     assert engine.broker.depth()["t"].ready == 1
@@ -388,7 +401,7 @@ def test_handler_stuck_in_a_c_call_is_reported_as_an_overrun(engines: list[Engin
     engines.append(engine)
     stamps = stamped(engine)
     engine.publish("t")
-    engine.recorder.wait_for(lambda: bool(engine.recorder.named("task.overrun")), timeout=5)
+    engine.recorder.wait_for(lambda: bool(engine.recorder.named("task.overrun")))
     [started], [overrun] = stamps.at("task.started"), stamps.at("task.overrun")
     assert overrun - started >= TIMEOUT_S + OVERRUN_AFTER_S
     assert overrun - began[0] < TIMEOUT_S + OVERRUN_AFTER_S + TIMEOUT_LATE_S
@@ -416,7 +429,7 @@ def test_prefetch_is_bounded_per_type_and_in_all(engines: list[Engine]) -> None:
         engine.publish("b")
     try:
         engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 3)
-        time.sleep(0.2)  # the dispatcher has had every chance to over-fetch
+        wait_until(engine.done_fetching, "the dispatcher fetched all it will")
         depth = engine.broker.depth()
         assert depth["a"].leased <= 1 + 1
         assert depth["b"].leased <= 3 + 3
@@ -443,7 +456,7 @@ def test_one_type_may_fill_the_whole_prefetch_buffer(engines: list[Engine]) -> N
         engine.publish("a")
     try:
         engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 2)
-        time.sleep(0.3)  # the dispatcher has had every chance to fetch (and to over-fetch)
+        wait_until(engine.done_fetching, "the dispatcher fetched all it will")
         # It fetches while at least half the buffer is free, so it stops somewhere between
         # 2 + 10 - 10 // 2 and the brim; the old rule (limit again: 2 + 2) stopped at 4.
         assert 2 + 10 - 10 // 2 <= engine.broker.depth()["a"].leased <= 2 + 10
@@ -474,9 +487,7 @@ def test_wake_up_books_balance_after_bursts_of_mixed_tasks(engines: list[Engine]
         time.sleep(rng.choice([0.0, 0.01, 0.03]))
     engine.wait_finished(total, timeout=30)
     worker = engine.worker
-    deadline = time.monotonic() + 5
-    while worker._sleeping < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: worker._sleeping >= 4, "every thread waits for work")
     with worker._lock:
         assert worker._ready_count == 0
         assert worker._signalled == 0
@@ -654,17 +665,16 @@ def test_a_prefetched_task_whose_lease_lapsed_is_checked_before_it_starts(
     engine.publish("t", "first")
     engine.recorder.wait_for(lambda: bool(engine.recorder.named("task.started")))
     engine.broker.put_many([Task("t", i) for i in range(3)])
-    deadline = time.monotonic() + 5
-    while len(engine.worker._held) < 4:  # the three are prefetched behind "first"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    time.sleep(0.7)  # every lease lapses
+    wait_until(lambda: len(engine.worker._held) == 4, 'the three are prefetched behind "first"')
+    # Every lease lapses (the broker makes the tasks ready again), and so has half a lease
+    # since the worker fetched them: it must ask the broker before starting one.
+    wait_until(lambda: engine.broker.depth()["t"].ready == 4, "every lease lapsed")
     thief = engine.broker.get({"t": 10}, 10, 0)  # another worker takes and finishes them
     assert sorted(str(d.task.payload) for d in thief) == ["0", "1", "2", "first"]
     assert all(engine.broker.ack(d) for d in thief)
     release.set()
     engine.recorder.wait_for(lambda: len(engine.recorder.named("task.lease_lost")) >= 4)
-    time.sleep(0.1)  # a late start would show up here
+    engine.wait_quiet()  # a late start would have to happen before this holds
     assert ran == ["first"]
     assert len(engine.recorder.named("task.started")) == 1
 
@@ -700,12 +710,9 @@ def test_idle_types_take_no_share_of_the_prefetch_buffer(engines: list[Engine]) 
         engine.publish("a")
     try:
         engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 2)
-        deadline = time.monotonic() + 5
+        wait_until(engine.done_fetching, "the dispatcher fetched all it will")
         # An even share would stop "a" at 2 + max(2, 10 // 5) = 4.
-        while engine.broker.depth()["a"].leased < 2 + 10 - 10 // 2:
-            assert time.monotonic() < deadline, engine.broker.depth()["a"]
-            time.sleep(0.01)
-        assert engine.broker.depth()["a"].leased <= 2 + 10
+        assert 2 + 10 - 10 // 2 <= engine.broker.depth()["a"].leased <= 2 + 10
     finally:
         release.set()
 

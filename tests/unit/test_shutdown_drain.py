@@ -12,6 +12,7 @@ from runner.brokers.memory import MemoryBroker
 from runner.deadletter.memory import MemoryDeadLetters
 from runner.errors import BrokerClosed
 from runner.model import Task
+from tests.unit.engine_kit import wait_until
 
 
 class _LateWaker(threading.Condition):
@@ -47,10 +48,7 @@ def test_a_put_waiting_for_room_fails_once_closed_even_if_the_drain_made_room() 
 
     producer = threading.Thread(target=produce, name="producer")
     producer.start()
-    deadline = time.monotonic() + 5
-    while broker._put_waiting == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: broker._put_waiting > 0, "the producer waits for room")
     broker.close()  # what Runner.stop does first, then the drain
     drained = broker.drain_to_dead_letters(reason="shutdown", include_leased=True)
     producer.join(5)
@@ -99,7 +97,9 @@ def test_a_run_stopped_while_its_producer_waits_for_room_accounts_for_every_task
 
     producer = threading.Thread(target=produce, name="producer")
     producer.start()
-    time.sleep(0.5)  # the queue is full and the producer waits for room
+    broker = runner.broker
+    assert isinstance(broker, MemoryBroker)
+    wait_until(lambda: broker._put_waiting > 0, "the queue is full and the producer waits for room")
     stop.set()
     runner.stop(grace_s=0.0)
     producer.join(10)

@@ -10,20 +10,24 @@ import pytest
 
 from runner.engine.timeouts import Guard, Run, Watchdog
 from runner.model import Cancellation
+from tests.unit.engine_kit import wait_until
 
 
 class CountingQueue:
-    """The watchdog's wake-up queue, counting the wake-ups it is sent."""
+    """The watchdog's wake-up queue, counting the wake-ups it is sent and the waits for one
+    (the watchdog waits for one after each scan)."""
 
     def __init__(self) -> None:
         self.inner: queue.SimpleQueue[None] = queue.SimpleQueue()
         self.puts = 0
+        self.waits = 0
 
     def put(self, item: None) -> None:
         self.puts += 1
         self.inner.put(item)
 
     def get(self, timeout: float | None = None) -> None:
+        self.waits += 1
         self.inner.get(timeout=timeout)
 
     def get_nowait(self) -> None:
@@ -69,9 +73,10 @@ def a_run(timeout_s: float, timed_out: list[Run] | None = None) -> Run:
     return run
 
 
-def settle() -> None:
-    """Give the watchdog time to finish the scan it is in and fall asleep."""
-    time.sleep(0.1)
+def settle(wakeups: CountingQueue) -> None:
+    """Wait until the watchdog finished its first scan and waits: from then on it has set
+    when it looks again, which decides whether a run's start wakes it."""
+    wait_until(lambda: wakeups.waits >= 1, "the watchdog finished a scan")
 
 
 @pytest.mark.parametrize(
@@ -85,7 +90,7 @@ def test_short_runs_wake_the_watchdog_only_without_a_horizon(horizon_s: float, w
     watchdog, wakeups = watched(horizon_s=horizon_s)
     watchdog.start()
     try:
-        settle()
+        settle(wakeups)
         before = wakeups.puts
         run_in_thread(watchdog, [a_run(30.0) for _ in range(200)])
         assert (wakeups.puts > before) == wakes
@@ -107,11 +112,14 @@ def test_a_run_times_out_on_time_whatever_the_horizon(
     watchdog, wakeups = watched(horizon_s=horizon_s)
     watchdog.start()
     try:
-        settle()
+        settle(wakeups)
         before = wakeups.puts
         t0 = time.monotonic()
         run_in_thread(watchdog, [a_run(timeout_s, timed_out)], body=5.0)
         assert timed_out, "the run was never timed out"
+        # On time is the timeout plus at most one look-again (0.7 s here); the rest of the 2 s
+        # is margin for a loaded machine. A start that should wake the watchdog and does not
+        # leaves the run to its 5 s body, never timed out.
         assert time.monotonic() - t0 < 2.0
         if wakes:
             assert wakeups.puts > before

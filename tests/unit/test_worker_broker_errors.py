@@ -17,7 +17,7 @@ from runner.brokers.base import Answer, Settle
 from runner.engine import settle as settle_module
 from runner.errors import BrokerError, BrokerUnavailable
 from runner.model import TaskContext
-from tests.unit.engine_kit import Engine, type_runtime
+from tests.unit.engine_kit import Engine, type_runtime, wait_until
 
 SettleMany = Callable[[Sequence[Settle]], list[Answer]]
 
@@ -80,13 +80,6 @@ def flaky(
     return wrapper
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
-
-
 def test_a_settle_failing_with_broker_unavailable_is_tried_again(engine: Engine) -> None:
     settle = flaky(engine, failures=3, error=BrokerUnavailable("database is locked"))
     task_id = engine.publish("t")
@@ -107,7 +100,7 @@ def test_a_settle_whose_reply_was_lost_is_answered_already_done_and_counted_once
     assert settle.settled.wait(5.0)
     assert settle.answers == [Answer.ALREADY_DONE]
     engine.recorder.wait_for(lambda: len(engine.recorder.named("task.succeeded")) == 1)
-    time.sleep(0.05)
+    engine.wait_quiet()  # a second report of the settle would have to come before this holds
     assert not engine.recorder.named("task.lease_lost")
     assert len(engine.recorder.named("task.succeeded")) == 1
 
@@ -118,9 +111,12 @@ def test_giving_up_is_not_reported_as_a_lost_lease_and_frees_the_slot(engine: En
     # One thread: the second task starts only once the first one's slot was freed.
     engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 2)
     tries = len(settle_module.SETTLE_PAUSES_S) + 1
-    wait_until(lambda: sum(settle.tries.values()) >= 2 * tries)
-    wait_until(engine.worker.idle)  # given up on: no longer waiting to be settled
-    time.sleep(0.05)  # a further try would show up here
+    wait_until(lambda: sum(settle.tries.values()) >= 2 * tries, "both settles were tried")
+    wait_until(engine.worker.idle, "both settles were given up on")
+    # A further try (which must not come) would show up within this sleep: nothing marks the
+    # Settler's thread as done trying, so there is no condition to wait for. Under load the
+    # sleep can only miss a try, never fail a correct run.
+    time.sleep(0.05)
     # In the background one more try may come first: the one the dispatcher carried along with
     # its fetch (Broker.exchange) before handing the settle to the Settler.
     assert set(settle.tries) == {first, second}
@@ -135,9 +131,9 @@ def test_other_broker_errors_are_not_tried_again(engine: Engine) -> None:
     settle = flaky(engine, failures=10**6, error=BrokerError("something else"))
     task_id = engine.publish("t")
     engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 1)
-    wait_until(lambda: settle.calls >= 1)
-    wait_until(engine.worker.idle)
-    time.sleep(0.05)
+    wait_until(lambda: settle.calls >= 1, "the settle was tried")
+    wait_until(engine.worker.idle, "the settle was given up on")
+    time.sleep(0.05)  # as above: a try again (which must not come) would show up here
     assert set(settle.tries) == {task_id}
     assert settle.tries[task_id] <= 2  # at most the dispatcher's carried try, then the Settler's
     assert not engine.recorder.named("task.lease_lost")
@@ -160,9 +156,10 @@ class BrokenOnce:
 def test_an_unexpected_fetch_error_does_not_stop_the_dispatcher(engine: Engine) -> None:
     broken = BrokenOnce(engine.broker.get)
     engine.broker.get = broken  # type: ignore[method-assign]
-    time.sleep(0.05)  # let the dispatcher's current get (made before the patch) come back
+    # End the get the dispatcher may be blocked in (made before the patch; a wake is sticky,
+    # so this holds even if it is not waiting yet): its next get is the broken one.
     engine.broker.wake()
-    wait_until(lambda: broken.calls >= 1)
+    wait_until(lambda: broken.calls >= 1, "the dispatcher met the error")
     engine.publish("t")
     engine.wait_finished(1, timeout=10)  # the worker still consumes
 
@@ -180,6 +177,6 @@ def test_an_unexpected_settle_error_keeps_the_books(engine: Engine) -> None:
     engine.broker.ack = boom  # type: ignore[method-assign]
     engine.publish("t")
     engine.recorder.wait_for(lambda: len(engine.recorder.named("task.started")) == 1)
-    wait_until(engine.worker.idle)  # no answer, but not held forever either
+    wait_until(engine.worker.idle, "the settle was given up on")  # not held forever
     assert not engine.recorder.named("task.succeeded")
     assert engine.broker.depth()["t"].leased == 1  # comes back when its lease expires

@@ -18,7 +18,7 @@ import pytest
 from runner.brokers.base import Delivery, Settle
 from runner.errors import BrokerUnavailable
 from runner.model import TaskContext
-from tests.unit.engine_kit import Engine, type_runtime
+from tests.unit.engine_kit import Engine, type_runtime, wait_until
 
 Exchange = Callable[[Sequence[Settle], Mapping[str, int], int], tuple[list[bool], list[Delivery]]]
 
@@ -193,13 +193,26 @@ def test_stop_waits_for_a_fetch_under_way_and_hands_its_tasks_back(
             go_on.wait(10)
 
     wrapper.after = hold
+    # stop() waits on the worker's room condition for the fetches under way to end: note
+    # when it does so with this one still under way.
+    room = engine.worker._room
+    wait_for = room.wait_for
+    stop_waits = threading.Event()
+
+    def watched_wait_for(predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        if threading.current_thread().name == "stopper" and not predicate():
+            stop_waits.set()
+        return wait_for(predicate, timeout)
+
+    room.wait_for = watched_wait_for  # type: ignore[method-assign,assignment]
     for _ in range(3):
         engine.publish("t")
     assert in_fetch.wait(10), "the worker thread never fetched for itself"
-    stopper = threading.Thread(target=engine.worker.stop, args=(5.0,))
+    stopper = threading.Thread(target=engine.worker.stop, args=(5.0,), name="stopper")
     stopper.start()
-    time.sleep(0.3)
-    assert stopper.is_alive(), "stop() did not wait for the fetch under way"
+    # Either stop() waits for the fetch (as it must), or it goes on and returns without it.
+    wait_until(lambda: stop_waits.is_set() or not stopper.is_alive(), "stop() waits or returns")
+    assert stop_waits.is_set(), "stop() did not wait for the fetch under way"
     go_on.set()
     stopper.join(10)
     assert not stopper.is_alive()

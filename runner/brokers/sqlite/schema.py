@@ -28,8 +28,8 @@ file is stamped ``PRAGMA application_id = APPLICATION_ID`` and ``user_version =
 SCHEMA_VERSION``; an existing file must carry both, so a file truncated to 0 bytes, or any
 other database, is refused instead of being taken for a new, empty queue. A file from before
 the stamp (application_id 0, version 1, our tables) is recognised by its tables and stamped on
-open. A process that finds a 0-byte file waits up to ``CREATE_WAIT_S`` for its creator's first
-write before refusing it.
+open. A process that finds a file with no queue in it (0 bytes, or only SQLite's header) waits
+up to ``CREATE_WAIT_S`` for its creator to write the schema before refusing it.
 
 Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the crash of any
 process; the last transactions before a power cut or kernel crash may be lost (never corrupted).
@@ -55,7 +55,7 @@ SCHEMA_VERSION = 1
 #: ``PRAGMA application_id`` of a queue file: the bytes "dq-q".
 APPLICATION_ID = 0x64712D71
 #: How long an open waits for a file another process has just created to get its schema.
-CREATE_WAIT_S = 1.0
+CREATE_WAIT_S = 2.0
 _TABLES = frozenset({"tasks", "dead_letters", "meta"})
 
 #: Marks a dead-letter record that could not be decoded (it can be listed and purged).
@@ -259,17 +259,9 @@ def _size(path: str) -> int:
 def _migrate(conn: sqlite3.Connection, path: str, created: bool) -> None:
     """Check the file's stamp and bring its schema up to date (creating it in a new file)."""
     # BEGIN IMMEDIATE so two processes opening a new file at once create the schema once.
-    conn.execute("BEGIN IMMEDIATE")
+    version, stamp, tables = _begin_with_stamp(conn, path, created)
     try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        stamp = conn.execute("PRAGMA application_id").fetchone()[0]
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         if version == 0 and stamp == 0 and not tables:
-            if not created:
-                raise BrokerUnavailable(
-                    f"sqlite broker {path}: the file exists but holds no queue (truncated?); "
-                    "refusing to start a new, empty queue in it: move it away first"
-                )
             # Not executescript: it would COMMIT first, outside our BEGIN IMMEDIATE.
             for statement in _statements(_SCHEMA):
                 conn.execute(statement)
@@ -296,6 +288,36 @@ def _migrate(conn: sqlite3.Connection, path: str, created: bool) -> None:
     except BaseException:
         rollback(conn)
         raise
+
+
+def _begin_with_stamp(
+    conn: sqlite3.Connection, path: str, created: bool
+) -> tuple[int, int, set[str]]:
+    """BEGIN IMMEDIATE and read the file's (user_version, application_id, tables).
+
+    A file another process has just created gets its SQLite header (switching to WAL) before
+    its creator's transaction writes the schema: one that holds no queue yet is read again
+    until ``CREATE_WAIT_S`` has passed, then refused (a truncated file, or someone else's).
+    """
+    deadline = time.monotonic() + CREATE_WAIT_S
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            stamp = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        except BaseException:
+            rollback(conn)
+            raise
+        if created or version or stamp or tables:
+            return version, stamp, tables
+        rollback(conn)
+        if time.monotonic() >= deadline:
+            raise BrokerUnavailable(
+                f"sqlite broker {path}: the file exists but holds no queue (truncated?); "
+                "refusing to start a new, empty queue in it: move it away first"
+            )
+        time.sleep(0.02)
 
 
 def _statements(script: str) -> list[str]:
