@@ -2,7 +2,7 @@
 redelivered flag.
 
 The engine hands back every prefetched task before it runs one that was handed out again after
-its worker died (runner/engine/worker.py, ``_isolate``); on a busy queue a released task that
+its worker died (runner/engine/books.py, ``Books.isolate``); on a busy queue a released task that
 went to the back waited for the whole backlog (issue 13 item 5: a SIGKILLed worker's tasks ran again
 only seconds after their lease expired), and one that lost its redelivered flag lost its
 isolation too.
