@@ -1,6 +1,7 @@
 """Broker contract, capacity and dead letters: backpressure, all-or-nothing puts, DLQ, replay.
 
-Runs once per broker in conftest.BROKERS. Timing checks: lower bounds strict, upper bounds 3x.
+Runs once per broker in conftest.BROKERS. Timing checks: lower bounds strict, upper bounds
+loose (helpers.PROMPTLY_S: far from what they tell apart, so a loaded machine passes them).
 """
 
 from __future__ import annotations
@@ -12,7 +13,17 @@ import pytest
 from runner.brokers.base import Answer, Broker, BrokerAdmin, DeadLetterFilter, Depth, Settle
 from runner.errors import BrokerClosed, QueueFull
 from tests.contract.conftest import BrokerMaker
-from tests.contract.helpers import ALL, Background, dead_record, failure, get_one, put, task
+from tests.contract.helpers import (
+    ALL,
+    GET_TIMEOUT_S,
+    PROMPTLY_S,
+    Background,
+    dead_record,
+    failure,
+    get_one,
+    put,
+    task,
+)
 
 
 def test_capacity_counts_a_task_from_put_until_ack_or_dead(make_broker: BrokerMaker) -> None:
@@ -68,11 +79,11 @@ def test_put_many_is_all_or_nothing(make_broker: BrokerMaker) -> None:
 
 
 def test_a_batch_larger_than_capacity_fails_at_once(make_broker: BrokerMaker) -> None:
-    broker = make_broker(capacity=2, enqueue_timeout=10)
+    broker = make_broker(capacity=2, enqueue_timeout=30)
     start = time.monotonic()
     with pytest.raises(QueueFull):
         broker.put_many([task("a"), task("a"), task("a")])
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < PROMPTLY_S  # not after waiting out the 30 s
 
 
 def test_put_blocks_then_fails_with_queue_full(make_broker: BrokerMaker) -> None:
@@ -81,11 +92,18 @@ def test_put_blocks_then_fails_with_queue_full(make_broker: BrokerMaker) -> None
     start = time.monotonic()
     with pytest.raises(QueueFull, match=r"(?i)full"):
         broker.put_many([task("a")])
-    assert 0.3 <= time.monotonic() - start <= 0.9 + 0.5
+    waited = time.monotonic() - start
+    assert waited >= 0.3
+    assert waited < PROMPTLY_S  # gives up at its timeout, not at some longer wait of its own
+    # An explicit timeout wins: against a 30 s enqueue timeout, 0.2 s is told apart loosely.
+    patient = make_broker(capacity=1, enqueue_timeout=30)
+    put(patient, task("a"))
     start = time.monotonic()
     with pytest.raises(QueueFull):
-        broker.put_many([task("a")], timeout=0.2)  # an explicit timeout wins
-    assert 0.2 <= time.monotonic() - start <= 0.6 + 0.5
+        patient.put_many([task("a")], timeout=0.2)
+    waited = time.monotonic() - start
+    assert waited >= 0.2
+    assert waited < PROMPTLY_S
 
 
 def test_blocked_put_proceeds_when_room_frees(make_broker: BrokerMaker) -> None:
@@ -100,25 +118,26 @@ def test_blocked_put_proceeds_when_room_frees(make_broker: BrokerMaker) -> None:
 
 
 def test_overflow_reject_fails_at_once(make_broker: BrokerMaker) -> None:
-    broker = make_broker(capacity=1, overflow="reject", enqueue_timeout=10)
+    broker = make_broker(capacity=1, overflow="reject", enqueue_timeout=30)
     put(broker, task("a"))
     start = time.monotonic()
     with pytest.raises(QueueFull):
-        broker.put_many([task("a")], timeout=10)
-    assert time.monotonic() - start < 5
+        broker.put_many([task("a")], timeout=30)
+    assert time.monotonic() - start < PROMPTLY_S  # not after waiting out the 30 s
 
 
 def test_retry_and_release_never_block_at_full_capacity(make_broker: BrokerMaker) -> None:
-    broker = make_broker(capacity=2, enqueue_timeout=10)
+    broker = make_broker(capacity=2, enqueue_timeout=30)
     put(broker, task("a"), task("a"))
     first, second = broker.get({"a": 2}, 2, 0)
     start = time.monotonic()
     assert broker.retry(first, 0, failure(1))
     assert broker.release(second)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < PROMPTLY_S  # neither waited out the 30 s for room
     assert broker.depth()["a"].total == 2
-    again = broker.get({"a": 2}, 2, 1)
-    again += broker.get({"a": 2 - len(again)}, 2 - len(again), 1) if len(again) < 2 else []
+    again = broker.get({"a": 2}, 2, GET_TIMEOUT_S)
+    if len(again) < 2:
+        again += broker.get({"a": 2 - len(again)}, 2 - len(again), GET_TIMEOUT_S)
     assert len(again) == 2
 
 
@@ -128,9 +147,8 @@ def test_a_put_blocked_on_a_full_queue_gets_broker_closed(make_broker: BrokerMak
     call = Background(lambda: broker.put_many([task("a")]))
     assert call.blocked_for(0.2)
     broker.close()
-    call.join(5)
+    call.join(PROMPTLY_S)  # asserts the call ended: close ended it, not the 30 s timeout
     assert isinstance(call.error, BrokerClosed)
-    assert call.elapsed < 5
 
 
 def test_dead_letter_keeps_every_attempts_history(make_broker: BrokerMaker) -> None:
@@ -138,10 +156,10 @@ def test_dead_letter_keeps_every_attempts_history(make_broker: BrokerMaker) -> N
     admin = make_broker.admin(broker)
     (sent,) = put(broker, task("a", {"n": 1}))
     for attempt, error in [(1, "KeyError"), (2, "OSError")]:
-        d = get_one(broker, timeout=1)
+        d = get_one(broker, timeout=GET_TIMEOUT_S)
         assert d.task.attempt == attempt
         assert broker.retry(d, 0, failure(attempt, error))
-    last = get_one(broker, timeout=1)
+    last = get_one(broker, timeout=GET_TIMEOUT_S)
     assert broker.dead(last, dead_record(last, "error", failure(3, "TimeoutError")))
     (record,) = admin.dead_letters(DeadLetterFilter())
     assert record.id == sent.id and record.task.payload == {"n": 1}
@@ -160,11 +178,11 @@ def test_replay_resets_attempts(make_broker: BrokerMaker) -> None:
     admin = make_broker.admin(broker)
     (sent,) = put(broker, task("a"))
     assert broker.retry(get_one(broker), 0, failure(1))
-    d = get_one(broker, timeout=1)
+    d = get_one(broker, timeout=GET_TIMEOUT_S)
     assert broker.dead(d, dead_record(d, "error", failure(2)))
     assert admin.replay([sent.id, "no-such-id"]) == 1
     assert admin.dead_letters(DeadLetterFilter()) == []
-    again = get_one(broker, timeout=1)
+    again = get_one(broker, timeout=GET_TIMEOUT_S)
     assert (again.task.id, again.task.attempt, again.redelivered) == (sent.id, 1, False)
 
 

@@ -1,6 +1,7 @@
 """Broker contract, delivery side: slots, FIFO, delays, attempts, leases, fencing, wake, close.
 
-Runs once per broker in conftest.BROKERS. Timing checks: lower bounds strict, upper bounds 3x.
+Runs once per broker in conftest.BROKERS. Timing checks: lower bounds strict, upper bounds
+loose (helpers.PROMPTLY_S: far from what they tell apart, so a loaded machine passes them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from runner.brokers.base import (
 )
 from runner.errors import BrokerClosed
 from tests.contract.conftest import BrokerMaker
-from tests.contract.helpers import ALL, Background, dead_record, failure, get_one, put, task
+from tests.contract.helpers import (
+    ALL,
+    GET_TIMEOUT_S,
+    PROMPTLY_S,
+    SHORT_LEASE_S,
+    Background,
+    dead_record,
+    failure,
+    get_one,
+    put,
+    task,
+)
 
 
 def test_get_honours_slots_per_type_and_reaches_them(broker: Broker) -> None:
@@ -58,24 +70,25 @@ def test_put_with_future_not_before_is_delayed(broker: Broker) -> None:
     put(broker, task("a", "later", not_before=start + delay), task("a", "now"))
     (now,) = broker.get({"a": 10}, 10, 0)
     assert now.task.payload == "now"
-    # Acked at once: held past the visibility timeout, "now" itself would come back.
     assert broker.ack(now)
-    got = broker.get({"a": 10}, 10, 3 * delay)
+    got = broker.get({"a": 10}, 10, GET_TIMEOUT_S)
     assert [d.task.payload for d in got] == ["later"]
-    assert time.time() - start >= delay
+    waited = time.time() - start
+    assert waited >= delay
+    assert waited < PROMPTLY_S  # due at 0.3 s: the get woke for it, not at its 30 s timeout
 
 
-def test_retry_is_not_early_nor_3x_late(broker: Broker) -> None:
+def test_retry_is_neither_early_nor_left_until_the_get_times_out(broker: Broker) -> None:
     delay = 0.4
     put(broker, task("a"))
     delivery = get_one(broker)
     start = time.time()
     assert broker.retry(delivery, delay, failure(1))
     assert broker.get(ALL, 10, 0) == []
-    again = get_one(broker, timeout=3 * delay + 1)
+    again = get_one(broker, timeout=GET_TIMEOUT_S)
     waited = time.time() - start
     assert waited >= delay
-    assert waited <= 3 * delay
+    assert waited < PROMPTLY_S  # due at 0.4 s: the get woke for it, not at its 30 s timeout
     assert again.task.id == delivery.task.id
     assert again.task.attempt == 2
     assert not again.redelivered
@@ -84,13 +97,15 @@ def test_retry_is_not_early_nor_3x_late(broker: Broker) -> None:
 def test_retry_keeps_the_failure_in_history(broker: Broker) -> None:
     put(broker, task("a"))
     assert broker.retry(get_one(broker), 0, failure(1, "KeyError"))
-    again = get_one(broker, timeout=1)
+    again = get_one(broker, timeout=GET_TIMEOUT_S)
     assert [(h.attempt, h.error_type) for h in again.task.history] == [(1, "KeyError")]
 
 
 def test_attempts_counted_at_hand_out_and_redelivered_after_lease_expiry(
     make_broker: BrokerMaker,
 ) -> None:
+    # Short, as no lease here must hold for long: only the last one is settled, by the very
+    # next call (and an expired lease moves on only when a get hands its task out again).
     vt = 0.3
     broker = make_broker(visibility_timeout=vt)
     admin = make_broker.admin(broker)
@@ -99,13 +114,13 @@ def test_attempts_counted_at_hand_out_and_redelivered_after_lease_expiry(
     first = get_one(broker)
     assert (first.task.attempt, first.redelivered) == (1, False)
     # The worker "dies": the delivery is dropped without ack.
-    second = get_one(broker, timeout=3 * vt + 1)
-    assert time.time() - before >= vt
+    second = get_one(broker, timeout=GET_TIMEOUT_S)
+    assert time.time() - before > vt - 0.001  # Redis times a lease in whole milliseconds
     assert (second.task.id, second.task.attempt, second.redelivered) == (sent.id, 2, True)
-    third = get_one(broker, timeout=3 * vt + 1)
+    third = get_one(broker, timeout=GET_TIMEOUT_S)
     assert (third.task.attempt, third.redelivered) == (3, True)
     # The engine sees attempt > max_attempts on the next one and dead-letters it.
-    fourth = get_one(broker, timeout=3 * vt + 1)
+    fourth = get_one(broker, timeout=GET_TIMEOUT_S)
     assert broker.dead(fourth, dead_record(fourth, reason="max deliveries"))
     (record,) = admin.dead_letters(DeadLetterFilter())
     assert (record.id, record.reason, record.attempts) == (sent.id, "max deliveries", 4)
@@ -113,12 +128,12 @@ def test_attempts_counted_at_hand_out_and_redelivered_after_lease_expiry(
 
 
 def test_stale_receipt_is_fenced_and_the_task_completes_once(make_broker: BrokerMaker) -> None:
-    vt = 0.3
+    vt = SHORT_LEASE_S  # the fresh lease must hold through the checks below
     broker = make_broker(visibility_timeout=vt)
     admin = make_broker.admin(broker)
     put(broker, task("a"))
     stale = get_one(broker)
-    fresh = get_one(broker, timeout=3 * vt + 1)
+    fresh = get_one(broker, timeout=GET_TIMEOUT_S)
     assert fresh.task.id == stale.task.id and fresh.receipt != stale.receipt
 
     assert broker.ack(stale) is Answer.FENCED
@@ -213,11 +228,12 @@ def test_exchange_settles_then_hands_out_without_blocking(make_broker: BrokerMak
     assert answers == [Answer.DONE, Answer.DONE]
     assert sorted(str(d.task.payload) for d in got) == ["2", "b0"]  # slots per type still hold
     assert [r.id for r in admin.dead_letters(DeadLetterFilter())] == [second.task.id]
-    # A resent op answers in place; nothing to hand out returns at once, not after a wait.
+    # A resent op answers in place; nothing to hand out returns at once, not after a wait
+    # (for a "c" task, which never comes: a wait would end at some timeout, or never).
     start = time.monotonic()
     answers, none = broker.exchange([Settle(first, "ack")], {"c": 1}, 1)
     assert (answers, none) == ([Answer.ALREADY_DONE], [])
-    assert time.monotonic() - start < 0.3
+    assert time.monotonic() - start < PROMPTLY_S
     # Settled before the hand-out, in the same call: a released task can be handed out again.
     (third,) = broker.get({"a": 1}, 1, 0)
     answers, again = broker.exchange([Settle(third, "release")], {"a": 1}, 1)
@@ -227,15 +243,17 @@ def test_exchange_settles_then_hands_out_without_blocking(make_broker: BrokerMak
 def test_extend_keeps_a_lease_alive_past_twice_the_visibility_timeout(
     make_broker: BrokerMaker,
 ) -> None:
-    vt = 0.3
+    vt = SHORT_LEASE_S
     broker = make_broker(visibility_timeout=vt)
     put(broker, task("a"))
     held = get_one(broker)
     until = time.monotonic() + 2.5 * vt
     while time.monotonic() < until:
         assert broker.extend([held]) == [Answer.DONE]
-        # Doubles as the pause between renewals: nothing may be redelivered meanwhile.
-        assert broker.get(ALL, 10, vt / 3) == []
+        # Doubles as the pause between renewals: nothing may be redelivered meanwhile. A
+        # renewal every tenth of a lease leaves nine tenths for a loaded machine's stalls (a
+        # 0.3 s lease renewed every 0.1 s has lapsed under load).
+        assert broker.get(ALL, 10, vt / 10) == []
     assert broker.ack(held) is Answer.DONE
 
 
@@ -245,8 +263,8 @@ def test_release_hands_the_task_to_another_consumer_at_once(make_broker: BrokerM
     prefetched = broker.get({"a": 2}, 2, 0)
     start = time.monotonic()
     assert all(broker.release(d) for d in reversed(prefetched))
-    again = broker.get({"a": 2}, 2, 5)
-    assert time.monotonic() - start < 5  # well before the 30 s lease would have expired
+    again = broker.get({"a": 2}, 2, PROMPTLY_S)
+    assert time.monotonic() - start < PROMPTLY_S  # well before the 30 s lease would expire
     assert sorted(d.task.payload for d in again) == ["x", "y"]
     # The attempt was given back: this is still the first run.
     assert [d.task.attempt for d in again] == [1, 1]
@@ -256,46 +274,46 @@ def test_get_blocks_up_to_its_timeout(broker: Broker) -> None:
     start = time.monotonic()
     assert broker.get(ALL, 10, 0.3) == []
     waited = time.monotonic() - start
-    assert 0.3 <= waited <= 0.9 + 0.5
+    assert waited >= 0.3
+    assert waited < PROMPTLY_S  # ends at its timeout, not at some longer wait of its own
 
 
 def test_put_ends_a_blocked_get(broker: Broker) -> None:
-    call = Background(lambda: broker.get({"a": 1}, 1, 10))
+    call = Background(lambda: broker.get({"a": 1}, 1, GET_TIMEOUT_S))
     put(broker, task("a", "hello"))
-    call.join(5)
+    call.join(PROMPTLY_S)  # asserts the call ended: the put woke it, the 30 s timeout did not
     assert [d.task.payload for d in call.result] == ["hello"]
-    assert call.elapsed < 5
 
 
 def test_wake_ends_a_blocked_get_early(broker: Broker) -> None:
-    call = Background(lambda: broker.get(ALL, 10, 10))
-    while call.alive() and time.monotonic() - call.started_at < 5:
+    call = Background(lambda: broker.get(ALL, 10, GET_TIMEOUT_S))
+    while call.alive() and time.monotonic() - call.started_at < PROMPTLY_S:
         broker.wake()  # repeated: the call may not be waiting yet the first time
         time.sleep(0.02)
-    call.join(1)
+    call.join(1)  # asserts the call ended: a wake did, the 30 s timeout would come much later
     assert call.error is None and call.result == []
-    assert call.elapsed < 5
 
 
 def test_a_wake_just_before_get_still_ends_it_early(broker: Broker) -> None:
     """The engine wakes the get it is about to make when a slot frees in between."""
     broker.wake()
     t0 = time.monotonic()
-    assert broker.get(ALL, 10, 5) == []
-    assert time.monotonic() - t0 < 2.5
+    assert broker.get(ALL, 10, GET_TIMEOUT_S) == []
+    assert time.monotonic() - t0 < PROMPTLY_S  # the wake ended it, not the 30 s timeout
 
 
 def test_close_ends_a_blocked_get(broker: Broker) -> None:
-    call = Background(lambda: broker.get(ALL, 10, 10))
-    # Still running after 0.5 s of a 10 s get on an empty queue: it is waiting, not starting
-    # (a get that began after close would raise BrokerClosed, which is not what this tests).
-    assert call.blocked_for(0.5)
+    call = Background(lambda: broker.get(ALL, 10, GET_TIMEOUT_S))
+    # Still running after 1 s of a 30 s get on an empty queue: it is waiting, not starting (a
+    # get that began after close would raise BrokerClosed, which is not what this tests). Its
+    # thread needs a few bytecodes to get past that check; 1 s leaves a loaded machine room.
+    assert call.blocked_for(1.0)
     closed_at = time.monotonic()
     broker.close()
-    call.join(5)  # asserts the call ended: close woke it, the 10 s timeout did not
+    call.join(PROMPTLY_S)  # asserts the call ended: close woke it, the 30 s timeout did not
     # The contract: a get waiting when close() comes returns [] (it does not raise).
     assert call.error is None and call.result == []
-    assert call.ended_at is not None and call.ended_at - closed_at < 5
+    assert call.ended_at is not None and call.ended_at - closed_at < PROMPTLY_S
 
 
 def test_calls_after_close_raise_broker_closed(broker: Broker, admin: BrokerAdmin) -> None:

@@ -11,8 +11,8 @@ isolation too.
 from __future__ import annotations
 
 from runner.brokers.base import Broker
-from tests.contract.conftest import BrokerMaker, BrokerSettings
-from tests.contract.helpers import get_one, put, task
+from tests.contract.conftest import BrokerMaker
+from tests.contract.helpers import GET_TIMEOUT_S, SHORT_LEASE_S, get_one, put, task
 
 
 def test_released_tasks_come_back_before_tasks_not_handed_out_yet(broker: Broker) -> None:
@@ -27,11 +27,10 @@ def test_released_tasks_come_back_before_tasks_not_handed_out_yet(broker: Broker
 
 
 def test_a_released_redelivery_keeps_its_place_attempt_and_flag(make_broker: BrokerMaker) -> None:
-    broker = make_broker()
-    lease_s = BrokerSettings().visibility_timeout
+    broker = make_broker(visibility_timeout=SHORT_LEASE_S)  # the new leases hold to the end
     put(broker, task("a", "orphan"))
     get_one(broker)  # its worker "dies": never settled
-    redelivered = get_one(broker, timeout=10 * lease_s)
+    redelivered = get_one(broker, timeout=GET_TIMEOUT_S)
     assert (redelivered.task.payload, redelivered.redelivered) == ("orphan", True)
     assert redelivered.task.attempt == 2
     put(broker, task("a", "newer"))

@@ -12,7 +12,16 @@ import pytest
 from runner.brokers.base import Answer, Broker, Delivery, Depth, Settle
 from runner.errors import QueueFull
 from tests.contract.conftest import BrokerMaker
-from tests.contract.helpers import ALL, dead_record, failure, get_one, put, task
+from tests.contract.helpers import (
+    ALL,
+    GET_TIMEOUT_S,
+    SHORT_LEASE_S,
+    dead_record,
+    failure,
+    get_one,
+    put,
+    task,
+)
 
 DONE, ALREADY_DONE, FENCED = Answer.DONE, Answer.ALREADY_DONE, Answer.FENCED
 KINDS = ("ack", "retry", "dead", "release")
@@ -89,12 +98,12 @@ def test_a_renewal_racing_the_settle_answers_already_done(make_broker: BrokerMak
 def test_a_settle_after_the_lease_moved_on_is_fenced_and_the_new_holder_settles(
     make_broker: BrokerMaker, via: str
 ) -> None:
-    vt = 0.3
-    broker = make_broker(visibility_timeout=vt)
+    # The fresh lease must hold through the checks below, the stale one expire first.
+    broker = make_broker(visibility_timeout=SHORT_LEASE_S)
     admin = make_broker.admin(broker)
     put(broker, task("a"))
     stale = get_one(broker)
-    fresh = get_one(broker, timeout=3 * vt + 1)  # the lease expired; handed out again
+    fresh = get_one(broker, timeout=GET_TIMEOUT_S)  # the lease expired; handed out again
     assert fresh.task.id == stale.task.id and fresh.receipt != stale.receipt
 
     ops = [op(stale, kind) for kind in KINDS]

@@ -35,8 +35,8 @@ from runner.model import Task, TaskContext
 from tests.unit.engine_kit import Recorder, plan, type_runtime
 
 #: The brokers' lease: renewed every VISIBILITY_S / 3, so a renewal may be up to two thirds of
-#: a lease late before anything is handed out again.
-VISIBILITY_S = 0.8
+#: a lease late before anything is handed out again: 1 s, for a loaded machine's stalls.
+VISIBILITY_S = 1.5
 #: How long the held tasks are held: past three leases.
 HOLD_S = 3.5 * VISIBILITY_S
 #: How often the second consumer polls the broker.

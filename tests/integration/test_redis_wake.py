@@ -2,8 +2,10 @@
 
 The engine wakes the dispatcher's get whenever a slot of a type that get is not asking for
 frees (issue 13 item 4: with one busy type among idle ones, a wake that waited for the end
-of a 100 ms blocking read cut the rate fourfold). The broker here blocks in slices of 2 s, so
-a wake that only took effect between slices would take about a second on average.
+of a 100 ms blocking read cut the rate fourfold). The broker here blocks in slices of 10 s, so
+a wake that only took effect between slices would take up to 10 s, and about that long when
+the read has just begun (the tests wake it once Redis reports it blocked): far more than the
+PROMPT_S a loaded machine needs.
 """
 
 from __future__ import annotations
@@ -21,15 +23,19 @@ from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 
-SLICE_S = 2.0
-#: Nominally a round trip or two; generous for a loaded 2-core machine.
-PROMPT_S = 0.3
+SLICE_S = 10.0
+#: Nominally a round trip or two; generous for a loaded 2-core machine, far short of SLICE_S.
+PROMPT_S = 2.0
+#: A get's timeout here: longer than a slice, so only a slice or a wake can end its read.
+GET_TIMEOUT_S = 30.0
+#: The broker's settings here; every socket timeout must exceed the slice.
+SLOW_SLICES = {"block_slice": SLICE_S, "socket_timeout": 3 * SLICE_S}
 
 
 class BlockedGet:
     """A get on an idle type in a thread of its own; ``wait_blocked`` returns once it reads."""
 
-    def __init__(self, broker: RedisBroker, timeout: float = 10.0) -> None:
+    def __init__(self, broker: RedisBroker, timeout: float = GET_TIMEOUT_S) -> None:
         self.broker = broker
         self.result: list[Delivery] | None = None
         self.ended_at = 0.0
@@ -42,7 +48,7 @@ class BlockedGet:
 
     def wait_blocked(self, client: Any) -> None:
         """Until Redis reports a client blocked (the get's XREAD) or the get ended."""
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while client.info("clients")["blocked_clients"] < 1 and self._thread.is_alive():
             assert time.monotonic() < deadline, "the get never blocked"
             time.sleep(0.005)
@@ -55,7 +61,7 @@ class BlockedGet:
 def test_wake_ends_a_blocked_read_at_once_every_time(
     make_broker: MakeBroker, redis_server: RedisServer
 ) -> None:
-    broker = make_broker(block_slice=SLICE_S)
+    broker = make_broker(**SLOW_SLICES)
     client = redis_server.client()
     took = []
     for _ in range(5):
@@ -76,7 +82,7 @@ def test_a_wake_landing_just_before_the_read_starts_still_ends_it(
     """The race the sticky wake must survive: the get has found nothing and checked for a wake,
     then the wake lands, then the XREAD starts (a wake that only ends reads already blocked
     would leave this one to run its whole slice)."""
-    broker = make_broker(block_slice=SLICE_S)
+    broker = make_broker(**SLOW_SLICES)
     real_xread = broker._get_client.xread
     woke: list[float] = []
 
@@ -88,7 +94,7 @@ def test_a_wake_landing_just_before_the_read_starts_still_ends_it(
 
     broker._get_client.xread = xread_after_a_wake
     start = time.monotonic()
-    assert broker.get({"idle": 1}, 1, 10.0) == []
+    assert broker.get({"idle": 1}, 1, GET_TIMEOUT_S) == []
     took = time.monotonic() - start
     assert woke, "the get never read"
     assert took < PROMPT_S, f"the get ran {took:.2f}s: the wake was lost until the slice ended"
@@ -97,7 +103,7 @@ def test_a_wake_landing_just_before_the_read_starts_still_ends_it(
 def test_close_ends_a_blocked_read_at_once_and_leaves_no_key(
     make_broker: MakeBroker, redis_server: RedisServer, redis_namespace: str
 ) -> None:
-    broker = make_broker(block_slice=SLICE_S)
+    broker = make_broker(**SLOW_SLICES)
     client = redis_server.client()
     get = BlockedGet(broker)
     get.wait_blocked(client)
@@ -115,11 +121,13 @@ def test_a_wake_with_no_get_waiting_costs_no_round_trip(
     make_broker: MakeBroker, redis_server: RedisServer
 ) -> None:
     """The engine calls wake() often, under its own lock: only a blocked read needs Redis."""
-    broker = make_broker(block_slice=SLICE_S)
+    broker = make_broker(**SLOW_SLICES)
     client = redis_server.client()
     client.config_resetstat()
     for _ in range(100):
         broker.wake()
     stats = client.info("commandstats")
     assert "cmdstat_xadd" not in stats
-    assert broker.get({"idle": 1}, 1, 5.0) == []  # still sticky: this get ends at once
+    start = time.monotonic()
+    assert broker.get({"idle": 1}, 1, GET_TIMEOUT_S) == []
+    assert time.monotonic() - start < PROMPT_S  # still sticky: this get ends at once
