@@ -11,11 +11,13 @@ from runner.errors import (
     BrokerError,
     BrokerUnavailable,
     ConfigError,
+    InvalidPayload,
     PermanentError,
     QueueFull,
     RunnerError,
     UsageError,
 )
+from runner.middleware.base import Middleware
 from runner.model import DeadLetter, Task, TaskContext
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ __all__ = [
     "BrokerUnavailable",
     "ConfigError",
     "DeadLetter",
+    "InvalidPayload",
+    "Middleware",
     "PermanentError",
     "PipelineConfig",
     "QueueFull",

@@ -2,31 +2,39 @@
 
 ::
 
-    RunnerError                     root of everything the runner raises on purpose
-    ├── ConfigError                 the configuration is invalid (carries every problem)
-    ├── UsageError                  a CLI call is malformed (bad payload, unknown type, ...)
-    │   ├── InputError              command input is invalid: every problem, located
-    │   └── InvalidPayload          a payload does not match its handler's pydantic model
-    ├── BrokerError                 a broker operation failed
-    │   ├── QueueFull               put could not enqueue within enqueue_timeout
-    │   ├── BrokerClosed            the broker was closed
-    │   ├── BrokerUnavailable       the broker cannot be reached or opened
-    │   └── NotSupported            the broker cannot do this (e.g. publish to a memory broker)
-    └── PermanentError              raised by a handler: never retry, dead-letter at once
+    class                          exit  raised when
+    RunnerError                      1   root of everything the runner raises on purpose
+    ├── ConfigError                  2   the configuration is invalid (carries every problem)
+    ├── UsageError                   2   a CLI call is malformed (bad payload, unknown type, ...)
+    │   ├── InputError               2   command input is invalid: every problem, located
+    │   └── InvalidPayload           2   a payload does not match its handler's pydantic model
+    ├── BrokerError                  1   a broker operation failed (carries backend, operation)
+    │   ├── QueueFull                1   put could not enqueue within enqueue_timeout
+    │   ├── BrokerClosed             1   the broker was closed
+    │   ├── BrokerUnavailable        3   the broker cannot be reached or opened
+    │   └── NotSupported             2   the broker cannot do this (publish to a memory broker)
+    └── PermanentError               1   raised by a handler: never retry, dead-letter at once
 
-    TaskInterrupted (BaseException) raised inside a handler's thread when it is interrupted
+    TaskInterrupted (BaseException)      raised inside a handler's thread when it is interrupted
 
-The CLI maps the tree to exit codes: 2 for ConfigError, UsageError and NotSupported, 3 for
-BrokerUnavailable, 1 for anything else.
+Each class carries, as ``exit_code``, the code ``dq-run`` exits with when the error reaches the
+CLI (README "CLI": 0 success, 1 failure, 2 config or usage error, 3 broker unreachable); a
+subclass inherits its parent's unless it says otherwise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+#: Exit codes of ``dq-run`` (README "CLI"); each error class names its own as ``exit_code``.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 
 
 class RunnerError(Exception):
     """Root of every exception the runner raises on purpose."""
+
+    exit_code: ClassVar[int] = EXIT_FAILURE
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,8 @@ class Problem:
 class ConfigError(RunnerError):
     """Raised when a configuration is invalid; carries every problem found, not just the first."""
 
+    exit_code = EXIT_USAGE
+
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
@@ -53,6 +63,8 @@ class ConfigError(RunnerError):
 
 class UsageError(RunnerError):
     """Raised when a command is called with input it cannot accept (unknown type, bad JSON)."""
+
+    exit_code = EXIT_USAGE
 
 
 class InputError(UsageError):
@@ -78,7 +90,18 @@ class InvalidPayload(UsageError):
 
 
 class BrokerError(RunnerError):
-    """Raised when a broker operation fails."""
+    """Raised when a broker operation fails.
+
+    ``backend`` ("memory", "sqlite", "redis") and ``operation`` (the broker method: "open",
+    "put", "get", "settle" for ack/retry/dead/release/settle_many, "exchange", "extend",
+    "depth", "dead_letters", "replay", "purge", ...) say where, when the raiser knows; ""
+    otherwise. They are not part of the message.
+    """
+
+    def __init__(self, *args: object, backend: str = "", operation: str = "") -> None:
+        super().__init__(*args)
+        self.backend = backend
+        self.operation = operation
 
 
 class QueueFull(BrokerError):
@@ -92,9 +115,13 @@ class BrokerClosed(BrokerError):
 class BrokerUnavailable(BrokerError):
     """Raised when the broker cannot be reached or opened (server down, unwritable file)."""
 
+    exit_code = EXIT_BROKER
+
 
 class NotSupported(BrokerError):
     """Raised when a broker cannot perform an operation (a memory broker has no shared state)."""
+
+    exit_code = EXIT_USAGE
 
 
 class PermanentError(RunnerError):

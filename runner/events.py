@@ -4,20 +4,8 @@ The engine emits; logs, metrics, the live progress view and the final summary li
 listener must be fast and must never raise (the bus drops and counts what it raises, so a broken
 listener cannot stop a worker).
 
-Event names (the `event` field of every log line):
-
-    task.published   a task entered the broker
-    task.started     a worker began an attempt (queue_wait_s: published or due -> started);
-                     for a redelivered task it is written out before the handler runs (flush)
-    task.succeeded   the attempt returned (duration_s)
-    task.retrying    the attempt failed and the task will run again after delay_s
-    task.timeout     the attempt ran past its timeout (followed by task.retrying or task.dead)
-    task.dead        the task went to the dead-letter queue (reason, error)
-    task.lease_lost  the broker refused an ack/retry/dead: another delivery owns the task now
-    task.overrun     an interrupted handler has not returned (stuck in a C call); keeps its slot
-    task.interrupted an asynchronous interrupt was raised in a handler thread
-    worker.started, worker.stopping, worker.stopped
-    broker.reconnecting  (brokers with a network connection)
+Event names are ``EventName`` members (below), never string literals: each is the ``event``
+field of its log line, so the values are the wire names and never change.
 """
 
 from __future__ import annotations
@@ -28,6 +16,33 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from runner.model import WireName
+
+
+class EventName(WireName):
+    """The name of every engine event; the value is the ``event`` field of its log line."""
+
+    TASK_PUBLISHED = "task.published"  # a task entered the broker
+    # A worker began an attempt (queue_wait_s: published or due -> started); for a redelivered
+    # task it is written out before the handler runs (flush).
+    TASK_STARTED = "task.started"
+    TASK_SUCCEEDED = "task.succeeded"  # the attempt returned (duration_s)
+    TASK_RETRYING = "task.retrying"  # the attempt failed; the task runs again after delay_s
+    # The attempt ran past its timeout (followed by task.retrying or task.dead).
+    TASK_TIMEOUT = "task.timeout"
+    TASK_DEAD = "task.dead"  # the task went to the dead-letter queue (reason, error)
+    # The broker refused an ack/retry/dead/release: another delivery owns the task now.
+    TASK_LEASE_LOST = "task.lease_lost"
+    # An interrupted handler has not returned (stuck in a C call); it keeps its slot.
+    TASK_OVERRUN = "task.overrun"
+    TASK_INTERRUPTED = "task.interrupted"  # an asynchronous interrupt was raised in a handler
+    WORKER_STARTED = "worker.started"
+    WORKER_STOPPING = "worker.stopping"
+    WORKER_STOPPED = "worker.stopped"
+    BROKER_RECONNECTING = "broker.reconnecting"  # brokers with a network connection
+    # A middleware hook raised (detail: "Name.hook: Error: message"); in an attempt it failed it.
+    MIDDLEWARE_FAILED = "middleware.failed"
+
 
 @dataclass(slots=True)
 class Event:
@@ -35,7 +50,7 @@ class Event:
     shared by every listener (not frozen only because a frozen dataclass costs twice as much
     to build, and the engine builds three per task)."""
 
-    name: str
+    name: EventName
     ts: float = field(default_factory=time.time)
     task_id: str | None = None
     type: str | None = None

@@ -1,4 +1,5 @@
-"""Handler strings (``module:function``) and exception names, turned into Python objects.
+"""Handler strings (``module:function``), exception names and plug-in classes (``module:Class``,
+a broker or dead-letter store kind), turned into Python objects.
 
 Both are checked when a config is loaded (so a typo fails ``dq-run validate``, not the first task)
 and resolved again when the runtime is built.
@@ -10,7 +11,8 @@ shadow the standard library or an installed package. Appending to ``sys.path`` i
 process-wide effect; it happens on a call, never at import.
 
 Every failure raises ConfigError with one Problem whose source is empty and whose path is
-``handler`` (or ``never_retry``); load_config re-locates it at the key's line.
+``handler`` (or ``never_retry``, or the ``key`` given to load_class); load_config re-locates it
+at the key's line.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -29,6 +31,8 @@ from runner.errors import ConfigError, Problem
 
 #: ``module:function``; the module part may be dotted.
 HANDLER_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+#: ``module:Class``: a plug-in broker or dead-letter store.
+CLASS_PATTERN = HANDLER_PATTERN
 #: ``ValueError``, ``module:Class`` or ``module.Class``.
 EXCEPTION_PATTERN = r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$"
 
@@ -76,6 +80,39 @@ def load_handler(spec: str, *, search_path: Sequence[str] = ()) -> Handler:
     return _fail(
         "handler", f"{spec!r} must accept (payload, ctx) or (payload); it takes {signature}"
     )
+
+
+def load_class(spec: str, *, key: str, search_path: Sequence[str] = ()) -> type[Any]:
+    """Import ``module:Class`` and check that it names a class.
+
+    Raises ConfigError (path ``key``) when the string is malformed, the module cannot be imported
+    (or fails while importing), the name is missing (with a did-you-mean) or not a class.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        _fail(key, f"{spec!r} is not 'module:Class'")
+    obj = _import_attr(module_name, attr, search_path, key)
+    if not isinstance(obj, type):
+        _fail(key, f"{spec!r} is not a class (it is a {type(obj).__name__})")
+    return obj
+
+
+def check_arguments(cls: type[Any], key: str, arguments: Mapping[str, Any]) -> None:
+    """Raise ConfigError (path ``key``) unless ``cls(**arguments)`` fits its signature (the
+    names only; the values are the class's to judge when it is built)."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return  # no signature to read: the call itself will say
+    try:
+        signature.bind(**arguments)
+    except TypeError as exc:
+        takes = ", ".join(
+            str(p.replace(annotation=inspect.Parameter.empty))
+            for p in signature.parameters.values()
+        )
+        spec = f"{cls.__module__}:{cls.__qualname__}"
+        _fail(key, f"{spec} cannot be built with these options: {exc} (it takes {takes})")
 
 
 def resolve_exception(name: str, *, search_path: Sequence[str] = ()) -> type[BaseException]:

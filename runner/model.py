@@ -9,12 +9,13 @@ May import: the standard library only.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -105,13 +106,16 @@ class Task:
     enqueued_at: float = 0.0  # epoch seconds of the first publish
     not_before: float = 0.0  # epoch seconds; 0 means ready now
     history: tuple[AttemptRecord, ...] = ()
+    #: Set by middleware as the task is published (``ctx.headers`` in the handler): a trace id,
+    #: the simulator's fault plan. JSON values; not part of the payload, never validated by it.
+    headers: dict[str, Any] = field(default_factory=dict)
 
     def with_failure(self, failure: AttemptRecord) -> Task:
         """This task with one more failed attempt in its (bounded) history."""
         return replace(self, history=(*self.history, failure)[-HISTORY_LIMIT:])
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "id": self.id,
             "type": self.type,
             "payload": self.payload,
@@ -120,6 +124,9 @@ class Task:
             "not_before": self.not_before,
             "history": [h.to_json() for h in self.history],
         }
+        if self.headers:  # written only when there are some: older runners read the rest
+            data["headers"] = self.headers
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any], attempt: int | None = None) -> Task:
@@ -133,7 +140,43 @@ class Task:
             enqueued_at=float(data.get("enqueued_at", 0.0)),
             not_before=float(data.get("not_before", 0.0)),
             history=tuple(AttemptRecord.from_json(h) for h in history) if history else (),
+            headers=dict(data.get("headers") or {}),
         )
+
+
+class WireName(str, enum.Enum):
+    """A name that is its own wire string: ``str()``, f-strings and JSON give the value, so a
+    member goes wherever the string went (log lines, records, metric labels) unchanged.
+
+    What ``enum.StrEnum`` does from Python 3.11 on; we support 3.10. A plain ``(str, Enum)``
+    would print as ``EventName.TASK_DEAD`` in f-strings and ``str()`` on 3.11 and later.
+    """
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(str.__str__(self), spec)
+
+
+class DeadReason(WireName):
+    """Why a task is in the dead-letter queue: ``DeadLetter.reason``, the ``reason`` of a
+    ``task.dead`` event, its log line and its ``dq_tasks_dead_total`` label.
+
+    The values are stored in records (files, SQLite, Redis) and read back: never change one.
+    README "Dead-letter queue" explains each to operators.
+    """
+
+    EXHAUSTED = "exhausted"  # every one of max_attempts attempts failed
+    NEVER_RETRY = "never_retry"  # the handler raised an exception listed in never_retry
+    PERMANENT = "permanent"  # the handler raised PermanentError
+    MAX_DELIVERIES = "max deliveries"  # handed out more than max_attempts times: workers died
+    INVALID_PAYLOAD = "invalid payload"  # the payload failed its handler's model; never ran
+    UNDECODABLE = "undecodable"  # the stored task could not be decoded, or has no handler here
+    SHUTDOWN = "shutdown"  # memory broker: still queued, in backoff or stuck at shutdown
+    #: Not how a task died: what a stored dead-letter record that cannot itself be decoded is
+    #: shown with (SQLite), so an operator can still see and purge it. Never a task.dead event.
+    CORRUPT_RECORD = "corrupt record"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +184,7 @@ class DeadLetter:
     """A task that will not run again unless replayed, and why."""
 
     task: Task
-    reason: str  # "error", "never_retry", "permanent", "max deliveries", "shutdown", ...
+    reason: str  # a DeadReason; a plain str too, so that any version's records still load
     error_type: str
     message: str
     traceback: str
@@ -232,6 +275,8 @@ class TaskContext:
     deadline: float  # time.monotonic() value after which the attempt is interrupted
     cancelled: Cancellation
     make_logger: Callable[[], logging.LoggerAdapter[logging.Logger]] = field(repr=False)
+    #: The task's headers (set by middleware at publish); read them, do not change them.
+    headers: Mapping[str, Any] = field(default_factory=dict)
 
     @cached_property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:

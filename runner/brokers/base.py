@@ -56,14 +56,36 @@ Every broker passes the same suite in tests/contract. The contract, in one line 
   all or none, waiting for room like put; ``purge`` deletes records and returns how many.
   ``oldest_enqueued_at`` maps each type with queued tasks (ready, delayed or leased) to the
   earliest ``enqueued_at`` among them (epoch seconds of first publish); for ``dq-run stats``.
+
+Capability flags: class attributes every broker declares, so that the runner, the operator
+commands and the config defaults ask the class what it can do rather than compare kind names.
+Each is read from the class, before any broker is built, as well as from a live broker:
+
+- ``durable``: queued tasks and dead letters outlive the process (and its crash). A durable
+  broker keeps its own dead letters, written in the same transaction that removes the task, so
+  it is given no dead-letter store (a ``dead_letter`` other than ``broker`` is a config error).
+  One that is not durable is built with ``dead_letters=`` (a runner.deadletter store); at a stop
+  the runner moves what it still holds there (its ``drain_to_dead_letters``, if it has one), and
+  its prefetch default is deep when it is not ``shared`` either (a crash loses the tasks anyway).
+- ``shared``: other processes may put into and take from the same queue, so ``dq-run publish``,
+  ``stats`` and ``dlq`` reach it from outside and the progress view counts the whole queue. One
+  that is not shared lives in the process that runs it: those commands refuse, saying why.
+- ``batch_settles``: each call costs a round trip or a transaction, so the engine settles
+  finished tasks from a background thread, several per ``settle_many``. False: a call costs only
+  a lock, cheaper inline.
+
+``BaseBroker`` declares them (a durable, shared, batching broker by default) and derives
+``settle_many`` and ``exchange`` from the single calls; a backend may override either with a
+faster one (one transaction, one script).
 """
 
 from __future__ import annotations
 
+import abc
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from typing import ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 from runner.model import AttemptRecord, DeadLetter, Task
 
@@ -144,7 +166,11 @@ class DeadLetterFilter:
 
 @runtime_checkable
 class Broker(Protocol):
-    """The engine's view of a broker. See the module docstring for the contract."""
+    """The engine's view of a broker. See the module docstring for the contract and the flags."""
+
+    durable: ClassVar[bool]
+    shared: ClassVar[bool]
+    batch_settles: ClassVar[bool]
 
     def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None: ...
 
@@ -188,6 +214,57 @@ class BrokerAdmin(Protocol):
     def depth(self) -> dict[str, Depth]: ...
 
     def oldest_enqueued_at(self) -> dict[str, float]: ...
+
+
+class BaseBroker(abc.ABC):
+    """A broker's defaults: the capability flags, and what follows from the single calls.
+
+    A subclass implements the abstract methods (the contract is the module docstring) and sets
+    the flags that differ. ``settle_many`` is one call per op; ``exchange`` is ``settle_many``
+    then ``get`` without blocking. Both are as safe to call concurrently as the calls they make.
+    """
+
+    durable: ClassVar[bool] = True
+    shared: ClassVar[bool] = True
+    batch_settles: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def get(self, slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]: ...
+
+    @abc.abstractmethod
+    def ack(self, delivery: Delivery) -> Answer: ...
+
+    @abc.abstractmethod
+    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> Answer: ...
+
+    @abc.abstractmethod
+    def dead(self, delivery: Delivery, record: DeadLetter) -> Answer: ...
+
+    @abc.abstractmethod
+    def release(self, delivery: Delivery) -> Answer: ...
+
+    @abc.abstractmethod
+    def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]: ...
+
+    @abc.abstractmethod
+    def wake(self) -> None: ...
+
+    @abc.abstractmethod
+    def depth(self) -> dict[str, Depth]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
+        return settle_each(self, ops)
+
+    def exchange(
+        self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
+    ) -> tuple[list[Answer], list[Delivery]]:
+        return self.settle_many(ops), self.get(slots, limit, 0)
 
 
 def settle_each(broker: Broker, ops: Sequence[Settle]) -> list[Answer]:

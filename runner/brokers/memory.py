@@ -46,10 +46,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
-from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth, Settle, settle_each
+from runner.brokers.base import Answer, BaseBroker, DeadLetterFilter, Delivery, Depth
 from runner.deadletter.store import DeadLetterStore
 from runner.errors import BrokerClosed, QueueFull
-from runner.model import HISTORY_LIMIT, AttemptRecord, DeadLetter, Task
+from runner.model import HISTORY_LIMIT, AttemptRecord, DeadLetter, DeadReason, Task
 
 #: The answers, read once: an Enum member lookup costs about 0.1 us on Python 3.11, per settle.
 _DONE, _ALREADY_DONE, _FENCED = Answer.DONE, Answer.ALREADY_DONE, Answer.FENCED
@@ -77,14 +77,18 @@ def _with_attempt(task: Task, attempt: int) -> Task:
         enqueued_at=task.enqueued_at,
         not_before=task.not_before,
         history=task.history,
+        headers=task.headers,
     )
 
 
-class MemoryBroker:
+class MemoryBroker(BaseBroker):
     """A bounded in-memory broker; see the module docstring and ``runner.brokers.base``."""
 
-    #: Capability flag: in-process, so no other process takes from (or adds to) this queue.
+    # In-process: nothing survives the process, no other process takes from (or adds to) this
+    # queue, and a call costs a lock round (settle_many and exchange: BaseBroker's).
+    durable = False
     shared = False
+    batch_settles = False
 
     def __init__(
         self,
@@ -137,21 +141,24 @@ class MemoryBroker:
         if n == 0:
             return
         with self._cond:
-            self._check_open()
-            self._wait_for_room(n, timeout)
+            self._check_open("put")
+            self._wait_for_room(n, timeout, "put")
             self._enqueue(tasks, self._clock())
 
-    def _wait_for_room(self, n: int, timeout: float | None) -> None:
+    def _wait_for_room(self, n: int, timeout: float | None, operation: str) -> None:
+        """Wait until ``n`` more tasks fit, for the broker method ``operation`` (put, replay)."""
         if self._held + n <= self.capacity:
             return
+        where = {"backend": "memory", "operation": operation}
         if n > self.capacity:
             raise QueueFull(
-                f"cannot put {n} tasks at once: the broker's capacity is {self.capacity}"
+                f"cannot put {n} tasks at once: the broker's capacity is {self.capacity}", **where
             )
         if self.overflow == "reject":
             raise QueueFull(
                 f"queue full ({self._held}/{self.capacity} tasks held) and broker.overflow is "
-                f"reject: {n} task(s) not enqueued"
+                f"reject: {n} task(s) not enqueued",
+                **where,
             )
         wait_s = self.enqueue_timeout if timeout is None else timeout
         end = time.monotonic() + wait_s
@@ -161,12 +168,14 @@ class MemoryBroker:
             # shutdown drain makes room after close): the tasks would go nowhere.
             while self._closed or self._held + n > self.capacity:
                 if self._closed:
-                    raise BrokerClosed("broker closed while waiting for room to put tasks")
+                    message = "broker closed while waiting for room to put tasks"
+                    raise BrokerClosed(message, **where)
                 remaining = end - time.monotonic()
                 if remaining <= 0:
                     raise QueueFull(
                         f"queue full ({self._held}/{self.capacity} tasks held): waited {wait_s:g}s "
-                        f"(broker.enqueue_timeout) to put {n} task(s)"
+                        f"(broker.enqueue_timeout) to put {n} task(s)",
+                        **where,
                     )
                 self._cond.wait(remaining)
         finally:
@@ -188,7 +197,7 @@ class MemoryBroker:
         """Hand out up to ``slots[type]`` ready tasks per type, ``limit`` in all."""
         end = time.monotonic() + timeout
         with self._cond:
-            self._check_open()
+            self._check_open("get")
             while True:
                 now = self._clock()
                 self._promote(now)
@@ -241,7 +250,7 @@ class MemoryBroker:
 
     def ack(self, delivery: Delivery) -> Answer:
         with self._cond:
-            self._check_open()
+            self._check_open("settle")
             lease = self._end_lease(delivery)
             if lease is None:
                 return self._not_leased(delivery)
@@ -254,7 +263,7 @@ class MemoryBroker:
 
     def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> Answer:
         with self._cond:
-            self._check_open()
+            self._check_open("settle")
             lease = self._end_lease(delivery)
             if lease is None:
                 return self._not_leased(delivery)
@@ -274,7 +283,7 @@ class MemoryBroker:
 
     def dead(self, delivery: Delivery, record: DeadLetter) -> Answer:
         with self._cond:
-            self._check_open()
+            self._check_open("settle")
             if delivery.receipt not in self._leases:
                 return self._not_leased(delivery)
             # Written before the lease ends: if the store fails, the task stays leased (and is
@@ -287,7 +296,7 @@ class MemoryBroker:
 
     def release(self, delivery: Delivery) -> Answer:
         with self._cond:
-            self._check_open()
+            self._check_open("settle")
             lease = self._end_lease(delivery)
             if lease is None:
                 return self._not_leased(delivery)
@@ -300,17 +309,9 @@ class MemoryBroker:
             self._cond.notify_all()
             return _DONE
 
-    def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
-        return settle_each(self, ops)
-
-    def exchange(
-        self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
-    ) -> tuple[list[Answer], list[Delivery]]:
-        return settle_each(self, ops), self.get(slots, limit, 0)
-
     def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]:
         with self._cond:
-            self._check_open()
+            self._check_open("extend")
             until = self._clock() + self.visibility_timeout
             renewed = []
             for delivery in deliveries:
@@ -331,7 +332,7 @@ class MemoryBroker:
 
     def depth(self) -> dict[str, Depth]:
         with self._cond:
-            self._check_open()
+            self._check_open("depth")
             self._promote(self._clock())
             names = self._ready.keys() | self._delayed_count.keys() | self._leased_count.keys()
             return {
@@ -352,18 +353,18 @@ class MemoryBroker:
     # -- admin side ----------------------------------------------------------------------------
 
     def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
-        self._check_open()
+        self._check_open("dead_letters")
         return self.dead_letter_store.records(where)
 
     def replay(self, ids: Sequence[str]) -> int:
         """Put dead tasks back with attempts reset to 0; all or none, waiting for room like put."""
         with self._cond:
-            self._check_open()
+            self._check_open("replay")
             wanted = frozenset(ids)
             found = self.dead_letter_store.records(DeadLetterFilter(ids=wanted))
             if not found:
                 return 0
-            self._wait_for_room(len(found), None)
+            self._wait_for_room(len(found), None, "replay")
             tasks = [
                 replace(r.task, attempt=0, not_before=0.0)
                 for r in self.dead_letter_store.take(wanted)
@@ -379,7 +380,7 @@ class MemoryBroker:
     def oldest_enqueued_at(self) -> dict[str, float]:
         """Per type, the earliest ``enqueued_at`` of its ready, delayed and leased tasks."""
         with self._cond:
-            self._check_open()
+            self._check_open("oldest_enqueued_at")
             tasks: list[Task] = [t for queue in self._ready.values() for t in queue]
             tasks.extend(t for _, _, t in self._delayed)
             tasks.extend(lease.task for lease in self._leases.values())
@@ -389,11 +390,14 @@ class MemoryBroker:
         return oldest
 
     def purge(self, where: DeadLetterFilter) -> int:
-        self._check_open()
+        self._check_open("purge")
         return self.dead_letter_store.purge(where)
 
     def drain_to_dead_letters(
-        self, reason: str = "shutdown", include_leased: bool = False, now: float | None = None
+        self,
+        reason: str = DeadReason.SHUTDOWN,
+        include_leased: bool = False,
+        now: float | None = None,
     ) -> list[DeadLetter]:
         """Move every queued and delayed task (and leased ones if asked) to the dead letters.
 
@@ -425,9 +429,10 @@ class MemoryBroker:
 
     # -- internals (called with the lock held) -------------------------------------------------
 
-    def _check_open(self) -> None:
+    def _check_open(self, operation: str) -> None:
+        """Raise BrokerClosed (naming ``operation``, the broker method) after close()."""
         if self._closed:
-            raise BrokerClosed("the broker is closed")
+            raise BrokerClosed("the broker is closed", backend="memory", operation=operation)
 
     def _queue(self, type_name: str) -> deque[Task]:
         queue = self._ready.get(type_name)

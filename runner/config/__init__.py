@@ -4,7 +4,8 @@ A config file becomes a frozen, validated ``PipelineConfig`` in ``load``: YAML w
 of every key (``document``), pydantic-settings sources in precedence order (CLI flags > DQ_*
 environment > YAML > model defaults), the models (``models``, with ``numbers`` refusing booleans
 where numbers are expected), the cross-field rules and handler imports (``rules``, reading
-partly invalid input through ``inputs``; ``layout`` names mis-indented sections), and where
+partly invalid input through ``inputs``; ``layout`` names mis-indented sections; ``kinds`` the
+broker and dead-letter kinds, with the capability flags of the built-in brokers), and where
 each value came from (``origins``, which also renders the effective config). ``schema`` is the
 JSON Schema. Every problem is raised together in one ConfigError, located as ``file:LINE:COL``,
 ``env DQ_...`` or ``flag --...``.

@@ -14,6 +14,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -24,8 +25,15 @@ from pydantic import (
     model_validator,
 )
 
+from runner.config.kinds import (
+    BROKER_KINDS,
+    DEAD_LETTER_KINDS,
+    broker_flags,
+    default_dead_letter,
+    kind_check,
+)
 from runner.config.numbers import boolean_problem
-from runner.loader import EXCEPTION_PATTERN, HANDLER_PATTERN
+from runner.loader import CLASS_PATTERN, EXCEPTION_PATTERN, HANDLER_PATTERN
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
 
@@ -116,6 +124,39 @@ FileMode = Annotated[
 ]
 
 
+def _kind_schema(names: tuple[str, ...]) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"enum": list(names), "type": "string"},
+                {"type": "string", "pattern": CLASS_PATTERN},
+            ]
+        }
+    )
+
+
+#: A broker kind: a built-in name or a ``module:Class`` (runner.config.kinds).
+BrokerKind = Annotated[
+    str,
+    AfterValidator(kind_check(tuple(BROKER_KINDS))),
+    _kind_schema(tuple(BROKER_KINDS)),
+]
+
+
+#: A dead-letter kind: a built-in name or a ``module:Class`` store.
+DeadLetterKind = Annotated[
+    str,
+    AfterValidator(kind_check(DEAD_LETTER_KINDS)),
+    _kind_schema(DEAD_LETTER_KINDS),
+]
+
+
+Options = Annotated[
+    dict[str, Any],
+    Field(description="module:Class only: more keyword arguments for its constructor"),
+]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -133,8 +174,9 @@ class _Model(BaseModel):
 class BrokerConfig(_Model):
     """Where tasks wait. `memory` is in-process; `sqlite` and `redis` are durable and shared."""
 
-    kind: Literal["memory", "sqlite", "redis"] = Field(
-        "memory", description="memory (in-process), sqlite (one file) or redis (shared)"
+    kind: BrokerKind = Field(
+        "memory",
+        description="memory (in-process), sqlite (one file), redis (shared), or module:Class",
     )
     capacity: int = Field(1000, ge=1, description="max tasks held (queued, delayed or running)")
     overflow: Literal["block", "reject"] = Field(
@@ -154,6 +196,7 @@ class BrokerConfig(_Model):
     file_mode: FileMode = Field(
         "0600", description="sqlite: mode of a new database file (its WAL and shm follow it)"
     )
+    options: Options = Field(default_factory=dict)
 
 
 class BackoffPolicy(_Model):
@@ -228,11 +271,14 @@ class TaskTypeConfig(_Model):
 class DeadLetterConfig(_Model):
     """Where dead tasks go. Durable brokers keep them in the broker (the default there)."""
 
-    kind: Literal["memory", "file", "broker"] | None = Field(
-        None, description="default: memory for the memory broker, broker for sqlite and redis"
+    kind: DeadLetterKind | None = Field(
+        None,
+        description="memory, file, broker or module:Class (default: memory for the memory "
+        "broker, broker for the others)",
     )
     path: str | None = Field(None, description="file: JSON Lines file (required for file)")
     file_mode: FileMode = Field("0600", description="file: mode of the files it creates")
+    options: Options = Field(default_factory=dict)
 
 
 def _upper(value: Any) -> Any:
@@ -284,15 +330,28 @@ class SimulateConfig(_Model):
     )
 
 
-#: The default prefetch per worker thread on the memory broker and on the durable ones, and the
-#: largest prefetch allowed.
-MEMORY_PREFETCH_PER_WORKER = 16
+#: The default prefetch per worker thread: deep on an in-process broker (neither durable nor
+#: shared, as memory), shallow on the others; and the largest prefetch allowed.
+DEEP_PREFETCH_PER_WORKER = 16
 
 
-DURABLE_PREFETCH_PER_WORKER = 2
+SHALLOW_PREFETCH_PER_WORKER = 2
 
 
 MAX_PREFETCH = 4096
+
+
+class MiddlewareConfig(_Model):
+    """One of your own middlewares (runner.middleware.base.Middleware), around every task."""
+
+    use: str = Field(
+        pattern=CLASS_PATTERN,
+        description="module:Class of a runner.middleware.Middleware subclass",
+        examples=["myapp.tracing:TraceIds"],
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for its constructor"
+    )
 
 
 class PipelineConfig(_Model):
@@ -306,7 +365,7 @@ class PipelineConfig(_Model):
         ge=0,
         le=MAX_PREFETCH,
         description="tasks fetched ahead of free threads (default: 16 x workers on the "
-        "memory broker, 2 x workers on sqlite and redis)",
+        "memory broker, 2 x workers on the others)",
     )
     handler_paths: tuple[str, ...] = Field(
         (), description="extra import directories, relative to the config file"
@@ -320,13 +379,16 @@ class PipelineConfig(_Model):
     logging: LoggingConfig = LoggingConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     simulate: SimulateConfig | None = None
+    middleware: tuple[MiddlewareConfig, ...] = Field(
+        (), description="your own middlewares, applied in this order after the built-in ones"
+    )
 
     @model_validator(mode="after")
     def _defaults_that_depend_on_others(self) -> PipelineConfig:
         # Filled here so every consumer sees concrete values.
         if self.dead_letter.kind is None:
-            kind = "memory" if self.broker.kind == "memory" else "broker"
-            dead_letter = DeadLetterConfig(kind=kind, path=self.dead_letter.path)
+            kind = default_dead_letter(self.broker.kind)
+            dead_letter = self.dead_letter.model_copy(update={"kind": kind})
             object.__setattr__(self, "dead_letter", dead_letter)
         return self
 
@@ -341,18 +403,17 @@ class PipelineConfig(_Model):
         had fetched, run or not (attempts are counted at hand-out; the Worker runs a task
         handed out again with nothing prefetched beside it, so a task that kills its worker
         costs its neighbours that attempt once), and a prefetched task waits for this process
-        while another may be idle. The memory broker keeps nothing across a crash and has no
-        other process, so there a deep one costs nothing."""
+        while another may be idle. A broker that is neither durable nor shared (memory) keeps
+        nothing across a crash and has no other process, so there a deep one costs nothing
+        (runner.config.kinds says which flags a kind has)."""
         if self.prefetch is not None:
             return self.prefetch
         return self._default_prefetch()[0]
 
     def _default_prefetch(self) -> tuple[int, str]:
-        per_worker = (
-            MEMORY_PREFETCH_PER_WORKER
-            if self.broker.kind == "memory"
-            else DURABLE_PREFETCH_PER_WORKER
-        )
+        flags = broker_flags(self.broker.kind)
+        deep = not flags.durable and not flags.shared
+        per_worker = DEEP_PREFETCH_PER_WORKER if deep else SHALLOW_PREFETCH_PER_WORKER
         if per_worker * self.workers > MAX_PREFETCH:
             return MAX_PREFETCH, f"{per_worker} x workers, at most {MAX_PREFETCH}"
         return per_worker * self.workers, f"{per_worker} x workers"

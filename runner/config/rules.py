@@ -1,8 +1,9 @@
 """Rules a config must meet beyond each field's own type and range: part of load_config.
 
 - ``cross_field_problems``: settings that are valid alone but wrong together (errors).
-- ``import_problems``: handlers and never_retry names must import; runs on raw merged data too,
-  so an import mistake is reported in the same run as a type or range mistake.
+- ``import_problems``: handlers, never_retry names and ``module:Class`` kinds must import (and a
+  broker class declare its capability flags); runs on raw merged data too, so an import mistake
+  is reported in the same run as a type or range mistake.
 - ``warnings``: legal but probably unintended settings (a concurrency above ``workers``).
 
 Each finding names the key path it is about; load_config turns the path into a file location.
@@ -18,13 +19,27 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from runner.config.document import KeyPath, dotted
 from runner.config.inputs import Inputs, Unknown
+from runner.config.kinds import (
+    BROKER_ARGUMENTS,
+    BROKER_KINDS,
+    BrokerFlags,
+    default_dead_letter,
+    is_class_kind,
+)
 from runner.errors import ConfigError
-from runner.loader import EXCEPTION_PATTERN, HANDLER_PATTERN, load_handler, resolve_exception
+from runner.loader import (
+    CLASS_PATTERN,
+    EXCEPTION_PATTERN,
+    HANDLER_PATTERN,
+    check_arguments,
+    load_class,
+    load_handler,
+    resolve_exception,
+)
+from runner.middleware.base import Middleware
 
 if TYPE_CHECKING:
     from runner.config.models import PipelineConfig
-
-_DURABLE = ("sqlite", "redis")
 
 
 class Finding(NamedTuple):
@@ -113,13 +128,32 @@ def _needs(inputs: Inputs, section: str, kind: str, key: str) -> Finding | None:
 def _kind(inputs: Inputs, section: str) -> str:
     kind = inputs.value((section, "kind"))
     if kind is None:  # dead_letter's default depends on the broker
-        return "memory" if inputs.value(("broker", "kind")) == "memory" else "broker"
+        return default_dead_letter(inputs.value(("broker", "kind")))
     return str(kind)
+
+
+def _durable(inputs: Inputs, kind: str) -> bool:
+    """The broker kind's ``durable`` flag: known for a built-in, the class's own for a plug-in."""
+    if kind in BROKER_KINDS:
+        return BROKER_KINDS[kind].durable
+    try:
+        broker_class = load_class(kind, key="broker.kind", search_path=_search_path(inputs))
+    except ConfigError:
+        raise Unknown(("broker", "kind")) from None  # import_problems reports it
+    return getattr(broker_class, "durable", None) is not False
+
+
+def _search_path(inputs: Inputs) -> tuple[str, ...]:
+    try:
+        paths = inputs.value(("handler_paths",))
+    except Unknown:
+        return ()
+    return tuple(p for p in paths if isinstance(p, str))
 
 
 def _durable_dead_letter(inputs: Inputs) -> Finding | None:
     broker = _kind(inputs, "broker")
-    if broker not in _DURABLE:
+    if not _durable(inputs, broker):
         return None
     dead = _kind(inputs, "dead_letter")
     if dead == "broker":
@@ -217,6 +251,9 @@ def import_problems(data: Any) -> list[Finding]:
                 check((*path, "never_retry", index), name, EXCEPTION_PATTERN, resolve_exception)
 
     check_names(("retry",), data.get("retry"))
+    for section in ("broker", "dead_letter"):
+        found += _plug_in_problems(section, data.get(section), search)
+    found += _middleware_problems(data.get("middleware"), search)
     task_types = data.get("task_types")
     if isinstance(task_types, Mapping):
         for name, task_type in task_types.items():
@@ -224,6 +261,73 @@ def import_problems(data: Any) -> list[Finding]:
                 path = ("task_types", name)
                 check((*path, "handler"), task_type.get("handler"), HANDLER_PATTERN, load_handler)
                 check_names((*path, "retry"), task_type.get("retry"))
+    return found
+
+
+def _plug_in_problems(section: str, settings: Any, search: tuple[str, ...]) -> list[Finding]:
+    """A ``module:Class`` kind must import, and be callable with the keyword arguments it will
+    get (``SECTION.options`` and, for a broker, BROKER_ARGUMENTS and ``dead_letters`` when it is
+    not durable). A broker class must also declare its capability flags."""
+    if not isinstance(settings, Mapping) or not is_class_kind(settings.get("kind")):
+        return []
+    kind = settings["kind"]
+    try:
+        cls = load_class(kind, key=f"{section}.kind", search_path=search)
+    except ConfigError as exc:
+        return [Finding((section, "kind"), problem.message) for problem in exc.problems]
+    given: tuple[str, ...] = ()
+    if section == "broker":
+        missing = [f for f in BrokerFlags._fields if not isinstance(getattr(cls, f, None), bool)]
+        if missing:
+            message = (
+                f"{kind!r} declares no capability flag {', '.join(missing)} (subclass "
+                "runner.brokers.base.BaseBroker, or set each to True or False)"
+            )
+            return [Finding((section, "kind"), message)]
+        given = (*BROKER_ARGUMENTS, *(() if cls.durable else ("dead_letters",)))
+    options = settings.get("options")
+    if not isinstance(options, Mapping):
+        options = {}  # malformed: reported by validation
+    path = (section, "options") if options else (section, "kind")
+    taken = sorted(set(given) & set(options))
+    if taken:
+        return [Finding(path, f"{', '.join(taken)}: a {section} key, not an option")]
+    arguments = {**dict.fromkeys(given), **{str(k): v for k, v in options.items()}}
+    try:
+        check_arguments(cls, f"{section}.options", arguments)
+    except ConfigError as exc:
+        return [Finding(path, problem.message) for problem in exc.problems]
+    return []
+
+
+def _middleware_problems(entries: Any, search: tuple[str, ...]) -> list[Finding]:
+    """Each ``middleware[i].use`` must import, name a Middleware subclass, and be callable with
+    its ``options`` as keyword arguments."""
+    if not isinstance(entries, list | tuple):
+        return []  # malformed: reported by validation
+    found: list[Finding] = []
+    for index, entry in enumerate(entries):
+        use = entry.get("use") if isinstance(entry, Mapping) else None
+        if not isinstance(use, str) or not re.match(CLASS_PATTERN, use):
+            continue  # reported by validation
+        assert isinstance(entry, Mapping)
+        path: KeyPath = ("middleware", index, "use")
+        try:
+            cls = load_class(use, key="middleware.use", search_path=search)
+        except ConfigError as exc:
+            found += [Finding(path, problem.message) for problem in exc.problems]
+            continue
+        if not issubclass(cls, Middleware):
+            found.append(Finding(path, f"{use!r} is not a runner.middleware.Middleware subclass"))
+            continue
+        options = entry.get("options", {})
+        if not isinstance(options, Mapping):
+            continue  # malformed: reported by validation
+        where: KeyPath = ("middleware", index, "options") if options else path
+        try:
+            check_arguments(cls, "options", {str(k): v for k, v in options.items()})
+        except ConfigError as exc:
+            found += [Finding(where, problem.message) for problem in exc.problems]
     return found
 
 
@@ -247,6 +351,17 @@ def warnings(config: PipelineConfig) -> list[str]:
     dead = config.dead_letter
     if dead.path and dead.kind != "file":
         found.append((("dead_letter", "path"), f"ignored: dead_letter.kind is {dead.kind}"))
+    for section, kind, options in (
+        ("broker", broker.kind, broker.options),
+        ("dead_letter", dead.kind, dead.options),
+    ):
+        if options and not is_class_kind(kind):
+            found.append(
+                (
+                    (section, "options"),
+                    f"ignored: {section}.kind is {kind}; options go to a module:Class kind only",
+                )
+            )
     if config.simulate is not None:
         for name in config.simulate.faults:
             if name in config.task_types and not config.simulate.mix.get(name):

@@ -19,7 +19,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -27,12 +27,20 @@ from runner.brokers.base import Answer, Delivery, Settle
 from runner.engine.retry import RetryPlan, error_name
 from runner.engine.settle import Outcome
 from runner.engine.timeouts import Guard, Run, Watchdog
-from runner.errors import TaskInterrupted
-from runner.events import Event, EventBus
-from runner.model import AttemptRecord, Cancellation, DeadLetter, TaskContext
+from runner.errors import InvalidPayload, TaskInterrupted
+from runner.events import Event, EventBus, EventName
+from runner.middleware.base import Middleware, overriding
+from runner.model import AttemptRecord, Cancellation, DeadLetter, DeadReason, TaskContext
 
 Handler = Callable[[Any, TaskContext], Any]
 TaskLogger = Callable[[str, str, int], "logging.LoggerAdapter[logging.Logger]"]
+
+#: The ``outcome`` field of each outcome event.
+OUTCOME_OF = {
+    EventName.TASK_SUCCEEDED: "succeeded",
+    EventName.TASK_RETRYING: "retrying",
+    EventName.TASK_DEAD: "dead",
+}
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,18 @@ class TypeRuntime:
     timeout_s: float
     interrupt: bool  # timeout_action == "interrupt"
     plan: RetryPlan
-    validate_payload: Callable[[Any], Any] | None = None  # raises on a bad payload
+    #: The type's middleware chain, in order (``handler`` is already wrapped by it).
+    middleware: tuple[Middleware, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Only the middlewares that override a hook are called for it: none costs nothing.
+        object.__setattr__(self, "before", overriding(self.middleware, "before_attempt"))
+        object.__setattr__(self, "after", overriding(self.middleware, "after_attempt"))
+        object.__setattr__(self, "on_dead", overriding(self.middleware, "on_dead_letter"))
+
+    before: tuple[Middleware, ...] = field(default=(), init=False)
+    after: tuple[Middleware, ...] = field(default=(), init=False)
+    on_dead: tuple[Middleware, ...] = field(default=(), init=False)
 
 
 def worker_identity() -> str:
@@ -94,7 +113,9 @@ class Attempts:
         started = time.time()
         if rt is None or delivery.decode_error is not None:
             why = delivery.decode_error or f"no handler for type {task.type!r} in this process"
-            return self._dead(delivery, started, "undecodable", "DecodeError", why, "", 0.0)
+            return self._dead(
+                delivery, started, DeadReason.UNDECODABLE, "DecodeError", why, "", 0.0
+            )
         if task.attempt > rt.plan.max_attempts:
             last = task.history[-1].error_type if task.history else "none recorded"
             message = (
@@ -102,23 +123,8 @@ class Attempts:
                 f"earlier workers died or froze mid-run (last recorded error: {last})"
             )
             return self._dead(
-                delivery, started, "max deliveries", "MaxDeliveries", message, "", 0.0
+                delivery, started, DeadReason.MAX_DELIVERIES, "MaxDeliveries", message, "", 0.0
             )
-        payload = task.payload
-        if rt.validate_payload is not None:
-            try:
-                payload = rt.validate_payload(payload)
-            except Exception as exc:
-                why = str(exc)
-                return self._dead(
-                    delivery, started, "invalid payload", error_name(exc), why, "", 0.0
-                )
-
-        due = max(task.enqueued_at, task.not_before)
-        queue_wait = max(0.0, started - due) if due else None
-        # A redelivered task may be what killed the last process: its start is written out
-        # before its handler runs (flush), so the log names it if it kills this one too.
-        self._emit("task.started", delivery, queue_wait_s=queue_wait, flush=delivery.redelivered)
         cancelled = Cancellation()
         run = Run(
             deadline=time.monotonic() + rt.timeout_s,
@@ -135,6 +141,27 @@ class Attempts:
             run.deadline,
             cancelled,
             partial(self.task_logger, task.id, task.type, task.attempt),
+            task.headers,
+        )
+        payload = task.payload
+        for middleware in rt.before:
+            try:
+                payload = middleware.before_attempt(ctx, payload)
+            except InvalidPayload as exc:
+                why = str(exc)
+                return self._dead(
+                    delivery, started, DeadReason.INVALID_PAYLOAD, error_name(exc), why, "", 0.0
+                )
+            except Exception as exc:
+                self._hook_failed(middleware, "before_attempt", delivery, exc)
+                return self._failed(delivery, rt, exc, started, 0.0, run)
+
+        due = max(task.enqueued_at, task.not_before)
+        queue_wait = max(0.0, started - due) if due else None
+        # A redelivered task may be what killed the last process: its start is written out
+        # before its handler runs (flush), so the log names it if it kills this one too.
+        self._emit(
+            EventName.TASK_STARTED, delivery, queue_wait_s=queue_wait, flush=delivery.redelivered
         )
         self.running[guard] = run
         t0 = time.perf_counter()
@@ -148,11 +175,19 @@ class Attempts:
             error = exc
         duration = time.perf_counter() - t0
         self.running.pop(guard, None)
+        for middleware in rt.after:
+            try:
+                middleware.after_attempt(ctx, error)
+            except Exception as exc:
+                self._hook_failed(middleware, "after_attempt", delivery, exc)
+                error = error or exc
         if error is None and run.expired:
             # timeout_action: cancel, or an interrupt that landed after the handler returned.
             error = TimeoutError(f"ran past its timeout of {rt.timeout_s}s")
         if error is None:
-            return Outcome(Settle(delivery, "ack"), "task.succeeded", {"duration_s": duration})
+            return Outcome(
+                Settle(delivery, "ack"), EventName.TASK_SUCCEEDED, {"duration_s": duration}
+            )
         return self._failed(delivery, rt, error, started, duration, run)
 
     def overrunning(self) -> int:
@@ -184,13 +219,14 @@ class Attempts:
         trace = "".join(traceback.format_exception(error))
         decision = rt.plan.decide(error, task.attempt)
         if not decision.retry:
+            assert decision.reason is not None  # decide() names why for every task it ends
             return self._dead(delivery, started, decision.reason, kind, message, trace, duration)
         failure = AttemptRecord(
             task.attempt, kind, message, trace, started, duration, self.identity
         )
         return Outcome(
             Settle(delivery, "retry", decision.delay_s, failure),
-            "task.retrying",
+            EventName.TASK_RETRYING,
             {
                 "duration_s": duration,
                 "delay_s": decision.delay_s,
@@ -204,7 +240,7 @@ class Attempts:
         self,
         delivery: Delivery,
         started: float,
-        reason: str,
+        reason: DeadReason,
         kind: str,
         message: str,
         trace: str,
@@ -228,7 +264,7 @@ class Attempts:
         )
         return Outcome(
             Settle(delivery, "dead", record=record),
-            "task.dead",
+            EventName.TASK_DEAD,
             {
                 "duration_s": duration or None,
                 "reason": reason,
@@ -247,29 +283,51 @@ class Attempts:
             return
         delivery = outcome.settle.delivery
         if answer is Answer.DONE or answer is Answer.ALREADY_DONE:
-            result = outcome.event.removeprefix("task.")
+            result = OUTCOME_OF[outcome.event]
             self._emit(outcome.event, delivery, outcome=result, **outcome.fields)
+            record = outcome.settle.record
+            rt = self.types.get(delivery.task.type)
+            if record is not None and rt is not None:
+                for middleware in rt.on_dead:
+                    try:
+                        middleware.on_dead_letter(record)
+                    except Exception as exc:
+                        self._hook_failed(middleware, "on_dead_letter", delivery, exc)
         elif answer is Answer.FENCED:
             op = outcome.settle.kind
             self._emit(
-                "task.lease_lost", delivery, detail=f"{op} refused: another delivery owns the task"
+                EventName.TASK_LEASE_LOST,
+                delivery,
+                detail=f"{op} refused: another delivery owns the task",
             )
+
+    def _hook_failed(
+        self, middleware: Middleware, hook: str, delivery: Delivery, exc: Exception
+    ) -> None:
+        task = delivery.task
+        detail = f"{middleware.name}.{hook}: {type(exc).__name__}: {exc}"
+        self.events.emit(
+            Event(EventName.MIDDLEWARE_FAILED, task_id=task.id, type=task.type,
+                  attempt=task.attempt, detail=detail)
+        )  # fmt: skip
 
     def _on_timeout(self, delivery: Delivery, run: Run) -> None:
         if self.forcing:
             return  # cut short by shutdown, not a timeout of its own
-        self._emit("task.timeout", delivery, detail="interrupt" if run.interrupt else "cancel")
+        detail = "interrupt" if run.interrupt else "cancel"
+        self._emit(EventName.TASK_TIMEOUT, delivery, detail=detail)
         if run.interrupted:
             self.interrupts += 1
-            self._emit("task.interrupted", delivery)
+            self._emit(EventName.TASK_INTERRUPTED, delivery)
 
     def _on_overrun(self, delivery: Delivery, run: Run) -> None:
         self.overruns += 1
-        self._emit("task.overrun", delivery, detail="handler has not returned after its interrupt")
+        detail = "handler has not returned after its interrupt"
+        self._emit(EventName.TASK_OVERRUN, delivery, detail=detail)
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _emit(self, name: str, delivery: Delivery, **fields: Any) -> None:
+    def _emit(self, name: EventName, delivery: Delivery, **fields: Any) -> None:
         task = delivery.task
         self.events.emit(
             Event(name, task_id=task.id, type=task.type, attempt=task.attempt, **fields)

@@ -19,6 +19,7 @@ import tenacity
 from tenacity.wait import wait_base
 
 from runner.errors import PermanentError, TaskInterrupted
+from runner.model import DeadReason
 
 
 class wait_proportional_jitter(wait_base):
@@ -42,7 +43,7 @@ class Decision:
 
     retry: bool
     delay_s: float = 0.0
-    reason: str = ""  # why the task is dead: permanent | never_retry | exhausted
+    reason: DeadReason | None = None  # why the task is dead: PERMANENT, NEVER_RETRY, EXHAUSTED
 
 
 class RetryPlan:
@@ -78,10 +79,12 @@ class RetryPlan:
         state = self._state(attempt)
         state.set_exception((type(exc), exc, exc.__traceback__))
         if not self._retrying.retry(state):
-            reason = "permanent" if isinstance(exc, PermanentError) else "never_retry"
-            return Decision(False, reason=reason)
+            permanent = isinstance(exc, PermanentError)
+            return Decision(
+                False, reason=DeadReason.PERMANENT if permanent else DeadReason.NEVER_RETRY
+            )
         if self._retrying.stop(state):
-            return Decision(False, reason="exhausted")
+            return Decision(False, reason=DeadReason.EXHAUSTED)
         return Decision(True, delay_s=self._retrying.wait(state))
 
     def delay(self, attempt: int) -> float:

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 from runner.brokers.base import Answer, Broker, Settle, settle_one
 from runner.errors import BrokerClosed, BrokerError, BrokerUnavailable
+from runner.events import EventName
 
 log = logging.getLogger("runner.worker")
 
@@ -51,7 +52,7 @@ class Outcome(NamedTuple):
     """
 
     settle: Settle
-    event: str | None
+    event: EventName | None
     fields: Mapping[str, Any] = MappingProxyType({})
 
 

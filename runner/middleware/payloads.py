@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from runner.errors import InvalidPayload
-from runner.middleware.simulate import SIM_KEY
+from runner.middleware.base import Middleware
 from runner.model import TaskContext
 
 #: The largest payload ``dq-run publish`` accepts, measured as compact UTF-8 JSON.
@@ -72,34 +72,22 @@ def check_payload(model: type[BaseModel], payload: Any) -> BaseModel:
         raise InvalidPayload(model.__name__, _fields(exc)) from None
 
 
-def payload_validator(model: type[BaseModel]) -> Callable[[Any], Any]:
-    """The worker's ``validate_payload`` for ``model``: raw payload -> model instance.
+class PayloadValidation(Middleware):
+    """The first built-in middleware: checks a type's payloads against its handler's model.
 
-    A simulated payload (it carries the simulator's fault plan under SIM_KEY) is checked without
-    the plan and returned as it is, so the simulator can still read its plan; ``as_model`` then
-    turns what the simulator passes on into the model.
+    At publish a bad payload is refused (nothing is put); before each attempt the payload is
+    validated again (a bad one that got in another way is dead-lettered with reason ``invalid
+    payload``, never run) and the handler receives the model instance.
     """
 
-    def validate(payload: Any) -> Any:
-        if isinstance(payload, dict) and SIM_KEY in payload:
-            check_payload(model, {k: v for k, v in payload.items() if k != SIM_KEY})
-            return payload
-        return check_payload(model, payload)
+    def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
 
-    return validate
+    def on_publish(self, type_name: str, payload: Any, headers: dict[str, Any]) -> None:
+        check_payload(self.model, payload)
 
-
-def as_model(
-    handler: Callable[[Any, TaskContext], Any], model: type[BaseModel]
-) -> Callable[[Any, TaskContext], Any]:
-    """Wrap ``handler`` so it always receives a ``model`` instance (validating a raw dict)."""
-
-    def run(payload: Any, ctx: TaskContext) -> Any:
-        if not isinstance(payload, model):
-            payload = check_payload(model, payload)
-        return handler(payload, ctx)
-
-    return run
+    def before_attempt(self, ctx: TaskContext, payload: Any) -> Any:
+        return check_payload(self.model, payload)
 
 
 def _fields(exc: ValidationError) -> list[tuple[str, str]]:

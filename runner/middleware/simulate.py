@@ -1,7 +1,8 @@
 """Fault injection for simulated tasks: the plan a task carries, applied around its handler.
 
 Faults are decided per task from the seed when the task is published (runner.ops.produce) and
-travel in its payload under SIM_KEY, so every worker process (and a replay) sees the same plan:
+travel in its headers under SIM_HEADER (not in the payload: the handler, and the payload's
+model, never see them), so every worker process (and a replay) sees the same plan:
 
 - ``latency_s``: how long the attempt works (in short sleeps, so a timeout can interrupt it);
 - ``fail_attempts``: the first N attempts raise SimulatedFailure (retryable);
@@ -9,19 +10,21 @@ travel in its payload under SIM_KEY, so every worker process (and a replay) sees
 - ``poison``: every attempt raises PoisonPayload, a ValueError (list it in never_retry to see
   it dead-lettered at once).
 
-``with_faults(handler)`` applies the plan and then calls the real handler with the payload
-minus SIM_KEY; tasks without SIM_KEY pass straight through.
+The ``Simulation`` middleware (the second built-in, after payload validation) wraps every
+handler with ``with_faults``, which applies a task's plan and then calls the real handler;
+tasks without the header pass straight through.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
+from runner.middleware.base import Handler, Middleware
 from runner.model import TaskContext
 
-SIM_KEY = "__dq_sim__"
+#: The header a simulated task's fault plan travels in.
+SIM_HEADER = "dq-sim"
 
 
 #: A handler hanging on purpose checks for cancellation this often (a long sleep is a C call).
@@ -36,23 +39,29 @@ class PoisonPayload(ValueError):
     """A payload the simulator marked as one that can never succeed."""
 
 
-def with_faults(handler: Callable[[Any, TaskContext], Any]) -> Callable[[Any, TaskContext], Any]:
-    """Wrap a handler so that simulated payloads behave as their fault plan says."""
+class Simulation(Middleware):
+    """Applies the simulator's fault plans (see the module docstring)."""
+
+    def wrap(self, type_name: str, handler: Handler) -> Handler:
+        return with_faults(handler)
+
+
+def with_faults(handler: Handler) -> Handler:
+    """Wrap a handler so that simulated tasks behave as their fault plan says."""
 
     def run(payload: Any, ctx: TaskContext) -> Any:
-        if not isinstance(payload, dict) or SIM_KEY not in payload:
+        plan = ctx.headers.get(SIM_HEADER)
+        if not plan:
             return handler(payload, ctx)
-        plan = payload[SIM_KEY]
-        real_payload = {k: v for k, v in payload.items() if k != SIM_KEY}
         if plan.get("poison"):
-            raise PoisonPayload(f"payload #{real_payload.get('n')} can never be processed")
+            raise PoisonPayload(f"payload #{plan.get('n')} can never be processed")
         if ctx.attempt == plan.get("hang_attempt"):
             while not ctx.cancelled.is_set():
                 time.sleep(_TICK_S)
         _work_for(float(plan.get("latency_s", 0.0)), ctx)
         if ctx.attempt <= int(plan.get("fail_attempts", 0)):
             raise SimulatedFailure(f"simulated failure on attempt {ctx.attempt}")
-        return handler(real_payload, ctx)
+        return handler(payload, ctx)
 
     return run
 

@@ -48,8 +48,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from runner.config.models import LoggingConfig
 from runner.eventlog import FIELDS_ATTR
 from runner.eventlog import log_event as log_event  # noqa: PLC0414  (re-exported for callers)
-from runner.events import Event
-from runner.model import short_id
+from runner.events import Event, EventName
+from runner.model import DeadReason, short_id
 
 ROOT_LOGGER = "runner"
 TASK_LOGGER = "runner.task"
@@ -69,10 +69,19 @@ _KEY_ORDER = (
 )  # fmt: skip
 
 _WARNING_EVENTS = frozenset(
-    {"task.dead", "task.timeout", "task.overrun", "task.lease_lost", "broker.reconnecting"}
+    {
+        EventName.TASK_DEAD,
+        EventName.TASK_TIMEOUT,
+        EventName.TASK_OVERRUN,
+        EventName.TASK_LEASE_LOST,
+        EventName.BROKER_RECONNECTING,
+        EventName.MIDDLEWARE_FAILED,
+    }
 )
 # One per task published: the publisher logs one INFO line per batch instead.
-_DEBUG_EVENTS = frozenset({"task.published"})
+_DEBUG_EVENTS = frozenset({EventName.TASK_PUBLISHED})
+# Read once: a member lookup costs 0.1 us on Python 3.11, and event_level runs for every event.
+_DEAD, _SHUTDOWN = EventName.TASK_DEAD, DeadReason.SHUTDOWN
 #: Held while a text line is written to stderr, and by the progress view while it starts and
 #: stops (see progress.py), so a line never lands inside the panel's first or last frame.
 #: Only the writer thread and the main thread take it (never a worker thread); reentrant, for
@@ -86,7 +95,7 @@ def event_level(name: str, reason: str | None = None) -> int:
     """The level an engine event is logged at: WARNING for trouble, DEBUG for publishing and
     for the memory broker's shutdown drain (``task.dead`` with reason ``shutdown``), INFO for
     the rest."""
-    if name in _DEBUG_EVENTS or (reason == "shutdown" and name == "task.dead"):
+    if name in _DEBUG_EVENTS or (reason == _SHUTDOWN and name == _DEAD):
         return logging.DEBUG
     return logging.WARNING if name in _WARNING_EVENTS else logging.INFO
 

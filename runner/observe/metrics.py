@@ -30,24 +30,17 @@ from prometheus_client.exposition import start_http_server
 from runner.brokers.base import Depth
 from runner.config.models import MetricsConfig
 from runner.errors import RunnerError
-from runner.events import Event
+from runner.events import Event, EventName
+from runner.model import DeadReason
 from runner.observe.logs import log_event
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-#: Every reason a task can be dead-lettered for (runner.engine.retry, runner.engine.attempt, the
-#: memory broker's shutdown drain; README "Dead-letter queue"): each type's dq_tasks_dead_total
-#: starts at 0 for each, so a ratio over it has data on a pipeline where nothing has died yet.
-DEAD_REASONS = (
-    "exhausted",
-    "never_retry",
-    "permanent",
-    "max deliveries",
-    "invalid payload",
-    "undecodable",
-    "shutdown",
-)
+#: Every reason a task can be dead-lettered for (runner.model.DeadReason, but CORRUPT_RECORD: a
+#: damaged stored record, never a task.dead event): each type's dq_tasks_dead_total starts at 0
+#: for each, so a ratio over it has data on a pipeline where nothing has died yet.
+DEAD_REASONS = tuple(r for r in DeadReason if r is not DeadReason.CORRUPT_RECORD)
 
 # Seconds. Handlers range from milliseconds to minutes; queue waits can reach hours in a backlog.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -214,34 +207,34 @@ class MetricsListener:
     def handle(self, event: Event) -> None:
         type_ = event.type or "unknown"
         match event.name:
-            case "task.published":
+            case EventName.TASK_PUBLISHED:
                 self.published.labels(type_).inc()
-            case "task.started":
+            case EventName.TASK_STARTED:
                 self.started.labels(type_).inc()
                 if event.queue_wait_s is not None:
                     self.queue_wait.labels(type_).observe(max(event.queue_wait_s, 0.0))
-            case "task.succeeded":
+            case EventName.TASK_SUCCEEDED:
                 self.succeeded.labels(type_).inc()
                 self._observe_duration(type_, event)
-            case "task.retrying":
+            case EventName.TASK_RETRYING:
                 self.retried.labels(type_).inc()
                 self._observe_duration(type_, event)
-            case "task.dead":
+            case EventName.TASK_DEAD:
                 self.dead.labels(type_, event.reason or "unknown").inc()
                 self._observe_duration(type_, event)
-            case "task.timeout":
+            case EventName.TASK_TIMEOUT:
                 self.timed_out.labels(type_).inc()
-            case "task.lease_lost":
+            case EventName.TASK_LEASE_LOST:
                 self.lease_lost.labels(type_).inc()
-            case "task.interrupted":
+            case EventName.TASK_INTERRUPTED:
                 self.interrupts.labels(type_).inc()
-            case "task.overrun":
+            case EventName.TASK_OVERRUN:
                 self.overruns.labels(type_).inc()
-            case "broker.reconnecting":
+            case EventName.BROKER_RECONNECTING:
                 self.reconnects.inc()
-            case "worker.stopping" | "worker.stopped":
+            case EventName.WORKER_STOPPING | EventName.WORKER_STOPPED:
                 self._up.clear()
-            case "worker.started":
+            case EventName.WORKER_STARTED:
                 self._up.set()
             case _:
                 pass

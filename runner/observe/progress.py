@@ -45,7 +45,8 @@ from rich.table import Table
 from rich.text import Text
 
 from runner.config.models import LoggingConfig
-from runner.events import Event
+from runner.events import Event, EventName
+from runner.model import DeadReason
 from runner.observe.logs import STDERR_LOCK, resolve_format
 from runner.observe.metrics import RuntimeState
 
@@ -165,7 +166,7 @@ class Progress:
     def handle(self, event: Event) -> None:
         if event.name.startswith("task."):
             self._events.put(event)
-        elif event.name == "worker.stopped" and self.shared:
+        elif event.name == EventName.WORKER_STOPPED and self.shared:
             # The last moment the broker is open (the runner closes it next): the final frame
             # shows the depth as the run left it, not as it was up to a second before.
             self._queued(fresh=True)
@@ -176,18 +177,18 @@ class Progress:
                 event = self._events.get_nowait()
             except queue.Empty:
                 return
-            if event.name == "task.dead" and event.reason == "shutdown":
+            if event.name == EventName.TASK_DEAD and event.reason == DeadReason.SHUTDOWN:
                 self._left += 1
                 continue
             self._counts[event.name] += 1
-            if event.name in ("task.succeeded", "task.dead"):
+            if event.name in (EventName.TASK_SUCCEEDED, EventName.TASK_DEAD):
                 self._done_by_type[event.type or "?"] += 1
 
     @property
     def done(self) -> int:
         """Tasks finished here (succeeded or dead), as counted so far by the render side."""
         self._drain()
-        return self._counts["task.succeeded"] + self._counts["task.dead"]
+        return self._counts[EventName.TASK_SUCCEEDED] + self._counts[EventName.TASK_DEAD]
 
     @property
     def total(self) -> int | None:
@@ -195,7 +196,8 @@ class Progress:
         self._drain()
         if self.shared:
             return None
-        return (self.backlog or 0) + max(self.planned or 0, self._counts["task.published"])
+        published = self._counts[EventName.TASK_PUBLISHED]
+        return (self.backlog or 0) + max(self.planned or 0, published)
 
     def _queued(self, fresh: bool = False) -> int | None:
         """Tasks waiting in the broker (ready or delayed), re-read at most every depth_every_s
@@ -227,11 +229,13 @@ class Progress:
         parts.append(_Part(f"{rate:,.1f}/s", "cyan", 4))
         if total and rate > 0 and done < total and self._stopped_at is None:
             parts.append(_Part(f"eta {(total - done) / rate:,.0f}s", "dim", 5))
-        parts.append(_Part(f"retries {counts['task.retrying']}", "yellow", 3))
-        dead_style = "bold red" if counts["task.dead"] else "dim"
-        parts.append(_Part(f"dead {counts['task.dead']}", dead_style, 1))
-        if counts["task.timeout"]:
-            parts.append(_Part(f"timeouts {counts['task.timeout']}", "magenta", 3))
+        retrying = counts[EventName.TASK_RETRYING]
+        dead = counts[EventName.TASK_DEAD]
+        timeouts = counts[EventName.TASK_TIMEOUT]
+        parts.append(_Part(f"retries {retrying}", "yellow", 3))
+        parts.append(_Part(f"dead {dead}", "bold red" if dead else "dim", 1))
+        if timeouts:
+            parts.append(_Part(f"timeouts {timeouts}", "magenta", 3))
         if self._left:
             parts.append(_Part(f"left {self._left}", "yellow", 2))
         parts.append(_Part(f"{elapsed:,.1f}s", "dim", 6))

@@ -15,8 +15,8 @@ import time
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any, TextIO
 
-from runner.events import Event
-from runner.model import short_id
+from runner.events import Event, EventName
+from runner.model import DeadReason, short_id
 from runner.observe.tablefit import Column, elide, fit_columns, fitted_rows
 
 if TYPE_CHECKING:
@@ -24,7 +24,20 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 #: The reason of the memory broker's shutdown drain (grouped per type when shown).
-SHUTDOWN = "shutdown"
+SHUTDOWN = DeadReason.SHUTDOWN
+
+#: What each task event counts as in a type's row (``counts``); other events are not counted.
+KIND_OF: dict[str, str] = {
+    EventName.TASK_PUBLISHED: "published",
+    EventName.TASK_STARTED: "started",
+    EventName.TASK_SUCCEEDED: "succeeded",
+    EventName.TASK_RETRYING: "retrying",
+    EventName.TASK_TIMEOUT: "timeout",
+    EventName.TASK_DEAD: "dead",
+    EventName.TASK_LEASE_LOST: "lease_lost",
+    EventName.TASK_INTERRUPTED: "interrupted",
+    EventName.TASK_OVERRUN: "overrun",
+}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -87,9 +100,9 @@ class Summary:
         self._since_ms = int(self.started_at * 1000)
 
     def handle(self, event: Event) -> None:
-        name = event.name
+        kind = KIND_OF.get(event.name)
         type_name = event.type
-        if type_name is None or not name.startswith("task."):
+        if kind is None or type_name is None:
             return
         try:
             shard: _Shard = self._local.shard
@@ -97,12 +110,12 @@ class Summary:
             shard = self._local.shard = _Shard()
             with self._lock:
                 self._shards.append(shard)
-        shard.counts[type_name][name[5:]] += 1
-        if name in ("task.succeeded", "task.dead") and self._from_backlog(event.task_id):
+        shard.counts[type_name][kind] += 1
+        if kind in ("succeeded", "dead") and self._from_backlog(event.task_id):
             shard.counts[type_name]["backlog"] += 1
-        if event.duration_s is not None and name in ("task.succeeded", "task.retrying"):
+        if event.duration_s is not None and kind in ("succeeded", "retrying"):
             shard.add_duration(type_name, event.duration_s)
-        if name == "task.dead":
+        if kind == "dead":
             if event.duration_s is not None:
                 shard.add_duration(type_name, event.duration_s)
             self.dead.append(

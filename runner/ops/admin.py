@@ -4,10 +4,11 @@ Plain functions over a validated config and a ``BrokerAdmin``; they return data 
 runner's errors, and the CLI only parses, calls and prints (runner.ops.views formats).
 
 Everything goes through the broker's ``Broker`` / ``BrokerAdmin`` side, never raw SQL or keys,
-so every durable broker (sqlite, redis) works the same. A memory broker lives inside one
-``dq-run`` process, so another process cannot publish to it, replay into it or see its queue:
-those raise NotSupported and say why. Its dead letters can still be listed, shown and purged
-when the config keeps them in a file (``dead_letter: {kind: file, path: ...}``).
+so every shared broker (sqlite, redis, a ``module:Class`` one) works the same. A broker that is
+not ``shared`` (memory) lives inside one ``dq-run`` process, so another process cannot publish
+to it, replay into it or see its queue: those raise NotSupported and say why. Its dead letters
+can still be listed, shown and purged when the config keeps them in a file
+(``dead_letter: {kind: file, path: ...}``).
 
 Publishing is all or nothing: every input is checked first (type, JSON, size, the handler's
 pydantic model) and every problem is reported; only then are all tasks put in one ``put_many``,
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from runner.app import create_broker
+from runner.backends import broker_class, create_broker
 from runner.brokers.base import BrokerAdmin, DeadLetterFilter, Depth
 from runner.config.models import PipelineConfig, parse_duration
 from runner.config.models import parse_rate as config_parse_rate
@@ -40,18 +41,18 @@ MIN_ID_CHARS = 6
 #: A throttled replay sends about this many chunks per second (at least one task per chunk).
 CHUNKS_PER_S = 10
 
-_MEMORY = "a memory broker lives inside the one dq-run process that runs it"
+_IN_PROCESS = "a {kind} broker lives inside the one dq-run process that runs it"
 _NO_PUBLISH = (
-    f"cannot publish: {_MEMORY}, so tasks published from another process could never reach it; "
-    "use a sqlite or redis broker (or a `simulate` section)"
+    f"cannot publish: {_IN_PROCESS}, so tasks published from another process could never reach "
+    "it; use a sqlite or redis broker (or a `simulate` section)"
 )
 _NO_STATS = (
-    f"cannot show stats: {_MEMORY}, and no other process can see its queue; the running "
+    f"cannot show stats: {_IN_PROCESS}, and no other process can see its queue; the running "
     "process shows live progress and /metrics instead"
 )
 _NO_DLQ = (
-    f"no dead letters to read: {_MEMORY} and keeps them in memory, lost when it exits; "
-    "keep them with `dead_letter: {kind: file, path: ...}`, or use a sqlite or redis broker"
+    f"no dead letters to read: {_IN_PROCESS} and keeps them in memory, lost when it exits; "
+    "keep them with `dead_letter: {{kind: file, path: ...}}`, or use a sqlite or redis broker"
 )
 
 
@@ -59,9 +60,11 @@ _NO_DLQ = (
 
 
 def require_shared(config: PipelineConfig, command: str) -> None:
-    """Raise NotSupported (saying why) when ``command`` cannot work on the config's broker."""
-    if config.broker.kind == "memory":
-        raise NotSupported({"publish": _NO_PUBLISH, "stats": _NO_STATS}[command])
+    """Raise NotSupported (saying why) when ``command`` cannot work on the config's broker:
+    one that is not ``shared`` cannot be reached from another process."""
+    if not broker_class(config).shared:
+        message = {"publish": _NO_PUBLISH, "stats": _NO_STATS}[command]
+        raise NotSupported(message.format(kind=config.broker.kind))
 
 
 def publish(config: PipelineConfig, drafts: Sequence[Draft], delay_s: float = 0.0) -> list[str]:
@@ -99,10 +102,12 @@ def publish(config: PipelineConfig, drafts: Sequence[Draft], delay_s: float = 0.
 
 
 class FileDeadLetterAdmin:
-    """BrokerAdmin over a memory config's JSON Lines dead-letter file: list, show, purge."""
+    """BrokerAdmin over the JSON Lines dead-letter file of a broker that is not shared (memory):
+    list, show, purge."""
 
-    def __init__(self, store: FileDeadLetters) -> None:
+    def __init__(self, store: FileDeadLetters, kind: str = "memory") -> None:
         self.store = store
+        self.kind = kind  # the broker's, for the messages
 
     def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
         return self._reading(lambda: self.store.records(where))
@@ -114,17 +119,18 @@ class FileDeadLetterAdmin:
         return self._reading(self.store.count)
 
     def replay(self, ids: Sequence[str]) -> int:
+        in_process = _IN_PROCESS.format(kind=self.kind)
         raise NotSupported(
-            f"cannot replay into a memory broker: {_MEMORY}, so no other process can put tasks "
-            f"into its queue; the records stay in {self.store.path}: replay them into the next "
-            f"run with `dq-run run CONFIG --replay`"
+            f"cannot replay into a {self.kind} broker: {in_process}, so no other process can put "
+            f"tasks into its queue; the records stay in {self.store.path}: replay them into the "
+            f"next run with `dq-run run CONFIG --replay`"
         )
 
     def depth(self) -> dict[str, Depth]:
-        raise NotSupported(_NO_STATS)
+        raise NotSupported(_NO_STATS.format(kind=self.kind))
 
     def oldest_enqueued_at(self) -> dict[str, float]:
-        raise NotSupported(_NO_STATS)
+        raise NotSupported(_NO_STATS.format(kind=self.kind))
 
     def _reading(self, op: Callable[[], T]) -> T:
         try:
@@ -138,16 +144,18 @@ def open_admin(config: PipelineConfig, read_only: bool = False) -> Iterator[Brok
     """The operator's side of the config's broker (or of its dead-letter file), closed after.
 
     ``read_only``: the caller only reads (stats, dlq list/show), so a read-only file will do.
+    A broker that is not ``shared`` cannot be reached from here: only a dead-letter file can.
     """
-    if config.broker.kind == "memory":
+    kind = config.broker.kind
+    if not broker_class(config).shared:
         if config.dead_letter.kind != "file" or not config.dead_letter.path:
-            raise NotSupported(_NO_DLQ)
-        yield FileDeadLetterAdmin(FileDeadLetters(config.dead_letter.path))
+            raise NotSupported(_NO_DLQ.format(kind=kind))
+        yield FileDeadLetterAdmin(FileDeadLetters(config.dead_letter.path), kind)
         return
     broker = create_broker(config, read_only=read_only)
     try:
         if not isinstance(broker, BrokerAdmin):
-            raise NotSupported(f"the {config.broker.kind} broker has no operator side")
+            raise NotSupported(f"the {kind} broker has no operator side")
         yield broker
     finally:
         broker.close()

@@ -26,14 +26,17 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from runner.config.models import PipelineConfig, SimulateConfig, parse_duration
 from runner.config.models import parse_rate as config_parse_rate
 from runner.errors import UsageError
-from runner.events import Event
+from runner.events import Event, EventName
 from runner.observe.summary import percentile
 from runner.ops.produce import plan_tasks
+
+if TYPE_CHECKING:
+    from runner.app import PublishItem
 
 #: Tasks published per put when the rate allows batching (one put per pacing tick).
 _MAX_BATCH = 200
@@ -41,6 +44,10 @@ _MAX_BATCH = 200
 _TICK_S = 0.001
 #: Planned simulated payloads are drawn in chunks of this many (the stream is endless).
 _PLAN_CHUNK = 10_000
+# The names the recorder compares every event with, read once: it runs in the measured path,
+# and a member lookup costs 0.1 us on Python 3.11.
+_STARTED, _RETRYING, _DEAD = EventName.TASK_STARTED, EventName.TASK_RETRYING, EventName.TASK_DEAD
+_FINISHED = frozenset({EventName.TASK_SUCCEEDED, EventName.TASK_DEAD})
 
 
 def parse_rate(text: str) -> float | None:
@@ -91,20 +98,20 @@ class BenchRecorder:
 
     def handle(self, event: Event) -> None:
         name = event.name
-        if name == "task.started":
+        if name == _STARTED:
             if event.attempt == 1 and event.queue_wait_s is not None and event.type:
                 with self._lock:
                     self.waits[event.type].append(event.queue_wait_s)
-        elif name in ("task.succeeded", "task.dead") and event.type:
+        elif name in _FINISHED and event.type:
             with self._lock:
                 self.finished[event.type] += 1
-                if name == "task.dead":
+                if name == _DEAD:
                     self.dead[event.type] += 1
                 self.total_finished += 1
                 self.last_finish = time.perf_counter()
                 if self._target is not None and self.total_finished >= self._target:
                     self._finished_enough.set()
-        elif name == "task.retrying" and event.type:
+        elif name == _RETRYING and event.type:
             with self._lock:
                 self.retried[event.type] += 1
 
@@ -167,8 +174,9 @@ class BenchReport:
             out.write(f"unfinished: {self.published - self.finished} task(s)\n")
 
 
-def payloads(config: PipelineConfig, types: Sequence[str]) -> Iterator[tuple[str, Any]]:
-    """An endless stream of (type, payload): simulated faults if configured, else ``{}``."""
+def payloads(config: PipelineConfig, types: Sequence[str]) -> Iterator[PublishItem]:
+    """An endless stream of (type, payload[, headers]): simulated faults if configured (in the
+    headers), else ``{}``."""
     chosen = list(types) or _default_types(config)
     for name in chosen:
         if name not in config.task_types:
@@ -177,7 +185,7 @@ def payloads(config: PipelineConfig, types: Sequence[str]) -> Iterator[tuple[str
     return _endless(config, chosen)
 
 
-def _endless(config: PipelineConfig, chosen: list[str]) -> Iterator[tuple[str, Any]]:
+def _endless(config: PipelineConfig, chosen: list[str]) -> Iterator[PublishItem]:
     sim = config.simulate
     if sim is None:
         yield from ((name, {}) for name in itertools.cycle(chosen))
@@ -235,7 +243,7 @@ def run_bench(config: PipelineConfig, options: BenchOptions) -> BenchReport:
 
 
 def _produce(
-    runner: Any, items: Iterator[tuple[str, Any]], options: BenchOptions, counts: dict[str, int]
+    runner: Any, items: Iterator[PublishItem], options: BenchOptions, counts: dict[str, int]
 ) -> int:
     """Publish at ``options.rate`` until ``tasks`` or ``duration_s``; returns how many."""
     limit = options.tasks if options.tasks is not None else math.inf
@@ -255,7 +263,7 @@ def _produce(
                 continue
         batch = list(itertools.islice(items, int(min(due, limit - sent))))
         runner.publish_many(batch)
-        for name, _ in batch:
-            counts[name] += 1
+        for item in batch:
+            counts[item[0]] += 1
         sent += len(batch)
     return sent

@@ -1,9 +1,9 @@
 """dq-run: parse arguments, call the library, map errors to exit codes. No logic lives here.
 
 Exit codes: 0 success, 1 other failure, 2 config or usage error (also: the broker cannot do
-this, e.g. publish to a memory broker), 3 broker unavailable,
-130 second signal (forced stop). `run` exits with its code even when a handler left threads
-running (see runner.ops.service).
+this, e.g. publish to a memory broker), 3 broker unavailable: each error class carries its own
+(runner.errors). 130: second signal (forced stop). `run` exits with its code even when a
+handler left threads running (see runner.ops.service).
 
 Size: about 450 lines because every command's options and help live here, one function each,
 with no logic of their own; the re-layout (issue 15) moves them to ops/, a module per command.
@@ -22,16 +22,14 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from runner.errors import (
-    BrokerUnavailable,
+    EXIT_FAILURE,
+    EXIT_USAGE,
     ConfigError,
     InputError,
-    NotSupported,
     Problem,
     RunnerError,
     UsageError,
 )
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 
 
 class _Group(click.Group):
@@ -436,17 +434,14 @@ def bench(
 
 
 def report(exc: RunnerError) -> int:
-    """Print an error the way users should see it (no traceback) and return its exit code."""
+    """Print an error the way users should see it (no traceback) and return its exit code
+    (the class's: runner.errors)."""
     if isinstance(exc, ConfigError | InputError):
         for problem in exc.problems:
             click.echo(str(problem), err=True)
-        return EXIT_USAGE
-    click.echo(f"error: {exc}", err=True)
-    if isinstance(exc, UsageError | NotSupported):
-        return EXIT_USAGE
-    if isinstance(exc, BrokerUnavailable):
-        return EXIT_BROKER
-    return EXIT_FAILURE
+    else:
+        click.echo(f"error: {exc}", err=True)
+    return exc.exit_code
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -1,7 +1,8 @@
 """What a stop leaves behind, in words for the person who pressed Ctrl-C.
 
-- ``drained_to(config)``: where the memory broker's shutdown dead letters go (a file that
-  ``--replay`` reads, or nowhere that outlives the process).
+- ``drained_to(config)``: where the shutdown dead letters of a broker that is not durable
+  (memory) go (a file that ``--replay`` reads, a ``module:Class`` store, or nowhere that
+  outlives the process).
 - ``forced_exit_line(...)``: the one line a second signal prints before the process exits with
   130. Asking the broker what is left runs on a helper thread and is waited for at most
   ``ASK_WAIT_S``: the signal handler runs on the main thread, which may be holding the very
@@ -18,6 +19,7 @@ from typing import TypeVar
 
 from runner.app import Runner
 from runner.config.models import PipelineConfig
+from runner.model import DeadReason
 
 #: How long a forced exit waits for the broker to say what is left.
 ASK_WAIT_S = 0.5
@@ -26,10 +28,14 @@ _T = TypeVar("_T")
 
 
 def drained_to(config: PipelineConfig) -> str:
-    """Where the memory broker's dead letters (shutdown ones included) end up, in a few words."""
-    if config.dead_letter.kind == "file":
+    """Where the dead letters (shutdown ones included) of a broker that is not durable end up,
+    in a few words."""
+    kind = config.dead_letter.kind
+    if kind == "file":
         return f"in {config.dead_letter.path} (`dq-run run CONFIG --replay` runs them)"
-    return "in memory only: lost at exit (`dead_letter: {kind: file}` keeps them)"
+    if kind in ("memory", "broker", None):
+        return "in memory only: lost at exit (`dead_letter: {kind: file}` keeps them)"
+    return f"in the dead-letter store {kind}"
 
 
 def broker_place(config: PipelineConfig) -> str:
@@ -43,27 +49,29 @@ def broker_place(config: PipelineConfig) -> str:
         if "@" in rest:
             url = f"{scheme}{sep}{rest.rsplit('@', 1)[1]}"
         return f"Redis at {url}"
-    return "the memory broker"
+    return f"the {broker.kind} broker"
 
 
 def forced_exit_line(runner: Runner, config: PipelineConfig, stopped: bool) -> str:
     """The line a second signal prints. ``stopped``: the runner has stopped (the broker is
-    closed; on memory its queue was dead-lettered) and only the summary was left to print."""
+    closed; one that is not durable had its queue dead-lettered) and only the summary was left
+    to print."""
     cut = "; the summary was cut short" if stopped else ""
-    if config.broker.kind == "memory":
+    if not runner.broker.durable:
         # Dead-lettered by the stop already (it may have got that far), and by us now.
-        drained = sum(1 for d in runner.summary.dead if d["reason"] == "shutdown")
+        shutdown = DeadReason.SHUTDOWN
+        drained = sum(1 for d in runner.summary.dead if d["reason"] == shutdown)
         if not stopped:
             drain = getattr(runner.broker, "drain_to_dead_letters", None)
             records = (
                 None
                 if drain is None
-                else _ask(lambda: drain(reason="shutdown", include_leased=True), ASK_WAIT_S)
+                else _ask(lambda: drain(reason=shutdown, include_leased=True), ASK_WAIT_S)
             )
             if records is None:
                 return (
-                    "forced exit: the tasks still queued or running in the memory broker were "
-                    "lost (it did not answer in time)"
+                    f"forced exit: the tasks still queued or running in the {config.broker.kind} "
+                    "broker were lost (it did not answer in time)"
                 )
             drained += len(records)
         if not drained:

@@ -36,9 +36,10 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from runner.app import Runner, build_runtime
+from runner.app import PublishItem, Runner, build_runtime
 from runner.config.models import PipelineConfig
 from runner.errors import RunnerError
+from runner.model import DeadReason
 from runner.observe.logs import LogListener, log_event, terminal_width, wrap_line
 from runner.ops.leftover import drained_to, forced_exit_line
 from runner.ops.produce import plan_tasks
@@ -136,7 +137,7 @@ def _run(
         _warn_threads_left(runner)
     if failure:
         raise failure[0]
-    where = drained_to(config) if config.broker.kind == "memory" else None
+    where = None if runner.broker.durable else drained_to(config)
     _log_drained(runner, where)
     runner.summary.render(out, drained_to=where)
     if options.summary_json is not None:
@@ -151,13 +152,13 @@ def _produce(
     assert config.simulate is not None
     planned = config.simulate.tasks
     published = 0
-    batch: list[tuple[str, object]] = []
+    batch: list[PublishItem] = []
 
-    def put(batch: list[tuple[str, object]]) -> None:
+    def put(batch: list[PublishItem]) -> None:
         nonlocal published
         runner.publish_many(batch)
         published += len(batch)
-        by_type = Counter(type_name for type_name, _ in batch)
+        by_type = Counter(item[0] for item in batch)
         mix = ", ".join(f"{name} {n}" for name, n in sorted(by_type.items()))
         message = f"published {len(batch)} tasks ({published}/{planned}): {mix}"
         log_event(_log, logging.INFO, "tasks.published", message, count=len(batch))
@@ -180,7 +181,8 @@ def _produce(
 def _log_drained(runner: Runner, where: str | None) -> None:
     """One WARNING line per type for the tasks the memory broker dead-lettered at shutdown
     (their per-task ``task.dead`` lines are DEBUG). The logs are closed by now: write_now."""
-    by_type = Counter(d["type"] for d in runner.summary.dead if d["reason"] == "shutdown")
+    drained = [d for d in runner.summary.dead if d["reason"] == DeadReason.SHUTDOWN]
+    by_type = Counter(d["type"] for d in drained)
     logs = [lis for lis in runner.events.listeners if isinstance(lis, LogListener)]
     if not by_type or not logs:
         return
@@ -190,7 +192,7 @@ def _log_drained(runner: Runner, where: str | None) -> None:
             message += f", {where}"
         logs[0].write_now(
             logging.WARNING, "tasks.drained", message, type=type_name, count=count,
-            reason="shutdown",
+            reason=DeadReason.SHUTDOWN,
         )  # fmt: skip
 
 

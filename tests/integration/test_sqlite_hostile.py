@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.app import create_broker, create_dead_letter_store
+from runner.backends import create_broker, create_dead_letter_store
 from runner.brokers.sqlite import schema as sqlite_schema
 from runner.brokers.sqlite.broker import SqliteBroker
 from runner.brokers.sqlite.schema import APPLICATION_ID, CREATE_WAIT_S

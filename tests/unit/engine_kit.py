@@ -10,6 +10,7 @@ from typing import Any
 
 from runner.brokers.memory import MemoryBroker
 from runner.deadletter.memory import MemoryDeadLetters
+from runner.engine.books import View
 from runner.engine.retry import RetryPlan
 from runner.engine.worker import TypeRuntime, Worker
 from runner.events import Event, EventBus
@@ -26,6 +27,12 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         time.sleep(0.005)
+
+
+def view(worker: Worker) -> View:
+    """The worker's books at one moment."""
+    with worker.books.observe() as books:
+        return books
 
 
 class Recorder:
@@ -155,11 +162,10 @@ class Engine:
         the worker none (prefetched, running or being settled), and every thread waits for work.
         From then on nothing runs until a task is published, and every run so far has ended
         and emitted its outcome: a run twice, or a retry too many, is in the counts by now."""
-        worker = self.worker
-        # Under the worker's lock its books cannot change while the broker is asked (brokers
-        # never take that lock), so both answers describe one moment.
-        with worker._lock:
-            if worker._held or worker._settling or worker._sleeping < worker.threads:
+        # The books held still while the broker is asked (brokers never take the books' lock),
+        # so both answers describe one moment.
+        with self.worker.books.observe() as books:
+            if books.held or books.settling or books.sleeping < books.threads:
                 return False
             return all(depth.total == 0 for depth in self.broker.depth().values())
 
@@ -170,15 +176,13 @@ class Engine:
         """Whether the worker fetches no more: no fetch is under way and none is due, or the
         one under way waits for types the broker has no task of. While no task ends and none
         is published, the worker holds all it will (an over-fetch has happened by now)."""
-        worker = self.worker
-        with worker._lock:  # as in quiet()
-            if not worker._reserved:
-                slots, _ = worker._free_room()
-                return not (slots and worker._should_fetch())
-            if not worker._blocked_in_get:
+        with self.worker.books.observe() as books:  # as in quiet()
+            if not books.reserved:
+                return not books.fetch_due
+            if not books.blocked_in_get:
                 return False
             depth = self.broker.depth()
-            return all(name not in depth or not depth[name].ready for name in worker._asking)
+            return all(name not in depth or not depth[name].ready for name in books.asking)
 
     def stop(self, grace: float = 5.0) -> int:
         forced = self.worker.stop(grace)

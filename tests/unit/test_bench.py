@@ -12,7 +12,7 @@ import pytest
 from runner.config.models import PipelineConfig
 from runner.errors import UsageError
 from runner.events import Event
-from runner.middleware.simulate import SIM_KEY
+from runner.middleware.simulate import SIM_HEADER
 from runner.ops.bench import (
     BenchOptions,
     BenchRecorder,
@@ -70,8 +70,9 @@ def test_payloads_without_simulate_are_empty_and_cycle_types() -> None:
 def test_payloads_use_the_simulate_fault_plan() -> None:
     config = _config(simulate={"tasks": 1, "mix": {"a": 1}, "faults": {"a": {"failure_rate": 0.5}}})
     items = list(itertools.islice(payloads(config, ()), 200))
-    assert {t for t, _ in items} == {"a"}
-    plans = [p[SIM_KEY] for _, p in items]
+    assert {item[0] for item in items} == {"a"}
+    assert all(item[1] == {"n": item[2][SIM_HEADER]["n"]} for item in items)  # plan not in it
+    plans = [item[2][SIM_HEADER] for item in items]
     assert any(plan["fail_attempts"] > 0 for plan in plans)
     assert any(plan["fail_attempts"] == 0 for plan in plans)
 

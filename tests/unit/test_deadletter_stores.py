@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.app import create_dead_letter_store
+from runner.backends import create_dead_letter_store
 from runner.brokers.base import DeadLetterFilter
 from runner.codec import encode_dead_letter
 from runner.config.models import PipelineConfig

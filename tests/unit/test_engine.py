@@ -19,13 +19,22 @@ from runner.brokers.base import Answer, DeadLetterFilter
 from runner.brokers.memory import MemoryBroker
 from runner.deadletter.memory import MemoryDeadLetters
 from runner.engine import worker as worker_module
+from runner.engine.leases import LeaseKeeper
 from runner.engine.timeouts import OVERRUN_AFTER_S
 from runner.engine.worker import Worker
 from runner.errors import PermanentError
 from runner.events import Event, EventBus
 from runner.model import Task, TaskContext
 from tests.unit import engine_kit
-from tests.unit.engine_kit import Concurrency, Engine, Recorder, plan, type_runtime, wait_until
+from tests.unit.engine_kit import (
+    Concurrency,
+    Engine,
+    Recorder,
+    plan,
+    type_runtime,
+    view,
+    wait_until,
+)
 
 
 @pytest.fixture(autouse=True, params=["inline", "background"])
@@ -377,7 +386,7 @@ def test_thousands_of_timeouts_lose_no_worker_thread(engines: list[Engine]) -> N
         engine.publish("t", rng.uniform(0.0, 0.004))
     engine.wait_finished(n, timeout=90)
     alive = [t for t in threading.enumerate() if t.name.startswith("dq-worker-") and t.is_alive()]
-    assert len([t for t in alive if t in engine.worker._threads]) == threads
+    assert len(alive) >= threads and engine.worker.alive_threads() == threads
     assert engine.recorder.named("task.timeout"), "the workload never timed out"
     # The engine still works after the storm.
     done = threading.Event()
@@ -487,11 +496,11 @@ def test_wake_up_books_balance_after_bursts_of_mixed_tasks(engines: list[Engine]
         time.sleep(rng.choice([0.0, 0.01, 0.03]))
     engine.wait_finished(total, timeout=30)
     worker = engine.worker
-    wait_until(lambda: worker._sleeping >= 4, "every thread waits for work")
-    with worker._lock:
-        assert worker._ready_count == 0
-        assert worker._signalled == 0
-        assert worker._sleeping == 4
+    wait_until(lambda: view(worker).sleeping >= 4, "every thread waits for work")
+    books = view(worker)
+    assert books.ready == 0
+    assert books.signalled == 0
+    assert books.sleeping == 4
 
 
 def test_a_task_handed_out_again_runs_with_nothing_unstarted_beside_it(
@@ -514,7 +523,7 @@ def test_a_task_handed_out_again_runs_with_nothing_unstarted_beside_it(
     held_at_start: list[int] = []
 
     def handler(payload: Any, ctx: TaskContext) -> None:
-        held_at_start.append(len(engine.worker._held))
+        held_at_start.append(view(engine.worker).held)
         time.sleep(0.01)
 
     engine = Engine([type_runtime("t", handler)], threads=1, prefetch=4)
@@ -525,6 +534,65 @@ def test_a_task_handed_out_again_runs_with_nothing_unstarted_beside_it(
     succeeded = engine.recorder.named("task.succeeded")
     assert sorted(e.task_id for e in succeeded) == sorted({e.task_id for e in succeeded})
     assert [e.attempt for e in succeeded] == [1] * 6  # handing back refunds the attempt
+
+
+def test_a_task_handed_out_again_starts_only_once_finished_tasks_are_settled(
+    engines: list[Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redelivered task may kill the process as soon as it starts: a healthy task that
+    finished just before must have its ack answered first, or it runs a second time after the
+    crash. Here the healthy task's ack is held back by the broker for a while; the suspect
+    must not start until it has been answered (seen under load in test_sqlite_workers'
+    killer-task test as a task run twice)."""
+    get, exchange, settle_many = MemoryBroker.get, MemoryBroker.exchange, MemoryBroker.settle_many
+    order: list[str] = []
+    ack_held = threading.Event()
+    release = threading.Timer(0.5, ack_held.set)
+
+    def again(deliveries: list[Any]) -> list[Any]:
+        return [
+            dataclasses.replace(d, redelivered=True) if d.task.payload == "suspect" else d
+            for d in deliveries
+        ]
+
+    def holding(ops: Any) -> bool:
+        return any(op.delivery.task.payload == "healthy" for op in ops)
+
+    def settle_many_held(self: MemoryBroker, ops: Any) -> Any:
+        if holding(ops):
+            ack_held.wait(5)
+        answers = settle_many(self, ops)
+        if holding(ops):
+            order.append("healthy acked")
+        return answers
+
+    def exchange_held(self: MemoryBroker, ops: Any, *args: Any) -> Any:
+        if holding(ops):
+            ack_held.wait(5)
+        answers, deliveries = exchange(self, ops, *args)
+        if holding(ops):
+            order.append("healthy acked")
+        return answers, again(deliveries)
+
+    monkeypatch.setattr(MemoryBroker, "get", lambda self, *a: again(get(self, *a)))
+    monkeypatch.setattr(MemoryBroker, "exchange", exchange_held)
+    monkeypatch.setattr(MemoryBroker, "settle_many", settle_many_held)
+    ran = threading.Event()
+
+    def handler(payload: Any, ctx: TaskContext) -> None:
+        order.append(f"{payload} started")
+        if payload == "healthy":
+            ran.set()
+
+    engine = Engine([type_runtime("t", handler, limit=2)], threads=2, settle_in_background=True)
+    engines.append(engine)
+    engine.publish("t", "healthy")
+    assert ran.wait(10)
+    release.start()  # the ack is answered 0.5 s from now
+    engine.publish("t", "suspect")
+    engine.wait_finished(2)
+    release.join()
+    assert order == ["healthy started", "healthy acked", "suspect started"]
 
 
 class _Custom(BaseException):
@@ -580,8 +648,8 @@ class Isolation:
         suspect = self.is_suspect(payload)
         assert self.engine is not None
         worker = self.engine.worker
-        with worker._lock:
-            unstarted = len(worker._held) - sum(worker._running_by_type.values())
+        books = view(worker)
+        unstarted = books.held - sum(books.running.values())
         with self._lock:
             self.runs[payload] += 1
             if self._suspects_running:
@@ -649,7 +717,7 @@ def test_a_prefetched_task_whose_lease_lapsed_is_checked_before_it_starts(
     """A worker frozen past the lease (here: its lease keeper never runs) must not start the
     prefetched tasks another worker took and finished meanwhile: it asks the broker first and
     drops them unrun (task.lease_lost), instead of running them a second time."""
-    monkeypatch.setattr(Worker, "_keep_leases", lambda self: None)
+    monkeypatch.setattr(LeaseKeeper, "_run", lambda self: None)  # frozen: never renews
     release = threading.Event()
     ran: list[Any] = []
 
@@ -665,7 +733,7 @@ def test_a_prefetched_task_whose_lease_lapsed_is_checked_before_it_starts(
     engine.publish("t", "first")
     engine.recorder.wait_for(lambda: bool(engine.recorder.named("task.started")))
     engine.broker.put_many([Task("t", i) for i in range(3)])
-    wait_until(lambda: len(engine.worker._held) == 4, 'the three are prefetched behind "first"')
+    wait_until(lambda: view(engine.worker).held == 4, 'the three are prefetched behind "first"')
     # Every lease lapses (the broker makes the tasks ready again), and so has half a lease
     # since the worker fetched them: it must ask the broker before starting one.
     wait_until(lambda: engine.broker.depth()["t"].ready == 4, "every lease lapsed")
@@ -690,7 +758,7 @@ def test_a_renewal_crossing_its_own_settle_is_no_lost_lease() -> None:
     broker.put_many([Task("t", 1), Task("t", 2)])
     acked, other = broker.get({"t": 2}, 2, 0)
     assert broker.ack(acked) is Answer.DONE
-    assert worker._renew([acked, other]) == [Answer.ALREADY_DONE, Answer.DONE]
+    assert worker.leases.renew([acked, other]) == [Answer.ALREADY_DONE, Answer.DONE]
     assert recorder.named("task.lease_lost") == []
     broker.close()
 

@@ -21,6 +21,7 @@ BASE = (
     "runner.events",
     "runner.eventlog",
     "runner.loader",
+    "runner.middleware.base",
 )
 EVERYTHING = ("runner",)
 
@@ -38,12 +39,22 @@ ALLOWED: dict[str, tuple[str, ...]] = {
         for name in (
             *(m.removeprefix("runner.") for m in BASE),
             "app",
+            "backends",
             "config",
             "brokers",
             "deadletter",
             "engine",
             "middleware",
             "observe",
+        )
+    ),
+    "runner.backends": tuple(
+        f"runner.{name}"
+        for name in (
+            *(m.removeprefix("runner.") for m in BASE),
+            "config",
+            "brokers",
+            "deadletter",
         )
     ),
     "runner.ops": EVERYTHING,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.app import create_broker
+from runner.backends import create_broker
 from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth
 from runner.brokers.memory import MemoryBroker
 from runner.config.models import PipelineConfig

@@ -14,13 +14,11 @@ from runner.config.load import load_config
 from runner.errors import InputError, InvalidPayload, UsageError
 from runner.middleware.payloads import (
     MAX_PAYLOAD_BYTES,
-    as_model,
+    PayloadValidation,
     check_payload,
     encoded_size,
     payload_model,
-    payload_validator,
 )
-from runner.middleware.simulate import SIM_KEY
 from runner.model import Task
 from runner.ops.drafts import read_drafts
 
@@ -92,18 +90,15 @@ def test_long_rejected_values_are_quoted_short() -> None:
     assert len(dict(info.value.fields)["count"]) < 200
 
 
-def test_validator_returns_the_model_and_keeps_simulated_payloads_readable() -> None:
-    validate = payload_validator(Item)
-    assert validate({"name": "a", "count": 1}) == Item(name="a", count=1)
-    simulated = {"name": "a", "count": 1, SIM_KEY: {"latency_s": 0}}
-    assert validate(simulated) is simulated  # the simulator still finds its plan
+def test_the_validation_middleware_refuses_at_publish_and_hands_the_model_to_the_handler() -> None:
+    validation = PayloadValidation(Item)
+    validation.on_publish("t", {"name": "a", "count": 1}, {})
     with pytest.raises(InvalidPayload):
-        validate({"name": "a", "count": 0, SIM_KEY: {}})
-    seen: list[Any] = []
-    wrapped = as_model(lambda payload, ctx: seen.append(payload), Item)
-    wrapped({"name": "b", "count": 2}, None)  # type: ignore[arg-type]
-    wrapped(Item(name="c", count=3), None)  # type: ignore[arg-type]
-    assert seen == [Item(name="b", count=2), Item(name="c", count=3)]
+        validation.on_publish("t", {"name": "a", "count": 0}, {})
+    ctx: Any = None  # not read by this middleware
+    assert validation.before_attempt(ctx, {"name": "a", "count": 1}) == Item(name="a", count=1)
+    with pytest.raises(InvalidPayload):
+        validation.before_attempt(ctx, {"name": "a"})
 
 
 def test_encoded_size_counts_utf8_bytes() -> None:

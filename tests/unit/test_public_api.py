@@ -12,6 +12,8 @@ EXPECTED = {
     "BrokerUnavailable",
     "ConfigError",
     "DeadLetter",
+    "InvalidPayload",
+    "Middleware",
     "PermanentError",
     "PipelineConfig",
     "QueueFull",

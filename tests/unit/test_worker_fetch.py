@@ -193,18 +193,19 @@ def test_stop_waits_for_a_fetch_under_way_and_hands_its_tasks_back(
             go_on.wait(10)
 
     wrapper.after = hold
-    # stop() waits on the worker's room condition for the fetches under way to end: note
-    # when it does so with this one still under way.
-    room = engine.worker._room
-    wait_for = room.wait_for
+    # stop() waits for the threads' own fetches under way to end: note when it does so with
+    # this one still under way.
+    books = engine.worker.books
+    wait_fetches_done = books.wait_fetches_done
     stop_waits = threading.Event()
 
-    def watched_wait_for(predicate: Callable[[], bool], timeout: float | None = None) -> bool:
-        if threading.current_thread().name == "stopper" and not predicate():
-            stop_waits.set()
-        return wait_for(predicate, timeout)
+    def watched(timeout: float) -> None:
+        with books.observe() as now:
+            if now.own_fetches:
+                stop_waits.set()
+        wait_fetches_done(timeout)
 
-    room.wait_for = watched_wait_for  # type: ignore[method-assign,assignment]
+    books.wait_fetches_done = watched  # type: ignore[method-assign]
     for _ in range(3):
         engine.publish("t")
     assert in_fetch.wait(10), "the worker thread never fetched for itself"

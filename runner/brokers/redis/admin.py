@@ -37,34 +37,36 @@ class RedisAdmin:
     def _delayed(self, type_: str) -> str:
         raise NotImplementedError
 
-    def _call(self, fn: Callable[[], T]) -> T:
+    def _call(self, fn: Callable[[], T], operation: str) -> T:
         raise NotImplementedError
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Any:
         raise NotImplementedError
 
     def _with_capacity(
-        self, attempt: Callable[[], bool], timeout: float | None, message: str
+        self, attempt: Callable[[], bool], timeout: float | None, message: str, operation: str
     ) -> None:
         raise NotImplementedError
 
     def _all_dead(self) -> list[tuple[str, bytes]]:
-        ids = self._call(lambda: self._client.zrange(self._key("dlq:idx"), 0, -1))
+        ids = self._call(lambda: self._client.zrange(self._key("dlq:idx"), 0, -1), "dead_letters")
         if not ids:
             return []
-        raws = self._call(lambda: self._client.hmget(self._key("dlq"), ids))
+        raws = self._call(lambda: self._client.hmget(self._key("dlq"), ids), "dead_letters")
         return [(i.decode(), raw) for i, raw in zip(ids, raws, strict=True) if raw is not None]
 
     def dead_letter_count(self) -> int:
-        return int(self._call(lambda: self._client.zcard(self._key("dlq:idx"))))
+        count = self._call(lambda: self._client.zcard(self._key("dlq:idx")), "dead_letter_count")
+        return int(count)
 
     def oldest_enqueued_at(self) -> dict[str, float]:
         """Per type, the earliest ``enqueued_at`` of its queued tasks (streams hold only unacked
         entries, delayed sets only waiting ones). Reads every envelope: an operator command."""
         oldest: dict[str, float] = {}
-        for raw in self._call(lambda: self._client.smembers(self._key("types"))):
+        operation = "oldest_enqueued_at"
+        for raw in self._call(lambda: self._client.smembers(self._key("types")), operation):
             name = raw.decode()
-            for envelope in self._call(partial(self._queued_envelopes, name)):
+            for envelope in self._call(partial(self._queued_envelopes, name), operation):
                 try:
                     at = float(json.loads(envelope)["enqueued_at"])
                 except (ValueError, KeyError, TypeError):
@@ -110,7 +112,8 @@ class RedisAdmin:
             moved = int(self._run("REPLAY", keys, args))
             return moved >= 0
 
-        self._with_capacity(attempt, None, f"queue full: cannot replay {len(records)} task(s)")
+        full = f"queue full: cannot replay {len(records)} task(s)"
+        self._with_capacity(attempt, None, full, "replay")
         return moved
 
     def purge(self, where: DeadLetterFilter) -> int:
@@ -124,4 +127,4 @@ class RedisAdmin:
             pipe.zrem(self._key("dlq:idx"), *doomed)
             return int(pipe.execute()[0])
 
-        return self._call(remove)
+        return self._call(remove, "purge")

@@ -63,7 +63,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from runner.brokers.base import Answer, Delivery, Depth, Settle
+from runner.brokers.base import Answer, BaseBroker, Delivery, Depth, Settle
 from runner.brokers.reconnect import call_with_reconnect
 from runner.brokers.redis import scripts as lua
 from runner.brokers.redis.admin import RedisAdmin
@@ -71,6 +71,7 @@ from runner.brokers.redis.scripts import GROUP
 from runner.codec import decode_task, encode_dead_letter, encode_task
 from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
 from runner.eventlog import log_event
+from runner.events import EventName
 from runner.model import AttemptRecord, DeadLetter, Task
 
 log = logging.getLogger("runner.broker")
@@ -91,11 +92,14 @@ WAKE_TIMEOUT_S = 0.5
 WAKE_KEY_TTL_MS = 3_600_000
 
 
-class RedisBroker(RedisAdmin):
+class RedisBroker(RedisAdmin, BaseBroker):
     """Broker and BrokerAdmin on Redis streams; see the module docstring for the guarantees."""
 
-    #: Capability flag: any number of processes, on any machines, may use the same streams.
+    # Capability flags (runner.brokers.base): streams that outlive the process, shared by any
+    # number of processes on any machines; every call is a round trip.
+    durable = True
     shared = True
+    batch_settles = True
 
     def __init__(
         self,
@@ -182,7 +186,8 @@ class RedisBroker(RedisAdmin):
             self._settle_line = _Line(self._dedicated_client())
         except (*_TRANSIENT, redis.ResponseError) as exc:
             self._client.close()
-            raise BrokerUnavailable(f"cannot reach redis at {_safe_url(url)}: {exc}") from exc
+            message = f"cannot reach redis at {_safe_url(url)}: {exc}"
+            raise BrokerUnavailable(message, **_at("open")) from exc
         self._scripts = {
             name: self._client.register_script(getattr(lua, name))
             for name in (
@@ -219,14 +224,17 @@ class RedisBroker(RedisAdmin):
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
+    def _check_open(self, operation: str) -> None:
         if self._closed:
-            raise BrokerClosed("redis broker is closed")
+            raise BrokerClosed("redis broker is closed", **_at(operation))
 
-    def _call(self, fn: Callable[[], T]) -> T:
-        """Run one Redis call, retrying connection errors with backoff until reconnect_timeout."""
+    def _call(self, fn: Callable[[], T], operation: str) -> T:
+        """Run one Redis call, retrying connection errors with backoff until reconnect_timeout.
+
+        ``operation``: the broker method it serves, named by the BrokerError it may raise.
+        """
         if self._closed:
-            raise BrokerClosed("redis broker is closed")
+            raise BrokerClosed("redis broker is closed", **_at(operation))
         try:
             return fn()  # the common case, without the cost of setting up the retry loop
         except _TRANSIENT as exc:
@@ -249,9 +257,9 @@ class RedisBroker(RedisAdmin):
             )
         except _TRANSIENT as exc:
             if self._closed:
-                raise BrokerClosed("redis broker is closed") from exc
+                raise BrokerClosed("redis broker is closed", **_at(operation)) from exc
             raise BrokerUnavailable(
-                f"redis unreachable for {self._reconnect_timeout}s: {exc}"
+                f"redis unreachable for {self._reconnect_timeout}s: {exc}", **_at(operation)
             ) from exc
 
     def _run(
@@ -259,8 +267,8 @@ class RedisBroker(RedisAdmin):
     ) -> Any:
         script = self._scripts[name]
         if line is None:
-            return self._call(lambda: script(keys=keys, args=args))
-        return self._call(lambda: line.run(script, keys, args))
+            return self._call(lambda: script(keys=keys, args=args), _OPERATION[name])
+        return self._call(lambda: line.run(script, keys, args), _OPERATION[name])
 
     def _warn_unless_noeviction(self) -> None:
         """Warn at start about settings that lose tasks silently: eviction, no persistence."""
@@ -297,11 +305,12 @@ class RedisBroker(RedisAdmin):
     # -- Broker -----------------------------------------------------------------------------
 
     def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None:
-        self._check_open()
+        self._check_open("put")
         if not tasks:
             return
         if len(tasks) > self._capacity:  # could never fit: do not wait for it
-            raise QueueFull(f"{len(tasks)} tasks exceed the capacity of {self._capacity}")
+            message = f"{len(tasks)} tasks exceed the capacity of {self._capacity}"
+            raise QueueFull(message, **_at("put"))
         now = self._clock()
         types = list(dict.fromkeys(t.type for t in tasks))
         index = {name: i + 1 for i, name in enumerate(types)}
@@ -321,27 +330,32 @@ class RedisBroker(RedisAdmin):
             lambda: bool(self._run("PUT", keys, args)),
             timeout,
             f"queue full: {len(tasks)} task(s) do not fit in capacity {self._capacity}",
+            "put",
         )
 
     def _with_capacity(
-        self, attempt: Callable[[], bool], timeout: float | None, message: str
+        self, attempt: Callable[[], bool], timeout: float | None, message: str, operation: str
     ) -> None:
-        """Call attempt() until it fits: at once with overflow reject, else poll until timeout."""
+        """Call attempt() until it fits: at once with overflow reject, else poll until timeout.
+
+        ``operation`` (put, replay) is named by the QueueFull or BrokerClosed it may raise.
+        """
         wait_s = self._enqueue_timeout if timeout is None else timeout
         deadline = time.monotonic() + wait_s
         pause = 0.01
         while not attempt():
             remaining = deadline - time.monotonic()
             if self._closed:
-                raise BrokerClosed("redis broker was closed while waiting for capacity")
+                closed = "redis broker was closed while waiting for capacity"
+                raise BrokerClosed(closed, **_at(operation))
             if self._overflow == "reject" or remaining <= 0:
-                raise QueueFull(message)
+                raise QueueFull(message, **_at(operation))
             time.sleep(min(pause, remaining))
             pause = min(pause * 2, 0.2)
 
     def get(self, slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
         if self._closed:
-            raise BrokerClosed("redis broker is closed")
+            raise BrokerClosed("redis broker is closed", **_at("get"))
         wanted = [(name, n) for name, n in slots.items() if n > 0]
         deadline = time.monotonic() + timeout
         if not wanted or limit <= 0:
@@ -360,7 +374,7 @@ class RedisBroker(RedisAdmin):
         If the reply is lost, the settles may have happened (trying them again is safe) and
         the polled deliveries come back after ``visibility_timeout``, as with a lost get.
         """
-        self._check_open()
+        self._check_open("exchange")
         wanted = [(name, n) for name, n in slots.items() if n > 0]
         if not wanted or limit <= 0:
             return self.settle_many(ops), []
@@ -369,7 +383,7 @@ class RedisBroker(RedisAdmin):
         args = [len(settle_keys), len(settle_args), *settle_args]
         args += self._poll_args(wanted, limit, waits=False)
         settled, (found, _cursors, _next_due) = self._call(
-            lambda: self._line_here().run(self._scripts["EXCHANGE"], keys, args)
+            lambda: self._line_here().run(self._scripts["EXCHANGE"], keys, args), "exchange"
         )
         return [_ANSWERS[ok] for ok in settled], self._deliveries(found, wanted)
 
@@ -447,7 +461,7 @@ class RedisBroker(RedisAdmin):
                 with self._wake_lock:
                     self._reading = False
 
-        for name, entries in self._call(read) or ():
+        for name, entries in self._call(read, "get") or ():
             if entries and _text(name) == self._wake_key:
                 self._wake_cursor = entries[-1][0]
         return self._woken.is_set() or self._closed
@@ -490,7 +504,7 @@ class RedisBroker(RedisAdmin):
 
     def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
         """Every op in one SETTLE script call: one round trip, atomic in Redis."""
-        self._check_open()
+        self._check_open("settle")
         return self._flush_settles([self._op(op) for op in ops]) if ops else []
 
     def _settle(self, op: Settle) -> Answer:
@@ -529,7 +543,7 @@ class RedisBroker(RedisAdmin):
         return keys, args
 
     def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]:
-        self._check_open()
+        self._check_open("extend")
         if not deliveries:
             return []
         keys = list(self._extend_keys)
@@ -562,7 +576,8 @@ class RedisBroker(RedisAdmin):
 
     def depth(self) -> dict[str, Depth]:
         types = sorted(
-            t.decode() for t in self._call(lambda: self._client.smembers(self._key("types")))
+            t.decode()
+            for t in self._call(lambda: self._client.smembers(self._key("types")), "depth")
         )
         if not types:
             return {}
@@ -636,6 +651,23 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _at(operation: str) -> dict[str, str]:
+    """Where a BrokerError of this broker was raised (its ``backend`` and ``operation``)."""
+    return {"backend": "redis", "operation": operation}
+
+
+#: The broker method each script serves (the ``operation`` of a BrokerError it raises).
+_OPERATION = {
+    "PUT": "put",
+    "POLL": "get",
+    "SETTLE": "settle",
+    "EXCHANGE": "exchange",
+    "EXTEND": "extend",
+    "REPLAY": "replay",
+    "DEPTH": "depth",
+}
+
+
 def _safe_url(url: str) -> str:
     """The URL without its password, for error messages."""
     if "@" not in url:
@@ -648,7 +680,7 @@ def _log_reconnecting(attempt: int, exc: BaseException | None) -> None:
     log_event(
         log,
         logging.WARNING,
-        "broker.reconnecting",
+        EventName.BROKER_RECONNECTING,
         f"attempt {attempt} after {exc}",
         attempt=attempt,
         error=str(exc),

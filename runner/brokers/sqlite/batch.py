@@ -27,9 +27,11 @@ Statement = Callable[[Any], Any]
 
 @dataclass(slots=True)
 class Pending:
-    """One queued write and, once its transaction ended, its answer or error."""
+    """One queued write and, once its transaction ended, its answer or error. ``operation``
+    is the broker method that queued it: its error names that, whoever led the transaction."""
 
     statement: Statement
+    operation: str
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -41,8 +43,12 @@ class Pending:
         # A fresh exception per caller: one instance raised in several threads at once would
         # share (and garble) its traceback.
         if isinstance(err, BrokerError):
-            raise type(err)(*err.args) from err
-        raise BrokerUnavailable(f"the shared write transaction failed: {err!r}") from err
+            raise type(err)(*err.args, backend=err.backend, operation=self.operation) from err
+        raise BrokerUnavailable(
+            f"the shared write transaction failed: {err!r}",
+            backend="sqlite",
+            operation=self.operation,
+        ) from err
 
 
 class GroupCommit:
@@ -53,13 +59,14 @@ class GroupCommit:
         self._queue: list[Pending] = []
         self._leading = False
 
-    def run(self, statement: Statement, flush: Callable[[], None]) -> Any:
+    def run(self, statement: Statement, flush: Callable[[], None], operation: str) -> Any:
         """Queue ``statement``; return its answer once the transaction that ran it committed.
 
         ``flush`` opens a write transaction (which calls ``take`` and ``finish``); the caller
-        runs it when no other caller is leading one. Raises the transaction's error.
+        runs it when no other caller is leading one. Raises the transaction's error, as a
+        BrokerError naming ``operation`` (the caller's broker method).
         """
-        mine = Pending(statement)
+        mine = Pending(statement, operation)
         with self._cond:
             self._queue.append(mine)
         while True:

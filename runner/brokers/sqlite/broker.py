@@ -51,7 +51,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Literal
 
-from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth, Settle
+from runner.brokers.base import Answer, BaseBroker, DeadLetterFilter, Delivery, Depth, Settle
 from runner.brokers.sqlite.batch import GroupCommit, Pending
 from runner.brokers.sqlite.checkpoint import Checkpointer
 from runner.brokers.sqlite.schema import (
@@ -119,6 +119,11 @@ _WAS_SETTLED_SQL = "SELECT 1 FROM settled WHERE receipt = ? AND settled_at > ?"
 _PRUNE_SQL = "DELETE FROM settled WHERE receipt < ? AND settled_at <= ?"
 
 
+def _at(operation: str) -> dict[str, str]:
+    """Where a BrokerError of this broker was raised (its ``backend`` and ``operation``)."""
+    return {"backend": "sqlite", "operation": operation}
+
+
 def _claim_mark(at: float) -> str:
     """How every receipt claimed at ``at`` begins: fixed-width ms, so receipts sort by claim
     time. The leading ``z`` sorts after the hex digits that began receipts before there was a
@@ -126,15 +131,18 @@ def _claim_mark(at: float) -> str:
     return f"z{max(int(at * 1000), 0):012x}"
 
 
-class SqliteBroker:
+class SqliteBroker(BaseBroker):
     """A Broker and BrokerAdmin over the SQLite file at ``path`` (created with its parents).
 
     Raises BrokerUnavailable, naming the file, when the file cannot be opened, written
     (read-only, disk full) or is not a database. Every method raises BrokerClosed after close().
     """
 
-    #: Capability flag: other processes on this machine may use the same file.
+    # Capability flags (runner.brokers.base): one file that outlives the process, shared by the
+    # processes of this machine; every call is a transaction.
+    durable = True
     shared = True
+    batch_settles = True
 
     def __init__(
         self,
@@ -175,14 +183,14 @@ class SqliteBroker:
     # -- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, operation: str) -> Iterator[sqlite3.Connection]:
         """One BEGIN IMMEDIATE transaction: committed on success, rolled back on any error.
 
         Before its COMMIT it also runs every fenced write queued in the group commit, and
         hands each its answer once committed (or the error, if the transaction failed).
         """
         with self._lock:
-            conn = self._open_connection()
+            conn = self._open_connection(operation)
             taken: list[Pending] = []
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -193,7 +201,7 @@ class SqliteBroker:
                 self._checkpoints.committed()
             except sqlite3.Error as exc:
                 self._rolled_back(conn)
-                error = unavailable(self.path, exc)
+                error = unavailable(self.path, exc, operation)
                 self._commits.finish(taken, error=error)
                 raise error from exc
             except BaseException as exc:
@@ -213,10 +221,12 @@ class SqliteBroker:
     def _settle(self, ops: Sequence[Settle]) -> list[Answer]:
         """Run fenced writes in the next write transaction; their answers once committed."""
         if self._closed:
-            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+            raise BrokerClosed(f"sqlite broker {self.path} is closed", **_at("settle"))
         if not ops:
             return []
-        answers: list[Answer] = self._commits.run(self._settle_statement(ops), self._flush)
+        answers: list[Answer] = self._commits.run(
+            self._settle_statement(ops), self._flush, "settle"
+        )
         return answers
 
     def _settle_statement(
@@ -294,21 +304,23 @@ class SqliteBroker:
         with self._lock:
             if not self._commits.waiting():
                 return  # another transaction (a claim or put) already ran them
-            with self._write():  # the lock is reentrant: held across the check and the write
+            # The lock is reentrant: held across the check and the write. A failure reaches
+            # each waiter naming its own operation (batch.Pending), not this "commit".
+            with self._write("commit"):
                 pass
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self, operation: str) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            conn = self._open_connection()
+            conn = self._open_connection(operation)
             try:
                 yield conn
             except sqlite3.Error as exc:
-                raise unavailable(self.path, exc) from exc
+                raise unavailable(self.path, exc, operation) from exc
 
-    def _open_connection(self) -> sqlite3.Connection:
+    def _open_connection(self, operation: str) -> sqlite3.Connection:
         if self._closed:
-            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+            raise BrokerClosed(f"sqlite broker {self.path} is closed", **_at(operation))
         return self._conn
 
     def _changed(self) -> None:
@@ -327,7 +339,7 @@ class SqliteBroker:
     def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None:
         """Enqueue all of ``tasks`` or none; blocks for room up to ``timeout``, then QueueFull."""
         if not tasks:
-            self._open_connection()  # still raise BrokerClosed after close
+            self._open_connection("put")  # still raise BrokerClosed after close
             return
         now = self._clock()
         rows = [insert_row(task, now) for task in tasks]
@@ -338,22 +350,29 @@ class SqliteBroker:
             self._due_by(earliest)
             return insert_tasks(conn, rows)
 
-        self._insert_when_room(len(rows), insert, timeout)
+        self._insert_when_room(len(rows), insert, timeout, "put")
 
     def _insert_when_room(
-        self, needed: int, insert: Callable[[sqlite3.Connection], int], timeout: float | None
+        self,
+        needed: int,
+        insert: Callable[[sqlite3.Connection], int],
+        timeout: float | None,
+        operation: str,
     ) -> int:
-        """Run ``insert`` in a transaction that has room for ``needed`` more tasks."""
+        """Run ``insert`` in a transaction that has room for ``needed`` more tasks (for the
+        broker method ``operation``: put or replay)."""
         if self._closed:
-            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+            raise BrokerClosed(f"sqlite broker {self.path} is closed", **_at(operation))
         if needed > self._capacity:
-            raise QueueFull(f"{needed} tasks cannot fit a queue of capacity {self._capacity}")
+            raise QueueFull(
+                f"{needed} tasks cannot fit a queue of capacity {self._capacity}", **_at(operation)
+            )
         wait_s = self._enqueue_timeout if timeout is None else timeout
         deadline = time.monotonic() + wait_s
         pause = _MIN_POLL_S
         while True:
             seen = self._changes
-            with self._write() as conn:
+            with self._write(operation) as conn:
                 count = conn.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()[0]
                 inserted = insert(conn) if count + needed <= self._capacity else None
             if inserted is not None:
@@ -364,12 +383,15 @@ class SqliteBroker:
             if self._overflow == "reject" or remaining <= 0:
                 raise QueueFull(
                     f"sqlite broker {self.path}: queue full ({count} of {self._capacity} held, "
-                    f"{needed} more asked for)"
+                    f"{needed} more asked for)",
+                    **_at(operation),
                 )
             self._pause(seen, min(pause, remaining))
             pause = min(pause * 2, _MAX_POLL_S)
             if self._closed:
-                raise BrokerClosed(f"sqlite broker {self.path} was closed while putting")
+                raise BrokerClosed(
+                    f"sqlite broker {self.path} was closed while putting", **_at(operation)
+                )
 
     # -- consumer side ----------------------------------------------------------------------
 
@@ -379,7 +401,7 @@ class SqliteBroker:
         Waits up to ``timeout`` for the first; returns [] on timeout, wake() or close().
         """
         if self._closed:
-            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+            raise BrokerClosed(f"sqlite broker {self.path} is closed", **_at("get"))
         deadline = time.monotonic() + max(timeout, 0.0)
         pause = _MIN_POLL_S
         while True:
@@ -410,11 +432,13 @@ class SqliteBroker:
             return [], None
         if not self._busy:
             # Idle: a read first, so idle pollers in other processes do not take the write lock.
-            with self._read() as conn:
+            with self._read("get") as conn:
                 if not anything_claimable(conn, [kind for kind, _ in wanted], self._clock()):
                     return [], next_due(conn)
         # Queued like an ack, so that a claim and the acks waiting beside it share one commit.
-        rows: list[Any] = self._commits.run(self._claim_statement(wanted, limit), self._flush)
+        rows: list[Any] = self._commits.run(
+            self._claim_statement(wanted, limit), self._flush, "get"
+        )
         self._busy = bool(rows)
         return [to_delivery(row) for row in rows], None
 
@@ -423,7 +447,7 @@ class SqliteBroker:
     ) -> tuple[list[Answer], list[Delivery]]:
         """``settle_many(ops)`` and a claim (as ``get`` with timeout 0), in one transaction."""
         if self._closed:
-            raise BrokerClosed(f"sqlite broker {self.path} is closed")
+            raise BrokerClosed(f"sqlite broker {self.path} is closed", **_at("exchange"))
         settle = self._settle_statement(ops)
         wanted = self._wanted(slots, limit)
         claim = self._claim_statement(wanted, limit) if wanted else None
@@ -431,7 +455,7 @@ class SqliteBroker:
         def statement(conn: sqlite3.Connection) -> tuple[list[Answer], list[Any]]:
             return settle(conn), claim(conn) if claim is not None else []
 
-        answers, rows = self._commits.run(statement, self._flush)
+        answers, rows = self._commits.run(statement, self._flush, "exchange")
         self._busy = bool(rows)
         return answers, [to_delivery(row) for row in rows]
 
@@ -537,12 +561,12 @@ class SqliteBroker:
 
     def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]:
         if not deliveries:
-            self._open_connection()  # still raise BrokerClosed after close
+            self._open_connection("extend")  # still raise BrokerClosed after close
             return []
         now = self._clock()
         until = now + self._visibility_timeout
         answers: list[Answer] = []
-        with self._write() as conn:
+        with self._write("extend") as conn:
             self._due_by(until)  # a lease that expired but was not yet claimed is leased again
             for d in deliveries:
                 if conn.execute(_EXTEND_SQL, (until, d.task.id, d.receipt)).rowcount == 1:
@@ -565,7 +589,7 @@ class SqliteBroker:
 
     def depth(self) -> dict[str, Depth]:
         now = self._clock()
-        with self._read() as conn:
+        with self._read("depth") as conn:
             rows = conn.execute(
                 f"SELECT type, total(state = {READY} OR due_at <= :now),"
                 f" total(state = {WAITING} AND due_at > :now),"
@@ -597,7 +621,7 @@ class SqliteBroker:
     def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
         """Matching dead letters, oldest death first."""
         found: list[DeadLetter] = []
-        with self._read() as conn:
+        with self._read("dead_letters") as conn:
             for clause, params in dlq_where(where):
                 rows = conn.execute(
                     "SELECT id, type, error_type, dead_at, record FROM dead_letters"
@@ -609,12 +633,12 @@ class SqliteBroker:
         return found
 
     def dead_letter_count(self) -> int:
-        with self._read() as conn:
+        with self._read("dead_letter_count") as conn:
             return int(conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
 
     def oldest_enqueued_at(self) -> dict[str, float]:
         """Per type, the earliest ``enqueued_at`` of its queued rows (one scan; operator use)."""
-        with self._read() as conn:
+        with self._read("oldest_enqueued_at") as conn:
             rows = conn.execute("SELECT type, min(enqueued_at) FROM tasks GROUP BY type").fetchall()
         return {kind: float(at) for kind, at in rows}
 
@@ -642,12 +666,12 @@ class SqliteBroker:
                     moved += replay_one(conn, row, self._clock())
             return moved
 
-        return self._insert_when_room(needed, insert, None)
+        return self._insert_when_room(needed, insert, None, "replay")
 
     def purge(self, where: DeadLetterFilter) -> int:
         """Delete matching dead letters for good; returns how many."""
         purged = 0
-        with self._write() as conn:
+        with self._write("purge") as conn:
             for clause, params in dlq_where(where):
                 purged += conn.execute(f"DELETE FROM dead_letters WHERE {clause}", params).rowcount
         return purged

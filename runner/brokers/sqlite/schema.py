@@ -49,7 +49,7 @@ from typing import Any
 from runner.brokers.base import DeadLetterFilter, Delivery
 from runner.codec import decode_dead_letter, decode_task, encode_task
 from runner.errors import BrokerError, BrokerUnavailable
-from runner.model import DeadLetter, Task
+from runner.model import DeadLetter, DeadReason, Task
 
 SCHEMA_VERSION = 1
 #: ``PRAGMA application_id`` of a queue file: the bytes "dq-q".
@@ -58,8 +58,6 @@ APPLICATION_ID = 0x64712D71
 CREATE_WAIT_S = 2.0
 _TABLES = frozenset({"tasks", "dead_letters", "meta"})
 
-#: Marks a dead-letter record that could not be decoded (it can be listed and purged).
-CORRUPT = "corrupt record"
 IDS_PER_QUERY = 500  # well under SQLite's bound-parameter limit
 
 READY = 0
@@ -132,8 +130,13 @@ def describe(path: str, exc: sqlite3.Error) -> str:
     return f"sqlite broker {path}: {exc}{suffix}{hint}"
 
 
-def unavailable(path: str, exc: sqlite3.Error) -> BrokerUnavailable:
-    return BrokerUnavailable(describe(path, exc))
+def unavailable(path: str, exc: sqlite3.Error, operation: str) -> BrokerUnavailable:
+    """``exc``, raised by SQLite during ``operation`` (a broker method), as BrokerUnavailable."""
+    return BrokerUnavailable(describe(path, exc), backend="sqlite", operation=operation)
+
+
+def _cannot_open(message: str) -> BrokerUnavailable:
+    return BrokerUnavailable(message, backend="sqlite", operation="open")
 
 
 def connect(path: str, read_only: bool = False, file_mode: int = 0o600) -> sqlite3.Connection:
@@ -149,9 +152,7 @@ def connect(path: str, read_only: bool = False, file_mode: int = 0o600) -> sqlit
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BrokerUnavailable(
-            f"sqlite broker {path}: cannot create its directory: {exc}"
-        ) from exc
+        raise _cannot_open(f"sqlite broker {path}: cannot create its directory: {exc}") from exc
     created = _create(path, file_mode)
     if not created:
         _wait_for_content(path)
@@ -160,9 +161,7 @@ def connect(path: str, read_only: bool = False, file_mode: int = 0o600) -> sqlit
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            raise BrokerUnavailable(
-                f"sqlite broker {path}: could not switch to WAL mode (got {mode!r})"
-            )
+            raise _cannot_open(f"sqlite broker {path}: could not switch to WAL mode (got {mode!r})")
         conn.execute("PRAGMA synchronous = NORMAL")
         _migrate(conn, path, created)
 
@@ -190,7 +189,7 @@ def _open(
         if conn is not None:
             conn.close()
         if isinstance(exc, sqlite3.Error):
-            raise unavailable(path, exc) from exc
+            raise unavailable(path, exc, "open") from exc
         raise
     return conn
 
@@ -205,12 +204,12 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
         stamp = conn.execute("PRAGMA application_id").fetchone()[0]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         if stamp not in (0, APPLICATION_ID) or not tables >= _TABLES:
-            raise BrokerUnavailable(
+            raise _cannot_open(
                 f"sqlite broker {path}: the file is not a distributed-queue database "
                 f"(application_id {stamp:#x}, user_version {version}); refusing to use it"
             )
         if version != SCHEMA_VERSION:
-            raise BrokerUnavailable(
+            raise _cannot_open(
                 f"sqlite broker {path}: schema version {version} is not supported "
                 f"(this runner reads version {SCHEMA_VERSION})"
             )
@@ -233,7 +232,7 @@ def _create(path: str, mode: int) -> bool:
     except FileExistsError:
         return False
     except OSError as exc:
-        raise BrokerUnavailable(f"sqlite broker {path}: cannot create it: {exc}") from exc
+        raise _cannot_open(f"sqlite broker {path}: cannot create it: {exc}") from exc
     return True
 
 
@@ -242,7 +241,7 @@ def _wait_for_content(path: str) -> None:
     deadline = time.monotonic() + CREATE_WAIT_S
     while _size(path) == 0:
         if time.monotonic() >= deadline:
-            raise BrokerUnavailable(
+            raise _cannot_open(
                 f"sqlite broker {path}: the file exists but holds no queue (0 bytes: truncated?); "
                 "refusing to start a new, empty queue in it: move it away first"
             )
@@ -270,12 +269,12 @@ def _migrate(conn: sqlite3.Connection, path: str, created: bool) -> None:
         elif stamp == 0 and version == SCHEMA_VERSION and tables >= _TABLES:
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")  # from before the stamp
         elif stamp != APPLICATION_ID:
-            raise BrokerUnavailable(
+            raise _cannot_open(
                 f"sqlite broker {path}: the file is not a distributed-queue database "
                 f"(application_id {stamp:#x}, user_version {version}); refusing to use it"
             )
         elif version != SCHEMA_VERSION:
-            raise BrokerUnavailable(
+            raise _cannot_open(
                 f"sqlite broker {path}: schema version {version} is not supported "
                 f"(this runner reads version {SCHEMA_VERSION})"
             )
@@ -313,7 +312,7 @@ def _begin_with_stamp(
             return version, stamp, tables
         rollback(conn)
         if time.monotonic() >= deadline:
-            raise BrokerUnavailable(
+            raise _cannot_open(
                 f"sqlite broker {path}: the file exists but holds no queue (truncated?); "
                 "refusing to start a new, empty queue in it: move it away first"
             )
@@ -357,7 +356,8 @@ def insert_tasks(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> i
             rows,
         )
     except sqlite3.IntegrityError as exc:
-        raise BrokerError(f"a task id in this batch is already queued: {exc}") from exc
+        message = f"a task id in this batch is already queued: {exc}"
+        raise BrokerError(message, backend="sqlite", operation="put") from exc
     return len(rows)
 
 
@@ -365,7 +365,7 @@ def replay_one(conn: sqlite3.Connection, row: tuple[Any, ...], now: float) -> in
     """Queue one dead letter's task again (attempt 0); ``row`` ends with its raw_envelope."""
     *fields, raw_envelope = row
     record = to_dead_letter(*fields)
-    if record.reason == CORRUPT or raw_envelope is not None:
+    if record.reason == DeadReason.CORRUPT_RECORD or raw_envelope is not None:
         return 0  # the original task cannot be rebuilt; replaying a stub would lose its payload
     task = replace(record.task, attempt=0, not_before=0.0)
     inserted = conn.execute(
@@ -423,7 +423,7 @@ def to_dead_letter(
     except Exception as exc:  # an operator must still see (and can purge) a damaged record
         return DeadLetter(
             task=Task(type=kind, payload=None, id=task_id),
-            reason=CORRUPT,
+            reason=DeadReason.CORRUPT_RECORD,  # it can still be listed and purged
             error_type=error_type,
             message=f"undecodable dead-letter record: {type(exc).__name__}: {exc}",
             traceback="",

@@ -1,0 +1,547 @@
+"""The worker's books: which deliveries it holds, per type, and who waits for what.
+
+One lock guards them. Every public method takes it for one step and returns; the private ones
+run under it, called only from the public ones. No thread is started here and no broker is
+called: the parts that fetch, run and renew (``fetch``, ``dispatch``, ``leases``, ``worker``)
+ask the books what to do, do it without the lock, and tell the books what came of it. Two
+callables cross that line while the lock is held, both of which return at once: ``submit``
+(a finished task's settle, to the Settler) and ``wake_broker`` (end a blocking get early).
+
+What is counted, per type: deliveries ``ready`` (fetched, not started), ``running``, ``held``
+(both, by receipt), room ``reserved`` by fetches under way (so that fetches running at the
+same time never ask for the same room twice), the ``suspects`` (tasks handed out again after
+their lease expired: while one runs nothing is fetched and nothing else starts) and when each
+held lease was last known good. Settles handed on and not yet answered (``settling``) count
+against no room but are still held: their leases are renewed and stop() waits for them.
+
+Limits, precisely: at most ``limit`` tasks of a type run at once and at most ``threads`` in
+all; a type holds at most ``limit + min(prefetch, max(limit, prefetch // busy))`` deliveries
+(its running ones plus its share of the buffer; ``busy`` counts the types the last fetch that
+asked for them found tasks of, so idle types take no share), and the process at most
+``threads + prefetch``.
+
+Wake-ups: worker threads sleep on ``work``, the dispatcher and stop() on ``room``. A thread is
+woken only for a task no earlier wake-up covers (``sleeping`` / ``signalled``), and a thread
+that takes a task while more wait wakes the next, so short tasks do not wake every thread.
+
+Size: about 530 lines, over our 400, because the books are one consistent state: splitting the
+counting from the waking would put the lock rules back into comments.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from runner.brokers.base import Answer, Delivery
+from runner.engine.settle import Outcome
+
+#: How long the dispatcher waits for room or a carried settle before it looks around again.
+GET_TIMEOUT_S = 1.0
+#: After a failed fetch, worker threads leave fetching to the dispatcher for this long.
+FETCH_PAUSE_S = 0.5
+#: The longest a suspect waits for the settles of finished tasks before it runs (the Settler
+#: gives up on a broker that does not answer well within this).
+SETTLE_WAIT_S = 15.0
+#: While threads fetch for themselves, the longest a finished task's settle waits for the next
+#: fetch to carry it before the dispatcher sends it (threads busy with long tasks fetch rarely).
+CARRY_WAIT_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Room promised to one fetch: per type, and in all."""
+
+    slots: dict[str, int]
+    room: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """A fetch to make now, without the lock: into ``reservation``, carrying ``carry``'s
+    settles; ``block``: a blocking ``get`` (nothing to carry) rather than an ``exchange``."""
+
+    reservation: Reservation
+    carry: list[Outcome]
+    block: bool
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """The books at one moment (``Books.observe``), for tests and diagnostics."""
+
+    held: int
+    running: dict[str, int]
+    ready: int
+    settling: int
+    reserved: int
+    own_fetches: int
+    sleeping: int
+    signalled: int
+    threads: int
+    fetch_due: bool
+    blocked_in_get: bool
+    asking: frozenset[str]
+
+
+class Books:
+    """Per-type bookkeeping of one worker; see the module docstring."""
+
+    def __init__(
+        self,
+        limits: Mapping[str, int],
+        threads: int,
+        prefetch: int,
+        stopping: threading.Event,
+        submit: Callable[[Outcome], None],
+        wake_broker: Callable[[], None],
+    ) -> None:
+        self.threads = threads
+        self.prefetch = prefetch
+        # Without a prefetch buffer, a thread that finds nothing to run fetches for itself
+        # rather than wait for the dispatcher to fetch and hand over; with one, the dispatcher
+        # keeps the buffer filled in batches and the threads only take from it.
+        self.threads_fetch = prefetch == 0
+        self._limits = dict(limits)
+        self._stopping = stopping
+        self._submit = submit
+        self._wake_broker = wake_broker
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # worker threads wait for a task here
+        self._room = threading.Condition(self._lock)  # the dispatcher and stop() wait here
+        self._busy = set(self._limits)
+        self._room_of = self._rooms()
+        self._order = list(self._limits)
+        self._ready: dict[str, deque[Delivery]] = {name: deque() for name in self._limits}
+        self._ready_count = 0
+        self._running = dict.fromkeys(self._limits, 0)
+        self._held: dict[str, Delivery] = {}  # receipt -> delivery (prefetched or running)
+        self._held_by_type = dict.fromkeys(self._limits, 0)
+        self._settling: dict[str, Delivery] = {}
+        self._max_unsettled = max(64, 4 * threads)  # then threads wait before taking more
+        # Settles the next fetch (a thread's own, or the dispatcher's) sends along with it
+        # (Broker.exchange): one round trip or transaction for both. Only while the dispatcher
+        # is not blocked in a get; else the Settler.
+        self._carry: list[Outcome] = []
+        self._blocked_in_get = False
+        self._dispatching = False  # the dispatcher runs and will take what is carried
+        self._asking: frozenset[str] = frozenset()  # types in the dispatcher's get under way
+        self._waiting_threads = 0
+        self._sleeping = 0
+        self._signalled = 0
+        self._reserved_by_type = dict.fromkeys(self._limits, 0)
+        self._reserved = 0
+        self._fetches_begun = 0  # fetches that reserved room, and those that gave it back
+        self._fetches_ended = 0
+        self._fetchers = 0  # worker threads fetching for themselves right now
+        self._fetch_paused_until = 0.0
+        self._suspects: set[str] = set()
+        self._renewed_at: dict[str, float] = {}
+        self._closing = False  # worker threads exit once they see it
+
+    # -- the dispatcher ----------------------------------------------------------------------
+
+    def dispatcher_started(self) -> None:
+        with self._lock:
+            self._dispatching = True
+
+    def dispatch_step(self) -> Fetch | list[Outcome] | None:
+        """What the dispatcher does next: a Fetch (room reserved), settles to hand to the
+        Settler (carried, with no fetch to go along), or None after waiting a while."""
+        with self._lock:
+            slots, room = self._free_room()
+            carry, self._carry = self._carry, []
+            if slots and self._should_fetch():
+                self._reserve(slots, room)
+                self._asking = frozenset(slots)
+                self._blocked_in_get = not carry
+                self._order.append(self._order.pop(0))  # rotate: fairness when room < slots
+                return Fetch(Reservation(slots, room), carry, block=not carry)
+            if carry:
+                return carry
+            self._room.wait(CARRY_WAIT_S if self.threads_fetch else GET_TIMEOUT_S)
+            return None
+
+    def dispatcher_done(self) -> list[Outcome]:
+        """The dispatcher left: what was carried for its next fetch goes to the Settler."""
+        with self._lock:
+            self._dispatching = False
+            left, self._carry = self._carry, []
+            return left
+
+    # -- fetches (the dispatcher's and the threads' own) -------------------------------------
+
+    def fetched(
+        self, reservation: Reservation, deliveries: Sequence[Delivery], by_dispatcher: bool
+    ) -> None:
+        """A fetch ended: give its reservation back, note which types are busy, hold what came
+        and offer it to the threads."""
+        with self._lock:
+            self._fetches_ended += 1
+            if self._suspects:
+                self._room.notify_all()  # isolate() may wait for the fetch
+            self._reserved -= reservation.room
+            for name, n in reservation.slots.items():
+                self._reserved_by_type[name] -= n
+            self._note_demand(deliveries, reservation)
+            self._file(deliveries)
+            if by_dispatcher:
+                self._asking = frozenset()
+                self._blocked_in_get = False
+
+    def _reserve(self, slots: dict[str, int], room: int) -> None:
+        self._fetches_begun += 1
+        self._reserved += room
+        for name, n in slots.items():
+            self._reserved_by_type[name] += n
+
+    def _rooms(self) -> dict[str, int]:
+        """How many deliveries each type may hold: its limit plus its share of the buffer."""
+        share = self.prefetch // max(1, len(self._busy))
+        return {
+            name: limit + min(self.prefetch, max(limit, share))
+            for name, limit in self._limits.items()
+        }
+
+    def _note_demand(self, deliveries: Sequence[Delivery], reservation: Reservation) -> None:
+        """Types a fetch found tasks of are busy; those it asked for and found none of, while
+        it had room left, are idle. Busy types share the buffer."""
+        found = {d.task.type for d in deliveries}
+        busy = self._busy | found
+        if len(deliveries) < reservation.room:
+            busy -= reservation.slots.keys() - found
+        if busy != self._busy:
+            self._busy = busy
+            self._room_of = self._rooms()
+
+    def _file(self, deliveries: Sequence[Delivery]) -> None:
+        now = time.monotonic()
+        for delivery in deliveries:
+            self._held[delivery.receipt] = delivery
+            self._renewed_at[delivery.receipt] = now
+            self._held_by_type[delivery.task.type] += 1
+            self._ready[delivery.task.type].append(delivery)
+        if deliveries:
+            self._ready_count += len(deliveries)
+            self._wake()  # the threads it finds wake the others (see _pick)
+
+    def _room_left(self) -> int:
+        """How many more deliveries the process may hold: none while a suspect runs."""
+        if self._suspects:
+            return 0
+        return self.threads + self.prefetch - len(self._held) - self._reserved
+
+    def _free_room(self) -> tuple[dict[str, int], int]:
+        room = self._room_left()
+        if room <= 0:
+            return {}, 0
+        slots = {}
+        for name in self._order:
+            free = self._room_of[name] - self._held_by_type[name] - self._reserved_by_type[name]
+            if free > 0:
+                slots[name] = free
+        return slots, min(room, sum(slots.values()))  # promise no more than the types can take
+
+    def _should_fetch(self) -> bool:
+        """Fetch in batches: when half the buffer is free, or when a thread would starve."""
+        return self._room_left() * 2 >= self.prefetch or self._waiting_threads > 0
+
+    # -- worker threads ----------------------------------------------------------------------
+
+    def next_task(self, done: Delivery | None, outcome: Outcome | None) -> Delivery | Fetch | None:
+        """Free the slot of ``done``, hand ``outcome`` on to be settled, and take the next task
+        to run, all in one step; waits while there is none. A Fetch: fetch it in this thread
+        (no lock held), then call ``after_own_fetch``. None: the thread is to exit."""
+        with self._lock:
+            if done is not None:
+                self._release_slot(done, started=True)
+                if outcome is not None:
+                    self._settling[done.receipt] = done
+            self._waiting_threads += 1
+            return self._take(outcome, may_fetch=self.threads_fetch)
+
+    def after_own_fetch(self, fetched: int | None) -> Delivery | Fetch | None:
+        """This thread's own fetch ended (``fetched``: how many came, None when it failed):
+        go on as ``next_task`` does."""
+        with self._lock:
+            self._fetchers -= 1
+            if fetched is None:
+                self._fetch_paused_until = time.monotonic() + FETCH_PAUSE_S
+            elif fetched and self._free_room()[0]:
+                self._wake()  # threads that went idle meanwhile: the next fetch is theirs
+            if self._stopping.is_set():
+                self._room.notify_all()  # stop() waits for the last fetch under way
+            return self._take(None, may_fetch=False)  # until woken: the queue may be empty
+
+    def own_fetch_abandoned(self) -> None:
+        """This thread's own fetch raised past the fetcher (it is leaving the loop)."""
+        with self._lock:
+            self._fetchers -= 1
+            self._waiting_threads -= 1
+            self._room.notify_all()
+
+    def _take(self, outcome: Outcome | None, may_fetch: bool) -> Delivery | Fetch | None:
+        """The loop of ``next_task``: counted in ``_waiting_threads`` until it returns a task
+        or None (a Fetch leaves it counted: the thread is still waiting for work)."""
+        while True:
+            if self._closing:
+                self._hand_on(outcome)
+                self._waiting_threads -= 1
+                return None
+            # While the Settler is behind, wait for it (it notifies _work).
+            behind = len(self._settling) >= self._max_unsettled
+            if not self._stopping.is_set() and not behind:
+                delivery = self._pick()
+                if delivery is not None:
+                    self._hand_on(outcome)
+                    self._waiting_threads -= 1
+                    return delivery
+                if may_fetch and (fetch := self._own_fetch(outcome)) is not None:
+                    return fetch
+                if self._dispatcher_needed(may_fetch):
+                    self._room.notify()  # a thread is about to idle: fetch anyway
+            self._hand_on(outcome)
+            outcome = None
+            self._sleeping += 1
+            try:
+                self._work.wait()
+            finally:
+                self._sleeping -= 1
+                self._signalled = max(0, self._signalled - 1)
+            may_fetch = self.threads_fetch
+
+    def _own_fetch(self, outcome: Outcome | None) -> Fetch | None:
+        """A fetch for this idle thread (and any other idle ones), carrying ``outcome`` and
+        the other waiting settles: no hand-off to the dispatcher and back. One such fetch at a
+        time: threads that go idle meanwhile leave their settles to the next one, which fetches
+        for them all. None when another is under way, there is no room to fetch into, or
+        fetches failed a moment ago."""
+        if self._fetchers:
+            return None
+        slots, room = self._free_room()
+        if not slots or time.monotonic() < self._fetch_paused_until:
+            return None
+        carry, self._carry = self._carry, []
+        if outcome is not None:
+            carry.append(outcome)
+        self._reserve(slots, room)
+        self._fetchers += 1
+        return Fetch(Reservation(slots, room), carry, block=False)
+
+    def _dispatcher_needed(self, may_fetch: bool) -> bool:
+        """Whether a thread about to idle should wake the dispatcher. Threads that fetch for
+        themselves leave it the blocking wait for an empty queue: needed once this thread's own
+        fetch found nothing, or fetching failed a moment ago; not while another thread's fetch
+        is under way (which wakes a thread for the next one if it found tasks, or the
+        dispatcher if it found none)."""
+        if not self.threads_fetch or not may_fetch:
+            return True
+        return time.monotonic() < self._fetch_paused_until
+
+    def _hand_on(self, outcome: Outcome | None) -> None:
+        """Pass a finished task's settle to the dispatcher's next fetch or the Settler."""
+        if outcome is None:
+            return
+        if not self._dispatching or self._blocked_in_get or self._stopping.is_set():
+            self._submit(outcome)
+            return
+        self._carry.append(outcome)
+        # Sent with the next fetch: a thread's own (then the dispatcher need not wake; it
+        # looks every CARRY_WAIT_S while threads fetch), or the dispatcher's.
+        if not self.threads_fetch:
+            self._room.notify_all()
+
+    def _pick(self) -> Delivery | None:
+        """The oldest prefetched task of the first type below its limit. None while a task
+        handed out again after its lease expired runs (see ``isolate``)."""
+        if self._suspects:
+            return None
+        for name in self._order:
+            queue = self._ready[name]
+            if queue and self._running[name] < self._limits[name]:
+                self._running[name] += 1
+                if queue[0].redelivered:
+                    self._suspects.add(queue[0].receipt)  # nothing else starts until it ends
+                if not self.threads_fetch and self._waiting_threads > 1 and self._should_fetch():
+                    self._room.notify()  # refill the buffer
+                self._ready_count -= 1
+                if self._ready_count > self._signalled:
+                    self._wake()  # more wait than threads on their way: wake the next
+                return queue.popleft()
+        return None
+
+    def _wake(self) -> None:
+        """Wake one sleeping thread that no earlier wake-up reached yet."""
+        if self._sleeping > self._signalled:
+            self._signalled += 1
+            self._work.notify()
+
+    def _wake_all(self) -> None:
+        self._signalled = self._sleeping
+        self._work.notify_all()
+
+    # -- settles, hand-backs and suspects ----------------------------------------------------
+
+    def settled(self, outcomes: Sequence[Outcome]) -> None:
+        """The Settler's thread answered (and reported) ``outcomes``: drop them from the books."""
+        with self._lock:
+            behind = len(self._settling) >= self._max_unsettled
+            for outcome in outcomes:
+                self._settling.pop(outcome.settle.delivery.receipt, None)
+            if behind:
+                self._wake_all()
+            if not self._settling and (self._stopping.is_set() or self._suspects):
+                self._room.notify_all()  # stop() or isolate() may wait for the last of them
+
+    def forget(self, delivery: Delivery, started: bool) -> None:
+        """Drop a delivery handed back (or settled outside ``next_task``) from the books."""
+        with self._lock:
+            self._release_slot(delivery, started)
+
+    def take_unstarted(self) -> list[Delivery]:
+        """Every prefetched delivery no thread has taken yet, out of the ready queues (still
+        held: the caller hands them back, then ``forget``s each)."""
+        with self._lock:
+            return self._take_unstarted()
+
+    def isolate(self) -> list[Delivery]:
+        """Before a suspect runs (``_pick`` made it one): once the fetches under way have
+        ended and every finished task's settle has been answered (a suspect may kill the
+        process: a healthy task whose ack was still on its way would run again), take every
+        fetched task not yet started, to be handed back (other suspects among them keep their
+        redelivered flag, so each runs alone in turn). Until the suspect ends nothing is
+        fetched (``_room_left``) and nothing else starts (``_pick``)."""
+        with self._lock:
+            under_way = self._fetches_begun
+            if self._fetches_ended < under_way:
+                self._wake_broker()  # a blocked get returns at once
+                self._room.wait_for(
+                    lambda: self._fetches_ended >= under_way, timeout=GET_TIMEOUT_S + 5
+                )
+            # Settles waiting for a fetch to carry them would wait for the suspect (nothing is
+            # fetched while it runs): they go to the Settler now.
+            carried, self._carry = self._carry, []
+            for outcome in carried:
+                self._submit(outcome)
+            self._room.wait_for(lambda: not self._settling, timeout=SETTLE_WAIT_S)
+            return self._take_unstarted()
+
+    def _take_unstarted(self) -> list[Delivery]:
+        unstarted = [d for queue in self._ready.values() for d in queue]
+        for queue in self._ready.values():
+            queue.clear()
+        self._ready_count = 0
+        return unstarted
+
+    def _release_slot(self, delivery: Delivery, started: bool) -> None:
+        """Drop a delivery from the books and wake whoever can use its room."""
+        if self._held.pop(delivery.receipt, None) is None:
+            return
+        self._renewed_at.pop(delivery.receipt, None)
+        name = delivery.task.type
+        self._held_by_type[name] -= 1
+        if self._suspects:
+            self._suspects.discard(delivery.receipt)
+            if not self._suspects:
+                self._wake_all()  # threads that found nothing they could start look again
+        if started:
+            self._running[name] -= 1
+            if self._ready[name]:
+                self._wake()  # a task of this type may have waited for this slot
+        # Without prefetch the thread that freed the slot fetches for itself (or wakes the
+        # dispatcher before it idles); with it, the dispatcher refills the buffer in batches.
+        if self._stopping.is_set() or (self.prefetch and self._should_fetch()):
+            self._room.notify_all()
+        if self._asking and name not in self._asking:
+            self._wake_broker()  # the get under way could not take this type: ask again
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def held_now(self) -> list[Delivery]:
+        """Every delivery whose lease must be kept: prefetched, running or being settled."""
+        with self._lock:
+            return [*self._held.values(), *self._settling.values()]
+
+    def renewed(
+        self, deliveries: Sequence[Delivery], answers: Sequence[Answer], asked: float
+    ) -> list[Delivery]:
+        """The broker answered a renewal asked at ``asked``: note the leases known good, drop
+        unstarted deliveries it refused (FENCED) unrun. Returns every refused one."""
+        lost: list[Delivery] = []
+        with self._lock:
+            for delivery, answer in zip(deliveries, answers, strict=True):
+                if answer is Answer.DONE and delivery.receipt in self._renewed_at:
+                    self._renewed_at[delivery.receipt] = asked
+                elif answer is Answer.FENCED:
+                    lost.append(delivery)
+                    queue = self._ready[delivery.task.type]
+                    if delivery in queue:  # prefetched, never started: drop it unrun
+                        queue.remove(delivery)
+                        self._ready_count -= 1
+                        self._release_slot(delivery, started=False)
+        return lost
+
+    def renewed_at(self, delivery: Delivery) -> float | None:
+        """When ``delivery``'s lease was last known good (monotonic), None if not held."""
+        with self._lock:
+            return self._renewed_at.get(delivery.receipt)
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def stop_requested(self) -> None:
+        """``stopping`` was just set: whoever waits for room looks again."""
+        with self._lock:
+            self._room.notify_all()
+
+    def wait_fetches_done(self, timeout: float) -> None:
+        """Wait until no thread fetches for itself (they do not block, and stop soon)."""
+        with self._lock:
+            self._room.wait_for(lambda: not self._fetchers, timeout=timeout)
+
+    def wait_released(self, deadline: float) -> int:
+        """Wait until nothing is held or ``deadline`` (monotonic); how many are still held."""
+        with self._lock:
+            while self._held and time.monotonic() < deadline:
+                self._room.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return len(self._held)
+
+    def close(self) -> None:
+        """Worker threads exit (each hands on its last settle first)."""
+        with self._lock:
+            self._closing = True
+            self._wake_all()
+
+    # -- what the books say ------------------------------------------------------------------
+
+    def running(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._running)
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._held and not self._settling
+
+    @contextmanager
+    def observe(self) -> Iterator[View]:
+        """The books at one moment, held still while the caller looks elsewhere too (brokers
+        never take this lock, so asking one inside is safe). For tests and diagnostics."""
+        with self._lock:
+            slots, _ = self._free_room()
+            yield View(
+                held=len(self._held),
+                running=dict(self._running),
+                ready=self._ready_count,
+                settling=len(self._settling),
+                reserved=self._reserved,
+                own_fetches=self._fetchers,
+                sleeping=self._sleeping,
+                signalled=self._signalled,
+                threads=self.threads,
+                fetch_due=bool(slots) and self._should_fetch(),
+                blocked_in_get=self._blocked_in_get,
+                asking=self._asking,
+            )

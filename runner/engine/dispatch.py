@@ -1,0 +1,66 @@
+"""The dispatcher: one thread that keeps the prefetch buffer filled, asking the broker only for
+types with room (so a saturated type never stalls the others).
+
+It fetches in batches, when half the buffer is free or a thread would starve, and keeps the
+blocking wait for an empty queue (``broker.get``); otherwise it carries finished tasks' settles
+along with its fetch. Without a buffer (``prefetch: 0``) the threads fetch for themselves and
+the dispatcher only waits for an empty queue and sends the settles nobody carried.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from runner.engine.books import Books
+from runner.engine.fetch import Fetcher
+from runner.engine.settle import Settler
+from runner.errors import BrokerClosed
+
+#: After a failed fetch, how long the dispatcher waits before it fetches again.
+RETRY_PAUSE_S = 0.5
+
+
+class Dispatcher:
+    """Owns the dispatcher thread and its loop."""
+
+    def __init__(
+        self, books: Books, fetcher: Fetcher, settler: Settler, stopping: threading.Event
+    ) -> None:
+        self._books = books
+        self._fetcher = fetcher
+        self._settler = settler
+        self._stopping = stopping
+        self._thread = threading.Thread(target=self._run, name="dq-dispatcher", daemon=True)
+
+    def start(self) -> None:
+        self._books.dispatcher_started()
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            for outcome in self._books.dispatcher_done():
+                self._settler.submit(outcome)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            step = self._books.dispatch_step()
+            if step is None:
+                continue
+            if isinstance(step, list):  # settles carried, and no fetch to go along
+                for outcome in step:
+                    self._settler.submit(outcome)
+                continue
+            try:
+                fetched = self._fetcher.run(step, by_dispatcher=True)
+            except BrokerClosed:
+                return
+            if fetched is None:
+                self._stopping.wait(RETRY_PAUSE_S)

@@ -1,0 +1,206 @@
+"""The worker's books on their own: no threads, no broker; every step is one call.
+
+Each test drives the books the way the worker's parts do (the dispatcher asks what to fetch,
+the fetcher tells what came, a thread takes its next task) and checks what they answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+from runner.brokers.base import Answer, Delivery, Settle
+from runner.engine.books import Books, Fetch, Reservation
+from runner.engine.settle import Outcome
+from runner.model import Task
+
+_receipts = itertools.count()
+
+
+def delivery(type_name: str, redelivered: bool = False) -> Delivery:
+    return Delivery(Task(type_name, None), f"r{next(_receipts)}", redelivered=redelivered)
+
+
+class Calls:
+    """What the books handed out of their lock: settles submitted, broker wake-ups."""
+
+    def __init__(self) -> None:
+        self.submitted: list[Outcome] = []
+        self.wakes = 0
+
+    def submit(self, outcome: Outcome) -> None:
+        self.submitted.append(outcome)
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+def books(
+    limits: dict[str, int], threads: int, prefetch: int
+) -> tuple[Books, Calls, threading.Event]:
+    calls = Calls()
+    stopping = threading.Event()
+    return Books(limits, threads, prefetch, stopping, calls.submit, calls.wake), calls, stopping
+
+
+def fill(b: Books, *deliveries: Delivery) -> None:
+    """A fetch by the dispatcher that brought ``deliveries`` (each fetch also rotates the
+    order in which types are offered, as the dispatcher does for fairness)."""
+    step = b.dispatch_step()
+    assert isinstance(step, Fetch), "no fetch was due"
+    for d in deliveries:
+        assert d.task.type in step.reservation.slots
+    b.fetched(step.reservation, deliveries, by_dispatcher=True)
+
+
+def outcome(d: Delivery) -> Outcome:
+    return Outcome(Settle(d, "ack"), "task.succeeded")
+
+
+def test_the_dispatcher_asks_each_type_for_its_room_and_no_more_in_all() -> None:
+    """limit + the type's share of the buffer, per type; threads + prefetch in all."""
+    b, _, _ = books({"a": 1, "b": 3}, threads=3, prefetch=3)
+    step = b.dispatch_step()
+    assert isinstance(step, Fetch)
+    # a: 1 + min(3, max(1, 3 // 2)) = 2; b: 3 + min(3, max(3, 1)) = 6; in all 3 + 3.
+    assert step.reservation == Reservation({"a": 2, "b": 6}, 6)
+    assert step.block  # nothing carried: the blocking get
+
+
+def test_room_reserved_by_one_fetch_is_not_offered_to_another() -> None:
+    b, _, _ = books({"a": 4}, threads=2, prefetch=0)  # threads fetch for themselves
+    first = b.dispatch_step()
+    assert isinstance(first, Fetch) and first.reservation == Reservation({"a": 4}, 2)
+    with b.observe() as now:
+        assert now.reserved == 2
+        assert not now.fetch_due  # all the room is promised: another fetch would double it
+    b.fetched(first.reservation, [delivery("a")], by_dispatcher=True)
+    with b.observe() as now:
+        assert (now.reserved, now.held, now.ready) == (0, 1, 1)
+
+
+def test_a_thread_takes_the_oldest_task_of_the_first_type_below_its_limit() -> None:
+    b, _, _ = books({"a": 1, "b": 2}, threads=3, prefetch=6)
+    a1, a2, b1 = delivery("a"), delivery("a"), delivery("b")
+    fill(b, a1, a2)
+    fill(b, b1)  # two fetches: a is offered first again
+    assert b.next_task(None, None) is a1
+    assert b.next_task(None, None) is b1  # a is at its limit: the next type's task, not a2
+    assert b.running() == {"a": 1, "b": 1}
+    assert b.next_task(a1, None) is a2  # a1 ended: its slot goes to a2 in the same step
+    assert b.running() == {"a": 1, "b": 1}
+
+
+def test_a_finished_tasks_settle_is_handed_on_with_its_slot_freed() -> None:
+    b, calls, _ = books({"a": 2}, threads=2, prefetch=2)
+    a1, a2 = delivery("a"), delivery("a")
+    fill(b, a1, a2)
+    assert b.next_task(None, None) is a1
+    # The dispatcher is not running: a settle cannot wait for its fetch, the Settler takes it.
+    assert b.next_task(a1, outcome(a1)) is a2
+    assert [o.settle.delivery for o in calls.submitted] == [a1]
+    with b.observe() as now:
+        assert (now.held, now.settling) == (1, 1)  # a2 held; a1 held until its settle answers
+    assert [d.receipt for d in b.held_now()] == [a2.receipt, a1.receipt]
+    b.settled(calls.submitted)
+    with b.observe() as now:
+        assert now.settling == 0
+
+
+def test_a_settle_rides_with_the_dispatchers_next_fetch_while_it_is_not_blocked() -> None:
+    b, calls, _ = books({"a": 2}, threads=2, prefetch=2)
+    b.dispatcher_started()
+    a1, a2 = delivery("a"), delivery("a")
+    fill(b, a1, a2)
+    assert b.next_task(None, None) is a1
+    assert b.next_task(a1, outcome(a1)) is a2
+    assert calls.submitted == []  # carried, not submitted
+    step = b.dispatch_step()
+    assert isinstance(step, Fetch) and not step.block  # an exchange, carrying the settle
+    assert [o.settle.delivery for o in step.carry] == [a1]
+    assert b.dispatcher_done() == []
+
+
+def test_a_redelivered_task_runs_alone() -> None:
+    """Picked, it becomes a suspect: nothing else starts, nothing is fetched, and isolate()
+    gives every unstarted task back; once it ends the books go on as before."""
+    b, _, _ = books({"a": 2}, threads=2, prefetch=4)
+    suspect, other, later = delivery("a", redelivered=True), delivery("a"), delivery("a")
+    fill(b, suspect, other, later)
+    assert b.next_task(None, None) is suspect
+    with b.observe() as now:
+        assert not now.fetch_due  # no room while a suspect runs
+    assert {d.receipt for d in b.isolate()} == {other.receipt, later.receipt}  # no wait
+    for d in (other, later):
+        b.forget(d, started=False)
+    with b.observe() as now:
+        assert (now.held, now.ready, now.fetch_due) == (1, 0, False)
+    b.forget(suspect, started=True)
+    with b.observe() as now:
+        assert (now.held, now.fetch_due) == (0, True)
+
+
+def test_a_refused_renewal_drops_an_unstarted_task_and_keeps_a_running_one() -> None:
+    b, _, _ = books({"a": 2}, threads=2, prefetch=2)
+    running, waiting = delivery("a"), delivery("a")
+    fill(b, running, waiting)
+    assert b.next_task(None, None) is running
+    lost = b.renewed([running, waiting], [Answer.FENCED, Answer.FENCED], asked=123.0)
+    assert lost == [running, waiting]  # both reported
+    with b.observe() as now:
+        assert (now.held, now.ready, now.running) == (1, 0, {"a": 1})  # the running one stays
+
+
+def test_a_renewal_answered_done_is_the_new_time_the_lease_was_known_good() -> None:
+    b, _, _ = books({"a": 1}, threads=1, prefetch=1)
+    d = delivery("a")
+    fill(b, d)
+    before = b.renewed_at(d)
+    assert before is not None
+    assert b.renewed([d], [Answer.DONE], asked=before + 100.0) == []
+    assert b.renewed_at(d) == before + 100.0
+    b.forget(d, started=False)
+    assert b.renewed_at(d) is None
+
+
+def test_idle_types_leave_the_buffer_to_the_busy_ones() -> None:
+    """A fetch that asked for a and b with room to spare and found only a marks b idle: a's
+    share of the buffer becomes all of it."""
+    b, _, _ = books({"a": 1, "b": 1}, threads=2, prefetch=8)
+    step = b.dispatch_step()
+    assert isinstance(step, Fetch) and step.reservation.slots == {"a": 5, "b": 5}
+    b.fetched(step.reservation, [delivery("a")], by_dispatcher=True)
+    step = b.dispatch_step()
+    assert isinstance(step, Fetch)
+    assert step.reservation.slots["a"] == 1 + 8 - 1  # limit + the whole buffer, less the held
+
+
+def test_a_thread_with_nothing_to_take_fetches_for_itself_when_there_is_no_buffer() -> None:
+    b, _, _ = books({"a": 2}, threads=2, prefetch=0)
+    step = b.next_task(None, None)
+    assert isinstance(step, Fetch) and not step.block
+    assert step.reservation == Reservation({"a": 2}, 2)
+    d = delivery("a")
+    b.fetched(step.reservation, [d], by_dispatcher=False)
+    assert b.after_own_fetch(1) is d
+
+
+def test_closing_sends_threads_home_with_their_last_settle_handed_on() -> None:
+    b, calls, _ = books({"a": 1}, threads=1, prefetch=1)
+    d = delivery("a")
+    fill(b, d)
+    assert b.next_task(None, None) is d
+    b.close()
+    assert b.next_task(d, outcome(d)) is None
+    assert [o.settle.delivery for o in calls.submitted] == [d]
+
+
+def test_a_slot_freed_of_a_type_the_get_under_way_does_not_ask_for_wakes_the_broker() -> None:
+    b, calls, _ = books({"a": 1, "b": 1}, threads=2, prefetch=0)
+    a1 = delivery("a")
+    fill(b, a1)
+    assert b.next_task(None, None) is a1
+    step = b.dispatch_step()  # the dispatcher blocks in a get for b only (a is full)
+    assert isinstance(step, Fetch) and set(step.reservation.slots) == {"b"}
+    b.forget(a1, started=True)
+    assert calls.wakes == 1  # the get could not take a: it returns to ask again
