@@ -1,14 +1,24 @@
-"""Run the real dq-run console script in a subprocess."""
+"""Run the real dq-run console script in a subprocess, and wait for what it logs."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DQ_RUN = str(Path(sys.executable).with_name("dq-run"))
+#: How long a test waits for a line it expects from a child. Generous, for a loaded machine:
+#: a test that passes never waits this long, it waits for the line.
+WAIT_S = 20.0
 
 
 def dq_env(**extra: str) -> dict[str, str]:
@@ -40,3 +50,57 @@ def run(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProc
         timeout=timeout,
         check=False,
     )
+
+
+class Lines:
+    """Reads a child's stream on a thread, so a test can wait for a line while the child runs
+    instead of sleeping and hoping it got there. The stream is closed at its end."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        assert stream is not None, "start the child with this stream piped"
+        self.lines: list[str] = []
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        with stream:
+            for line in stream:
+                self.lines.append(line)
+        self._ended.set()
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines read so far (those of event ``name``, or all)."""
+        found = [json.loads(line) for line in list(self.lines) if line.startswith("{")]
+        return [e for e in found if name is None or e.get("event") == name]
+
+    def count(self, name: str) -> int:
+        """How many JSON log lines of event ``name`` were read so far."""
+        return len(self.events(name))
+
+    def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+        """Poll ``predicate`` until true; fail past ``timeout``, or once the stream ended
+        without it (the child exited: waiting longer cannot help)."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self._ended.is_set() and not predicate():
+                pytest.fail(f"the stream ended before {what}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"not within {timeout}s: {what}:\n{self.tail()}")
+            time.sleep(0.02)
+
+    def wait_for(self, text: str, timeout: float = WAIT_S) -> None:
+        """Wait for a line containing ``text``."""
+        self.wait_until(lambda: any(text in line for line in list(self.lines)), repr(text), timeout)
+
+    def wait_for_event(self, name: str, count: int = 1, timeout: float = WAIT_S) -> None:
+        """Wait for ``count`` JSON log lines of event ``name``."""
+        self.wait_until(lambda: self.count(name) >= count, f"{count} x {name}", timeout)
+
+    def tail(self, chars: int = 2000) -> str:
+        return "".join(self.lines)[-chars:]
+
+    def text(self) -> str:
+        """Everything read, once the child has exited (its end of the pipe closed)."""
+        self._thread.join(10)
+        return "".join(self.lines)

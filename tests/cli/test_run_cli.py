@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.run_kit import REPO, run, start
+from tests.cli.run_kit import REPO, Lines, run, start
 
 SLOW_PIPELINE = """
 workers: 2
@@ -27,6 +27,16 @@ simulate:
 
 def _json_lines(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def _wait_mid_run(err: Lines) -> None:
+    """Until the log shows a few tasks done, two running (the rest queued)."""
+
+    def mid_run() -> bool:
+        done = err.count("task.succeeded")
+        return done >= 2 and err.count("task.started") - done == 2
+
+    err.wait_until(mid_run, "a few tasks done and two running")
 
 
 def test_demo_config_runs_to_completion_with_a_summary(tmp_path: Path) -> None:
@@ -87,14 +97,17 @@ def test_sigterm_stops_gracefully_and_loses_nothing(tmp_path: Path) -> None:
     config.write_text(SLOW_PIPELINE)
     summary = tmp_path / "summary.json"
     proc = start(str(config), "--summary-json", str(summary))
-    time.sleep(1.2)  # a few tasks done, two running, the rest queued
+    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    _wait_mid_run(err)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    assert time.monotonic() - t0 < 5.0  # within the grace period
-    assert "Summary" in out
-    events = _json_lines(err)
+    proc.wait(timeout=30)
+    # Within the grace period (5 s): the two running tasks need at most 0.4 s of it, the rest
+    # is margin for a loaded machine. A run that cut them short fails forced=0 below.
+    assert time.monotonic() - t0 < 5.0
+    assert proc.returncode == 0, err.text()
+    assert "Summary" in out.text()
+    events = _json_lines(err.text())
     started = {e["task_id"] for e in events if e.get("event") == "task.started"}
     succeeded = {e["task_id"] for e in events if e.get("event") == "task.succeeded"}
     assert started and started == succeeded, "a running task was not allowed to finish"
@@ -114,14 +127,19 @@ def test_second_signal_exits_at_once_with_130(tmp_path: Path) -> None:
         .replace("timeout: 5s", "timeout: 20s")
     )
     proc = start(str(config))
-    time.sleep(1.0)
+    Lines(proc.stdout)  # drained, and closed at its end
+    err = Lines(proc.stderr)
+    err.wait_for_event("task.started")  # handlers running, 4 s each
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    err.wait_for_event("worker.stopping")  # the first signal was taken: the grace period began
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=20)
-    assert proc.returncode == 130
-    assert time.monotonic() - t0 < 2.0
+    proc.wait(timeout=20)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 130, err.text()
+    # At once: the running tasks had about 4 s left and the grace period is 30 s; 2 s is the
+    # forced exit's own work (asking the broker, at most 0.5 s) plus margin for a loaded machine.
+    assert elapsed < 2.0
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
@@ -136,10 +154,12 @@ def test_tasks_dead_lettered_at_shutdown_are_replayed_from_a_file_dlq(tmp_path: 
     config.write_text(SLOW_PIPELINE + f"dead_letter: {{kind: file, path: {dlq}}}\n")
     first = tmp_path / "first.json"
     proc = start(str(config), "--summary-json", str(first))
-    time.sleep(1.2)
+    Lines(proc.stdout)  # drained, and closed at its end
+    err = Lines(proc.stderr)
+    _wait_mid_run(err)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=30)
-    assert proc.returncode == 0
+    proc.wait(timeout=30)
+    assert proc.returncode == 0, err.text()
     shutdown = json.loads(first.read_text())["dead_by_reason"]["shutdown"]
     assert len(dlq.read_text().splitlines()) == shutdown > 0
 

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import platform
 import pty
 import re
 import select
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.cli.run_kit import DQ_RUN, REPO, dq_env, run, start
+from tests.cli.run_kit import DQ_RUN, REPO, Lines, dq_env, run, start
 
 SLOW = """
 workers: 2
@@ -53,39 +54,11 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-class _Lines:
-    """Reads a child's stream on a thread, so a test can wait for a line while it runs."""
-
-    def __init__(self, stream: Any) -> None:
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: Any) -> None:
-        for line in stream:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            assert time.monotonic() < deadline, f"no {text!r} in {''.join(self.lines)[-2000:]}"
-            time.sleep(0.02)
-
-    def text(self) -> str:
-        """Everything read, once the child has exited (closes the child's pipes)."""
-        self._thread.join(10)
-        return "".join(self.lines)
-
-
-def _close(proc: subprocess.Popen[str]) -> None:
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
-
-
-def _two_signals(proc: subprocess.Popen[str], gap_s: float = 0.3) -> float:
+def _two_signals(proc: subprocess.Popen[str], err: Lines) -> float:
+    """SIGINT, and a second one once the first was taken (the grace period began): how long
+    the process took to exit after the second."""
     proc.send_signal(signal.SIGINT)
-    time.sleep(gap_s)
+    err.wait_for('"worker.stopping"')
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=20)
@@ -98,11 +71,11 @@ def test_second_signal_in_the_grace_period_says_where_the_memory_tasks_went(
     dlq = tmp_path / "dlq.jsonl"
     config = _config(tmp_path, dead_letter=f"dead_letter: {{kind: file, path: {dlq}}}")
     proc = start(config)
-    err = _Lines(proc.stderr)
+    Lines(proc.stdout)  # drained, and closed at its end
+    err = Lines(proc.stderr)
     err.wait_for('"task.started"')
-    elapsed = _two_signals(proc)
+    elapsed = _two_signals(proc, err)
     stderr = err.text()
-    _close(proc)
     assert proc.returncode == 130, stderr
     assert elapsed < _EXIT_WITHIN_S
     last = stderr.strip().splitlines()[-1]
@@ -118,11 +91,11 @@ def test_second_signal_on_sqlite_says_what_stays_queued(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
     config = _config(tmp_path, broker=f"broker: {{kind: sqlite, path: {db}}}")
     proc = start(config)
-    err = _Lines(proc.stderr)
+    Lines(proc.stdout)  # drained, and closed at its end
+    err = Lines(proc.stderr)
     err.wait_for('"task.started"')
-    elapsed = _two_signals(proc)
+    elapsed = _two_signals(proc, err)
     stderr = err.text()
-    _close(proc)
     assert proc.returncode == 130, stderr
     assert elapsed < _EXIT_WITHIN_S
     last = stderr.strip().splitlines()[-1]
@@ -153,6 +126,18 @@ def _blocked_stdout() -> Iterator[tuple[int, int]]:
                 os.close(fd)
 
 
+#: The number of write(2) in /proc/PID/syscall.
+_WRITE_SYSCALL = {"x86_64": 1, "aarch64": 64}
+
+
+def _blocked_writing(pid: int, fd: int) -> bool:
+    """Whether the main thread of ``pid`` is blocked in write(2) on ``fd`` (Linux: the first
+    two fields of /proc/PID/syscall are the call's number and its first argument)."""
+    fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    write = str(_WRITE_SYSCALL[platform.machine()])
+    return len(fields) > 1 and fields[0] == write and int(fields[1], 16) == fd
+
+
 def test_second_signal_while_the_summary_prints_exits_130_with_a_line(tmp_path: Path) -> None:
     """The handlers were restored before the summary was printed: a second Ctrl-C there
     became click's Abort, exit 1, the summary cut and no message."""
@@ -167,19 +152,18 @@ def test_second_signal_while_the_summary_prints_exits_130_with_a_line(tmp_path: 
             stderr=subprocess.PIPE,
             text=True,
         )
-        err = _Lines(proc.stderr)
+        err = Lines(proc.stderr)
         err.wait_for('"task.started"')
         proc.send_signal(signal.SIGINT)
         # The shutdown has dead-lettered the queue and is now stuck printing the summary
         # into the full pipe.
         err.wait_for('"tasks.drained"')
-        time.sleep(0.3)
+        err.wait_until(lambda: _blocked_writing(proc.pid, 1), "the summary blocked on stdout")
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=20)
         elapsed = time.monotonic() - t0
     stderr = err.text()
-    _close(proc)
     assert proc.returncode == 130, stderr
     assert elapsed < _EXIT_WITHIN_S
     last = stderr.strip().splitlines()[-1]
@@ -196,13 +180,11 @@ def test_ctrl_c_on_the_memory_demo_groups_what_was_left(tmp_path: Path) -> None:
         "configs/demo.yaml", "--summary-json", str(summary),
         TASKS="3000", WORKERS="4", DQ_LOGGING__FORMAT="text", COLUMNS="80",
     )  # fmt: skip
-    err = _Lines(proc.stderr)
+    stdout, err = Lines(proc.stdout), Lines(proc.stderr)
     err.wait_for("task.succeeded")
     proc.send_signal(signal.SIGINT)
-    out = proc.stdout.read() if proc.stdout is not None else ""
     proc.wait(timeout=60)
-    stderr = err.text()
-    _close(proc)
+    out, stderr = stdout.text(), err.text()
     assert proc.returncode == 0, stderr
     data = json.loads(summary.read_text())
     drained = data["dead_by_reason"]["shutdown"]
@@ -304,9 +286,10 @@ def _run_in_pty(args: list[str], columns: int, actions: Any, **env: str) -> tupl
     return code, b"".join(chunks).decode("utf-8", "replace")
 
 
-def _wait_output(output: Any, text: str, timeout: float = 30.0) -> None:
+def _wait_output(output: Any, text: str, timeout: float = 30.0, *, regex: bool = False) -> None:
+    """Wait until ``output()`` contains ``text`` (or matches it, with ``regex``)."""
     deadline = time.monotonic() + timeout
-    while text not in output():
+    while not (re.search(text, output()) if regex else text in output()):
         assert time.monotonic() < deadline, f"no {text!r} in {output()[-2000:]!r}"
         time.sleep(0.05)
 
@@ -341,7 +324,8 @@ def test_the_demo_on_a_terminal_draws_one_final_panel() -> None:
 
     def actions(proc: subprocess.Popen[bytes], output: Any) -> None:
         _wait_output(output, "task.succeeded")
-        time.sleep(0.5)
+        # The panel is live and has counted tasks done: logs are being written above it.
+        _wait_output(output, r"[1-9]\d*/2000 done", regex=True)
         proc.send_signal(signal.SIGINT)
 
     code, text = _run_in_pty(["configs/demo.yaml"], 80, actions, TASKS="2000", WORKERS="4")

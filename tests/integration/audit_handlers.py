@@ -10,6 +10,8 @@ and whether two runs of one task ever overlapped.
 
 Payload keys (all optional but the audit dir):
 
+- ``until``: first wait until the file at this path exists (looked for every 50 ms), cut short
+  by ``ctx.cancelled``: the test decides when the handler returns, not a guess at its speed.
 - ``sleep``: seconds of "work" (default 0), cut short by ``ctx.cancelled``.
 - ``hold_first``: on attempt 1 only, first hold the task this long in 50 ms ``time.sleep``
   slices, so a test can SIGSTOP the process while it runs handler code (not while it writes).
@@ -44,6 +46,9 @@ def work(payload: dict[str, Any], ctx: TaskContext) -> None:
     hold = float(payload.get("hold_first", 0.0)) if ctx.attempt == 1 else 0.0
     for _ in range(round(hold / _SLICE_S)):
         time.sleep(_SLICE_S)  # slices, not one call: an interrupt lands between them
+    until = payload.get("until")
+    while until and not Path(until).exists() and not ctx.cancelled.wait(_SLICE_S):
+        pass
     sleep = float(payload.get("sleep", 0.0))
     if sleep > 0:
         ctx.cancelled.wait(sleep)

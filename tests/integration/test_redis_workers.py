@@ -180,7 +180,12 @@ def test_redis_killed_and_restarted_mid_run_workers_reconnect_and_lose_nothing(
     killed_at = time.time()
     before = cluster.runs()
     in_flight = sum(1 for r in before if r.end is None)
-    time.sleep(0.5)  # an outage the workers must notice, not a blip
+    # An outage the workers must notice, not a blip: it lasts until each one logged it.
+    wait_for(
+        lambda: all(w.events("broker.reconnecting") for w in workers),
+        20,
+        what="every worker reconnecting",
+    )
     server.start()
     outage = time.time() - killed_at
 

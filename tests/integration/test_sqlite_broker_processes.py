@@ -12,21 +12,24 @@ from runner.brokers.sqlite.broker import SqliteBroker
 from runner.model import Task
 
 # A consumer process: prints "ready", then claims, "works" ~1 ms per task, acks, and prints
-# each task id it acked; stops after the queue has been empty for a while.
+# each task id it acked; stops once the queue is empty after the file named by its second
+# argument exists (the producer has put everything). Not after a quiet spell: on a loaded
+# machine the producer can be that slow to start.
 CONSUMER = """
-import sys, time
+import sys
+import time
+from pathlib import Path
 from runner.brokers.sqlite.broker import SqliteBroker
 broker = SqliteBroker(sys.argv[1], 10_000, 5.0, "block", 60.0)
+all_put = Path(sys.argv[2])
 print("ready", flush=True)
-idle_since = None
 while True:
+    put_before = all_put.exists()  # looked at first: nothing is put after it appears
     got = broker.get({"a": 4, "b": 4}, 6, 0.1)
     if not got:
-        idle_since = idle_since or time.monotonic()
-        if time.monotonic() - idle_since > 1.0:
+        if put_before:
             break
         continue
-    idle_since = None
     for delivery in got:
         time.sleep(0.001)
         assert broker.ack(delivery), delivery
@@ -57,8 +60,9 @@ def spawn(script: str, *args: str) -> subprocess.Popen[str]:
 
 def test_two_processes_consume_every_task_exactly_once(tmp_path: Path) -> None:
     path = str(tmp_path / "shared.db")
+    all_put = tmp_path / "all-put"
     producer = SqliteBroker(path, 10_000, 5.0, "block", 60.0)
-    consumers = [spawn(CONSUMER, path) for _ in range(2)]
+    consumers = [spawn(CONSUMER, path, str(all_put)) for _ in range(2)]
     try:
         for proc in consumers:
             assert proc.stdout is not None
@@ -66,6 +70,7 @@ def test_two_processes_consume_every_task_exactly_once(tmp_path: Path) -> None:
         tasks = [Task("a" if i % 3 else "b", i) for i in range(600)]
         for i in range(0, len(tasks), 50):
             producer.put_many(tasks[i : i + 50])
+        all_put.touch()
         outputs = [proc.communicate(timeout=60) for proc in consumers]
     finally:
         for proc in consumers:
@@ -109,7 +114,9 @@ def test_tasks_put_while_no_worker_runs_are_consumed_by_a_later_process(tmp_path
     path = str(tmp_path / "later.db")
     with SqliteBroker(path, 100, 1.0, "block", 60.0) as producer:
         producer.put_many([Task("b", i) for i in range(20)])
-    consumer = spawn(CONSUMER, path)
+    all_put = tmp_path / "all-put"
+    all_put.touch()
+    consumer = spawn(CONSUMER, path, str(all_put))
     out, err = consumer.communicate(timeout=60)
     assert consumer.returncode == 0, err
     assert len(out.splitlines()) == 21  # "ready" and 20 task ids

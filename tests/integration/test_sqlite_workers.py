@@ -386,11 +386,13 @@ def test_an_ack_blocked_past_the_busy_timeout_is_retried_not_dropped(pipeline: P
     # BrokerUnavailable. Giving up would leave the row leased and run the task again later.
     pipeline.configure(visibility=30.0, timeout=5.0, threads=1)
     (worker,) = pipeline.start(1)
-    (task_id,) = pipeline.publish(1, sleep=0.5)
-    wait_for(lambda: bool(pipeline.runs()), 10, what="the handler started")
+    release = pipeline.tmp_path / "release"
+    (task_id,) = pipeline.publish(1, until=str(release))
+    wait_for(lambda: bool(pipeline.runs()), 20, what="the handler started")
     blocker = sqlite3.connect(pipeline.db, timeout=5.0, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     locked_at = time.monotonic()
+    release.touch()  # the handler returns now, its ack meets the lock
     try:
         # Sent by the dispatcher along with a fetch (broker.exchange) or by the settler thread.
         failed = ("broker.exchange failed", "broker settle of 1 task(s) failed")
