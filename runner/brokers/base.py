@@ -1,7 +1,7 @@
 """The broker contract: one Protocol that memory, SQLite and Redis all implement.
 
 A broker moves tasks; it never calls handlers, decides retries or logs business events.
-Every broker passes the same suite in tests/contract. The contract, in one line each:
+Every broker passes the same suite, runner.testing.contract. The contract, in one line each:
 
 - ``put_many`` is all-or-nothing. Capacity counts a task from put until ack or dead-letter
   (ready, delayed and leased tasks alike). When full, put blocks up to ``timeout`` (None: the

@@ -34,6 +34,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "runner.engine": (*BASE, "runner.engine", "runner.brokers.base"),
     "runner.middleware": (*BASE, "runner.middleware"),
     "runner.observe": (*BASE, "runner.observe", "runner.config", "runner.brokers.base"),
+    "runner.testing": (*BASE, "runner.brokers.base", "runner.testing"),  # see DEV_ONLY
     "runner.app": tuple(
         f"runner.{name}"
         for name in (
@@ -68,6 +69,10 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "runner.brokers": ("pydantic", "pydantic_settings", "yaml"),
     "runner.deadletter": ("pydantic", "pydantic_settings", "yaml"),
 }
+
+#: Imports that need a dev dependency (pytest) -> the one part that may make them, so that the
+#: runner runs where only its own dependencies are installed.
+DEV_ONLY: dict[str, str] = {"pytest": "runner.testing", "runner.testing": "runner.testing"}
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -120,6 +125,10 @@ def layering_violations(root: Path) -> list[str]:
             top = target.partition(".")[0]
             if top in FORBIDDEN.get(part, ()):
                 problems.append(f"{where}: {module} imports {target}")
+            owner = next((o for dev, o in DEV_ONLY.items() if _within(target, dev)), None)
+            if owner is not None and not _within(module, owner):
+                problems.append(f"{where}: {module} imports {target} (dev only)")
+                continue
             if top != root.name:
                 continue
             if not any(_within(target, allowed) for allowed in ALLOWED[part]):
@@ -162,6 +171,8 @@ def test_the_checker_reports_each_kind_of_forbidden_import(tmp_path: Path) -> No
             "observe/logs.py": "from ..ops import cli\n",
             "ops/__init__.py": "",
             "ops/cli.py": "from runner.engine.worker import f\n",  # ops may import anything
+            # ... but pytest and the contract suite only where pytest is installed.
+            "ops/check.py": "import pytest\nfrom runner.testing import contract\n",
             "app.py": "from runner.ops import cli\n",
         },
     )
@@ -172,6 +183,8 @@ def test_the_checker_reports_each_kind_of_forbidden_import(tmp_path: Path) -> No
         "runner/brokers/memory.py:4: runner.brokers.memory imports pydantic",
         "runner/engine/worker.py:2: runner.engine.worker imports runner.config.models",
         "runner/observe/logs.py:1: runner.observe.logs imports runner.ops.cli",
+        "runner/ops/check.py:1: runner.ops.check imports pytest (dev only)",
+        "runner/ops/check.py:2: runner.ops.check imports runner.testing (dev only)",
     ]
 
 
@@ -186,6 +199,8 @@ def test_the_checker_passes_a_tree_that_keeps_the_rules(tmp_path: Path) -> None:
             "engine/worker.py": "from runner.errors import X\nfrom runner.brokers.base import B\n",
             "brokers/__init__.py": "",
             "brokers/base.py": "from runner.model import Task\n",
+            "testing/__init__.py": "import pytest\n",
+            "testing/contract.py": "import pytest\nfrom runner.brokers.base import Broker\n",
             "app.py": "from runner.engine.worker import W\nimport pydantic\n",
         },
     )

@@ -1,7 +1,7 @@
 """Broker contract, ``oldest_enqueued_at`` (for ``dq-run stats``): ready, delayed and leased
 tasks all count; acked and dead-lettered ones do not; the first publish time survives retries.
 
-Runs once per broker in conftest.BROKERS.
+Runs once per broker that ``broker_factory`` gives.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from runner.brokers.base import Broker, BrokerAdmin
 from runner.model import Task
-from tests.contract.helpers import dead_record, failure, get_one, put
+from runner.testing.contract.helpers import dead_record, failure, get_one, put
 
 
 def task(type_: str, payload: int, enqueued_at: float, not_before: float = 0.0) -> Task:

@@ -11,8 +11,8 @@ isolation too.
 from __future__ import annotations
 
 from runner.brokers.base import Broker
-from tests.contract.conftest import BrokerMaker
-from tests.contract.helpers import GET_TIMEOUT_S, SHORT_LEASE_S, get_one, put, task
+from runner.testing.contract.fixtures import BrokerMaker
+from runner.testing.contract.helpers import GET_TIMEOUT_S, SHORT_LEASE_S, get_one, put, task
 
 
 def test_released_tasks_come_back_before_tasks_not_handed_out_yet(broker: Broker) -> None:

@@ -1,7 +1,8 @@
 """Broker contract, capacity and dead letters: backpressure, all-or-nothing puts, DLQ, replay.
 
-Runs once per broker in conftest.BROKERS. Timing checks: lower bounds strict, upper bounds
-loose (helpers.PROMPTLY_S: far from what they tell apart, so a loaded machine passes them).
+Runs once per broker that ``broker_factory`` gives. Timing checks: lower bounds strict, upper
+bounds loose (helpers.PROMPTLY_S: far from what they tell apart, so a loaded machine passes
+them).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import pytest
 
 from runner.brokers.base import Answer, Broker, BrokerAdmin, DeadLetterFilter, Depth, Settle
 from runner.errors import BrokerClosed, QueueFull
-from tests.contract.conftest import BrokerMaker
-from tests.contract.helpers import (
+from runner.testing.contract.fixtures import BrokerMaker
+from runner.testing.contract.helpers import (
     ALL,
     GET_TIMEOUT_S,
     PROMPTLY_S,

@@ -1,8 +1,8 @@
 """Broker contract, settle answers: DONE, ALREADY_DONE (a resend under a settled receipt) and
 FENCED (the lease moved on), for single calls, settle_many, exchange and extend.
 
-Runs once per broker in conftest.BROKERS. A broker remembers a settled receipt for at least one
-visibility timeout, so the tests that expect ALREADY_DONE use a long one.
+Runs once per broker that ``broker_factory`` gives. A broker remembers a settled receipt for at
+least one visibility timeout, so the tests that expect ALREADY_DONE use a long one.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from runner.brokers.base import Answer, Broker, Delivery, Depth, Settle
 from runner.errors import QueueFull
-from tests.contract.conftest import BrokerMaker
-from tests.contract.helpers import (
+from runner.testing.contract.fixtures import BrokerMaker
+from runner.testing.contract.helpers import (
     ALL,
     GET_TIMEOUT_S,
     SHORT_LEASE_S,

@@ -1,7 +1,8 @@
 """Broker contract, delivery side: slots, FIFO, delays, attempts, leases, fencing, wake, close.
 
-Runs once per broker in conftest.BROKERS. Timing checks: lower bounds strict, upper bounds
-loose (helpers.PROMPTLY_S: far from what they tell apart, so a loaded machine passes them).
+Runs once per broker that ``broker_factory`` gives. Timing checks: lower bounds strict, upper
+bounds loose (helpers.PROMPTLY_S: far from what they tell apart, so a loaded machine passes
+them).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from runner.brokers.base import (
     Settle,
 )
 from runner.errors import BrokerClosed
-from tests.contract.conftest import BrokerMaker
-from tests.contract.helpers import (
+from runner.model import DeadReason
+from runner.testing.contract.fixtures import BrokerMaker
+from runner.testing.contract.helpers import (
     ALL,
     GET_TIMEOUT_S,
     PROMPTLY_S,
@@ -121,9 +123,9 @@ def test_attempts_counted_at_hand_out_and_redelivered_after_lease_expiry(
     assert (third.task.attempt, third.redelivered) == (3, True)
     # The engine sees attempt > max_attempts on the next one and dead-letters it.
     fourth = get_one(broker, timeout=GET_TIMEOUT_S)
-    assert broker.dead(fourth, dead_record(fourth, reason="max deliveries"))
+    assert broker.dead(fourth, dead_record(fourth, reason=DeadReason.MAX_DELIVERIES))
     (record,) = admin.dead_letters(DeadLetterFilter())
-    assert (record.id, record.reason, record.attempts) == (sent.id, "max deliveries", 4)
+    assert (record.id, record.reason, record.attempts) == (sent.id, DeadReason.MAX_DELIVERIES, 4)
     assert broker.get(ALL, 10, 2 * vt) == []
 
 
