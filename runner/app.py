@@ -30,7 +30,7 @@ from runner.loader import load_class, load_handler, resolve_exception
 from runner.middleware.base import Middleware, overriding, wrap_chain
 from runner.middleware.payloads import PayloadValidation, payload_model
 from runner.middleware.simulate import Simulation
-from runner.model import DeadReason, Task
+from runner.model import NO_HEADERS, DeadReason, Task
 from runner.observe.logs import setup_logging, task_logger
 from runner.observe.metrics import MetricsListener
 from runner.observe.progress import Progress, progress_enabled
@@ -142,7 +142,10 @@ class Runner:
         tasks = []
         for item in items:
             type_name, payload = item[0], item[1]
-            headers = dict(item[2]) if len(item) > 2 else {}
+            hooks = self._on_publish.get(type_name, ())
+            given = item[2] if len(item) > 2 else None
+            # A dict only where there are headers or hooks that may add some.
+            headers: dict[str, Any] | None = dict(given or {}) if given or hooks else None
             if type_name not in self.config.task_types:
                 known = ", ".join(sorted(self.config.task_types))
                 raise UsageError(f"unknown task type {type_name!r} (known: {known})")
@@ -152,7 +155,8 @@ class Runner:
                     json.dumps(payload, allow_nan=False)
                 except (TypeError, ValueError) as exc:
                     raise UsageError(f"payload of a {type_name!r} task is not JSON: {exc}") from exc
-            for middleware in self._on_publish[type_name]:
+            for middleware in hooks:
+                assert headers is not None
                 try:
                     middleware.on_publish(type_name, payload, headers)
                 except InvalidPayload as exc:
@@ -168,7 +172,7 @@ class Runner:
                     payload=payload,
                     enqueued_at=now,
                     not_before=now + delay_s if delay_s else 0.0,
-                    headers=headers,
+                    headers=headers or NO_HEADERS,
                 )
             )
         self.broker.put_many(tasks)

@@ -15,7 +15,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -25,6 +25,28 @@ from typing import Any
 _id_bits = random.Random()
 os.register_at_fork(after_in_child=_id_bits.seed)
 
+
+class _NoHeaders(Mapping[str, Any]):
+    """An empty, read-only, hashable mapping (a dataclass default must be hashable)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __hash__(self) -> int:
+        return 0
+
+
+#: The headers of a task that has none: one shared, read-only mapping (a dict per task would
+#: cost an allocation and 64 bytes on every task).
+NO_HEADERS: Mapping[str, Any] = _NoHeaders()
 
 #: How many attempts a task remembers; older ones are dropped (the count stays exact).
 HISTORY_LIMIT = 10
@@ -108,7 +130,7 @@ class Task:
     history: tuple[AttemptRecord, ...] = ()
     #: Set by middleware as the task is published (``ctx.headers`` in the handler): a trace id,
     #: the simulator's fault plan. JSON values; not part of the payload, never validated by it.
-    headers: dict[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, Any] = NO_HEADERS
 
     def with_failure(self, failure: AttemptRecord) -> Task:
         """This task with one more failed attempt in its (bounded) history."""
@@ -125,7 +147,7 @@ class Task:
             "history": [h.to_json() for h in self.history],
         }
         if self.headers:  # written only when there are some: older runners read the rest
-            data["headers"] = self.headers
+            data["headers"] = dict(self.headers)
         return data
 
     @classmethod
@@ -140,7 +162,7 @@ class Task:
             enqueued_at=float(data.get("enqueued_at", 0.0)),
             not_before=float(data.get("not_before", 0.0)),
             history=tuple(AttemptRecord.from_json(h) for h in history) if history else (),
-            headers=dict(data.get("headers") or {}),
+            headers=dict(data["headers"]) if data.get("headers") else NO_HEADERS,
         )
 
 
@@ -276,7 +298,7 @@ class TaskContext:
     cancelled: Cancellation
     make_logger: Callable[[], logging.LoggerAdapter[logging.Logger]] = field(repr=False)
     #: The task's headers (set by middleware at publish); read them, do not change them.
-    headers: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, Any] = NO_HEADERS
 
     @cached_property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:

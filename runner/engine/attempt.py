@@ -286,8 +286,8 @@ class Attempts:
             result = OUTCOME_OF[outcome.event]
             self._emit(outcome.event, delivery, outcome=result, **outcome.fields)
             record = outcome.settle.record
-            rt = self.types.get(delivery.task.type)
-            if record is not None and rt is not None:
+            rt = self.types.get(delivery.task.type) if record is not None else None
+            if rt is not None and record is not None:
                 for middleware in rt.on_dead:
                     try:
                         middleware.on_dead_letter(record)

@@ -486,9 +486,11 @@ class Books:
         return lost
 
     def renewed_at(self, delivery: Delivery) -> float | None:
-        """When ``delivery``'s lease was last known good (monotonic), None if not held."""
-        with self._lock:
-            return self._renewed_at.get(delivery.receipt)
+        """When ``delivery``'s lease was last known good (monotonic), None if not held.
+
+        Read without the lock: it runs before every task starts, and one dict read is atomic;
+        a value a moment old only makes the caller ask the broker when it need not have."""
+        return self._renewed_at.get(delivery.receipt)
 
     # -- stopping ----------------------------------------------------------------------------
 

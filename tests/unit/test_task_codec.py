@@ -231,3 +231,16 @@ def test_seeding_the_random_module_does_not_repeat_ids() -> None:
     first = new_task_id()
     random.seed(42)
     assert new_task_id()[12:] != first[12:]
+
+
+def test_headers_round_trip_and_an_envelope_without_them_is_unchanged() -> None:
+    """Headers (set by middleware at publish) travel in the envelope; a task without any
+    writes no ``headers`` key, so envelopes read by older runners are the same as before."""
+    plain = Task("t", {"n": 1})
+    assert "headers" not in json.loads(encode_task(plain))
+    assert decode_task(encode_task(plain)) == plain
+    assert dict(decode_task(encode_task(plain)).headers) == {}
+    traced = Task("t", {"n": 1}, headers={"x-trace": "abc", "plan": {"fail": 1}})
+    again = decode_task(encode_task(traced))
+    assert again == traced
+    assert again.headers == {"x-trace": "abc", "plan": {"fail": 1}}
