@@ -65,11 +65,9 @@ def _two_signals(proc: subprocess.Popen[str], err: Lines) -> float:
     return time.monotonic() - t0
 
 
-def test_second_signal_in_the_grace_period_says_where_the_memory_tasks_went(
-    tmp_path: Path,
-) -> None:
-    dlq = tmp_path / "dlq.jsonl"
-    config = _config(tmp_path, dead_letter=f"dead_letter: {{kind: file, path: {dlq}}}")
+def _forced_exit_line(config: str) -> str:
+    """Run ``config``, send two signals once a task runs; the last line the run wrote (it must
+    exit 130, within _EXIT_WITHIN_S of the first signal)."""
     proc = start(config)
     Lines(proc.stdout)  # drained, and closed at its end
     err = Lines(proc.stderr)
@@ -78,7 +76,15 @@ def test_second_signal_in_the_grace_period_says_where_the_memory_tasks_went(
     stderr = err.text()
     assert proc.returncode == 130, stderr
     assert elapsed < _EXIT_WITHIN_S
-    last = stderr.strip().splitlines()[-1]
+    return stderr.strip().splitlines()[-1]
+
+
+def test_second_signal_in_the_grace_period_says_where_the_memory_tasks_went(
+    tmp_path: Path,
+) -> None:
+    dlq = tmp_path / "dlq.jsonl"
+    config = _config(tmp_path, dead_letter=f"dead_letter: {{kind: file, path: {dlq}}}")
+    last = _forced_exit_line(config)
     # 38 queued and the 2 running ones: nothing of the 40 is lost, and the line says where.
     assert last == (
         f"forced exit: 40 unfinished tasks dead-lettered, in {dlq} "
@@ -90,15 +96,7 @@ def test_second_signal_in_the_grace_period_says_where_the_memory_tasks_went(
 def test_second_signal_on_sqlite_says_what_stays_queued(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
     config = _config(tmp_path, broker=f"broker: {{kind: sqlite, path: {db}}}")
-    proc = start(config)
-    Lines(proc.stdout)  # drained, and closed at its end
-    err = Lines(proc.stderr)
-    err.wait_for('"task.started"')
-    elapsed = _two_signals(proc, err)
-    stderr = err.text()
-    assert proc.returncode == 130, stderr
-    assert elapsed < _EXIT_WITHIN_S
-    last = stderr.strip().splitlines()[-1]
+    last = _forced_exit_line(config)
     found = re.fullmatch(
         rf"forced exit: (\d+) tasks stay queued in the SQLite file {re.escape(str(db))}; the "
         r"(\d+) running here are handed out again after visibility_timeout \(30s\)",
