@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from runner.backends import create_broker
-from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth
+from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth, Pause
 from runner.config.models import PipelineConfig
 from runner.engine.attempt import TaskLogger, TypeRuntime, default_task_logger
 from runner.engine.retry import RetryPlan
@@ -282,6 +282,25 @@ class Runner:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    # -- operating -------------------------------------------------------------------------
+
+    def pause(self, type_name: str, for_s: float | None = None) -> None:
+        """Hand out no ``type_name`` task (to any process sharing the broker) for ``for_s``
+        seconds of the broker's clock, or until ``resume``; tasks running now finish."""
+        self._known_type(type_name)
+        until = None if for_s is None else self.broker.now() + for_s
+        self.broker.set_gate(type_name, Pause(until=until))
+
+    def resume(self, type_name: str) -> bool:
+        """Hand ``type_name``'s tasks out again; False when it was not paused."""
+        self._known_type(type_name)
+        return self.broker.clear_gate(type_name, Pause)
+
+    def _known_type(self, type_name: str) -> None:
+        if type_name not in self.worker.types:
+            known = ", ".join(sorted(self.worker.types))
+            raise UsageError(f"unknown task type {type_name!r} (known: {known})")
 
     # -- state for metrics and progress ----------------------------------------------------
 

@@ -57,6 +57,27 @@ Every broker passes the same suite, runner.testing.contract. The contract, in on
   ``oldest_enqueued_at`` maps each type with queued tasks (ready, delayed or leased) to the
   earliest ``enqueued_at`` among them (epoch seconds of first publish); for ``dq-run stats``.
 
+Gates and effects (brokers that declare ``gates_in_get`` / ``settle_effects``; the features
+built on them, such as rate limits, circuit breakers and pipelines, need both):
+
+- A **gate** is a callable-free description, stored in the broker per task type, that ``get``
+  (and ``exchange``) evaluate inside the same claim, transaction or script that hands tasks
+  out, and that may lower the type's free slots to 0. A task held back by a gate is simply not
+  handed out: it uses no attempt, holds no lease and stays ready (``depth`` counts it). The
+  one gate today is ``Pause(until)``: no task of the type is handed out until ``until`` (epoch
+  seconds on the broker's clock) or, with ``until=None``, until ``clear_gate``. A blocked
+  ``get`` notices a gate cleared or expired within its usual wake-up time. ``set_gate``
+  replaces the type's gate of the same kind; ``gates()`` lists those in force.
+- **Effects** ride on a settle op (``Settle.effects``): tasks to put, keys to set (with an
+  optional ttl) and keys to delete, applied in the same step (transaction, script, lock) as the
+  settle, and only when it answers ``DONE``: a ``FENCED`` settle applies none of them, and an
+  ``ALREADY_DONE`` resend does not apply them again. Puts never wait for or fail on capacity
+  (like retries they may overshoot it; they are counted from then on); a put with a future
+  ``not_before`` is delayed. ``read_values(keys)`` reads keys set this way; one whose ttl has
+  run out reads as absent.
+- Time in gates and effects is the broker's (``now()``): Redis' ``TIME``, the machine's clock
+  for SQLite and memory, never a calling process's own.
+
 Capability flags: class attributes every broker declares, so that the runner, the operator
 commands and the config defaults ask the class what it can do rather than compare kind names.
 Each is read from the class, before any broker is built, as well as from a live broker:
@@ -74,15 +95,20 @@ Each is read from the class, before any broker is built, as well as from a live 
   finished tasks from a background thread, several per ``settle_many``. False: a call costs only
   a lock, cheaper inline.
 
-``BaseBroker`` declares them (a durable, shared, batching broker by default) and derives
-``settle_many`` and ``exchange`` from the single calls; a backend may override either with a
-faster one (one transaction, one script).
+- ``gates_in_get`` and ``settle_effects``: the broker implements gates and effects (above).
+  Without them ``set_gate``, ``clear_gate``, ``gates`` and ``read_values`` raise
+  NotImplementedError, and so does a settle that carries effects.
+
+``BaseBroker`` declares them (by default a durable, shared, batching broker without gates or
+effects) and derives ``settle_many`` and ``exchange`` from the single calls; a backend may
+override either with a faster one (one transaction, one script).
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
@@ -116,6 +142,36 @@ class Answer(enum.Enum):
         return self is not Answer.FENCED
 
 
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """A gate: no task of the type is handed out until ``until`` (epoch seconds on the broker's
+    clock), or until the gate is cleared when ``until`` is None."""
+
+    until: float | None = None
+
+
+#: Every kind of gate (rate buckets and circuit states join it with the features that use them).
+Gate = Pause
+
+
+@dataclass(frozen=True, slots=True)
+class SetValue:
+    """An effect: set ``key`` to ``value``; with ``ttl_s``, it reads as absent after that long."""
+
+    key: str
+    value: str
+    ttl_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Effects:
+    """What a settle also does, in the same step and only when it answers DONE."""
+
+    puts: tuple[Task, ...] = ()
+    sets: tuple[SetValue, ...] = ()
+    deletes: tuple[str, ...] = ()
+
+
 SettleKind = Literal["ack", "retry", "dead", "release"]
 
 
@@ -131,6 +187,7 @@ class Settle(NamedTuple):
     delay_s: float = 0.0
     failure: AttemptRecord | None = None
     record: DeadLetter | None = None
+    effects: Effects | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +228,8 @@ class Broker(Protocol):
     durable: ClassVar[bool]
     shared: ClassVar[bool]
     batch_settles: ClassVar[bool]
+    gates_in_get: ClassVar[bool]
+    settle_effects: ClassVar[bool]
 
     def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None: ...
 
@@ -197,6 +256,16 @@ class Broker(Protocol):
     def depth(self) -> dict[str, Depth]: ...
 
     def close(self) -> None: ...
+
+    def now(self) -> float: ...
+
+    def set_gate(self, type_name: str, gate: Gate) -> None: ...
+
+    def clear_gate(self, type_name: str, kind: type[Gate]) -> bool: ...
+
+    def gates(self) -> dict[str, tuple[Gate, ...]]: ...
+
+    def read_values(self, keys: Sequence[str]) -> dict[str, str]: ...
 
 
 @runtime_checkable
@@ -227,6 +296,8 @@ class BaseBroker(abc.ABC):
     durable: ClassVar[bool] = True
     shared: ClassVar[bool] = True
     batch_settles: ClassVar[bool] = True
+    gates_in_get: ClassVar[bool] = False
+    settle_effects: ClassVar[bool] = False
 
     @abc.abstractmethod
     def put_many(self, tasks: Sequence[Task], timeout: float | None = None) -> None: ...
@@ -258,6 +329,24 @@ class BaseBroker(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    def now(self) -> float:
+        """The broker's clock: the time its gates and effects are evaluated by."""
+        return time.time()
+
+    def set_gate(self, type_name: str, gate: Gate) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no gates (gates_in_get is False)")
+
+    def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} has no gates (gates_in_get is False)")
+
+    def gates(self) -> dict[str, tuple[Gate, ...]]:
+        raise NotImplementedError(f"{type(self).__name__} has no gates (gates_in_get is False)")
+
+    def read_values(self, keys: Sequence[str]) -> dict[str, str]:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no settle effects (settle_effects is False)"
+        )
+
     def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
         return settle_each(self, ops)
 
@@ -268,12 +357,22 @@ class BaseBroker(abc.ABC):
 
 
 def settle_each(broker: Broker, ops: Sequence[Settle]) -> list[Answer]:
-    """``settle_many`` for a broker whose single calls cost no round trip: one call per op."""
+    """``settle_many`` for a broker whose single calls cost no round trip: one call per op.
+
+    The single calls carry no effects: a broker with ``settle_effects`` has its own
+    ``settle_many``.
+    """
+    if any(op.effects is not None for op in ops):
+        raise NotImplementedError(
+            f"{type(broker).__name__} has no settle effects (settle_effects is False)"
+        )
     return [settle_one(broker, op) for op in ops]
 
 
 def settle_one(broker: Broker, op: Settle) -> Answer:
-    """``op`` as the single call it stands for."""
+    """``op`` as the single call it stands for (one that carries effects: ``settle_many``)."""
+    if op.effects is not None:
+        return broker.settle_many([op])[0]
     if op.kind == "ack":
         return broker.ack(op.delivery)
     if op.kind == "release":

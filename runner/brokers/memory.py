@@ -46,7 +46,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
-from runner.brokers.base import Answer, BaseBroker, DeadLetterFilter, Delivery, Depth
+from runner.brokers.base import (
+    Answer,
+    BaseBroker,
+    DeadLetterFilter,
+    Delivery,
+    Depth,
+    Effects,
+    Gate,
+    Settle,
+    settle_one,
+)
 from runner.deadletter.store import DeadLetterStore
 from runner.errors import BrokerClosed, QueueFull
 from runner.model import HISTORY_LIMIT, AttemptRecord, DeadLetter, DeadReason, Task
@@ -89,6 +99,8 @@ class MemoryBroker(BaseBroker):
     durable = False
     shared = False
     batch_settles = False
+    gates_in_get = True
+    settle_effects = True
 
     def __init__(
         self,
@@ -132,6 +144,11 @@ class MemoryBroker(BaseBroker):
         self._wake_pending = False
         self._put_waiting = 0
         self._closed = False
+        # Gates (a paused type is left out of every claim) and the values settle effects set:
+        # key -> (value, expires_at or None), expired ones dropped when read or swept.
+        self._gates: dict[str, Gate] = {}  # one kind of gate so far: one per type
+        self._values: dict[str, tuple[str, float | None]] = {}
+        self._values_swept_at = 0
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -213,6 +230,8 @@ class MemoryBroker(BaseBroker):
     def _take(self, slots: Mapping[str, int], limit: int, now: float) -> list[Delivery]:
         out: list[Delivery] = []
         budget = {t: n for t, n in slots.items() if n > 0 and self._ready.get(t)}
+        if self._gates:
+            budget = {t: n for t, n in budget.items() if not self._gated(t, now)}
         if not budget or limit <= 0:
             return out
         active = list(budget)
@@ -250,64 +269,101 @@ class MemoryBroker(BaseBroker):
 
     def ack(self, delivery: Delivery) -> Answer:
         with self._cond:
-            self._check_open("settle")
-            lease = self._end_lease(delivery)
-            if lease is None:
-                return self._not_leased(delivery)
-            now = self._clock()  # _settled_now, inlined: every task's last call goes this way
-            self._settled[delivery.receipt] = now
-            if now >= self._prune_at:
-                self._prune_settled(now)
-            self._forget_one()
-            return _DONE
+            return self._ack(delivery)
 
     def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> Answer:
         with self._cond:
-            self._check_open("settle")
-            lease = self._end_lease(delivery)
-            if lease is None:
-                return self._not_leased(delivery)
-            now = self._clock()
-            self._settled_now(delivery.receipt, now)
-            task = replace(
-                lease.task,
-                not_before=now + delay_s if delay_s > 0 else 0.0,
-                history=(*lease.task.history, failure)[-HISTORY_LIMIT:],
-            )
-            if delay_s > 0:
-                self._push_delayed(task)
-            else:
-                self._queue(task.type).append(task)
-            self._cond.notify_all()  # a getter may now have a task, or an earlier due time
-            return _DONE
+            return self._retry(delivery, delay_s, failure)
 
     def dead(self, delivery: Delivery, record: DeadLetter) -> Answer:
         with self._cond:
-            self._check_open("settle")
-            if delivery.receipt not in self._leases:
-                return self._not_leased(delivery)
-            # Written before the lease ends: if the store fails, the task stays leased (and is
-            # redelivered after its lease expires) rather than being lost.
-            self.dead_letter_store.add(record)
-            self._end_lease(delivery)
-            self._settled_now(delivery.receipt, self._clock())
-            self._forget_one()
-            return _DONE
+            return self._dead(delivery, record)
 
     def release(self, delivery: Delivery) -> Answer:
         with self._cond:
-            self._check_open("settle")
-            lease = self._end_lease(delivery)
-            if lease is None:
-                return self._not_leased(delivery)
-            self._settled_now(delivery.receipt, self._clock())
-            # Undo the hand-out exactly: the attempt and the redelivered flag are given back.
-            task = lease.task
-            self._queue(task.type).appendleft(_with_attempt(task, task.attempt - 1))
-            if lease.redelivered:
-                self._redelivered.add(task.id)
-            self._cond.notify_all()
-            return _DONE
+            return self._release(delivery)
+
+    def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
+        """Each op as its own call; one with effects applies them under the same lock hold."""
+        answers = []
+        for op in ops:
+            if op.effects is None:
+                answers.append(settle_one(self, op))
+                continue
+            with self._cond:
+                answer = self._settle_locked(op)
+                if answer is _DONE:
+                    self._apply(op.effects)
+            answers.append(answer)
+        return answers
+
+    def _settle_locked(self, op: Settle) -> Answer:
+        if op.kind == "ack":
+            return self._ack(op.delivery)
+        if op.kind == "release":
+            return self._release(op.delivery)
+        if op.kind == "retry":
+            assert op.failure is not None, "a retry carries its failure"
+            return self._retry(op.delivery, op.delay_s, op.failure)
+        assert op.record is not None, "a dead-letter carries its record"
+        return self._dead(op.delivery, op.record)
+
+    def _ack(self, delivery: Delivery) -> Answer:
+        self._check_open("settle")
+        lease = self._end_lease(delivery)
+        if lease is None:
+            return self._not_leased(delivery)
+        now = self._clock()  # _settled_now, inlined: every task's last call goes this way
+        self._settled[delivery.receipt] = now
+        if now >= self._prune_at:
+            self._prune_settled(now)
+        self._forget_one()
+        return _DONE
+
+    def _retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> Answer:
+        self._check_open("settle")
+        lease = self._end_lease(delivery)
+        if lease is None:
+            return self._not_leased(delivery)
+        now = self._clock()
+        self._settled_now(delivery.receipt, now)
+        task = replace(
+            lease.task,
+            not_before=now + delay_s if delay_s > 0 else 0.0,
+            history=(*lease.task.history, failure)[-HISTORY_LIMIT:],
+        )
+        if delay_s > 0:
+            self._push_delayed(task)
+        else:
+            self._queue(task.type).append(task)
+        self._cond.notify_all()  # a getter may now have a task, or an earlier due time
+        return _DONE
+
+    def _dead(self, delivery: Delivery, record: DeadLetter) -> Answer:
+        self._check_open("settle")
+        if delivery.receipt not in self._leases:
+            return self._not_leased(delivery)
+        # Written before the lease ends: if the store fails, the task stays leased (and is
+        # redelivered after its lease expires) rather than being lost.
+        self.dead_letter_store.add(record)
+        self._end_lease(delivery)
+        self._settled_now(delivery.receipt, self._clock())
+        self._forget_one()
+        return _DONE
+
+    def _release(self, delivery: Delivery) -> Answer:
+        self._check_open("settle")
+        lease = self._end_lease(delivery)
+        if lease is None:
+            return self._not_leased(delivery)
+        self._settled_now(delivery.receipt, self._clock())
+        # Undo the hand-out exactly: the attempt and the redelivered flag are given back.
+        task = lease.task
+        self._queue(task.type).appendleft(_with_attempt(task, task.attempt - 1))
+        if lease.redelivered:
+            self._redelivered.add(task.id)
+        self._cond.notify_all()
+        return _DONE
 
     def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]:
         with self._cond:
@@ -349,6 +405,41 @@ class MemoryBroker(BaseBroker):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    # -- gates and effects (runner.brokers.base) -----------------------------------------------
+
+    def now(self) -> float:
+        return self._clock()
+
+    def set_gate(self, type_name: str, gate: Gate) -> None:
+        with self._cond:
+            self._check_open("set_gate")
+            self._gates[type_name] = gate
+            self._cond.notify_all()  # a waiting get's next due time may be the gate's end
+
+    def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
+        with self._cond:
+            self._check_open("clear_gate")
+            gate = self._gates.pop(type_name, None)
+            self._cond.notify_all()
+            return gate is not None and (gate.until is None or gate.until > self._clock())
+
+    def gates(self) -> dict[str, tuple[Gate, ...]]:
+        with self._cond:
+            self._check_open("gates")
+            now = self._clock()
+            return {t: (g,) for t, g in sorted(self._gates.items()) if self._gated(t, now)}
+
+    def read_values(self, keys: Sequence[str]) -> dict[str, str]:
+        with self._cond:
+            self._check_open("read_values")
+            now = self._clock()
+            found = {}
+            for key in keys:
+                held = self._values.get(key)
+                if held is not None and (held[1] is None or held[1] > now):
+                    found[key] = held[0]
+            return found
 
     # -- admin side ----------------------------------------------------------------------------
 
@@ -479,6 +570,35 @@ class MemoryBroker(BaseBroker):
             del self._settled[receipt]
         self._prune_at = now + self.visibility_timeout / 8
 
+    def _gated(self, type_name: str, now: float) -> bool:
+        """True while a gate holds ``type_name`` back; an expired pause is dropped."""
+        gate = self._gates.get(type_name)
+        if gate is None:
+            return False
+        if gate.until is None or gate.until > now:
+            return True
+        del self._gates[type_name]
+        return False
+
+    def _apply(self, effects: Effects) -> None:
+        """A settle's effects, after it took effect: puts (never refused for capacity), then
+        sets, then deletes."""
+        now = self._clock()
+        if effects.puts:
+            self._enqueue(effects.puts, now)
+        values = self._values
+        for item in effects.sets:
+            values[item.key] = (item.value, None if item.ttl_s is None else now + item.ttl_s)
+        for key in effects.deletes:
+            values.pop(key, None)
+        if len(values) > 2 * self._values_swept_at + 64:
+            # Keys whose ttl ran out are dropped when read; sweep the ones never read again.
+            for key in [
+                k for k, (_, until) in values.items() if until is not None and until <= now
+            ]:
+                del values[key]
+            self._values_swept_at = len(values)
+
     def _not_leased(self, delivery: Delivery) -> Answer:
         """The answer for a receipt that holds no lease: settled lately, or fenced."""
         at = self._settled.get(delivery.receipt)
@@ -518,6 +638,9 @@ class MemoryBroker(BaseBroker):
             due = self._delayed[0][0]
         if self._expiry:
             due = min(due, self._expiry[0][0])
+        for gate in self._gates.values():
+            if gate.until is not None:
+                due = min(due, gate.until)  # a paused type's tasks come back then
         return due
 
 

@@ -8,6 +8,14 @@ middleware hooks, the handler under its deadline, how it ends), ``settle`` (tell
 how a delivery ended, inline or in batches), ``timeouts`` (deadlines, interrupts, overruns) and
 ``retry`` (retry decisions).
 
+One word per concept: to **settle** a delivery is the broker call that ends it (ack, retry, dead
+or release), and every name for it says so: a ``Settle`` (runner.brokers.base) is one such call's
+arguments, ``settle_one`` / ``Broker.settle_many`` make one or several, the ``Settler`` makes
+them for the worker. Two neighbouring concepts keep their own words: a retry policy's
+``Decision`` (retry, or dead-letter and why) is what picks a settle's kind, and an attempt's
+``Outcome`` is the settle it ended in together with the event that is emitted once the broker
+answered it.
+
 May import: runner.errors, runner.model, runner.codec, runner.events, runner.eventlog,
 runner.middleware.base (the hooks it calls) and runner.brokers.base (the contract, never a
 backend). Never the config models or pydantic: the composition root (runner.app) hands the

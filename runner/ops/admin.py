@@ -1,4 +1,4 @@
-"""Operator operations behind ``dq-run publish``, ``dq-run dlq`` and ``dq-run stats``.
+"""Operator operations behind ``dq-run publish``, ``dlq``, ``stats``, ``pause`` and ``resume``.
 
 Plain functions over a validated config and a ``BrokerAdmin``; they return data and raise the
 runner's errors, and the CLI only parses, calls and prints (runner.ops.views formats).
@@ -21,11 +21,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from runner.backends import broker_class, create_broker
-from runner.brokers.base import BrokerAdmin, DeadLetterFilter, Depth
+from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth, Pause
 from runner.config.models import PipelineConfig, parse_duration
 from runner.config.models import parse_rate as config_parse_rate
 from runner.deadletter.file import FileDeadLetters
@@ -50,6 +50,10 @@ _NO_STATS = (
     f"cannot show stats: {_IN_PROCESS}, and no other process can see its queue; the running "
     "process shows live progress and /metrics instead"
 )
+_NO_PAUSE = (
+    f"cannot {{command}}: {_IN_PROCESS}, so no other process can reach it; pause it from the "
+    "process itself (Runner.pause), or use a sqlite or redis broker"
+)
 _NO_DLQ = (
     f"no dead letters to read: {_IN_PROCESS} and keeps them in memory, lost when it exits; "
     "keep them with `dead_letter: {{kind: file, path: ...}}`, or use a sqlite or redis broker"
@@ -63,8 +67,8 @@ def require_shared(config: PipelineConfig, command: str) -> None:
     """Raise NotSupported (saying why) when ``command`` cannot work on the config's broker:
     one that is not ``shared`` cannot be reached from another process."""
     if not broker_class(config).shared:
-        message = {"publish": _NO_PUBLISH, "stats": _NO_STATS}[command]
-        raise NotSupported(message.format(kind=config.broker.kind))
+        message = {"publish": _NO_PUBLISH, "stats": _NO_STATS}.get(command, _NO_PAUSE)
+        raise NotSupported(message.format(kind=config.broker.kind, command=command))
 
 
 def publish(config: PipelineConfig, drafts: Sequence[Draft], delay_s: float = 0.0) -> list[str]:
@@ -174,7 +178,7 @@ def dead_letter_filter(
     """The filter for CLI options; ``since`` is a duration (``1h``, ``30m``) back from now."""
     cutoff = None
     if since is not None:
-        cutoff = (time.time() if now is None else now) - _duration("--since", since)
+        cutoff = (time.time() if now is None else now) - parse_duration_option("--since", since)
     return DeadLetterFilter(
         ids=frozenset(ids) if ids else None, type=type_name, error=error, since=cutoff
     )
@@ -290,6 +294,42 @@ def purge(admin: BrokerAdmin, records: Sequence[DeadLetter]) -> int:
     return admin.purge(DeadLetterFilter(ids=frozenset(r.id for r in records)))
 
 
+# -- pause and resume ----------------------------------------------------------------------
+
+
+def pause(config: PipelineConfig, type_name: str, for_s: float | None = None) -> Pause:
+    """Stop every process from being handed ``type_name``'s tasks (for ``for_s`` seconds on the
+    broker's clock, or until resumed); tasks running now finish. Returns the gate set."""
+    broker = _gated_broker(config, type_name, "pause")
+    try:
+        gate = Pause(until=None if for_s is None else broker.now() + for_s)
+        broker.set_gate(type_name, gate)
+        return gate
+    finally:
+        broker.close()
+
+
+def resume(config: PipelineConfig, type_name: str) -> bool:
+    """Hand ``type_name``'s tasks out again; False when it was not paused."""
+    broker = _gated_broker(config, type_name, "resume")
+    try:
+        return broker.clear_gate(type_name, Pause)
+    finally:
+        broker.close()
+
+
+def _gated_broker(config: PipelineConfig, type_name: str, command: str) -> Broker:
+    require_shared(config, command)
+    if type_name not in config.task_types:
+        known = ", ".join(sorted(config.task_types))
+        raise UsageError(f"unknown task type {type_name!r} (known: {known})")
+    if not broker_class(config).gates_in_get:
+        raise NotSupported(
+            f"cannot {command}: the {config.broker.kind} broker has no gates (gates_in_get)"
+        )
+    return create_broker(config)
+
+
 # -- stats ---------------------------------------------------------------------------------
 
 
@@ -305,6 +345,8 @@ class Stats:
 
     types: dict[str, TypeStats]
     dead_letters: int
+    # Paused types: until when (epoch seconds, broker's clock), None until resumed.
+    paused: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def oldest_age_s(self) -> float | None:
@@ -319,6 +361,8 @@ class Stats:
                     "delayed": s.depth.delayed,
                     "leased": s.depth.leased,
                     "oldest_age_s": s.oldest_age_s,
+                    "paused": name in self.paused,
+                    "paused_until": self.paused.get(name),
                 }
                 for name, s in self.types.items()
             },
@@ -341,14 +385,21 @@ def stats(config: PipelineConfig, admin: BrokerAdmin, now: float | None = None) 
         )
         for name in names
     }
-    return Stats(types=types, dead_letters=admin.dead_letter_count())
+    paused: dict[str, float | None] = {}
+    if isinstance(admin, Broker) and admin.gates_in_get:
+        for name, gates in admin.gates().items():
+            for gate in gates:
+                if isinstance(gate, Pause):
+                    paused[name] = gate.until
+    return Stats(types=types, dead_letters=admin.dead_letter_count(), paused=paused)
 
 
 def parse_delay(text: str | None) -> float:
-    return 0.0 if text is None else _duration("--delay", text)
+    return 0.0 if text is None else parse_duration_option("--delay", text)
 
 
-def _duration(option: str, text: str) -> float:
+def parse_duration_option(option: str, text: str) -> float:
+    """``text`` given to ``option`` as seconds, or a UsageError naming the option."""
     try:
         value = parse_duration(text)
     except ValueError:

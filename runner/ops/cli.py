@@ -408,6 +408,35 @@ def stats(config_file: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("type_name", metavar="TYPE")
+@click.option("--for", "for_", metavar="DURATION", help="Resume by itself after this long (10m).")
+def pause(config_file: str, type_name: str, for_: str | None) -> None:
+    """Hand out no TYPE task to any process until resumed; running tasks finish."""
+    from runner.config.load import load_config
+    from runner.ops import admin
+    from runner.ops.views import paused_list
+
+    config = load_config(config_file)
+    for_s = None if for_ is None else admin.parse_duration_option("--for", for_)
+    gate = admin.pause(config, type_name, for_s)
+    click.echo(f"paused: {paused_list({type_name: gate.until})}")
+
+
+@cli.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("type_name", metavar="TYPE")
+def resume(config_file: str, type_name: str) -> None:
+    """Hand out TYPE tasks again after `dq-run pause`."""
+    from runner.config.load import load_config
+    from runner.ops import admin
+
+    config = load_config(config_file)
+    was = admin.resume(config, type_name)
+    click.echo(f"resumed: {type_name}" if was else f"{type_name} was not paused")
+
+
+@cli.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--rate", default="500/s", show_default=True, help="Publish rate: 500/s, 30/m, max.")
 @click.option("--duration", default="30s", show_default=True, help="How long to publish.")
 @click.option("--tasks", type=click.IntRange(min=1), help="Stop publishing after N tasks.")

@@ -150,5 +150,14 @@ def stats_table(stats: Stats, width: int | None = None) -> str:
             "",
             f"dead letters: {stats.dead_letters}",
             f"oldest task:  {age(stats.oldest_age_s)}",
+            *([f"paused:       {paused_list(stats.paused)}"] if stats.paused else []),
         ]
+    )
+
+
+def paused_list(paused: dict[str, float | None]) -> str:
+    """``email (until resumed), report (until 2026-12-04 18:00:00Z)``."""
+    return ", ".join(
+        f"{name} (until {'resumed' if until is None else utc(until)})"
+        for name, until in sorted(paused.items())
     )

@@ -22,3 +22,9 @@ def needs_marker(payload: dict[str, Any], ctx: TaskContext) -> str:
     with open(payload["done"], "a", encoding="utf-8") as done:
         done.write(ctx.task_id + "\n")
     return ctx.task_id
+
+
+def record_attempt(payload: dict[str, Any], ctx: TaskContext) -> None:
+    """Appends ``<task id> <attempt>`` to the file ``payload["done"]``."""
+    with open(payload["done"], "a", encoding="utf-8") as done:
+        done.write(f"{ctx.task_id} {ctx.attempt}\n")

@@ -117,6 +117,8 @@ class NotABroker:
     durable = False
     shared = False
     batch_settles = False
+    gates_in_get = False
+    settle_effects = False
 
 
 class TaggedDeadLetters(MemoryDeadLetters):

@@ -165,6 +165,8 @@ def test_stats_on_a_sqlite_broker(tmp_path: Path) -> None:
         "delayed": 0,
         "leased": 0,
         "oldest_age_s": pytest.approx(60),
+        "paused": False,
+        "paused_until": None,
     }
 
 

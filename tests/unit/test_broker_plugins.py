@@ -65,9 +65,9 @@ def _built_in(kind: str) -> PipelineConfig:
 @pytest.mark.parametrize(
     ("kind", "flags"),
     [
-        ("memory", BrokerFlags(durable=False, shared=False, batch_settles=False)),
-        ("sqlite", BrokerFlags(durable=True, shared=True, batch_settles=True)),
-        ("redis", BrokerFlags(durable=True, shared=True, batch_settles=True)),
+        ("memory", BrokerFlags(False, False, False, gates_in_get=True, settle_effects=True)),
+        ("sqlite", BrokerFlags(True, True, True, gates_in_get=True, settle_effects=True)),
+        ("redis", BrokerFlags(True, True, True, gates_in_get=True, settle_effects=True)),
     ],
 )
 def test_each_built_in_broker_declares_its_flags_as_config_knows_them(
@@ -296,7 +296,8 @@ def test_a_forced_exit_says_what_the_broker_keeps(tmp_path: Path, cls: str, line
         (
             f"{PLUG_IN}:FlaglessBroker",
             2,
-            "declares no capability flag durable, shared, batch_settles (subclass "
+            "declares no capability flag durable, shared, batch_settles, gates_in_get, "
+            "settle_effects (subclass "
             "runner.brokers.base.BaseBroker",
         ),
         ("memroy", 2, "broker.kind: Input should be 'memory', 'sqlite' or 'redis', or a "),

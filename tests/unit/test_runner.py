@@ -83,3 +83,25 @@ def test_library_publish_checks_a_typed_handlers_payload() -> None:
         runner.publish("ship", {"sku": "A1", "quantity": 2})
         assert runner.run_until_empty(timeout=10)
     assert runner.summary.to_dict()["totals"]["succeeded"] == 1
+
+
+def test_pause_holds_a_type_back_in_process_until_resumed() -> None:
+    """Runner.pause on the memory broker: the engine is handed nothing of the paused type (no
+    attempt used) while the other type runs; resume lets it run, attempt 1."""
+    runner = build_runtime(_config(simulate={"tasks": 0}), observe=False)
+    with pytest.raises(UsageError, match="unknown task type 'nope'"):
+        runner.pause("nope")
+    runner.pause("slow")
+    runner.publish_many([("slow", {"rows": 10})] * 3 + [("work", {"n": i}) for i in range(3)])
+    with runner:
+        deadline = time.monotonic() + 30
+        while runner.summary.count("succeeded") < 3:
+            assert time.monotonic() < deadline, "the unpaused type never ran"
+            time.sleep(0.02)
+        assert runner.run_until_empty(timeout=0.3) is False  # the paused tasks wait
+        depth = runner.depth()
+        assert (depth["slow"].ready, depth["slow"].leased) == (3, 0)  # held back, not taken
+        assert runner.resume("slow") is True
+        assert runner.resume("slow") is False
+        assert runner.run_until_empty(timeout=30) is True
+    assert runner.summary.count("succeeded") == 6

@@ -1,6 +1,8 @@
 """The BrokerAdmin half of RedisBroker: the operator commands (dead letters, replay, purge,
-queue ages). Mixed into RedisBroker, whose client and call plumbing it uses (declared below);
-the data model is in runner/brokers/redis/scripts.py.
+queue ages), and the broker's plain calls beside the task path: its clock, the gates (set,
+cleared and listed here, evaluated inside POLL) and the values settle effects set. Mixed into
+RedisBroker, whose client and call plumbing it uses (declared below); the data model is in
+runner/brokers/redis/scripts.py.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
-from runner.brokers.base import DeadLetterFilter
+from runner.brokers.base import DeadLetterFilter, Gate, Pause
 from runner.brokers.redis.scripts import GROUP
 from runner.codec import decode_dead_letter, encode_task
 from runner.model import DeadLetter
@@ -128,3 +130,60 @@ class RedisAdmin:
             return int(pipe.execute()[0])
 
         return self._call(remove, "purge")
+
+    # -- clock, gates and values (runner.brokers.base) --------------------------------------
+
+    def now(self) -> float:
+        """Redis' clock (TIME), the one POLL evaluates gates by and values expire by."""
+        seconds, micros = self._call(self._client.time, "now")
+        return _seconds(seconds, micros)
+
+    def set_gate(self, type_name: str, gate: Gate) -> None:
+        value = "" if gate.until is None else repr(float(gate.until))
+        self._call(lambda: self._client.hset(self._key("gates"), type_name, value), "set_gate")
+
+    def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
+        key = self._key("gates")
+
+        def clear() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hget(key, type_name)
+            pipe.hdel(key, type_name)
+            pipe.time()
+            return list(pipe.execute())
+
+        pause, _, (seconds, micros) = self._call(clear, "clear_gate")
+        return pause is not None and _in_force(pause, _seconds(seconds, micros))
+
+    def gates(self) -> dict[str, tuple[Gate, ...]]:
+        def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hgetall(self._key("gates"))
+            pipe.time()
+            return list(pipe.execute())
+
+        held, (seconds, micros) = self._call(read, "gates")
+        now = _seconds(seconds, micros)
+        return {
+            name.decode(): (Pause(until=float(until) if until else None),)
+            for name, until in sorted(held.items())
+            if _in_force(until, now)
+        }
+
+    def read_values(self, keys: Sequence[str]) -> dict[str, str]:
+        if not keys:
+            self._call(lambda: None, "read_values")  # raises BrokerClosed once closed
+            return {}
+        names = [self._key("v", key) for key in keys]
+        raws = self._call(lambda: self._client.mget(names), "read_values")
+        return {key: raw.decode() for key, raw in zip(keys, raws, strict=True) if raw is not None}
+
+
+def _seconds(seconds: int, micros: int) -> float:
+    """A TIME reply as epoch seconds, computed as POLL computes it."""
+    return seconds + micros / 1_000_000
+
+
+def _in_force(until: bytes, now: float) -> bool:
+    """Whether a ``gates`` field (b"" or the pause's end) still holds its type back."""
+    return until == b"" or float(until) > now

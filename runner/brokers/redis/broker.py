@@ -11,24 +11,27 @@ Redis keeps nothing on disk: ``appendonly no`` and no RDB save points).
 
 The data model and the atomic steps are in runner/brokers/redis/scripts.py.
 
-Blocking ``get``: one Lua poll (move due retries, reclaim, read) and, when it finds nothing, an
-``XREAD BLOCK`` on the wanted streams from their last entry id, in slices of at most
+Blocking ``get``: one Lua poll (move due retries, reclaim, read, but nothing of a type whose
+gate is in force by Redis' TIME) and, when it finds nothing, an ``XREAD BLOCK`` on the wanted
+streams (less the gated ones) from their last entry id, in slices of at most
 ``block_slice`` seconds (default 0.1). A new task wakes the XREAD at once, and so do ``wake()``
 and ``close()``: the read also watches this broker's own wake stream, to which they add an entry
 (a wake that lands after the get last looked for one but before its read starts still ends it,
 as the read starts from the wake stream's last entry the get saw). Between slices the broker
-re-polls, so tasks that fall due (retries, also other processes') and expired leases are seen
-within one slice: that is why slices stay short. Every socket timeout is set explicitly and
-exceeds the slice, so an idle worker never hits a client timeout mid-read (redis-py 8's 5 s
-default with a longer BLOCK is a classic "alive but not consuming" bug). The protocol is pinned
-to RESP2, redis-py 8 would otherwise negotiate RESP3.
+re-polls, so tasks that fall due (retries, also other processes'), expired leases and gates
+cleared or run out are seen within one slice: that is why slices stay short. Every socket
+timeout is set explicitly and exceeds the slice, so an idle worker never hits a client timeout
+mid-read (redis-py 8's 5 s default with a longer BLOCK is a classic "alive but not consuming"
+bug). The protocol is pinned to RESP2, redis-py 8 would otherwise negotiate RESP3.
 
 ``settle_many`` sends any number of acks / retries / dead-letters / releases in one call of the
 fenced SETTLE script, and ``exchange`` sends them with a POLL in one EXCHANGE script call, on
 the calling thread's own connection, so exchanges from several threads may overlap (the engine
 settles through these two; a single ack / retry / dead / release is a ``settle_many`` of one).
-Each op gets its own fenced answer, only after Redis gave it. The operator commands are in
-admin.py.
+Each op gets its own fenced answer, only after Redis gave it; an op's effects (tasks to put,
+values to set or delete) ride in the same script call, which applies them only to an op it
+answers done. The operator commands, the clock (``now``: Redis' TIME), the gate calls and
+``read_values`` are in admin.py.
 
 Connection loss: every call is retried with exponential backoff (call_with_reconnect, built
 on tenacity) for up to ``reconnect_timeout`` seconds, logging ``broker.reconnecting``, then
@@ -37,10 +40,10 @@ task twice (at-least-once), a repeated ack of a delivery that was in fact acked 
 ALREADY_DONE (the scripts remember settled lease tokens for one to two visibility timeouts), and
 a poll whose reply was lost leaves its deliveries to be reclaimed after ``visibility_timeout``.
 
-Size: about 650 lines: the whole Redis side of the broker contract (put, poll and blocking
-wait, wake, settle, extend, reconnects, per-thread lines); the Lua lives in scripts.py and its
-.lua files, the operator side in admin.py. The connection handling is the next part to split
-out.
+Size: about 750 lines: the whole Redis side of the broker contract (put, poll and blocking
+wait, wake, settle with its effects, extend, reconnects, per-thread lines); the Lua lives in
+scripts.py and its .lua files, the operator side and the gate calls in admin.py. The
+connection handling is the next part to split out.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import secrets
 import socket
@@ -63,7 +67,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from runner.brokers.base import Answer, BaseBroker, Delivery, Depth, Settle
+from runner.brokers.base import Answer, BaseBroker, Delivery, Depth, Effects, Settle
 from runner.brokers.reconnect import call_with_reconnect
 from runner.brokers.redis import scripts as lua
 from runner.brokers.redis.admin import RedisAdmin
@@ -78,8 +82,11 @@ log = logging.getLogger("runner.broker")
 
 T = TypeVar("T")
 
-#: One settle operation: kind, type, entry id, lease token, then three kind-specific fields.
+#: One settle operation: kind, type, entry id, lease token, three kind-specific fields, then
+#: how many effect entries follow (0 from ``_op``).
 _Settle = tuple[Any, ...]
+#: Fields per effect entry in SETTLE's ARGV (settle.lua).
+_EFFECT_FIELDS = 4
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 #: The scripts' answers (0 fenced, 1 done, 2 already done), by number.
 _ANSWERS = (Answer.FENCED, Answer.DONE, Answer.ALREADY_DONE)
@@ -96,10 +103,13 @@ class RedisBroker(RedisAdmin, BaseBroker):
     """Broker and BrokerAdmin on Redis streams; see the module docstring for the guarantees."""
 
     # Capability flags (runner.brokers.base): streams that outlive the process, shared by any
-    # number of processes on any machines; every call is a round trip.
+    # number of processes on any machines; every call is a round trip; POLL evaluates gates
+    # and SETTLE applies effects, inside the scripts.
     durable = True
     shared = True
     batch_settles = True
+    gates_in_get = True
+    settle_effects = True
 
     def __init__(
         self,
@@ -203,7 +213,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
         self._settle_keys = [self._key(k) for k in ("leases", "count", "dlq", "dlq:idx")]
         # The sets of tokens settled lately by brokers with this visibility timeout.
         settled = [self._key("settled", str(self._visibility_ms), p) for p in ("0", "1")]
-        self._settle_keys += settled
+        self._settle_keys += [*settled, self._key("types")]
         self._extend_keys = [self._key("leases"), *settled]
         self._warn_unless_noeviction()
 
@@ -319,13 +329,8 @@ class RedisBroker(RedisAdmin, BaseBroker):
             keys += [self._stream(name), self._delayed(name)]
         args: list[Any] = [self._capacity, GROUP, len(types), *types]
         for task in tasks:
-            stored = replace(task, enqueued_at=task.enqueued_at or now)
-            envelope = encode_task(stored)
-            if stored.not_before > now:
-                member = _delayed_member(stored.attempt, envelope)
-                args += [index[task.type], repr(stored.not_before), stored.attempt, member]
-            else:
-                args += [index[task.type], "", stored.attempt, envelope]
+            not_before, data = _stored(task, now)
+            args += [index[task.type], not_before, task.attempt, data]
         self._with_capacity(
             lambda: bool(self._run("PUT", keys, args)),
             timeout,
@@ -378,7 +383,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
         wanted = [(name, n) for name, n in slots.items() if n > 0]
         if not wanted or limit <= 0:
             return self.settle_many(ops), []
-        settle_keys, settle_args = self._settle_call([self._op(op) for op in ops])
+        settle_keys, settle_args = self._settle_call(ops)
         keys = [*settle_keys, *self._poll_keys(wanted)]
         args = [len(settle_keys), len(settle_args), *settle_args]
         args += self._poll_args(wanted, limit, waits=False)
@@ -396,7 +401,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
         return line
 
     def _poll_keys(self, wanted: list[tuple[str, int]]) -> list[str]:
-        keys = [self._key("leases")]
+        keys = [self._key("leases"), self._key("gates")]
         for name, _ in wanted:
             keys += [self._stream(name), self._delayed(name)]
         return keys
@@ -411,7 +416,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
             reclaim = now >= self._next_reclaim.get(name, 0.0)
             if reclaim:
                 self._next_reclaim[name] = now + self._reclaim_every_s
-            args += [n, int(reclaim)]
+            args += [name, n, int(reclaim)]
         return args
 
     def _get(
@@ -443,8 +448,12 @@ class RedisBroker(RedisAdmin, BaseBroker):
         self, wanted: list[tuple[str, int]], cursors: list[Any], block: float
     ) -> bool:
         """XREAD BLOCK from the last entry of each wanted stream and of the wake stream: returns
-        when one grows or ``block`` ends. True when the get was woken or the broker closed."""
-        streams = {self._stream(name): c for (name, _), c in zip(wanted, cursors, strict=True)}
+        when one grows or ``block`` ends. True when the get was woken or the broker closed.
+
+        A gated type (empty cursor) is left out: its new entries cannot be handed out, and
+        would only end the read early. Its gate is looked at again by the next slice's poll.
+        """
+        streams = {self._stream(name): c for (name, _), c in zip(wanted, cursors, strict=True) if c}
         streams[self._wake_key] = self._wake_cursor
         block_ms = max(1, int(block * 1000))
 
@@ -505,13 +514,13 @@ class RedisBroker(RedisAdmin, BaseBroker):
     def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
         """Every op in one SETTLE script call: one round trip, atomic in Redis."""
         self._check_open("settle")
-        return self._flush_settles([self._op(op) for op in ops]) if ops else []
+        return self._flush_settles(ops) if ops else []
 
     def _settle(self, op: Settle) -> Answer:
         return self.settle_many([op])[0]
 
     def _op(self, op: Settle) -> _Settle:
-        """``op`` as the SETTLE script's seven fields (see redis_scripts.SETTLE)."""
+        """``op`` as its eight fields in SETTLE's ARGV (see settle.lua), without effects."""
         entry, token, type_ = op.delivery.receipt.split("|", 2)
         if op.kind == "retry":
             assert op.failure is not None
@@ -519,28 +528,67 @@ class RedisBroker(RedisAdmin, BaseBroker):
             not_before = now + max(0.0, op.delay_s)
             task = replace(op.delivery.task.with_failure(op.failure), not_before=not_before)
             member = _delayed_member(task.attempt, encode_task(task))
-            return ("retry", type_, entry, token, repr(not_before), member, repr(now))
+            return ("retry", type_, entry, token, repr(not_before), member, repr(now), 0)
         if op.kind == "dead":
             record = op.record
             assert record is not None
             encoded = encode_dead_letter(record)
-            return ("dead", type_, entry, token, record.id, encoded, repr(record.dead_at))
-        return (op.kind, type_, entry, token, "", "", "")
+            return ("dead", type_, entry, token, record.id, encoded, repr(record.dead_at), 0)
+        return (op.kind, type_, entry, token, "", "", "", 0)
 
-    def _flush_settles(self, ops: Sequence[_Settle]) -> list[Answer]:
+    def _flush_settles(self, ops: Sequence[Settle]) -> list[Answer]:
         """One SETTLE script call for every operation in ``ops``."""
         keys, args = self._settle_call(ops)
         return [_ANSWERS[ok] for ok in self._run("SETTLE", keys, args, self._settle_line)]
 
-    def _settle_call(self, ops: Sequence[_Settle]) -> tuple[list[str], list[Any]]:
+    def _settle_call(self, ops: Sequence[Settle]) -> tuple[list[str], list[Any]]:
+        """SETTLE's KEYS and ARGV for ``ops`` (settle.lua describes them)."""
         types: dict[str, int] = {}
-        args: list[Any] = [GROUP, self._visibility_ms]
-        for kind, type_, *rest in ops:
+        values: dict[str, int] = {}
+        args: list[Any] = [GROUP, self._visibility_ms, 0]  # 0: the number of types, below
+        for op in ops:
+            kind, type_, *rest = self._op(op)
             args += [kind, types.setdefault(type_, len(types) + 1), *rest]
+            if op.effects is not None:
+                effects = self._effect_args(op.effects, types, values)
+                args[-1] = len(effects) // _EFFECT_FIELDS  # the op's last field, 0 from _op
+                args += effects
+        args[2] = len(types)
+        args += types
         keys = list(self._settle_keys)
         for type_ in types:
             keys += [self._stream(type_), self._delayed(type_)]
+        if values:
+            keys += [self._key("v", key) for key in values]
         return keys, args
+
+    def _effect_args(
+        self, effects: Effects, types: dict[str, int], values: dict[str, int]
+    ) -> list[Any]:
+        """``effects`` as SETTLE's effect entries, in the order they apply: puts, sets,
+        deletes. The types and value keys they touch join ``types`` and ``values`` (name ->
+        index in SETTLE's KEYS)."""
+        out: list[Any] = []
+        now = self._clock()
+        for task in effects.puts:
+            index = types.setdefault(task.type, len(types) + 1)
+            not_before, data = _stored(task, now)
+            if not_before:
+                out += ["later", index, not_before, data]
+            else:
+                out += ["put", index, task.attempt, data]
+        for item in effects.sets:
+            index = values.setdefault(item.key, len(values) + 1)
+            if item.ttl_s is None:
+                out += ["set", index, item.value, ""]
+            elif item.ttl_s > 0:
+                # Rounded up, so the value never reads as absent before its ttl has run out.
+                out += ["set", index, item.value, math.ceil(item.ttl_s * 1000)]
+            else:  # run out already (and PX takes only a positive ttl)
+                out += ["del", index, "", ""]
+        for key in effects.deletes:
+            out += ["del", values.setdefault(key, len(values) + 1), "", ""]
+        return out
 
     def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]:
         self._check_open("extend")
@@ -640,6 +688,16 @@ class _Line:
     def _command(self, *parts: Any) -> Any:
         self._conn.send_command(*parts)
         return self._conn.read_response()
+
+
+def _stored(task: Task, now: float) -> tuple[str, bytes]:
+    """``task`` as put.lua and SETTLE's effect puts store it: ``("", envelope)`` when it is
+    ready, ``(not_before, delayed-set member)`` when it is delayed."""
+    stored = replace(task, enqueued_at=task.enqueued_at or now)
+    envelope = encode_task(stored)
+    if stored.not_before > now:
+        return repr(stored.not_before), _delayed_member(stored.attempt, envelope)
+    return "", envelope
 
 
 def _delayed_member(attempt: int, envelope: bytes) -> bytes:

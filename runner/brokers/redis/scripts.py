@@ -32,9 +32,15 @@ in one Redis Cluster slot and a script may touch any of them):
   would count what another consumer has read, and a stream is never trimmed below its unacked
   entries; acked entries are XDEL-ed instead).
 - ``types``      set of every type ever put (for depth and the operator commands).
+- ``gates``      hash type name -> the type's pause (the one kind of gate so far): ``''`` until
+  cleared, else the end as epoch seconds on Redis' clock (``repr`` of the float, so it reads
+  back exactly). POLL reads the wanted types' fields and hands out nothing of a type whose
+  pause is in force (by TIME, inside the script); it deletes a pause it finds over.
+- ``v:<key>``    a value set by a settle's effects (``SET``, with ``PX`` for a ttl, so Redis
+  expires it by its own clock), read by ``read_values``.
 - ``dlq`` / ``dlq:idx``  hash task id -> dead-letter JSON, and a sorted set by dead_at.
 - ``wake:<consumer>``  one broker's wake stream (one entry, expiring): ``wake()`` adds to it to
-  end that broker's blocked XREAD (runner/brokers/redis.py), never read by a script.
+  end that broker's blocked XREAD (runner/brokers/redis/broker.py), never read by a script.
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ POLL = _ENSURE_GROUP + _POLL_FN + "return poll(KEYS, ARGV)\n"
 
 # settle.lua (KEYS, ARGV and the reply are described there).
 _SETTLE_FN = _lua("settle")
-SETTLE = _WAS_SETTLED + _REMEMBER + _SETTLE_FN + "return settle(KEYS, ARGV)\n"
+SETTLE = _ENSURE_GROUP + _WAS_SETTLED + _REMEMBER + _SETTLE_FN + "return settle(KEYS, ARGV)\n"
 
 # exchange.lua (KEYS, ARGV and the reply are described there).
 EXCHANGE = _ENSURE_GROUP + _WAS_SETTLED + _REMEMBER + _SETTLE_FN + _POLL_FN + _lua("exchange")

@@ -1,8 +1,8 @@
--- KEYS: leases, count, dlq, dlq index, the two settled-token sets (parity 0, 1), then per
--- distinct type: stream, delayed.
--- ARGV: group, visibility timeout in ms, then per operation 7 fields: kind, type index, entry
--- id, token, x, y, z, where
--- kind is one of
+-- KEYS: leases, count, dlq, dlq index, the two settled-token sets (parity 0, 1), types, then
+-- per distinct type: stream, delayed, then each value key the effects touch (``v:<key>``).
+-- ARGV: group, visibility timeout in ms, ntypes, then per operation 8 fields: kind, type
+-- index, entry id, token, x, y, z, n, followed by its n effects, then the ntypes type names
+-- (in KEYS' order), where kind is one of
 -- ``ack``      (x, y, z unused): drop the entry, free its capacity slot;
 -- ``retry``    x = not_before, y = delayed-set member, z = now: drop the entry and queue the
 -- task again (it keeps its capacity slot while it waits; one already due goes
@@ -11,19 +11,29 @@
 -- slot, store the record;
 -- ``release``  (x, y, z unused): leave the entry in its place, pending for ``RELEASED``,
 -- giving back the delivery count (the attempt) this delivery used, so a
--- released task is ready at once, before newer ones (see POLL).
+-- released task is ready at once, before newer ones (see POLL);
+-- and each effect is 4 fields, applied in order only when its op answers 1 (done now):
+-- ``put``   type index, a, envelope: a task put ready (XADD), as put.lua;
+-- ``later`` type index, not_before, delayed-set member: a task put delayed (ZADD);
+-- ``set``   value index, value, ttl in ms ('' = none): SET the value key (PX);
+-- ``del``   value index, '', '': DEL the value key.
+-- Puts take capacity slots (INCRBY) but are never refused for capacity, and add their type to
+-- ``types``. A value index i is KEYS[7 + 2 * ntypes + i].
 -- Operations run in order, each fenced by its own lease token, exactly as if each had been its
 -- own script call (an op on an entry an earlier op of the call dropped answers as it would
 -- after that call). The drops themselves are gathered into one HDEL, one XACK and one XDEL per
--- stream, one DECRBY and one SADD of the settled tokens at the end. Returns per op: 1 (done
--- now), 2 (already done: this token settled the entry before, in this call or an earlier one)
--- or 0 (fenced: another delivery owns the entry, or its lease expired).
+-- stream, one INCRBY of ``count`` (puts less freed slots) and one SADD of the settled tokens
+-- at the end. Returns per op: 1 (done now), 2 (already done: this token settled the entry
+-- before, in this call or an earlier one) or 0 (fenced: another delivery owns the entry, or
+-- its lease expired).
 local function settle(KEYS, ARGV)
   local leases, count, dlq, dlq_idx = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-  local settled_even, settled_odd = KEYS[5], KEYS[6]
-  local group, visibility = ARGV[1], tonumber(ARGV[2])
+  local settled_even, settled_odd, types = KEYS[5], KEYS[6], KEYS[7]
+  local group, visibility, ntypes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+  local values, names = 7 + 2 * ntypes, #ARGV - ntypes
   local result = {}
-  local gone, fields, by_stream, streams, freed = {}, {}, {}, {}, 0
+  local gone, fields, by_stream, streams, freed, added = {}, {}, {}, {}, 0, 0
+  local typed = {}
   local tokens, settled_now = {}, {}
 
   local function answer(stream, id, token)
@@ -64,11 +74,42 @@ local function settle(KEYS, ARGV)
     end
   end
 
-  for base = 3, #ARGV, 7 do
+  -- the n effects from ARGV[first] on (see the header)
+  local function apply(first, n)
+    for e = first, first + 4 * (n - 1), 4 do
+      local what, i, x, y = ARGV[e], tonumber(ARGV[e + 1]), ARGV[e + 2], ARGV[e + 3]
+      if what == 'set' then
+        if y == '' then
+          redis.call('SET', KEYS[values + i], x)
+        else
+          redis.call('SET', KEYS[values + i], x, 'PX', y)
+        end
+      elseif what == 'del' then
+        redis.call('DEL', KEYS[values + i])
+      else
+        if what == 'put' then
+          local stream = KEYS[6 + 2 * i]
+          ensure_group(stream, group)
+          redis.call('XADD', stream, '*', 'a', x, 't', y)
+        else
+          redis.call('ZADD', KEYS[7 + 2 * i], x, y)
+        end
+        added = added + 1
+        if not typed[i] then
+          typed[i] = true
+          redis.call('SADD', types, ARGV[names + i])
+        end
+      end
+    end
+  end
+
+  local base = 4
+  while base <= names do
     local kind, idx = ARGV[base], tonumber(ARGV[base + 1])
     local id, token = ARGV[base + 2], ARGV[base + 3]
     local x, y, z = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6]
-    local stream, delayed = KEYS[5 + 2 * idx], KEYS[6 + 2 * idx]
+    local n = tonumber(ARGV[base + 7])
+    local stream, delayed = KEYS[6 + 2 * idx], KEYS[7 + 2 * idx]
     local ok = answer(stream, id, token)
     if ok == 1 then
       if kind == 'release' then
@@ -89,8 +130,10 @@ local function settle(KEYS, ARGV)
           end
         end
       end
+      if n > 0 then apply(base + 8, n) end
     end
     result[#result + 1] = ok
+    base = base + 8 + 4 * n
   end
 
   if #fields > 0 then redis.call('HDEL', leases, unpack(fields)) end
@@ -98,7 +141,7 @@ local function settle(KEYS, ARGV)
     redis.call('XACK', stream, group, unpack(by_stream[stream]))
     redis.call('XDEL', stream, unpack(by_stream[stream]))
   end
-  if freed > 0 then redis.call('DECRBY', count, freed) end
+  if added ~= freed then redis.call('INCRBY', count, added - freed) end
   if #tokens > 0 then remember(settled_even, settled_odd, visibility, tokens) end
   return result
 end

@@ -22,6 +22,18 @@ Guarantees (the contract in runner.brokers.base, plus durability):
   earliest due time is cached, lowered by this process's writes, and any other process's
   commit (``PRAGMA data_version``) forces a promotion at the next claim.
 - Capacity is counted in the same transaction as the insert, so it holds across processes.
+- Gates: a pause is a row of the ``gates`` table. Every claim reads the table in its own
+  transaction (one query, cheap while it is empty) and skips the types held back, whose tasks
+  stay READY with no attempt used and no lease; so does the idle read before a claim, so a get
+  waiting on a paused type polls with reads, never the write lock. It sees a pause cleared by
+  this process at once, one cleared by another process at its next poll, and one that ends by
+  itself at its ``until`` (the wait ends then).
+- Effects: those of a settle op run in the same transaction, right after the settles of its
+  batch (in op order), for the ops that answered DONE: puts are inserted as by ``put_many`` but
+  never wait for or fail on capacity (a task id already queued is left out, rather than fail
+  the transaction other callers' writes share), then sets (an upsert into ``values``, expiring
+  at now + ttl), then deletes. Values whose ttl ran out read as absent; they and ended pauses
+  are deleted by the prune of settled receipts.
 - WAL checkpoints run in a background thread (sqlite_checkpoint), not in the committing one.
 
 Limits: one machine (SQLite file locking is not reliable on network filesystems); writes are
@@ -33,9 +45,10 @@ writers; after ``BUSY_TIMEOUT_MS`` they raise BrokerUnavailable, which callers m
 Ordering: FIFO by put within a type. Released tasks, expired leases and due retries keep their
 original place (the row's ``seq``), so they come before tasks put after them.
 
-Size: about 650 lines: the broker contract on one connection and its group commit; schema,
-opening and row codecs are in schema.py, batching in batch.py, checkpoints in checkpoint.py.
-The admin side is the next part to split out.
+Size: about 800 lines: the broker contract on one connection and its group commit, gates and
+effects included (they live in its claim and settle statements); schema, opening and row
+codecs are in schema.py, batching in batch.py, checkpoints in checkpoint.py. The admin side
+(dead letters, replay, purge) is the next part to split out.
 """
 
 from __future__ import annotations
@@ -51,22 +64,36 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Literal
 
-from runner.brokers.base import Answer, BaseBroker, DeadLetterFilter, Delivery, Depth, Settle
+from runner.brokers.base import (
+    Answer,
+    BaseBroker,
+    DeadLetterFilter,
+    Delivery,
+    Depth,
+    Effects,
+    Gate,
+    Pause,
+    Settle,
+)
 from runner.brokers.sqlite.batch import GroupCommit, Pending
 from runner.brokers.sqlite.checkpoint import Checkpointer
 from runner.brokers.sqlite.schema import (
     IDS_PER_QUERY,
     LEASED,
+    PAUSE,
     READY,
     WAITING,
     anything_claimable,
     connect,
     dlq_where,
+    held_back,
     insert_row,
     insert_tasks,
     next_due,
+    read_values,
     replay_one,
     rollback,
+    sweep,
     to_dead_letter,
     to_delivery,
     unavailable,
@@ -117,11 +144,25 @@ _SETTLED_SQL = (
 _WAS_SETTLED_SQL = "SELECT 1 FROM settled WHERE receipt = ? AND settled_at > ?"
 #: Only rows claimed before the cutoff can have been settled before it: a range of the key.
 _PRUNE_SQL = "DELETE FROM settled WHERE receipt < ? AND settled_at <= ?"
+_SET_VALUE_SQL = 'INSERT OR REPLACE INTO "values" (key, value, expires_at) VALUES (?, ?, ?)'
+_DELETE_VALUE_SQL = 'DELETE FROM "values" WHERE key = ?'
+_SET_GATE_SQL = "INSERT OR REPLACE INTO gates (type, kind, until) VALUES (?, ?, ?)"
+_CLEAR_GATE_SQL = "DELETE FROM gates WHERE type = ? AND kind = ? RETURNING until"
+_GATES_SQL = (
+    "SELECT type, until FROM gates WHERE kind = ? AND (until IS NULL OR until > ?) ORDER BY type"
+)
 
 
 def _at(operation: str) -> dict[str, str]:
     """Where a BrokerError of this broker was raised (its ``backend`` and ``operation``)."""
     return {"backend": "sqlite", "operation": operation}
+
+
+def _gate_kind(kind: type[Gate]) -> str:
+    """The ``gates.kind`` a gate class is stored under."""
+    if kind is not Pause:
+        raise TypeError(f"unknown kind of gate: {kind!r}")
+    return PAUSE
 
 
 def _claim_mark(at: float) -> str:
@@ -143,6 +184,8 @@ class SqliteBroker(BaseBroker):
     durable = True
     shared = True
     batch_settles = True
+    gates_in_get = True
+    settle_effects = True
 
     def __init__(
         self,
@@ -162,6 +205,7 @@ class SqliteBroker(BaseBroker):
         self._visibility_timeout = visibility_timeout
         self._clock = clock
         self._conn = connect(path, read_only=read_only, file_mode=file_mode)
+        self._read_only = read_only  # then an older file may lack the gates and values tables
         self._checkpoints = Checkpointer(path)  # WAL checkpoints off the commit path
         self._lock = threading.RLock()  # guards the one connection
         self._commits = GroupCommit()  # fenced writes waiting for the next transaction
@@ -237,23 +281,26 @@ class SqliteBroker(BaseBroker):
         Answers as if run one by one, in order: only the first op on a delivery can take effect
         (any write moves its lease on), so a later one answers unrun (ALREADY_DONE, or FENCED
         when the first was); the others touch different rows, so the acks among them run as one
-        DELETE.
+        DELETE. The effects of the ops that answer DONE then run, in op order.
         """
         first: dict[str, int] = {}  # receipt (unique to one claim of one row) -> its first op
         repeats: list[tuple[int, int]] = []  # (op, the first op on the same receipt)
         acks: list[int] = []
         others: list[tuple[int, Callable[[sqlite3.Connection], bool]]] = []
+        effects: list[tuple[int, Callable[[sqlite3.Connection, float], None]]] = []
         for i, op in enumerate(ops):
             receipt = op.delivery.receipt
             earlier = first.get(receipt)
             if earlier is not None:
-                repeats.append((i, earlier))
+                repeats.append((i, earlier))  # never DONE, so its effects never apply
                 continue
             first[receipt] = i
             if op.kind == "ack":
                 acks.append(i)
             else:
                 others.append((i, self._statement(op)))
+            if op.effects is not None:
+                effects.append((i, self._effects_statement(op.effects)))
 
         def statement(conn: sqlite3.Connection) -> list[Answer]:
             answers = [_FENCED] * len(ops)
@@ -278,6 +325,9 @@ class SqliteBroker(BaseBroker):
                         answers[i] = _ALREADY_DONE
             if done:
                 self._remember(conn, done, now)
+                for i, apply in effects:
+                    if answers[i] is _DONE:
+                        apply(conn, now)
             for i, earlier in repeats:
                 answers[i] = _ALREADY_DONE if answers[earlier] else _FENCED
             return answers
@@ -293,6 +343,7 @@ class SqliteBroker(BaseBroker):
         if now >= self._prune_at:
             cutoff = now - self._visibility_timeout
             conn.execute(_PRUNE_SQL, (_claim_mark(cutoff), cutoff))
+            sweep(conn, now)  # values and pauses that ran out
             self._prune_at = now + PRUNE_EVERY_S
 
     def _was_settled(self, conn: sqlite3.Connection, receipt: str, now: float) -> bool:
@@ -433,8 +484,14 @@ class SqliteBroker(BaseBroker):
         if not self._busy:
             # Idle: a read first, so idle pollers in other processes do not take the write lock.
             with self._read("get") as conn:
-                if not anything_claimable(conn, [kind for kind, _ in wanted], self._clock()):
-                    return [], next_due(conn)
+                now = self._clock()
+                held = held_back(conn, now)  # gated types: their ready tasks are not claimable
+                free = [kind for kind, _ in wanted if kind not in held]
+                if not anything_claimable(conn, free, now):
+                    # Until a delayed task or an expired lease falls due, or a pause ends.
+                    ends = [held.get(kind) for kind, _ in wanted]
+                    due = [at for at in (next_due(conn), *ends) if at is not None]
+                    return [], min(due, default=None)
         # Queued like an ack, so that a claim and the acks waiting beside it share one commit.
         rows: list[Any] = self._commits.run(
             self._claim_statement(wanted, limit), self._flush, "get"
@@ -480,10 +537,13 @@ class SqliteBroker(BaseBroker):
             self._promote_due(conn, now)
             until = now + self._visibility_timeout
             self._due_by(until)
+            held = held_back(conn, now)  # gates, read in the claim's own transaction
             for kind, n in wanted:
                 take = min(n, limit - len(rows))
                 if take <= 0:
                     break
+                if kind in held:
+                    continue  # left ready: no attempt used, no lease
                 params = {"token": token, "until": until, "type": kind, "n": take}
                 claimed = conn.execute(_CLAIM_SQL, params).fetchall()
                 rows.extend(sorted(claimed))  # RETURNING order is unspecified; seq is FIFO
@@ -559,6 +619,30 @@ class SqliteBroker(BaseBroker):
 
         return dead
 
+    def _effects_statement(self, effects: Effects) -> Callable[[sqlite3.Connection, float], None]:
+        """``effects`` as a write to run, at ``now``, after its settle answered DONE: the puts
+        (a task id already queued is left out; capacity is not checked), then the sets, then
+        the deletes."""
+        at = self._clock()
+        rows = [insert_row(task, at) for task in effects.puts]
+        earliest = min((row[3] for row in rows if row[2] == WAITING), default=math.inf)
+        sets = effects.sets
+        deletes = [(key,) for key in effects.deletes]
+
+        def apply(conn: sqlite3.Connection, now: float) -> None:
+            if rows:
+                self._due_by(earliest)
+                insert_tasks(conn, rows, skip_queued=True)
+            if sets:
+                conn.executemany(
+                    _SET_VALUE_SQL,
+                    [(s.key, s.value, None if s.ttl_s is None else now + s.ttl_s) for s in sets],
+                )
+            if deletes:
+                conn.executemany(_DELETE_VALUE_SQL, deletes)
+
+        return apply
+
     def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]:
         if not deliveries:
             self._open_connection("extend")  # still raise BrokerClosed after close
@@ -609,6 +693,47 @@ class SqliteBroker(BaseBroker):
         self._checkpoints.close()
         with self._lock:
             self._conn.close()
+
+    # -- gates and effects (runner.brokers.base) ----------------------------------------------
+
+    def now(self) -> float:
+        return self._clock()
+
+    def set_gate(self, type_name: str, gate: Gate) -> None:
+        """Hold ``type_name``'s tasks back from every claim (of every process) until ``gate``
+        ends; replaces the type's pause."""
+        with self._write("set_gate") as conn:
+            conn.execute(_SET_GATE_SQL, (type_name, _gate_kind(type(gate)), gate.until))
+
+    def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
+        """Remove ``type_name``'s gate of ``kind``; True when one was in force."""
+        with self._write("clear_gate") as conn:
+            now = self._clock()
+            ended = conn.execute(_CLEAR_GATE_SQL, (type_name, _gate_kind(kind))).fetchall()
+        self._changed()  # a get of this process held back by it claims at once
+        return any(until is None or until > now for (until,) in ended)
+
+    def gates(self) -> dict[str, tuple[Gate, ...]]:
+        now = self._clock()
+        with self._read("gates") as conn:
+            if self._lacks_table(conn, "gates"):
+                return {}
+            rows = conn.execute(_GATES_SQL, (PAUSE, now)).fetchall()
+        return {kind: (Pause(until=until),) for kind, until in rows}
+
+    def read_values(self, keys: Sequence[str]) -> dict[str, str]:
+        now = self._clock()
+        with self._read("read_values") as conn:
+            if not keys or self._lacks_table(conn, "values"):
+                return {}
+            return read_values(conn, keys, now)
+
+    def _lacks_table(self, conn: sqlite3.Connection, name: str) -> bool:
+        """Whether a read-only open found a file from before ``name`` was added (then empty)."""
+        if not self._read_only:
+            return False  # every writable open creates the tables missing
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return conn.execute(query, (name,)).fetchone() is None
 
     def __enter__(self) -> SqliteBroker:
         return self

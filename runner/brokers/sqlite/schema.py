@@ -1,6 +1,6 @@
 """The SQLite broker's file: schema, connection settings, error translation and row helpers.
 
-One file holds both tables. ``tasks`` keeps every task from put until ack or dead-letter, in
+One file holds every table. ``tasks`` keeps every task from put until ack or dead-letter, in
 one of three states, so that each claim is an index lookup rather than a scan:
 
 - ``READY``   claimable now; handed out in ``seq`` order (the rowid, so FIFO within a type).
@@ -19,8 +19,18 @@ settle's own transaction, so that the same call sent again answers ALREADY_DONE 
 FENCED. It is read only for an op whose receipt no longer matches its row. Receipts begin with
 their claim time, so new rows go at the end of the key and the rows old enough to prune are at
 its start (see ``SqliteBroker``): one B-tree, no index to keep, and pruning never scans the
-rest. The table came after schema version 1 and is created when missing, so older files open
-unchanged (and older runners ignore it).
+rest.
+
+``gates`` holds at most one row per (type, kind): today only pauses, ``until`` NULL for one
+that lasts until cleared. Every claim reads it (``held_back``) and skips the types it holds.
+``values`` holds the keys settle effects set, with ``expires_at`` (NULL: no ttl); reads skip
+expired rows, and ``sweep`` deletes them (and ended pauses) through the partial index on
+``expires_at``, which keys without a ttl stay out of.
+
+``settled``, ``gates`` and ``values`` came after schema version 1 and are created when missing,
+so an older runner's file opens, still at version 1, and gains them (older runners ignore
+them: one sharing the file with a newer one would not honour its gates). A read-only open
+creates nothing: there an older file reads as holding no gates and no values.
 
 Which files are queues: only a path that does not exist is created (with mode 0600 unless
 ``file_mode`` widens it; SQLite gives its ``-wal`` and ``-shm`` files the same mode). The new
@@ -34,9 +44,9 @@ up to ``CREATE_WAIT_S`` for its creator to write the schema before refusing it.
 Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the crash of any
 process; the last transactions before a power cut or kernel crash may be lost (never corrupted).
 
-Size: about 460 lines, over our 400: the file's whole life (schema, stamps, migration, the
-wait for a creator, error translation) and the row codecs the broker and its admin side share;
-splitting the codecs out is the next step when it grows.
+Size: about 530 lines, over our 400: the file's whole life (schema, stamps, migration, the
+wait for a creator, error translation) and the row codecs and helpers the broker and its admin
+side share; splitting the codecs and helpers out is the next step.
 """
 
 from __future__ import annotations
@@ -110,11 +120,24 @@ CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks
 """
 
 #: Added to version 1 files when missing (see the module docstring), hence IF NOT EXISTS.
-_SETTLED_SCHEMA = """
+#: ``values`` is an SQL keyword: the table's name is always quoted.
+_ADDED_SCHEMA = """
 CREATE TABLE IF NOT EXISTS settled (
     receipt    TEXT PRIMARY KEY,          -- the lease of a claim whose settle took effect
     settled_at REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gates (
+    type  TEXT NOT NULL,
+    kind  TEXT NOT NULL,                  -- 'pause', the one kind so far
+    until REAL,                           -- epoch seconds; NULL: until cleared
+    PRIMARY KEY (type, kind)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS "values" (
+    key        TEXT PRIMARY KEY,          -- set and deleted by settle effects
+    value      TEXT NOT NULL,
+    expires_at REAL                       -- epoch seconds; NULL: no ttl
+);
+CREATE INDEX IF NOT EXISTS values_expiry ON "values" (expires_at) WHERE expires_at IS NOT NULL;
 """
 
 
@@ -282,7 +305,7 @@ def _migrate(conn: sqlite3.Connection, path: str, created: bool) -> None:
                 f"sqlite broker {path}: schema version {version} is not supported "
                 f"(this runner reads version {SCHEMA_VERSION})"
             )
-        for statement in _statements(_SETTLED_SCHEMA):
+        for statement in _statements(_ADDED_SCHEMA):
             conn.execute(statement)
         # A file that cannot be written (read-only, immutable) still opens, read-only: one
         # harmless write now turns that into a clear error at start-up, not at the first put.
@@ -345,6 +368,12 @@ def rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
+_INSERT_SQL = (
+    "INSERT {}INTO tasks (id, type, state, due_at, attempt, enqueued_at, envelope)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 def insert_row(task: Task, now: float) -> tuple[Any, ...]:
     if not task.enqueued_at:
         task = replace(task, enqueued_at=now)
@@ -352,13 +381,16 @@ def insert_row(task: Task, now: float) -> tuple[Any, ...]:
     return (task.id, task.type, state, due_at, task.attempt, task.enqueued_at, encode_task(task))
 
 
-def insert_tasks(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+def insert_tasks(
+    conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], skip_queued: bool = False
+) -> int:
+    """Insert ``rows`` (``insert_row``'s). A task id already queued raises BrokerError, or with
+    ``skip_queued`` leaves that row out (a settle effect must not fail the shared transaction)."""
+    if skip_queued:
+        conn.executemany(_INSERT_SQL.format("OR IGNORE "), rows)
+        return len(rows)
     try:
-        conn.executemany(
-            "INSERT INTO tasks (id, type, state, due_at, attempt, enqueued_at, envelope)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+        conn.executemany(_INSERT_SQL.format(""), rows)
     except sqlite3.IntegrityError as exc:
         message = f"a task id in this batch is already queued: {exc}"
         raise BrokerError(message, backend="sqlite", operation="put") from exc
@@ -384,12 +416,13 @@ def replay_one(conn: sqlite3.Connection, row: tuple[Any, ...], now: float) -> in
 
 def anything_claimable(conn: sqlite3.Connection, types: Sequence[str], now: float) -> bool:
     # A read first, so idle pollers in other processes do not take the write lock.
-    marks = ",".join("?" * len(types))
-    ready = conn.execute(
-        f"SELECT 1 FROM tasks WHERE type IN ({marks}) AND state = {READY} LIMIT 1", types
-    ).fetchone()
-    if ready:
-        return True
+    if types:
+        marks = ",".join("?" * len(types))
+        ready = conn.execute(
+            f"SELECT 1 FROM tasks WHERE type IN ({marks}) AND state = {READY} LIMIT 1", types
+        ).fetchone()
+        if ready:
+            return True
     due = conn.execute(
         f"SELECT 1 FROM tasks WHERE state IN ({WAITING}, {LEASED}) AND due_at <= ? LIMIT 1",
         (now,),
@@ -404,6 +437,37 @@ def next_due(conn: sqlite3.Connection) -> float | None:
     ]
     present = [t for t in times if t is not None]
     return min(present) if present else None
+
+
+#: ``gates.kind`` of a Pause, the one kind of gate so far.
+PAUSE = "pause"
+_HELD_SQL = f"SELECT type, until FROM gates WHERE kind = '{PAUSE}' AND (until IS NULL OR until > ?)"
+
+
+def held_back(conn: sqlite3.Connection, now: float) -> dict[str, float | None]:
+    """The types a gate holds back at ``now``, each with when that ends (None: when cleared)."""
+    return dict(conn.execute(_HELD_SQL, (now,)).fetchall())
+
+
+def sweep(conn: sqlite3.Connection, now: float) -> None:
+    """Delete the values whose ttl ran out and the pauses that ended by ``now``: reads skip
+    them already; this keeps keys that are never read again from piling up."""
+    conn.execute('DELETE FROM "values" WHERE expires_at <= ?', (now,))
+    conn.execute("DELETE FROM gates WHERE until <= ?", (now,))
+
+
+def read_values(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> dict[str, str]:
+    """The values of those of ``keys`` that are set and whose ttl, if any, runs past ``now``."""
+    found: dict[str, str] = {}
+    for i in range(0, len(keys), IDS_PER_QUERY):
+        chunk = keys[i : i + IDS_PER_QUERY]
+        rows = conn.execute(
+            f'SELECT key, value FROM "values" WHERE key IN ({",".join("?" * len(chunk))})'
+            " AND (expires_at IS NULL OR expires_at > ?)",
+            (*chunk, now),
+        )
+        found.update(rows)
+    return found
 
 
 def to_delivery(row: tuple[Any, ...]) -> Delivery:

@@ -13,7 +13,15 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from runner.testing.contract import capacity, delivery, oldest, release, settle
+from runner.testing.contract import (
+    capacity,
+    delivery,
+    effects,
+    gates,
+    oldest,
+    release,
+    settle,
+)
 from runner.testing.contract.fixtures import (
     BrokerFactory,
     BrokerMaker,
@@ -25,7 +33,7 @@ from runner.testing.contract.fixtures import (
 )
 
 #: The suite's modules, in the order their tests run.
-MODULES: tuple[ModuleType, ...] = (capacity, delivery, oldest, release, settle)
+MODULES: tuple[ModuleType, ...] = (capacity, delivery, oldest, release, settle, gates, effects)
 
 
 def _tests(modules: tuple[ModuleType, ...]) -> dict[str, Callable[..., Any]]:
