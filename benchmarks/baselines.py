@@ -6,12 +6,20 @@ B: a bare redis-py loop on the same Redis with the same threads: one producer XA
    pipelined batches, each consumer thread XREADGROUP COUNT 10, runs the callable and XACKs
    the batch in one pipeline. No leases, capacity, retries or fencing: the floor cost of
    moving work through Redis streams from Python.
+
+Per-call publishing (how a web application enqueues: one call per request) is compared with
+the bare loop of one call per task on the same store: one XADD per call (a round trip each) on
+Redis, one ``queue.Queue.put`` in-process for memory, one INSERT transaction per call on a
+SQLite file in WAL mode with ``synchronous=NORMAL`` (the runner's own settings). Each writes an
+entry the size of the runner's envelope for the same task.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import queue
+import sqlite3
 import threading
 import time
 import uuid
@@ -161,3 +169,41 @@ def bare_redis_latency(url: str, threads: int, rate: float, seconds: float) -> t
     bare.close()
     waits = sorted(bare.waits)
     return percentile(waits, 50), percentile(waits, 99)
+
+
+def bare_redis_publish_per_call(url: str, n: int, envelope: bytes) -> float:
+    """Calls/s of one XADD per call (one round trip each) of an ``envelope``-sized entry."""
+    client = redis.Redis.from_url(url, protocol=2)
+    stream = f"bare:{uuid.uuid4().hex}"
+    t0 = time.perf_counter()
+    for _ in range(n):
+        client.xadd(stream, {"a": "0", "t": envelope})
+    rate = n / (time.perf_counter() - t0)
+    client.delete(stream)
+    client.close()
+    return rate
+
+
+def queue_put_per_call(n: int, envelope: bytes) -> float:
+    """Calls/s of one ``queue.Queue.put`` per call (of the envelope the runner would store)."""
+    q: queue.Queue[bytes] = queue.Queue()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        q.put(envelope)
+    return n / (time.perf_counter() - t0)
+
+
+def sqlite_insert_per_call(path: str, n: int, envelope: bytes) -> float:
+    """Calls/s of one INSERT transaction per call on a WAL file, ``synchronous=NORMAL``."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS bare (seq INTEGER PRIMARY KEY, body BLOB)")
+    t0 = time.perf_counter()
+    for _ in range(n):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO bare (body) VALUES (?)", (envelope,))
+        conn.execute("COMMIT")
+    rate = n / (time.perf_counter() - t0)
+    conn.close()
+    return rate

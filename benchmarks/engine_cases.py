@@ -20,7 +20,9 @@ from typing import Any
 from baselines import paced
 
 from runner.app import Runner, build_runtime
+from runner.codec import encode_task
 from runner.config.models import PipelineConfig
+from runner.model import Task
 from runner.observe.summary import percentile
 from runner.ops.bench import BenchRecorder
 
@@ -91,6 +93,24 @@ def publish_rate(config: PipelineConfig, n: int) -> float:
     rate = n / (time.perf_counter() - t0)
     _quick_stop(runner, started=False)
     return rate
+
+
+def publish_per_call_rate(config: PipelineConfig, n: int) -> float:
+    """Calls/s of ``Runner.publish`` (one task per call, as a web application enqueues) with
+    no worker running."""
+    runner, _ = _runner(config)
+    publish = runner.publish
+    t0 = time.perf_counter()
+    for _ in range(n):
+        publish(TYPE, None)
+    rate = n / (time.perf_counter() - t0)
+    _quick_stop(runner, started=False)
+    return rate
+
+
+def envelope() -> bytes:
+    """The stored envelope of one no-op task of TYPE (what the per-call baselines write)."""
+    return encode_task(Task(type=TYPE, payload=None, enqueued_at=time.time()))
 
 
 def end_to_end_rate(config: PipelineConfig, n: int, timeout: float = 600.0) -> float:

@@ -33,6 +33,7 @@ from report import Row, render_markdown, render_table  # noqa: E402
 
 THREADS = 4
 RATE = 1000.0
+PER_CALL = "publish no-op, one publish() per task"
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,13 @@ class Sizes:
     queued: int  # tasks parked in the memory broker
     backlog_k: int  # tasks finished per backlog throughput measurement
     types: int  # 1 ms tasks per run of the multi-type row and of its one-type baseline
+    calls: int  # publish() calls (one task each) per per-call publish run
 
 
 SIZES = {
-    "full": Sizes(100_000, 100_000, 100_000, 20_000, 5_000, 5.0, 1_000_000, 20_000, 5_000),
-    "quick": Sizes(10_000, 5_000, 5_000, 2_000, 500, 1.0, 100_000, 5_000, 1_000),
-    "tiny": Sizes(500, 300, 300, 100, 50, 0.2, 2_000, 300, 100),
+    "full": Sizes(100_000, 100_000, 100_000, 20_000, 5_000, 5.0, 1_000_000, 20_000, 5_000, 20_000),
+    "quick": Sizes(10_000, 5_000, 5_000, 2_000, 500, 1.0, 100_000, 5_000, 1_000, 5_000),
+    "tiny": Sizes(500, 300, 300, 100, 50, 0.2, 2_000, 300, 100, 200),
 }
 
 
@@ -77,6 +79,14 @@ def bench_memory(sizes: Sizes, reps: int) -> list[Row]:
         reps,
     )
     rows.append(Row("memory", "publish no-op (batches of 100)", e_pub, "tasks/s", "A", a_pub))
+    q_call, e_call = paired(
+        lambda: baselines.queue_put_per_call(sizes.calls, ec.envelope()),
+        lambda: ec.publish_per_call_rate(cfg, sizes.calls),
+        reps,
+    )
+    rows.append(
+        Row("memory", PER_CALL, e_call, "calls/s", "Queue.put per call", q_call)  # no target
+    )
     a_e2e, e_e2e = paired(
         lambda: baselines.pool_rate(noop, THREADS, sizes.noop)[1],
         lambda: ec.end_to_end_rate(cfg, sizes.noop),
@@ -237,6 +247,14 @@ def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
         reps,
     )
     rows.append(Row("sqlite", "publish no-op (batches of 100)", e_pub, "tasks/s", "A", a_pub))
+    s_call, e_call = paired(
+        lambda: baselines.sqlite_insert_per_call(
+            str(tmp / f"bare{next(counter)}.db"), sizes.calls, ec.envelope()
+        ),
+        lambda: ec.publish_per_call_rate(cfg(THREADS), sizes.calls),  # type: ignore[arg-type]
+        reps,
+    )
+    rows.append(Row("sqlite", PER_CALL, e_call, "calls/s", "INSERT txn per call", s_call))
     a_e2e, e_e2e = paired(
         lambda: baselines.pool_rate(noop, THREADS, sizes.sqlite_noop)[1],
         lambda: ec.end_to_end_rate(cfg(THREADS), sizes.sqlite_noop),  # type: ignore[arg-type]
@@ -291,6 +309,23 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
             reps,
         )
         rows.append(Row("redis", "publish no-op (batches of 100)", e_pub, "tasks/s", "B", b_pub))
+        x_call, e_call = paired(
+            lambda: baselines.bare_redis_publish_per_call(url, sizes.calls, ec.envelope()),
+            lambda: ec.publish_per_call_rate(cfg(THREADS), sizes.calls),  # type: ignore[arg-type]
+            reps,
+        )
+        rows.append(
+            Row(
+                "redis",
+                PER_CALL,
+                e_call,
+                "calls/s",
+                "XADD per call",
+                x_call,
+                "ratio >= 0.8",
+                e_call >= 0.8 * x_call,
+            )
+        )
         b_e2e, e_e2e = paired(
             lambda: baselines.bare_redis_rate(url, noop, THREADS, sizes.redis_noop)[1],
             lambda: ec.end_to_end_rate(cfg(THREADS), sizes.redis_noop),  # type: ignore[arg-type]

@@ -131,9 +131,19 @@ class Runner:
 
     # -- producing -------------------------------------------------------------------------
 
-    def publish(self, type_name: str, payload: Any = None, *, delay_s: float = 0.0) -> str:
+    def publish(
+        self,
+        type_name: str,
+        payload: Any = None,
+        *,
+        delay_s: float = 0.0,
+        headers: Mapping[str, Any] | None = None,
+    ) -> str:
         """Put one task; returns its id. Blocks while the broker is full (see QueueFull)."""
-        return self.publish_many([(type_name, payload)], delay_s=delay_s)[0]
+        item: PublishItem = (
+            (type_name, payload) if headers is None else (type_name, payload, headers)
+        )
+        return self.publish_many([item], delay_s=delay_s)[0]
 
     def publish_many(self, items: Iterable[PublishItem], *, delay_s: float = 0.0) -> list[str]:
         """Put several tasks at once, all or nothing: each item is (type, payload) or (type,

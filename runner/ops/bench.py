@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from runner.config.models import PipelineConfig, SimulateConfig, parse_duration
 from runner.config.models import parse_rate as config_parse_rate
@@ -80,6 +80,9 @@ class BenchOptions:
     tasks: int | None = None
     types: tuple[str, ...] = ()  # empty: every configured type (or the simulate mix)
     drain_s: float = 60.0  # how long to wait for the published tasks to finish
+    # "batch": up to _MAX_BATCH tasks per publish_many call (as many as the rate has made due);
+    # "call": one publish() per task, as a web application enqueues (one per request).
+    publish_mode: Literal["batch", "call"] = "batch"
 
 
 class BenchRecorder:
@@ -262,7 +265,11 @@ def _produce(
                 time.sleep(max(_TICK_S, (sent + 1) / options.rate - (now - start)))
                 continue
         batch = list(itertools.islice(items, int(min(due, limit - sent))))
-        runner.publish_many(batch)
+        if options.publish_mode == "call":
+            for item in batch:
+                runner.publish(item[0], item[1], headers=item[2] if len(item) > 2 else None)
+        else:
+            runner.publish_many(batch)
         for item in batch:
             counts[item[0]] += 1
         sent += len(batch)

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import click
 
@@ -442,6 +442,13 @@ def resume(config_file: str, type_name: str) -> None:
 @click.option("--tasks", type=click.IntRange(min=1), help="Stop publishing after N tasks.")
 @click.option("--type", "types", multiple=True, help="Task type to publish (repeatable).")
 @click.option("--workers", type=click.IntRange(min=1), help="Override `workers`.")
+@click.option(
+    "--publish-mode",
+    type=click.Choice(["batch", "call"]),
+    default="batch",
+    show_default=True,
+    help="batch: many tasks per publish_many; call: one publish() per task (a web app's way).",
+)
 def bench(
     config_file: str,
     rate: str,
@@ -449,13 +456,18 @@ def bench(
     tasks: int | None,
     types: tuple[str, ...],
     workers: int | None,
+    publish_mode: Literal["batch", "call"],
 ) -> None:
     """Publish synthetic load into CONFIG's pipeline; report throughput and latency per type."""
     from runner.config.load import load_config
     from runner.ops.bench import BenchOptions, parse_rate, parse_seconds, run_bench
 
     options = BenchOptions(
-        rate=parse_rate(rate), duration_s=parse_seconds(duration), tasks=tasks, types=types
+        rate=parse_rate(rate),
+        duration_s=parse_seconds(duration),
+        tasks=tasks,
+        types=types,
+        publish_mode=publish_mode,
     )
     flags = {"workers": workers} if workers is not None else {}
     config = load_config(config_file, flags=flags)

@@ -32,6 +32,17 @@ def test_dq_run_bench_reports_every_type(tmp_path: Path) -> None:
     assert any(line.split()[:3] == ["pong", "30", "30"] for line in lines)
 
 
+def test_dq_run_bench_publishes_one_call_per_task_when_asked(tmp_path: Path) -> None:
+    config = tmp_path / "bench.yaml"
+    config.write_text(CONFIG % (REPO / "benchmarks"))
+    result = run("bench", str(config), "--rate", "max", "--tasks", "40", "--publish-mode", "call")
+    assert result.returncode == 0, result.stderr
+    assert "published 40" in result.stdout and "finished 40" in result.stdout
+    bad = run("bench", str(config), "--publish-mode", "single")
+    assert bad.returncode == 2
+    assert "'single' is not one of 'batch', 'call'" in bad.stderr
+
+
 def test_dq_run_bench_rejects_a_bad_rate(tmp_path: Path) -> None:
     config = tmp_path / "bench.yaml"
     config.write_text(CONFIG % (REPO / "benchmarks"))
@@ -53,7 +64,13 @@ def test_benchmark_script_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     text = output.read_text()
-    for case in ("end-to-end no-op", "1 ms tasks, 4 threads", "publish->start p99"):
+    cases = (
+        "end-to-end no-op",
+        "1 ms tasks, 4 threads",
+        "publish->start p99",
+        "publish no-op, one publish() per task",
+    )
+    for case in cases:
         assert f"| memory | {case}" in text
         assert f"| sqlite | {case}" in text
     assert "targets:" in result.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from runner.middleware.simulate import SIM_HEADER
 from runner.ops.bench import (
     BenchOptions,
     BenchRecorder,
+    _produce,
     parse_rate,
     parse_seconds,
     payloads,
@@ -121,3 +123,31 @@ def test_recorder_expect_can_be_raised_again() -> None:
     assert not recorder.wait_finished(0)
     recorder.handle(Event("task.succeeded", type="a", attempt=1))
     assert recorder.wait_finished(0)
+
+
+class _CountingRunner:
+    """Stands in for the Runner in _produce: records how the tasks were handed over."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def publish(self, type_name: str, payload: object, headers: object = None) -> str:
+        self.calls.append(("publish", 1))
+        return "id"
+
+    def publish_many(self, items: list[object]) -> list[str]:
+        self.calls.append(("publish_many", len(items)))
+        return ["id"] * len(items)
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("call", {"publish"}), ("batch", {"publish_many"})])
+def test_publish_mode_call_makes_one_publish_per_task(mode: str, expected: set[str]) -> None:
+    runner = _CountingRunner()
+    counts: dict[str, int] = defaultdict(int)
+    options = BenchOptions(rate=None, duration_s=5.0, tasks=450, publish_mode=mode)  # type: ignore[arg-type]
+    sent = _produce(runner, payloads(_config(), ()), options, counts)
+    assert sent == sum(n for _, n in runner.calls) == 450
+    assert {kind for kind, _ in runner.calls} == expected
+    if mode == "batch":
+        assert len(runner.calls) < 10  # up to 200 per call
+    assert sum(counts.values()) == 450
