@@ -18,7 +18,7 @@
     TaskInterrupted (BaseException)      raised inside a handler's thread when it is interrupted
 
 Each class carries, as ``exit_code``, the code ``dq-run`` exits with when the error reaches the
-CLI (README "CLI": 0 success, 1 failure, 2 config or usage error, 3 broker unreachable); a
+CLI (docs/reference/cli.md: 0 success, 1 failure, 2 config or usage error, 3 broker unreachable); a
 subclass inherits its parent's unless it says otherwise.
 """
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-#: Exit codes of ``dq-run`` (README "CLI"); each error class names its own as ``exit_code``.
+#: Exit codes of ``dq-run`` (docs/reference/cli.md); each error class names its own (exit_code).
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_BROKER = 0, 1, 2, 3
 
 

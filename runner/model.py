@@ -186,7 +186,7 @@ class DeadReason(WireName):
     ``task.dead`` event, its log line and its ``dq_tasks_dead_total`` label.
 
     The values are stored in records (files, SQLite, Redis) and read back: never change one.
-    README "Dead-letter queue" explains each to operators.
+    docs/operating/dead-letters.md explains each to operators.
     """
 
     EXHAUSTED = "exhausted"  # every one of max_attempts attempts failed
