@@ -45,13 +45,15 @@ def lose_next_script_reply(conn: Any) -> list[str]:
     """The reply to the next script call (EVALSHA) on ``conn`` is read, so the script surely
     ran, then the connection drops before the caller sees it: a reply lost in an outage.
     Returns the list of replies lost (at most one)."""
-    send, read = conn.send_command, conn.read_response
+    send, read = conn.send_packed_command, conn.read_response
     sent: list[str] = []
     lost: list[str] = []
 
-    def send_command(*args: Any, **kwargs: Any) -> None:
-        sent.append(str(args[0]))
-        send(*args, **kwargs)
+    def send_packed_command(command: Any, *args: Any, **kwargs: Any) -> None:
+        # Every command goes out this way, packed (a health check's PING too).
+        first = command[0] if isinstance(command, list) else command
+        sent.append("EVALSHA" if b"\r\nEVALSHA\r\n" in bytes(first[:24]) else "other")
+        send(command, *args, **kwargs)
 
     def read_response(*args: Any, **kwargs: Any) -> Any:
         reply = read(*args, **kwargs)
@@ -61,7 +63,7 @@ def lose_next_script_reply(conn: Any) -> list[str]:
             raise redis.ConnectionError("reply lost")
         return reply
 
-    conn.send_command, conn.read_response = send_command, read_response
+    conn.send_packed_command, conn.read_response = send_packed_command, read_response
     return lost
 
 
