@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,11 @@ def make_config(
     namespace: str = "bench",
     prefetch: int | None = None,
     types: int = 1,
+    limits: Sequence[int] = (),
 ) -> PipelineConfig:
     """A config whose type TYPE runs ``handler``; ``types - 1`` more types (``idle1`` ...)
-    run it too, but the benchmarks publish only TYPE: they stay idle."""
+    run it too, but the benchmarks publish only TYPE: they stay idle. With ``limits``, the
+    types are ``busy1`` ... instead, one per limit, each with that ``concurrency``."""
     broker: dict[str, Any] = {"kind": kind, "capacity": 3_000_000, "visibility_timeout": 60}
     if path is not None:
         broker["path"] = path
@@ -52,13 +55,18 @@ def make_config(
         broker |= {"url": url, "namespace": namespace}
     type_config = {"handler": f"bench_handlers:{handler}", "timeout": 30}
     names = [TYPE, *(f"idle{i}" for i in range(1, types))]
+    task_types: dict[str, Any] = dict.fromkeys(names, type_config)
+    if limits:
+        task_types = {
+            f"busy{i}": {**type_config, "concurrency": n} for i, n in enumerate(limits, 1)
+        }
     return PipelineConfig.model_validate(
         {
             "broker": broker,
             "workers": threads,
             "prefetch": prefetch,
             "handler_paths": [str(HERE)],
-            "task_types": dict.fromkeys(names, type_config),
+            "task_types": task_types,
             "metrics": {"enabled": False},
             "logging": {"level": "WARNING"},
         }
@@ -78,9 +86,12 @@ def _quick_stop(runner: Runner, started: bool = True) -> None:
     runner.broker.close()
 
 
-def _batches(n: int, size: int = BATCH) -> list[list[tuple[str, None]]]:
-    full = [(TYPE, None)] * size
-    return [full] * (n // size) + ([[(TYPE, None)] * (n % size)] if n % size else [])
+def _batches(
+    n: int, size: int = BATCH, types: Sequence[str] = (TYPE,)
+) -> list[list[tuple[str, None]]]:
+    """``n`` no-op items in batches of ``size``, the ``types`` taking turns item by item."""
+    items = [(types[i % len(types)], None) for i in range(n)]
+    return [items[i : i + size] for i in range(0, n, size)]
 
 
 def publish_rate(config: PipelineConfig, n: int) -> float:
@@ -108,15 +119,61 @@ def publish_per_call_rate(config: PipelineConfig, n: int) -> float:
     return rate
 
 
+def end_to_end_per_call_rate(config: PipelineConfig, n: int, timeout: float = 600.0) -> float:
+    """Tasks/s from the first publish to the last finish, this process publishing one
+    ``publish()`` per task while its workers run (a web application's worker doing both)."""
+    runner, recorder = _runner(config)
+    recorder.expect(n)
+    runner.start()
+    publish = runner.publish
+    t0 = time.perf_counter()
+    for _ in range(n):
+        publish(TYPE, None)
+    if not recorder.wait_finished(timeout):
+        raise RuntimeError(f"only {recorder.total_finished} of {n} tasks finished")
+    rate = n / (recorder.last_finish - t0)
+    _quick_stop(runner)
+    return rate
+
+
+def end_to_end_bare_producer_rate(
+    config: PipelineConfig, url: str, namespace: str, n: int, timeout: float = 600.0
+) -> float:
+    """The same worker pipeline fed by a bare producer in another process
+    (bare_producer.py: the runner's own entry and capacity count, one round trip per task);
+    tasks/s from the producer's start to the last finish."""
+    runner, recorder = _runner(config)
+    recorder.expect(n)
+    runner.start()
+    producer = subprocess.Popen(
+        [sys.executable, str(HERE / "bare_producer.py"), url, namespace, TYPE, str(n)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert producer.stdout is not None
+        started = float(producer.stdout.readline())  # perf_counter is system-wide on Linux
+        if not recorder.wait_finished(timeout):
+            raise RuntimeError(f"only {recorder.total_finished} of {n} tasks finished")
+    finally:
+        producer.wait(timeout=60)
+    rate = n / (recorder.last_finish - started)
+    _quick_stop(runner)
+    return rate
+
+
 def envelope() -> bytes:
     """The stored envelope of one no-op task of TYPE (what the per-call baselines write)."""
     return encode_task(Task(type=TYPE, payload=None, enqueued_at=time.time()))
 
 
-def end_to_end_rate(config: PipelineConfig, n: int, timeout: float = 600.0) -> float:
-    """Tasks/s from the first publish to the last task finished, workers running throughout."""
+def end_to_end_rate(
+    config: PipelineConfig, n: int, timeout: float = 600.0, types: Sequence[str] = (TYPE,)
+) -> float:
+    """Tasks/s from the first publish to the last task finished, workers running throughout
+    (the ``types`` take turns)."""
     runner, recorder = _runner(config)
-    batches = _batches(n)
+    batches = _batches(n, types=types)
     recorder.expect(n)
     runner.start()
     t0 = time.perf_counter()

@@ -115,6 +115,14 @@ def bench_memory(sizes: Sizes, reps: int) -> list[Row]:
             reps,
         )
     )
+    rows.append(
+        _busy_types_row(
+            "memory",
+            lambda **kw: ec.make_config("memory", THREADS, handler="sleep_1ms", **kw),
+            sizes,
+            reps,
+        )
+    )
     del sleep
     rows += _latency_rows("memory", cfg, sizes, reps, limit_ms=5.0)
     per_task = ec.memory_per_task(cfg, sizes.queued)
@@ -202,6 +210,36 @@ def _types_row(
     )
 
 
+#: Concurrency limits of the busy types of the "3 busy types" row. They sum to THREADS and
+#: the types get tasks in proportion to them, so each type keeps its own limit's threads busy
+#: to the end: together they can match one type on all the threads, as nothing else limits
+#: them (with equal shares, the type of limit 1 would be left running alone at the end).
+BUSY_LIMITS = (2, 1, 1)
+
+
+def _busy_types_row(broker: str, config: Callable[..., object], sizes: Sizes, reps: int) -> Row:
+    """1 ms tasks on THREADS threads spread over three busy types with different limits,
+    against one busy type alone, back to back: together they must keep the threads as busy
+    as one type does. ``config(types=..., limits=...)``."""
+    names = tuple(f"busy{i}" for i, n in enumerate(BUSY_LIMITS, 1) for _ in range(n))
+    one, three = paired(
+        lambda: ec.end_to_end_rate(config(types=1), sizes.types),  # type: ignore[arg-type]
+        lambda: ec.end_to_end_rate(config(limits=BUSY_LIMITS), sizes.types, types=names),  # type: ignore[arg-type]
+        reps,
+    )
+    limits = "/".join(map(str, BUSY_LIMITS))
+    return Row(
+        broker,
+        f"1 ms tasks, 4 threads, 3 busy types (limits {limits})",
+        three,
+        "tasks/s",
+        "1 type",
+        one,
+        "ratio >= 0.9",
+        three >= 0.9 * one,
+    )
+
+
 def _latency_rows(
     broker: str, cfg: object, sizes: Sizes, reps: int, limit_ms: float | None, url: str = ""
 ) -> list[Row]:
@@ -228,7 +266,11 @@ def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
     counter = iter(range(1_000_000))
 
     def cfg(
-        threads: int, handler: str = "noop", prefetch: int | None = None, types: int = 1
+        threads: int,
+        handler: str = "noop",
+        prefetch: int | None = None,
+        types: int = 1,
+        limits: tuple[int, ...] = (),
     ) -> object:
         return ec.make_config(
             "sqlite",
@@ -237,6 +279,7 @@ def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
             path=str(tmp / f"q{next(counter)}.db"),
             prefetch=prefetch,
             types=types,
+            limits=limits,
         )
 
     noop = bench_handlers.noop
@@ -274,6 +317,9 @@ def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
         "sqlite", lambda t: cfg(t, "sleep_1ms", 0), sizes, reps, ", prefetch 0", judged=False
     )
     rows.append(_types_row("sqlite", lambda n: cfg(THREADS, "sleep_1ms", types=n), sizes, reps))
+    rows.append(
+        _busy_types_row("sqlite", lambda **kw: cfg(THREADS, "sleep_1ms", **kw), sizes, reps)
+    )
     rows += _latency_rows("sqlite", cfg(THREADS), sizes, reps, limit_ms=None)
     return rows
 
@@ -288,7 +334,12 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
         url = server.url
 
         def cfg(
-            threads: int, handler: str = "noop", prefetch: int | None = None, types: int = 1
+            threads: int,
+            handler: str = "noop",
+            prefetch: int | None = None,
+            types: int = 1,
+            limits: tuple[int, ...] = (),
+            namespace: str | None = None,
         ) -> object:
             server.client().flushall()
             return ec.make_config(
@@ -296,9 +347,10 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
                 threads,
                 handler=handler,
                 url=url,
-                namespace=f"b{next(counter)}",
+                namespace=namespace or f"b{next(counter)}",
                 prefetch=prefetch,
                 types=types,
+                limits=limits,
             )
 
         noop = bench_handlers.noop
@@ -343,6 +395,29 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
                 e_e2e >= 0.5 * b_e2e,
             )
         )
+
+        def fed_by_bare_producer() -> float:
+            namespace = f"bare{next(counter)}"
+            config = cfg(THREADS, namespace=namespace)
+            return ec.end_to_end_bare_producer_rate(config, url, namespace, sizes.calls)  # type: ignore[arg-type]
+
+        bare_fed, per_call = paired(
+            fed_by_bare_producer,
+            lambda: ec.end_to_end_per_call_rate(cfg(THREADS), sizes.calls),  # type: ignore[arg-type]
+            reps,
+        )
+        rows.append(
+            Row(
+                "redis",
+                "end-to-end no-op, one publish() per task",
+                per_call,
+                "tasks/s",
+                "bare producer process",
+                bare_fed,
+                "ratio >= 0.9",
+                per_call >= 0.9 * bare_fed,
+            )
+        )
         b_pre, e_pre = paired(
             lambda: baselines.bare_redis_rate(url, noop, THREADS, sizes.redis_noop)[1],
             lambda: ec.end_to_end_rate(cfg(THREADS, prefetch=0), sizes.redis_noop),  # type: ignore[arg-type]
@@ -375,6 +450,9 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
             "redis", lambda t: cfg(t, "sleep_1ms", 0), sizes, reps, ", prefetch 0", judged=False
         )
         rows.append(_types_row("redis", lambda n: cfg(THREADS, "sleep_1ms", types=n), sizes, reps))
+        rows.append(
+            _busy_types_row("redis", lambda **kw: cfg(THREADS, "sleep_1ms", **kw), sizes, reps)
+        )
         rows.append(
             _types_row(
                 "redis",
