@@ -23,11 +23,11 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from runner.errors import ConfigError, Problem
+from runner.errors import ConfigError, PermanentError, Problem
 
 #: ``module:function``; the module part may be dotted.
 HANDLER_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
@@ -48,10 +48,22 @@ class Handler:
     takes_ctx: bool
 
     def __call__(self, payload: Any, ctx: Any) -> Any:
-        """Call the handler with ``(payload, ctx)`` or ``(payload)``, whichever it accepts."""
-        if self.takes_ctx:
-            return self.func(payload, ctx)
-        return self.func(payload)
+        """Call the handler with ``(payload, ctx)`` or ``(payload)``, whichever it accepts.
+
+        A handler that hands back an awaitable (a plain function returning a coroutine: load
+        refuses an ``async def``) has not done its work: nothing on a worker thread would ever
+        await it. The attempt fails with PermanentError saying so (the coroutine is closed
+        first, so Python adds no "never awaited" warning), rather than succeed unrun.
+        """
+        result = self.func(payload, ctx) if self.takes_ctx else self.func(payload)
+        if result is not None and isinstance(result, Awaitable):
+            if isinstance(result, Coroutine):
+                result.close()
+            raise PermanentError(
+                f"handler {self.spec} returned {type(result).__name__}, which would never be "
+                f"awaited on a worker thread, so the task did not run; {_NOT_ASYNC}"
+            )
+        return result
 
 
 def load_handler(spec: str, *, search_path: Sequence[str] = ()) -> Handler:
@@ -67,6 +79,12 @@ def load_handler(spec: str, *, search_path: Sequence[str] = ()) -> Handler:
     obj = _import_attr(module_name, attr, search_path, "handler")
     if not callable(obj):
         _fail("handler", f"{spec!r} is not callable (it is a {type(obj).__name__})")
+    if _is_async(obj):
+        _fail(
+            "handler",
+            f"{spec!r} is an async def: handlers run on worker threads, where its coroutine "
+            f"would never be awaited; {_NOT_ASYNC}",
+        )
     try:
         signature = inspect.signature(obj)
     except (TypeError, ValueError):
@@ -80,6 +98,20 @@ def load_handler(spec: str, *, search_path: Sequence[str] = ()) -> Handler:
     return _fail(
         "handler", f"{spec!r} must accept (payload, ctx) or (payload); it takes {signature}"
     )
+
+
+#: How to run async code from a handler today (execution modes are issue 20's).
+_NOT_ASYNC = (
+    "make it a plain def that runs the coroutine, e.g. "
+    "def handler(payload, ctx): return asyncio.run(work(payload, ctx))"
+)
+
+
+def _is_async(obj: Any) -> bool:
+    """True for an ``async def`` (or async generator) function, also behind functools.partial
+    or as a callable object's ``__call__``."""
+    call = getattr(obj, "__call__", None)  # noqa: B004 (the method itself, not callable())
+    return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (obj, call))
 
 
 def load_class(spec: str, *, key: str, search_path: Sequence[str] = ()) -> type[Any]:

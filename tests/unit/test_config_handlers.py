@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 
 from runner.errors import ConfigError, PermanentError
 from runner.loader import Handler, load_handler, resolve_exception
+from tests.unit import async_handlers
 
 
 def test_two_argument_handler_gets_ctx() -> None:
@@ -80,3 +82,20 @@ def test_handler_is_frozen() -> None:
     handler: Any = load_handler("handlers.demo:send_email")
     with pytest.raises(AttributeError):
         handler.takes_ctx = False
+
+
+@pytest.mark.parametrize("name", ["fetch", "fetch_later", "poll", "stream"])
+def test_an_async_handler_is_refused_with_the_fix(name: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_handler(f"tests.unit.async_handlers:{name}")
+    message = str(caught.value)
+    assert "is an async def: handlers run on worker threads" in message
+    assert "asyncio.run(work(payload, ctx))" in message
+
+
+def test_a_handler_returning_a_coroutine_fails_permanently_and_closes_it() -> None:
+    handler = load_handler("tests.unit.async_handlers:hands_back_a_coroutine")
+    with pytest.raises(PermanentError, match="returned coroutine, which would never be awaited"):
+        handler({}, object())
+    # Closed, so Python does not warn "coroutine ... was never awaited" when it is collected.
+    assert inspect.getcoroutinestate(async_handlers.handed_back[-1]) == inspect.CORO_CLOSED

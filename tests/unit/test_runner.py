@@ -105,3 +105,19 @@ def test_pause_holds_a_type_back_in_process_until_resumed() -> None:
         assert runner.resume("slow") is False
         assert runner.run_until_empty(timeout=30) is True
     assert runner.summary.count("succeeded") == 6
+
+
+def test_a_handler_that_hands_back_a_coroutine_is_dead_lettered_as_permanent() -> None:
+    """It would otherwise count as succeeded without having run (issue 20's silent harm)."""
+    config = PipelineConfig.model_validate(
+        {"task_types": {"fetch": {"handler": "tests.unit.async_handlers:hands_back_a_coroutine"}}}
+    )
+    runner = build_runtime(config, observe=False)
+    runner.publish("fetch", {})
+    with runner:
+        assert runner.run_until_empty(timeout=30) is True
+    assert runner.summary.count("succeeded") == 0
+    assert isinstance(runner.broker, MemoryBroker)
+    (record,) = runner.broker.dead_letter_store.records(DeadLetterFilter())
+    assert (record.reason, record.attempts) == ("permanent", 1)
+    assert "returned coroutine, which would never be awaited" in record.message
