@@ -14,6 +14,7 @@ from runner.errors import (
     InvalidPayload,
     PermanentError,
     QueueFull,
+    Retry,
     RunnerError,
     UsageError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "PermanentError",
     "PipelineConfig",
     "QueueFull",
+    "Retry",
     "Runner",
     "RunnerError",
     "Task",

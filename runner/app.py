@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -30,7 +31,7 @@ from runner.loader import load_class, load_handler, resolve_exception
 from runner.middleware.base import Middleware, overriding, wrap_chain
 from runner.middleware.payloads import PayloadValidation, payload_model
 from runner.middleware.simulate import Simulation
-from runner.model import NO_HEADERS, DeadReason, Task
+from runner.model import NO_HEADERS, DeadReason, Task, not_before_of
 from runner.observe.logs import setup_logging, task_logger
 from runner.observe.metrics import MetricsListener
 from runner.observe.progress import Progress, progress_enabled
@@ -137,18 +138,24 @@ class Runner:
         payload: Any = None,
         *,
         delay_s: float = 0.0,
+        at: datetime | None = None,
         headers: Mapping[str, Any] | None = None,
     ) -> str:
-        """Put one task; returns its id. Blocks while the broker is full (see QueueFull)."""
+        """Put one task; returns its id. Blocks while the broker is full (see QueueFull).
+
+        ``delay_s`` or ``at`` (an aware datetime; one in the past runs now) hold it back."""
         item: PublishItem = (
             (type_name, payload) if headers is None else (type_name, payload, headers)
         )
-        return self.publish_many([item], delay_s=delay_s)[0]
+        return self.publish_many([item], delay_s=delay_s, at=at)[0]
 
-    def publish_many(self, items: Iterable[PublishItem], *, delay_s: float = 0.0) -> list[str]:
+    def publish_many(
+        self, items: Iterable[PublishItem], *, delay_s: float = 0.0, at: datetime | None = None
+    ) -> list[str]:
         """Put several tasks at once, all or nothing: each item is (type, payload) or (type,
-        payload, headers)."""
+        payload, headers). ``delay_s`` or ``at`` as for ``publish``."""
         now = time.time()
+        not_before = not_before_of(now, delay_s, at)
         tasks = []
         for item in items:
             type_name, payload = item[0], item[1]
@@ -181,7 +188,7 @@ class Runner:
                     type=type_name,
                     payload=payload,
                     enqueued_at=now,
-                    not_before=now + delay_s if delay_s else 0.0,
+                    not_before=not_before,
                     headers=headers or NO_HEADERS,
                 )
             )

@@ -13,7 +13,8 @@
     │   ├── BrokerClosed             1   the broker was closed
     │   ├── BrokerUnavailable        3   the broker cannot be reached or opened
     │   └── NotSupported             2   the broker cannot do this (publish to a memory broker)
-    └── PermanentError               1   raised by a handler: never retry, dead-letter at once
+    ├── PermanentError               1   raised by a handler: never retry, dead-letter at once
+    └── Retry                        1   raised by a handler: retry after this delay (or at)
 
     TaskInterrupted (BaseException)      raised inside a handler's thread when it is interrupted
 
@@ -25,6 +26,7 @@ subclass inherits its parent's unless it says otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import ClassVar
 
 #: Exit codes of ``dq-run`` (docs/reference/cli.md); each error class names its own (exit_code).
@@ -126,6 +128,35 @@ class NotSupported(BrokerError):
 
 class PermanentError(RunnerError):
     """Raised by a handler to send its task straight to the dead-letter queue, without retries."""
+
+
+class Retry(RunnerError):
+    """Raised by a handler to run its task again after ``delay`` seconds, or at ``at`` (an
+    aware datetime; a time in the past means at once), instead of after the backoff policy's
+    delay: ``raise Retry(delay=30)``, say, when a downstream service answered "try again in
+    30 s". It is a failed attempt like any other (retry events, history, the attempt counted):
+    raised on the last attempt, the task goes to the dead-letter queue (reason exhausted).
+    """
+
+    def __init__(
+        self, delay: float | None = None, *, at: datetime | None = None, message: str = ""
+    ) -> None:
+        if (delay is None) == (at is None):
+            raise ValueError("Retry takes one of delay (seconds) or at (a datetime)")
+        if delay is not None and not delay >= 0:
+            raise ValueError(f"Retry delay must be 0 or more seconds, got {delay!r}")
+        if at is not None and at.utcoffset() is None:
+            raise ValueError(f"Retry at {at.isoformat()} has no time zone: give an aware datetime")
+        self.delay = delay
+        self.at = at
+        when = f"in {delay:g}s" if delay is not None else f"at {at.isoformat() if at else ''}"
+        super().__init__(message or f"retry requested {when}")
+
+    def delay_s(self, now: float) -> float:
+        """Seconds from ``now`` (epoch seconds) until the task may run again."""
+        if self.at is not None:
+            return max(0.0, self.at.timestamp() - now)
+        return self.delay or 0.0
 
 
 class TaskInterrupted(BaseException):

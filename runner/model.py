@@ -17,8 +17,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from functools import cached_property
 from typing import Any
+
+from runner.errors import UsageError
 
 # A private generator (handlers may seed the random module's), seeded from os.urandom and
 # seeded again in a forked child, which would otherwise repeat its parent's ids.
@@ -304,3 +307,15 @@ class TaskContext:
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
         # Built on first use: most handlers never log, and getLogger takes a global lock.
         return self.make_logger()
+
+
+def not_before_of(now: float, delay_s: float = 0.0, at: datetime | None = None) -> float:
+    """A task's ``not_before`` (0: ready now) from a delay or an aware datetime, not both."""
+    if at is None:
+        return now + delay_s if delay_s > 0 else 0.0
+    if delay_s:
+        raise UsageError("give a delay or a time to run at, not both")
+    if at.utcoffset() is None:
+        raise UsageError(f"{at.isoformat()} has no time zone: give an aware datetime")
+    when = at.timestamp()
+    return when if when > now else 0.0  # a time in the past runs now

@@ -13,12 +13,13 @@ absolute number of seconds, so we wrap its exponential wait in our own proportio
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import tenacity
 from tenacity.wait import wait_base
 
-from runner.errors import PermanentError, TaskInterrupted
+from runner.errors import PermanentError, Retry, TaskInterrupted
 from runner.model import DeadReason
 
 
@@ -72,7 +73,8 @@ class RetryPlan:
         )
 
     def _retryable(self, exc: BaseException) -> bool:
-        return not isinstance(exc, (PermanentError, *self.never_retry))
+        # An explicit Retry is retried even when never_retry names a class it derives from.
+        return isinstance(exc, Retry) or not isinstance(exc, (PermanentError, *self.never_retry))
 
     def decide(self, exc: BaseException, attempt: int) -> Decision:
         """Decide after ``exc`` ended attempt number ``attempt`` (1 for the first run)."""
@@ -85,6 +87,8 @@ class RetryPlan:
             )
         if self._retrying.stop(state):
             return Decision(False, reason=DeadReason.EXHAUSTED)
+        if isinstance(exc, Retry):  # the handler named its own delay
+            return Decision(True, delay_s=exc.delay_s(time.time()))
         return Decision(True, delay_s=self._retrying.wait(state))
 
     def delay(self, attempt: int) -> float:

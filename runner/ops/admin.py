@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from runner.backends import broker_class, create_broker
@@ -30,7 +31,7 @@ from runner.config.models import PipelineConfig, parse_duration
 from runner.config.models import parse_rate as config_parse_rate
 from runner.deadletter.file import FileDeadLetters
 from runner.errors import BrokerError, NotSupported, QueueFull, UsageError
-from runner.model import DeadLetter, Task
+from runner.model import DeadLetter, Task, not_before_of
 from runner.ops.drafts import Draft
 
 T = TypeVar("T")
@@ -71,8 +72,14 @@ def require_shared(config: PipelineConfig, command: str) -> None:
         raise NotSupported(message.format(kind=config.broker.kind, command=command))
 
 
-def publish(config: PipelineConfig, drafts: Sequence[Draft], delay_s: float = 0.0) -> list[str]:
-    """Put every draft as one all-or-nothing batch; returns the task ids in input order.
+def publish(
+    config: PipelineConfig,
+    drafts: Sequence[Draft],
+    delay_s: float = 0.0,
+    at: datetime | None = None,
+) -> list[str]:
+    """Put every draft as one all-or-nothing batch, held back ``delay_s`` or until ``at``;
+    returns the task ids in input order.
 
     Blocks up to ``broker.enqueue_timeout`` for room, then QueueFull (nothing published).
     """
@@ -83,14 +90,9 @@ def publish(config: PipelineConfig, drafts: Sequence[Draft], delay_s: float = 0.
             "never be queued at once, so nothing was published; split the input"
         )
     now = time.time()
+    not_before = not_before_of(now, delay_s, at)
     tasks = [
-        Task(
-            type=d.type,
-            payload=d.payload,
-            enqueued_at=now,
-            not_before=now + delay_s if delay_s > 0 else 0.0,
-        )
-        for d in drafts
+        Task(type=d.type, payload=d.payload, enqueued_at=now, not_before=not_before) for d in drafts
     ]
     broker = create_broker(config)
     try:
@@ -396,6 +398,28 @@ def stats(config: PipelineConfig, admin: BrokerAdmin, now: float | None = None) 
 
 def parse_delay(text: str | None) -> float:
     return 0.0 if text is None else parse_duration_option("--delay", text)
+
+
+def parse_at(text: str | None, given_delay: bool = False) -> datetime | None:
+    """``--at``: an ISO 8601 time with a zone offset (``Z`` for UTC) or None; a UsageError
+    for anything else, a time without a zone, or ``--at`` beside ``--delay``."""
+    if text is None:
+        return None
+    if given_delay:
+        raise UsageError("give --delay or --at, not both")
+    try:
+        # Python 3.10's fromisoformat does not read "Z".
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"--at {text!r}: expected an ISO 8601 time such as 2026-12-24T18:00:00+01:00"
+        ) from None
+    if when.utcoffset() is None:
+        raise UsageError(
+            f"--at {text!r} has no time zone: add an offset (+01:00) or Z for UTC, so that it "
+            "means the same time on every machine"
+        )
+    return when
 
 
 def parse_duration_option(option: str, text: str) -> float:

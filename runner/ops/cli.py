@@ -187,12 +187,16 @@ def schema() -> None:
     help='JSON Lines, one {"type": ..., "payload": ...} per line; - reads stdin.',
 )
 @click.option("--delay", metavar="DURATION", help="Ready only after this long (10s, 5m).")
+@click.option(
+    "--at", "at", metavar="TIME", help="Ready only at this time (ISO 8601 with a zone offset)."
+)
 def publish(
     config_file: str,
     type_name: str | None,
     payload_json: str | None,
     input_file: str | None,
     delay: str | None,
+    at: str | None,
 ) -> None:
     """Publish tasks and print their ids. All input is checked first: all or nothing."""
     from runner.config.load import load_config
@@ -202,6 +206,7 @@ def publish(
     config = load_config(config_file)
     admin.require_shared(config, "publish")
     delay_s = admin.parse_delay(delay)
+    when = admin.parse_at(at, given_delay=delay is not None)
     if input_file is None:
         drafts = read_drafts(config, type_name, payload_json, None)
     else:
@@ -209,7 +214,7 @@ def publish(
         with click.open_file(input_file, mode="rb") as raw:
             lines = _utf8_lines(raw, source)
             drafts = read_drafts(config, type_name, payload_json, lines, source)
-    for task_id in admin.publish(config, drafts, delay_s):
+    for task_id in admin.publish(config, drafts, delay_s, when):
         click.echo(task_id)
 
 

@@ -125,6 +125,16 @@ def test_publish_a_file_with_delay_and_from_stdin(tmp_path: Path) -> None:
     assert _stats(config)["types"]["order"]["ready"] == 1
 
 
+def test_publish_at_a_time_holds_tasks_until_then_and_the_past_runs_now(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    order = '{"sku": "a", "quantity": 1}'
+    for at in ("2999-12-24T18:00:00+01:00", "2020-01-01T00:00:00Z"):
+        result = run("publish", config, "order", order, "--at", at)
+        assert result.returncode == 0, result.stderr
+    types = _stats(config)["types"]["order"]
+    assert (types["delayed"], types["ready"]) == (1, 1)
+
+
 def test_every_bad_line_is_reported_with_its_number_and_nothing_is_published(
     tmp_path: Path,
 ) -> None:
@@ -170,6 +180,15 @@ def test_every_bad_line_is_reported_with_its_number_and_nothing_is_published(
         (["order", "{not json"], "PAYLOAD_JSON: invalid JSON"),
         (["order", '{"sku": "a"}'], "PAYLOAD_JSON: payload.quantity: Field required [Order]"),
         (["order", '{"sku": "a", "quantity": 1}', "--delay", "soon"], "--delay 'soon'"),
+        (["order", '{"sku": "a", "quantity": 1}', "--at", "tomorrow"], "--at 'tomorrow': expected"),
+        (
+            ["order", '{"sku": "a", "quantity": 1}', "--at", "2030-01-01T18:00:00"],
+            "has no time zone: add an offset (+01:00) or Z",
+        ),
+        (
+            ["order", '{"sku": "a", "quantity": 1}', "--at", "2030-01-01T18:00Z", "--delay", "1s"],
+            "give --delay or --at, not both",
+        ),
         ([], "missing TYPE"),
     ],
 )

@@ -40,6 +40,7 @@ from runner.errors import (
     PermanentError,
     Problem,
     QueueFull,
+    Retry,
     RunnerError,
     UsageError,
 )
@@ -271,6 +272,7 @@ EXIT_CODES: dict[type[RunnerError], int] = {
     BrokerUnavailable: 3,
     NotSupported: 2,
     PermanentError: 1,
+    Retry: 1,
 }
 
 
@@ -301,6 +303,8 @@ def _instance(cls: type[RunnerError]) -> RunnerError:
         return cls([Problem("f.yaml:1:1", "workers", "bad")])
     if cls is InvalidPayload:
         return InvalidPayload("Email", [("to", "field required")])
+    if cls is Retry:
+        return Retry(delay=1)
     return cls("it failed")
 
 

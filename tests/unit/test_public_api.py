@@ -17,6 +17,7 @@ EXPECTED = {
     "PermanentError",
     "PipelineConfig",
     "QueueFull",
+    "Retry",
     "Runner",
     "RunnerError",
     "Task",
@@ -44,7 +45,7 @@ def test_every_public_name_resolves() -> None:
 
 def test_errors_share_one_root() -> None:
     for name in ("BrokerClosed", "BrokerError", "BrokerUnavailable", "ConfigError",
-                 "PermanentError", "QueueFull", "UsageError"):  # fmt: skip
+                 "PermanentError", "QueueFull", "Retry", "UsageError"):  # fmt: skip
         assert issubclass(getattr(runner, name), runner.RunnerError), name
 
 

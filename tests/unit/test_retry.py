@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import random
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.engine.retry import RetryPlan, error_name
-from runner.errors import PermanentError, TaskInterrupted
+from runner.engine.retry import Decision, RetryPlan, error_name
+from runner.errors import PermanentError, Retry, TaskInterrupted
+from runner.model import DeadReason
 
 
 def make(max_attempts: int = 5, initial: float = 0.1, maximum: float = 1.0,
@@ -83,3 +86,34 @@ def test_timeouts_are_retryable_and_named_timeout_error() -> None:
     assert make().decide(TaskInterrupted(), 1).retry
     assert error_name(TaskInterrupted()) == "TimeoutError"
     assert error_name(ValueError()) == "ValueError"
+
+
+def test_a_retry_the_handler_asks_for_uses_its_own_delay() -> None:
+    plan = make(max_attempts=3)
+    assert plan.decide(Retry(delay=30), 1) == Decision(True, delay_s=30)
+    soon = plan.decide(Retry(at=datetime.now(timezone.utc) + timedelta(seconds=60)), 2)
+    assert soon.retry and 58 <= soon.delay_s <= 60
+    past = plan.decide(Retry(at=datetime(2020, 1, 1, tzinfo=timezone.utc)), 1)
+    assert past == Decision(True, delay_s=0.0)  # a time gone by: at once
+    # Still a failed attempt: the last one exhausts the task.
+    assert plan.decide(Retry(delay=30), 3) == Decision(False, reason=DeadReason.EXHAUSTED)
+
+
+def test_a_retry_asked_for_beats_never_retry() -> None:
+    plan = make(max_attempts=3, never=(Exception,))
+    assert plan.decide(Retry(delay=5), 1) == Decision(True, delay_s=5)
+    assert plan.decide(ValueError("x"), 1).reason == DeadReason.NEVER_RETRY
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({}, "one of delay"),
+        ({"delay": 1, "at": datetime(2030, 1, 1, tzinfo=timezone.utc)}, "one of delay"),
+        ({"delay": -1}, "0 or more seconds"),
+        ({"at": datetime(2030, 1, 1)}, "has no time zone"),
+    ],
+)
+def test_retry_refuses_what_it_cannot_mean(args: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Retry(**args)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from runner import PipelineConfig, UsageError, build_runtime
 from runner.brokers.base import DeadLetterFilter
 from runner.brokers.memory import MemoryBroker
+from runner.events import Event, EventName
 
 
 def _config(**extra: object) -> PipelineConfig:
@@ -121,3 +123,43 @@ def test_a_handler_that_hands_back_a_coroutine_is_dead_lettered_as_permanent() -
     (record,) = runner.broker.dead_letter_store.records(DeadLetterFilter())
     assert (record.reason, record.attempts) == ("permanent", 1)
     assert "returned coroutine, which would never be awaited" in record.message
+
+
+def test_a_handler_can_ask_for_its_own_retry_delay() -> None:
+    config = PipelineConfig.model_validate(
+        {
+            "retry": {"backoff": {"initial": "10ms", "max": "10ms"}},
+            "task_types": {"poll": {"handler": "tests.unit.time_handlers:retry_once_after"}},
+        }
+    )
+    events: list[Event] = []
+
+    class Record:
+        def handle(self, event: Event) -> None:
+            events.append(event)
+
+    runner = build_runtime(config, listeners=[Record()], observe=False)
+    runner.publish("poll", {"delay": 0.4})
+    with runner:
+        started = time.monotonic()
+        assert runner.run_until_empty(timeout=30) is True
+        elapsed = time.monotonic() - started
+    retrying = [e for e in events if e.name is EventName.TASK_RETRYING]
+    assert [e.delay_s for e in retrying] == [0.4]  # not the policy's 10 ms
+    assert retrying[0].error == "Retry: retry requested in 0.4s"
+    assert elapsed >= 0.4
+    assert runner.summary.count("succeeded") == 1
+
+
+def test_publish_at_a_time_holds_the_task_until_then() -> None:
+    runner = build_runtime(_config(), observe=False)
+    later = datetime.now(timezone.utc) + timedelta(minutes=5)
+    runner.publish("work", {"n": 1}, at=later)
+    runner.publish("work", {"n": 2}, at=datetime(2020, 1, 1, tzinfo=timezone.utc))  # past: now
+    depth = runner.depth()["work"]
+    assert (depth.ready, depth.delayed) == (1, 1)
+    with pytest.raises(UsageError, match="has no time zone"):
+        runner.publish("work", {}, at=datetime(2030, 1, 1))
+    with pytest.raises(UsageError, match="not both"):
+        runner.publish("work", {}, delay_s=5, at=later)
+    runner.stop()

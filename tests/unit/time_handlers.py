@@ -1,0 +1,14 @@
+"""Handlers for the tests of time in the runner (Retry, publish at)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner import Retry, TaskContext
+
+
+def retry_once_after(payload: dict[str, Any], ctx: TaskContext) -> int:
+    """Asks to be retried after ``payload["delay"]`` seconds on its first attempt."""
+    if ctx.attempt == 1:
+        raise Retry(delay=payload["delay"])
+    return ctx.attempt
