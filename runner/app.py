@@ -31,7 +31,7 @@ from runner.loader import load_class, load_handler, resolve_exception
 from runner.middleware.base import Middleware, overriding, wrap_chain
 from runner.middleware.payloads import PayloadValidation, payload_model
 from runner.middleware.simulate import Simulation
-from runner.model import NO_HEADERS, DeadReason, Task, not_before_of
+from runner.model import NO_HEADERS, DeadReason, Task, expires_at_of, not_before_of
 from runner.observe.logs import setup_logging, task_logger
 from runner.observe.metrics import MetricsListener
 from runner.observe.progress import Progress, progress_enabled
@@ -120,6 +120,8 @@ class Runner:
         # Each middleware instance once (the config's own are shared by every type).
         chains = (rt.middleware for rt in types.values())
         self._middleware = list({id(m): m for chain in chains for m in chain}.values())
+        # Per type, its configured expires (seconds), for the types that have one.
+        self._expires = {n: s.expires for n, s in config.task_types.items() if s.expires}
         self._closers: list[Callable[[], None]] = []
         self._started = False
         self._stopped = False
@@ -139,23 +141,33 @@ class Runner:
         *,
         delay_s: float = 0.0,
         at: datetime | None = None,
+        expires: float | None = None,
         headers: Mapping[str, Any] | None = None,
     ) -> str:
         """Put one task; returns its id. Blocks while the broker is full (see QueueFull).
 
-        ``delay_s`` or ``at`` (an aware datetime; one in the past runs now) hold it back."""
+        ``delay_s`` or ``at`` (an aware datetime; one in the past runs now) hold it back;
+        ``expires`` (seconds from now) overrides its type's ``expires``: a task not started by
+        then is dead-lettered as expired instead of run."""
         item: PublishItem = (
             (type_name, payload) if headers is None else (type_name, payload, headers)
         )
-        return self.publish_many([item], delay_s=delay_s, at=at)[0]
+        return self.publish_many([item], delay_s=delay_s, at=at, expires=expires)[0]
 
     def publish_many(
-        self, items: Iterable[PublishItem], *, delay_s: float = 0.0, at: datetime | None = None
+        self,
+        items: Iterable[PublishItem],
+        *,
+        delay_s: float = 0.0,
+        at: datetime | None = None,
+        expires: float | None = None,
     ) -> list[str]:
         """Put several tasks at once, all or nothing: each item is (type, payload) or (type,
-        payload, headers). ``delay_s`` or ``at`` as for ``publish``."""
+        payload, headers). ``delay_s``, ``at`` and ``expires`` as for ``publish``."""
         now = time.time()
         not_before = not_before_of(now, delay_s, at)
+        if expires is not None and not expires > 0:
+            raise UsageError(f"expires must be a positive number of seconds, got {expires!r}")
         tasks = []
         for item in items:
             type_name, payload = item[0], item[1]
@@ -190,6 +202,7 @@ class Runner:
                     enqueued_at=now,
                     not_before=not_before,
                     headers=headers or NO_HEADERS,
+                    expires_at=expires_at_of(now, expires, self._expires.get(type_name)),
                 )
             )
         self.broker.put_many(tasks)

@@ -134,6 +134,8 @@ class Task:
     #: Set by middleware as the task is published (``ctx.headers`` in the handler): a trace id,
     #: the simulator's fault plan. JSON values; not part of the payload, never validated by it.
     headers: Mapping[str, Any] = NO_HEADERS
+    #: Epoch seconds after which the task is not run (dead-lettered as expired); 0: never.
+    expires_at: float = 0.0
 
     def with_failure(self, failure: AttemptRecord) -> Task:
         """This task with one more failed attempt in its (bounded) history."""
@@ -151,6 +153,8 @@ class Task:
         }
         if self.headers:  # written only when there are some: older runners read the rest
             data["headers"] = dict(self.headers)
+        if self.expires_at:  # likewise
+            data["expires_at"] = self.expires_at
         return data
 
     @classmethod
@@ -166,6 +170,7 @@ class Task:
             not_before=float(data.get("not_before", 0.0)),
             history=tuple(AttemptRecord.from_json(h) for h in history) if history else (),
             headers=dict(data["headers"]) if data.get("headers") else NO_HEADERS,
+            expires_at=float(data.get("expires_at", 0.0)),
         )
 
 
@@ -199,6 +204,7 @@ class DeadReason(WireName):
     INVALID_PAYLOAD = "invalid payload"  # the payload failed its handler's model; never ran
     UNDECODABLE = "undecodable"  # the stored task could not be decoded, or has no handler here
     SHUTDOWN = "shutdown"  # memory broker: still queued, in backoff or stuck at shutdown
+    EXPIRED = "expired"  # not started before its expires_at; never ran (that time)
     #: Not how a task died: what a stored dead-letter record that cannot itself be decoded is
     #: shown with (SQLite), so an operator can still see and purge it. Never a task.dead event.
     CORRUPT_RECORD = "corrupt record"
@@ -319,3 +325,10 @@ def not_before_of(now: float, delay_s: float = 0.0, at: datetime | None = None) 
         raise UsageError(f"{at.isoformat()} has no time zone: give an aware datetime")
     when = at.timestamp()
     return when if when > now else 0.0  # a time in the past runs now
+
+
+def expires_at_of(now: float, given: float | None, configured: float | None) -> float:
+    """A task's ``expires_at`` (0: never) from the publish call's ``expires`` or, without one,
+    its type's configured ``expires`` (seconds after ``now``)."""
+    seconds = given if given is not None else configured
+    return now + seconds if seconds else 0.0

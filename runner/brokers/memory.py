@@ -88,6 +88,7 @@ def _with_attempt(task: Task, attempt: int) -> Task:
         not_before=task.not_before,
         history=task.history,
         headers=task.headers,
+        expires_at=task.expires_at,
     )
 
 
@@ -646,6 +647,8 @@ class MemoryBroker(BaseBroker):
 
 def _drained(task: Task, reason: str, at: float) -> DeadLetter:
     last = task.history[-1] if task.history else None
+    if task.expires_at:
+        task = replace(task, expires_at=0.0)  # as the engine's records: replayed, it runs
     return DeadLetter(
         task=task,
         reason=reason,

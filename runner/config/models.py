@@ -266,6 +266,12 @@ class TaskTypeConfig(_Model):
         description="interrupt: raise in the handler's thread; cancel: only set ctx.cancelled",
     )
     retry: RetryOverride | None = None
+    expires: Duration | None = Field(
+        None,
+        gt=0,
+        description="a task not started this long after it was published is not run: it is "
+        "dead-lettered with reason expired (publish(..., expires=) overrides it)",
+    )
 
 
 class DeadLetterConfig(_Model):

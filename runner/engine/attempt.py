@@ -19,7 +19,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -125,6 +125,10 @@ class Attempts:
             return self._dead(
                 delivery, started, DeadReason.MAX_DELIVERIES, "MaxDeliveries", message, "", 0.0
             )
+        if task.expires_at and started > task.expires_at:
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(task.expires_at))
+            message = f"not started before it expired at {at}; its handler was not run"
+            return self._dead(delivery, started, DeadReason.EXPIRED, "Expired", message, "", 0.0)
         cancelled = Cancellation()
         run = Run(
             deadline=time.monotonic() + rt.timeout_s,
@@ -251,6 +255,9 @@ class Attempts:
             task = task.with_failure(
                 AttemptRecord(task.attempt, kind, message, trace, started, duration, self.identity)
             )
+        if task.expires_at:
+            # A record is replayed by an operator who wants it run: without its old expiry.
+            task = replace(task, expires_at=0.0)
         record = DeadLetter(
             task=task,
             reason=reason,

@@ -176,6 +176,7 @@ class MetricsListener:
         self.retried = counter("dq_tasks_retried_total", "Failed attempts scheduled to run again")
         self.dead = counter("dq_tasks_dead_total", "Tasks dead-lettered", ("type", "reason"))
         self.timed_out = counter("dq_tasks_timed_out_total", "Attempts past their timeout")
+        self.expired = counter("dq_tasks_expired_total", "Tasks not run: past their expiry")
         self.lease_lost = counter("dq_lease_lost_total", "Acks refused: the lease had moved on")
         self.interrupts = counter("dq_interrupts_total", "Asynchronous interrupts raised")
         self.overruns = counter("dq_overruns_total", "Interrupted handlers that did not return")
@@ -197,8 +198,8 @@ class MetricsListener:
         # Known types get zero-valued series at once, so rate() and dashboards see them.
         for type_ in state.limits():
             for family in (self.published, self.started, self.succeeded, self.retried,
-                           self.timed_out, self.lease_lost, self.interrupts, self.overruns,
-                           self.duration, self.queue_wait):  # fmt: skip
+                           self.timed_out, self.expired, self.lease_lost, self.interrupts,
+                           self.overruns, self.duration, self.queue_wait):  # fmt: skip
                 family.labels(type=type_)
             for reason in DEAD_REASONS:
                 self.dead.labels(type=type_, reason=reason)
@@ -221,6 +222,8 @@ class MetricsListener:
                 self._observe_duration(type_, event)
             case EventName.TASK_DEAD:
                 self.dead.labels(type_, event.reason or "unknown").inc()
+                if event.reason == DeadReason.EXPIRED:
+                    self.expired.labels(type_).inc()
                 self._observe_duration(type_, event)
             case EventName.TASK_TIMEOUT:
                 self.timed_out.labels(type_).inc()

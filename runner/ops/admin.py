@@ -31,7 +31,7 @@ from runner.config.models import PipelineConfig, parse_duration
 from runner.config.models import parse_rate as config_parse_rate
 from runner.deadletter.file import FileDeadLetters
 from runner.errors import BrokerError, NotSupported, QueueFull, UsageError
-from runner.model import DeadLetter, Task, not_before_of
+from runner.model import DeadLetter, Task, expires_at_of, not_before_of
 from runner.ops.drafts import Draft
 
 T = TypeVar("T")
@@ -77,9 +77,11 @@ def publish(
     drafts: Sequence[Draft],
     delay_s: float = 0.0,
     at: datetime | None = None,
+    expires_s: float | None = None,
 ) -> list[str]:
-    """Put every draft as one all-or-nothing batch, held back ``delay_s`` or until ``at``;
-    returns the task ids in input order.
+    """Put every draft as one all-or-nothing batch, held back ``delay_s`` or until ``at``,
+    expiring ``expires_s`` from now (default: each type's ``expires``); returns the task ids
+    in input order.
 
     Blocks up to ``broker.enqueue_timeout`` for room, then QueueFull (nothing published).
     """
@@ -92,7 +94,14 @@ def publish(
     now = time.time()
     not_before = not_before_of(now, delay_s, at)
     tasks = [
-        Task(type=d.type, payload=d.payload, enqueued_at=now, not_before=not_before) for d in drafts
+        Task(
+            type=d.type,
+            payload=d.payload,
+            enqueued_at=now,
+            not_before=not_before,
+            expires_at=expires_at_of(now, expires_s, config.task_types[d.type].expires),
+        )
+        for d in drafts
     ]
     broker = create_broker(config)
     try:

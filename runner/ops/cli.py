@@ -190,6 +190,9 @@ def schema() -> None:
 @click.option(
     "--at", "at", metavar="TIME", help="Ready only at this time (ISO 8601 with a zone offset)."
 )
+@click.option(
+    "--expires", metavar="DURATION", help="Not run if not started within this long (10m)."
+)
 def publish(
     config_file: str,
     type_name: str | None,
@@ -197,6 +200,7 @@ def publish(
     input_file: str | None,
     delay: str | None,
     at: str | None,
+    expires: str | None,
 ) -> None:
     """Publish tasks and print their ids. All input is checked first: all or nothing."""
     from runner.config.load import load_config
@@ -207,6 +211,9 @@ def publish(
     admin.require_shared(config, "publish")
     delay_s = admin.parse_delay(delay)
     when = admin.parse_at(at, given_delay=delay is not None)
+    expires_s = None if expires is None else admin.parse_duration_option("--expires", expires)
+    if expires_s == 0:
+        raise UsageError("--expires '0': expected a duration above 0 (10s, 5m)")
     if input_file is None:
         drafts = read_drafts(config, type_name, payload_json, None)
     else:
@@ -214,7 +221,7 @@ def publish(
         with click.open_file(input_file, mode="rb") as raw:
             lines = _utf8_lines(raw, source)
             drafts = read_drafts(config, type_name, payload_json, lines, source)
-    for task_id in admin.publish(config, drafts, delay_s, when):
+    for task_id in admin.publish(config, drafts, delay_s, when, expires_s):
         click.echo(task_id)
 
 

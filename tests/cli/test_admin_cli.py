@@ -135,6 +135,24 @@ def test_publish_at_a_time_holds_tasks_until_then_and_the_past_runs_now(tmp_path
     assert (types["delayed"], types["ready"]) == (1, 1)
 
 
+def test_a_task_that_expired_unstarted_is_dead_lettered_and_replays(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    order = '{"sku": "a", "quantity": 1}'
+    result = run("publish", config, "order", order, "--expires", "200ms")
+    assert result.returncode == 0, result.stderr
+    (task_id,) = result.stdout.split()
+    time.sleep(0.3)  # no worker runs meanwhile: it expires unstarted
+    _run_until_empty(config)
+    (line,) = _dead_lines(config)
+    assert (line["id"], line["reason"]) == (task_id, "expired")
+
+    replay = run("dlq", "replay", config, task_id)
+    assert replay.returncode == 0, replay.stderr
+    _run_until_empty(config)  # without its old expiry, it runs
+    assert _dead_lines(config) == []
+    assert _queued(config) == 0
+
+
 def test_every_bad_line_is_reported_with_its_number_and_nothing_is_published(
     tmp_path: Path,
 ) -> None:
@@ -189,6 +207,8 @@ def test_every_bad_line_is_reported_with_its_number_and_nothing_is_published(
             ["order", '{"sku": "a", "quantity": 1}', "--at", "2030-01-01T18:00Z", "--delay", "1s"],
             "give --delay or --at, not both",
         ),
+        (["order", '{"sku": "a", "quantity": 1}', "--expires", "0s"], "--expires '0'"),
+        (["order", '{"sku": "a", "quantity": 1}', "--expires", "soon"], "--expires 'soon'"),
         ([], "missing TYPE"),
     ],
 )

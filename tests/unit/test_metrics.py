@@ -89,6 +89,7 @@ def run_workload(bus: EventBus) -> dict[str, int]:
     emit(Event("task.dead", task_id="e4", type="email", attempt=2, duration_s=2.0,
                reason="exhausted", error="TimeoutError: 2s"))  # fmt: skip
     emit(Event("task.dead", task_id="r0", type="resize", reason="undecodable"))
+    emit(Event("task.dead", task_id="r1", type="resize", reason="expired"))
     emit(Event("task.lease_lost", task_id="e3", type="email", attempt=2))
     emit(Event("broker.reconnecting", detail="attempt 1"))
     emit(Event("broker.reconnecting", detail="attempt 2"))
@@ -133,6 +134,9 @@ def test_scraped_counts_equal_the_emitted_workload(metrics) -> None:
     assert value(found, "dq_broker_reconnects_total") == 2
     assert value(found, "dq_tasks_dead_total", type="email", reason="exhausted") == 1
     assert value(found, "dq_tasks_dead_total", type="resize", reason="undecodable") == 1
+    assert value(found, "dq_tasks_dead_total", type="resize", reason="expired") == 1
+    assert value(found, "dq_tasks_expired_total", type="resize") == 1
+    assert value(found, "dq_tasks_expired_total", type="email") == 0  # pre-created series
     # 4 successes + 2 retried attempts + 1 dead attempt with a duration; the resize dead had none.
     assert value(found, "dq_task_duration_seconds_count", type="email") == 7
     assert value(found, "dq_task_duration_seconds_sum", type="email") == pytest.approx(

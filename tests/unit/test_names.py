@@ -187,7 +187,7 @@ def test_the_summary_counts_task_events_by_an_explicit_kind() -> None:
 #: What records on disk and in brokers hold: never to change (old records must still read).
 WIRE_REASONS = {
     "exhausted", "never_retry", "permanent", "max deliveries", "invalid payload", "undecodable",
-    "shutdown", "corrupt record",
+    "shutdown", "corrupt record", "expired",
 }  # fmt: skip
 
 
@@ -239,6 +239,7 @@ def _reasons_the_engine_gives() -> list[object]:
         (_attempts(), Delivery(Task("sms", {}, attempt=1), "r")),  # no handler here
         (_attempts(), Delivery(Task("email", {}, attempt=4), "r", redelivered=True)),
         (_attempts(_RefusesPayloads()), Delivery(Task("email", {}, attempt=1), "r")),
+        (_attempts(), Delivery(Task("email", {}, attempt=1, expires_at=1.0), "r")),  # long gone
     ]
     for attempts, delivery in ran:
         outcome = attempts.run(None, delivery)  # each ends before a run: no guard needed

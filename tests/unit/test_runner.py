@@ -11,6 +11,7 @@ from runner import PipelineConfig, UsageError, build_runtime
 from runner.brokers.base import DeadLetterFilter
 from runner.brokers.memory import MemoryBroker
 from runner.events import Event, EventName
+from tests.unit import time_handlers
 
 
 def _config(**extra: object) -> PipelineConfig:
@@ -163,3 +164,24 @@ def test_publish_at_a_time_holds_the_task_until_then() -> None:
     with pytest.raises(UsageError, match="not both"):
         runner.publish("work", {}, delay_s=5, at=later)
     runner.stop()
+
+
+def test_a_task_not_started_before_its_expiry_is_dead_lettered_unrun() -> None:
+    config = PipelineConfig.model_validate(
+        {"task_types": {"sync": {"handler": "tests.unit.time_handlers:note_run", "expires": 0.2}}}
+    )
+    runner = build_runtime(config, observe=False)
+    stale = runner.publish("sync", {})  # the type's expires: 0.2 s
+    fresh = runner.publish("sync", {}, expires=60)  # the call's own overrides it
+    time.sleep(0.3)  # nothing runs yet: the runner has not started
+    with runner:
+        assert runner.run_until_empty(timeout=30) is True
+    assert stale not in time_handlers.ran
+    assert fresh in time_handlers.ran
+    assert isinstance(runner.broker, MemoryBroker)
+    (record,) = runner.broker.dead_letter_store.records(DeadLetterFilter())
+    assert (record.id, record.reason, record.error_type) == (stale, "expired", "Expired")
+    assert "not started before it expired at" in record.message
+    assert record.task.expires_at == 0.0  # replayed, it runs
+    with pytest.raises(UsageError, match="expires must be a positive"):
+        runner.publish("sync", {}, expires=0)

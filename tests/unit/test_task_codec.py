@@ -244,3 +244,10 @@ def test_headers_round_trip_and_an_envelope_without_them_is_unchanged() -> None:
     again = decode_task(encode_task(traced))
     assert again == traced
     assert again.headers == {"x-trace": "abc", "plan": {"fail": 1}}
+
+
+def test_an_expiry_round_trips_and_a_task_without_one_writes_none() -> None:
+    plain = Task("t", {"n": 1})
+    assert "expires_at" not in json.loads(encode_task(plain))
+    expiring = Task("t", {"n": 1}, expires_at=1_900_000_000.25)
+    assert decode_task(encode_task(expiring)).expires_at == 1_900_000_000.25

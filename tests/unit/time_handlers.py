@@ -12,3 +12,11 @@ def retry_once_after(payload: dict[str, Any], ctx: TaskContext) -> int:
     if ctx.attempt == 1:
         raise Retry(delay=payload["delay"])
     return ctx.attempt
+
+
+#: The ids of the tasks ``note_run`` ran.
+ran: list[str] = []
+
+
+def note_run(payload: Any, ctx: TaskContext) -> None:
+    ran.append(ctx.task_id)

@@ -348,3 +348,13 @@ def test_depth_counts_ready_delayed_and_leased(broker: Broker) -> None:
     assert broker.depth()["b"] == Depth(ready=1)
     assert broker.ack(second)
     assert broker.depth()["a"] == Depth(ready=2, delayed=1, leased=0)
+
+
+def test_a_tasks_expiry_survives_put_get_and_retry(broker: Broker) -> None:
+    """The broker keeps ``expires_at`` (the engine, not the broker, acts on it)."""
+    put(broker, task("a", 1, expires_at=1_900_000_000.5))
+    first = get_one(broker, "a")
+    assert first.task.expires_at == 1_900_000_000.5
+    assert broker.retry(first, 0, failure(1))
+    again = get_one(broker, "a", timeout=GET_TIMEOUT_S)
+    assert (again.task.expires_at, again.task.attempt) == (1_900_000_000.5, 2)
