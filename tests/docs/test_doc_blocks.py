@@ -47,7 +47,19 @@ def _id(page: Path) -> str:
     return str(page.relative_to(REPO))
 
 
-@pytest.mark.parametrize("page", EXAMPLE_PAGES, ids=_id)
+#: The pages whose examples take longest to run (many dq-run processes, a Redis server): in
+#: `make test-slow` (and .ci/run), so that the default suite stays near five minutes.
+SLOW_PAGES = {"docs/reference/cli.md", "docs/scaling.md"}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(page, marks=pytest.mark.slow) if _id(page) in SLOW_PAGES else page
+        for page in EXAMPLE_PAGES
+    ],
+    ids=_id,
+)
 def test_every_example_of_the_page_works(
     page: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
