@@ -369,10 +369,28 @@ def settle_each(broker: Broker, ops: Sequence[Settle]) -> list[Answer]:
     return [settle_one(broker, op) for op in ops]
 
 
+class SingleCalls(Protocol):
+    """The four single calls a settle op stands for (a Broker has them; so may a backend's
+    own lock-held versions of them, as the memory broker's)."""
+
+    def ack(self, delivery: Delivery) -> Answer: ...
+
+    def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> Answer: ...
+
+    def dead(self, delivery: Delivery, record: DeadLetter) -> Answer: ...
+
+    def release(self, delivery: Delivery) -> Answer: ...
+
+
 def settle_one(broker: Broker, op: Settle) -> Answer:
     """``op`` as the single call it stands for (one that carries effects: ``settle_many``)."""
     if op.effects is not None:
         return broker.settle_many([op])[0]
+    return single_call(broker, op)
+
+
+def single_call(broker: SingleCalls, op: Settle) -> Answer:
+    """``op`` as the single call it stands for, on ``broker``; its effects are not applied."""
     if op.kind == "ack":
         return broker.ack(op.delivery)
     if op.kind == "release":

@@ -44,6 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Literal
 
 from runner.brokers.base import (
@@ -56,6 +57,7 @@ from runner.brokers.base import (
     Gate,
     Settle,
     settle_one,
+    single_call,
 )
 from runner.deadletter.store import DeadLetterStore
 from runner.errors import BrokerClosed, QueueFull
@@ -150,6 +152,11 @@ class MemoryBroker(BaseBroker):
         self._gates: dict[str, Gate] = {}  # one kind of gate so far: one per type
         self._values: dict[str, tuple[str, float | None]] = {}
         self._values_swept_at = 0
+        # The single calls without taking the lock, for a settle that carries effects (made
+        # under the lock together with them).
+        self._locked = SimpleNamespace(
+            ack=self._ack, retry=self._retry, dead=self._dead, release=self._release
+        )
 
     # -- producer side -------------------------------------------------------------------------
 
@@ -292,22 +299,11 @@ class MemoryBroker(BaseBroker):
                 answers.append(settle_one(self, op))
                 continue
             with self._cond:
-                answer = self._settle_locked(op)
+                answer = single_call(self._locked, op)
                 if answer is _DONE:
                     self._apply(op.effects)
             answers.append(answer)
         return answers
-
-    def _settle_locked(self, op: Settle) -> Answer:
-        if op.kind == "ack":
-            return self._ack(op.delivery)
-        if op.kind == "release":
-            return self._release(op.delivery)
-        if op.kind == "retry":
-            assert op.failure is not None, "a retry carries its failure"
-            return self._retry(op.delivery, op.delay_s, op.failure)
-        assert op.record is not None, "a dead-letter carries its record"
-        return self._dead(op.delivery, op.record)
 
     def _ack(self, delivery: Delivery) -> Answer:
         self._check_open("settle")

@@ -52,6 +52,14 @@ def run(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProc
     )
 
 
+def stats_json(config: str) -> dict[str, Any]:
+    """`dq-run stats CONFIG --json`, parsed (the command must succeed)."""
+    result = run("stats", config, "--json")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
 class Lines:
     """Reads a child's stream on a thread, so a test can wait for a line while the child runs
     instead of sleeping and hoping it got there. The stream is closed at its end."""

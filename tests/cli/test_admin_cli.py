@@ -19,7 +19,7 @@ from runner.brokers.base import DeadLetterFilter
 from runner.deadletter.file import FileDeadLetters
 from runner.middleware.payloads import MAX_PAYLOAD_BYTES
 from runner.model import DeadLetter, Task, short_id
-from tests.cli.run_kit import DQ_RUN, REPO, dq_env, run
+from tests.cli.run_kit import DQ_RUN, REPO, dq_env, run, stats_json
 
 PIPELINE = """
 broker: {{kind: sqlite, path: {db}, capacity: {capacity}}}
@@ -38,15 +38,10 @@ def _config(tmp_path: Path, capacity: int = 50, attempts: int = 3) -> str:
     return str(path)
 
 
-def _stats(config: str) -> dict[str, Any]:
-    result = run("stats", config, "--json")
-    assert result.returncode == 0, result.stderr
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
-
-
 def _queued(config: str) -> int:
-    return sum(t["ready"] + t["delayed"] + t["leased"] for t in _stats(config)["types"].values())
+    return sum(
+        t["ready"] + t["delayed"] + t["leased"] for t in stats_json(config)["types"].values()
+    )
 
 
 def _flaky(tmp_path: Path) -> dict[str, str]:
@@ -98,7 +93,7 @@ def test_publish_one_task_prints_its_id_and_queues_it(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (task_id,) = result.stdout.split()
     assert len(task_id) == 32
-    stats = _stats(config)
+    stats = stats_json(config)
     assert stats["types"]["order"]["ready"] == 1
     assert stats["oldest_age_s"] is not None and stats["oldest_age_s"] >= 0
 
@@ -114,7 +109,7 @@ def test_publish_a_file_with_delay_and_from_stdin(tmp_path: Path) -> None:
     result = run("publish", config, "--file", str(jobs), "--delay", "1h")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) == 2
-    assert _stats(config)["types"]["order"]["delayed"] == 2
+    assert stats_json(config)["types"]["order"]["delayed"] == 2
 
     stdin = run_with_input(
         ["publish", config, "--file", "-"],
@@ -122,7 +117,7 @@ def test_publish_a_file_with_delay_and_from_stdin(tmp_path: Path) -> None:
     )
     assert stdin.returncode == 0, stdin.stderr
     assert len(stdin.stdout.split()) == 1
-    assert _stats(config)["types"]["order"]["ready"] == 1
+    assert stats_json(config)["types"]["order"]["ready"] == 1
 
 
 def test_publish_at_a_time_holds_tasks_until_then_and_the_past_runs_now(tmp_path: Path) -> None:
@@ -131,7 +126,7 @@ def test_publish_at_a_time_holds_tasks_until_then_and_the_past_runs_now(tmp_path
     for at in ("2999-12-24T18:00:00+01:00", "2020-01-01T00:00:00Z"):
         result = run("publish", config, "order", order, "--at", at)
         assert result.returncode == 0, result.stderr
-    types = _stats(config)["types"]["order"]
+    types = stats_json(config)["types"]["order"]
     assert (types["delayed"], types["ready"]) == (1, 1)
 
 
@@ -272,7 +267,7 @@ def test_dlq_round_trip_list_show_dry_run_replay_and_success(tmp_path: Path) -> 
     dry = run("dlq", "replay", config, "--all", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "dry run: 4 would be replayed; nothing changed" in dry.stdout
-    assert _stats(config)["dead_letters"] == 4
+    assert stats_json(config)["dead_letters"] == 4
     assert _queued(config) == 0
 
     (tmp_path / "marker").touch()  # the dependency is back
@@ -281,7 +276,7 @@ def test_dlq_round_trip_list_show_dry_run_replay_and_success(tmp_path: Path) -> 
     assert "replayed 3 of 3" in replayed.stdout
     rest = run("dlq", "replay", config, "--all", "--type", "flaky")
     assert "replayed 1 of 1" in rest.stdout
-    stats = _stats(config)
+    stats = stats_json(config)
     assert stats["types"]["flaky"]["ready"] == 4
     assert stats["dead_letters"] == 0
 
@@ -299,7 +294,7 @@ def test_dead_letters_survive_a_worker_restart(tmp_path: Path) -> None:
     _run_until_empty(config)
     _run_until_empty(config)  # a second worker process starts and stops: nothing changes
     assert sorted(r["id"] for r in _dead_lines(config)) == sorted(ids)
-    assert _stats(config)["dead_letters"] == 2
+    assert stats_json(config)["dead_letters"] == 2
 
 
 def test_replay_rate_is_respected(tmp_path: Path) -> None:
@@ -345,7 +340,7 @@ def test_purge_asks_refuses_without_a_terminal_and_honours_filters(tmp_path: Pat
     refused = run("dlq", "purge", config)  # stdin is not a terminal and no --yes
     assert refused.returncode == 2
     assert "pass --yes" in refused.stderr
-    assert _stats(config)["dead_letters"] == 3
+    assert stats_json(config)["dead_letters"] == 3
 
     assert "nothing to purge" in run("dlq", "purge", config, "--type", "order").stdout
     one = run("dlq", "purge", config, ids[0], "--yes")
@@ -354,7 +349,7 @@ def test_purge_asks_refuses_without_a_terminal_and_honours_filters(tmp_path: Pat
     assert sorted(r["id"] for r in _dead_lines(config)) == sorted(ids[1:])
     rest = run("dlq", "purge", config, "--error", "DependencyDown", "--yes")
     assert "purged 2" in rest.stdout
-    assert _stats(config)["dead_letters"] == 0
+    assert stats_json(config)["dead_letters"] == 0
 
 
 # -- memory broker -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli.run_kit import WAIT_S, run, start
+from tests.cli.run_kit import WAIT_S, run, start, stats_json
 
 PIPELINE = """
 broker: {{kind: sqlite, path: {db}}}
@@ -28,13 +28,6 @@ def _config(tmp_path: Path) -> str:
     path = tmp_path / "pipeline.yaml"
     path.write_text(PIPELINE.format(db=tmp_path / "q.db"))
     return str(path)
-
-
-def _stats(config: str) -> dict[str, Any]:
-    result = run("stats", config, "--json")
-    assert result.returncode == 0, result.stderr
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
 
 
 def _publish(config: str, type_name: str, done: Path, n: int) -> None:
@@ -60,7 +53,7 @@ def test_a_paused_type_waits_unstarted_while_others_run_then_resumes(tmp_path: P
     paused = run("pause", config, "report")
     assert paused.returncode == 0, paused.stderr
     assert paused.stdout.strip() == "paused: report (until resumed)"
-    stats = _stats(config)["types"]
+    stats = stats_json(config)["types"]
     assert stats["report"]["paused"] is True and stats["report"]["paused_until"] is None
     assert stats["email"]["paused"] is False
     assert "paused:       report (until resumed)" in run("stats", config).stdout
@@ -72,7 +65,7 @@ def test_a_paused_type_waits_unstarted_while_others_run_then_resumes(tmp_path: P
         _wait(lambda: len(_lines(emails)) == 3, "the unpaused type to run")
         time.sleep(0.5)  # a paused type would have been handed out by now (it only aims)
         assert _lines(reports) == []
-        assert _stats(config)["types"]["report"]["ready"] == 3  # held back, not leased
+        assert stats_json(config)["types"]["report"]["ready"] == 3  # held back, not leased
 
         resumed = run("resume", config, "report")
         assert (resumed.returncode, resumed.stdout.strip()) == (0, "resumed: report")
@@ -92,7 +85,7 @@ def test_a_timed_pause_ends_by_itself(tmp_path: Path) -> None:
     paused = run("pause", config, "report", "--for", "2s")
     assert paused.returncode == 0, paused.stderr
     assert paused.stdout.startswith("paused: report (until 20")
-    until = _stats(config)["types"]["report"]["paused_until"]
+    until = stats_json(config)["types"]["report"]["paused_until"]
     assert until == pytest.approx(time.time() + 2, abs=1.5)
     _publish(config, "report", reports, 1)
 
@@ -100,7 +93,7 @@ def test_a_timed_pause_ends_by_itself(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert time.time() >= until - 0.05  # it waited for the pause to end, then ran the task
     assert [line.split()[1] for line in _lines(reports)] == ["1"]
-    assert _stats(config)["types"]["report"]["paused"] is False
+    assert stats_json(config)["types"]["report"]["paused"] is False
 
 
 @pytest.mark.parametrize(
