@@ -470,19 +470,22 @@ class Books:
         self, deliveries: Sequence[Delivery], answers: Sequence[Answer], asked: float
     ) -> list[Delivery]:
         """The broker answered a renewal asked at ``asked``: note the leases known good, drop
-        unstarted deliveries it refused (FENCED) unrun. Returns every refused one."""
+        unstarted deliveries it refused (FENCED) unrun. Returns those dropped: a refused one
+        that is running (or waiting for its settle) is reported once, by its settle, which
+        the broker refuses too (reporting the renewal as well counted one loss twice, or once
+        per renewal while the task ran on)."""
         lost: list[Delivery] = []
         with self._lock:
             for delivery, answer in zip(deliveries, answers, strict=True):
                 if answer is Answer.DONE and delivery.receipt in self._renewed_at:
                     self._renewed_at[delivery.receipt] = asked
                 elif answer is Answer.FENCED:
-                    lost.append(delivery)
                     queue = self._ready[delivery.task.type]
                     if delivery in queue:  # prefetched, never started: drop it unrun
                         queue.remove(delivery)
                         self._ready_count -= 1
                         self._release_slot(delivery, started=False)
+                        lost.append(delivery)
         return lost
 
     def renewed_at(self, delivery: Delivery) -> float | None:

@@ -3,8 +3,9 @@ before its task starts.
 
 Every ``visibility_timeout / 3`` it extends the leases of every held delivery (prefetched,
 running, or waiting for its settle to be answered). A renewal the broker answers FENCED (another
-delivery owns the task now) drops an unstarted task unrun and reports ``task.lease_lost``;
-ALREADY_DONE (its settle went through meanwhile) is no loss.
+delivery owns the task now) drops an unstarted task unrun and reports ``task.lease_lost``; a
+running one is reported once, when its settle is refused too; ALREADY_DONE (its settle went
+through meanwhile) is no loss.
 
 A process frozen past its leases (SIGSTOP, a VM pause) must not start, once thawed, prefetched
 tasks another worker ran meanwhile: a task whose lease was last known good more than half a
@@ -58,8 +59,8 @@ class LeaseKeeper:
                 self.renew(held)
 
     def renew(self, held: Sequence[Delivery]) -> list[Answer] | None:
-        """Extend the leases of ``held``; report each the broker refused (FENCED). None when
-        the broker failed (logged)."""
+        """Extend the leases of ``held``; report each unstarted one the broker refused (FENCED),
+        dropped unrun. None when the broker failed (logged)."""
         asked = time.monotonic()
         try:
             answers = self._broker.extend(held)
@@ -67,12 +68,15 @@ class LeaseKeeper:
             log.warning("lease renewal failed: %s", exc)
             return None
         for delivery in self._books.renewed(held, answers, asked):
-            task = delivery.task
-            self._events.emit(
-                Event(EventName.TASK_LEASE_LOST, task_id=task.id, type=task.type,
-                      attempt=task.attempt, detail="extend refused")
-            )  # fmt: skip
+            self._lost(delivery)
         return answers
+
+    def _lost(self, delivery: Delivery) -> None:
+        task = delivery.task
+        self._events.emit(
+            Event(EventName.TASK_LEASE_LOST, task_id=task.id, type=task.type,
+                  attempt=task.attempt, detail="extend refused")
+        )  # fmt: skip
 
     def lapsed(self, delivery: Delivery) -> bool:
         """Whether a task about to start may no longer be ours: if its lease was last known
@@ -82,4 +86,7 @@ class LeaseKeeper:
         if renewed is None or time.monotonic() - renewed < self._visibility_timeout_s / 2:
             return False
         answers = self.renew([delivery])
-        return answers is not None and answers[0] is Answer.FENCED
+        if answers is None or answers[0] is not Answer.FENCED:
+            return False
+        self._lost(delivery)  # picked to start, so not among those the renewal dropped
+        return True
