@@ -31,7 +31,14 @@ from runner.loader import load_class, load_handler, resolve_exception
 from runner.middleware.base import Middleware, overriding, wrap_chain
 from runner.middleware.payloads import PayloadValidation, payload_model
 from runner.middleware.simulate import Simulation
-from runner.model import NO_HEADERS, DeadReason, Task, expires_at_of, not_before_of
+from runner.model import (
+    NO_HEADERS,
+    DeadReason,
+    Task,
+    expires_at_of,
+    not_before_of,
+    require_type,
+)
 from runner.observe.logs import setup_logging, task_logger
 from runner.observe.metrics import MetricsListener
 from runner.observe.progress import Progress, progress_enabled
@@ -166,8 +173,6 @@ class Runner:
         payload, headers). ``delay_s``, ``at`` and ``expires`` as for ``publish``."""
         now = time.time()
         not_before = not_before_of(now, delay_s, at)
-        if expires is not None and not expires > 0:
-            raise UsageError(f"expires must be a positive number of seconds, got {expires!r}")
         tasks = []
         for item in items:
             type_name, payload = item[0], item[1]
@@ -175,9 +180,7 @@ class Runner:
             given = item[2] if len(item) > 2 else None
             # A dict only where there are headers or hooks that may add some.
             headers: dict[str, Any] | None = dict(given or {}) if given or hooks else None
-            if type_name not in self.config.task_types:
-                known = ", ".join(sorted(self.config.task_types))
-                raise UsageError(f"unknown task type {type_name!r} (known: {known})")
+            require_type(type_name, self.config.task_types)
             if payload is not None and not isinstance(payload, str | int | bool):
                 try:
                     # NaN and Infinity are not JSON (and the codec would write them as null).
@@ -318,19 +321,14 @@ class Runner:
     def pause(self, type_name: str, for_s: float | None = None) -> None:
         """Hand out no ``type_name`` task (to any process sharing the broker) for ``for_s``
         seconds of the broker's clock, or until ``resume``; tasks running now finish."""
-        self._known_type(type_name)
+        require_type(type_name, self.worker.types)
         until = None if for_s is None else self.broker.now() + for_s
         self.broker.set_gate(type_name, Pause(until=until))
 
     def resume(self, type_name: str) -> bool:
         """Hand ``type_name``'s tasks out again; False when it was not paused."""
-        self._known_type(type_name)
+        require_type(type_name, self.worker.types)
         return self.broker.clear_gate(type_name, Pause)
-
-    def _known_type(self, type_name: str) -> None:
-        if type_name not in self.worker.types:
-            known = ", ".join(sorted(self.worker.types))
-            raise UsageError(f"unknown task type {type_name!r} (known: {known})")
 
     # -- state for metrics and progress ----------------------------------------------------
 

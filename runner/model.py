@@ -15,7 +15,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
@@ -330,5 +330,19 @@ def not_before_of(now: float, delay_s: float = 0.0, at: datetime | None = None) 
 def expires_at_of(now: float, given: float | None, configured: float | None) -> float:
     """A task's ``expires_at`` (0: never) from the publish call's ``expires`` or, without one,
     its type's configured ``expires`` (seconds after ``now``)."""
+    if given is not None and not given > 0:
+        raise UsageError(f"expires must be a positive number of seconds, got {given!r}")
     seconds = given if given is not None else configured
     return now + seconds if seconds else 0.0
+
+
+def require_type(type_name: str, known: Collection[str]) -> None:
+    """UsageError unless ``type_name`` is one of the ``known`` task types (it lists them)."""
+    if type_name not in known:
+        raise UsageError(f"unknown task type {type_name!r} (known: {', '.join(sorted(known))})")
+
+
+def replayable(task: Task) -> Task:
+    """``task`` as a dead-letter record keeps it: without its expiry, as whoever replays the
+    record wants it run."""
+    return replace(task, expires_at=0.0) if task.expires_at else task

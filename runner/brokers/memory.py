@@ -27,9 +27,9 @@ no further than the first one that is not), so memory holds little more than one
 worth of settles and no call scans. A receipt answers ``ALREADY_DONE`` for exactly
 ``visibility_timeout`` after its settle (an older entry not yet dropped answers ``FENCED``).
 
-Size: about 530 lines: the whole contract in one lock-guarded structure (queues, delay heap,
-leases, settled receipts, capacity, close) that is easier to prove right in one place; the
-operator side (dead letters, replay) is the short tail of the module.
+Size: about 660 lines: the whole contract in one lock-guarded structure (queues, delay heap,
+leases, settled receipts, capacity, close, gates and effects) that is easier to prove right in
+one place; the operator side (dead letters, replay) is the short tail of the module.
 """
 
 from __future__ import annotations
@@ -61,7 +61,14 @@ from runner.brokers.base import (
 )
 from runner.deadletter.store import DeadLetterStore
 from runner.errors import BrokerClosed, QueueFull
-from runner.model import HISTORY_LIMIT, AttemptRecord, DeadLetter, DeadReason, Task
+from runner.model import (
+    HISTORY_LIMIT,
+    AttemptRecord,
+    DeadLetter,
+    DeadReason,
+    Task,
+    replayable,
+)
 
 #: The answers, read once: an Enum member lookup costs about 0.1 us on Python 3.11, per settle.
 _DONE, _ALREADY_DONE, _FENCED = Answer.DONE, Answer.ALREADY_DONE, Answer.FENCED
@@ -148,7 +155,8 @@ class MemoryBroker(BaseBroker):
         self._put_waiting = 0
         self._closed = False
         # Gates (a paused type is left out of every claim) and the values settle effects set:
-        # key -> (value, expires_at or None), expired ones dropped when read or swept.
+        # key -> (value, expires_at or None): one whose ttl ran out reads as absent, and is
+        # dropped when the map has doubled since the last sweep.
         self._gates: dict[str, Gate] = {}  # one kind of gate so far: one per type
         self._values: dict[str, tuple[str, float | None]] = {}
         self._values_swept_at = 0
@@ -417,9 +425,10 @@ class MemoryBroker(BaseBroker):
     def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
         with self._cond:
             self._check_open("clear_gate")
-            gate = self._gates.pop(type_name, None)
+            in_force = self._gated(type_name, self._clock())
+            self._gates.pop(type_name, None)
             self._cond.notify_all()
-            return gate is not None and (gate.until is None or gate.until > self._clock())
+            return in_force
 
     def gates(self) -> dict[str, tuple[Gate, ...]]:
         with self._cond:
@@ -589,7 +598,7 @@ class MemoryBroker(BaseBroker):
         for key in effects.deletes:
             values.pop(key, None)
         if len(values) > 2 * self._values_swept_at + 64:
-            # Keys whose ttl ran out are dropped when read; sweep the ones never read again.
+            # Keys whose ttl ran out read as absent; drop them once the map has doubled.
             for key in [
                 k for k, (_, until) in values.items() if until is not None and until <= now
             ]:
@@ -643,10 +652,8 @@ class MemoryBroker(BaseBroker):
 
 def _drained(task: Task, reason: str, at: float) -> DeadLetter:
     last = task.history[-1] if task.history else None
-    if task.expires_at:
-        task = replace(task, expires_at=0.0)  # as the engine's records: replayed, it runs
     return DeadLetter(
-        task=task,
+        task=replayable(task),
         reason=reason,
         error_type=last.error_type if last else "",
         message=last.message if last else f"never ran: the broker was drained ({reason})",

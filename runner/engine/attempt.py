@@ -19,7 +19,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -30,7 +30,14 @@ from runner.engine.timeouts import Guard, Run, Watchdog
 from runner.errors import InvalidPayload, TaskInterrupted
 from runner.events import Event, EventBus, EventName
 from runner.middleware.base import Middleware, overriding
-from runner.model import AttemptRecord, Cancellation, DeadLetter, DeadReason, TaskContext
+from runner.model import (
+    AttemptRecord,
+    Cancellation,
+    DeadLetter,
+    DeadReason,
+    TaskContext,
+    replayable,
+)
 
 Handler = Callable[[Any, TaskContext], Any]
 TaskLogger = Callable[[str, str, int], "logging.LoggerAdapter[logging.Logger]"]
@@ -255,11 +262,8 @@ class Attempts:
             task = task.with_failure(
                 AttemptRecord(task.attempt, kind, message, trace, started, duration, self.identity)
             )
-        if task.expires_at:
-            # A record is replayed by an operator who wants it run: without its old expiry.
-            task = replace(task, expires_at=0.0)
         record = DeadLetter(
-            task=task,
+            task=replayable(task),
             reason=reason,
             error_type=kind,
             message=message,

@@ -31,7 +31,7 @@ from runner.config.models import PipelineConfig, parse_duration
 from runner.config.models import parse_rate as config_parse_rate
 from runner.deadletter.file import FileDeadLetters
 from runner.errors import BrokerError, NotSupported, QueueFull, UsageError
-from runner.model import DeadLetter, Task, expires_at_of, not_before_of
+from runner.model import DeadLetter, Task, expires_at_of, not_before_of, require_type
 from runner.ops.drafts import Draft
 
 T = TypeVar("T")
@@ -331,9 +331,7 @@ def resume(config: PipelineConfig, type_name: str) -> bool:
 
 def _gated_broker(config: PipelineConfig, type_name: str, command: str) -> Broker:
     require_shared(config, command)
-    if type_name not in config.task_types:
-        known = ", ".join(sorted(config.task_types))
-        raise UsageError(f"unknown task type {type_name!r} (known: {known})")
+    require_type(type_name, config.task_types)
     if not broker_class(config).gates_in_get:
         raise NotSupported(
             f"cannot {command}: the {config.broker.kind} broker has no gates (gates_in_get)"

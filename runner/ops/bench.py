@@ -32,6 +32,7 @@ from runner.config.models import PipelineConfig, SimulateConfig, parse_duration
 from runner.config.models import parse_rate as config_parse_rate
 from runner.errors import UsageError
 from runner.events import Event, EventName
+from runner.model import require_type
 from runner.observe.summary import percentile
 from runner.ops.produce import plan_tasks
 
@@ -182,9 +183,7 @@ def payloads(config: PipelineConfig, types: Sequence[str]) -> Iterator[PublishIt
     headers), else ``{}``."""
     chosen = list(types) or _default_types(config)
     for name in chosen:
-        if name not in config.task_types:
-            known = ", ".join(sorted(config.task_types))
-            raise UsageError(f"unknown task type {name!r} (known: {known})")
+        require_type(name, config.task_types)
     return _endless(config, chosen)
 
 

@@ -5,8 +5,9 @@ this, e.g. publish to a memory broker), 3 broker unavailable: each error class c
 (runner.errors). 130: second signal (forced stop). `run` exits with its code even when a
 handler left threads running (see runner.ops.service).
 
-Size: about 450 lines because every command's options and help live here, one function each,
-with no logic of their own; the re-layout (issue 15) moves them to ops/, a module per command.
+Size: about 510 lines because every command's options and help live here, one function each,
+with no logic of their own (runner.ops.admin, bench and service do the work); a module per
+command is the split when it grows further.
 """
 
 from __future__ import annotations

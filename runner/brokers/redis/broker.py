@@ -174,8 +174,9 @@ class RedisBroker(RedisAdmin, BaseBroker):
         # Held while get() runs, so close() does not pull the socket from under a blocked read.
         self._getting = threading.Lock()
         self._lines = threading.local()  # per-thread connections for exchange and put
-        # Per type: the keys and the head of the arguments of a one-type PUT.
-        self._put_shapes: dict[str, tuple[list[str], tuple[Any, ...]]] = {}
+        # Per type: the keys, argument head and type index of a one-type PUT (_put_shape).
+        self._put_shapes: dict[tuple[str, ...], tuple[list[str], tuple[Any, ...], dict[str, int]]]
+        self._put_shapes = {}
         # Any: redis-py's annotations are unions of sync/async and bytes/str replies.
         self._client: Any = redis.Redis.from_url(
             url,
@@ -325,36 +326,12 @@ class RedisBroker(RedisAdmin, BaseBroker):
             message = f"{len(tasks)} tasks exceed the capacity of {self._capacity}"
             raise QueueFull(message, **_at("put"))
         now = self._clock()
-        first = tasks[0].type
-        if all(task.type == first for task in tasks):
-            # One type (always so for one task, how applications publish): keys and the head
-            # of the arguments are the same on every call, made once per type.
-            shape = self._put_shapes.get(first)
-            if shape is None:
-                shape = self._put_shapes[first] = (
-                    [
-                        self._key("count"),
-                        self._key("types"),
-                        self._stream(first),
-                        self._delayed(first),
-                    ],
-                    (self._capacity, GROUP, 1, first),
-                )
-            keys, head = shape
-            args: list[Any] = [*head]
-            for task in tasks:
-                not_before, data = _stored(task, now)
-                args += [1, not_before, task.attempt, data]
-        else:
-            types = list(dict.fromkeys(t.type for t in tasks))
-            index = {name: i + 1 for i, name in enumerate(types)}
-            keys = [self._key("count"), self._key("types")]
-            for name in types:
-                keys += [self._stream(name), self._delayed(name)]
-            args = [self._capacity, GROUP, len(types), *types]
-            for task in tasks:
-                not_before, data = _stored(task, now)
-                args += [index[task.type], not_before, task.attempt, data]
+        types = tuple(dict.fromkeys(task.type for task in tasks))
+        keys, head, index = self._put_shape(types)
+        args: list[Any] = [*head]
+        for task in tasks:
+            not_before, data = _stored(task, now)
+            args += [index[task.type], not_before, task.attempt, data]
         # On this thread's own connection, as exchanges: a pooled call's checkout and
         # redis-py's command wrapper cost more than the script's work in Redis.
         line = self._line_here()
@@ -364,6 +341,25 @@ class RedisBroker(RedisAdmin, BaseBroker):
             f"queue full: {len(tasks)} task(s) do not fit in capacity {self._capacity}",
             "put",
         )
+
+    def _put_shape(
+        self, types: tuple[str, ...]
+    ) -> tuple[list[str], tuple[Any, ...], dict[str, int]]:
+        """PUT's keys, the head of its arguments and each type's index, for tasks of ``types``.
+
+        Made once per type for a one-type put (always so for one task, how applications
+        publish); a put of several types makes its own.
+        """
+        shape = self._put_shapes.get(types) if len(types) == 1 else None
+        if shape is None:
+            keys = [self._key("count"), self._key("types")]
+            for name in types:
+                keys += [self._stream(name), self._delayed(name)]
+            head = (self._capacity, GROUP, len(types), *types)
+            shape = (keys, head, {name: i + 1 for i, name in enumerate(types)})
+            if len(types) == 1:
+                self._put_shapes[types] = shape
+        return shape
 
     def _with_capacity(
         self, attempt: Callable[[], bool], timeout: float | None, message: str, operation: str
