@@ -75,6 +75,13 @@ built on them, such as rate limits, circuit breakers and pipelines, need both):
   (like retries they may overshoot it; they are counted from then on); a put with a future
   ``not_before`` is delayed. ``read_values(keys)`` reads keys set this way; one whose ttl has
   run out reads as absent.
+- ``put_if(key, expected, value, tasks)`` is a compare-and-set with a put (what a schedule's
+  tick fires by): when ``key`` holds ``expected`` (None: the key is absent), it sets ``key`` to
+  ``value`` (no ttl) and puts ``tasks``, in one step, and answers True; otherwise it changes
+  nothing and answers False. It never waits for room: when the tasks do not fit it raises
+  QueueFull and changes nothing (the key keeps ``expected``). ``tasks`` may be empty (a bare
+  compare-and-set). ``scan_values(prefix)`` reads every live key that starts with ``prefix``;
+  ``delete_values(keys)`` deletes keys and answers how many it deleted.
 - Time in gates and effects is the broker's (``now()``): Redis' ``TIME``, the machine's clock
   for SQLite and memory, never a calling process's own.
 
@@ -96,8 +103,9 @@ Each is read from the class, before any broker is built, as well as from a live 
   a lock, cheaper inline.
 
 - ``gates_in_get`` and ``settle_effects``: the broker implements gates and effects (above).
-  Without them ``set_gate``, ``clear_gate``, ``gates`` and ``read_values`` raise
-  NotImplementedError, and so does a settle that carries effects.
+  Without them ``set_gate``, ``clear_gate``, ``gates``, ``read_values``, ``put_if``,
+  ``scan_values`` and ``delete_values`` raise NotImplementedError, and so does a settle that
+  carries effects.
 
 ``BaseBroker`` declares them (by default a durable, shared, batching broker without gates or
 effects) and derives ``settle_many`` and ``exchange`` from the single calls; a backend may
@@ -267,6 +275,12 @@ class Broker(Protocol):
 
     def read_values(self, keys: Sequence[str]) -> dict[str, str]: ...
 
+    def put_if(self, key: str, expected: str | None, value: str, tasks: Sequence[Task]) -> bool: ...
+
+    def scan_values(self, prefix: str) -> dict[str, str]: ...
+
+    def delete_values(self, keys: Sequence[str]) -> int: ...
+
 
 @runtime_checkable
 class BrokerAdmin(Protocol):
@@ -343,9 +357,16 @@ class BaseBroker(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} has no gates (gates_in_get is False)")
 
     def read_values(self, keys: Sequence[str]) -> dict[str, str]:
-        raise NotImplementedError(
-            f"{type(self).__name__} has no settle effects (settle_effects is False)"
-        )
+        raise _no_effects(self)
+
+    def put_if(self, key: str, expected: str | None, value: str, tasks: Sequence[Task]) -> bool:
+        raise _no_effects(self)
+
+    def scan_values(self, prefix: str) -> dict[str, str]:
+        raise _no_effects(self)
+
+    def delete_values(self, keys: Sequence[str]) -> int:
+        raise _no_effects(self)
 
     def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
         return settle_each(self, ops)
@@ -356,6 +377,12 @@ class BaseBroker(abc.ABC):
         return self.settle_many(ops), self.get(slots, limit, 0)
 
 
+def _no_effects(broker: object) -> NotImplementedError:
+    return NotImplementedError(
+        f"{type(broker).__name__} has no settle effects (settle_effects is False)"
+    )
+
+
 def settle_each(broker: Broker, ops: Sequence[Settle]) -> list[Answer]:
     """``settle_many`` for a broker whose single calls cost no round trip: one call per op.
 
@@ -363,9 +390,7 @@ def settle_each(broker: Broker, ops: Sequence[Settle]) -> list[Answer]:
     ``settle_many``.
     """
     if any(op.effects is not None for op in ops):
-        raise NotImplementedError(
-            f"{type(broker).__name__} has no settle effects (settle_effects is False)"
-        )
+        raise _no_effects(broker)
     return [settle_one(broker, op) for op in ops]
 
 

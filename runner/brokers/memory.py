@@ -442,10 +442,47 @@ class MemoryBroker(BaseBroker):
             now = self._clock()
             found = {}
             for key in keys:
-                held = self._values.get(key)
-                if held is not None and (held[1] is None or held[1] > now):
-                    found[key] = held[0]
+                value = self._live_value(key, now)
+                if value is not None:
+                    found[key] = value
             return found
+
+    def put_if(self, key: str, expected: str | None, value: str, tasks: Sequence[Task]) -> bool:
+        with self._cond:
+            self._check_open("put_if")
+            now = self._clock()
+            if self._live_value(key, now) != expected:
+                return False
+            if tasks and self._held + len(tasks) > self.capacity:
+                raise QueueFull(
+                    f"queue full ({self._held}/{self.capacity} tasks held): "
+                    f"{len(tasks)} task(s) not enqueued",
+                    backend="memory",
+                    operation="put_if",
+                )
+            self._values[key] = (value, None)
+            if tasks:
+                self._enqueue(tasks, now)
+            return True
+
+    def scan_values(self, prefix: str) -> dict[str, str]:
+        with self._cond:
+            self._check_open("scan_values")
+            now = self._clock()
+            return {
+                key: held[0]
+                for key, held in sorted(self._values.items())
+                if key.startswith(prefix) and (held[1] is None or held[1] > now)
+            }
+
+    def delete_values(self, keys: Sequence[str]) -> int:
+        with self._cond:
+            self._check_open("delete_values")
+            now = self._clock()
+            live = [key for key in set(keys) if self._live_value(key, now) is not None]
+            for key in set(keys):
+                self._values.pop(key, None)
+            return len(live)
 
     # -- admin side ----------------------------------------------------------------------------
 
@@ -585,6 +622,13 @@ class MemoryBroker(BaseBroker):
             return True
         del self._gates[type_name]
         return False
+
+    def _live_value(self, key: str, now: float) -> str | None:
+        """The value of ``key``, or None when it is absent or its ttl ran out."""
+        held = self._values.get(key)
+        if held is None or (held[1] is not None and held[1] <= now):
+            return None
+        return held[0]
 
     def _apply(self, effects: Effects) -> None:
         """A settle's effects, after it took effect: puts (never refused for capacity), then

@@ -1,8 +1,8 @@
 """The BrokerAdmin half of RedisBroker: the operator commands (dead letters, replay, purge,
 queue ages), and the broker's plain calls beside the task path: its clock, the gates (set,
-cleared and listed here, evaluated inside POLL) and the values settle effects set. Mixed into
-RedisBroker, whose client and call plumbing it uses (declared below); the data model is in
-runner/brokers/redis/scripts.py.
+cleared and listed here, evaluated inside POLL) and the values settle effects and ``put_if``
+set. Mixed into RedisBroker, whose client and call plumbing it uses (declared below); the data
+model is in runner/brokers/redis/scripts.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from runner.brokers.base import DeadLetterFilter, Gate, Pause
 from runner.brokers.redis.scripts import GROUP
 from runner.codec import decode_dead_letter, encode_task
-from runner.model import DeadLetter
+from runner.errors import QueueFull
+from runner.model import DeadLetter, Task
 
 log = logging.getLogger("runner.broker")
 
@@ -43,6 +44,9 @@ class RedisAdmin:
         raise NotImplementedError
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Any:
+        raise NotImplementedError
+
+    def _put_call(self, tasks: Sequence[Task]) -> tuple[list[str], list[Any]]:
         raise NotImplementedError
 
     def _with_capacity(
@@ -177,6 +181,55 @@ class RedisAdmin:
         names = [self._key("v", key) for key in keys]
         raws = self._call(lambda: self._client.mget(names), "read_values")
         return {key: raw.decode() for key, raw in zip(keys, raws, strict=True) if raw is not None}
+
+    def put_if(self, key: str, expected: str | None, value: str, tasks: Sequence[Task]) -> bool:
+        """PUT_IF (put_if.lua): the compare-and-set and PUT in one script call. Never waits
+        for room: tasks that do not fit raise QueueFull at once."""
+        keys, args = self._put_call(tasks) if tasks else ([], [])
+        cas = ["1" if expected is not None else "0", expected or "", value]
+        done = int(self._run("PUT_IF", [self._key("v", key), *keys], [*cas, *args]))
+        if done < 0:
+            message = f"queue full: {len(tasks)} task(s) do not fit in capacity {self._capacity}"
+            raise QueueFull(message, backend="redis", operation="put_if")
+        return done == 1
+
+    def scan_values(self, prefix: str) -> dict[str, str]:
+        """SCAN for the value keys under ``prefix`` (matched as text: its glob characters are
+        escaped), then one MGET; a key that expired in between is left out."""
+        start = self._key("v", "")
+        pattern = _glob_escape(start + prefix) + "*"
+
+        def scan() -> list[bytes]:
+            return list(self._client.scan_iter(match=pattern, count=1000))
+
+        # SCAN may return a key twice (the keyspace can be rehashed while it runs).
+        found = sorted(
+            {
+                name
+                for raw in self._call(scan, "scan_values")
+                if (name := raw.decode()).startswith(start + prefix)
+            }
+        )
+        if not found:
+            return {}
+        raws = self._call(lambda: self._client.mget(found), "scan_values")
+        return {
+            name.removeprefix(start): raw.decode()
+            for name, raw in zip(found, raws, strict=True)
+            if raw is not None
+        }
+
+    def delete_values(self, keys: Sequence[str]) -> int:
+        if not keys:
+            self._call(lambda: None, "delete_values")  # raises BrokerClosed once closed
+            return 0
+        names = [self._key("v", key) for key in keys]
+        return int(self._call(lambda: self._client.delete(*names), "delete_values"))
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a SCAN MATCH pattern that matches only itself."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _seconds(seconds: int, micros: int) -> float:

@@ -31,7 +31,8 @@ settles through these two; a single ack / retry / dead / release is a ``settle_m
 Each op gets its own fenced answer, only after Redis gave it; an op's effects (tasks to put,
 values to set or delete) ride in the same script call, which applies them only to an op it
 answers done. The operator commands, the clock (``now``: Redis' TIME), the gate calls and
-``read_values`` are in admin.py.
+the value calls (``read_values``, ``put_if``, ``scan_values``, ``delete_values``) are in
+admin.py.
 
 Connection loss: every call is retried with exponential backoff (call_with_reconnect, built
 on tenacity) for up to ``reconnect_timeout`` seconds, logging ``broker.reconnecting``, then
@@ -42,7 +43,7 @@ a poll whose reply was lost leaves its deliveries to be reclaimed after ``visibi
 
 Size: about 750 lines: the whole Redis side of the broker contract (put, poll and blocking
 wait, wake, settle with its effects, extend, reconnects, per-thread lines); the Lua lives in
-scripts.py and its .lua files, the operator side and the gate calls in admin.py. The
+scripts.py and its .lua files, the operator side, the gate and the value calls in admin.py. The
 connection handling is the next part to split out.
 """
 
@@ -206,6 +207,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
             name: self._client.register_script(getattr(lua, name))
             for name in (
                 "PUT",
+                "PUT_IF",
                 "POLL",
                 "SETTLE",
                 "EXCHANGE",
@@ -325,13 +327,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
         if len(tasks) > self._capacity:  # could never fit: do not wait for it
             message = f"{len(tasks)} tasks exceed the capacity of {self._capacity}"
             raise QueueFull(message, **_at("put"))
-        now = self._clock()
-        types = tuple(dict.fromkeys(task.type for task in tasks))
-        keys, head, index = self._put_shape(types)
-        args: list[Any] = [*head]
-        for task in tasks:
-            not_before, data = _stored(task, now)
-            args += [index[task.type], not_before, task.attempt, data]
+        keys, args = self._put_call(tasks)
         # On this thread's own connection, as exchanges: a pooled call's checkout and
         # redis-py's command wrapper cost more than the script's work in Redis.
         line = self._line_here()
@@ -341,6 +337,17 @@ class RedisBroker(RedisAdmin, BaseBroker):
             f"queue full: {len(tasks)} task(s) do not fit in capacity {self._capacity}",
             "put",
         )
+
+    def _put_call(self, tasks: Sequence[Task]) -> tuple[list[str], list[Any]]:
+        """PUT's KEYS and ARGV for ``tasks`` (put.lua describes them)."""
+        now = self._clock()
+        types = tuple(dict.fromkeys(task.type for task in tasks))
+        keys, head, index = self._put_shape(types)
+        args: list[Any] = [*head]
+        for task in tasks:
+            not_before, data = _stored(task, now)
+            args += [index[task.type], not_before, task.attempt, data]
+        return keys, args
 
     def _put_shape(
         self, types: tuple[str, ...]
@@ -744,6 +751,7 @@ def _at(operation: str) -> dict[str, str]:
 #: The broker method each script serves (the ``operation`` of a BrokerError it raises).
 _OPERATION = {
     "PUT": "put",
+    "PUT_IF": "put_if",
     "POLL": "get",
     "SETTLE": "settle",
     "EXCHANGE": "exchange",

@@ -37,7 +37,8 @@ in one Redis Cluster slot and a script may touch any of them):
   back exactly). POLL reads the wanted types' fields and hands out nothing of a type whose
   pause is in force (by TIME, inside the script); it deletes a pause it finds over.
 - ``v:<key>``    a value set by a settle's effects (``SET``, with ``PX`` for a ttl, so Redis
-  expires it by its own clock), read by ``read_values``.
+  expires it by its own clock) or by ``put_if`` (no ttl); read by ``read_values`` and
+  ``scan_values`` (SCAN), deleted by ``delete_values``.
 - ``dlq`` / ``dlq:idx``  hash task id -> dead-letter JSON, and a sorted set by dead_at.
 - ``wake:<consumer>``  one broker's wake stream (one entry, expiring): ``wake()`` adds to it to
   end that broker's blocked XREAD (runner/brokers/redis/broker.py), never read by a script.
@@ -70,7 +71,11 @@ _WAS_SETTLED = _lua("was_settled")
 _REMEMBER = _lua("remember")
 
 # put.lua (KEYS, ARGV and the reply are described there).
-PUT = _ENSURE_GROUP + _lua("put")
+_PUT_FN = _lua("put")
+PUT = _ENSURE_GROUP + _PUT_FN + "return put(KEYS, ARGV)\n"
+
+# put_if.lua (KEYS, ARGV and the reply are described there): PUT behind a compare-and-set.
+PUT_IF = _ENSURE_GROUP + _PUT_FN + _lua("put_if")
 
 # poll.lua (KEYS, ARGV and the reply are described there).
 _POLL_FN = _lua("poll")

@@ -1,6 +1,7 @@
 """The SQLite broker: a durable queue in one file, shared by the processes of one machine.
 
-``broker`` (SqliteBroker), ``schema`` (the file: schema, connection settings, error
-translation, row helpers), ``batch`` (group commit of many threads' writes) and ``checkpoint``
-(WAL checkpoints off the commit path).
+``broker`` (SqliteBroker), ``admin`` (its operator commands, gate and value calls),
+``schema`` (the file: schema, connection settings, error translation, row helpers), ``batch``
+(group commit of many threads' writes) and ``checkpoint`` (WAL checkpoints off the commit
+path).
 """

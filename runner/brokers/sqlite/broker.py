@@ -34,6 +34,9 @@ Guarantees (the contract in runner.brokers.base, plus durability):
   the transaction other callers' writes share), then sets (an upsert into ``values``, expiring
   at now + ttl), then deletes. Values whose ttl ran out read as absent; they and ended pauses
   are deleted by the prune of settled receipts.
+- ``put_if`` reads its key, checks room and inserts in one ``BEGIN IMMEDIATE`` transaction, so
+  of the processes comparing against one value exactly one wins; it checks room once and never
+  waits.
 - WAL checkpoints run in a background thread (sqlite_checkpoint), not in the committing one.
 
 Limits: one machine (SQLite file locking is not reliable on network filesystems); writes are
@@ -45,10 +48,11 @@ writers; after ``BUSY_TIMEOUT_MS`` they raise BrokerUnavailable, which callers m
 Ordering: FIFO by put within a type. Released tasks, expired leases and due retries keep their
 original place (the row's ``seq``), so they come before tasks put after them.
 
-Size: about 800 lines: the broker contract on one connection and its group commit, gates and
-effects included (they live in its claim and settle statements); schema, opening and row
-codecs are in schema.py, batching in batch.py, checkpoints in checkpoint.py. The admin side
-(dead letters, replay, purge) is the next part to split out.
+Size: about 700 lines: the task path of the broker contract on one connection and its group
+commit, gates and effects included (they live in its claim and settle statements). Schema,
+opening and row codecs are in schema.py, batching in batch.py, checkpoints in checkpoint.py;
+the operator commands, the clock, the gate calls and the value calls (``read_values``,
+``put_if``, ``scan_values``, ``delete_values``) in admin.py.
 """
 
 from __future__ import annotations
@@ -64,37 +68,25 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Literal
 
-from runner.brokers.base import (
-    Answer,
-    BaseBroker,
-    DeadLetterFilter,
-    Delivery,
-    Depth,
-    Effects,
-    Gate,
-    Pause,
-    Settle,
-)
+from runner.brokers.base import Answer, BaseBroker, Delivery, Depth, Effects, Settle
+from runner.brokers.sqlite.admin import SqliteAdmin
 from runner.brokers.sqlite.batch import GroupCommit, Pending
 from runner.brokers.sqlite.checkpoint import Checkpointer
 from runner.brokers.sqlite.schema import (
     IDS_PER_QUERY,
     LEASED,
-    PAUSE,
     READY,
+    SET_VALUE_SQL,
     WAITING,
     anything_claimable,
     connect,
-    dlq_where,
+    held,
     held_back,
     insert_row,
     insert_tasks,
     next_due,
-    read_values,
-    replay_one,
     rollback,
     sweep,
-    to_dead_letter,
     to_delivery,
     unavailable,
 )
@@ -144,25 +136,12 @@ _SETTLED_SQL = (
 _WAS_SETTLED_SQL = "SELECT 1 FROM settled WHERE receipt = ? AND settled_at > ?"
 #: Only rows claimed before the cutoff can have been settled before it: a range of the key.
 _PRUNE_SQL = "DELETE FROM settled WHERE receipt < ? AND settled_at <= ?"
-_SET_VALUE_SQL = 'INSERT OR REPLACE INTO "values" (key, value, expires_at) VALUES (?, ?, ?)'
 _DELETE_VALUE_SQL = 'DELETE FROM "values" WHERE key = ?'
-_SET_GATE_SQL = "INSERT OR REPLACE INTO gates (type, kind, until) VALUES (?, ?, ?)"
-_CLEAR_GATE_SQL = "DELETE FROM gates WHERE type = ? AND kind = ? RETURNING until"
-_GATES_SQL = (
-    "SELECT type, until FROM gates WHERE kind = ? AND (until IS NULL OR until > ?) ORDER BY type"
-)
 
 
 def _at(operation: str) -> dict[str, str]:
     """Where a BrokerError of this broker was raised (its ``backend`` and ``operation``)."""
     return {"backend": "sqlite", "operation": operation}
-
-
-def _gate_kind(kind: type[Gate]) -> str:
-    """The ``gates.kind`` a gate class is stored under."""
-    if kind is not Pause:
-        raise TypeError(f"unknown kind of gate: {kind!r}")
-    return PAUSE
 
 
 def _claim_mark(at: float) -> str:
@@ -172,7 +151,7 @@ def _claim_mark(at: float) -> str:
     return f"z{max(int(at * 1000), 0):012x}"
 
 
-class SqliteBroker(BaseBroker):
+class SqliteBroker(SqliteAdmin, BaseBroker):
     """A Broker and BrokerAdmin over the SQLite file at ``path`` (created with its parents).
 
     Raises BrokerUnavailable, naming the file, when the file cannot be opened, written
@@ -392,6 +371,14 @@ class SqliteBroker(BaseBroker):
         if not tasks:
             self._open_connection("put")  # still raise BrokerClosed after close
             return
+        self._insert_when_room(len(tasks), self._inserter(tasks, "put"), timeout, "put")
+
+    def _inserter(
+        self, tasks: Sequence[Task], operation: str, skip_queued: bool = False
+    ) -> Callable[[sqlite3.Connection], int]:
+        """The write that inserts ``tasks`` for the broker method ``operation``: stamped
+        ``enqueued_at`` now, delayed when their not_before is later (``skip_queued``: as in
+        insert_tasks). It checks no capacity."""
         now = self._clock()
         rows = [insert_row(task, now) for task in tasks]
         # insert_row's (id, type, state, due_at, ...): only delayed rows fall due later
@@ -399,9 +386,9 @@ class SqliteBroker(BaseBroker):
 
         def insert(conn: sqlite3.Connection) -> int:
             self._due_by(earliest)
-            return insert_tasks(conn, rows)
+            return insert_tasks(conn, rows, operation, skip_queued)
 
-        self._insert_when_room(len(rows), insert, timeout, "put")
+        return insert
 
     def _insert_when_room(
         self,
@@ -424,7 +411,7 @@ class SqliteBroker(BaseBroker):
         while True:
             seen = self._changes
             with self._write(operation) as conn:
-                count = conn.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()[0]
+                count = held(conn)
                 inserted = insert(conn) if count + needed <= self._capacity else None
             if inserted is not None:
                 if inserted:
@@ -432,17 +419,20 @@ class SqliteBroker(BaseBroker):
                 return inserted
             remaining = deadline - time.monotonic()
             if self._overflow == "reject" or remaining <= 0:
-                raise QueueFull(
-                    f"sqlite broker {self.path}: queue full ({count} of {self._capacity} held, "
-                    f"{needed} more asked for)",
-                    **_at(operation),
-                )
+                raise self._queue_full(count, needed, operation)
             self._pause(seen, min(pause, remaining))
             pause = min(pause * 2, _MAX_POLL_S)
             if self._closed:
                 raise BrokerClosed(
                     f"sqlite broker {self.path} was closed while putting", **_at(operation)
                 )
+
+    def _queue_full(self, count: int, needed: int, operation: str) -> QueueFull:
+        return QueueFull(
+            f"sqlite broker {self.path}: queue full ({count} of {self._capacity} held, "
+            f"{needed} more asked for)",
+            **_at(operation),
+        )
 
     # -- consumer side ----------------------------------------------------------------------
 
@@ -623,19 +613,17 @@ class SqliteBroker(BaseBroker):
         """``effects`` as a write to run, at ``now``, after its settle answered DONE: the puts
         (a task id already queued is left out; capacity is not checked), then the sets, then
         the deletes."""
-        at = self._clock()
-        rows = [insert_row(task, at) for task in effects.puts]
-        earliest = min((row[3] for row in rows if row[2] == WAITING), default=math.inf)
+        puts = effects.puts
+        insert = self._inserter(puts, "settle", skip_queued=True)
         sets = effects.sets
         deletes = [(key,) for key in effects.deletes]
 
         def apply(conn: sqlite3.Connection, now: float) -> None:
-            if rows:
-                self._due_by(earliest)
-                insert_tasks(conn, rows, skip_queued=True)
+            if puts:
+                insert(conn)
             if sets:
                 conn.executemany(
-                    _SET_VALUE_SQL,
+                    SET_VALUE_SQL,
                     [(s.key, s.value, None if s.ttl_s is None else now + s.ttl_s) for s in sets],
                 )
             if deletes:
@@ -694,109 +682,8 @@ class SqliteBroker(BaseBroker):
         with self._lock:
             self._conn.close()
 
-    # -- gates and effects (runner.brokers.base) ----------------------------------------------
-
-    def now(self) -> float:
-        return self._clock()
-
-    def set_gate(self, type_name: str, gate: Gate) -> None:
-        """Hold ``type_name``'s tasks back from every claim (of every process) until ``gate``
-        ends; replaces the type's pause."""
-        with self._write("set_gate") as conn:
-            conn.execute(_SET_GATE_SQL, (type_name, _gate_kind(type(gate)), gate.until))
-
-    def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
-        """Remove ``type_name``'s gate of ``kind``; True when one was in force."""
-        with self._write("clear_gate") as conn:
-            now = self._clock()
-            ended = conn.execute(_CLEAR_GATE_SQL, (type_name, _gate_kind(kind))).fetchall()
-        self._changed()  # a get of this process held back by it claims at once
-        return any(until is None or until > now for (until,) in ended)
-
-    def gates(self) -> dict[str, tuple[Gate, ...]]:
-        now = self._clock()
-        with self._read("gates") as conn:
-            if self._lacks_table(conn, "gates"):
-                return {}
-            rows = conn.execute(_GATES_SQL, (PAUSE, now)).fetchall()
-        return {kind: (Pause(until=until),) for kind, until in rows}
-
-    def read_values(self, keys: Sequence[str]) -> dict[str, str]:
-        now = self._clock()
-        with self._read("read_values") as conn:
-            if not keys or self._lacks_table(conn, "values"):
-                return {}
-            return read_values(conn, keys, now)
-
-    def _lacks_table(self, conn: sqlite3.Connection, name: str) -> bool:
-        """Whether a read-only open found a file from before ``name`` was added (then empty)."""
-        if not self._read_only:
-            return False  # every writable open creates the tables missing
-        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-        return conn.execute(query, (name,)).fetchone() is None
-
     def __enter__(self) -> SqliteBroker:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    # -- operator side (BrokerAdmin) --------------------------------------------------------
-
-    def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
-        """Matching dead letters, oldest death first."""
-        found: list[DeadLetter] = []
-        with self._read("dead_letters") as conn:
-            for clause, params in dlq_where(where):
-                rows = conn.execute(
-                    "SELECT id, type, error_type, dead_at, record FROM dead_letters"
-                    f" WHERE {clause}",
-                    params,
-                ).fetchall()
-                found.extend(to_dead_letter(*row) for row in rows)
-        found.sort(key=lambda record: (record.dead_at, record.id))
-        return found
-
-    def dead_letter_count(self) -> int:
-        with self._read("dead_letter_count") as conn:
-            return int(conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
-
-    def oldest_enqueued_at(self) -> dict[str, float]:
-        """Per type, the earliest ``enqueued_at`` of its queued rows (one scan; operator use)."""
-        with self._read("oldest_enqueued_at") as conn:
-            rows = conn.execute("SELECT type, min(enqueued_at) FROM tasks GROUP BY type").fetchall()
-        return {kind: float(at) for kind, at in rows}
-
-    def replay(self, ids: Sequence[str]) -> int:
-        """Move these dead letters back to the queue with attempt 0; returns how many moved.
-
-        All-or-nothing like put_many: blocks for room up to enqueue_timeout, then QueueFull.
-        Skipped: unknown ids, ids already queued, undecodable records, and tasks that were
-        dead-lettered because their envelope could not be decoded (their payload is gone).
-        """
-        wanted = DeadLetterFilter(ids=frozenset(ids))
-        needed = len(self.dead_letters(wanted))
-        if needed == 0:
-            return 0
-
-        def insert(conn: sqlite3.Connection) -> int:
-            moved = 0
-            for clause, params in dlq_where(wanted):
-                rows = conn.execute(
-                    "SELECT id, type, error_type, dead_at, record, raw_envelope"
-                    f" FROM dead_letters WHERE {clause}",
-                    params,
-                ).fetchall()
-                for row in rows:
-                    moved += replay_one(conn, row, self._clock())
-            return moved
-
-        return self._insert_when_room(needed, insert, None, "replay")
-
-    def purge(self, where: DeadLetterFilter) -> int:
-        """Delete matching dead letters for good; returns how many."""
-        purged = 0
-        with self._write("purge") as conn:
-            for clause, params in dlq_where(where):
-                purged += conn.execute(f"DELETE FROM dead_letters WHERE {clause}", params).rowcount
-        return purged

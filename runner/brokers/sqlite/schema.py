@@ -23,9 +23,10 @@ rest.
 
 ``gates`` holds at most one row per (type, kind): today only pauses, ``until`` NULL for one
 that lasts until cleared. Every claim reads it (``held_back``) and skips the types it holds.
-``values`` holds the keys settle effects set, with ``expires_at`` (NULL: no ttl); reads skip
-expired rows, and ``sweep`` deletes them (and ended pauses) through the partial index on
-``expires_at``, which keys without a ttl stay out of.
+``values`` holds the keys settle effects and ``put_if`` set, with ``expires_at`` (NULL: no
+ttl); reads skip expired rows, and ``sweep`` deletes them (and ended pauses) through the
+partial index on ``expires_at``, which keys without a ttl stay out of. ``scan_values`` reads
+the keys with a prefix as one range of the primary key, never as a LIKE or GLOB pattern.
 
 ``settled``, ``gates`` and ``values`` came after schema version 1 and are created when missing,
 so an older runner's file opens, still at version 1, and gains them (older runners ignore
@@ -44,7 +45,7 @@ up to ``CREATE_WAIT_S`` for its creator to write the schema before refusing it.
 Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the crash of any
 process; the last transactions before a power cut or kernel crash may be lost (never corrupted).
 
-Size: about 530 lines, over our 400: the file's whole life (schema, stamps, migration, the
+Size: about 590 lines, over our 400: the file's whole life (schema, stamps, migration, the
 wait for a creator, error translation) and the row codecs and helpers the broker and its admin
 side share; splitting the codecs and helpers out is the next step.
 """
@@ -133,7 +134,7 @@ CREATE TABLE IF NOT EXISTS gates (
     PRIMARY KEY (type, kind)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS "values" (
-    key        TEXT PRIMARY KEY,          -- set and deleted by settle effects
+    key        TEXT PRIMARY KEY,          -- set by settle effects and put_if
     value      TEXT NOT NULL,
     expires_at REAL                       -- epoch seconds; NULL: no ttl
 );
@@ -382,10 +383,14 @@ def insert_row(task: Task, now: float) -> tuple[Any, ...]:
 
 
 def insert_tasks(
-    conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]], skip_queued: bool = False
+    conn: sqlite3.Connection,
+    rows: Sequence[tuple[Any, ...]],
+    operation: str,
+    skip_queued: bool = False,
 ) -> int:
-    """Insert ``rows`` (``insert_row``'s). A task id already queued raises BrokerError, or with
-    ``skip_queued`` leaves that row out (a settle effect must not fail the shared transaction)."""
+    """Insert ``rows`` (``insert_row``'s) for the broker method ``operation``. A task id already
+    queued raises BrokerError, or with ``skip_queued`` leaves that row out (a settle effect
+    must not fail the shared transaction)."""
     if skip_queued:
         conn.executemany(_INSERT_SQL.format("OR IGNORE "), rows)
         return len(rows)
@@ -393,8 +398,13 @@ def insert_tasks(
         conn.executemany(_INSERT_SQL.format(""), rows)
     except sqlite3.IntegrityError as exc:
         message = f"a task id in this batch is already queued: {exc}"
-        raise BrokerError(message, backend="sqlite", operation="put") from exc
+        raise BrokerError(message, backend="sqlite", operation=operation) from exc
     return len(rows)
+
+
+def held(conn: sqlite3.Connection) -> int:
+    """How many tasks the file holds (``meta.count``, the capacity counter)."""
+    return int(conn.execute("SELECT value FROM meta WHERE key = 'count'").fetchone()[0])
 
 
 def replay_one(conn: sqlite3.Connection, row: tuple[Any, ...], now: float) -> int:
@@ -456,18 +466,72 @@ def sweep(conn: sqlite3.Connection, now: float) -> None:
     conn.execute("DELETE FROM gates WHERE until <= ?", (now,))
 
 
+#: A value is live while it has no ttl or its ttl runs past the parameter ``now``.
+_LIVE = "(expires_at IS NULL OR expires_at > :now)"
+#: Set a value: (key, value, expires_at), expires_at NULL for no ttl.
+SET_VALUE_SQL = 'INSERT OR REPLACE INTO "values" (key, value, expires_at) VALUES (?, ?, ?)'
+
+
 def read_values(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> dict[str, str]:
     """The values of those of ``keys`` that are set and whose ttl, if any, runs past ``now``."""
     found: dict[str, str] = {}
-    for i in range(0, len(keys), IDS_PER_QUERY):
-        chunk = keys[i : i + IDS_PER_QUERY]
+    for marks, chunk in _in_chunks(keys):
         rows = conn.execute(
-            f'SELECT key, value FROM "values" WHERE key IN ({",".join("?" * len(chunk))})'
-            " AND (expires_at IS NULL OR expires_at > ?)",
-            (*chunk, now),
+            f'SELECT key, value FROM "values" WHERE key IN ({marks}) AND {_LIVE}',
+            {**chunk, "now": now},
         )
         found.update(rows)
     return found
+
+
+def scan_values(conn: sqlite3.Connection, prefix: str, now: float) -> dict[str, str]:
+    """The live values (as ``read_values``) of the keys that start with ``prefix``, as text."""
+    end = _prefix_end(prefix)
+    bounds = "key >= :prefix" if end is None else "key >= :prefix AND key < :end"
+    rows = conn.execute(
+        f'SELECT key, value FROM "values" WHERE {bounds} AND {_LIVE} ORDER BY key',
+        {"prefix": prefix, "end": end, "now": now},
+    )
+    return dict(rows)
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The least text after every text that starts with ``prefix`` (None: there is none).
+
+    The keys with a prefix are then one range of the primary key, which no character of it can
+    turn into a pattern (as LIKE and GLOB would). Text compares by code point (BINARY collation
+    on UTF-8, as in Python), so the end is the prefix with its last character raised by one,
+    once trailing U+10FFFF (the greatest) are dropped; surrogates, which SQLite cannot store,
+    are stepped over.
+    """
+    stem = prefix.rstrip(chr(0x10FFFF))
+    if not stem:
+        return None
+    after = ord(stem[-1]) + 1
+    if 0xD800 <= after <= 0xDFFF:
+        after = 0xE000
+    return stem[:-1] + chr(after)
+
+
+def delete_values(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> int:
+    """Delete ``keys``; how many of them were live (as ``read_values``) at ``now``."""
+    live = 0
+    for marks, chunk in _in_chunks(keys):
+        rows = conn.execute(
+            f'DELETE FROM "values" WHERE key IN ({marks}) RETURNING {_LIVE}',
+            {**chunk, "now": now},
+        )
+        live += sum(flag for (flag,) in rows)
+    return live
+
+
+def _in_chunks(keys: Sequence[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """``keys`` in chunks that fit a query: each as its placeholders (``:k0, :k1``, ...) and
+    their parameters."""
+    for i in range(0, len(keys), IDS_PER_QUERY):
+        chunk = keys[i : i + IDS_PER_QUERY]
+        params = {f"k{n}": key for n, key in enumerate(chunk)}
+        yield ", ".join(f":{name}" for name in params), params
 
 
 def to_delivery(row: tuple[Any, ...]) -> Delivery:

@@ -15,6 +15,7 @@ from typing import Any
 
 from runner.testing.contract import (
     capacity,
+    compare,
     delivery,
     effects,
     gates,
@@ -33,7 +34,16 @@ from runner.testing.contract.fixtures import (
 )
 
 #: The suite's modules, in the order their tests run.
-MODULES: tuple[ModuleType, ...] = (capacity, delivery, oldest, release, settle, gates, effects)
+MODULES: tuple[ModuleType, ...] = (
+    capacity,
+    delivery,
+    oldest,
+    release,
+    settle,
+    gates,
+    effects,
+    compare,
+)
 
 
 def _tests(modules: tuple[ModuleType, ...]) -> dict[str, Callable[..., Any]]:

@@ -10,6 +10,7 @@ Runs once per broker that ``broker_factory`` gives; skipped for a broker that do
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -158,3 +159,20 @@ def test_a_set_with_a_ttl_reads_as_absent_after_it(make_broker: BrokerMaker) -> 
         time.sleep(0.05)
     assert broker.now() >= set_at + 0.5 - 0.01  # not before its time, on the broker's clock
     assert broker.read_values(["short", "long"]) == {"long": "l"}
+
+
+def test_an_ack_may_put_its_own_task_back(make_broker: BrokerMaker) -> None:
+    """The ack removes the task and its effect puts it again, under its own id, in one step
+    (how ``Retry(count=False)`` hands an attempt back): handed out again with the attempt
+    number the put names plus one, and held once in the capacity count."""
+    broker = _effective(make_broker, capacity=1, overflow="reject")
+    first = put(broker, task("a", 0))[0]
+    delivery = get_one(broker, "a")
+    again = replace(delivery.task, attempt=delivery.task.attempt - 1)
+    assert broker.settle_many([Settle(delivery, "ack", effects=Effects(puts=(again,)))]) == [DONE]
+    assert broker.depth()["a"] == Depth(ready=1)
+    second = get_one(broker, "a", timeout=GET_TIMEOUT_S)
+    assert (second.task.id, second.task.attempt, second.redelivered) == (first.id, 1, False)
+    assert broker.ack(second) == DONE
+    assert broker.ack(delivery) == ALREADY_DONE  # the first receipt stays settled
+    put(broker, task("a", 1))  # nothing else held: the one place is free again

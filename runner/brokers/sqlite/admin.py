@@ -1,0 +1,213 @@
+"""The BrokerAdmin half of SqliteBroker: the operator commands (dead letters, replay, purge,
+queue ages), and the broker's plain calls beside the task path: its clock, the gates (set,
+cleared and listed here, honoured inside every claim) and the values that settle effects and
+``put_if`` set. None of it is on the claim and settle path, so it lives apart from that path's
+statements and group commit in broker.py. Mixed into SqliteBroker, whose transactions and
+insert plumbing it uses (declared below); the tables and row helpers are in schema.py.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+
+from runner.brokers.base import DeadLetterFilter, Gate, Pause
+from runner.brokers.sqlite.schema import (
+    PAUSE,
+    SET_VALUE_SQL,
+    delete_values,
+    dlq_where,
+    held,
+    read_values,
+    replay_one,
+    scan_values,
+    to_dead_letter,
+)
+from runner.errors import QueueFull
+from runner.model import DeadLetter, Task
+
+_SET_GATE_SQL = "INSERT OR REPLACE INTO gates (type, kind, until) VALUES (?, ?, ?)"
+_CLEAR_GATE_SQL = "DELETE FROM gates WHERE type = ? AND kind = ? RETURNING until"
+_GATES_SQL = (
+    "SELECT type, until FROM gates WHERE kind = ? AND (until IS NULL OR until > ?) ORDER BY type"
+)
+
+
+def _gate_kind(kind: type[Gate]) -> str:
+    """The ``gates.kind`` a gate class is stored under."""
+    if kind is not Pause:
+        raise TypeError(f"unknown kind of gate: {kind!r}")
+    return PAUSE
+
+
+class SqliteAdmin:
+    """BrokerAdmin on the SQLite file; SqliteBroker provides what is declared here."""
+
+    _capacity: int
+    _clock: Callable[[], float]
+    _read_only: bool
+
+    def _read(self, operation: str) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def _write(self, operation: str) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def _open_connection(self, operation: str) -> sqlite3.Connection:
+        raise NotImplementedError
+
+    def _changed(self) -> None:
+        raise NotImplementedError
+
+    def _inserter(
+        self, tasks: Sequence[Task], operation: str, skip_queued: bool = False
+    ) -> Callable[[sqlite3.Connection], int]:
+        raise NotImplementedError
+
+    def _insert_when_room(
+        self,
+        needed: int,
+        insert: Callable[[sqlite3.Connection], int],
+        timeout: float | None,
+        operation: str,
+    ) -> int:
+        raise NotImplementedError
+
+    def _queue_full(self, count: int, needed: int, operation: str) -> QueueFull:
+        raise NotImplementedError
+
+    def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
+        """Matching dead letters, oldest death first."""
+        found: list[DeadLetter] = []
+        with self._read("dead_letters") as conn:
+            for clause, params in dlq_where(where):
+                rows = conn.execute(
+                    "SELECT id, type, error_type, dead_at, record FROM dead_letters"
+                    f" WHERE {clause}",
+                    params,
+                ).fetchall()
+                found.extend(to_dead_letter(*row) for row in rows)
+        found.sort(key=lambda record: (record.dead_at, record.id))
+        return found
+
+    def dead_letter_count(self) -> int:
+        with self._read("dead_letter_count") as conn:
+            return int(conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0])
+
+    def oldest_enqueued_at(self) -> dict[str, float]:
+        """Per type, the earliest ``enqueued_at`` of its queued rows (one scan; operator use)."""
+        with self._read("oldest_enqueued_at") as conn:
+            rows = conn.execute("SELECT type, min(enqueued_at) FROM tasks GROUP BY type").fetchall()
+        return {kind: float(at) for kind, at in rows}
+
+    def replay(self, ids: Sequence[str]) -> int:
+        """Move these dead letters back to the queue with attempt 0; returns how many moved.
+
+        All-or-nothing like put_many: blocks for room up to enqueue_timeout, then QueueFull.
+        Skipped: unknown ids, ids already queued, undecodable records, and tasks that were
+        dead-lettered because their envelope could not be decoded (their payload is gone).
+        """
+        wanted = DeadLetterFilter(ids=frozenset(ids))
+        needed = len(self.dead_letters(wanted))
+        if needed == 0:
+            return 0
+
+        def insert(conn: sqlite3.Connection) -> int:
+            moved = 0
+            for clause, params in dlq_where(wanted):
+                rows = conn.execute(
+                    "SELECT id, type, error_type, dead_at, record, raw_envelope"
+                    f" FROM dead_letters WHERE {clause}",
+                    params,
+                ).fetchall()
+                for row in rows:
+                    moved += replay_one(conn, row, self._clock())
+            return moved
+
+        return self._insert_when_room(needed, insert, None, "replay")
+
+    def purge(self, where: DeadLetterFilter) -> int:
+        """Delete matching dead letters for good; returns how many."""
+        purged = 0
+        with self._write("purge") as conn:
+            for clause, params in dlq_where(where):
+                purged += conn.execute(f"DELETE FROM dead_letters WHERE {clause}", params).rowcount
+        return purged
+
+    # -- clock, gates and values (runner.brokers.base) --------------------------------------
+
+    def now(self) -> float:
+        return self._clock()
+
+    def set_gate(self, type_name: str, gate: Gate) -> None:
+        """Hold ``type_name``'s tasks back from every claim (of every process) until ``gate``
+        ends; replaces the type's pause."""
+        with self._write("set_gate") as conn:
+            conn.execute(_SET_GATE_SQL, (type_name, _gate_kind(type(gate)), gate.until))
+
+    def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
+        """Remove ``type_name``'s gate of ``kind``; True when one was in force."""
+        with self._write("clear_gate") as conn:
+            now = self._clock()
+            ended = conn.execute(_CLEAR_GATE_SQL, (type_name, _gate_kind(kind))).fetchall()
+        self._changed()  # a get of this process held back by it claims at once
+        return any(until is None or until > now for (until,) in ended)
+
+    def gates(self) -> dict[str, tuple[Gate, ...]]:
+        now = self._clock()
+        with self._read("gates") as conn:
+            if self._lacks_table(conn, "gates"):
+                return {}
+            rows = conn.execute(_GATES_SQL, (PAUSE, now)).fetchall()
+        return {kind: (Pause(until=until),) for kind, until in rows}
+
+    def read_values(self, keys: Sequence[str]) -> dict[str, str]:
+        now = self._clock()
+        with self._read("read_values") as conn:
+            if not keys or self._lacks_table(conn, "values"):
+                return {}
+            return read_values(conn, keys, now)
+
+    def put_if(self, key: str, expected: str | None, value: str, tasks: Sequence[Task]) -> bool:
+        """When ``key`` holds ``expected`` (None: absent), set it to ``value`` (no ttl) and put
+        ``tasks`` as ``put_many`` does, in one transaction, and answer True; else False.
+
+        Never waits for room: raises QueueFull, having changed nothing, when the tasks do not
+        fit.
+        """
+        insert = self._inserter(tasks, "put_if")
+        with self._write("put_if") as conn:
+            if read_values(conn, [key], self._clock()).get(key) != expected:
+                return False
+            if tasks:
+                count = held(conn)
+                if count + len(tasks) > self._capacity:
+                    raise self._queue_full(count, len(tasks), "put_if")  # nothing written yet
+                insert(conn)
+            conn.execute(SET_VALUE_SQL, (key, value, None))
+        if tasks:
+            self._changed()
+        return True
+
+    def scan_values(self, prefix: str) -> dict[str, str]:
+        now = self._clock()
+        with self._read("scan_values") as conn:
+            if self._lacks_table(conn, "values"):
+                return {}
+            return scan_values(conn, prefix, now)
+
+    def delete_values(self, keys: Sequence[str]) -> int:
+        """Delete ``keys``; how many of them were set (and not past their ttl)."""
+        if not keys:
+            self._open_connection("delete_values")  # still raise BrokerClosed after close
+            return 0
+        with self._write("delete_values") as conn:
+            return delete_values(conn, keys, self._clock())
+
+    def _lacks_table(self, conn: sqlite3.Connection, name: str) -> bool:
+        """Whether a read-only open found a file from before ``name`` was added (then empty)."""
+        if not self._read_only:
+            return False  # every writable open creates the tables missing
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return conn.execute(query, (name,)).fetchone() is None
