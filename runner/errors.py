@@ -136,10 +136,19 @@ class Retry(RunnerError):
     delay: ``raise Retry(delay=30)``, say, when a downstream service answered "try again in
     30 s". It is a failed attempt like any other (retry events, history, the attempt counted):
     raised on the last attempt, the task goes to the dead-letter queue (reason exhausted).
+
+    ``count=False`` gives the attempt back instead: the task runs again after the delay with
+    the same attempt number, no history entry and no step towards ``max_attempts`` (a task
+    that always raises it never finishes: bound it yourself, with ``expires`` say).
     """
 
     def __init__(
-        self, delay: float | None = None, *, at: datetime | None = None, message: str = ""
+        self,
+        delay: float | None = None,
+        *,
+        at: datetime | None = None,
+        count: bool = True,
+        message: str = "",
     ) -> None:
         if (delay is None) == (at is None):
             raise ValueError("Retry takes one of delay (seconds) or at (a datetime)")
@@ -149,6 +158,7 @@ class Retry(RunnerError):
             raise ValueError(f"Retry at {at.isoformat()} has no time zone: give an aware datetime")
         self.delay = delay
         self.at = at
+        self.count = count
         when = f"in {delay:g}s" if delay is not None else f"at {at.isoformat() if at else ''}"
         super().__init__(message or f"retry requested {when}")
 

@@ -19,11 +19,11 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from runner.brokers.base import Answer, Delivery, Settle
+from runner.brokers.base import Answer, Delivery, Effects, Settle
 from runner.engine.retry import RetryPlan, error_name
 from runner.engine.settle import Outcome
 from runner.engine.timeouts import Guard, Run, Watchdog
@@ -102,8 +102,12 @@ class Attempts:
         events: EventBus,
         watchdog: Watchdog,
         task_logger: TaskLogger,
+        hand_back: bool = False,
     ) -> None:
         self.types = types
+        # Whether Retry(count=False) can give its attempt back: an ack that puts the task
+        # again, in one step, needs a broker with settle effects. Without, it is counted.
+        self.hand_back = hand_back
         self.events = events
         self.watchdog = watchdog
         self.identity = worker_identity()
@@ -232,6 +236,8 @@ class Attempts:
         if not decision.retry:
             assert decision.reason is not None  # decide() names why for every task it ends
             return self._dead(delivery, started, decision.reason, kind, message, trace, duration)
+        if not decision.counted and self.hand_back:
+            return self._handed_back(delivery, decision.delay_s, kind, message, duration)
         failure = AttemptRecord(
             task.attempt, kind, message, trace, started, duration, self.identity
         )
@@ -244,6 +250,25 @@ class Attempts:
                 "error": f"{kind}: {message}",
                 "error_type": kind,
                 "traceback": trace,
+            },
+        )
+
+    def _handed_back(
+        self, delivery: Delivery, delay_s: float, kind: str, message: str, duration: float
+    ) -> Outcome:
+        """Retry(count=False): the ack puts the task back, in the same step, with its attempt
+        given back (the next hand-out has this attempt's number) and nothing in its history."""
+        task = delivery.task
+        again = replace(task, attempt=task.attempt - 1, not_before=time.time() + delay_s)
+        return Outcome(
+            Settle(delivery, "ack", effects=Effects(puts=(again,))),
+            EventName.TASK_RETRYING,
+            {
+                "duration_s": duration,
+                "delay_s": delay_s,
+                "error": f"{kind}: {message}",
+                "error_type": kind,
+                "detail": "attempt not counted: Retry(count=False)",
             },
         )
 

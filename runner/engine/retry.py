@@ -45,6 +45,7 @@ class Decision:
     retry: bool
     delay_s: float = 0.0
     reason: DeadReason | None = None  # why the task is dead: PERMANENT, NEVER_RETRY, EXHAUSTED
+    counted: bool = True  # False: Retry(count=False), the attempt is given back
 
 
 class RetryPlan:
@@ -85,6 +86,8 @@ class RetryPlan:
             return Decision(
                 False, reason=DeadReason.PERMANENT if permanent else DeadReason.NEVER_RETRY
             )
+        if isinstance(exc, Retry) and not exc.count:  # never the last attempt: it is not one
+            return Decision(True, delay_s=exc.delay_s(time.time()), counted=False)
         if self._retrying.stop(state):
             return Decision(False, reason=DeadReason.EXHAUSTED)
         if isinstance(exc, Retry):  # the handler named its own delay

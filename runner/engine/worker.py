@@ -79,7 +79,9 @@ class Worker:
         self.identity = worker_identity()
         self._stopping = threading.Event()
         self._watchdog = Watchdog(horizon_s=min(rt.timeout_s for rt in self.types.values()))
-        self.attempts = Attempts(self.types, events, self._watchdog, task_logger)
+        self.attempts = Attempts(
+            self.types, events, self._watchdog, task_logger, hand_back=broker.settle_effects
+        )
         self._settler = Settler(
             broker, self.attempts.settled, settle_in_background, batch_done=self._settled
         )

@@ -97,6 +97,9 @@ def test_a_retry_the_handler_asks_for_uses_its_own_delay() -> None:
     assert past == Decision(True, delay_s=0.0)  # a time gone by: at once
     # Still a failed attempt: the last one exhausts the task.
     assert plan.decide(Retry(delay=30), 3) == Decision(False, reason=DeadReason.EXHAUSTED)
+    # Not counted: retried even after the last attempt, and said so.
+    uncounted = Decision(True, delay_s=30, counted=False)
+    assert plan.decide(Retry(delay=30, count=False), 3) == uncounted
 
 
 def test_a_retry_asked_for_beats_never_retry() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -150,6 +151,28 @@ def test_a_handler_can_ask_for_its_own_retry_delay() -> None:
     assert retrying[0].error == "Retry: retry requested in 0.4s"
     assert elapsed >= 0.4
     assert runner.summary.count("succeeded") == 1
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_an_uncounted_retry_gives_its_attempt_back(kind: str, tmp_path: Path) -> None:
+    """Retry(count=False) five times with max_attempts 2: never exhausted, every run is
+    attempt 1, nothing in the history; the task runs six times and succeeds."""
+    broker = {"kind": "sqlite", "path": str(tmp_path / "q.db")} if kind == "sqlite" else {}
+    config = PipelineConfig.model_validate(
+        {
+            "broker": broker,
+            "retry": {"max_attempts": 2},
+            "task_types": {"wait": {"handler": "tests.unit.time_handlers:wait_uncounted"}},
+        }
+    )
+    runner = build_runtime(config, observe=False)
+    with runner:
+        task_id = runner.publish("wait", {"times": 5})
+        assert runner.run_until_empty(timeout=30) is True
+    assert time_handlers.uncounted_runs[task_id] == [1] * 6
+    assert runner.summary.count("succeeded") == 1
+    assert runner.summary.count("retrying") == 5
+    assert runner.summary.to_dict()["dead_by_reason"] == {}
 
 
 def test_publish_at_a_time_holds_the_task_until_then() -> None:
