@@ -24,6 +24,7 @@ from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth, Pa
 from runner.config.models import PipelineConfig
 from runner.engine.attempt import TaskLogger, TypeRuntime, default_task_logger
 from runner.engine.retry import RetryPlan
+from runner.engine.schedule import Schedule, Scheduler, tick_name
 from runner.engine.worker import Worker
 from runner.errors import InvalidPayload, UsageError
 from runner.events import Event, EventBus, EventName, Listener
@@ -95,6 +96,23 @@ def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
     return types
 
 
+def schedules_of(config: PipelineConfig) -> list[Schedule]:
+    """The config's schedules, as the scheduler takes them."""
+    return [
+        Schedule(
+            name=name,
+            type=spec.type,
+            payload=spec.payload,
+            every=spec.every,
+            cron=spec.cron,
+            timezone=spec.timezone or "UTC",
+            jitter=spec.jitter,
+            missed=spec.missed,
+        )
+        for name, spec in config.schedules.items()
+    ]
+
+
 class Runner:
     """A running pipeline: publish tasks, let the workers run them, stop cleanly."""
 
@@ -105,6 +123,7 @@ class Runner:
         listeners: Sequence[Listener] = (),
         task_logger: TaskLogger | None = None,
         events: EventBus | None = None,
+        run_schedules: bool = True,
     ) -> None:
         self.config = config
         self.broker = broker
@@ -130,6 +149,14 @@ class Runner:
         # Per type, its configured expires (seconds), for the types that have one.
         self._expires = {n: s.expires for n, s in config.task_types.items() if s.expires}
         self._closers: list[Callable[[], None]] = []
+        self.scheduler: Scheduler | None = None
+        if run_schedules and config.schedules:
+            if not broker.settle_effects:
+                raise UsageError(
+                    f"{type(broker).__name__} cannot run schedules: it has no put_if "
+                    "(settle_effects is False)"
+                )
+            self.scheduler = Scheduler(broker, schedules_of(config), self._scheduled, self.events)
         self._started = False
         self._stopped = False
 
@@ -173,46 +200,63 @@ class Runner:
         payload, headers). ``delay_s``, ``at`` and ``expires`` as for ``publish``."""
         now = time.time()
         not_before = not_before_of(now, delay_s, at)
-        tasks = []
-        for item in items:
-            type_name, payload = item[0], item[1]
-            hooks = self._on_publish.get(type_name, ())
-            given = item[2] if len(item) > 2 else None
-            # A dict only where there are headers or hooks that may add some.
-            headers: dict[str, Any] | None = dict(given or {}) if given or hooks else None
-            require_type(type_name, self.config.task_types)
-            if payload is not None and not isinstance(payload, str | int | bool):
-                try:
-                    # NaN and Infinity are not JSON (and the codec would write them as null).
-                    json.dumps(payload, allow_nan=False)
-                except (TypeError, ValueError) as exc:
-                    raise UsageError(f"payload of a {type_name!r} task is not JSON: {exc}") from exc
-            for middleware in hooks:
-                assert headers is not None
-                try:
-                    middleware.on_publish(type_name, payload, headers)
-                except InvalidPayload as exc:
-                    raise UsageError(f"payload of a {type_name!r} task is invalid: {exc}") from exc
-                except Exception as exc:
-                    raise UsageError(
-                        f"middleware {middleware.name} refused a {type_name!r} task: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-            tasks.append(
-                Task(
-                    type=type_name,
-                    payload=payload,
-                    enqueued_at=now,
-                    not_before=not_before,
-                    headers=headers or NO_HEADERS,
-                    expires_at=expires_at_of(now, expires, self._expires.get(type_name)),
-                )
+        tasks = [
+            self._draft(
+                item[0], item[1], item[2] if len(item) > 2 else None, now, not_before, expires
             )
+            for item in items
+        ]
         self.broker.put_many(tasks)
         published = EventName.TASK_PUBLISHED  # read once: a member lookup costs 0.1 us on 3.11
         for task in tasks:
             self.events.emit(Event(published, task_id=task.id, type=task.type, attempt=0))
         return [task.id for task in tasks]
+
+    def _draft(
+        self,
+        type_name: str,
+        payload: Any,
+        given: Mapping[str, Any] | None,
+        now: float,
+        not_before: float,
+        expires: float | None,
+    ) -> Task:
+        """The task a publish of ``payload`` puts: checked, and through the type's on_publish
+        hooks (UsageError when a check or hook refuses it)."""
+        hooks = self._on_publish.get(type_name, ())
+        # A dict only where there are headers or hooks that may add some.
+        headers: dict[str, Any] | None = dict(given or {}) if given or hooks else None
+        require_type(type_name, self.config.task_types)
+        if payload is not None and not isinstance(payload, str | int | bool):
+            try:
+                # NaN and Infinity are not JSON (and the codec would write them as null).
+                json.dumps(payload, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"payload of a {type_name!r} task is not JSON: {exc}") from exc
+        for middleware in hooks:
+            assert headers is not None
+            try:
+                middleware.on_publish(type_name, payload, headers)
+            except InvalidPayload as exc:
+                raise UsageError(f"payload of a {type_name!r} task is invalid: {exc}") from exc
+            except Exception as exc:
+                raise UsageError(
+                    f"middleware {middleware.name} refused a {type_name!r} task: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        return Task(
+            type=type_name,
+            payload=payload,
+            enqueued_at=now,
+            not_before=not_before,
+            headers=headers or NO_HEADERS,
+            expires_at=expires_at_of(now, expires, self._expires.get(type_name)),
+        )
+
+    def _scheduled(self, schedule: Schedule, tick: float, not_before: float) -> Task:
+        """The task a schedule's tick publishes; its headers name the schedule and the tick."""
+        headers = {"schedule": schedule.name, "tick": tick_name(tick)}
+        return self._draft(schedule.type, schedule.payload, headers, time.time(), not_before, None)
 
     def replay_dead_letters(self) -> int:
         """Put every dead letter back in the queue (attempts reset); returns how many.
@@ -237,6 +281,8 @@ class Runner:
             self._started = True
             self._tell_middleware("on_worker_start")
             self.worker.start()
+            if self.scheduler is not None:
+                self.scheduler.start()
         return self
 
     def _tell_middleware(self, hook: str) -> None:
@@ -271,6 +317,8 @@ class Runner:
         if not self._stopped:
             self._stopped = True
             grace = self.config.shutdown.grace if grace_s is None else grace_s
+            if self.scheduler is not None:
+                self.scheduler.stop()
             if self._started:
                 self.summary.threads = (self.worker.threads, self.worker.alive_threads())
                 self.summary.interrupts = self.worker.interrupts
@@ -382,7 +430,7 @@ def build_runtime(
         raise
     runner.attach(log_listener, log_listener.close)
     if config.metrics.enabled:
-        metrics = MetricsListener(config.metrics, runner)
+        metrics = MetricsListener(config.metrics, runner, schedules=list(config.schedules))
         runner.attach(metrics, metrics.close)
         metrics.start()
     if progress_enabled(config.logging):

@@ -42,6 +42,15 @@ class EventName(WireName):
     BROKER_RECONNECTING = "broker.reconnecting"  # brokers with a network connection
     # A middleware hook raised (detail: "Name.hook: Error: message"); in an attempt it failed it.
     MIDDLEWARE_FAILED = "middleware.failed"
+    # A schedule's tick published its task (schedule, tick, lag_s: how late, on the broker's clock).
+    SCHEDULE_FIRED = "schedule.fired"
+    # Ticks passed while no process ran were not fired (the schedule's `missed`; detail: how many).
+    SCHEDULE_MISSED = "schedule.missed"
+    SCHEDULE_FULL = "schedule.full"  # the broker was full: the tick is tried again shortly
+    SCHEDULE_FAILED = "schedule.failed"  # a broker error in a scheduler pass (error)
+    # This process's clock is off the broker's by lag_s (schedules fire by the broker's).
+    SCHEDULE_CLOCK_SKEW = "schedule.clock_skew"
+    SCHEDULE_REMOVED = "schedule.removed"  # the file no longer names it: its stored tick deleted
 
 
 @dataclass(slots=True)
@@ -63,6 +72,9 @@ class Event:
     error: str | None = None  # "ErrorType: message"
     error_type: str | None = None
     detail: str | None = None  # free text for operator events
+    schedule: str | None = None  # schedule.* events: the schedule's name
+    tick: str | None = None  # the tick's nominal time (ISO 8601, UTC)
+    lag_s: float | None = None  # how late a tick fired; a clock's skew
     traceback: str | None = None  # a failed attempt's (task.retrying, task.dead)
     # Listeners that write asynchronously (the logs) have written this event out before
     # handle() returns: a redelivered task's task.started, whose handler may end the process.

@@ -4,8 +4,8 @@ The field descriptions also make the JSON schema (runner.config.schema) and the 
 Durations accept ``250ms``, ``2s``, ``5m``, ``1h`` or a number of seconds and are seconds (float)
 once validated; rates accept ``N/s``, ``N/m``, ``N/h``.
 
-Size: about 440 lines because it holds every model of the YAML file in one place, which is
-where a reader looks for a key.
+Size: about 490 lines because it holds every model of the YAML file in one place, which is
+where a reader looks for a key (the checks of schedule values are in runner.config.schedules).
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ from runner.config.kinds import (
     kind_check,
 )
 from runner.config.numbers import boolean_problem
+from runner.config.schedules import (
+    MIN_EVERY_S,
+    SCHEDULE_NAME_PATTERN,
+    cron_expression,
+    zone_name,
+)
 from runner.loader import CLASS_PATTERN, EXCEPTION_PATTERN, HANDLER_PATTERN
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
@@ -103,6 +109,9 @@ TYPE_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 
 
 TypeName = Annotated[str, Field(pattern=TYPE_NAME_PATTERN)]
+
+
+ScheduleName = Annotated[str, Field(pattern=SCHEDULE_NAME_PATTERN)]
 
 
 ExceptionName = Annotated[
@@ -274,6 +283,41 @@ class TaskTypeConfig(_Model):
     )
 
 
+class ScheduleConfig(_Model):
+    """One schedule: a task of ``type`` published on a clock, once per tick however many
+    processes run the file (runner.engine.schedule)."""
+
+    type: TypeName = Field(description="the task type it publishes")
+    every: Duration | None = Field(
+        None,
+        ge=MIN_EVERY_S,
+        description="fire every this long (ticks are multiples of it since the epoch, in UTC)",
+    )
+    cron: Annotated[str, AfterValidator(cron_expression)] | None = Field(
+        None, description="fire by a cron expression ('0 3 * * *'), read in timezone"
+    )
+    timezone: Annotated[str, AfterValidator(zone_name)] | None = Field(
+        None, description="cron only: the IANA zone the expression is read in (default UTC)"
+    )
+    jitter: Duration = Field(
+        0.0, ge=0, description="each task's not_before is its tick plus up to this much"
+    )
+    payload: Any = Field(None, description="the payload of every task it publishes")
+    missed: Literal["skip", "once", "all"] = Field(
+        "once",
+        description="ticks that passed while no worker ran: fire none of them (skip), the "
+        "latest (once) or each one (all)",
+    )
+
+    @model_validator(mode="after")
+    def _one_clock(self) -> ScheduleConfig:
+        if (self.every is None) == (self.cron is None):
+            raise ValueError("give exactly one of every and cron")
+        if self.every is not None and self.timezone is not None:
+            raise ValueError("timezone applies to cron only (every ticks are zone-free)")
+        return self
+
+
 class DeadLetterConfig(_Model):
     """Where dead tasks go. Durable brokers keep them in the broker (the default there)."""
 
@@ -385,6 +429,10 @@ class PipelineConfig(_Model):
     logging: LoggingConfig = LoggingConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     simulate: SimulateConfig | None = None
+    schedules: dict[ScheduleName, ScheduleConfig] = Field(
+        default_factory=dict,
+        description="schedule name ([a-z][a-z0-9_-]*) -> a task published on a clock",
+    )
     middleware: tuple[MiddlewareConfig, ...] = Field(
         (), description="your own middlewares, applied in this order after the built-in ones"
     )

@@ -188,6 +188,8 @@ def _message(item: Any, path: KeyPath, at_key: bool, model: type[BaseModel]) -> 
     if kind == "missing":
         return "required, but missing"
     if at_key:
+        if path[0] == "schedules":
+            return f"schedule names must match [a-z][a-z0-9_-]* (got {path[-1]!r})"
         return f"task type names must match [a-z][a-z0-9_]* (got {path[-1]!r})"
     if kind == "string_pattern_mismatch":
         last = path[-1] if path else ""

@@ -88,6 +88,8 @@ def cross_field_problems(inputs: Inputs) -> list[Finding]:
         judge(_timeout, name)
     for path, name in places:
         judge(_backoff, path, name)
+    for name in _names(inputs, ("schedules",)):
+        judge(_scheduled_type, name)
     if _present(inputs, ("simulate",)):
         for section in ("mix", "faults"):
             for name in _names(inputs, ("simulate", section)):
@@ -210,6 +212,14 @@ def _declared(inputs: Inputs, path: KeyPath) -> Finding | None:
     if name in declared:
         return None
     return Finding(path, _unknown_type(name, dict.fromkeys(declared)), at_key=True)
+
+
+def _scheduled_type(inputs: Inputs, name: str) -> Finding | None:
+    declared = inputs.names(("task_types",), complete=True)
+    type_name = str(inputs.value(("schedules", name, "type")))
+    if type_name in declared:
+        return None
+    return Finding(("schedules", name, "type"), _unknown_type(type_name, dict.fromkeys(declared)))
 
 
 def _mix_weights(inputs: Inputs) -> Finding | None:

@@ -80,6 +80,10 @@ _WARNING_EVENTS = frozenset(
         EventName.TASK_LEASE_LOST,
         EventName.BROKER_RECONNECTING,
         EventName.MIDDLEWARE_FAILED,
+        EventName.SCHEDULE_MISSED,
+        EventName.SCHEDULE_FULL,
+        EventName.SCHEDULE_FAILED,
+        EventName.SCHEDULE_CLOCK_SKEW,
     }
 )
 # One per task published: the publisher logs one INFO line per batch instead.
@@ -112,11 +116,11 @@ def event_fields(event: Event) -> dict[str, Any]:
         if value is not None:
             fields[key] = value
     for key, out in (("duration_s", "duration_ms"), ("queue_wait_s", "queue_wait_ms"),
-                     ("delay_s", "delay_ms")):  # fmt: skip
+                     ("delay_s", "delay_ms"), ("lag_s", "lag_ms")):  # fmt: skip
         value = getattr(event, key)
         if value is not None:
             fields[out] = round(value * 1000.0, 3)
-    for key in ("outcome", "error", "reason", "detail"):
+    for key in ("outcome", "error", "reason", "schedule", "tick", "detail"):
         value = getattr(event, key)
         if value is not None:
             fields[key] = value

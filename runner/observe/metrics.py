@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
@@ -157,7 +157,9 @@ class _StateCollector:
 class MetricsListener:
     """Counts engine events into Prometheus metrics and serves them (an events.Listener)."""
 
-    def __init__(self, config: MetricsConfig, state: RuntimeState) -> None:
+    def __init__(
+        self, config: MetricsConfig, state: RuntimeState, schedules: Sequence[str] = ()
+    ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
         self.port: int | None = None
@@ -195,6 +197,17 @@ class MetricsListener:
             registry=self.registry,
             buckets=QUEUE_WAIT_BUCKETS,
         )
+        self.schedule_fires = counter(
+            "dq_schedule_fires_total", "Ticks a schedule fired (tasks it published)", ("schedule",)
+        )
+        self.schedule_lag = Gauge(
+            "dq_schedule_lag_seconds",
+            "How late the schedule's last fired tick was published (broker's clock)",
+            ["schedule"],
+            registry=self.registry,
+        )
+        for schedule in schedules:
+            self.schedule_fires.labels(schedule=schedule)
         # Known types get zero-valued series at once, so rate() and dashboards see them.
         for type_ in state.limits():
             for family in (self.published, self.started, self.succeeded, self.retried,
@@ -235,6 +248,10 @@ class MetricsListener:
                 self.overruns.labels(type_).inc()
             case EventName.BROKER_RECONNECTING:
                 self.reconnects.inc()
+            case EventName.SCHEDULE_FIRED:
+                schedule = event.schedule or "unknown"
+                self.schedule_fires.labels(schedule).inc()
+                self.schedule_lag.labels(schedule).set(event.lag_s or 0.0)
             case EventName.WORKER_STOPPING | EventName.WORKER_STOPPED:
                 self._up.clear()
             case EventName.WORKER_STARTED:

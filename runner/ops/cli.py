@@ -421,6 +421,25 @@ def stats(config_file: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per schedule, per line.")
+def schedules(config_file: str, as_json: bool) -> None:
+    """Each schedule with its last fired tick (from the broker) and its next one."""
+    import json
+
+    from runner.config.load import load_config
+    from runner.ops.schedules import schedule_states, schedules_table
+
+    config = load_config(config_file)
+    states, read = schedule_states(config)
+    if as_json:
+        for state in states:
+            click.echo(json.dumps(state.to_json()))
+    else:
+        click.echo(schedules_table(states, read, config.broker.kind))
+
+
+@cli.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.argument("type_name", metavar="TYPE")
 @click.option("--for", "for_", metavar="DURATION", help="Resume by itself after this long (10m).")
 def pause(config_file: str, type_name: str, for_: str | None) -> None:

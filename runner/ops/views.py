@@ -47,7 +47,7 @@ def _short(text: str) -> str:
     return elide(first, _MESSAGE_CHARS)
 
 
-def _width(width: int | None) -> int | None:
+def table_width(width: int | None) -> int | None:
     """``width``, else the terminal's (or ``$COLUMNS``); None (no limit) when stdout is a pipe
     or a file: a script reading the table gets every column whole."""
     if width is not None:
@@ -80,7 +80,7 @@ def dead_letter_table(records: Sequence[DeadLetter], width: int | None = None) -
         )
         for r in records
     ]
-    return plain_table(_DEAD_LETTER_COLUMNS, rows, _width(width))
+    return plain_table(_DEAD_LETTER_COLUMNS, rows, table_width(width))
 
 
 def dead_letter_summary(record: DeadLetter) -> dict[str, Any]:
@@ -145,7 +145,7 @@ def stats_table(stats: Stats, width: int | None = None) -> str:
                     *(Column(h) for h in ("READY", "DELAYED", "LEASED", "OLDEST")),
                 ),
                 rows,
-                _width(width),
+                table_width(width),
             ),
             "",
             f"dead letters: {stats.dead_letters}",

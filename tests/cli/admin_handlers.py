@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +29,10 @@ def record_attempt(payload: dict[str, Any], ctx: TaskContext) -> None:
     """Appends ``<task id> <attempt>`` to the file ``payload["done"]``."""
     with open(payload["done"], "a", encoding="utf-8") as done:
         done.write(f"{ctx.task_id} {ctx.attempt}\n")
+
+
+def record_headers(payload: dict[str, Any], ctx: TaskContext) -> None:
+    """Appends the task's id and headers, as one JSON line, to the file ``payload["done"]``."""
+    line = json.dumps({"id": ctx.task_id, "headers": dict(ctx.headers)})
+    with open(payload["done"], "a", encoding="utf-8") as done:
+        done.write(line + "\n")

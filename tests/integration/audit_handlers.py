@@ -59,6 +59,32 @@ def work(payload: dict[str, Any], ctx: TaskContext) -> None:
     _record(audit, "end", ctx)
 
 
+def tick(payload: dict[str, Any], ctx: TaskContext) -> None:
+    """A schedule's task: record which tick published it (its headers) and the task id, to
+    ``<audit>/ticks-<pid>.jsonl`` (read back with ``read_ticks``)."""
+    line = {"tick": ctx.headers.get("tick"), "id": ctx.task_id, "pid": os.getpid()}
+    _append(Path(payload["audit"]) / f"ticks-{os.getpid()}.jsonl", line)
+
+
+def read_ticks(audit: Path) -> dict[str, set[str]]:
+    """Tick name -> the ids of the tasks recorded for it (one run or more each)."""
+    found: dict[str, set[str]] = {}
+    for path in audit.glob("ticks-*.jsonl"):
+        for text in path.read_text().splitlines():
+            if text.endswith("}"):  # not a line cut by a kill
+                line = json.loads(text)
+                found.setdefault(line["tick"], set()).add(line["id"])
+    return found
+
+
+def _append(path: Path, line: dict[str, Any]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def _record(audit: Path, event: str, ctx: TaskContext) -> None:
     line = {
         "event": event,
@@ -67,11 +93,7 @@ def _record(audit: Path, event: str, ctx: TaskContext) -> None:
         "pid": os.getpid(),
         "t": time.time(),
     }
-    fd = os.open(audit / f"{os.getpid()}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, (json.dumps(line) + "\n").encode())
-    finally:
-        os.close(fd)
+    _append(audit / f"{os.getpid()}.jsonl", line)
 
 
 @dataclass(frozen=True)
@@ -89,7 +111,7 @@ def read_runs(audit: Path) -> list[Run]:
     """Every run recorded under ``audit``, in start order."""
     starts: dict[tuple[str, int, int], float] = {}
     ends: dict[tuple[str, int, int], float] = {}
-    for path in audit.glob("*.jsonl"):
+    for path in audit.glob("[0-9]*.jsonl"):
         for text in path.read_text().splitlines():
             if not text.endswith("}"):
                 continue  # a line cut by a kill

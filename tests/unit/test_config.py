@@ -240,7 +240,7 @@ def test_merge_keys_and_anchors(tmp_path: Path) -> None:
     assert found == [
         f"{tmp_path / 'c.yaml'}:1:1: defaults: unknown key 'defaults' (known: "
         "version, broker, workers, prefetch, handler_paths, retry, task_types, dead_letter, "
-        "metrics, logging, shutdown, simulate, middleware)"
+        "metrics, logging, shutdown, simulate, schedules, middleware)"
     ]
     text = (
         "task_types:\n  a: &d {handler: handlers.demo:send_email, timeout: 2s}\n"

@@ -327,3 +327,16 @@ def test_state_failures_are_counted_and_logged_once_per_spell(metrics, metrics_l
         "metrics.state_recovered",
         "metrics.state_failed",
     ]
+
+
+def test_schedule_fires_are_counted_and_their_lag_kept_per_schedule() -> None:
+    listener = MetricsListener(
+        MetricsConfig(enabled=False), FakeState(), schedules=["heartbeat", "nightly"]
+    )
+    bus = EventBus([listener])
+    bus.emit(Event("schedule.fired", type="email", schedule="heartbeat", lag_s=0.25))
+    bus.emit(Event("schedule.fired", type="email", schedule="heartbeat", lag_s=0.01))
+    found = samples(listener.exposition().decode())
+    assert value(found, "dq_schedule_fires_total", schedule="heartbeat") == 2
+    assert value(found, "dq_schedule_fires_total", schedule="nightly") == 0  # pre-created
+    assert value(found, "dq_schedule_lag_seconds", schedule="heartbeat") == 0.01  # the last one

@@ -88,6 +88,8 @@ WIRE_EVENT_NAMES = {
     "task.dead", "task.lease_lost", "task.overrun", "task.interrupted",
     "worker.started", "worker.stopping", "worker.stopped", "broker.reconnecting",
     "middleware.failed",
+    "schedule.fired", "schedule.missed", "schedule.full", "schedule.failed",
+    "schedule.clock_skew", "schedule.removed",
 }  # fmt: skip
 
 
