@@ -20,7 +20,16 @@ from types import TracebackType
 from typing import Any
 
 from runner.backends import create_broker
-from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth, Pause
+from runner.brokers.base import (
+    Broker,
+    BrokerAdmin,
+    Bucket,
+    DeadLetterFilter,
+    Depth,
+    Pause,
+    RateLimit,
+)
+from runner.brokers.flow import rate_text
 from runner.config.models import PipelineConfig
 from runner.engine.attempt import TaskLogger, TypeRuntime, default_task_logger
 from runner.engine.retry import RetryPlan
@@ -157,6 +166,17 @@ class Runner:
                     "(settle_effects is False)"
                 )
             self.scheduler = Scheduler(broker, schedules_of(config), self._scheduled, self.events)
+        # Per type, its rate limit (in the broker, for every process together).
+        self._rate_limits = {
+            name: RateLimit(spec.rate_limit.rate, spec.rate_limit.effective_burst())
+            for name, spec in config.task_types.items()
+            if spec.rate_limit is not None
+        }
+        if self._rate_limits and not broker.gates_in_get:
+            raise UsageError(
+                f"{type(broker).__name__} cannot enforce rate_limit: it has no gates "
+                "(gates_in_get is False)"
+            )
         self._started = False
         self._stopped = False
 
@@ -280,10 +300,31 @@ class Runner:
         if not self._started:
             self._started = True
             self._tell_middleware("on_worker_start")
+            self._apply_rate_limits()
             self.worker.start()
             if self.scheduler is not None:
                 self.scheduler.start()
         return self
+
+    def _apply_rate_limits(self) -> None:
+        """Set each type's rate limit in the broker, and clear the one of a type the file no
+        longer limits (the file is the truth: the process started last wins)."""
+        if not self.broker.gates_in_get:
+            return
+        for name in self.config.task_types:
+            limit = self._rate_limits.get(name)
+            if limit is not None:
+                self.broker.set_gate(name, limit)
+                detail = f"{rate_text(limit.rate)}, burst {limit.burst:g}"
+                self.events.emit(Event(EventName.RATE_LIMIT_SET, type=name, detail=detail))
+            elif self.broker.clear_gate(name, RateLimit):
+                self.events.emit(Event(EventName.RATE_LIMIT_CLEARED, type=name))
+
+    def buckets(self) -> dict[str, Bucket]:
+        """The rate-limited types' token buckets, from the broker (empty without limits)."""
+        if not self._rate_limits:
+            return {}
+        return {n: b for n, b in self.broker.buckets().items() if n in self._rate_limits}
 
     def _tell_middleware(self, hook: str) -> None:
         """Call ``hook`` on each middleware that has it; one that raises is logged and the

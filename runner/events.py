@@ -51,6 +51,9 @@ class EventName(WireName):
     # This process's clock is off the broker's by lag_s (schedules fire by the broker's).
     SCHEDULE_CLOCK_SKEW = "schedule.clock_skew"
     SCHEDULE_REMOVED = "schedule.removed"  # the file no longer names it: its stored tick deleted
+    # A type's rate limit was set in the broker at start (detail: "50/s, burst 50").
+    RATE_LIMIT_SET = "rate_limit.set"
+    RATE_LIMIT_CLEARED = "rate_limit.cleared"  # the file no longer gives the type one
 
 
 @dataclass(slots=True)

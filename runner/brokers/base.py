@@ -64,10 +64,20 @@ built on them, such as rate limits, circuit breakers and pipelines, need both):
   (and ``exchange``) evaluate inside the same claim, transaction or script that hands tasks
   out, and that may lower the type's free slots to 0. A task held back by a gate is simply not
   handed out: it uses no attempt, holds no lease and stays ready (``depth`` counts it). The
-  one gate today is ``Pause(until)``: no task of the type is handed out until ``until`` (epoch
-  seconds on the broker's clock) or, with ``until=None``, until ``clear_gate``. A blocked
-  ``get`` notices a gate cleared or expired within its usual wake-up time. ``set_gate``
-  replaces the type's gate of the same kind; ``gates()`` lists those in force.
+  gates are:
+
+  - ``Pause(until)``: no task of the type is handed out until ``until`` (epoch seconds on the
+    broker's clock) or, with ``until=None``, until ``clear_gate``.
+  - ``RateLimit(rate, burst)``: a token bucket of ``burst`` tokens, refilled at ``rate`` per
+    second of the broker's clock; each task handed out takes one, and a claim hands out at most
+    as many of the type as there are whole tokens (a new bucket starts full). ``set_gate``
+    with a new rate keeps the bucket's tokens (capped at the new burst); ``clear_gate`` drops
+    the bucket too. ``buckets()`` reports each bucket refilled to now, with ``limited_s``: the
+    seconds in all it held less than one token.
+
+  A blocked ``get`` notices a gate cleared or expired, or a token come, within its usual
+  wake-up time. ``set_gate`` replaces the type's gate of the same kind (a type may have one of
+  each kind); ``gates()`` lists those in force.
 - **Effects** ride on a settle op (``Settle.effects``): tasks to put, keys to set (with an
   optional ttl) and keys to delete, applied in the same step (transaction, script, lock) as the
   settle, and only when it answers ``DONE``: a ``FENCED`` settle applies none of them, and an
@@ -103,7 +113,7 @@ Each is read from the class, before any broker is built, as well as from a live 
   a lock, cheaper inline.
 
 - ``gates_in_get`` and ``settle_effects``: the broker implements gates and effects (above).
-  Without them ``set_gate``, ``clear_gate``, ``gates``, ``read_values``, ``put_if``,
+  Without them ``set_gate``, ``clear_gate``, ``gates``, ``buckets``, ``read_values``, ``put_if``,
   ``scan_values`` and ``delete_values`` raise NotImplementedError, and so does a settle that
   carries effects.
 
@@ -158,8 +168,68 @@ class Pause:
     until: float | None = None
 
 
-#: Every kind of gate (rate buckets and circuit states join it with the features that use them).
-Gate = Pause
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A gate: a token bucket. At most ``burst`` tasks of the type are handed out at once, and
+    ``rate`` per second over time (broker's clock), for every consumer of the broker together."""
+
+    rate: float  # tokens per second, > 0
+    burst: float = 1.0  # the bucket's size, >= 1
+
+    def __post_init__(self) -> None:
+        if not self.rate > 0 or not self.burst >= 1:
+            raise ValueError(f"a rate limit needs rate > 0 and burst >= 1, got {self}")
+
+
+#: Every kind of gate (circuit states join it with the feature that uses them).
+Gate = Pause | RateLimit
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreaker:
+    """A gate: counts the type's outcomes (settle effects) in a sliding window and, once
+    ``failure_rate`` of at least ``min_calls`` calls failed, opens: no task of the type is handed
+    out for ``open_for_s``; then at most ``half_open_calls`` probes are, and the first outcome
+    closes it again (success) or reopens it (failure). Broker's clock; runner.brokers.flow."""
+
+    failure_rate: float  # 0 < rate <= 1
+    min_calls: int
+    window_s: float
+    open_for_s: float
+    half_open_calls: int = 1
+
+    def __post_init__(self) -> None:
+        if not (0 < self.failure_rate <= 1 and self.min_calls >= 1 and self.half_open_calls >= 1):
+            raise ValueError(f"a circuit breaker needs 0 < failure_rate <= 1, min_calls >= 1 "
+                             f"and half_open_calls >= 1, got {self}")  # fmt: skip
+        if not (self.window_s > 0 and self.open_for_s > 0):
+            raise ValueError(f"a circuit breaker needs a positive window and open_for: {self}")
+
+
+CircuitState = Literal["closed", "open", "half_open"]
+
+
+@dataclass(frozen=True, slots=True)
+class Circuit:
+    """A circuit-broken type's state, as ``Broker.circuits`` reports it (as of now)."""
+
+    state: CircuitState
+    since: float  # when it entered ``state`` (epoch seconds, broker's clock)
+    window_start: float  # the current window's start (closed)
+    calls: int = 0  # outcomes counted in the current window
+    failures: int = 0
+    prev_calls: int = 0  # in the window before it (weighted by how much of it still overlaps)
+    prev_failures: int = 0
+    probes: int = 0  # half-open: probes handed out
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A rate-limited type's token bucket, as ``Broker.buckets`` reports it (refilled to now)."""
+
+    tokens: float
+    at: float  # when ``tokens`` was computed (epoch seconds, broker's clock)
+    limited_s: float = 0.0  # seconds in all that it held less than one token (type throttled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +343,8 @@ class Broker(Protocol):
 
     def gates(self) -> dict[str, tuple[Gate, ...]]: ...
 
+    def buckets(self) -> dict[str, Bucket]: ...
+
     def read_values(self, keys: Sequence[str]) -> dict[str, str]: ...
 
     def put_if(self, key: str, expected: str | None, value: str, tasks: Sequence[Task]) -> bool: ...
@@ -354,6 +426,9 @@ class BaseBroker(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} has no gates (gates_in_get is False)")
 
     def gates(self) -> dict[str, tuple[Gate, ...]]:
+        raise NotImplementedError(f"{type(self).__name__} has no gates (gates_in_get is False)")
+
+    def buckets(self) -> dict[str, Bucket]:
         raise NotImplementedError(f"{type(self).__name__} has no gates (gates_in_get is False)")
 
     def read_values(self, keys: Sequence[str]) -> dict[str, str]:

@@ -50,15 +50,19 @@ from typing import Literal
 from runner.brokers.base import (
     Answer,
     BaseBroker,
+    Bucket,
     DeadLetterFilter,
     Delivery,
     Depth,
     Effects,
     Gate,
+    Pause,
+    RateLimit,
     Settle,
     settle_one,
     single_call,
 )
+from runner.brokers.flow import next_token_at, refilled, taken, whole
 from runner.deadletter.store import DeadLetterStore
 from runner.errors import BrokerClosed, QueueFull
 from runner.model import (
@@ -157,7 +161,9 @@ class MemoryBroker(BaseBroker):
         # Gates (a paused type is left out of every claim) and the values settle effects set:
         # key -> (value, expires_at or None): one whose ttl ran out reads as absent, and is
         # dropped when the map has doubled since the last sweep.
-        self._gates: dict[str, Gate] = {}  # one kind of gate so far: one per type
+        self._pauses: dict[str, Pause] = {}
+        self._rates: dict[str, RateLimit] = {}
+        self._buckets: dict[str, Bucket] = {}  # of the rate-limited types (runner.brokers.flow)
         self._values: dict[str, tuple[str, float | None]] = {}
         self._values_swept_at = 0
         # The single calls without taking the lock, for a settle that carries effects (made
@@ -244,10 +250,25 @@ class MemoryBroker(BaseBroker):
                 self._cond.wait(min(remaining, self._next_due() - now))
 
     def _take(self, slots: Mapping[str, int], limit: int, now: float) -> list[Delivery]:
-        out: list[Delivery] = []
         budget = {t: n for t, n in slots.items() if n > 0 and self._ready.get(t)}
-        if self._gates:
+        if self._pauses:
             budget = {t: n for t, n in budget.items() if not self._gated(t, now)}
+        if not self._rates:
+            return self._claim(budget, limit, now)
+        limited = [t for t in budget if t in self._rates]
+        for type_name in limited:
+            bucket = refilled(self._rates[type_name], self._buckets.get(type_name), now)
+            self._buckets[type_name] = bucket
+            budget[type_name] = min(budget[type_name], whole(bucket))
+        out = self._claim({t: n for t, n in budget.items() if n > 0}, limit, now)
+        for type_name in limited:
+            handed = sum(1 for d in out if d.task.type == type_name)
+            self._buckets[type_name] = taken(self._buckets[type_name], handed)
+        return out
+
+    def _claim(self, budget: dict[str, int], limit: int, now: float) -> list[Delivery]:
+        """Hand out up to ``budget[type]`` ready tasks per type, ``limit`` in all."""
+        out: list[Delivery] = []
         if not budget or limit <= 0:
             return out
         active = list(budget)
@@ -419,14 +440,21 @@ class MemoryBroker(BaseBroker):
     def set_gate(self, type_name: str, gate: Gate) -> None:
         with self._cond:
             self._check_open("set_gate")
-            self._gates[type_name] = gate
+            if isinstance(gate, RateLimit):
+                self._rates[type_name] = gate  # its bucket keeps its tokens
+            else:
+                self._pauses[type_name] = gate
             self._cond.notify_all()  # a waiting get's next due time may be the gate's end
 
     def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
         with self._cond:
             self._check_open("clear_gate")
-            in_force = self._gated(type_name, self._clock())
-            self._gates.pop(type_name, None)
+            if kind is RateLimit:
+                self._buckets.pop(type_name, None)
+                in_force = self._rates.pop(type_name, None) is not None
+            else:
+                in_force = self._gated(type_name, self._clock())
+                self._pauses.pop(type_name, None)
             self._cond.notify_all()
             return in_force
 
@@ -434,7 +462,22 @@ class MemoryBroker(BaseBroker):
         with self._cond:
             self._check_open("gates")
             now = self._clock()
-            return {t: (g,) for t, g in sorted(self._gates.items()) if self._gated(t, now)}
+            found: dict[str, tuple[Gate, ...]] = {}
+            for name in sorted(set(self._pauses) | set(self._rates)):
+                held = (self._pauses[name],) if self._gated(name, now) else ()
+                rate = (self._rates[name],) if name in self._rates else ()
+                if held + rate:
+                    found[name] = held + rate
+            return found
+
+    def buckets(self) -> dict[str, Bucket]:
+        with self._cond:
+            self._check_open("buckets")
+            now = self._clock()
+            return {
+                name: refilled(limit, self._buckets.get(name), now)
+                for name, limit in sorted(self._rates.items())
+            }
 
     def read_values(self, keys: Sequence[str]) -> dict[str, str]:
         with self._cond:
@@ -614,13 +657,13 @@ class MemoryBroker(BaseBroker):
         self._prune_at = now + self.visibility_timeout / 8
 
     def _gated(self, type_name: str, now: float) -> bool:
-        """True while a gate holds ``type_name`` back; an expired pause is dropped."""
-        gate = self._gates.get(type_name)
-        if gate is None:
+        """True while a pause holds ``type_name`` back; an expired pause is dropped."""
+        pause = self._pauses.get(type_name)
+        if pause is None:
             return False
-        if gate.until is None or gate.until > now:
+        if pause.until is None or pause.until > now:
             return True
-        del self._gates[type_name]
+        del self._pauses[type_name]
         return False
 
     def _live_value(self, key: str, now: float) -> str | None:
@@ -688,9 +731,12 @@ class MemoryBroker(BaseBroker):
             due = self._delayed[0][0]
         if self._expiry:
             due = min(due, self._expiry[0][0])
-        for gate in self._gates.values():
-            if gate.until is not None:
-                due = min(due, gate.until)  # a paused type's tasks come back then
+        for pause in self._pauses.values():
+            if pause.until is not None:
+                due = min(due, pause.until)  # a paused type's tasks come back then
+        for name, bucket in self._buckets.items():
+            if self._ready.get(name):  # its next token hands one of them out
+                due = min(due, next_token_at(self._rates[name], bucket))
         return due
 
 

@@ -10,6 +10,7 @@ where a reader looks for a key (the checks of schedule values are in runner.conf
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -49,6 +50,9 @@ _UNIT_SECONDS = {"ms": (1, 1000), "s": (1, 1), "m": (60, 1), "h": (3600, 1), Non
 
 
 DURATION_PATTERN = r"^\s*(\d+(\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$"
+
+
+RATE_PATTERN = r"^\s*(\d+(\.\d+)?)\s*/\s*(s|m|h)\s*$"
 
 
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
@@ -256,6 +260,45 @@ class RetryOverride(_Model):
         )
 
 
+def _rate_shorthand(value: Any) -> Any:
+    # `rate_limit: 50/s` is `rate_limit: {rate: 50/s}`.
+    return {"rate": value} if isinstance(value, str | int | float) else value
+
+
+def _rate(value: Any) -> Any:
+    """``50/s``, ``30/m``, ``7200/h`` -> tasks per second; a number is per second already."""
+    return parse_rate(value) if isinstance(value, str) else value
+
+
+Rate = Annotated[
+    float,
+    BeforeValidator(_rate),
+    Field(gt=0, allow_inf_nan=False),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0},
+                {"type": "string", "pattern": RATE_PATTERN},
+            ],
+            "description": "tasks per second: a number, or N/s, N/m, N/h",
+            "examples": ["50/s", "30/m", "7200/h"],
+        }
+    ),
+]
+
+
+class RateLimitConfig(_Model):
+    """A token bucket for one task type, held in the broker for every process together."""
+
+    rate: Rate = Field(description="tasks started per second, over time: 50/s, 30/m, 7200/h")
+    burst: int | None = Field(
+        None, ge=1, description="tasks that may start at once (default: one second's worth, >= 1)"
+    )
+
+    def effective_burst(self) -> int:
+        return self.burst if self.burst is not None else max(1, math.ceil(self.rate))
+
+
 class TaskTypeConfig(_Model):
     """One kind of task: its handler and how it may run."""
 
@@ -280,6 +323,11 @@ class TaskTypeConfig(_Model):
         gt=0,
         description="a task not started this long after it was published is not run: it is "
         "dead-lettered with reason expired (publish(..., expires=) overrides it)",
+    )
+    rate_limit: Annotated[RateLimitConfig, BeforeValidator(_rate_shorthand)] | None = Field(
+        None,
+        description="at most this many starts per second across every process: 50/s, or "
+        "{rate: 50/s, burst: 10}",
     )
 
 

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
-from runner.brokers.base import Depth
+from runner.brokers.base import Bucket, Depth
 from runner.config.models import MetricsConfig
 from runner.errors import RunnerError
 from runner.events import Event, EventName
@@ -70,6 +70,10 @@ class RuntimeState(Protocol):
         """Handler threads still running after their interrupt (stuck in a C call)."""
         ...
 
+    def buckets(self) -> dict[str, Bucket]:
+        """The rate-limited types' token buckets, read from the broker."""
+        ...
+
 
 class _StateCollector:
     """Builds the gauges from ``RuntimeState`` at each scrape."""
@@ -101,6 +105,7 @@ class _StateCollector:
             limits = self._state.limits()
             dead = self._state.dead_letter_count()
             overrunning = self._state.overrunning()
+            buckets = self._state.buckets()
         except Exception as exc:
             with self._lock:
                 self.errors += 1
@@ -145,6 +150,21 @@ class _StateCollector:
             "Handler threads past their timeout that have not returned (blocked in a C call)",
             value=overrunning,
         )
+        if buckets:
+            limited = CounterMetricFamily(
+                "dq_rate_limited_seconds",
+                "Seconds the type's rate limit held its tasks back (its token bucket was empty), "
+                "for all processes together",
+                labels=["type"],
+            )
+            tokens = GaugeMetricFamily(
+                "dq_rate_limit_tokens", "Tokens in the type's bucket now", labels=["type"]
+            )
+            for type_, bucket in sorted(buckets.items()):
+                limited.add_metric([type_], bucket.limited_s)
+                tokens.add_metric([type_], bucket.tokens)
+            yield limited
+            yield tokens
 
     def _errors_metric(self) -> Metric:
         return CounterMetricFamily(

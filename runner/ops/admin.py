@@ -26,7 +26,15 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from runner.backends import broker_class, create_broker
-from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, Depth, Pause
+from runner.brokers.base import (
+    Broker,
+    BrokerAdmin,
+    Bucket,
+    DeadLetterFilter,
+    Depth,
+    Pause,
+    RateLimit,
+)
 from runner.config.models import PipelineConfig, parse_duration
 from runner.config.models import parse_rate as config_parse_rate
 from runner.deadletter.file import FileDeadLetters
@@ -356,6 +364,8 @@ class Stats:
     dead_letters: int
     # Paused types: until when (epoch seconds, broker's clock), None until resumed.
     paused: dict[str, float | None] = field(default_factory=dict)
+    # Rate-limited types: the limit and its bucket now.
+    rate_limits: dict[str, tuple[RateLimit, Bucket]] = field(default_factory=dict)
 
     @property
     def oldest_age_s(self) -> float | None:
@@ -372,6 +382,7 @@ class Stats:
                     "oldest_age_s": s.oldest_age_s,
                     "paused": name in self.paused,
                     "paused_until": self.paused.get(name),
+                    "rate_limit": _rate_json(self.rate_limits.get(name)),
                 }
                 for name, s in self.types.items()
             },
@@ -395,12 +406,35 @@ def stats(config: PipelineConfig, admin: BrokerAdmin, now: float | None = None) 
         for name in names
     }
     paused: dict[str, float | None] = {}
+    limits: dict[str, RateLimit] = {}
+    buckets: dict[str, Bucket] = {}
     if isinstance(admin, Broker) and admin.gates_in_get:
         for name, gates in admin.gates().items():
             for gate in gates:
                 if isinstance(gate, Pause):
                     paused[name] = gate.until
-    return Stats(types=types, dead_letters=admin.dead_letter_count(), paused=paused)
+                else:
+                    limits[name] = gate
+        buckets = admin.buckets() if limits else {}
+    rate_limits = {n: (limit, buckets[n]) for n, limit in limits.items() if n in buckets}
+    return Stats(
+        types=types,
+        dead_letters=admin.dead_letter_count(),
+        paused=paused,
+        rate_limits=rate_limits,
+    )
+
+
+def _rate_json(held: tuple[RateLimit, Bucket] | None) -> dict[str, float] | None:
+    if held is None:
+        return None
+    limit, bucket = held
+    return {
+        "rate": limit.rate,
+        "burst": limit.burst,
+        "tokens": bucket.tokens,
+        "limited_s": bucket.limited_s,
+    }
 
 
 def parse_delay(text: str | None) -> float:

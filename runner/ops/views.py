@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from runner.brokers.flow import rate_text
 from runner.model import DeadLetter, short_id
 from runner.observe.tablefit import Column, elide, plain_table
 from runner.ops.admin import Stats
@@ -151,7 +152,17 @@ def stats_table(stats: Stats, width: int | None = None) -> str:
             f"dead letters: {stats.dead_letters}",
             f"oldest task:  {age(stats.oldest_age_s)}",
             *([f"paused:       {paused_list(stats.paused)}"] if stats.paused else []),
+            *([f"rate limits:  {rate_list(stats)}"] if stats.rate_limits else []),
         ]
+    )
+
+
+def rate_list(stats: Stats) -> str:
+    """``email 50/s (burst 50, 3.2 tokens, held back 12.5s)``, for each rate-limited type."""
+    return ", ".join(
+        f"{name} {rate_text(limit.rate)} (burst {limit.burst:g}, {bucket.tokens:.1f} tokens, held "
+        f"back {age(bucket.limited_s)})"
+        for name, (limit, bucket) in sorted(stats.rate_limits.items())
     )
 
 

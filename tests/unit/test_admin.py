@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from runner.brokers.base import DeadLetterFilter, Depth
+from runner.brokers.base import DeadLetterFilter, Depth, RateLimit
 from runner.brokers.memory import MemoryBroker
+from runner.brokers.sqlite.broker import SqliteBroker
 from runner.config.load import load_config
 from runner.deadletter.memory import MemoryDeadLetters
 from runner.errors import NotSupported, QueueFull, UsageError
 from runner.model import DeadLetter, Task
-from runner.ops import admin
+from runner.ops import admin, views
 
 
 def _record(type_name: str = "a", error: str = "RuntimeError", dead_at: float = 0.0) -> DeadLetter:
@@ -167,7 +168,25 @@ def test_stats_on_a_sqlite_broker(tmp_path: Path) -> None:
         "oldest_age_s": pytest.approx(60),
         "paused": False,
         "paused_until": None,
+        "rate_limit": None,
     }
+
+
+def test_stats_show_a_rate_limited_types_bucket(tmp_path: Path) -> None:
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(
+        f"broker: {{kind: sqlite, path: {tmp_path / 'q.db'}}}\n"
+        "task_types:\n  email: {handler: handlers.demo:send_email, rate_limit: 30/m}\n"
+    )
+    config = load_config(config_file)
+    with admin.open_admin(config) as target:
+        assert isinstance(target, SqliteBroker)
+        target.set_gate("email", RateLimit(rate=0.5, burst=2))
+        result = admin.stats(config, target)
+    limit = result.to_json()["types"]["email"]["rate_limit"]
+    assert (limit["rate"], limit["burst"], limit["tokens"], limit["limited_s"]) == (0.5, 2, 2, 0)
+    table = views.stats_table(result)
+    assert "rate limits:  email 30/m (burst 2, 2.0 tokens, held back 0ms)" in table
 
 
 def test_memory_configs_refuse_publish_and_stats(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from runner.brokers.base import Depth
+from runner.brokers.base import Bucket, Depth
 from runner.config.models import MetricsConfig
 from runner.errors import RunnerError
 from runner.events import Event, EventBus
@@ -28,6 +28,7 @@ class FakeState:
         self.limit = {"email": 2, "resize": 1}
         self.dead_count: int | None = 3
         self.fail = False
+        self.bucket_by_type: dict[str, Bucket] = {}
 
     def depth(self) -> dict[str, Depth]:
         if self.fail:
@@ -45,6 +46,9 @@ class FakeState:
 
     def overrunning(self) -> int:
         return 0
+
+    def buckets(self) -> dict[str, Bucket]:
+        return dict(self.bucket_by_type)
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -340,3 +344,14 @@ def test_schedule_fires_are_counted_and_their_lag_kept_per_schedule() -> None:
     assert value(found, "dq_schedule_fires_total", schedule="heartbeat") == 2
     assert value(found, "dq_schedule_fires_total", schedule="nightly") == 0  # pre-created
     assert value(found, "dq_schedule_lag_seconds", schedule="heartbeat") == 0.01  # the last one
+
+
+def test_rate_limited_types_report_their_bucket_from_the_broker() -> None:
+    state = FakeState()
+    listener = MetricsListener(MetricsConfig(enabled=False), state)
+    found = samples(listener.exposition().decode())
+    assert not any(name == "dq_rate_limited_seconds_total" for name, _ in found)  # none limited
+    state.bucket_by_type = {"email": Bucket(tokens=2.5, at=0.0, limited_s=7.25)}
+    found = samples(listener.exposition().decode())
+    assert value(found, "dq_rate_limited_seconds_total", type="email") == 7.25
+    assert value(found, "dq_rate_limit_tokens", type="email") == 2.5

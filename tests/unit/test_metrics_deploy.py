@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from runner.brokers.base import Depth
+from runner.brokers.base import Bucket, Depth
 from runner.config.models import MetricsConfig
 from runner.events import Event
 from runner.model import DeadReason
@@ -35,6 +35,9 @@ class FakeState:
 
     def overrunning(self) -> int:
         return 0
+
+    def buckets(self) -> dict[str, Bucket]:
+        return {}
 
 
 def healthy_scrape() -> str:

@@ -89,7 +89,7 @@ WIRE_EVENT_NAMES = {
     "worker.started", "worker.stopping", "worker.stopped", "broker.reconnecting",
     "middleware.failed",
     "schedule.fired", "schedule.missed", "schedule.full", "schedule.failed",
-    "schedule.clock_skew", "schedule.removed",
+    "schedule.clock_skew", "schedule.removed", "rate_limit.set", "rate_limit.cleared",
 }  # fmt: skip
 
 

@@ -208,3 +208,63 @@ def test_a_task_not_started_before_its_expiry_is_dead_lettered_unrun() -> None:
     assert record.task.expires_at == 0.0  # replayed, it runs
     with pytest.raises(UsageError, match="expires must be a positive"):
         runner.publish("sync", {}, expires=0)
+
+
+def test_a_rate_limited_type_starts_no_faster_than_its_rate_and_others_run_freely() -> None:
+    config = PipelineConfig.model_validate(
+        {
+            "task_types": {
+                "slow": {
+                    "handler": "tests.unit.time_handlers:note_run",
+                    "rate_limit": {"rate": "20/s", "burst": 2},
+                },
+                "fast": {"handler": "tests.unit.time_handlers:note_run"},
+            }
+        }
+    )
+    events: list[Event] = []
+
+    class Record:
+        def handle(self, event: Event) -> None:
+            events.append(event)
+
+    runner = build_runtime(config, listeners=[Record()], observe=False)
+    for _ in range(22):
+        runner.publish("slow", {})
+    for _ in range(200):
+        runner.publish("fast", {})
+    with runner:
+        began = runner.broker.now()
+        assert runner.run_until_empty(timeout=30) is True
+        elapsed = runner.broker.now() - began
+        (bucket,) = runner.buckets().values()
+    assert elapsed >= (22 - 2) / 20 - 0.02  # the burst at once, then 20/s
+    starts = [e for e in events if e.name is EventName.TASK_STARTED]
+    fast = [e.ts for e in starts if e.type == "fast"]
+    assert max(fast) - min(fast) < elapsed / 2  # not held back with it
+    assert bucket.limited_s > 0.5
+    (applied,) = [e for e in events if e.name is EventName.RATE_LIMIT_SET]
+    assert (applied.type, applied.detail) == ("slow", "20/s, burst 2")
+
+
+def test_a_rate_limit_the_file_no_longer_gives_is_cleared_at_start(tmp_path: Path) -> None:
+    """The file is the truth: a process started from a file without the limit removes it."""
+    db = str(tmp_path / "q.db")
+    limited = {"handler": "tests.unit.time_handlers:note_run", "rate_limit": "1/m"}
+    first = build_runtime(
+        PipelineConfig.model_validate(
+            {"broker": {"kind": "sqlite", "path": db}, "task_types": {"sync": limited}}
+        ),
+        observe=False,
+    )
+    with first:
+        assert set(first.broker.gates()) == {"sync"}
+    plain = {"handler": "tests.unit.time_handlers:note_run"}
+    second = build_runtime(
+        PipelineConfig.model_validate(
+            {"broker": {"kind": "sqlite", "path": db}, "task_types": {"sync": plain}}
+        ),
+        observe=False,
+    )
+    with second:
+        assert second.broker.gates() == {}

@@ -1,8 +1,8 @@
 """The BrokerAdmin half of RedisBroker: the operator commands (dead letters, replay, purge,
 queue ages), and the broker's plain calls beside the task path: its clock, the gates (set,
-cleared and listed here, evaluated inside POLL) and the values settle effects and ``put_if``
-set. Mixed into RedisBroker, whose client and call plumbing it uses (declared below); the data
-model is in runner/brokers/redis/scripts.py.
+cleared and listed here, with the rate limits' buckets; evaluated inside POLL) and the values
+settle effects and ``put_if`` set. Mixed into RedisBroker, whose client and call plumbing it
+uses (declared below); the data model is in runner/brokers/redis/scripts.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
-from runner.brokers.base import DeadLetterFilter, Gate, Pause
+from runner.brokers.base import Bucket, DeadLetterFilter, Gate, Pause, RateLimit
+from runner.brokers.flow import refilled
 from runner.brokers.redis.scripts import GROUP
 from runner.codec import decode_dead_letter, encode_task
 from runner.errors import QueueFull
@@ -143,10 +144,16 @@ class RedisAdmin:
         return _seconds(seconds, micros)
 
     def set_gate(self, type_name: str, gate: Gate) -> None:
-        value = "" if gate.until is None else repr(float(gate.until))
-        self._call(lambda: self._client.hset(self._key("gates"), type_name, value), "set_gate")
+        """A pause goes to ``gates``, a rate limit to ``rates`` (its bucket keeps its tokens)."""
+        if isinstance(gate, RateLimit):
+            key, value = self._key("rates"), f"{float(gate.rate)!r} {float(gate.burst)!r}"
+        else:
+            key, value = self._key("gates"), "" if gate.until is None else repr(float(gate.until))
+        self._call(lambda: self._client.hset(key, type_name, value), "set_gate")
 
     def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
+        if kind is RateLimit:
+            return self._clear_rate(type_name)
         key = self._key("gates")
 
         def clear() -> list[Any]:
@@ -159,19 +166,52 @@ class RedisAdmin:
         pause, _, (seconds, micros) = self._call(clear, "clear_gate")
         return pause is not None and _in_force(pause, _seconds(seconds, micros))
 
+    def _clear_rate(self, type_name: str) -> bool:
+        """Delete the type's rate limit and its bucket; True when it had a rate limit."""
+
+        def clear() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hdel(self._key("rates"), type_name)
+            pipe.hdel(self._key("buckets"), type_name)
+            return list(pipe.execute())
+
+        deleted, _ = self._call(clear, "clear_gate")
+        return bool(deleted)
+
     def gates(self) -> dict[str, tuple[Gate, ...]]:
         def read() -> list[Any]:
             pipe = self._client.pipeline(transaction=True)
             pipe.hgetall(self._key("gates"))
+            pipe.hgetall(self._key("rates"))
             pipe.time()
             return list(pipe.execute())
 
-        held, (seconds, micros) = self._call(read, "gates")
+        pauses, rates, (seconds, micros) = self._call(read, "gates")
+        now = _seconds(seconds, micros)
+        held: dict[str, list[Gate]] = {}
+        for name, until in pauses.items():
+            if _in_force(until, now):
+                held.setdefault(name.decode(), []).append(Pause(float(until) if until else None))
+        for name, rate in rates.items():
+            held.setdefault(name.decode(), []).append(_rate_limit(rate))
+        return {name: tuple(found) for name, found in sorted(held.items())}
+
+    def buckets(self) -> dict[str, Bucket]:
+        """Each rate-limited type's bucket refilled to Redis' TIME (read only: POLL alone
+        writes buckets, so the report changes nothing)."""
+
+        def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hgetall(self._key("rates"))
+            pipe.hgetall(self._key("buckets"))
+            pipe.time()
+            return list(pipe.execute())
+
+        rates, stored, (seconds, micros) = self._call(read, "buckets")
         now = _seconds(seconds, micros)
         return {
-            name.decode(): (Pause(until=float(until) if until else None),)
-            for name, until in sorted(held.items())
-            if _in_force(until, now)
+            name.decode(): refilled(_rate_limit(rate), _bucket(stored.get(name)), now)
+            for name, rate in sorted(rates.items())
         }
 
     def read_values(self, keys: Sequence[str]) -> dict[str, str]:
@@ -240,3 +280,17 @@ def _seconds(seconds: int, micros: int) -> float:
 def _in_force(until: bytes, now: float) -> bool:
     """Whether a ``gates`` field (b"" or the pause's end) still holds its type back."""
     return until == b"" or float(until) > now
+
+
+def _rate_limit(field: bytes) -> RateLimit:
+    """A ``rates`` field (``"<rate> <burst>"``) as the RateLimit it stores."""
+    rate, burst = field.split()
+    return RateLimit(rate=float(rate), burst=float(burst))
+
+
+def _bucket(field: bytes | None) -> Bucket | None:
+    """A ``buckets`` field (``"<tokens> <at> <limited_s>"``, as bucket.lua writes it)."""
+    if field is None:
+        return None
+    tokens, at, limited_s = field.split()
+    return Bucket(tokens=float(tokens), at=float(at), limited_s=float(limited_s))

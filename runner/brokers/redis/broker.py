@@ -12,17 +12,19 @@ Redis keeps nothing on disk: ``appendonly no`` and no RDB save points).
 The data model and the atomic steps are in runner/brokers/redis/scripts.py.
 
 Blocking ``get``: one Lua poll (move due retries, reclaim, read, but nothing of a type whose
-gate is in force by Redis' TIME) and, when it finds nothing, an ``XREAD BLOCK`` on the wanted
-streams (less the gated ones) from their last entry id, in slices of at most
-``block_slice`` seconds (default 0.1). A new task wakes the XREAD at once, and so do ``wake()``
-and ``close()``: the read also watches this broker's own wake stream, to which they add an entry
-(a wake that lands after the get last looked for one but before its read starts still ends it,
-as the read starts from the wake stream's last entry the get saw). Between slices the broker
-re-polls, so tasks that fall due (retries, also other processes'), expired leases and gates
-cleared or run out are seen within one slice: that is why slices stay short. Every socket
-timeout is set explicitly and exceeds the slice, so an idle worker never hits a client timeout
-mid-read (redis-py 8's 5 s default with a longer BLOCK is a classic "alive but not consuming"
-bug). The protocol is pinned to RESP2, redis-py 8 would otherwise negotiate RESP3.
+pause is in force by Redis' TIME, and no more of a rate-limited type than its bucket's tokens)
+and, when it finds nothing, an ``XREAD BLOCK`` on the wanted streams (less the gated ones and
+those whose bucket is empty) from their last entry id, in slices of at most ``block_slice``
+seconds (default 0.1), none past the next delayed task's time or an empty bucket's next
+token. A new task wakes the XREAD at once, and so do ``wake()`` and ``close()``: the read also
+watches this broker's own wake stream, to which they add an entry (a wake that lands after the
+get last looked for one but before its read starts still ends it, as the read starts from the
+wake stream's last entry the get saw). Between slices the broker re-polls, so tasks that fall
+due (retries, also other processes'), expired leases and gates cleared or run out are seen
+within one slice: that is why slices stay short. Every socket timeout is set explicitly and
+exceeds the slice, so an idle worker never hits a client timeout mid-read (redis-py 8's 5 s
+default with a longer BLOCK is a classic "alive but not consuming" bug). The protocol is pinned
+to RESP2, redis-py 8 would otherwise negotiate RESP3.
 
 ``settle_many`` sends any number of acks / retries / dead-letters / releases in one call of the
 fenced SETTLE script, and ``exchange`` sends them with a POLL in one EXCHANGE script call, on
@@ -431,7 +433,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
         return line
 
     def _poll_keys(self, wanted: list[tuple[str, int]]) -> list[str]:
-        keys = [self._key("leases"), self._key("gates")]
+        keys = [self._key(k) for k in ("leases", "gates", "rates", "buckets")]
         for name, _ in wanted:
             keys += [self._stream(name), self._delayed(name)]
         return keys
@@ -480,8 +482,9 @@ class RedisBroker(RedisAdmin, BaseBroker):
         """XREAD BLOCK from the last entry of each wanted stream and of the wake stream: returns
         when one grows or ``block`` ends. True when the get was woken or the broker closed.
 
-        A gated type (empty cursor) is left out: its new entries cannot be handed out, and
-        would only end the read early. Its gate is looked at again by the next slice's poll.
+        A type held back (empty cursor: paused, or its bucket empty) is left out: its new
+        entries cannot be handed out, and would only end the read early. Its gates are looked
+        at again by the next slice's poll.
         """
         streams = {self._stream(name): c for (name, _), c in zip(wanted, cursors, strict=True) if c}
         streams[self._wake_key] = self._wake_cursor

@@ -1,9 +1,12 @@
--- KEYS: leases, gates, then per type: stream, delayed.
+-- KEYS: leases, gates, rates, buckets, then per type: stream, delayed.
 -- ARGV: now, group, consumer, min_idle_ms, limit, nonce, waits (1/0), then per type: name,
 -- free slots, reclaim (1/0).
--- First the gates: a type whose pause is in force (its ``gates`` field is '' or a time after
--- Redis' TIME) has 0 free slots; a pause found over is deleted. TIME is read only when some
--- wanted type has a gate, so a namespace without gates pays one HMGET of a missing key.
+-- First the gates. A type whose pause is in force (its ``gates`` field is '' or a time after
+-- Redis' TIME) has 0 free slots; a pause found over is deleted. A type with a rate limit (and
+-- no pause in force) has its bucket refilled to TIME (bucket.lua, as runner/brokers/flow.py
+-- does), and no more free slots than the bucket's whole tokens; after its claim the bucket,
+-- less one token per task handed out, is stored. TIME is read only when some wanted type has
+-- a gate, so a namespace without gates pays one HMGET of a missing key for each kind.
 -- For each type, in order: move due delayed tasks to the stream (a gated type's too), hand out
 -- released entries again (oldest first), reclaim deliveries idle longer than the visibility
 -- timeout (XAUTOCLAIM, scanning on past live leases; only with the type's ``reclaim``: the
@@ -12,15 +15,17 @@
 -- hand-out gets a fresh lease token.
 -- Returns {deliveries, cursors, next_due}: deliveries flat as (type index, id, a, t,
 -- delivery count, token, redelivered 0/1); with ``waits`` (a get that will block when nothing
--- came), cursors = last entry id per type (for XREAD BLOCK), '' for a gated type (nothing of
--- it can come, so the read leaves its stream out), and next_due = earliest delayed score among
--- these types, or ''; without, both empty.
+-- came), cursors = last entry id per type (for XREAD BLOCK), '' for a type held back (paused,
+-- or its bucket without a whole token: nothing of it can come before the next poll, so the
+-- read leaves its stream out), and next_due = the earliest of the delayed scores among these
+-- types and the next tokens of their empty buckets (on the caller's clock, ``now``), or '';
+-- without, both empty.
 local function poll(KEYS, ARGV)
   local now, group, consumer = ARGV[1], ARGV[2], ARGV[3]
   local min_idle, limit, nonce = ARGV[4], tonumber(ARGV[5]), ARGV[6]
   local waits = ARGV[7] == '1'
-  local leases, gates = KEYS[1], KEYS[2]
-  local ntypes = (#KEYS - 2) / 2
+  local leases, gates, rates, buckets = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+  local ntypes = (#KEYS - 4) / 2
   local out, cursors, next_due = {}, {}, ''
   local handed, seq = 0, 0
 
@@ -45,30 +50,62 @@ local function poll(KEYS, ARGV)
     return redis.call('XPENDING', stream, group, id, id, 1)[1][4]
   end
 
-  local names, pauses = {}, {}
+  local clock = nil  -- Redis' TIME as epoch seconds, read once, when first needed
+  local function redis_time()
+    if not clock then
+      local t = redis.call('TIME')
+      clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
+    end
+    return clock
+  end
+
+  local function earlier(due)  -- ``due`` (a number or score string) joins next_due
+    if next_due == '' or tonumber(due) < tonumber(next_due) then
+      next_due = string.format('%.17g', tonumber(due))
+    end
+  end
+
+  local names, pauses, limits = {}, {}, {}
   for i = 1, ntypes do names[i] = ARGV[5 + 3 * i] end
-  if ntypes > 0 then pauses = redis.call('HMGET', gates, unpack(names)) end
-  local gated, clock = {}, nil
+  if ntypes > 0 then
+    pauses = redis.call('HMGET', gates, unpack(names))
+    limits = redis.call('HMGET', rates, unpack(names))
+  end
+  local gated = {}
   for i, pause in ipairs(pauses) do  -- HMGET answers false (not nil) for a missing field
     if pause == '' then
       gated[i] = true
     elseif pause then
-      if not clock then
-        local t = redis.call('TIME')
-        clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
-      end
-      if tonumber(pause) > clock then
+      if tonumber(pause) > redis_time() then
         gated[i] = true
       else
         redis.call('HDEL', gates, names[i])
       end
     end
   end
+  -- The rate-limited types a pause does not hold back: index -> {rate, refilled bucket}.
+  local limited, which = {}, {}
+  for i, field in ipairs(limits) do
+    if field and not gated[i] then which[#which + 1] = i end
+  end
+  if #which > 0 then
+    local held = {}
+    for k, i in ipairs(which) do held[k] = names[i] end
+    held = redis.call('HMGET', buckets, unpack(held))
+    for k, i in ipairs(which) do
+      local rate, burst = string.match(limits[i], '^(%S+) (%S+)$')
+      rate, burst = tonumber(rate), tonumber(burst)
+      local bucket = bucket_refilled(rate, burst, bucket_decode(held[k]), redis_time())
+      limited[i] = {rate, bucket}
+    end
+  end
 
   for i = 1, ntypes do
-    local stream, delayed = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+    local stream, delayed = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
     local free, reclaim = tonumber(ARGV[6 + 3 * i]), ARGV[7 + 3 * i] == '1'
     if gated[i] then free = 0 end
+    if limited[i] then free = math.min(free, bucket_whole(limited[i][2])) end
+    local before = handed
     ensure_group(stream, group)
     local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
     for _, member in ipairs(due) do
@@ -112,17 +149,27 @@ local function poll(KEYS, ARGV)
         end
       end
     end
+    local empty = false
+    if limited[i] then
+      local rate, bucket = limited[i][1], bucket_taken(limited[i][2], handed - before)
+      redis.call('HSET', buckets, names[i], bucket_encode(bucket))
+      if waits and bucket_whole(bucket) == 0 then
+        -- Its next token is the earliest a blocked get can hand one out (whether or not any
+        -- wait: waking for none costs one poll). Told on the caller's clock, as delayed
+        -- scores are: now + the time to the token on Redis'.
+        empty = true
+        earlier(tonumber(now) + (bucket_next_token_at(rate, bucket) - redis_time()))
+      end
+    end
     if waits then
-      if gated[i] then
+      if gated[i] or empty then
         cursors[i] = ''
       else
         local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
         cursors[i] = last[1] and last[1][1] or '0-0'
       end
       local head = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
-      if head[2] and (next_due == '' or tonumber(head[2]) < tonumber(next_due)) then
-        next_due = head[2]
-      end
+      if head[2] then earlier(head[2]) end
     end
   end
   return {out, cursors, next_due}

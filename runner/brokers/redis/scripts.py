@@ -32,10 +32,17 @@ in one Redis Cluster slot and a script may touch any of them):
   would count what another consumer has read, and a stream is never trimmed below its unacked
   entries; acked entries are XDEL-ed instead).
 - ``types``      set of every type ever put (for depth and the operator commands).
-- ``gates``      hash type name -> the type's pause (the one kind of gate so far): ``''`` until
-  cleared, else the end as epoch seconds on Redis' clock (``repr`` of the float, so it reads
-  back exactly). POLL reads the wanted types' fields and hands out nothing of a type whose
-  pause is in force (by TIME, inside the script); it deletes a pause it finds over.
+- ``gates``      hash type name -> the type's pause: ``''`` until cleared, else the end as
+  epoch seconds on Redis' clock (``repr`` of the float, so it reads back exactly). POLL reads
+  the wanted types' fields and hands out nothing of a type whose pause is in force (by TIME,
+  inside the script); it deletes a pause it finds over.
+- ``rates``      hash type name -> the type's rate limit, ``"<rate> <burst>"`` (``repr`` of each
+  float). Set and cleared by the operator calls; POLL reads the wanted types' fields.
+- ``buckets``    hash type name -> the token bucket of a rate-limited type,
+  ``"<tokens> <at> <limited_s>"`` (``%.17g`` of each, so they read back exactly; ``at`` on
+  Redis' clock). Written by POLL only (bucket.lua, the arithmetic of runner/brokers/flow.py):
+  refilled to TIME, then one token taken per task handed out. A type without a field has a
+  full bucket; clearing the rate deletes the field, setting a new one keeps it.
 - ``v:<key>``    a value set by a settle's effects (``SET``, with ``PX`` for a ttl, so Redis
   expires it by its own clock) or by ``put_if`` (no ttl); read by ``read_values`` and
   ``scan_values`` (SCAN), deleted by ``delete_values``.
@@ -77,8 +84,11 @@ PUT = _ENSURE_GROUP + _PUT_FN + "return put(KEYS, ARGV)\n"
 # put_if.lua (KEYS, ARGV and the reply are described there): PUT behind a compare-and-set.
 PUT_IF = _ENSURE_GROUP + _PUT_FN + _lua("put_if")
 
+# The token bucket of a rate limit, as runner/brokers/flow.py computes it (for POLL).
+_BUCKET = _lua("bucket")
+
 # poll.lua (KEYS, ARGV and the reply are described there).
-_POLL_FN = _lua("poll")
+_POLL_FN = _BUCKET + _lua("poll")
 POLL = _ENSURE_GROUP + _POLL_FN + "return poll(KEYS, ARGV)\n"
 
 # settle.lua (KEYS, ARGV and the reply are described there).

@@ -1,9 +1,10 @@
 """The BrokerAdmin half of SqliteBroker: the operator commands (dead letters, replay, purge,
 queue ages), and the broker's plain calls beside the task path: its clock, the gates (set,
-cleared and listed here, honoured inside every claim) and the values that settle effects and
-``put_if`` set. None of it is on the claim and settle path, so it lives apart from that path's
-statements and group commit in broker.py. Mixed into SqliteBroker, whose transactions and
-insert plumbing it uses (declared below); the tables and row helpers are in schema.py.
+cleared and listed here with the rate limits' buckets, honoured inside every claim) and the
+values that settle effects and ``put_if`` set. None of it is on the claim and settle path, so
+it lives apart from that path's statements and group commit in broker.py. Mixed into
+SqliteBroker, whose transactions and insert plumbing it uses (declared below); the tables and
+row helpers are in schema.py.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
-from runner.brokers.base import DeadLetterFilter, Gate, Pause
+from runner.brokers.base import Bucket, DeadLetterFilter, Gate, Pause, RateLimit
 from runner.brokers.sqlite.schema import (
+    GATE_TABLES,
     PAUSE,
     SET_VALUE_SQL,
+    Gates,
     delete_values,
     dlq_where,
+    gates_at,
     held,
     read_values,
     replay_one,
@@ -27,18 +31,14 @@ from runner.brokers.sqlite.schema import (
 from runner.errors import QueueFull
 from runner.model import DeadLetter, Task
 
-_SET_GATE_SQL = "INSERT OR REPLACE INTO gates (type, kind, until) VALUES (?, ?, ?)"
-_CLEAR_GATE_SQL = "DELETE FROM gates WHERE type = ? AND kind = ? RETURNING until"
-_GATES_SQL = (
-    "SELECT type, until FROM gates WHERE kind = ? AND (until IS NULL OR until > ?) ORDER BY type"
+_SET_PAUSE_SQL = f"INSERT OR REPLACE INTO gates (type, kind, until) VALUES (?, '{PAUSE}', ?)"
+_CLEAR_PAUSE_SQL = f"DELETE FROM gates WHERE type = ? AND kind = '{PAUSE}' RETURNING until"
+#: A new rate keeps the bucket's tokens (capped at the new burst when next refilled).
+_SET_RATE_SQL = (
+    "INSERT INTO buckets (type, rate, burst) VALUES (?, ?, ?)"
+    " ON CONFLICT (type) DO UPDATE SET rate = excluded.rate, burst = excluded.burst"
 )
-
-
-def _gate_kind(kind: type[Gate]) -> str:
-    """The ``gates.kind`` a gate class is stored under."""
-    if kind is not Pause:
-        raise TypeError(f"unknown kind of gate: {kind!r}")
-    return PAUSE
+_CLEAR_RATE_SQL = "DELETE FROM buckets WHERE type = ? RETURNING type"
 
 
 class SqliteAdmin:
@@ -141,26 +141,52 @@ class SqliteAdmin:
         return self._clock()
 
     def set_gate(self, type_name: str, gate: Gate) -> None:
-        """Hold ``type_name``'s tasks back from every claim (of every process) until ``gate``
-        ends; replaces the type's pause."""
+        """Hold ``type_name``'s tasks back from every claim (of every process) as ``gate``
+        says; replaces the type's gate of the same kind (a rate limit keeps its bucket)."""
         with self._write("set_gate") as conn:
-            conn.execute(_SET_GATE_SQL, (type_name, _gate_kind(type(gate)), gate.until))
+            if isinstance(gate, RateLimit):
+                conn.execute(_SET_RATE_SQL, (type_name, gate.rate, gate.burst))
+            else:
+                conn.execute(_SET_PAUSE_SQL, (type_name, gate.until))
+        self._changed()  # a get of this process waiting for a token: it may come sooner
 
     def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
-        """Remove ``type_name``'s gate of ``kind``; True when one was in force."""
+        """Remove ``type_name``'s gate of ``kind`` (a rate limit with its bucket); True when
+        one was in force."""
+        if kind is not Pause and kind is not RateLimit:
+            raise TypeError(f"unknown kind of gate: {kind!r}")
         with self._write("clear_gate") as conn:
             now = self._clock()
-            ended = conn.execute(_CLEAR_GATE_SQL, (type_name, _gate_kind(kind))).fetchall()
+            if kind is RateLimit:
+                in_force = bool(conn.execute(_CLEAR_RATE_SQL, (type_name,)).fetchall())
+            else:
+                ended = conn.execute(_CLEAR_PAUSE_SQL, (type_name,)).fetchall()
+                in_force = any(until is None or until > now for (until,) in ended)
         self._changed()  # a get of this process held back by it claims at once
-        return any(until is None or until > now for (until,) in ended)
+        return in_force
 
     def gates(self) -> dict[str, tuple[Gate, ...]]:
+        """Per type, its gates in force: its pause, then its rate limit."""
+        found = self._gates_at("gates")
+        listed: dict[str, tuple[Gate, ...]] = {}
+        for kind in sorted(found.paused.keys() | found.limited.keys()):
+            paused = (Pause(until=found.paused[kind]),) if kind in found.paused else ()
+            limited = (found.limited[kind][0],) if kind in found.limited else ()
+            listed[kind] = paused + limited
+        return listed
+
+    def buckets(self) -> dict[str, Bucket]:
+        """Per rate-limited type, its bucket refilled to now (read only: nothing is written)."""
+        limited = self._gates_at("buckets").limited
+        return {kind: limited[kind][1] for kind in sorted(limited)}
+
+    def _gates_at(self, operation: str) -> Gates:
+        """The gates in force now (schema.gates_at); an older file opened read-only reads as
+        holding none of the kinds it has no table for."""
         now = self._clock()
-        with self._read("gates") as conn:
-            if self._lacks_table(conn, "gates"):
-                return {}
-            rows = conn.execute(_GATES_SQL, (PAUSE, now)).fetchall()
-        return {kind: (Pause(until=until),) for kind, until in rows}
+        with self._read(operation) as conn:
+            tables = [t for t in GATE_TABLES if not self._lacks_table(conn, t)]
+            return gates_at(conn, now, tables)
 
     def read_values(self, keys: Sequence[str]) -> dict[str, str]:
         now = self._clock()

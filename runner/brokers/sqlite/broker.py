@@ -22,12 +22,16 @@ Guarantees (the contract in runner.brokers.base, plus durability):
   earliest due time is cached, lowered by this process's writes, and any other process's
   commit (``PRAGMA data_version``) forces a promotion at the next claim.
 - Capacity is counted in the same transaction as the insert, so it holds across processes.
-- Gates: a pause is a row of the ``gates`` table. Every claim reads the table in its own
-  transaction (one query, cheap while it is empty) and skips the types held back, whose tasks
-  stay READY with no attempt used and no lease; so does the idle read before a claim, so a get
-  waiting on a paused type polls with reads, never the write lock. It sees a pause cleared by
-  this process at once, one cleared by another process at its next poll, and one that ends by
-  itself at its ``until`` (the wait ends then).
+- Gates: a pause is a row of the ``gates`` table, a rate limit with its token bucket one of
+  ``buckets``. Every claim reads both in its own transaction (one query, cheap while they are
+  empty), skips the paused types, whose tasks stay READY with no attempt used and no lease,
+  hands out at most as many of a rate-limited type as its bucket (refilled to now) has whole
+  tokens and writes back the bucket less those handed out, in the same transaction, so the
+  processes sharing the file share each bucket. The idle read before a claim does the same
+  reading, so a get waiting on a paused or tokenless type polls with reads, never the write
+  lock. It sees a gate cleared by this process at once, one cleared by another process at its
+  next poll, and a pause's ``until`` or a bucket's next token when it comes (the wait ends
+  then).
 - Effects: those of a settle op run in the same transaction, right after the settles of its
   batch (in op order), for the ops that answered DONE: puts are inserted as by ``put_many`` but
   never wait for or fail on capacity (a task id already queued is left out, rather than fail
@@ -69,6 +73,7 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from runner.brokers.base import Answer, BaseBroker, Delivery, Depth, Effects, Settle
+from runner.brokers.flow import taken, whole
 from runner.brokers.sqlite.admin import SqliteAdmin
 from runner.brokers.sqlite.batch import GroupCommit, Pending
 from runner.brokers.sqlite.checkpoint import Checkpointer
@@ -80,12 +85,13 @@ from runner.brokers.sqlite.schema import (
     WAITING,
     anything_claimable,
     connect,
+    gates_at,
     held,
-    held_back,
     insert_row,
     insert_tasks,
     next_due,
     rollback,
+    save_bucket,
     sweep,
     to_delivery,
     unavailable,
@@ -475,10 +481,11 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
             # Idle: a read first, so idle pollers in other processes do not take the write lock.
             with self._read("get") as conn:
                 now = self._clock()
-                held = held_back(conn, now)  # gated types: their ready tasks are not claimable
+                held = gates_at(conn, now).held()  # their ready tasks are not claimable
                 free = [kind for kind, _ in wanted if kind not in held]
                 if not anything_claimable(conn, free, now):
-                    # Until a delayed task or an expired lease falls due, or a pause ends.
+                    # Until a delayed task or an expired lease falls due, a pause ends or a
+                    # held type's next token comes.
                     ends = [held.get(kind) for kind, _ in wanted]
                     due = [at for at in (next_due(conn), *ends) if at is not None]
                     return [], min(due, default=None)
@@ -527,16 +534,22 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
             self._promote_due(conn, now)
             until = now + self._visibility_timeout
             self._due_by(until)
-            held = held_back(conn, now)  # gates, read in the claim's own transaction
+            gates = gates_at(conn, now)  # read in the claim's own transaction
+            held = gates.held()
             for kind, n in wanted:
                 take = min(n, limit - len(rows))
                 if take <= 0:
                     break
                 if kind in held:
                     continue  # left ready: no attempt used, no lease
+                rated = gates.limited.get(kind)
+                if rated is not None:
+                    take = min(take, whole(rated[1]))  # at least one: else it is held
                 params = {"token": token, "until": until, "type": kind, "n": take}
                 claimed = conn.execute(_CLAIM_SQL, params).fetchall()
                 rows.extend(sorted(claimed))  # RETURNING order is unspecified; seq is FIFO
+                if rated is not None and claimed:
+                    save_bucket(conn, kind, taken(rated[1], len(claimed)))
             return rows
 
         return statement

@@ -20,6 +20,7 @@ from runner.testing.contract import (
     effects,
     gates,
     oldest,
+    rates,
     release,
     settle,
 )
@@ -41,6 +42,7 @@ MODULES: tuple[ModuleType, ...] = (
     release,
     settle,
     gates,
+    rates,
     effects,
     compare,
 )
