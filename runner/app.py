@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -24,6 +25,8 @@ from runner.brokers.base import (
     Broker,
     BrokerAdmin,
     Bucket,
+    Circuit,
+    CircuitBreaker,
     DeadLetterFilter,
     Depth,
     Pause,
@@ -32,6 +35,7 @@ from runner.brokers.base import (
 from runner.brokers.flow import rate_text
 from runner.config.models import PipelineConfig
 from runner.engine.attempt import TaskLogger, TypeRuntime, default_task_logger
+from runner.engine.circuits import CircuitWatch
 from runner.engine.retry import RetryPlan
 from runner.engine.schedule import Schedule, Scheduler, tick_name
 from runner.engine.worker import Worker
@@ -48,6 +52,7 @@ from runner.model import (
     expires_at_of,
     not_before_of,
     require_type,
+    unique_key_of,
 )
 from runner.observe.logs import setup_logging, task_logger
 from runner.observe.metrics import MetricsListener
@@ -101,6 +106,8 @@ def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
                 never_retry=never_retry,
             ),
             middleware=chain,
+            breaker=spec.circuit_breaker is not None,
+            unique_ttl=spec.unique.ttl if spec.unique else 0.0,
         )
     return types
 
@@ -140,9 +147,12 @@ class Runner:
         self.events = events or EventBus()
         for listener in (self.summary, *listeners):
             self.events.subscribe(listener)
+        types = build_types(config)
+        # The types this process runs (`types:`, --types, DQ_TYPES); it publishes any of them.
+        served = {n: rt for n, rt in types.items() if not config.types or n in config.types}
         self.worker = Worker(
             broker,
-            build_types(config),
+            served,
             threads=config.workers,
             events=self.events,
             visibility_timeout_s=config.broker.visibility_timeout,
@@ -150,11 +160,12 @@ class Runner:
             prefetch=config.effective_prefetch(),
             settle_in_background=broker.batch_settles,
         )
-        types = self.worker.types
         self._on_publish = {n: overriding(rt.middleware, "on_publish") for n, rt in types.items()}
         # Each middleware instance once (the config's own are shared by every type).
         chains = (rt.middleware for rt in types.values())
         self._middleware = list({id(m): m for chain in chains for m in chain}.values())
+        # Per type, its unique key template, for the unique types.
+        self._unique_keys = {n: s.unique.key for n, s in config.task_types.items() if s.unique}
         # Per type, its configured expires (seconds), for the types that have one.
         self._expires = {n: s.expires for n, s in config.task_types.items() if s.expires}
         self._closers: list[Callable[[], None]] = []
@@ -172,11 +183,31 @@ class Runner:
             for name, spec in config.task_types.items()
             if spec.rate_limit is not None
         }
+        # Per type, its circuit breaker (in the broker too).
+        self._breakers = {
+            name: CircuitBreaker(
+                failure_rate=b.failure_rate,
+                min_calls=b.min_calls,
+                window_s=b.window,
+                open_for_s=b.open_for,
+                half_open_calls=b.half_open_calls,
+            )
+            for name, spec in config.task_types.items()
+            if (b := spec.circuit_breaker) is not None
+        }
         if self._rate_limits and not broker.gates_in_get:
             raise UsageError(
                 f"{type(broker).__name__} cannot enforce rate_limit: it has no gates "
                 "(gates_in_get is False)"
             )
+        if self._breakers and not (broker.gates_in_get and broker.settle_effects):
+            raise UsageError(
+                f"{type(broker).__name__} cannot run circuit_breaker: it needs gates and "
+                "settle effects (gates_in_get, settle_effects)"
+            )
+        self.circuit_watch = (
+            CircuitWatch(broker, list(self._breakers), self.events) if self._breakers else None
+        )
         self._started = False
         self._stopped = False
 
@@ -197,16 +228,21 @@ class Runner:
         at: datetime | None = None,
         expires: float | None = None,
         headers: Mapping[str, Any] | None = None,
+        unique_key: str | None = None,
     ) -> str:
         """Put one task; returns its id. Blocks while the broker is full (see QueueFull).
 
         ``delay_s`` or ``at`` (an aware datetime; one in the past runs now) hold it back;
         ``expires`` (seconds from now) overrides its type's ``expires``: a task not started by
-        then is dead-lettered as expired instead of run."""
+        then is dead-lettered as expired instead of run. ``unique_key`` (or the type's
+        ``unique.key``) makes it a unique task: when a task of the type holds that key, nothing
+        is put and the holder's id is returned."""
         item: PublishItem = (
             (type_name, payload) if headers is None else (type_name, payload, headers)
         )
-        return self.publish_many([item], delay_s=delay_s, at=at, expires=expires)[0]
+        return self.publish_many(
+            [item], delay_s=delay_s, at=at, expires=expires, unique_key=unique_key
+        )[0]
 
     def publish_many(
         self,
@@ -215,9 +251,11 @@ class Runner:
         delay_s: float = 0.0,
         at: datetime | None = None,
         expires: float | None = None,
+        unique_key: str | None = None,
     ) -> list[str]:
         """Put several tasks at once, all or nothing: each item is (type, payload) or (type,
-        payload, headers). ``delay_s``, ``at`` and ``expires`` as for ``publish``."""
+        payload, headers). ``delay_s``, ``at``, ``expires`` and ``unique_key`` as for
+        ``publish`` (a unique task whose key is held answers the holder's id)."""
         now = time.time()
         not_before = not_before_of(now, delay_s, at)
         tasks = [
@@ -226,11 +264,42 @@ class Runner:
             )
             for item in items
         ]
+        if self._unique_keys or unique_key is not None:
+            return self._put_unique(tasks, unique_key)
         self.broker.put_many(tasks)
         published = EventName.TASK_PUBLISHED  # read once: a member lookup costs 0.1 us on 3.11
         for task in tasks:
             self.events.emit(Event(published, task_id=task.id, type=task.type, attempt=0))
         return [task.id for task in tasks]
+
+    def _put_unique(self, tasks: list[Task], given: str | None) -> list[str]:
+        """Put ``tasks`` with their unique keys: ``given`` or their types' templates."""
+        keyed = [
+            replace(t, unique_key=key)
+            if (key := unique_key_of(t.type, t.payload, self._unique_keys.get(t.type), given))
+            else t
+            for t in tasks
+        ]
+        if not any(t.unique_key for t in keyed):
+            self.broker.put_many(keyed)
+            answers = [t.id for t in keyed]
+        else:
+            if not self.broker.settle_effects:
+                raise UsageError(f"{type(self.broker).__name__} cannot hold unique keys")
+            answers = self.broker.put_unique(keyed)
+        for task, answer in zip(keyed, answers, strict=True):
+            if answer == task.id:
+                self.events.emit(
+                    Event(EventName.TASK_PUBLISHED, task_id=task.id, type=task.type, attempt=0)
+                )
+            else:
+                detail = f"unique key {task.unique_key!r} is held by {answer}"
+                self.events.emit(
+                    Event(
+                        EventName.TASK_DEDUPLICATED, task_id=answer, type=task.type, detail=detail
+                    )
+                )
+        return answers
 
     def _draft(
         self,
@@ -300,15 +369,17 @@ class Runner:
         if not self._started:
             self._started = True
             self._tell_middleware("on_worker_start")
-            self._apply_rate_limits()
+            self._apply_gates()
             self.worker.start()
+            if self.circuit_watch is not None:
+                self.circuit_watch.start()
             if self.scheduler is not None:
                 self.scheduler.start()
         return self
 
-    def _apply_rate_limits(self) -> None:
-        """Set each type's rate limit in the broker, and clear the one of a type the file no
-        longer limits (the file is the truth: the process started last wins)."""
+    def _apply_gates(self) -> None:
+        """Set each type's rate limit and circuit breaker in the broker, and clear those the
+        file no longer gives a type (the file is the truth: the process started last wins)."""
         if not self.broker.gates_in_get:
             return
         for name in self.config.task_types:
@@ -319,6 +390,17 @@ class Runner:
                 self.events.emit(Event(EventName.RATE_LIMIT_SET, type=name, detail=detail))
             elif self.broker.clear_gate(name, RateLimit):
                 self.events.emit(Event(EventName.RATE_LIMIT_CLEARED, type=name))
+            breaker = self._breakers.get(name)
+            if breaker is not None:
+                self.broker.set_gate(name, breaker)  # its circuit keeps its state
+            elif self.broker.settle_effects:
+                self.broker.clear_gate(name, CircuitBreaker)
+
+    def circuits(self) -> dict[str, Circuit]:
+        """The circuit-broken types' circuits, from the broker (empty without breakers)."""
+        if not self._breakers:
+            return {}
+        return {n: c for n, c in self.broker.circuits().items() if n in self._breakers}
 
     def buckets(self) -> dict[str, Bucket]:
         """The rate-limited types' token buckets, from the broker (empty without limits)."""
@@ -337,10 +419,15 @@ class Runner:
                 self.events.emit(Event(EventName.MIDDLEWARE_FAILED, detail=detail))
 
     def run_until_empty(self, timeout: float | None = None) -> bool:
-        """Block until nothing is ready, delayed or running; False if ``timeout`` passed first."""
+        """Block until nothing of the types this process runs is ready, delayed or running;
+        False if ``timeout`` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.worker.stopping:
-            if self.worker.idle() and sum(d.total for d in self.broker.depth().values()) == 0:
+            depth = self.broker.depth()
+            if (
+                self.worker.idle()
+                and sum(depth[t].total for t in self.worker.types if t in depth) == 0
+            ):
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
@@ -360,6 +447,8 @@ class Runner:
             grace = self.config.shutdown.grace if grace_s is None else grace_s
             if self.scheduler is not None:
                 self.scheduler.stop()
+            if self.circuit_watch is not None:
+                self.circuit_watch.stop()
             if self._started:
                 self.summary.threads = (self.worker.threads, self.worker.alive_threads())
                 self.summary.interrupts = self.worker.interrupts
@@ -410,13 +499,13 @@ class Runner:
     def pause(self, type_name: str, for_s: float | None = None) -> None:
         """Hand out no ``type_name`` task (to any process sharing the broker) for ``for_s``
         seconds of the broker's clock, or until ``resume``; tasks running now finish."""
-        require_type(type_name, self.worker.types)
+        require_type(type_name, self.config.task_types)
         until = None if for_s is None else self.broker.now() + for_s
         self.broker.set_gate(type_name, Pause(until=until))
 
     def resume(self, type_name: str) -> bool:
         """Hand ``type_name``'s tasks out again; False when it was not paused."""
-        require_type(type_name, self.worker.types)
+        require_type(type_name, self.config.task_types)
         return self.broker.clear_gate(type_name, Pause)
 
     # -- state for metrics and progress ----------------------------------------------------

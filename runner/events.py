@@ -23,6 +23,8 @@ class EventName(WireName):
     """The name of every engine event; the value is the ``event`` field of its log line."""
 
     TASK_PUBLISHED = "task.published"  # a task entered the broker
+    # A unique task was not published: its key is held by task_id (detail: the key).
+    TASK_DEDUPLICATED = "task.deduplicated"
     # A worker began an attempt (queue_wait_s: published or due -> started); for a redelivered
     # task it is written out before the handler runs (flush).
     TASK_STARTED = "task.started"
@@ -54,6 +56,10 @@ class EventName(WireName):
     # A type's rate limit was set in the broker at start (detail: "50/s, burst 50").
     RATE_LIMIT_SET = "rate_limit.set"
     RATE_LIMIT_CLEARED = "rate_limit.cleared"  # the file no longer gives the type one
+    # A type's circuit breaker changed state (as this process saw it, runner.engine.circuits).
+    CIRCUIT_OPENED = "circuit.opened"
+    CIRCUIT_HALF_OPEN = "circuit.half_open"
+    CIRCUIT_CLOSED = "circuit.closed"
 
 
 @dataclass(slots=True)

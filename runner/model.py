@@ -10,9 +10,11 @@ May import: the standard library only.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import random
+import string
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -136,6 +138,9 @@ class Task:
     headers: Mapping[str, Any] = NO_HEADERS
     #: Epoch seconds after which the task is not run (dead-lettered as expired); 0: never.
     expires_at: float = 0.0
+    #: Its unique key ("type:key", held in the broker as ``unique:<key>`` from its put until
+    #: it is acked or dead-lettered, then for its type's ttl); "": none.
+    unique_key: str = ""
 
     def with_failure(self, failure: AttemptRecord) -> Task:
         """This task with one more failed attempt in its (bounded) history."""
@@ -155,6 +160,8 @@ class Task:
             data["headers"] = dict(self.headers)
         if self.expires_at:  # likewise
             data["expires_at"] = self.expires_at
+        if self.unique_key:  # likewise
+            data["unique_key"] = self.unique_key
         return data
 
     @classmethod
@@ -171,6 +178,7 @@ class Task:
             history=tuple(AttemptRecord.from_json(h) for h in history) if history else (),
             headers=dict(data["headers"]) if data.get("headers") else NO_HEADERS,
             expires_at=float(data.get("expires_at", 0.0)),
+            unique_key=str(data.get("unique_key", "")),
         )
 
 
@@ -346,3 +354,32 @@ def replayable(task: Task) -> Task:
     """``task`` as a dead-letter record keeps it: without its expiry, as whoever replays the
     record wants it run."""
     return replace(task, expires_at=0.0) if task.expires_at else task
+
+
+def unique_key_of(
+    type_name: str, payload: Any, template: str | None, given: str | None = None
+) -> str:
+    """A task's unique key, ``type:key``: ``given`` (``publish(..., unique_key=)``), else its
+    type's ``unique.key`` template filled from the payload (``{payload.user_id}``); "" when
+    it has neither. A UsageError when the payload lacks a field the template names."""
+    if given is not None:
+        if not given:
+            raise UsageError("unique_key must not be empty")
+        return f"{type_name}:{given}"
+    if template is None:
+        return ""
+    parts = []
+    for literal, field_name, _, _ in string.Formatter().parse(template):
+        parts.append(literal)
+        if field_name is None:
+            continue
+        value: Any = payload
+        for step in field_name.split(".")[1:]:  # "payload.user.id": past "payload"
+            if not isinstance(value, Mapping) or step not in value:
+                raise UsageError(
+                    f"a {type_name!r} task's unique key {template!r} names {{{field_name}}}, "
+                    "which its payload does not have"
+                )
+            value = value[step]
+        parts.append(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+    return f"{type_name}:{''.join(parts)}"

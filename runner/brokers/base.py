@@ -74,6 +74,14 @@ built on them, such as rate limits, circuit breakers and pipelines, need both):
     with a new rate keeps the bucket's tokens (capped at the new burst); ``clear_gate`` drops
     the bucket too. ``buckets()`` reports each bucket refilled to now, with ``limited_s``: the
     seconds in all it held less than one token.
+  - ``CircuitBreaker(failure_rate, min_calls, window_s, open_for_s, half_open_calls)``: the
+    outcomes settles carry for the type (``Effects(circuit=True|False)``, applied with the
+    settle) are counted in a sliding window; once at least ``min_calls`` were counted and
+    ``failure_rate`` of them failed, the circuit opens and no task of the type is handed out
+    for ``open_for_s``. Then it is half-open: at most ``half_open_calls`` probes are handed
+    out, and the first outcome closes it (success) or opens it again (failure). Outcomes of a
+    type without a breaker are not kept; ``set_gate`` again keeps the state, ``clear_gate``
+    drops it. ``circuits()`` reports each as of now. The steps are runner.brokers.flow's.
 
   A blocked ``get`` notices a gate cleared or expired, or a token come, within its usual
   wake-up time. ``set_gate`` replaces the type's gate of the same kind (a type may have one of
@@ -92,6 +100,14 @@ built on them, such as rate limits, circuit breakers and pipelines, need both):
   QueueFull and changes nothing (the key keeps ``expected``). ``tasks`` may be empty (a bare
   compare-and-set). ``scan_values(prefix)`` reads every live key that starts with ``prefix``;
   ``delete_values(keys)`` deletes keys and answers how many it deleted.
+- ``put_unique(tasks, timeout)`` is ``put_many`` for tasks that may carry a ``unique_key``
+  (unique tasks): a task whose key is held (the value ``unique:<key>`` is set: by an earlier
+  ``put_unique``, or by a settle's effect whose ttl has not run out) is not put, and its answer
+  is the id the key holds; the others are put, all or none, waiting for room as ``put_many``
+  does, and each one's key is set to its own id (no ttl) in the same step. A later task of the
+  same call with the key of an earlier one answers the earlier one's id. It answers one id per
+  task, in order (a task put answers its own). The engine sets the key's ttl (or deletes it)
+  with the task's ack or dead-letter, as a settle effect.
 - Time in gates and effects is the broker's (``now()``): Redis' ``TIME``, the machine's clock
   for SQLite and memory, never a calling process's own.
 
@@ -113,7 +129,8 @@ Each is read from the class, before any broker is built, as well as from a live 
   a lock, cheaper inline.
 
 - ``gates_in_get`` and ``settle_effects``: the broker implements gates and effects (above).
-  Without them ``set_gate``, ``clear_gate``, ``gates``, ``buckets``, ``read_values``, ``put_if``,
+  Without them ``set_gate``, ``clear_gate``, ``gates``, ``buckets``, ``circuits``,
+  ``read_values``, ``put_if``, ``put_unique``,
   ``scan_values`` and ``delete_values`` raise NotImplementedError, and so does a settle that
   carries effects.
 
@@ -181,10 +198,6 @@ class RateLimit:
             raise ValueError(f"a rate limit needs rate > 0 and burst >= 1, got {self}")
 
 
-#: Every kind of gate (circuit states join it with the feature that uses them).
-Gate = Pause | RateLimit
-
-
 @dataclass(frozen=True, slots=True)
 class CircuitBreaker:
     """A gate: counts the type's outcomes (settle effects) in a sliding window and, once
@@ -207,6 +220,9 @@ class CircuitBreaker:
 
 
 CircuitState = Literal["closed", "open", "half_open"]
+
+#: Every kind of gate.
+Gate = Pause | RateLimit | CircuitBreaker
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +264,9 @@ class Effects:
     puts: tuple[Task, ...] = ()
     sets: tuple[SetValue, ...] = ()
     deletes: tuple[str, ...] = ()
+    # An outcome of the settled task's type for its circuit breaker (True: succeeded), counted
+    # only when the type has one.
+    circuit: bool | None = None
 
 
 SettleKind = Literal["ack", "retry", "dead", "release"]
@@ -345,9 +364,13 @@ class Broker(Protocol):
 
     def buckets(self) -> dict[str, Bucket]: ...
 
+    def circuits(self) -> dict[str, Circuit]: ...
+
     def read_values(self, keys: Sequence[str]) -> dict[str, str]: ...
 
     def put_if(self, key: str, expected: str | None, value: str, tasks: Sequence[Task]) -> bool: ...
+
+    def put_unique(self, tasks: Sequence[Task], timeout: float | None = None) -> list[str]: ...
 
     def scan_values(self, prefix: str) -> dict[str, str]: ...
 
@@ -431,10 +454,16 @@ class BaseBroker(abc.ABC):
     def buckets(self) -> dict[str, Bucket]:
         raise NotImplementedError(f"{type(self).__name__} has no gates (gates_in_get is False)")
 
+    def circuits(self) -> dict[str, Circuit]:
+        raise NotImplementedError(f"{type(self).__name__} has no gates (gates_in_get is False)")
+
     def read_values(self, keys: Sequence[str]) -> dict[str, str]:
         raise _no_effects(self)
 
     def put_if(self, key: str, expected: str | None, value: str, tasks: Sequence[Task]) -> bool:
+        raise _no_effects(self)
+
+    def put_unique(self, tasks: Sequence[Task], timeout: float | None = None) -> list[str]:
         raise _no_effects(self)
 
     def scan_values(self, prefix: str) -> dict[str, str]:
@@ -450,6 +479,10 @@ class BaseBroker(abc.ABC):
         self, ops: Sequence[Settle], slots: Mapping[str, int], limit: int
     ) -> tuple[list[Answer], list[Delivery]]:
         return self.settle_many(ops), self.get(slots, limit, 0)
+
+
+#: The prefix of a unique task's key among the broker's values (``put_unique``).
+UNIQUE_PREFIX = "unique:"
 
 
 def _no_effects(broker: object) -> NotImplementedError:

@@ -1,7 +1,10 @@
 """The in-process broker: bounded per-type queues, a delay heap and leases under one condition.
 
 It implements both ``Broker`` and ``BrokerAdmin`` (the admin side works in-process, which is what
-tests and library users need; ``dq-run dlq`` in another process sees only a file DLQ).
+tests and library users need; ``dq-run dlq`` in another process sees only a file DLQ). This
+module holds the task path (put, get, settles, extend, depth, close); the admin side, the clock,
+the gate calls and the value calls (``read_values``, ``put_if``, ``put_unique``, ``scan_values``,
+``delete_values``) are in memory_admin.py (``MemoryAdmin``, mixed in, under the same lock).
 
 Limits, written here because they are the price of being in-process:
 
@@ -27,9 +30,9 @@ no further than the first one that is not), so memory holds little more than one
 worth of settles and no call scans. A receipt answers ``ALREADY_DONE`` for exactly
 ``visibility_timeout`` after its settle (an older entry not yet dropped answers ``FENCED``).
 
-Size: about 660 lines: the whole contract in one lock-guarded structure (queues, delay heap,
-leases, settled receipts, capacity, close, gates and effects) that is easier to prove right in
-one place; the operator side (dead letters, replay) is the short tail of the module.
+Size: about 590 lines: the task path of the contract in one lock-guarded structure (queues,
+delay heap, leases, settled receipts, capacity, close, and the gates and effects every claim and
+settle applies) that is easier to prove right in one place.
 """
 
 from __future__ import annotations
@@ -51,28 +54,32 @@ from runner.brokers.base import (
     Answer,
     BaseBroker,
     Bucket,
-    DeadLetterFilter,
+    Circuit,
+    CircuitBreaker,
     Delivery,
     Depth,
     Effects,
-    Gate,
     Pause,
     RateLimit,
     Settle,
     settle_one,
     single_call,
 )
-from runner.brokers.flow import next_token_at, refilled, taken, whole
+from runner.brokers.flow import (
+    circuit_allows,
+    circuit_at,
+    circuit_handed,
+    circuit_recorded,
+    circuit_reopens_at,
+    next_token_at,
+    refilled,
+    taken,
+    whole,
+)
+from runner.brokers.memory_admin import MemoryAdmin
 from runner.deadletter.store import DeadLetterStore
 from runner.errors import BrokerClosed, QueueFull
-from runner.model import (
-    HISTORY_LIMIT,
-    AttemptRecord,
-    DeadLetter,
-    DeadReason,
-    Task,
-    replayable,
-)
+from runner.model import HISTORY_LIMIT, AttemptRecord, DeadLetter, Task
 
 #: The answers, read once: an Enum member lookup costs about 0.1 us on Python 3.11, per settle.
 _DONE, _ALREADY_DONE, _FENCED = Answer.DONE, Answer.ALREADY_DONE, Answer.FENCED
@@ -102,10 +109,11 @@ def _with_attempt(task: Task, attempt: int) -> Task:
         history=task.history,
         headers=task.headers,
         expires_at=task.expires_at,
+        unique_key=task.unique_key,
     )
 
 
-class MemoryBroker(BaseBroker):
+class MemoryBroker(MemoryAdmin, BaseBroker):
     """A bounded in-memory broker; see the module docstring and ``runner.brokers.base``."""
 
     # In-process: nothing survives the process, no other process takes from (or adds to) this
@@ -164,6 +172,8 @@ class MemoryBroker(BaseBroker):
         self._pauses: dict[str, Pause] = {}
         self._rates: dict[str, RateLimit] = {}
         self._buckets: dict[str, Bucket] = {}  # of the rate-limited types (runner.brokers.flow)
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._circuits: dict[str, Circuit] = {}  # of the types with a breaker
         self._values: dict[str, tuple[str, float | None]] = {}
         self._values_swept_at = 0
         # The single calls without taking the lock, for a settle that carries effects (made
@@ -253,17 +263,28 @@ class MemoryBroker(BaseBroker):
         budget = {t: n for t, n in slots.items() if n > 0 and self._ready.get(t)}
         if self._pauses:
             budget = {t: n for t, n in budget.items() if not self._gated(t, now)}
-        if not self._rates:
+        if not self._rates and not self._breakers:
             return self._claim(budget, limit, now)
         limited = [t for t in budget if t in self._rates]
         for type_name in limited:
             bucket = refilled(self._rates[type_name], self._buckets.get(type_name), now)
             self._buckets[type_name] = bucket
             budget[type_name] = min(budget[type_name], whole(bucket))
+        broken = [t for t in budget if t in self._breakers]
+        for type_name in broken:
+            breaker = self._breakers[type_name]
+            circuit = circuit_at(breaker, self._circuits.get(type_name), now)
+            self._circuits[type_name] = circuit
+            allowed = circuit_allows(breaker, circuit)
+            if allowed is not None:
+                budget[type_name] = min(budget[type_name], allowed)
         out = self._claim({t: n for t, n in budget.items() if n > 0}, limit, now)
         for type_name in limited:
             handed = sum(1 for d in out if d.task.type == type_name)
             self._buckets[type_name] = taken(self._buckets[type_name], handed)
+        for type_name in broken:
+            handed = sum(1 for d in out if d.task.type == type_name)
+            self._circuits[type_name] = circuit_handed(self._circuits[type_name], handed)
         return out
 
     def _claim(self, budget: dict[str, int], limit: int, now: float) -> list[Delivery]:
@@ -330,7 +351,7 @@ class MemoryBroker(BaseBroker):
             with self._cond:
                 answer = single_call(self._locked, op)
                 if answer is _DONE:
-                    self._apply(op.effects)
+                    self._apply(op.effects, op.delivery.task.type)
             answers.append(answer)
         return answers
 
@@ -432,178 +453,6 @@ class MemoryBroker(BaseBroker):
             self._closed = True
             self._cond.notify_all()
 
-    # -- gates and effects (runner.brokers.base) -----------------------------------------------
-
-    def now(self) -> float:
-        return self._clock()
-
-    def set_gate(self, type_name: str, gate: Gate) -> None:
-        with self._cond:
-            self._check_open("set_gate")
-            if isinstance(gate, RateLimit):
-                self._rates[type_name] = gate  # its bucket keeps its tokens
-            else:
-                self._pauses[type_name] = gate
-            self._cond.notify_all()  # a waiting get's next due time may be the gate's end
-
-    def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
-        with self._cond:
-            self._check_open("clear_gate")
-            if kind is RateLimit:
-                self._buckets.pop(type_name, None)
-                in_force = self._rates.pop(type_name, None) is not None
-            else:
-                in_force = self._gated(type_name, self._clock())
-                self._pauses.pop(type_name, None)
-            self._cond.notify_all()
-            return in_force
-
-    def gates(self) -> dict[str, tuple[Gate, ...]]:
-        with self._cond:
-            self._check_open("gates")
-            now = self._clock()
-            found: dict[str, tuple[Gate, ...]] = {}
-            for name in sorted(set(self._pauses) | set(self._rates)):
-                held = (self._pauses[name],) if self._gated(name, now) else ()
-                rate = (self._rates[name],) if name in self._rates else ()
-                if held + rate:
-                    found[name] = held + rate
-            return found
-
-    def buckets(self) -> dict[str, Bucket]:
-        with self._cond:
-            self._check_open("buckets")
-            now = self._clock()
-            return {
-                name: refilled(limit, self._buckets.get(name), now)
-                for name, limit in sorted(self._rates.items())
-            }
-
-    def read_values(self, keys: Sequence[str]) -> dict[str, str]:
-        with self._cond:
-            self._check_open("read_values")
-            now = self._clock()
-            found = {}
-            for key in keys:
-                value = self._live_value(key, now)
-                if value is not None:
-                    found[key] = value
-            return found
-
-    def put_if(self, key: str, expected: str | None, value: str, tasks: Sequence[Task]) -> bool:
-        with self._cond:
-            self._check_open("put_if")
-            now = self._clock()
-            if self._live_value(key, now) != expected:
-                return False
-            if tasks and self._held + len(tasks) > self.capacity:
-                raise QueueFull(
-                    f"queue full ({self._held}/{self.capacity} tasks held): "
-                    f"{len(tasks)} task(s) not enqueued",
-                    backend="memory",
-                    operation="put_if",
-                )
-            self._values[key] = (value, None)
-            if tasks:
-                self._enqueue(tasks, now)
-            return True
-
-    def scan_values(self, prefix: str) -> dict[str, str]:
-        with self._cond:
-            self._check_open("scan_values")
-            now = self._clock()
-            return {
-                key: held[0]
-                for key, held in sorted(self._values.items())
-                if key.startswith(prefix) and (held[1] is None or held[1] > now)
-            }
-
-    def delete_values(self, keys: Sequence[str]) -> int:
-        with self._cond:
-            self._check_open("delete_values")
-            now = self._clock()
-            live = [key for key in set(keys) if self._live_value(key, now) is not None]
-            for key in set(keys):
-                self._values.pop(key, None)
-            return len(live)
-
-    # -- admin side ----------------------------------------------------------------------------
-
-    def dead_letters(self, where: DeadLetterFilter) -> list[DeadLetter]:
-        self._check_open("dead_letters")
-        return self.dead_letter_store.records(where)
-
-    def replay(self, ids: Sequence[str]) -> int:
-        """Put dead tasks back with attempts reset to 0; all or none, waiting for room like put."""
-        with self._cond:
-            self._check_open("replay")
-            wanted = frozenset(ids)
-            found = self.dead_letter_store.records(DeadLetterFilter(ids=wanted))
-            if not found:
-                return 0
-            self._wait_for_room(len(found), None, "replay")
-            tasks = [
-                replace(r.task, attempt=0, not_before=0.0)
-                for r in self.dead_letter_store.take(wanted)
-            ]
-            for task in tasks:
-                self._redelivered.discard(task.id)
-            self._enqueue(tasks, self._clock())
-            return len(tasks)
-
-    def dead_letter_count(self) -> int:
-        return self.dead_letter_store.count()
-
-    def oldest_enqueued_at(self) -> dict[str, float]:
-        """Per type, the earliest ``enqueued_at`` of its ready, delayed and leased tasks."""
-        with self._cond:
-            self._check_open("oldest_enqueued_at")
-            tasks: list[Task] = [t for queue in self._ready.values() for t in queue]
-            tasks.extend(t for _, _, t in self._delayed)
-            tasks.extend(lease.task for lease in self._leases.values())
-        oldest: dict[str, float] = {}
-        for task in tasks:
-            oldest[task.type] = min(task.enqueued_at, oldest.get(task.type, task.enqueued_at))
-        return oldest
-
-    def purge(self, where: DeadLetterFilter) -> int:
-        self._check_open("purge")
-        return self.dead_letter_store.purge(where)
-
-    def drain_to_dead_letters(
-        self,
-        reason: str = DeadReason.SHUTDOWN,
-        include_leased: bool = False,
-        now: float | None = None,
-    ) -> list[DeadLetter]:
-        """Move every queued and delayed task (and leased ones if asked) to the dead letters.
-
-        The engine calls this at shutdown, after releasing its prefetched tasks, so that nothing
-        on this in-process broker is lost silently. Leased deliveries drained here are fenced:
-        a late ack answers FENCED. Works after ``close()``. Returns the records written.
-        """
-        with self._cond:
-            at = self._clock() if now is None else now
-            tasks: list[Task] = [t for queue in self._ready.values() for t in queue]
-            tasks.extend(t for _, _, t in sorted(self._delayed))
-            if include_leased:
-                tasks.extend(lease.task for lease in self._leases.values())
-            if not tasks:
-                return []
-            records = [_drained(t, reason, at) for t in tasks]
-            self.dead_letter_store.add_many(records)
-            self._ready.clear()
-            self._redelivered.clear()
-            self._delayed.clear()
-            self._delayed_count.clear()
-            if include_leased:
-                self._leases.clear()
-                self._leased_count.clear()
-                self._expiry.clear()
-            self._held -= len(tasks)
-            self._cond.notify_all()
-            return records
-
     # -- internals (called with the lock held) -------------------------------------------------
 
     def _check_open(self, operation: str) -> None:
@@ -666,17 +515,15 @@ class MemoryBroker(BaseBroker):
         del self._pauses[type_name]
         return False
 
-    def _live_value(self, key: str, now: float) -> str | None:
-        """The value of ``key``, or None when it is absent or its ttl ran out."""
-        held = self._values.get(key)
-        if held is None or (held[1] is not None and held[1] <= now):
-            return None
-        return held[0]
-
-    def _apply(self, effects: Effects) -> None:
-        """A settle's effects, after it took effect: puts (never refused for capacity), then
-        sets, then deletes."""
+    def _apply(self, effects: Effects, type_name: str) -> None:
+        """A settle's effects, after it took effect: its outcome for the type's circuit, puts
+        (never refused for capacity), then sets, then deletes."""
         now = self._clock()
+        breaker = self._breakers.get(type_name) if effects.circuit is not None else None
+        if breaker is not None and effects.circuit is not None:
+            circuit = circuit_at(breaker, self._circuits.get(type_name), now)
+            self._circuits[type_name] = circuit_recorded(breaker, circuit, effects.circuit, now)
+            self._cond.notify_all()  # a circuit closed lets a waiting get take the type
         if effects.puts:
             self._enqueue(effects.puts, now)
         values = self._values
@@ -737,19 +584,8 @@ class MemoryBroker(BaseBroker):
         for name, bucket in self._buckets.items():
             if self._ready.get(name):  # its next token hands one of them out
                 due = min(due, next_token_at(self._rates[name], bucket))
+        for name, circuit in self._circuits.items():
+            reopens = circuit_reopens_at(self._breakers[name], circuit)
+            if reopens is not None and self._ready.get(name):
+                due = min(due, reopens)  # it may probe then
         return due
-
-
-def _drained(task: Task, reason: str, at: float) -> DeadLetter:
-    last = task.history[-1] if task.history else None
-    return DeadLetter(
-        task=replayable(task),
-        reason=reason,
-        error_type=last.error_type if last else "",
-        message=last.message if last else f"never ran: the broker was drained ({reason})",
-        traceback=last.traceback if last else "",
-        attempts=task.attempt,
-        first_attempt_at=task.history[0].started_at if task.history else 0.0,
-        last_attempt_at=last.started_at if last else 0.0,
-        dead_at=at,
-    )

@@ -4,14 +4,17 @@ The field descriptions also make the JSON schema (runner.config.schema) and the 
 Durations accept ``250ms``, ``2s``, ``5m``, ``1h`` or a number of seconds and are seconds (float)
 once validated; rates accept ``N/s``, ``N/m``, ``N/h``.
 
-Size: about 490 lines because it holds every model of the YAML file in one place, which is
+Size: about 590 lines because it holds every model of the YAML file in one place, which is
 where a reader looks for a key (the checks of schedule values are in runner.config.schedules).
+The next split: the per-type flow-control models (rate limit, circuit breaker, unique) into a
+module of their own, once the shared field types (Duration, Rate, _Model) move out of this one.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import string
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -299,6 +302,48 @@ class RateLimitConfig(_Model):
         return self.burst if self.burst is not None else max(1, math.ceil(self.rate))
 
 
+class CircuitBreakerConfig(_Model):
+    """Stops handing out a type whose calls keep failing, for every process together."""
+
+    failure_rate: float = Field(
+        0.5, gt=0, le=1, description="share of failed calls in the window that opens it"
+    )
+    min_calls: int = Field(20, ge=1, description="calls in the window before it may open")
+    window: Duration = Field(30.0, gt=0, description="the sliding window calls are counted in")
+    open_for: Duration = Field(60.0, gt=0, description="how long it stays open before probing")
+    half_open_calls: int = Field(3, ge=1, description="probes handed out once open_for has passed")
+
+
+def _key_template(template: str) -> str:
+    """A unique key template: text with ``{payload}`` or ``{payload.field.sub}`` fields."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"invalid key template {template!r}: {exc}") from None
+    for name in fields:
+        if name != "payload" and not name.startswith("payload."):
+            raise ValueError(
+                f"key template field {{{name}}}: use {{payload}} or {{payload.field}}, "
+                "e.g. '{payload.user_id}'"
+            )
+    if not template:
+        raise ValueError("the key template is empty")
+    return template
+
+
+class UniqueConfig(_Model):
+    """Publishing a task whose key is held adds nothing and returns the holder's id."""
+
+    key: Annotated[str, AfterValidator(_key_template)] = Field(
+        description="the task's key, from its payload: '{payload.user_id}' (the type is "
+        "added: keys of two types never collide)",
+        examples=["{payload.user_id}", "report-{payload.day}"],
+    )
+    ttl: Duration = Field(
+        0.0, ge=0, description="how long the key stays held after the task is done or dead"
+    )
+
+
 class TaskTypeConfig(_Model):
     """One kind of task: its handler and how it may run."""
 
@@ -328,6 +373,13 @@ class TaskTypeConfig(_Model):
         None,
         description="at most this many starts per second across every process: 50/s, or "
         "{rate: 50/s, burst: 10}",
+    )
+    unique: UniqueConfig | None = Field(
+        None, description="one task per key at a time: {key: '{payload.user_id}', ttl: 10m}"
+    )
+    circuit_breaker: CircuitBreakerConfig | None = Field(
+        None,
+        description="stop handing the type out while its calls keep failing ({} for defaults)",
     )
 
 
@@ -452,6 +504,13 @@ class MiddlewareConfig(_Model):
     )
 
 
+def _comma_list(value: Any) -> Any:
+    # DQ_TYPES=resize,report and --types resize,report: a comma-separated string.
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
 class PipelineConfig(_Model):
     """A whole pipeline, validated."""
 
@@ -467,6 +526,11 @@ class PipelineConfig(_Model):
     )
     handler_paths: tuple[str, ...] = Field(
         (), description="extra import directories, relative to the config file"
+    )
+    types: Annotated[tuple[TypeName, ...], BeforeValidator(_comma_list)] | None = Field(
+        None,
+        description="run only these task types in this process (default: all): "
+        "--types resize,report or DQ_TYPES=resize,report",
     )
     retry: RetryPolicy = RetryPolicy()
     task_types: dict[TypeName, TaskTypeConfig] = Field(

@@ -90,6 +90,9 @@ def cross_field_problems(inputs: Inputs) -> list[Finding]:
         judge(_backoff, path, name)
     for name in _names(inputs, ("schedules",)):
         judge(_scheduled_type, name)
+    for index in range(len(_served(inputs))):
+        judge(_served_type, index)
+    judge(_served_here)
     if _present(inputs, ("simulate",)):
         for section in ("mix", "faults"):
             for name in _names(inputs, ("simulate", section)):
@@ -220,6 +223,33 @@ def _scheduled_type(inputs: Inputs, name: str) -> Finding | None:
     if type_name in declared:
         return None
     return Finding(("schedules", name, "type"), _unknown_type(type_name, dict.fromkeys(declared)))
+
+
+def _served_here(inputs: Inputs) -> Finding | None:
+    kind = _kind(inputs, "broker")
+    left_out = set(inputs.names(("task_types",), complete=True)) - set(_served(inputs))
+    if not _served(inputs) or not left_out or is_class_kind(kind) or BROKER_KINDS[kind].shared:
+        return None
+    return Finding(
+        ("types",),
+        f"the {kind} broker's queue lives in this process: the types left out would never "
+        "run (use sqlite or redis to split types across processes)",
+    )
+
+
+def _served(inputs: Inputs) -> tuple[str, ...]:
+    try:
+        return tuple(inputs.value(("types",)) or ())
+    except Unknown:
+        return ()
+
+
+def _served_type(inputs: Inputs, index: int) -> Finding | None:
+    declared = inputs.names(("task_types",), complete=True)
+    type_name = _served(inputs)[index]
+    if type_name in declared:
+        return None
+    return Finding(("types", index), _unknown_type(type_name, dict.fromkeys(declared)))
 
 
 def _mix_weights(inputs: Inputs) -> Finding | None:

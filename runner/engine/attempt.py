@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from runner.brokers.base import Answer, Delivery, Effects, Settle
+from runner.brokers.base import UNIQUE_PREFIX, Answer, Delivery, Effects, Settle, SetValue
 from runner.engine.retry import RetryPlan, error_name
 from runner.engine.settle import Outcome
 from runner.engine.timeouts import Guard, Run, Watchdog
@@ -35,6 +35,7 @@ from runner.model import (
     Cancellation,
     DeadLetter,
     DeadReason,
+    Task,
     TaskContext,
     replayable,
 )
@@ -62,6 +63,10 @@ class TypeRuntime:
     plan: RetryPlan
     #: The type's middleware chain, in order (``handler`` is already wrapped by it).
     middleware: tuple[Middleware, ...] = ()
+    #: The type has a circuit breaker: its settles carry their outcome (Effects.circuit).
+    breaker: bool = False
+    #: How long a unique task's key stays held after it is done (its type's unique.ttl).
+    unique_ttl: float = 0.0
 
     def __post_init__(self) -> None:
         # Only the middlewares that override a hook are called for it: none costs nothing.
@@ -72,6 +77,17 @@ class TypeRuntime:
     before: tuple[Middleware, ...] = field(default=(), init=False)
     after: tuple[Middleware, ...] = field(default=(), init=False)
     on_dead: tuple[Middleware, ...] = field(default=(), init=False)
+
+
+#: A success's settle effects, for a type with a circuit breaker.
+_SUCCEEDED = Effects(circuit=True)
+
+
+def _with_circuit(outcome: Outcome, succeeded: bool) -> Outcome:
+    """``outcome`` with its settle carrying ``succeeded`` for the type's circuit breaker."""
+    op = outcome.settle
+    effects = replace(op.effects or Effects(), circuit=succeeded)
+    return outcome._replace(settle=op._replace(effects=effects))
 
 
 def worker_identity() -> str:
@@ -119,6 +135,29 @@ class Attempts:
 
     def run(self, guard: Guard, delivery: Delivery) -> Outcome:
         """Run one delivery; how it ends, for the Settler (which calls ``settled``)."""
+        outcome = self._run(guard, delivery)
+        if delivery.task.unique_key:
+            return self._letting_key_go(outcome, delivery.task)
+        return outcome
+
+    def _letting_key_go(self, outcome: Outcome, task: Task) -> Outcome:
+        """A unique task's ack or dead-letter also lets its key go, in the same broker step:
+        held on for its type's ``unique.ttl``, or deleted at once. A retry keeps it, and so
+        does an uncounted Retry (its ack puts the task back)."""
+        op = outcome.settle
+        effects = op.effects or Effects()
+        if op.kind not in ("ack", "dead") or any(t.id == task.id for t in effects.puts):
+            return outcome
+        rt = self.types.get(task.type)
+        ttl = rt.unique_ttl if rt is not None else 0.0
+        key = UNIQUE_PREFIX + task.unique_key
+        if ttl:
+            effects = replace(effects, sets=(*effects.sets, SetValue(key, task.id, ttl)))
+        else:
+            effects = replace(effects, deletes=(*effects.deletes, key))
+        return outcome._replace(settle=op._replace(effects=effects))
+
+    def _run(self, guard: Guard, delivery: Delivery) -> Outcome:
         task = delivery.task
         rt = self.types.get(task.type)
         started = time.time()
@@ -200,9 +239,12 @@ class Attempts:
             # timeout_action: cancel, or an interrupt that landed after the handler returned.
             error = TimeoutError(f"ran past its timeout of {rt.timeout_s}s")
         if error is None:
-            return Outcome(
-                Settle(delivery, "ack"), EventName.TASK_SUCCEEDED, {"duration_s": duration}
+            ack = (
+                Settle(delivery, "ack", effects=_SUCCEEDED)
+                if rt.breaker
+                else Settle(delivery, "ack")
             )
+            return Outcome(ack, EventName.TASK_SUCCEEDED, {"duration_s": duration})
         return self._failed(delivery, rt, error, started, duration, run)
 
     def overrunning(self) -> int:
@@ -235,23 +277,29 @@ class Attempts:
         decision = rt.plan.decide(error, task.attempt)
         if not decision.retry:
             assert decision.reason is not None  # decide() names why for every task it ends
-            return self._dead(delivery, started, decision.reason, kind, message, trace, duration)
-        if not decision.counted and self.hand_back:
-            return self._handed_back(delivery, decision.delay_s, kind, message, duration)
-        failure = AttemptRecord(
-            task.attempt, kind, message, trace, started, duration, self.identity
-        )
-        return Outcome(
-            Settle(delivery, "retry", decision.delay_s, failure),
-            EventName.TASK_RETRYING,
-            {
-                "duration_s": duration,
-                "delay_s": decision.delay_s,
-                "error": f"{kind}: {message}",
-                "error_type": kind,
-                "traceback": trace,
-            },
-        )
+            outcome = self._dead(delivery, started, decision.reason, kind, message, trace, duration)
+        elif not decision.counted and self.hand_back:
+            outcome = self._handed_back(delivery, decision.delay_s, kind, message, duration)
+        else:
+            failure = AttemptRecord(
+                task.attempt, kind, message, trace, started, duration, self.identity
+            )
+            outcome = Outcome(
+                Settle(delivery, "retry", decision.delay_s, failure),
+                EventName.TASK_RETRYING,
+                {
+                    "duration_s": duration,
+                    "delay_s": decision.delay_s,
+                    "error": f"{kind}: {message}",
+                    "error_type": kind,
+                    "traceback": trace,
+                },
+            )
+        # A circuit counts what says something about the downstream: exceptions and timeouts,
+        # not never_retry names or PermanentError (the task's own fault).
+        if rt.breaker and (decision.retry or decision.reason is DeadReason.EXHAUSTED):
+            outcome = _with_circuit(outcome, succeeded=False)
+        return outcome
 
     def _handed_back(
         self, delivery: Delivery, delay_s: float, kind: str, message: str, duration: float

@@ -84,6 +84,7 @@ _WARNING_EVENTS = frozenset(
         EventName.SCHEDULE_FULL,
         EventName.SCHEDULE_FAILED,
         EventName.SCHEDULE_CLOCK_SKEW,
+        EventName.CIRCUIT_OPENED,
     }
 )
 # One per task published: the publisher logs one INFO line per batch instead.

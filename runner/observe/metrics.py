@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 
-from runner.brokers.base import Bucket, Depth
+from runner.brokers.base import Bucket, Circuit, Depth
 from runner.config.models import MetricsConfig
 from runner.errors import RunnerError
 from runner.events import Event, EventName
@@ -45,6 +45,10 @@ DEAD_REASONS = tuple(r for r in DeadReason if r is not DeadReason.CORRUPT_RECORD
 # Seconds. Handlers range from milliseconds to minutes; queue waits can reach hours in a backlog.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 QUEUE_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+
+#: dq_circuit_state's value for each state of a circuit.
+_CIRCUIT_STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 
 
 class RuntimeState(Protocol):
@@ -72,6 +76,10 @@ class RuntimeState(Protocol):
 
     def buckets(self) -> dict[str, Bucket]:
         """The rate-limited types' token buckets, read from the broker."""
+        ...
+
+    def circuits(self) -> dict[str, Circuit]:
+        """The circuit-broken types' circuits, read from the broker."""
         ...
 
 
@@ -106,6 +114,7 @@ class _StateCollector:
             dead = self._state.dead_letter_count()
             overrunning = self._state.overrunning()
             buckets = self._state.buckets()
+            circuits = self._state.circuits()
         except Exception as exc:
             with self._lock:
                 self.errors += 1
@@ -165,6 +174,15 @@ class _StateCollector:
                 tokens.add_metric([type_], bucket.tokens)
             yield limited
             yield tokens
+        if circuits:
+            state = GaugeMetricFamily(
+                "dq_circuit_state",
+                "The type's circuit breaker: 0 closed, 1 half-open, 2 open (from the broker)",
+                labels=["type"],
+            )
+            for type_, circuit in sorted(circuits.items()):
+                state.add_metric([type_], _CIRCUIT_STATES[circuit.state])
+            yield state
 
     def _errors_metric(self) -> Metric:
         return CounterMetricFamily(
@@ -203,6 +221,9 @@ class MetricsListener:
         self.interrupts = counter("dq_interrupts_total", "Asynchronous interrupts raised")
         self.overruns = counter("dq_overruns_total", "Interrupted handlers that did not return")
         self.reconnects = counter("dq_broker_reconnects_total", "Broker reconnect attempts", ())
+        self.unique_hits = counter(
+            "dq_unique_hits_total", "Publishes of a unique task whose key was held: not put"
+        )
         self.duration = Histogram(
             "dq_task_duration_seconds",
             "Handler run time per finished attempt",
@@ -232,7 +253,8 @@ class MetricsListener:
         for type_ in state.limits():
             for family in (self.published, self.started, self.succeeded, self.retried,
                            self.timed_out, self.expired, self.lease_lost, self.interrupts,
-                           self.overruns, self.duration, self.queue_wait):  # fmt: skip
+                           self.overruns, self.unique_hits, self.duration,
+                           self.queue_wait):  # fmt: skip
                 family.labels(type=type_)
             for reason in DEAD_REASONS:
                 self.dead.labels(type=type_, reason=reason)
@@ -268,6 +290,8 @@ class MetricsListener:
                 self.overruns.labels(type_).inc()
             case EventName.BROKER_RECONNECTING:
                 self.reconnects.inc()
+            case EventName.TASK_DEDUPLICATED:
+                self.unique_hits.labels(type_).inc()
             case EventName.SCHEDULE_FIRED:
                 schedule = event.schedule or "unknown"
                 self.schedule_fires.labels(schedule).inc()

@@ -37,6 +37,7 @@ KIND_OF: dict[str, str] = {
     EventName.TASK_LEASE_LOST: "lease_lost",
     EventName.TASK_INTERRUPTED: "interrupted",
     EventName.TASK_OVERRUN: "overrun",
+    EventName.TASK_DEDUPLICATED: "deduplicated",
 }
 
 

@@ -27,9 +27,11 @@ from typing import Any, TypeVar
 
 from runner.backends import broker_class, create_broker
 from runner.brokers.base import (
+    UNIQUE_PREFIX,
     Broker,
     BrokerAdmin,
     Bucket,
+    Circuit,
     DeadLetterFilter,
     Depth,
     Pause,
@@ -39,7 +41,14 @@ from runner.config.models import PipelineConfig, parse_duration
 from runner.config.models import parse_rate as config_parse_rate
 from runner.deadletter.file import FileDeadLetters
 from runner.errors import BrokerError, NotSupported, QueueFull, UsageError
-from runner.model import DeadLetter, Task, expires_at_of, not_before_of, require_type
+from runner.model import (
+    DeadLetter,
+    Task,
+    expires_at_of,
+    not_before_of,
+    require_type,
+    unique_key_of,
+)
 from runner.ops.drafts import Draft
 
 T = TypeVar("T")
@@ -86,10 +95,12 @@ def publish(
     delay_s: float = 0.0,
     at: datetime | None = None,
     expires_s: float | None = None,
-) -> list[str]:
+    unique_key: str | None = None,
+) -> list[tuple[str, str]]:
     """Put every draft as one all-or-nothing batch, held back ``delay_s`` or until ``at``,
-    expiring ``expires_s`` from now (default: each type's ``expires``); returns the task ids
-    in input order.
+    expiring ``expires_s`` from now (default: each type's ``expires``); returns, in input
+    order, each task's id and "" or, for a unique task whose key is held (``unique_key``, or
+    its type's ``unique.key``), the holder's id and the key (nothing was put for it).
 
     Blocks up to ``broker.enqueue_timeout`` for room, then QueueFull (nothing published).
     """
@@ -108,17 +119,30 @@ def publish(
             enqueued_at=now,
             not_before=not_before,
             expires_at=expires_at_of(now, expires_s, config.task_types[d.type].expires),
+            unique_key=unique_key_of(d.type, d.payload, _template(config, d.type), unique_key),
         )
         for d in drafts
     ]
     broker = create_broker(config)
     try:
-        broker.put_many(tasks)
+        if any(task.unique_key for task in tasks):
+            answers = broker.put_unique(tasks)
+        else:
+            broker.put_many(tasks)
+            answers = [task.id for task in tasks]
     except QueueFull as exc:
         raise QueueFull(f"{exc}; nothing was published") from exc
     finally:
         broker.close()
-    return [task.id for task in tasks]
+    return [
+        (answer, "" if answer == task.id else task.unique_key)
+        for task, answer in zip(tasks, answers, strict=True)
+    ]
+
+
+def _template(config: PipelineConfig, type_name: str) -> str | None:
+    unique = config.task_types[type_name].unique
+    return unique.key if unique else None
 
 
 # -- the admin side --------------------------------------------------------------------------
@@ -306,6 +330,20 @@ def replay(
     return moved
 
 
+def held_unique(admin: BrokerAdmin, records: Sequence[DeadLetter]) -> dict[str, str]:
+    """The records whose unique key is held now (by a task queued since): id -> the holder.
+    Replay skips them (they would run the same key twice)."""
+    keyed = [r for r in records if r.task.unique_key]
+    if not keyed or not isinstance(admin, Broker) or not admin.settle_effects:
+        return {}
+    held = admin.read_values([UNIQUE_PREFIX + r.task.unique_key for r in keyed])
+    return {
+        r.id: held[UNIQUE_PREFIX + r.task.unique_key]
+        for r in keyed
+        if held.get(UNIQUE_PREFIX + r.task.unique_key, r.id) != r.id
+    }
+
+
 def purge(admin: BrokerAdmin, records: Sequence[DeadLetter]) -> int:
     """Delete exactly these records (not whatever matches the filter by now)."""
     if not records:
@@ -366,6 +404,8 @@ class Stats:
     paused: dict[str, float | None] = field(default_factory=dict)
     # Rate-limited types: the limit and its bucket now.
     rate_limits: dict[str, tuple[RateLimit, Bucket]] = field(default_factory=dict)
+    # Types with a circuit breaker: the circuit now.
+    circuits: dict[str, Circuit] = field(default_factory=dict)
 
     @property
     def oldest_age_s(self) -> float | None:
@@ -383,6 +423,7 @@ class Stats:
                     "paused": name in self.paused,
                     "paused_until": self.paused.get(name),
                     "rate_limit": _rate_json(self.rate_limits.get(name)),
+                    "circuit": _circuit_json(self.circuits.get(name)),
                 }
                 for name, s in self.types.items()
             },
@@ -408,20 +449,26 @@ def stats(config: PipelineConfig, admin: BrokerAdmin, now: float | None = None) 
     paused: dict[str, float | None] = {}
     limits: dict[str, RateLimit] = {}
     buckets: dict[str, Bucket] = {}
+    circuits: dict[str, Circuit] = {}
     if isinstance(admin, Broker) and admin.gates_in_get:
+        breakers = False
         for name, gates in admin.gates().items():
             for gate in gates:
                 if isinstance(gate, Pause):
                     paused[name] = gate.until
-                else:
+                elif isinstance(gate, RateLimit):
                     limits[name] = gate
+                else:
+                    breakers = True
         buckets = admin.buckets() if limits else {}
+        circuits = admin.circuits() if breakers else {}
     rate_limits = {n: (limit, buckets[n]) for n, limit in limits.items() if n in buckets}
     return Stats(
         types=types,
         dead_letters=admin.dead_letter_count(),
         paused=paused,
         rate_limits=rate_limits,
+        circuits=circuits,
     )
 
 
@@ -434,6 +481,17 @@ def _rate_json(held: tuple[RateLimit, Bucket] | None) -> dict[str, float] | None
         "burst": limit.burst,
         "tokens": bucket.tokens,
         "limited_s": bucket.limited_s,
+    }
+
+
+def _circuit_json(circuit: Circuit | None) -> dict[str, Any] | None:
+    if circuit is None:
+        return None
+    return {
+        "state": circuit.state,
+        "since": circuit.since,
+        "calls": circuit.calls,
+        "failures": circuit.failures,
     }
 
 

@@ -83,6 +83,11 @@ def cli() -> None:
 @click.option("--until-empty", is_flag=True, help="Exit when nothing is ready, delayed or running.")
 @click.option("--no-simulate", is_flag=True, help="Ignore the config's `simulate` section.")
 @click.option(
+    "--types",
+    metavar="TYPE,...",
+    help="Run only these task types in this process (override `types`; DQ_TYPES too).",
+)
+@click.option(
     "--replay",
     is_flag=True,
     help="First put every dead letter back in the queue (attempts reset). The way to replay "
@@ -98,6 +103,7 @@ def run(
     workers: int | None,
     until_empty: bool,
     no_simulate: bool,
+    types: str | None,
     replay: bool,
     summary_json: Path | None,
 ) -> None:
@@ -105,7 +111,9 @@ def run(
     from runner.config.load import config_warnings, load_config
     from runner.ops.service import RunOptions, serve
 
-    flags = {"workers": workers} if workers is not None else {}
+    flags: dict[str, object] = {"workers": workers} if workers is not None else {}
+    if types is not None:
+        flags["types"] = types
     config = load_config(config_file, flags=flags)
     for warning in config_warnings(config):
         click.echo(f"warning: {warning}", err=True)
@@ -194,6 +202,7 @@ def schema() -> None:
 @click.option(
     "--expires", metavar="DURATION", help="Not run if not started within this long (10m)."
 )
+@click.option("--unique-key", metavar="KEY", help="Publish only if no task of the type holds KEY.")
 def publish(
     config_file: str,
     type_name: str | None,
@@ -202,8 +211,12 @@ def publish(
     delay: str | None,
     at: str | None,
     expires: str | None,
+    unique_key: str | None,
 ) -> None:
-    """Publish tasks and print their ids. All input is checked first: all or nothing."""
+    """Publish tasks and print their ids. All input is checked first: all or nothing.
+
+    A unique task whose key is held is not published: the holder's id is printed, followed
+    by a note saying so."""
     from runner.config.load import load_config
     from runner.ops import admin
     from runner.ops.drafts import read_drafts
@@ -222,8 +235,10 @@ def publish(
         with click.open_file(input_file, mode="rb") as raw:
             lines = _utf8_lines(raw, source)
             drafts = read_drafts(config, type_name, payload_json, lines, source)
-    for task_id in admin.publish(config, drafts, delay_s, when, expires_s):
-        click.echo(task_id)
+    for task_id, held in admin.publish(config, drafts, delay_s, when, expires_s, unique_key):
+        click.echo(
+            f"{task_id}  (not published: unique key {held!r} is held by it)" if held else task_id
+        )
 
 
 def _utf8_lines(raw: Iterable[bytes], source: str) -> Iterator[str]:
@@ -348,6 +363,10 @@ def dlq_replay(
         records, missing = admin.select_for_replay(target, ids, replay_all, where)
         for task_id in missing:
             click.echo(f"warning: no matching dead letter with id {task_id}", err=True)
+        held = admin.held_unique(target, records)
+        for task_id, holder in held.items():
+            click.echo(f"skipped {task_id}: its unique key is held by {holder}", err=True)
+        records = [r for r in records if r.id not in held]
         if not records:
             click.echo("nothing to replay: no dead letter matches")
             return

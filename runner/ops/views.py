@@ -153,6 +153,7 @@ def stats_table(stats: Stats, width: int | None = None) -> str:
             f"oldest task:  {age(stats.oldest_age_s)}",
             *([f"paused:       {paused_list(stats.paused)}"] if stats.paused else []),
             *([f"rate limits:  {rate_list(stats)}"] if stats.rate_limits else []),
+            *([f"circuits:     {circuit_list(stats)}"] if stats.circuits else []),
         ]
     )
 
@@ -171,4 +172,13 @@ def paused_list(paused: dict[str, float | None]) -> str:
     return ", ".join(
         f"{name} (until {'resumed' if until is None else utc(until)})"
         for name, until in sorted(paused.items())
+    )
+
+
+def circuit_list(stats: Stats) -> str:
+    """``payment open since 2026-12-04T18:00:00Z, email closed``."""
+    return ", ".join(
+        f"{name} {circuit.state.replace('_', '-')}"
+        + (f" since {utc(circuit.since)}" if circuit.state != "closed" else "")
+        for name, circuit in sorted(stats.circuits.items())
     )

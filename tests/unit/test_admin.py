@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.brokers.base import DeadLetterFilter, Depth, RateLimit
+from runner.brokers.base import CircuitBreaker, DeadLetterFilter, Depth, RateLimit
 from runner.brokers.memory import MemoryBroker
 from runner.brokers.sqlite.broker import SqliteBroker
 from runner.config.load import load_config
@@ -169,6 +169,7 @@ def test_stats_on_a_sqlite_broker(tmp_path: Path) -> None:
         "paused": False,
         "paused_until": None,
         "rate_limit": None,
+        "circuit": None,
     }
 
 
@@ -187,6 +188,22 @@ def test_stats_show_a_rate_limited_types_bucket(tmp_path: Path) -> None:
     assert (limit["rate"], limit["burst"], limit["tokens"], limit["limited_s"]) == (0.5, 2, 2, 0)
     table = views.stats_table(result)
     assert "rate limits:  email 30/m (burst 2, 2.0 tokens, held back 0ms)" in table
+
+
+def test_stats_show_each_circuit(tmp_path: Path) -> None:
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(
+        f"broker: {{kind: sqlite, path: {tmp_path / 'q.db'}}}\n"
+        "task_types:\n  email: {handler: handlers.demo:send_email, circuit_breaker: {}}\n"
+    )
+    config = load_config(config_file)
+    with admin.open_admin(config) as target:
+        assert isinstance(target, SqliteBroker)
+        target.set_gate("email", CircuitBreaker(0.5, 20, 30, 60, 3))
+        result = admin.stats(config, target)
+    circuit = result.to_json()["types"]["email"]["circuit"]
+    assert (circuit["state"], circuit["calls"], circuit["failures"]) == ("closed", 0, 0)
+    assert "circuits:     email closed" in views.stats_table(result)
 
 
 def test_memory_configs_refuse_publish_and_stats(tmp_path: Path) -> None:

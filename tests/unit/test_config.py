@@ -239,7 +239,8 @@ def test_merge_keys_and_anchors(tmp_path: Path) -> None:
     found = problems(write(tmp_path, text))
     assert found == [
         f"{tmp_path / 'c.yaml'}:1:1: defaults: unknown key 'defaults' (known: "
-        "version, broker, workers, prefetch, handler_paths, retry, task_types, dead_letter, "
+        "version, broker, workers, prefetch, handler_paths, types, retry, task_types, "
+        "dead_letter, "
         "metrics, logging, shutdown, simulate, schedules, middleware)"
     ]
     text = (

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from runner.brokers.base import Bucket, Depth
+from runner.brokers.base import Bucket, Circuit, Depth
 from runner.config.models import MetricsConfig
 from runner.errors import RunnerError
 from runner.events import Event, EventBus
@@ -29,6 +29,7 @@ class FakeState:
         self.dead_count: int | None = 3
         self.fail = False
         self.bucket_by_type: dict[str, Bucket] = {}
+        self.circuit_by_type: dict[str, Circuit] = {}
 
     def depth(self) -> dict[str, Depth]:
         if self.fail:
@@ -49,6 +50,9 @@ class FakeState:
 
     def buckets(self) -> dict[str, Bucket]:
         return dict(self.bucket_by_type)
+
+    def circuits(self) -> dict[str, Circuit]:
+        return dict(self.circuit_by_type)
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -355,3 +359,15 @@ def test_rate_limited_types_report_their_bucket_from_the_broker() -> None:
     found = samples(listener.exposition().decode())
     assert value(found, "dq_rate_limited_seconds_total", type="email") == 7.25
     assert value(found, "dq_rate_limit_tokens", type="email") == 2.5
+
+
+def test_circuit_states_are_a_gauge_per_type() -> None:
+    state = FakeState()
+    listener = MetricsListener(MetricsConfig(enabled=False), state)
+    state.circuit_by_type = {
+        "email": Circuit("open", since=0.0, window_start=0.0),
+        "resize": Circuit("half_open", since=0.0, window_start=0.0),
+    }
+    found = samples(listener.exposition().decode())
+    assert value(found, "dq_circuit_state", type="email") == 2
+    assert value(found, "dq_circuit_state", type="resize") == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from runner.brokers.base import Bucket, Depth
+from runner.brokers.base import Bucket, Circuit, Depth
 from runner.config.models import MetricsConfig
 from runner.events import Event
 from runner.model import DeadReason
@@ -37,6 +37,9 @@ class FakeState:
         return 0
 
     def buckets(self) -> dict[str, Bucket]:
+        return {}
+
+    def circuits(self) -> dict[str, Circuit]:
         return {}
 
 

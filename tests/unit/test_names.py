@@ -90,6 +90,7 @@ WIRE_EVENT_NAMES = {
     "middleware.failed",
     "schedule.fired", "schedule.missed", "schedule.full", "schedule.failed",
     "schedule.clock_skew", "schedule.removed", "rate_limit.set", "rate_limit.cleared",
+    "circuit.opened", "circuit.half_open", "circuit.closed", "task.deduplicated",
 }  # fmt: skip
 
 

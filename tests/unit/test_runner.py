@@ -12,7 +12,7 @@ from runner import PipelineConfig, UsageError, build_runtime
 from runner.brokers.base import DeadLetterFilter
 from runner.brokers.memory import MemoryBroker
 from runner.events import Event, EventName
-from tests.unit import time_handlers
+from tests.unit import flow_handlers, time_handlers
 
 
 def _config(**extra: object) -> PipelineConfig:
@@ -268,3 +268,113 @@ def test_a_rate_limit_the_file_no_longer_gives_is_cleared_at_start(tmp_path: Pat
     )
     with second:
         assert second.broker.gates() == {}
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_circuit_breaker_stops_calls_to_a_failing_downstream_and_closes_after(
+    kind: str, tmp_path: Path
+) -> None:
+    """Issue 22's bound: while the handler fails every call, attempts started <= min_calls +
+    in flight + half_open_calls per reopening; nothing is dead-lettered for the open circuit;
+    it closes once the downstream recovers and every task then succeeds."""
+    broker = {"kind": "sqlite", "path": str(tmp_path / "q.db")} if kind == "sqlite" else {}
+    config = PipelineConfig.model_validate(
+        {
+            "broker": broker,
+            "workers": 2,
+            "prefetch": 0,
+            "retry": {"max_attempts": 100, "backoff": {"initial": "10ms", "max": "20ms"}},
+            "task_types": {
+                "call": {
+                    "handler": "tests.unit.flow_handlers:call_downstream",
+                    "circuit_breaker": {
+                        "failure_rate": 0.5,
+                        "min_calls": 5,
+                        "window": "10s",
+                        "open_for": "300ms",
+                        "half_open_calls": 1,
+                    },
+                }
+            },
+        }
+    )
+    events: list[Event] = []
+
+    class Record:
+        def handle(self, event: Event) -> None:
+            events.append(event)
+
+    flow_handlers.down, flow_handlers.starts = True, []
+    runner = build_runtime(config, listeners=[Record()], observe=False)
+    for _ in range(40):
+        runner.publish("call", {})
+    with runner:
+        began = time.monotonic()
+        time.sleep(1.5)
+        failing = time.monotonic() - began
+        attempts = len(flow_handlers.starts)
+        assert runner.circuits()["call"].state in ("open", "half_open")
+        flow_handlers.down = False
+        assert runner.run_until_empty(timeout=60) is True
+        closed = runner.circuits()["call"]
+    reopenings = failing / 0.3 + 1
+    assert attempts <= 5 + 2 + 1 * reopenings, attempts
+    assert runner.summary.count("succeeded") == 40
+    assert runner.summary.to_dict()["dead_by_reason"] == {}
+    assert closed.state == "closed"
+    # The watch samples once a second: it saw the circuit held (open or half-open), and
+    # closed again at the end.
+    seen = [e.name for e in events if e.name.value.startswith("circuit.")]
+    assert seen[0] in (EventName.CIRCUIT_OPENED, EventName.CIRCUIT_HALF_OPEN), seen
+    assert seen[-1] is EventName.CIRCUIT_CLOSED
+
+
+def test_a_unique_task_is_published_once_per_key_until_it_is_done() -> None:
+    config = PipelineConfig.model_validate(
+        {
+            "task_types": {
+                "sync": {
+                    "handler": "tests.unit.time_handlers:note_run",
+                    "unique": {"key": "user-{payload.user}", "ttl": "300ms"},
+                },
+                "plain": {"handler": "tests.unit.time_handlers:note_run"},
+            }
+        }
+    )
+    events: list[Event] = []
+
+    class Record:
+        def handle(self, event: Event) -> None:
+            events.append(event)
+
+    runner = build_runtime(config, listeners=[Record()], observe=False)
+    first = runner.publish("sync", {"user": 7})
+    assert runner.publish("sync", {"user": 7, "other": "fields"}) == first  # the key is held
+    second_user = runner.publish("sync", {"user": 8})
+    assert second_user != first
+    assert runner.publish("plain", {}, unique_key="user-7") != first  # keys are per type
+    assert runner.depth()["sync"].ready == 2
+    with pytest.raises(UsageError, match=r"names \{payload.user\}"):
+        runner.publish("sync", {"name": "no user"})
+    with runner:
+        assert runner.run_until_empty(timeout=30) is True
+        assert runner.publish("sync", {"user": 7}) == first  # held on for its ttl, 300 ms
+        deadline = time.monotonic() + 30
+        while (again := runner.publish("sync", {"user": 7})) == first:
+            assert time.monotonic() < deadline, "the key's ttl never ran out"
+            time.sleep(0.05)
+        assert runner.run_until_empty(timeout=30) is True
+    assert again != first
+    deduplicated = [e for e in events if e.name is EventName.TASK_DEDUPLICATED]
+    assert deduplicated[0].task_id == first and "'sync:user-7'" in (deduplicated[0].detail or "")
+    assert runner.summary.count("deduplicated") == len(deduplicated)
+
+
+def test_a_unique_key_given_at_publish_is_let_go_when_the_task_is_done() -> None:
+    runner = build_runtime(_config(), observe=False)
+    first = runner.publish("work", {"n": 1}, unique_key="nightly")
+    assert runner.publish("work", {"n": 2}, unique_key="nightly") == first
+    with runner:
+        assert runner.run_until_empty(timeout=30) is True
+        assert runner.publish("work", {"n": 3}, unique_key="nightly") != first  # no ttl: free
+        assert runner.run_until_empty(timeout=30) is True

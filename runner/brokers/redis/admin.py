@@ -1,7 +1,8 @@
 """The BrokerAdmin half of RedisBroker: the operator commands (dead letters, replay, purge,
 queue ages), and the broker's plain calls beside the task path: its clock, the gates (set,
-cleared and listed here, with the rate limits' buckets; evaluated inside POLL) and the values
-settle effects and ``put_if`` set. Mixed into RedisBroker, whose client and call plumbing it
+cleared and listed here, with the rate limits' buckets and the circuit breakers' circuits;
+evaluated inside POLL, circuits also moved by SETTLE) and the values settle effects,
+``put_if`` and ``put_unique`` set. Mixed into RedisBroker, whose client and call plumbing it
 uses (declared below); the data model is in runner/brokers/redis/scripts.py.
 """
 
@@ -14,8 +15,18 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar
 
-from runner.brokers.base import Bucket, DeadLetterFilter, Gate, Pause, RateLimit
-from runner.brokers.flow import refilled
+from runner.brokers.base import (
+    UNIQUE_PREFIX,
+    Bucket,
+    Circuit,
+    CircuitBreaker,
+    CircuitState,
+    DeadLetterFilter,
+    Gate,
+    Pause,
+    RateLimit,
+)
+from runner.brokers.flow import circuit_at, refilled
 from runner.brokers.redis.scripts import GROUP
 from runner.codec import decode_dead_letter, encode_task
 from runner.errors import QueueFull
@@ -48,6 +59,9 @@ class RedisAdmin:
         raise NotImplementedError
 
     def _put_call(self, tasks: Sequence[Task]) -> tuple[list[str], list[Any]]:
+        raise NotImplementedError
+
+    def _line_here(self) -> Any:
         raise NotImplementedError
 
     def _with_capacity(
@@ -143,17 +157,26 @@ class RedisAdmin:
         seconds, micros = self._call(self._client.time, "now")
         return _seconds(seconds, micros)
 
+    def _circuit_keys(self) -> list[str]:
+        """The ``breakers`` and ``circuits`` hashes, as POLL and SETTLE take them."""
+        return [self._key("breakers"), self._key("circuits")]
+
     def set_gate(self, type_name: str, gate: Gate) -> None:
-        """A pause goes to ``gates``, a rate limit to ``rates`` (its bucket keeps its tokens)."""
+        """A pause goes to ``gates``, a rate limit to ``rates`` (its bucket keeps its tokens), a
+        circuit breaker to ``breakers`` (its circuit keeps its state)."""
         if isinstance(gate, RateLimit):
             key, value = self._key("rates"), f"{float(gate.rate)!r} {float(gate.burst)!r}"
+        elif isinstance(gate, CircuitBreaker):
+            key, value = self._key("breakers"), _breaker_field(gate)
         else:
             key, value = self._key("gates"), "" if gate.until is None else repr(float(gate.until))
         self._call(lambda: self._client.hset(key, type_name, value), "set_gate")
 
     def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
         if kind is RateLimit:
-            return self._clear_rate(type_name)
+            return self._clear_with_state(type_name, "rates", "buckets")
+        if kind is CircuitBreaker:
+            return self._clear_with_state(type_name, "breakers", "circuits")
         key = self._key("gates")
 
         def clear() -> list[Any]:
@@ -166,13 +189,14 @@ class RedisAdmin:
         pause, _, (seconds, micros) = self._call(clear, "clear_gate")
         return pause is not None and _in_force(pause, _seconds(seconds, micros))
 
-    def _clear_rate(self, type_name: str) -> bool:
-        """Delete the type's rate limit and its bucket; True when it had a rate limit."""
+    def _clear_with_state(self, type_name: str, gates: str, states: str) -> bool:
+        """Delete the type's field in the hash ``gates`` (``rates``, ``breakers``) and in the
+        hash of the state it keeps (``buckets``, ``circuits``); True when it had the gate."""
 
         def clear() -> list[Any]:
             pipe = self._client.pipeline(transaction=True)
-            pipe.hdel(self._key("rates"), type_name)
-            pipe.hdel(self._key("buckets"), type_name)
+            pipe.hdel(self._key(gates), type_name)
+            pipe.hdel(self._key(states), type_name)
             return list(pipe.execute())
 
         deleted, _ = self._call(clear, "clear_gate")
@@ -183,10 +207,11 @@ class RedisAdmin:
             pipe = self._client.pipeline(transaction=True)
             pipe.hgetall(self._key("gates"))
             pipe.hgetall(self._key("rates"))
+            pipe.hgetall(self._key("breakers"))
             pipe.time()
             return list(pipe.execute())
 
-        pauses, rates, (seconds, micros) = self._call(read, "gates")
+        pauses, rates, breakers, (seconds, micros) = self._call(read, "gates")
         now = _seconds(seconds, micros)
         held: dict[str, list[Gate]] = {}
         for name, until in pauses.items():
@@ -194,6 +219,8 @@ class RedisAdmin:
                 held.setdefault(name.decode(), []).append(Pause(float(until) if until else None))
         for name, rate in rates.items():
             held.setdefault(name.decode(), []).append(_rate_limit(rate))
+        for name, breaker in breakers.items():
+            held.setdefault(name.decode(), []).append(_breaker(breaker))
         return {name: tuple(found) for name, found in sorted(held.items())}
 
     def buckets(self) -> dict[str, Bucket]:
@@ -214,6 +241,24 @@ class RedisAdmin:
             for name, rate in sorted(rates.items())
         }
 
+    def circuits(self) -> dict[str, Circuit]:
+        """Each circuit-broken type's circuit as of Redis' TIME (read only, as ``buckets``: a
+        circuit only POLL and SETTLE move on is stored as they left it)."""
+
+        def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hgetall(self._key("breakers"))
+            pipe.hgetall(self._key("circuits"))
+            pipe.time()
+            return list(pipe.execute())
+
+        breakers, stored, (seconds, micros) = self._call(read, "circuits")
+        now = _seconds(seconds, micros)
+        return {
+            name.decode(): circuit_at(_breaker(breaker), _circuit(stored.get(name)), now)
+            for name, breaker in sorted(breakers.items())
+        }
+
     def read_values(self, keys: Sequence[str]) -> dict[str, str]:
         if not keys:
             self._call(lambda: None, "read_values")  # raises BrokerClosed once closed
@@ -232,6 +277,41 @@ class RedisAdmin:
             message = f"queue full: {len(tasks)} task(s) do not fit in capacity {self._capacity}"
             raise QueueFull(message, backend="redis", operation="put_if")
         return done == 1
+
+    def put_unique(self, tasks: Sequence[Task], timeout: float | None = None) -> list[str]:
+        """PUT_UNIQUE (put_unique.lua): the keys read, the fresh tasks put and their keys
+        held, in one script call; waits for room as ``put_many`` does, calling it again (the
+        keys may have changed meanwhile). Answers one id per task."""
+        if not tasks:
+            self._call(lambda: None, "put_unique")  # raises BrokerClosed once closed
+            return []
+        put_keys, put_args = self._put_call(tasks)
+        values: dict[str, int] = {}  # unique key -> its value key's index in KEYS
+        per_task: list[Any] = []
+        for task in tasks:
+            key = task.unique_key
+            per_task += [values.setdefault(key, len(values) + 1) if key else 0, task.id]
+        keys = [*(self._key("v", UNIQUE_PREFIX + key) for key in values), *put_keys]
+        args = [len(values), len(tasks), *per_task, *put_args]
+        line = self._line_here()  # this thread's own connection, as put_many
+        answers: list[str] = []
+
+        def attempt() -> bool:
+            reply = self._run("PUT_UNIQUE", keys, args, line)
+            if isinstance(reply, int):  # this many fresh tasks do not fit: nothing changed
+                if reply > self._capacity:  # could never fit: do not wait for it
+                    message = f"{reply} tasks exceed the capacity of {self._capacity}"
+                    raise QueueFull(message, backend="redis", operation="put_unique")
+                return False
+            answers[:] = [raw.decode() for raw in reply]
+            return True
+
+        full = (
+            f"queue full: of {len(tasks)} task(s), those whose unique key is free do not fit "
+            f"in capacity {self._capacity}"
+        )
+        self._with_capacity(attempt, timeout, full, "put_unique")
+        return answers
 
     def scan_values(self, prefix: str) -> dict[str, str]:
         """SCAN for the value keys under ``prefix`` (matched as text: its glob characters are
@@ -294,3 +374,53 @@ def _bucket(field: bytes | None) -> Bucket | None:
         return None
     tokens, at, limited_s = field.split()
     return Bucket(tokens=float(tokens), at=float(at), limited_s=float(limited_s))
+
+
+def _breaker_field(breaker: CircuitBreaker) -> str:
+    """A ``breakers`` field: ``"<failure_rate> <min_calls> <window_s> <open_for_s>
+    <half_open_calls>"`` (``repr`` of the floats, so they read back exactly)."""
+    floats = (breaker.failure_rate, breaker.window_s, breaker.open_for_s)
+    rate, window_s, open_for_s = (repr(float(x)) for x in floats)
+    return f"{rate} {breaker.min_calls} {window_s} {open_for_s} {breaker.half_open_calls}"
+
+
+def _breaker(field: bytes) -> CircuitBreaker:
+    """A ``breakers`` field as the CircuitBreaker it stores."""
+    rate, min_calls, window_s, open_for_s, half_open_calls = field.split()
+    return CircuitBreaker(
+        failure_rate=float(rate),
+        min_calls=int(min_calls),
+        window_s=float(window_s),
+        open_for_s=float(open_for_s),
+        half_open_calls=int(half_open_calls),
+    )
+
+
+#: The states a ``circuits`` field may name.
+_STATES: dict[bytes, CircuitState] = {
+    b"closed": "closed",
+    b"open": "open",
+    b"half_open": "half_open",
+}
+
+
+def _circuit(field: bytes | None) -> Circuit | None:
+    """A ``circuits`` field (as circuit.lua writes it); None for none, or one circuit.lua would
+    not read either (it starts afresh)."""
+    if field is None:
+        return None
+    parts = field.split()
+    if len(parts) != 8 or parts[0] not in _STATES:
+        return None
+    since, window_start = float(parts[1]), float(parts[2])
+    calls, failures, prev_calls, prev_failures, probes = (int(x) for x in parts[3:])
+    return Circuit(
+        _STATES[parts[0]],
+        since=since,
+        window_start=window_start,
+        calls=calls,
+        failures=failures,
+        prev_calls=prev_calls,
+        prev_failures=prev_failures,
+        probes=probes,
+    )

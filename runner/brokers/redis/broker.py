@@ -12,14 +12,16 @@ Redis keeps nothing on disk: ``appendonly no`` and no RDB save points).
 The data model and the atomic steps are in runner/brokers/redis/scripts.py.
 
 Blocking ``get``: one Lua poll (move due retries, reclaim, read, but nothing of a type whose
-pause is in force by Redis' TIME, and no more of a rate-limited type than its bucket's tokens)
-and, when it finds nothing, an ``XREAD BLOCK`` on the wanted streams (less the gated ones and
-those whose bucket is empty) from their last entry id, in slices of at most ``block_slice``
-seconds (default 0.1), none past the next delayed task's time or an empty bucket's next
-token. A new task wakes the XREAD at once, and so do ``wake()`` and ``close()``: the read also
-watches this broker's own wake stream, to which they add an entry (a wake that lands after the
-get last looked for one but before its read starts still ends it, as the read starts from the
-wake stream's last entry the get saw). Between slices the broker re-polls, so tasks that fall
+pause is in force by Redis' TIME, no more of a rate-limited type than its bucket's tokens, and
+no more of a circuit-broken type than its circuit allows) and, when it finds nothing, an
+``XREAD BLOCK`` on the wanted streams (less the gated ones, those whose bucket is empty and
+those whose circuit holds them back) from their last entry id, in slices of at most
+``block_slice`` seconds (default 0.1), none past the next delayed task's time, an empty
+bucket's next token or the time a held circuit may probe again. A new task wakes the XREAD at
+once, and so do ``wake()`` and ``close()``: the read also watches this broker's own wake
+stream, to which they add an entry (a wake that lands after the get last looked for one but
+before its read starts still ends it, as the read starts from the wake stream's last entry the
+get saw). Between slices the broker re-polls, so tasks that fall
 due (retries, also other processes'), expired leases and gates cleared or run out are seen
 within one slice: that is why slices stay short. Every socket timeout is set explicitly and
 exceeds the slice, so an idle worker never hits a client timeout mid-read (redis-py 8's 5 s
@@ -31,10 +33,10 @@ fenced SETTLE script, and ``exchange`` sends them with a POLL in one EXCHANGE sc
 the calling thread's own connection, so exchanges from several threads may overlap (the engine
 settles through these two; a single ack / retry / dead / release is a ``settle_many`` of one).
 Each op gets its own fenced answer, only after Redis gave it; an op's effects (tasks to put,
-values to set or delete) ride in the same script call, which applies them only to an op it
-answers done. The operator commands, the clock (``now``: Redis' TIME), the gate calls and
-the value calls (``read_values``, ``put_if``, ``scan_values``, ``delete_values``) are in
-admin.py.
+values to set or delete, an outcome for its type's circuit) ride in the same script call, which
+applies them only to an op it answers done. The operator commands, the clock (``now``: Redis'
+TIME), the gate calls and the value calls (``read_values``, ``put_if``, ``put_unique``,
+``scan_values``, ``delete_values``) are in admin.py.
 
 Connection loss: every call is retried with exponential backoff (call_with_reconnect, built
 on tenacity) for up to ``reconnect_timeout`` seconds, logging ``broker.reconnecting``, then
@@ -210,6 +212,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
             for name in (
                 "PUT",
                 "PUT_IF",
+                "PUT_UNIQUE",
                 "POLL",
                 "SETTLE",
                 "EXCHANGE",
@@ -221,7 +224,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
         self._settle_keys = [self._key(k) for k in ("leases", "count", "dlq", "dlq:idx")]
         # The sets of tokens settled lately by brokers with this visibility timeout.
         settled = [self._key("settled", str(self._visibility_ms), p) for p in ("0", "1")]
-        self._settle_keys += [*settled, self._key("types")]
+        self._settle_keys += [*settled, self._key("types"), *self._circuit_keys()]
         self._extend_keys = [self._key("leases"), *settled]
         self._warn_unless_noeviction()
 
@@ -434,6 +437,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
 
     def _poll_keys(self, wanted: list[tuple[str, int]]) -> list[str]:
         keys = [self._key(k) for k in ("leases", "gates", "rates", "buckets")]
+        keys += self._circuit_keys()
         for name, _ in wanted:
             keys += [self._stream(name), self._delayed(name)]
         return keys
@@ -482,9 +486,9 @@ class RedisBroker(RedisAdmin, BaseBroker):
         """XREAD BLOCK from the last entry of each wanted stream and of the wake stream: returns
         when one grows or ``block`` ends. True when the get was woken or the broker closed.
 
-        A type held back (empty cursor: paused, or its bucket empty) is left out: its new
-        entries cannot be handed out, and would only end the read early. Its gates are looked
-        at again by the next slice's poll.
+        A type held back (empty cursor: paused, its bucket empty or its circuit open) is left
+        out: its new entries cannot be handed out, and would only end the read early. Its gates
+        are looked at again by the next slice's poll.
         """
         streams = {self._stream(name): c for (name, _), c in zip(wanted, cursors, strict=True) if c}
         streams[self._wake_key] = self._wake_cursor
@@ -581,9 +585,10 @@ class RedisBroker(RedisAdmin, BaseBroker):
         args: list[Any] = [GROUP, self._visibility_ms, 0]  # 0: the number of types, below
         for op in ops:
             kind, type_, *rest = self._op(op)
-            args += [kind, types.setdefault(type_, len(types) + 1), *rest]
+            index = types.setdefault(type_, len(types) + 1)
+            args += [kind, index, *rest]
             if op.effects is not None:
-                effects = self._effect_args(op.effects, types, values)
+                effects = self._effect_args(op.effects, index, types, values)
                 args[-1] = len(effects) // _EFFECT_FIELDS  # the op's last field, 0 from _op
                 args += effects
         args[2] = len(types)
@@ -596,12 +601,14 @@ class RedisBroker(RedisAdmin, BaseBroker):
         return keys, args
 
     def _effect_args(
-        self, effects: Effects, types: dict[str, int], values: dict[str, int]
+        self, effects: Effects, own: int, types: dict[str, int], values: dict[str, int]
     ) -> list[Any]:
-        """``effects`` as SETTLE's effect entries, in the order they apply: puts, sets,
-        deletes. The types and value keys they touch join ``types`` and ``values`` (name ->
-        index in SETTLE's KEYS)."""
+        """``effects`` as SETTLE's effect entries, in the order they apply: the outcome for
+        the circuit of the op's own type (index ``own``), puts, sets, deletes. The types and
+        value keys they touch join ``types`` and ``values`` (name -> index in SETTLE's KEYS)."""
         out: list[Any] = []
+        if effects.circuit is not None:
+            out += ["circuit", own, int(effects.circuit), ""]
         now = self._clock()
         for task in effects.puts:
             index = types.setdefault(task.type, len(types) + 1)
@@ -755,6 +762,7 @@ def _at(operation: str) -> dict[str, str]:
 _OPERATION = {
     "PUT": "put",
     "PUT_IF": "put_if",
+    "PUT_UNIQUE": "put_unique",
     "POLL": "get",
     "SETTLE": "settle",
     "EXCHANGE": "exchange",

@@ -1,12 +1,16 @@
--- KEYS: leases, gates, rates, buckets, then per type: stream, delayed.
+-- KEYS: leases, gates, rates, buckets, breakers, circuits, then per type: stream, delayed.
 -- ARGV: now, group, consumer, min_idle_ms, limit, nonce, waits (1/0), then per type: name,
 -- free slots, reclaim (1/0).
 -- First the gates. A type whose pause is in force (its ``gates`` field is '' or a time after
 -- Redis' TIME) has 0 free slots; a pause found over is deleted. A type with a rate limit (and
 -- no pause in force) has its bucket refilled to TIME (bucket.lua, as runner/brokers/flow.py
 -- does), and no more free slots than the bucket's whole tokens; after its claim the bucket,
--- less one token per task handed out, is stored. TIME is read only when some wanted type has
--- a gate, so a namespace without gates pays one HMGET of a missing key for each kind.
+-- less one token per task handed out, is stored. A type with a circuit breaker (and no pause
+-- in force) has its circuit moved on to TIME (circuit.lua, as runner/brokers/flow.py does), and
+-- no more free slots than the circuit allows (none while open, the probes left while
+-- half-open); after its claim the circuit, with the probes handed out, is stored when it
+-- changed. TIME is read only when some wanted type has a gate, so a namespace without gates
+-- pays one HMGET of a missing key for each kind.
 -- For each type, in order: move due delayed tasks to the stream (a gated type's too), hand out
 -- released entries again (oldest first), reclaim deliveries idle longer than the visibility
 -- timeout (XAUTOCLAIM, scanning on past live leases; only with the type's ``reclaim``: the
@@ -16,16 +20,18 @@
 -- Returns {deliveries, cursors, next_due}: deliveries flat as (type index, id, a, t,
 -- delivery count, token, redelivered 0/1); with ``waits`` (a get that will block when nothing
 -- came), cursors = last entry id per type (for XREAD BLOCK), '' for a type held back (paused,
--- or its bucket without a whole token: nothing of it can come before the next poll, so the
--- read leaves its stream out), and next_due = the earliest of the delayed scores among these
--- types and the next tokens of their empty buckets (on the caller's clock, ``now``), or '';
--- without, both empty.
+-- its bucket without a whole token, or its circuit open or out of probes: nothing of it can
+-- come before the next poll, so the read leaves its stream out), and next_due = the earliest
+-- of the delayed scores among these types, the next tokens of their empty buckets and the
+-- times their held circuits may probe again (on the caller's clock, ``now``), or ''; without,
+-- both empty.
 local function poll(KEYS, ARGV)
   local now, group, consumer = ARGV[1], ARGV[2], ARGV[3]
   local min_idle, limit, nonce = ARGV[4], tonumber(ARGV[5]), ARGV[6]
   local waits = ARGV[7] == '1'
   local leases, gates, rates, buckets = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-  local ntypes = (#KEYS - 4) / 2
+  local breakers, circuits = KEYS[5], KEYS[6]
+  local ntypes = (#KEYS - 6) / 2
   local out, cursors, next_due = {}, {}, ''
   local handed, seq = 0, 0
 
@@ -52,10 +58,7 @@ local function poll(KEYS, ARGV)
 
   local clock = nil  -- Redis' TIME as epoch seconds, read once, when first needed
   local function redis_time()
-    if not clock then
-      local t = redis.call('TIME')
-      clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
-    end
+    if not clock then clock = redis_seconds() end
     return clock
   end
 
@@ -65,11 +68,12 @@ local function poll(KEYS, ARGV)
     end
   end
 
-  local names, pauses, limits = {}, {}, {}
+  local names, pauses, limits, breaking = {}, {}, {}, {}
   for i = 1, ntypes do names[i] = ARGV[5 + 3 * i] end
   if ntypes > 0 then
     pauses = redis.call('HMGET', gates, unpack(names))
     limits = redis.call('HMGET', rates, unpack(names))
+    breaking = redis.call('HMGET', breakers, unpack(names))
   end
   local gated = {}
   for i, pause in ipairs(pauses) do  -- HMGET answers false (not nil) for a missing field
@@ -83,28 +87,47 @@ local function poll(KEYS, ARGV)
       end
     end
   end
-  -- The rate-limited types a pause does not hold back: index -> {rate, refilled bucket}.
-  local limited, which = {}, {}
-  for i, field in ipairs(limits) do
-    if field and not gated[i] then which[#which + 1] = i end
-  end
-  if #which > 0 then
-    local held = {}
-    for k, i in ipairs(which) do held[k] = names[i] end
-    held = redis.call('HMGET', buckets, unpack(held))
-    for k, i in ipairs(which) do
-      local rate, burst = string.match(limits[i], '^(%S+) (%S+)$')
-      rate, burst = tonumber(rate), tonumber(burst)
-      local bucket = bucket_refilled(rate, burst, bucket_decode(held[k]), redis_time())
-      limited[i] = {rate, bucket}
+  -- The types with a gate of ``fields`` (HMGET's answer) that a pause does not hold back,
+  -- as index -> the gate's field and the type's state field in ``states`` (false: none).
+  local function ungated(fields, states)
+    local which, asked, found = {}, {}, {}
+    for i, field in ipairs(fields) do
+      if field and not gated[i] then
+        which[#which + 1] = i
+        asked[#asked + 1] = names[i]
+      end
     end
+    if #which > 0 then
+      local kept = redis.call('HMGET', states, unpack(asked))
+      for k, i in ipairs(which) do found[i] = {field = fields[i], state = kept[k]} end
+    end
+    return found
+  end
+  -- The rate-limited types: index -> {rate, refilled bucket}.
+  local limited = {}
+  for i, stored in pairs(ungated(limits, buckets)) do
+    local rate, burst = string.match(stored.field, '^(%S+) (%S+)$')
+    rate, burst = tonumber(rate), tonumber(burst)
+    limited[i] = {rate, bucket_refilled(rate, burst, bucket_decode(stored.state), redis_time())}
+  end
+  -- The circuit-broken types: index -> {breaker, circuit as of TIME, its stored field (false:
+  -- none yet)}.
+  local broken = {}
+  for i, stored in pairs(ungated(breaking, circuits)) do
+    local breaker = breaker_decode(stored.field)
+    local circuit = circuit_at(breaker, circuit_decode(stored.state), redis_time())
+    broken[i] = {breaker, circuit, stored.state}
   end
 
   for i = 1, ntypes do
-    local stream, delayed = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
+    local stream, delayed = KEYS[5 + 2 * i], KEYS[6 + 2 * i]
     local free, reclaim = tonumber(ARGV[6 + 3 * i]), ARGV[7 + 3 * i] == '1'
     if gated[i] then free = 0 end
     if limited[i] then free = math.min(free, bucket_whole(limited[i][2])) end
+    if broken[i] then
+      local allowed = circuit_allows(broken[i][1], broken[i][2])
+      if allowed then free = math.min(free, allowed) end
+    end
     local before = handed
     ensure_group(stream, group)
     local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
@@ -149,7 +172,7 @@ local function poll(KEYS, ARGV)
         end
       end
     end
-    local empty = false
+    local held = false  -- nothing of the type can be handed out before next_due
     if limited[i] then
       local rate, bucket = limited[i][1], bucket_taken(limited[i][2], handed - before)
       redis.call('HSET', buckets, names[i], bucket_encode(bucket))
@@ -157,12 +180,23 @@ local function poll(KEYS, ARGV)
         -- Its next token is the earliest a blocked get can hand one out (whether or not any
         -- wait: waking for none costs one poll). Told on the caller's clock, as delayed
         -- scores are: now + the time to the token on Redis'.
-        empty = true
+        held = true
         earlier(tonumber(now) + (bucket_next_token_at(rate, bucket) - redis_time()))
       end
     end
+    if broken[i] then
+      local breaker, field = broken[i][1], broken[i][3]
+      local circuit = circuit_handed(broken[i][2], handed - before)
+      local encoded = circuit_encode(circuit)
+      if encoded ~= field then redis.call('HSET', circuits, names[i], encoded) end
+      local reopens = waits and circuit_reopens_at(breaker, circuit)
+      if reopens then  -- it may probe then (told on the caller's clock, as above)
+        held = true
+        earlier(tonumber(now) + (reopens - redis_time()))
+      end
+    end
     if waits then
-      if gated[i] or empty then
+      if gated[i] or held then
         cursors[i] = ''
       else
         local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)

@@ -43,9 +43,22 @@ in one Redis Cluster slot and a script may touch any of them):
   Redis' clock). Written by POLL only (bucket.lua, the arithmetic of runner/brokers/flow.py):
   refilled to TIME, then one token taken per task handed out. A type without a field has a
   full bucket; clearing the rate deletes the field, setting a new one keeps it.
+- ``breakers``   hash type name -> the type's circuit breaker, ``"<failure_rate> <min_calls>
+  <window_s> <open_for_s> <half_open_calls>"`` (``repr`` of the floats). Set and cleared by the
+  operator calls; POLL reads the wanted types' fields, SETTLE the fields of the types whose
+  outcomes it records.
+- ``circuits``   hash type name -> the circuit of a type with a breaker, ``"<state> <since>
+  <window_start> <calls> <failures> <prev_calls> <prev_failures> <probes>"`` (runner.brokers.base
+  .Circuit's fields; ``%.17g`` of the two times, on Redis' clock). Written by POLL (the circuit
+  moved on to TIME, then the probes handed out, stored when that changed it) and by SETTLE (an
+  outcome an op that answered done carries, recorded at TIME), both by circuit.lua, the steps of
+  runner/brokers/flow.py. A type without a field has a new, closed circuit; clearing the
+  breaker deletes the field, setting it again keeps it.
 - ``v:<key>``    a value set by a settle's effects (``SET``, with ``PX`` for a ttl, so Redis
   expires it by its own clock) or by ``put_if`` (no ttl); read by ``read_values`` and
-  ``scan_values`` (SCAN), deleted by ``delete_values``.
+  ``scan_values`` (SCAN), deleted by ``delete_values``. ``v:unique:<key>`` holds the id of the
+  task put with that unique key: SET (no ttl) by ``put_unique``, then given its ttl or deleted
+  by the effects of the task's settle.
 - ``dlq`` / ``dlq:idx``  hash task id -> dead-letter JSON, and a sorted set by dead_at.
 - ``wake:<consumer>``  one broker's wake stream (one entry, expiring): ``wake()`` adds to it to
   end that broker's blocked XREAD (runner/brokers/redis/broker.py), never read by a script.
@@ -76,6 +89,7 @@ _WAS_SETTLED = _lua("was_settled")
 # TIME is Redis' clock; a script may write after it, as scripts replicate their effects (the
 # only mode Redis 7 has).
 _REMEMBER = _lua("remember")
+_CLOCK = _lua("clock")
 
 # put.lua (KEYS, ARGV and the reply are described there).
 _PUT_FN = _lua("put")
@@ -84,19 +98,28 @@ PUT = _ENSURE_GROUP + _PUT_FN + "return put(KEYS, ARGV)\n"
 # put_if.lua (KEYS, ARGV and the reply are described there): PUT behind a compare-and-set.
 PUT_IF = _ENSURE_GROUP + _PUT_FN + _lua("put_if")
 
+# put_unique.lua (KEYS, ARGV and the reply are described there): PUT of the tasks whose unique
+# key is free, holding their keys.
+PUT_UNIQUE = _ENSURE_GROUP + _PUT_FN + _lua("put_unique")
+
 # The token bucket of a rate limit, as runner/brokers/flow.py computes it (for POLL).
 _BUCKET = _lua("bucket")
 
+# The state machine of a circuit breaker, as runner/brokers/flow.py runs it (for POLL and
+# SETTLE; EXCHANGE has both, and the helpers once).
+_CIRCUIT = _CLOCK + _lua("circuit")
+
 # poll.lua (KEYS, ARGV and the reply are described there).
-_POLL_FN = _BUCKET + _lua("poll")
-POLL = _ENSURE_GROUP + _POLL_FN + "return poll(KEYS, ARGV)\n"
+_POLL_FN = _lua("poll")
+POLL = _ENSURE_GROUP + _BUCKET + _CIRCUIT + _POLL_FN + "return poll(KEYS, ARGV)\n"
 
 # settle.lua (KEYS, ARGV and the reply are described there).
+_SETTLE_HEAD = _ENSURE_GROUP + _WAS_SETTLED + _REMEMBER + _CIRCUIT
 _SETTLE_FN = _lua("settle")
-SETTLE = _ENSURE_GROUP + _WAS_SETTLED + _REMEMBER + _SETTLE_FN + "return settle(KEYS, ARGV)\n"
+SETTLE = _SETTLE_HEAD + _SETTLE_FN + "return settle(KEYS, ARGV)\n"
 
 # exchange.lua (KEYS, ARGV and the reply are described there).
-EXCHANGE = _ENSURE_GROUP + _WAS_SETTLED + _REMEMBER + _SETTLE_FN + _POLL_FN + _lua("exchange")
+EXCHANGE = _SETTLE_HEAD + _BUCKET + _SETTLE_FN + _POLL_FN + _lua("exchange")
 
 # extend.lua (KEYS, ARGV and the reply are described there).
 EXTEND = _WAS_SETTLED + _lua("extend")

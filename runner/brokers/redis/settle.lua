@@ -1,5 +1,6 @@
--- KEYS: leases, count, dlq, dlq index, the two settled-token sets (parity 0, 1), types, then
--- per distinct type: stream, delayed, then each value key the effects touch (``v:<key>``).
+-- KEYS: leases, count, dlq, dlq index, the two settled-token sets (parity 0, 1), types,
+-- breakers, circuits, then per distinct type: stream, delayed, then each value key the effects
+-- touch (``v:<key>``).
 -- ARGV: group, visibility timeout in ms, ntypes, then per operation 8 fields: kind, type
 -- index, entry id, token, x, y, z, n, followed by its n effects, then the ntypes type names
 -- (in KEYS' order), where kind is one of
@@ -16,9 +17,12 @@
 -- ``put``   type index, a, envelope: a task put ready (XADD), as put.lua;
 -- ``later`` type index, not_before, delayed-set member: a task put delayed (ZADD);
 -- ``set``   value index, value, ttl in ms ('' = none): SET the value key (PX);
--- ``del``   value index, '', '': DEL the value key.
+-- ``del``   value index, '', '': DEL the value key;
+-- ``circuit`` type index, 1 (succeeded) or 0 (failed), '': an outcome of the type for its
+-- circuit breaker: when the type has one (``breakers``), its circuit is moved on to TIME and
+-- the outcome recorded (circuit.lua, as runner/brokers/flow.py does); else it is not kept.
 -- Puts take capacity slots (INCRBY) but are never refused for capacity, and add their type to
--- ``types``. A value index i is KEYS[7 + 2 * ntypes + i].
+-- ``types``. A value index i is KEYS[9 + 2 * ntypes + i].
 -- Operations run in order, each fenced by its own lease token, exactly as if each had been its
 -- own script call (an op on an entry an earlier op of the call dropped answers as it would
 -- after that call). The drops themselves are gathered into one HDEL, one XACK and one XDEL per
@@ -29,12 +33,14 @@
 local function settle(KEYS, ARGV)
   local leases, count, dlq, dlq_idx = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
   local settled_even, settled_odd, types = KEYS[5], KEYS[6], KEYS[7]
+  local breakers, circuits = KEYS[8], KEYS[9]
   local group, visibility, ntypes = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-  local values, names = 7 + 2 * ntypes, #ARGV - ntypes
+  local values, names = 9 + 2 * ntypes, #ARGV - ntypes
   local result = {}
   local gone, fields, by_stream, streams, freed, added = {}, {}, {}, {}, 0, 0
   local typed = {}
   local tokens, settled_now = {}, {}
+  local breaker_of = {}  -- type name -> its breaker, or false: none (read once per call)
 
   local function answer(stream, id, token)
     local field = id .. '@' .. stream
@@ -74,6 +80,21 @@ local function settle(KEYS, ARGV)
     end
   end
 
+  -- a ``circuit`` effect: the outcome joins the type's circuit, if the type has a breaker
+  local function record(name, succeeded)
+    local breaker = breaker_of[name]
+    if breaker == nil then
+      local field = redis.call('HGET', breakers, name)
+      breaker = field and breaker_decode(field)
+      breaker_of[name] = breaker
+    end
+    if not breaker then return end
+    local now = redis_seconds()
+    local circuit = circuit_at(breaker, circuit_decode(redis.call('HGET', circuits, name)), now)
+    circuit = circuit_recorded(breaker, circuit, succeeded, now)
+    redis.call('HSET', circuits, name, circuit_encode(circuit))
+  end
+
   -- the n effects from ARGV[first] on (see the header)
   local function apply(first, n)
     for e = first, first + 4 * (n - 1), 4 do
@@ -86,13 +107,15 @@ local function settle(KEYS, ARGV)
         end
       elseif what == 'del' then
         redis.call('DEL', KEYS[values + i])
+      elseif what == 'circuit' then
+        record(ARGV[names + i], x == '1')
       else
         if what == 'put' then
-          local stream = KEYS[6 + 2 * i]
+          local stream = KEYS[8 + 2 * i]
           ensure_group(stream, group)
           redis.call('XADD', stream, '*', 'a', x, 't', y)
         else
-          redis.call('ZADD', KEYS[7 + 2 * i], x, y)
+          redis.call('ZADD', KEYS[9 + 2 * i], x, y)
         end
         added = added + 1
         if not typed[i] then
@@ -109,7 +132,7 @@ local function settle(KEYS, ARGV)
     local id, token = ARGV[base + 2], ARGV[base + 3]
     local x, y, z = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6]
     local n = tonumber(ARGV[base + 7])
-    local stream, delayed = KEYS[6 + 2 * idx], KEYS[7 + 2 * idx]
+    local stream, delayed = KEYS[8 + 2 * idx], KEYS[9 + 2 * idx]
     local ok = answer(stream, id, token)
     if ok == 1 then
       if kind == 'release' then

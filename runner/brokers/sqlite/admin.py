@@ -1,10 +1,11 @@
 """The BrokerAdmin half of SqliteBroker: the operator commands (dead letters, replay, purge,
 queue ages), and the broker's plain calls beside the task path: its clock, the gates (set,
-cleared and listed here with the rate limits' buckets, honoured inside every claim) and the
-values that settle effects and ``put_if`` set. None of it is on the claim and settle path, so
-it lives apart from that path's statements and group commit in broker.py. Mixed into
-SqliteBroker, whose transactions and insert plumbing it uses (declared below); the tables and
-row helpers are in schema.py.
+cleared and listed here with the rate limits' buckets and the circuit breakers' circuits,
+honoured inside every claim) and the values that settle effects, ``put_if`` and
+``put_unique`` set. None of it is on the claim and settle path, so it lives apart from that
+path's statements and group commit in broker.py. Mixed into SqliteBroker, whose transactions
+and insert plumbing it uses (declared below); the tables and row helpers are in schema.py, the
+gates' rows in gates.py.
 """
 
 from __future__ import annotations
@@ -12,16 +13,23 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from typing import TypeVar
 
-from runner.brokers.base import Bucket, DeadLetterFilter, Gate, Pause, RateLimit
+from runner.brokers.base import (
+    UNIQUE_PREFIX,
+    Bucket,
+    Circuit,
+    CircuitBreaker,
+    DeadLetterFilter,
+    Gate,
+    Pause,
+    RateLimit,
+)
+from runner.brokers.sqlite.gates import GATE_TABLES, PAUSE, Gates, gates_at
 from runner.brokers.sqlite.schema import (
-    GATE_TABLES,
-    PAUSE,
     SET_VALUE_SQL,
-    Gates,
     delete_values,
     dlq_where,
-    gates_at,
     held,
     read_values,
     replay_one,
@@ -39,6 +47,22 @@ _SET_RATE_SQL = (
     " ON CONFLICT (type) DO UPDATE SET rate = excluded.rate, burst = excluded.burst"
 )
 _CLEAR_RATE_SQL = "DELETE FROM buckets WHERE type = ? RETURNING type"
+#: A breaker set again keeps its circuit's state.
+_SET_BREAKER_SQL = (
+    "INSERT INTO circuits (type, failure_rate, min_calls, window_s, open_for_s, half_open_calls)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (type) DO UPDATE SET failure_rate = excluded.failure_rate,"
+    " min_calls = excluded.min_calls, window_s = excluded.window_s,"
+    " open_for_s = excluded.open_for_s, half_open_calls = excluded.half_open_calls"
+)
+_CLEAR_BREAKER_SQL = "DELETE FROM circuits WHERE type = ? RETURNING type"
+#: The kinds of gate (``clear_gate`` refuses any other).
+_KINDS = (Pause, RateLimit, CircuitBreaker)
+
+_T = TypeVar("_T")
+#: What SqliteBroker._insert_when_room runs in each try's write transaction: how many tasks
+#: the insert puts (as read in that transaction), and the insert, run only when they fit.
+InsertPlan = Callable[[sqlite3.Connection], tuple[int, Callable[[sqlite3.Connection], _T]]]
 
 
 class SqliteAdmin:
@@ -65,13 +89,7 @@ class SqliteAdmin:
     ) -> Callable[[sqlite3.Connection], int]:
         raise NotImplementedError
 
-    def _insert_when_room(
-        self,
-        needed: int,
-        insert: Callable[[sqlite3.Connection], int],
-        timeout: float | None,
-        operation: str,
-    ) -> int:
+    def _insert_when_room(self, plan: InsertPlan[_T], timeout: float | None, operation: str) -> _T:
         raise NotImplementedError
 
     def _queue_full(self, count: int, needed: int, operation: str) -> QueueFull:
@@ -125,7 +143,7 @@ class SqliteAdmin:
                     moved += replay_one(conn, row, self._clock())
             return moved
 
-        return self._insert_when_room(needed, insert, None, "replay")
+        return self._insert_when_room(lambda conn: (needed, insert), None, "replay")
 
     def purge(self, where: DeadLetterFilter) -> int:
         """Delete matching dead letters for good; returns how many."""
@@ -142,23 +160,38 @@ class SqliteAdmin:
 
     def set_gate(self, type_name: str, gate: Gate) -> None:
         """Hold ``type_name``'s tasks back from every claim (of every process) as ``gate``
-        says; replaces the type's gate of the same kind (a rate limit keeps its bucket)."""
+        says; replaces the type's gate of the same kind (a rate limit keeps its bucket, a
+        circuit breaker its circuit)."""
         with self._write("set_gate") as conn:
             if isinstance(gate, RateLimit):
                 conn.execute(_SET_RATE_SQL, (type_name, gate.rate, gate.burst))
+            elif isinstance(gate, CircuitBreaker):
+                conn.execute(
+                    _SET_BREAKER_SQL,
+                    (
+                        type_name,
+                        gate.failure_rate,
+                        gate.min_calls,
+                        gate.window_s,
+                        gate.open_for_s,
+                        gate.half_open_calls,
+                    ),
+                )
             else:
                 conn.execute(_SET_PAUSE_SQL, (type_name, gate.until))
         self._changed()  # a get of this process waiting for a token: it may come sooner
 
     def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
-        """Remove ``type_name``'s gate of ``kind`` (a rate limit with its bucket); True when
-        one was in force."""
-        if kind is not Pause and kind is not RateLimit:
+        """Remove ``type_name``'s gate of ``kind`` (a rate limit with its bucket, a circuit
+        breaker with its circuit); True when one was in force."""
+        if kind not in _KINDS:
             raise TypeError(f"unknown kind of gate: {kind!r}")
         with self._write("clear_gate") as conn:
             now = self._clock()
             if kind is RateLimit:
                 in_force = bool(conn.execute(_CLEAR_RATE_SQL, (type_name,)).fetchall())
+            elif kind is CircuitBreaker:
+                in_force = bool(conn.execute(_CLEAR_BREAKER_SQL, (type_name,)).fetchall())
             else:
                 ended = conn.execute(_CLEAR_PAUSE_SQL, (type_name,)).fetchall()
                 in_force = any(until is None or until > now for (until,) in ended)
@@ -166,13 +199,15 @@ class SqliteAdmin:
         return in_force
 
     def gates(self) -> dict[str, tuple[Gate, ...]]:
-        """Per type, its gates in force: its pause, then its rate limit."""
+        """Per type, its gates in force: its pause, then its rate limit, then its breaker."""
         found = self._gates_at("gates")
         listed: dict[str, tuple[Gate, ...]] = {}
-        for kind in sorted(found.paused.keys() | found.limited.keys()):
-            paused = (Pause(until=found.paused[kind]),) if kind in found.paused else ()
-            limited = (found.limited[kind][0],) if kind in found.limited else ()
-            listed[kind] = paused + limited
+        for kind in sorted(found.paused.keys() | found.limited.keys() | found.broken.keys()):
+            listed[kind] = (
+                *((Pause(until=found.paused[kind]),) if kind in found.paused else ()),
+                *((found.limited[kind][0],) if kind in found.limited else ()),
+                *((found.broken[kind].breaker,) if kind in found.broken else ()),
+            )
         return listed
 
     def buckets(self) -> dict[str, Bucket]:
@@ -180,8 +215,14 @@ class SqliteAdmin:
         limited = self._gates_at("buckets").limited
         return {kind: limited[kind][1] for kind in sorted(limited)}
 
+    def circuits(self) -> dict[str, Circuit]:
+        """Per type with a circuit breaker, its circuit as of now (read only: a change due by
+        now, such as open to half-open, is reported but written by the next claim)."""
+        broken = self._gates_at("circuits").broken
+        return {kind: broken[kind].circuit for kind in sorted(broken)}
+
     def _gates_at(self, operation: str) -> Gates:
-        """The gates in force now (schema.gates_at); an older file opened read-only reads as
+        """The gates in force now (gates.gates_at); an older file opened read-only reads as
         holding none of the kinds it has no table for."""
         now = self._clock()
         with self._read(operation) as conn:
@@ -216,6 +257,28 @@ class SqliteAdmin:
             self._changed()
         return True
 
+    def put_unique(self, tasks: Sequence[Task], timeout: float | None = None) -> list[str]:
+        """``put_many`` of the tasks whose unique key is free, each key set to its task's id
+        (no ttl) in the same transaction; answers each task's id, or its key's holder's.
+
+        The keys are read in the transaction that inserts, and read again after each wait
+        for room (the runner.brokers.base contract).
+        """
+
+        def plan(conn: sqlite3.Connection) -> tuple[int, Callable[[sqlite3.Connection], list[str]]]:
+            answers, fresh = _unique_split(tasks, conn, self._clock())
+            insert = self._inserter(fresh, "put_unique")
+            holds = [(UNIQUE_PREFIX + t.unique_key, t.id, None) for t in fresh if t.unique_key]
+
+            def put(conn: sqlite3.Connection) -> list[str]:
+                insert(conn)
+                conn.executemany(SET_VALUE_SQL, holds)
+                return answers
+
+            return len(fresh), put
+
+        return self._insert_when_room(plan, timeout, "put_unique")
+
     def scan_values(self, prefix: str) -> dict[str, str]:
         now = self._clock()
         with self._read("scan_values") as conn:
@@ -237,3 +300,25 @@ class SqliteAdmin:
             return False  # every writable open creates the tables missing
         query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
         return conn.execute(query, (name,)).fetchone() is None
+
+
+def _unique_split(
+    tasks: Sequence[Task], conn: sqlite3.Connection, now: float
+) -> tuple[list[str], list[Task]]:
+    """Each task's answer (its own id, or the id its unique key holds: in the file at ``now``
+    or taken by an earlier task of ``tasks``) and the tasks to put."""
+    keys = sorted({UNIQUE_PREFIX + t.unique_key for t in tasks if t.unique_key})
+    holders = read_values(conn, keys, now) if keys else {}
+    answers: list[str] = []
+    fresh: list[Task] = []
+    for task in tasks:
+        key = UNIQUE_PREFIX + task.unique_key
+        holder = holders.get(key) if task.unique_key else None
+        if holder is not None:
+            answers.append(holder)
+            continue
+        if task.unique_key:
+            holders[key] = task.id  # a later task with this key answers this one
+        answers.append(task.id)
+        fresh.append(task)
+    return answers, fresh

@@ -23,24 +23,30 @@ Guarantees (the contract in runner.brokers.base, plus durability):
   commit (``PRAGMA data_version``) forces a promotion at the next claim.
 - Capacity is counted in the same transaction as the insert, so it holds across processes.
 - Gates: a pause is a row of the ``gates`` table, a rate limit with its token bucket one of
-  ``buckets``. Every claim reads both in its own transaction (one query, cheap while they are
-  empty), skips the paused types, whose tasks stay READY with no attempt used and no lease,
-  hands out at most as many of a rate-limited type as its bucket (refilled to now) has whole
-  tokens and writes back the bucket less those handed out, in the same transaction, so the
-  processes sharing the file share each bucket. The idle read before a claim does the same
-  reading, so a get waiting on a paused or tokenless type polls with reads, never the write
-  lock. It sees a gate cleared by this process at once, one cleared by another process at its
-  next poll, and a pause's ``until`` or a bucket's next token when it comes (the wait ends
-  then).
+  ``buckets``, a circuit breaker with its circuit one of ``circuits`` (gates.py). Every claim
+  reads all three in its own transaction (one query, cheap while they are empty), skips the
+  paused types, whose tasks stay READY with no attempt used and no lease, hands out at most as
+  many of a rate-limited type as its bucket (refilled to now) has whole tokens, none of a type
+  whose circuit is open and no more than the probes left of a half-open one, and writes back
+  the bucket less those handed out and the circuit if it changed (runner.brokers.flow), in the
+  same transaction, so the processes sharing the file share each bucket and circuit. The idle
+  read before a claim does the same reading, so a get waiting on a held type polls with reads,
+  never the write lock. It sees a gate cleared by this process at once, one cleared by another
+  process at its next poll, and a pause's ``until``, a bucket's next token or the time a
+  circuit may probe when it comes (the wait ends then).
 - Effects: those of a settle op run in the same transaction, right after the settles of its
-  batch (in op order), for the ops that answered DONE: puts are inserted as by ``put_many`` but
-  never wait for or fail on capacity (a task id already queued is left out, rather than fail
-  the transaction other callers' writes share), then sets (an upsert into ``values``, expiring
+  batch (in op order), for the ops that answered DONE: an outcome is counted in the circuit of
+  the task's type (when it has a breaker), then puts are inserted as by ``put_many`` but never
+  wait for or fail on capacity (a task id already queued is left out, rather than fail the
+  transaction other callers' writes share), then sets (an upsert into ``values``, expiring
   at now + ttl), then deletes. Values whose ttl ran out read as absent; they and ended pauses
   are deleted by the prune of settled receipts.
 - ``put_if`` reads its key, checks room and inserts in one ``BEGIN IMMEDIATE`` transaction, so
   of the processes comparing against one value exactly one wins; it checks room once and never
-  waits.
+  waits. ``put_unique`` reads the keys of its tasks, checks room, inserts the tasks whose keys
+  are free and sets those keys in one such transaction too, so of the processes putting one
+  key exactly one puts its task; it waits for room as ``put_many`` does (the same loop,
+  ``_insert_when_room``), reading the keys again in each try.
 - WAL checkpoints run in a background thread (sqlite_checkpoint), not in the committing one.
 
 Limits: one machine (SQLite file locking is not reliable on network filesystems); writes are
@@ -56,7 +62,7 @@ Size: about 700 lines: the task path of the broker contract on one connection an
 commit, gates and effects included (they live in its claim and settle statements). Schema,
 opening and row codecs are in schema.py, batching in batch.py, checkpoints in checkpoint.py;
 the operator commands, the clock, the gate calls and the value calls (``read_values``,
-``put_if``, ``scan_values``, ``delete_values``) in admin.py.
+``put_if``, ``put_unique``, ``scan_values``, ``delete_values``) in admin.py.
 """
 
 from __future__ import annotations
@@ -70,13 +76,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from runner.brokers.base import Answer, BaseBroker, Delivery, Depth, Effects, Settle
-from runner.brokers.flow import taken, whole
-from runner.brokers.sqlite.admin import SqliteAdmin
+from runner.brokers.flow import circuit_allows, circuit_handed, taken, whole
+from runner.brokers.sqlite.admin import InsertPlan, SqliteAdmin
 from runner.brokers.sqlite.batch import GroupCommit, Pending
 from runner.brokers.sqlite.checkpoint import Checkpointer
+from runner.brokers.sqlite.gates import gates_at, record_outcome, save_bucket, save_circuit
 from runner.brokers.sqlite.schema import (
     IDS_PER_QUERY,
     LEASED,
@@ -85,13 +92,11 @@ from runner.brokers.sqlite.schema import (
     WAITING,
     anything_claimable,
     connect,
-    gates_at,
     held,
     insert_row,
     insert_tasks,
     next_due,
     rollback,
-    save_bucket,
     sweep,
     to_delivery,
     unavailable,
@@ -102,6 +107,8 @@ from runner.model import AttemptRecord, DeadLetter, Task
 
 #: The answers, read once: an Enum member lookup costs about 0.1 us on Python 3.11, per settle.
 _DONE, _ALREADY_DONE, _FENCED = Answer.DONE, Answer.ALREADY_DONE, Answer.FENCED
+
+_T = TypeVar("_T")
 
 _MIN_POLL_S = 0.001
 _MAX_POLL_S = 0.05
@@ -285,7 +292,7 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
             else:
                 others.append((i, self._statement(op)))
             if op.effects is not None:
-                effects.append((i, self._effects_statement(op.effects)))
+                effects.append((i, self._effects_statement(op.effects, op.delivery.task.type)))
 
         def statement(conn: sqlite3.Connection) -> list[Answer]:
             answers = [_FENCED] * len(ops)
@@ -377,7 +384,8 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
         if not tasks:
             self._open_connection("put")  # still raise BrokerClosed after close
             return
-        self._insert_when_room(len(tasks), self._inserter(tasks, "put"), timeout, "put")
+        needed, insert = len(tasks), self._inserter(tasks, "put")
+        self._insert_when_room(lambda conn: (needed, insert), timeout, "put")
 
     def _inserter(
         self, tasks: Sequence[Task], operation: str, skip_queued: bool = False
@@ -396,33 +404,34 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
 
         return insert
 
-    def _insert_when_room(
-        self,
-        needed: int,
-        insert: Callable[[sqlite3.Connection], int],
-        timeout: float | None,
-        operation: str,
-    ) -> int:
-        """Run ``insert`` in a transaction that has room for ``needed`` more tasks (for the
-        broker method ``operation``: put or replay)."""
+    def _insert_when_room(self, plan: InsertPlan[_T], timeout: float | None, operation: str) -> _T:
+        """Run the insert ``plan`` gives in a transaction that has room for its tasks (for the
+        broker method ``operation``: put, put_unique or replay), and answer what it answers.
+
+        ``plan`` reads, in each try's transaction, how many tasks it would insert; while they
+        do not fit, nothing is written and it is asked again after each wait, since what it
+        reads may have changed. Blocks for room up to ``timeout`` (None: enqueue_timeout), then
+        raises QueueFull; raises it at once with overflow reject, or when the tasks are more
+        than the whole capacity.
+        """
         if self._closed:
             raise BrokerClosed(f"sqlite broker {self.path} is closed", **_at(operation))
-        if needed > self._capacity:
-            raise QueueFull(
-                f"{needed} tasks cannot fit a queue of capacity {self._capacity}", **_at(operation)
-            )
         wait_s = self._enqueue_timeout if timeout is None else timeout
         deadline = time.monotonic() + wait_s
         pause = _MIN_POLL_S
         while True:
             seen = self._changes
             with self._write(operation) as conn:
+                needed, insert = plan(conn)
+                if needed > self._capacity:
+                    raise QueueFull(
+                        f"{needed} tasks cannot fit a queue of capacity {self._capacity}",
+                        **_at(operation),
+                    )
                 count = held(conn)
-                inserted = insert(conn) if count + needed <= self._capacity else None
-            if inserted is not None:
-                if inserted:
-                    self._changed()
-                return inserted
+                if count + needed <= self._capacity:
+                    answer = insert(conn)
+                    break  # leaving the block commits
             remaining = deadline - time.monotonic()
             if self._overflow == "reject" or remaining <= 0:
                 raise self._queue_full(count, needed, operation)
@@ -432,6 +441,9 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
                 raise BrokerClosed(
                     f"sqlite broker {self.path} was closed while putting", **_at(operation)
                 )
+        if needed:
+            self._changed()
+        return answer
 
     def _queue_full(self, count: int, needed: int, operation: str) -> QueueFull:
         return QueueFull(
@@ -542,14 +554,24 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
                     break
                 if kind in held:
                     continue  # left ready: no attempt used, no lease
+                # A type held back is skipped above, so each bound here is at least one.
                 rated = gates.limited.get(kind)
                 if rated is not None:
-                    take = min(take, whole(rated[1]))  # at least one: else it is held
+                    take = min(take, whole(rated[1]))
+                broken = gates.broken.get(kind)
+                if broken is not None:
+                    allowed = circuit_allows(broken.breaker, broken.circuit)
+                    take = take if allowed is None else min(take, allowed)
                 params = {"token": token, "until": until, "type": kind, "n": take}
                 claimed = conn.execute(_CLAIM_SQL, params).fetchall()
                 rows.extend(sorted(claimed))  # RETURNING order is unspecified; seq is FIFO
                 if rated is not None and claimed:
                     save_bucket(conn, kind, taken(rated[1], len(claimed)))
+                if broken is not None:
+                    # Probes handed out, or a change as of now (say open to half-open).
+                    circuit = circuit_handed(broken.circuit, len(claimed))
+                    if circuit != broken.stored:
+                        save_circuit(conn, kind, circuit)
             return rows
 
         return statement
@@ -622,16 +644,24 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
 
         return dead
 
-    def _effects_statement(self, effects: Effects) -> Callable[[sqlite3.Connection, float], None]:
-        """``effects`` as a write to run, at ``now``, after its settle answered DONE: the puts
-        (a task id already queued is left out; capacity is not checked), then the sets, then
-        the deletes."""
+    def _effects_statement(
+        self, effects: Effects, type_name: str
+    ) -> Callable[[sqlite3.Connection, float], None]:
+        """``effects`` as a write to run, at ``now``, after its settle (of a task of
+        ``type_name``) answered DONE: the outcome for the type's circuit, if it has a breaker,
+        then the puts (a task id already queued is left out; capacity is not checked), then the
+        sets, then the deletes."""
+        outcome = effects.circuit
         puts = effects.puts
         insert = self._inserter(puts, "settle", skip_queued=True)
         sets = effects.sets
         deletes = [(key,) for key in effects.deletes]
 
         def apply(conn: sqlite3.Connection, now: float) -> None:
+            if outcome is not None:
+                # A settle that took wakes this process's waiting gets after COMMIT (_remember):
+                # a circuit that closed lets them take the type.
+                record_outcome(conn, type_name, outcome, now)
             if puts:
                 insert(conn)
             if sets:

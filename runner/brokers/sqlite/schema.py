@@ -21,20 +21,19 @@ their claim time, so new rows go at the end of the key and the rows old enough t
 its start (see ``SqliteBroker``): one B-tree, no index to keep, and pruning never scans the
 rest.
 
-``gates`` holds at most one row per (type, kind): today only pauses, ``until`` NULL for one
-that lasts until cleared. ``buckets`` holds a rate-limited type's ``RateLimit`` and its token
-bucket in one row, so clearing the limit drops the bucket with it and a new rate keeps the
-tokens. Every claim reads both tables in one query (``gates_at``), skips the paused types, hands
-out no more of a rate-limited type than its bucket has whole tokens and writes the bucket back.
-``values`` holds the keys settle effects and ``put_if`` set, with ``expires_at`` (NULL: no
-ttl); reads skip expired rows, and ``sweep`` deletes them (and ended pauses) through the
-partial index on ``expires_at``, which keys without a ttl stay out of. ``scan_values`` reads
-the keys with a prefix as one range of the primary key, never as a LIKE or GLOB pattern.
+``gates`` (pauses), ``buckets`` (rate limits with their token buckets) and ``circuits``
+(circuit breakers with their circuits) hold the gates; gates.py reads and writes their rows,
+all three in one query for every claim. ``values`` holds the keys settle effects and
+``put_if`` set, with ``expires_at`` (NULL: no ttl); reads skip expired rows, and ``sweep``
+deletes them (and ended pauses) through the partial index on ``expires_at``, which keys
+without a ttl stay out of. ``scan_values`` reads the keys with a prefix as one range of the
+primary key, never as a LIKE or GLOB pattern.
 
-``settled``, ``gates``, ``values`` and ``buckets`` came after schema version 1 and are created
-when missing, so an older runner's file opens, still at version 1, and gains them (older runners
-ignore them: one sharing the file with a newer one would not honour its gates). A read-only open
-creates nothing: there an older file reads as holding no gates and no values.
+``settled``, ``gates``, ``values``, ``buckets`` and ``circuits`` came after schema version 1
+and are created when missing, so an older runner's file opens, still at version 1, and gains
+them (older runners ignore them: one sharing the file with a newer one would not honour its
+gates). A read-only open creates nothing: there an older file reads as holding no gates and no
+values.
 
 Which files are queues: only a path that does not exist is created (with mode 0600 unless
 ``file_mode`` widens it; SQLite gives its ``-wal`` and ``-shm`` files the same mode). The new
@@ -48,9 +47,10 @@ up to ``CREATE_WAIT_S`` for its creator to write the schema before refusing it.
 Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the crash of any
 process; the last transactions before a power cut or kernel crash may be lost (never corrupted).
 
-Size: about 650 lines, over our 400: the file's whole life (schema, stamps, migration, the
+Size: about 600 lines, over our 400: the file's whole life (schema, stamps, migration, the
 wait for a creator, error translation) and the row codecs and helpers the broker and its admin
-side share; splitting the codecs and helpers out is the next step.
+side share; the gates' rows are in gates.py, and splitting the task and value helpers out is
+the next step.
 """
 
 from __future__ import annotations
@@ -62,10 +62,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from runner.brokers.base import Bucket, DeadLetterFilter, Delivery, RateLimit
-from runner.brokers.flow import next_token_at, refilled, whole
+from runner.brokers.base import DeadLetterFilter, Delivery
 from runner.codec import decode_dead_letter, decode_task, encode_task
 from runner.errors import BrokerError, BrokerUnavailable
 from runner.model import DeadLetter, DeadReason, Task
@@ -144,6 +143,22 @@ CREATE TABLE IF NOT EXISTS buckets (
     tokens    REAL,                       -- as of ``at``; NULL: no task taken yet (a full bucket)
     at        REAL,                       -- epoch seconds, broker's clock
     limited_s REAL NOT NULL DEFAULT 0     -- seconds in all it held less than one token
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS circuits (
+    type            TEXT PRIMARY KEY,     -- a type with a circuit breaker
+    failure_rate    REAL    NOT NULL,     -- its CircuitBreaker
+    min_calls       INTEGER NOT NULL,
+    window_s        REAL    NOT NULL,
+    open_for_s      REAL    NOT NULL,
+    half_open_calls INTEGER NOT NULL,
+    state           TEXT,                 -- its Circuit; NULL: not used yet (a new closed one)
+    since           REAL,                 -- epoch seconds, broker's clock
+    window_start    REAL,
+    calls           INTEGER NOT NULL DEFAULT 0,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    prev_calls      INTEGER NOT NULL DEFAULT 0,
+    prev_failures   INTEGER NOT NULL DEFAULT 0,
+    probes          INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS "values" (
     key        TEXT PRIMARY KEY,          -- set by settle effects and put_if
@@ -459,67 +474,6 @@ def next_due(conn: sqlite3.Connection) -> float | None:
     ]
     present = [t for t in times if t is not None]
     return min(present) if present else None
-
-
-#: ``gates.kind`` of a Pause, the one kind of gate in that table (rate limits are ``buckets``).
-PAUSE = "pause"
-#: The rows of each gate table in force at ``:now``, in one shape: (type, until, rate, burst,
-#: tokens, at, limited_s), a pause's with the last five NULL and a rate limit's with ``until``.
-_GATE_ROWS = {
-    "gates": "SELECT type, until, NULL, NULL, NULL, NULL, NULL FROM gates"
-    f" WHERE kind = '{PAUSE}' AND (until IS NULL OR until > :now)",
-    "buckets": "SELECT type, NULL, rate, burst, tokens, at, limited_s FROM buckets",
-}
-_ALL_GATES_SQL = " UNION ALL ".join(_GATE_ROWS.values())
-#: The tables that hold gates.
-GATE_TABLES = tuple(_GATE_ROWS)
-
-
-class Gates(NamedTuple):
-    """The gates in force at a time ``now`` (``gates_at``)."""
-
-    paused: dict[str, float | None]  # type -> when its pause ends (None: when cleared)
-    limited: dict[str, tuple[RateLimit, Bucket]]  # type -> its limit and bucket, refilled to now
-
-    def held(self) -> dict[str, float | None]:
-        """The types of which no task can be handed out now (paused, or no whole token), each
-        with when that may change (None: when cleared)."""
-        if not self.limited:
-            return self.paused
-        held = dict(self.paused)
-        for kind, (limit, bucket) in self.limited.items():
-            if kind not in held and whole(bucket) == 0:
-                held[kind] = next_token_at(limit, bucket)
-        return held
-
-
-def gates_at(conn: sqlite3.Connection, now: float, tables: Sequence[str] | None = None) -> Gates:
-    """The gates in force at ``now``, in one query: a claim's only read of them (while both
-    tables are empty, about 1 us more than a read of pauses alone); ``tables``: only those of
-    ``GATE_TABLES`` (an older file opened read-only may lack some)."""
-    if tables is None:
-        sql = _ALL_GATES_SQL
-    else:
-        sql = " UNION ALL ".join(_GATE_ROWS[table] for table in tables)
-    gates = Gates({}, {})
-    if not sql:
-        return gates
-    for kind, until, rate, burst, tokens, at, limited_s in conn.execute(sql, {"now": now}):
-        if rate is None:
-            gates.paused[kind] = until
-            continue
-        limit = RateLimit(rate=rate, burst=burst)
-        stored = None if tokens is None else Bucket(tokens=tokens, at=at, limited_s=limited_s)
-        gates.limited[kind] = (limit, refilled(limit, stored, now))
-    return gates
-
-
-def save_bucket(conn: sqlite3.Connection, type_name: str, bucket: Bucket) -> None:
-    """Write ``type_name``'s bucket (its row exists: its rate limit)."""
-    conn.execute(
-        "UPDATE buckets SET tokens = ?, at = ?, limited_s = ? WHERE type = ?",
-        (bucket.tokens, bucket.at, bucket.limited_s, type_name),
-    )
 
 
 def sweep(conn: sqlite3.Connection, now: float) -> None:

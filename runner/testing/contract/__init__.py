@@ -15,6 +15,7 @@ from typing import Any
 
 from runner.testing.contract import (
     capacity,
+    circuits,
     compare,
     delivery,
     effects,
@@ -23,6 +24,7 @@ from runner.testing.contract import (
     rates,
     release,
     settle,
+    unique,
 )
 from runner.testing.contract.fixtures import (
     BrokerFactory,
@@ -43,8 +45,10 @@ MODULES: tuple[ModuleType, ...] = (
     settle,
     gates,
     rates,
+    circuits,
     effects,
     compare,
+    unique,
 )
 
 
