@@ -176,7 +176,13 @@ class Runner:
                     f"{type(broker).__name__} cannot run schedules: it has no put_if "
                     "(settle_effects is False)"
                 )
-            self.scheduler = Scheduler(broker, schedules_of(config), self._scheduled, self.events)
+            schedules = schedules_of(config)
+            for schedule in schedules:  # a payload its type refuses fails now, not every tick
+                try:
+                    self._scheduled(schedule, 0.0, 0.0)
+                except UsageError as exc:
+                    raise UsageError(f"schedule {schedule.name!r}: {exc}") from exc
+            self.scheduler = Scheduler(broker, schedules, self._scheduled, self.events)
         # Per type, its rate limit (in the broker, for every process together).
         self._rate_limits = {
             name: RateLimit(spec.rate_limit.rate, spec.rate_limit.effective_burst())

@@ -49,7 +49,8 @@ class EventName(WireName):
     # Ticks passed while no process ran were not fired (the schedule's `missed`; detail: how many).
     SCHEDULE_MISSED = "schedule.missed"
     SCHEDULE_FULL = "schedule.full"  # the broker was full: the tick is tried again shortly
-    SCHEDULE_FAILED = "schedule.failed"  # a broker error in a scheduler pass (error)
+    # A scheduler pass failed: a broker error, or a tick's task refused (error); tried again.
+    SCHEDULE_FAILED = "schedule.failed"
     # This process's clock is off the broker's by lag_s (schedules fire by the broker's).
     SCHEDULE_CLOCK_SKEW = "schedule.clock_skew"
     SCHEDULE_REMOVED = "schedule.removed"  # the file no longer names it: its stored tick deleted

@@ -184,7 +184,7 @@ class Scheduler:
                 wait_s = self.run_once()
             except BrokerClosed:
                 return
-            except BrokerError as exc:
+            except Exception as exc:  # a broker error, or a draft refused: logged, tried again
                 self._events.emit(Event(EventName.SCHEDULE_FAILED, error=_error(exc)))
                 wait_s = FULL_RETRY_S
             self._stopping.wait(wait_s)

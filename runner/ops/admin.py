@@ -406,6 +406,8 @@ class Stats:
     rate_limits: dict[str, tuple[RateLimit, Bucket]] = field(default_factory=dict)
     # Types with a circuit breaker: the circuit now.
     circuits: dict[str, Circuit] = field(default_factory=dict)
+    # Unique types: how many keys are held now (by queued tasks, or for their ttl).
+    unique_held: dict[str, int] = field(default_factory=dict)
 
     @property
     def oldest_age_s(self) -> float | None:
@@ -424,6 +426,7 @@ class Stats:
                     "paused_until": self.paused.get(name),
                     "rate_limit": _rate_json(self.rate_limits.get(name)),
                     "circuit": _circuit_json(self.circuits.get(name)),
+                    "unique_keys_held": self.unique_held.get(name),
                 }
                 for name, s in self.types.items()
             },
@@ -469,7 +472,19 @@ def stats(config: PipelineConfig, admin: BrokerAdmin, now: float | None = None) 
         paused=paused,
         rate_limits=rate_limits,
         circuits=circuits,
+        unique_held=_unique_held(config, admin),
     )
+
+
+def _unique_held(config: PipelineConfig, admin: BrokerAdmin) -> dict[str, int]:
+    """Per unique type, how many of its keys the broker holds (keys are ``unique:type:key``)."""
+    unique = [name for name, spec in config.task_types.items() if spec.unique]
+    if not unique or not isinstance(admin, Broker) or not admin.settle_effects:
+        return {}
+    held = admin.scan_values(UNIQUE_PREFIX)
+    return {
+        name: sum(1 for key in held if key.startswith(f"{UNIQUE_PREFIX}{name}:")) for name in unique
+    }
 
 
 def _rate_json(held: tuple[RateLimit, Bucket] | None) -> dict[str, float] | None:

@@ -154,6 +154,7 @@ def stats_table(stats: Stats, width: int | None = None) -> str:
             *([f"paused:       {paused_list(stats.paused)}"] if stats.paused else []),
             *([f"rate limits:  {rate_list(stats)}"] if stats.rate_limits else []),
             *([f"circuits:     {circuit_list(stats)}"] if stats.circuits else []),
+            *([f"unique keys:  {held_list(stats)}"] if stats.unique_held else []),
         ]
     )
 
@@ -182,3 +183,8 @@ def circuit_list(stats: Stats) -> str:
         + (f" since {utc(circuit.since)}" if circuit.state != "closed" else "")
         for name, circuit in sorted(stats.circuits.items())
     )
+
+
+def held_list(stats: Stats) -> str:
+    """``sync 3 held, report 0 held``: each unique type's keys held now."""
+    return ", ".join(f"{name} {count} held" for name, count in sorted(stats.unique_held.items()))

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from datetime import datetime
 from pathlib import Path
 
 from runner.engine.schedule import tick_name
 from tests.cli.run_kit import REPO, WAIT_S, run, start
+from tests.integration.fleet import wait_for
 
 PIPELINE = """
 broker: {{kind: sqlite, path: {db}}}
@@ -32,13 +32,6 @@ def _config(tmp_path: Path) -> str:
     return str(path)
 
 
-def _wait(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_a_running_worker_fires_ticks_and_schedules_shows_them(tmp_path: Path) -> None:
     config = _config(tmp_path)
     done = tmp_path / "done"
@@ -49,7 +42,11 @@ def test_a_running_worker_fires_ticks_and_schedules_shows_them(tmp_path: Path) -
 
     worker = start("run", config)
     try:
-        _wait(lambda: done.exists() and len(done.read_text().splitlines()) >= 3, "three ticks")
+        wait_for(
+            lambda: done.exists() and len(done.read_text().splitlines()) >= 3,
+            WAIT_S,
+            what="three ticks",
+        )
         shown = run("schedules", config, "--json")
         assert shown.returncode == 0, shown.stderr
     finally:

@@ -4,7 +4,7 @@ stats."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from runner.deadletter.memory import MemoryDeadLetters
 from runner.errors import NotSupported, QueueFull, UsageError
 from runner.model import DeadLetter, Task
 from runner.ops import admin, views
+from runner.ops.admin import Stats
 
 
 def _record(type_name: str = "a", error: str = "RuntimeError", dead_at: float = 0.0) -> DeadLetter:
@@ -170,20 +171,30 @@ def test_stats_on_a_sqlite_broker(tmp_path: Path) -> None:
         "paused_until": None,
         "rate_limit": None,
         "circuit": None,
+        "unique_keys_held": None,
     }
 
 
-def test_stats_show_a_rate_limited_types_bucket(tmp_path: Path) -> None:
+def _sqlite_stats(tmp_path: Path, types: str, prepare: Callable[[SqliteBroker], object]) -> Stats:
+    """``dq-run stats``'s data for a SQLite pipeline of ``types`` (YAML lines under
+    task_types), after ``prepare`` ran on its broker."""
     config_file = tmp_path / "c.yaml"
     config_file.write_text(
-        f"broker: {{kind: sqlite, path: {tmp_path / 'q.db'}}}\n"
-        "task_types:\n  email: {handler: handlers.demo:send_email, rate_limit: 30/m}\n"
+        f"broker: {{kind: sqlite, path: {tmp_path / 'q.db'}}}\ntask_types:\n{types}"
     )
     config = load_config(config_file)
     with admin.open_admin(config) as target:
         assert isinstance(target, SqliteBroker)
-        target.set_gate("email", RateLimit(rate=0.5, burst=2))
-        result = admin.stats(config, target)
+        prepare(target)
+        return admin.stats(config, target)
+
+
+def test_stats_show_a_rate_limited_types_bucket(tmp_path: Path) -> None:
+    result = _sqlite_stats(
+        tmp_path,
+        "  email: {handler: handlers.demo:send_email, rate_limit: 30/m}\n",
+        lambda broker: broker.set_gate("email", RateLimit(rate=0.5, burst=2)),
+    )
     limit = result.to_json()["types"]["email"]["rate_limit"]
     assert (limit["rate"], limit["burst"], limit["tokens"], limit["limited_s"]) == (0.5, 2, 2, 0)
     table = views.stats_table(result)
@@ -191,19 +202,27 @@ def test_stats_show_a_rate_limited_types_bucket(tmp_path: Path) -> None:
 
 
 def test_stats_show_each_circuit(tmp_path: Path) -> None:
-    config_file = tmp_path / "c.yaml"
-    config_file.write_text(
-        f"broker: {{kind: sqlite, path: {tmp_path / 'q.db'}}}\n"
-        "task_types:\n  email: {handler: handlers.demo:send_email, circuit_breaker: {}}\n"
+    result = _sqlite_stats(
+        tmp_path,
+        "  email: {handler: handlers.demo:send_email, circuit_breaker: {}}\n",
+        lambda broker: broker.set_gate("email", CircuitBreaker(0.5, 20, 30, 60, 3)),
     )
-    config = load_config(config_file)
-    with admin.open_admin(config) as target:
-        assert isinstance(target, SqliteBroker)
-        target.set_gate("email", CircuitBreaker(0.5, 20, 30, 60, 3))
-        result = admin.stats(config, target)
     circuit = result.to_json()["types"]["email"]["circuit"]
     assert (circuit["state"], circuit["calls"], circuit["failures"]) == ("closed", 0, 0)
     assert "circuits:     email closed" in views.stats_table(result)
+
+
+def test_stats_count_each_unique_types_held_keys(tmp_path: Path) -> None:
+    result = _sqlite_stats(
+        tmp_path,
+        "  email: {handler: handlers.demo:send_email, unique: {key: '{payload.to}'}}\n"
+        "  other: {handler: handlers.demo:send_email, unique: {key: '{payload.to}'}}\n",
+        lambda broker: broker.put_unique(
+            [Task("email", {}, unique_key=f"email:{n}") for n in range(3)]
+        ),
+    )
+    assert result.to_json()["types"]["email"]["unique_keys_held"] == 3
+    assert "unique keys:  email 3 held, other 0 held" in views.stats_table(result)
 
 
 def test_memory_configs_refuse_publish_and_stats(tmp_path: Path) -> None:

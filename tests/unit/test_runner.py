@@ -15,6 +15,13 @@ from runner.events import Event, EventName
 from tests.unit import flow_handlers, time_handlers
 
 
+class Recorder(list[Event]):
+    """A listener that keeps every event, in order."""
+
+    def handle(self, event: Event) -> None:
+        self.append(event)
+
+
 def _config(**extra: object) -> PipelineConfig:
     return PipelineConfig.model_validate(
         {
@@ -134,13 +141,8 @@ def test_a_handler_can_ask_for_its_own_retry_delay() -> None:
             "task_types": {"poll": {"handler": "tests.unit.time_handlers:retry_once_after"}},
         }
     )
-    events: list[Event] = []
-
-    class Record:
-        def handle(self, event: Event) -> None:
-            events.append(event)
-
-    runner = build_runtime(config, listeners=[Record()], observe=False)
+    events = Recorder()
+    runner = build_runtime(config, listeners=[events], observe=False)
     runner.publish("poll", {"delay": 0.4})
     with runner:
         started = time.monotonic()
@@ -222,13 +224,8 @@ def test_a_rate_limited_type_starts_no_faster_than_its_rate_and_others_run_freel
             }
         }
     )
-    events: list[Event] = []
-
-    class Record:
-        def handle(self, event: Event) -> None:
-            events.append(event)
-
-    runner = build_runtime(config, listeners=[Record()], observe=False)
+    events = Recorder()
+    runner = build_runtime(config, listeners=[events], observe=False)
     for _ in range(22):
         runner.publish("slow", {})
     for _ in range(200):
@@ -298,14 +295,9 @@ def test_a_circuit_breaker_stops_calls_to_a_failing_downstream_and_closes_after(
             },
         }
     )
-    events: list[Event] = []
-
-    class Record:
-        def handle(self, event: Event) -> None:
-            events.append(event)
-
     flow_handlers.down, flow_handlers.starts = True, []
-    runner = build_runtime(config, listeners=[Record()], observe=False)
+    events = Recorder()
+    runner = build_runtime(config, listeners=[events], observe=False)
     for _ in range(40):
         runner.publish("call", {})
     with runner:
@@ -341,13 +333,8 @@ def test_a_unique_task_is_published_once_per_key_until_it_is_done() -> None:
             }
         }
     )
-    events: list[Event] = []
-
-    class Record:
-        def handle(self, event: Event) -> None:
-            events.append(event)
-
-    runner = build_runtime(config, listeners=[Record()], observe=False)
+    events = Recorder()
+    runner = build_runtime(config, listeners=[events], observe=False)
     first = runner.publish("sync", {"user": 7})
     assert runner.publish("sync", {"user": 7, "other": "fields"}) == first  # the key is held
     second_user = runner.publish("sync", {"user": 8})
@@ -378,3 +365,14 @@ def test_a_unique_key_given_at_publish_is_let_go_when_the_task_is_done() -> None
         assert runner.run_until_empty(timeout=30) is True
         assert runner.publish("work", {"n": 3}, unique_key="nightly") != first  # no ttl: free
         assert runner.run_until_empty(timeout=30) is True
+
+
+def test_a_schedule_whose_payload_its_handler_refuses_fails_at_start() -> None:
+    config = PipelineConfig.model_validate(
+        {
+            "task_types": {"ship": {"handler": "handlers.typed:ship_order"}},
+            "schedules": {"restock": {"type": "ship", "every": "1h", "payload": {"sku": ""}}},
+        }
+    )
+    with pytest.raises(UsageError, match=r"schedule 'restock': payload of a 'ship' task"):
+        build_runtime(config, observe=False)
