@@ -36,6 +36,7 @@ from runner.brokers.flow import rate_text
 from runner.config.models import PipelineConfig
 from runner.engine.attempt import TaskLogger, TypeRuntime, default_task_logger
 from runner.engine.circuits import CircuitWatch
+from runner.engine.presence import Presence
 from runner.engine.retry import RetryPlan
 from runner.engine.schedule import Schedule, Scheduler, tick_name
 from runner.engine.worker import Worker
@@ -214,6 +215,9 @@ class Runner:
         self.circuit_watch = (
             CircuitWatch(broker, list(self._breakers), self.events) if self._breakers else None
         )
+        # Other processes can see this one (dq-run stats) where they share the broker.
+        shared = broker.shared and broker.settle_effects
+        self.presence = Presence(broker, list(served)) if shared else None
         self._started = False
         self._stopped = False
 
@@ -379,6 +383,8 @@ class Runner:
             self.worker.start()
             if self.circuit_watch is not None:
                 self.circuit_watch.start()
+            if self.presence is not None:
+                self.presence.start()
             if self.scheduler is not None:
                 self.scheduler.start()
         return self
@@ -455,6 +461,8 @@ class Runner:
                 self.scheduler.stop()
             if self.circuit_watch is not None:
                 self.circuit_watch.stop()
+            if self.presence is not None and self._started:
+                self.presence.stop()
             if self._started:
                 self.summary.threads = (self.worker.threads, self.worker.alive_threads())
                 self.summary.interrupts = self.worker.interrupts

@@ -99,7 +99,9 @@ built on them, such as rate limits, circuit breakers and pipelines, need both):
   nothing and answers False. It never waits for room: when the tasks do not fit it raises
   QueueFull and changes nothing (the key keeps ``expected``). ``tasks`` may be empty (a bare
   compare-and-set). ``scan_values(prefix)`` reads every live key that starts with ``prefix``;
-  ``delete_values(keys)`` deletes keys and answers how many it deleted.
+  ``delete_values(keys)`` deletes keys and answers how many it deleted; ``set_values(sets)``
+  sets keys (each with its optional ttl) in one step, outside any settle (what a running
+  process's presence is kept by).
 - ``put_unique(tasks, timeout)`` is ``put_many`` for tasks that may carry a ``unique_key``
   (unique tasks): a task whose key is held (the value ``unique:<key>`` is set: by an earlier
   ``put_unique``, or by a settle's effect whose ttl has not run out) is not put, and its answer
@@ -130,9 +132,8 @@ Each is read from the class, before any broker is built, as well as from a live 
 
 - ``gates_in_get`` and ``settle_effects``: the broker implements gates and effects (above).
   Without them ``set_gate``, ``clear_gate``, ``gates``, ``buckets``, ``circuits``,
-  ``read_values``, ``put_if``, ``put_unique``,
-  ``scan_values`` and ``delete_values`` raise NotImplementedError, and so does a settle that
-  carries effects.
+  ``read_values``, ``put_if``, ``put_unique``, ``scan_values``, ``delete_values`` and
+  ``set_values`` raise NotImplementedError, and so does a settle that carries effects.
 
 ``BaseBroker`` declares them (by default a durable, shared, batching broker without gates or
 effects) and derives ``settle_many`` and ``exchange`` from the single calls; a backend may
@@ -376,6 +377,8 @@ class Broker(Protocol):
 
     def delete_values(self, keys: Sequence[str]) -> int: ...
 
+    def set_values(self, sets: Sequence[SetValue]) -> None: ...
+
 
 @runtime_checkable
 class BrokerAdmin(Protocol):
@@ -470,6 +473,9 @@ class BaseBroker(abc.ABC):
         raise _no_effects(self)
 
     def delete_values(self, keys: Sequence[str]) -> int:
+        raise _no_effects(self)
+
+    def set_values(self, sets: Sequence[SetValue]) -> None:
         raise _no_effects(self)
 
     def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:

@@ -26,6 +26,7 @@ from runner.brokers.base import (
     Gate,
     Pause,
     RateLimit,
+    SetValue,
 )
 from runner.brokers.flow import circuit_at, refilled
 from runner.deadletter.store import DeadLetterStore
@@ -297,6 +298,14 @@ class MemoryAdmin:
             for key in set(keys):
                 self._values.pop(key, None)
             return len(live)
+
+    def set_values(self, sets: Sequence[SetValue]) -> None:
+        with self._cond:
+            self._check_open("set_values")
+            now = self._clock()
+            for item in sets:
+                until = None if item.ttl_s is None else now + item.ttl_s
+                self._values[item.key] = (item.value, until)
 
     def _live_value(self, key: str, now: float) -> str | None:
         """The value of ``key``, or None when it is absent or its ttl ran out."""

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from runner.backends import broker_class, create_broker
 from runner.brokers.base import (
@@ -40,6 +40,7 @@ from runner.brokers.base import (
 from runner.config.models import PipelineConfig, parse_duration
 from runner.config.models import parse_rate as config_parse_rate
 from runner.deadletter.file import FileDeadLetters
+from runner.engine import presence
 from runner.errors import BrokerError, NotSupported, QueueFull, UsageError
 from runner.model import (
     DeadLetter,
@@ -334,7 +335,7 @@ def held_unique(admin: BrokerAdmin, records: Sequence[DeadLetter]) -> dict[str, 
     """The records whose unique key is held now (by a task queued since): id -> the holder.
     Replay skips them (they would run the same key twice)."""
     keyed = [r for r in records if r.task.unique_key]
-    if not keyed or not isinstance(admin, Broker) or not admin.settle_effects:
+    if not keyed or not _keeps_values(admin):
         return {}
     held = admin.read_values([UNIQUE_PREFIX + r.task.unique_key for r in keyed])
     return {
@@ -408,6 +409,8 @@ class Stats:
     circuits: dict[str, Circuit] = field(default_factory=dict)
     # Unique types: how many keys are held now (by queued tasks, or for their ttl).
     unique_held: dict[str, int] = field(default_factory=dict)
+    # The running processes that share the broker: host, pid, types, started_at.
+    processes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def oldest_age_s(self) -> float | None:
@@ -432,6 +435,7 @@ class Stats:
             },
             "dead_letters": self.dead_letters,
             "oldest_age_s": self.oldest_age_s,
+            "processes": self.processes,
         }
 
 
@@ -473,13 +477,19 @@ def stats(config: PipelineConfig, admin: BrokerAdmin, now: float | None = None) 
         rate_limits=rate_limits,
         circuits=circuits,
         unique_held=_unique_held(config, admin),
+        processes=presence.processes(admin) if _keeps_values(admin) else [],
     )
+
+
+def _keeps_values(admin: BrokerAdmin) -> TypeGuard[Broker]:
+    """Whether ``admin`` is a broker that keeps values (settle effects)."""
+    return isinstance(admin, Broker) and admin.settle_effects
 
 
 def _unique_held(config: PipelineConfig, admin: BrokerAdmin) -> dict[str, int]:
     """Per unique type, how many of its keys the broker holds (keys are ``unique:type:key``)."""
     unique = [name for name, spec in config.task_types.items() if spec.unique]
-    if not unique or not isinstance(admin, Broker) or not admin.settle_effects:
+    if not unique or not _keeps_values(admin):
         return {}
     held = admin.scan_values(UNIQUE_PREFIX)
     return {

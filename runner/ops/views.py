@@ -155,6 +155,7 @@ def stats_table(stats: Stats, width: int | None = None) -> str:
             *([f"rate limits:  {rate_list(stats)}"] if stats.rate_limits else []),
             *([f"circuits:     {circuit_list(stats)}"] if stats.circuits else []),
             *([f"unique keys:  {held_list(stats)}"] if stats.unique_held else []),
+            *([f"processes:    {process_list(stats)}"] if stats.processes else []),
         ]
     )
 
@@ -188,3 +189,11 @@ def circuit_list(stats: Stats) -> str:
 def held_list(stats: Stats) -> str:
     """``sync 3 held, report 0 held``: each unique type's keys held now."""
     return ", ".join(f"{name} {count} held" for name, count in sorted(stats.unique_held.items()))
+
+
+def process_list(stats: Stats) -> str:
+    """``web-1:4242 (email, report), web-2:17 (resize)``: who runs which types now."""
+    return ", ".join(
+        f"{p.get('host')}:{p.get('pid')} ({', '.join(p.get('types') or ())})"
+        for p in stats.processes
+    )

@@ -1,12 +1,15 @@
 """Routing types to processes: `dq-run run CONFIG --types a` (or DQ_TYPES) runs only those types'
-tasks in that process, and --until-empty waits only for them; another process runs the rest."""
+tasks in that process, and --until-empty waits only for them; another process runs the rest;
+`dq-run stats` shows which running process runs which types."""
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
-from tests.cli.run_kit import run
+from tests.cli.run_kit import WAIT_S, run, start, stats_json
+from tests.integration.fleet import wait_for
 
 PIPELINE = """
 broker: {{kind: sqlite, path: {db}}}
@@ -37,3 +40,22 @@ def test_each_process_runs_only_its_types(tmp_path: Path) -> None:
     assert len(done["report"].read_text().splitlines()) == 3
     started = [json.loads(line) for line in reporter.stderr.splitlines() if line.startswith("{")]
     assert {e["type"] for e in started if e["event"] == "task.started"} == {"report"}
+
+
+def test_stats_shows_which_process_runs_which_types(tmp_path: Path) -> None:
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(PIPELINE.format(db=tmp_path / "q.db"))
+    worker = start("run", str(config), "--types", "resize")
+    try:
+        wait_for(
+            lambda: bool(stats_json(str(config))["processes"]),
+            WAIT_S,
+            what="the worker's presence in stats",
+        )
+        (entry,) = stats_json(str(config))["processes"]
+        assert (entry["pid"], entry["types"]) == (worker.pid, ["resize"])
+        assert f":{worker.pid} (resize)" in run("stats", str(config)).stdout
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=WAIT_S)
+    assert stats_json(str(config))["processes"] == []  # a process that stops says so

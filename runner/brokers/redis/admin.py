@@ -2,14 +2,15 @@
 queue ages), and the broker's plain calls beside the task path: its clock, the gates (set,
 cleared and listed here, with the rate limits' buckets and the circuit breakers' circuits;
 evaluated inside POLL, circuits also moved by SETTLE) and the values settle effects,
-``put_if`` and ``put_unique`` set. Mixed into RedisBroker, whose client and call plumbing it
-uses (declared below); the data model is in runner/brokers/redis/scripts.py.
+``put_if``, ``put_unique`` and ``set_values`` set. Mixed into RedisBroker, whose client and
+call plumbing it uses (declared below); the data model is in runner/brokers/redis/scripts.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
@@ -25,6 +26,7 @@ from runner.brokers.base import (
     Gate,
     Pause,
     RateLimit,
+    SetValue,
 )
 from runner.brokers.flow import circuit_at, refilled
 from runner.brokers.redis.scripts import GROUP
@@ -345,6 +347,28 @@ class RedisAdmin:
             return 0
         names = [self._key("v", key) for key in keys]
         return int(self._call(lambda: self._client.delete(*names), "delete_values"))
+
+    def set_values(self, sets: Sequence[SetValue]) -> None:
+        """One MULTI of SETs, a ttl as PX (the value expires by Redis' clock, as a settle's
+        effect does); a ttl already run out deletes the key instead."""
+        if not sets:
+            self._call(lambda: None, "set_values")  # raises BrokerClosed once closed
+            return
+
+        def write() -> None:
+            pipe = self._client.pipeline(transaction=True)
+            for item in sets:
+                name = self._key("v", item.key)
+                if item.ttl_s is None:
+                    pipe.set(name, item.value)
+                elif item.ttl_s > 0:
+                    # Rounded up, so the value never reads as absent before its ttl has run out.
+                    pipe.set(name, item.value, px=math.ceil(item.ttl_s * 1000))
+                else:  # run out already (and PX takes only a positive ttl)
+                    pipe.delete(name)
+            pipe.execute()
+
+        self._call(write, "set_values")
 
 
 def _glob_escape(text: str) -> str:

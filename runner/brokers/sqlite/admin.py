@@ -1,11 +1,11 @@
 """The BrokerAdmin half of SqliteBroker: the operator commands (dead letters, replay, purge,
 queue ages), and the broker's plain calls beside the task path: its clock, the gates (set,
 cleared and listed here with the rate limits' buckets and the circuit breakers' circuits,
-honoured inside every claim) and the values that settle effects, ``put_if`` and
-``put_unique`` set. None of it is on the claim and settle path, so it lives apart from that
-path's statements and group commit in broker.py. Mixed into SqliteBroker, whose transactions
-and insert plumbing it uses (declared below); the tables and row helpers are in schema.py, the
-gates' rows in gates.py.
+honoured inside every claim) and the values that settle effects, ``put_if``,
+``put_unique`` and ``set_values`` set. None of it is on the claim and settle path, so it lives
+apart from that path's statements and group commit in broker.py. Mixed into SqliteBroker, whose
+transactions and insert plumbing it uses (declared below); the tables and row helpers are in
+schema.py, the gates' rows in gates.py.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from runner.brokers.base import (
     Gate,
     Pause,
     RateLimit,
+    SetValue,
 )
 from runner.brokers.sqlite.gates import GATE_TABLES, PAUSE, Gates, gates_at
 from runner.brokers.sqlite.schema import (
@@ -293,6 +294,19 @@ class SqliteAdmin:
             return 0
         with self._write("delete_values") as conn:
             return delete_values(conn, keys, self._clock())
+
+    def set_values(self, sets: Sequence[SetValue]) -> None:
+        """Set each key to its value, one with a ttl expiring that long after now, all in one
+        transaction (a key set again is replaced, ttl and all)."""
+        if not sets:
+            self._open_connection("set_values")  # still raise BrokerClosed after close
+            return
+        with self._write("set_values") as conn:
+            now = self._clock()
+            conn.executemany(
+                SET_VALUE_SQL,
+                [(s.key, s.value, None if s.ttl_s is None else now + s.ttl_s) for s in sets],
+            )
 
     def _lacks_table(self, conn: sqlite3.Connection, name: str) -> bool:
         """Whether a read-only open found a file from before ``name`` was added (then empty)."""

@@ -149,3 +149,17 @@ def test_delete_values_deletes_and_counts(make_broker: BrokerMaker) -> None:
     assert broker.delete_values([]) == 0
     assert broker.scan_values("schedule:") == {"schedule:b": "2"}
     assert broker.put_if("schedule:a", None, "again", []) is True  # absent once more
+
+
+def test_set_values_sets_keys_with_their_own_ttls(make_broker: BrokerMaker) -> None:
+    broker = _keyed(make_broker)
+    broker.set_values([SetValue("process:a", "1", ttl_s=0.3), SetValue("process:b", "2")])
+    assert broker.scan_values("process:") == {"process:a": "1", "process:b": "2"}
+    broker.set_values([SetValue("process:b", "3", ttl_s=60)])  # set again: replaced
+    assert broker.read_values(["process:b"]) == {"process:b": "3"}
+    deadline = time.monotonic() + GET_TIMEOUT_S
+    while "process:a" in broker.read_values(["process:a"]):
+        assert time.monotonic() < deadline, "a 0.3 s ttl never ran out"
+        time.sleep(0.05)
+    assert broker.scan_values("process:") == {"process:b": "3"}
+    broker.set_values([])  # nothing to set: no error
