@@ -38,3 +38,11 @@ def generate_report(payload: dict[str, Any], ctx: TaskContext) -> int:
             break
         total += i * i % 7
     return total
+
+
+def fetch_order(payload: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    """Pretend to load an order: its id and its images, for the stages after it to fan out over
+    (docs/pipelines.md)."""
+    order = int(payload.get("order", 1))
+    count = int(payload.get("images", 3))
+    return {"order": order, "images": [{"order": order, "image": i} for i in range(count)]}

@@ -22,6 +22,7 @@ from typing import Any
 
 from runner.backends import create_broker
 from runner.brokers.base import (
+    RESULT_PREFIX,
     Broker,
     BrokerAdmin,
     Bucket,
@@ -36,6 +37,7 @@ from runner.brokers.flow import rate_text
 from runner.config.models import PipelineConfig
 from runner.engine.attempt import TaskLogger, TypeRuntime, default_task_logger
 from runner.engine.circuits import CircuitWatch
+from runner.engine.handoff import Stage
 from runner.engine.presence import Presence
 from runner.engine.retry import RetryPlan
 from runner.engine.schedule import Schedule, Scheduler, tick_name
@@ -109,8 +111,34 @@ def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
             middleware=chain,
             breaker=spec.circuit_breaker is not None,
             unique_ttl=spec.unique.ttl if spec.unique else 0.0,
+            result_ttl=config.result_ttl_for(name),
+            then=tuple(
+                Stage(
+                    type=stage.type,
+                    each=stage.each,
+                    max_fanout=stage.max_fanout,
+                    expires_s=config.task_types[stage.type].expires,
+                )
+                for stage in spec.then
+            ),
         )
     return types
+
+
+def wait_for_result(broker: Broker, task_id: str, timeout: float) -> dict[str, Any] | None:
+    """A task's kept result from ``broker``, polled until ``timeout`` (Runner.result)."""
+    if not broker.settle_effects:
+        raise UsageError(f"{type(broker).__name__} cannot keep results (no settle effects)")
+    key = RESULT_PREFIX + task_id
+    deadline = time.monotonic() + timeout
+    while True:
+        found = broker.read_values([key]).get(key)
+        if found is not None:
+            result: dict[str, Any] = json.loads(found)
+            return result
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(_POLL_S)
 
 
 def schedules_of(config: PipelineConfig) -> list[Schedule]:
@@ -407,6 +435,13 @@ class Runner:
                 self.broker.set_gate(name, breaker)  # its circuit keeps its state
             elif self.broker.settle_effects:
                 self.broker.clear_gate(name, CircuitBreaker)
+
+    def result(self, task_id: str, timeout: float = 0.0) -> dict[str, Any] | None:
+        """The task's kept result, waiting up to ``timeout`` seconds for it: ``{"state":
+        "succeeded", "value": ...}`` or ``{"state": "dead", "reason", "error"}`` (with
+        ``finished_at``); None while it runs, or when its id is unknown or its result expired
+        (its type keeps none without ``results``)."""
+        return wait_for_result(self.broker, task_id, timeout)
 
     def circuits(self) -> dict[str, Circuit]:
         """The circuit-broken types' circuits, from the broker (empty without breakers)."""

@@ -489,6 +489,8 @@ class BaseBroker(abc.ABC):
 
 #: The prefix of a unique task's key among the broker's values (``put_unique``).
 UNIQUE_PREFIX = "unique:"
+#: The prefix of a task's kept result among the broker's values (set with its ack or dead).
+RESULT_PREFIX = "result:"
 
 
 def _no_effects(broker: object) -> NotImplementedError:

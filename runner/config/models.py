@@ -331,6 +331,25 @@ def _key_template(template: str) -> str:
     return template
 
 
+class StageConfig(_Model):
+    """One stage a task's success starts: a task of ``type`` (or one per item of ``each``)."""
+
+    type: TypeName = Field(description="the task type it starts")
+    each: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$",
+        description="fan out: one task per item of the list at this key of the return value",
+        examples=["images", "order.lines"],
+    )
+    max_fanout: int = Field(1000, ge=1, description="more items than this fail the parent")
+
+
+class ResultsConfig(_Model):
+    """Keep each task's result: its return value, or why it died."""
+
+    ttl: Duration = Field(3600.0, gt=0, description="how long a result is kept after it is set")
+
+
 class UniqueConfig(_Model):
     """Publishing a task whose key is held adds nothing and returns the holder's id."""
 
@@ -373,6 +392,12 @@ class TaskTypeConfig(_Model):
         None,
         description="at most this many starts per second across every process: 50/s, or "
         "{rate: 50/s, burst: 10}",
+    )
+    results: ResultsConfig | None = Field(
+        None, description="keep this type's results (overrides the top-level results)"
+    )
+    then: tuple[StageConfig, ...] = Field(
+        (), description="tasks its success starts, put with its ack: [{type: next, each: items}]"
     )
     unique: UniqueConfig | None = Field(
         None, description="one task per key at a time: {key: '{payload.user_id}', ttl: 10m}"
@@ -541,6 +566,9 @@ class PipelineConfig(_Model):
     logging: LoggingConfig = LoggingConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     simulate: SimulateConfig | None = None
+    results: ResultsConfig | None = Field(
+        None, description="keep every type's results: {ttl: 1h} (runner.result, dq-run result)"
+    )
     schedules: dict[ScheduleName, ScheduleConfig] = Field(
         default_factory=dict,
         description="schedule name ([a-z][a-z0-9_-]*) -> a task published on a clock",
@@ -583,6 +611,11 @@ class PipelineConfig(_Model):
         if per_worker * self.workers > MAX_PREFETCH:
             return MAX_PREFETCH, f"{per_worker} x workers, at most {MAX_PREFETCH}"
         return per_worker * self.workers, f"{per_worker} x workers"
+
+    def result_ttl_for(self, type_name: str) -> float:
+        """How long the type's results are kept (0: not kept)."""
+        results = self.task_types[type_name].results or self.results
+        return results.ttl if results else 0.0
 
     def concurrency_for(self, type_name: str) -> int:
         limit = self.task_types[type_name].concurrency

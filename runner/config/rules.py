@@ -92,6 +92,10 @@ def cross_field_problems(inputs: Inputs) -> list[Finding]:
         judge(_scheduled_type, name)
     for index in range(len(_served(inputs))):
         judge(_served_type, index)
+    for name in _names(inputs, ("task_types",)):
+        for index in range(_length(inputs, ("task_types", name, "then"))):
+            judge(_stage_type, name, index)
+    judge(_no_stage_cycle)
     judge(_served_here)
     if _present(inputs, ("simulate",)):
         for section in ("mix", "faults"):
@@ -235,6 +239,38 @@ def _served_here(inputs: Inputs) -> Finding | None:
         f"the {kind} broker's queue lives in this process: the types left out would never "
         "run (use sqlite or redis to split types across processes)",
     )
+
+
+def _stage_type(inputs: Inputs, name: str, index: int) -> Finding | None:
+    declared = inputs.names(("task_types",), complete=True)
+    stage = inputs.value(("task_types", name, "then"))[index]
+    if stage.type in declared:
+        return None
+    path = ("task_types", name, "then", index, "type")
+    return Finding(path, _unknown_type(stage.type, dict.fromkeys(declared)))
+
+
+def _no_stage_cycle(inputs: Inputs) -> Finding | None:
+    """A pipeline whose stages lead back to a type already in it would never end."""
+    names = inputs.names(("task_types",), complete=True)
+    edges = {n: [s.type for s in inputs.value(("task_types", n, "then"))] for n in names}
+    for start in names:
+        cycle = _cycle_from([start], edges)
+        if cycle:
+            where = ("task_types", cycle[0], "then")
+            return Finding(where, f"the stages make a cycle: {' -> '.join(cycle)}")
+    return None
+
+
+def _cycle_from(path: list[str], edges: Mapping[str, list[str]]) -> list[str] | None:
+    """A cycle reachable from ``path``'s last type, as the types around it, or None."""
+    for nxt in edges.get(path[-1], ()):
+        if nxt in path:
+            return [*path[path.index(nxt) :], nxt]
+        found = _cycle_from([*path, nxt], edges)
+        if found:
+            return found
+    return None
 
 
 def _served(inputs: Inputs) -> tuple[str, ...]:

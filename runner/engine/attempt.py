@@ -13,6 +13,7 @@ logged as ``task.lease_lost``.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import socket
@@ -23,11 +24,20 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from runner.brokers.base import UNIQUE_PREFIX, Answer, Delivery, Effects, Settle, SetValue
+from runner.brokers.base import (
+    RESULT_PREFIX,
+    UNIQUE_PREFIX,
+    Answer,
+    Delivery,
+    Effects,
+    Settle,
+    SetValue,
+)
+from runner.engine.handoff import Stage, children
 from runner.engine.retry import RetryPlan, error_name
 from runner.engine.settle import Outcome
 from runner.engine.timeouts import Guard, Run, Watchdog
-from runner.errors import InvalidPayload, TaskInterrupted
+from runner.errors import InvalidPayload, PermanentError, TaskInterrupted
 from runner.events import Event, EventBus, EventName
 from runner.middleware.base import Middleware, overriding
 from runner.model import (
@@ -67,6 +77,10 @@ class TypeRuntime:
     breaker: bool = False
     #: How long a unique task's key stays held after it is done (its type's unique.ttl).
     unique_ttl: float = 0.0
+    #: How long a task's result (its return value, or why it died) is kept; 0: not kept.
+    result_ttl: float = 0.0
+    #: The stages a success starts (``then:``): children put with the ack.
+    then: tuple[Stage, ...] = ()
 
     def __post_init__(self) -> None:
         # Only the middlewares that override a hook are called for it: none costs nothing.
@@ -88,6 +102,16 @@ def _with_circuit(outcome: Outcome, succeeded: bool) -> Outcome:
     op = outcome.settle
     effects = replace(op.effects or Effects(), circuit=succeeded)
     return outcome._replace(settle=op._replace(effects=effects))
+
+
+def _result_value(task_id: str, result: dict[str, Any], rt: TypeRuntime) -> SetValue:
+    """The settle effect that keeps ``result`` (JSON; ValueError when it is not) for its
+    type's ``results.ttl``, under ``result:<task id>``."""
+    try:
+        text = json.dumps({**result, "finished_at": time.time()}, allow_nan=False)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    return SetValue(RESULT_PREFIX + task_id, text, rt.result_ttl)
 
 
 def worker_identity() -> str:
@@ -220,8 +244,9 @@ class Attempts:
         self.running[guard] = run
         t0 = time.perf_counter()
         error: BaseException | None = None
+        value: Any = None
         try:
-            guard.run(run, partial(rt.handler, payload, ctx))
+            value = guard.run(run, partial(rt.handler, payload, ctx))
         except BaseException as exc:
             # SystemExit, KeyboardInterrupt or a handler's own BaseException is a failed
             # attempt like any other (the signals that stop the runner reach only the main
@@ -238,12 +263,29 @@ class Attempts:
         if error is None and run.expired:
             # timeout_action: cancel, or an interrupt that landed after the handler returned.
             error = TimeoutError(f"ran past its timeout of {rt.timeout_s}s")
+        stored = None
+        if error is None and rt.result_ttl:
+            try:
+                stored = _result_value(task.id, {"state": "succeeded", "value": value}, rt)
+            except ValueError as exc:  # a result it cannot keep: the attempt fails for good
+                error = PermanentError(f"the handler's return value is not JSON: {exc}")
+        started_next: tuple[Task, ...] = ()
+        if error is None and rt.then:
+            try:
+                started_next = children(task, value, rt.then, time.time())
+            except PermanentError as exc:  # the result cannot start its stages
+                error = exc
         if error is None:
             ack = (
                 Settle(delivery, "ack", effects=_SUCCEEDED)
                 if rt.breaker
                 else Settle(delivery, "ack")
             )
+            if stored is not None or started_next:
+                effects = ack.effects or Effects()
+                sets = effects.sets if stored is None else (*effects.sets, stored)
+                effects = replace(effects, sets=sets, puts=(*effects.puts, *started_next))
+                ack = ack._replace(effects=effects)
             return Outcome(ack, EventName.TASK_SUCCEEDED, {"duration_s": duration})
         return self._failed(delivery, rt, error, started, duration, run)
 
@@ -346,8 +388,13 @@ class Attempts:
             last_attempt_at=started,
             dead_at=time.time(),
         )
+        op = Settle(delivery, "dead", record=record)
+        rt = self.types.get(task.type)
+        if rt is not None and rt.result_ttl:  # its result says why it died
+            died = {"state": "dead", "reason": str(reason), "error": f"{kind}: {message}"}
+            op = op._replace(effects=Effects(sets=(_result_value(task.id, died, rt),)))
         return Outcome(
-            Settle(delivery, "dead", record=record),
+            op,
             EventName.TASK_DEAD,
             {
                 "duration_s": duration or None,
@@ -369,6 +416,20 @@ class Attempts:
         if answer is Answer.DONE or answer is Answer.ALREADY_DONE:
             result = OUTCOME_OF[outcome.event]
             self._emit(outcome.event, delivery, outcome=result, **outcome.fields)
+            effects = outcome.settle.effects
+            if effects is not None and effects.puts:
+                # Hand-offs (not a task put back: same id). ALREADY_DONE: an earlier call of
+                # this ack put them, and its reply was lost.
+                for started in effects.puts:
+                    if started.id != delivery.task.id:
+                        self.events.emit(
+                            Event(
+                                EventName.TASK_PUBLISHED,
+                                task_id=started.id,
+                                type=started.type,
+                                attempt=0,
+                            )
+                        )
             record = outcome.settle.record
             rt = self.types.get(delivery.task.type) if record is not None else None
             if rt is not None and record is not None:

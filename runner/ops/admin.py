@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeGuard, TypeVar
 
+from runner.app import wait_for_result
 from runner.backends import broker_class, create_broker
 from runner.brokers.base import (
     UNIQUE_PREFIX,
@@ -479,6 +480,20 @@ def stats(config: PipelineConfig, admin: BrokerAdmin, now: float | None = None) 
         unique_held=_unique_held(config, admin),
         processes=presence.processes(admin) if _keeps_values(admin) else [],
     )
+
+
+def result(config: PipelineConfig, task_id: str, wait_s: float) -> dict[str, Any] | None:
+    """``dq-run result``: the task's kept result, waiting up to ``wait_s`` for it."""
+    if not broker_class(config).shared:
+        raise NotSupported(
+            f"cannot read results: {_IN_PROCESS.format(kind=config.broker.kind)}; read them in "
+            "the process (Runner.result)"
+        )
+    broker = create_broker(config, read_only=True)
+    try:
+        return wait_for_result(broker, task_id, wait_s)
+    finally:
+        broker.close()
 
 
 def _keeps_values(admin: BrokerAdmin) -> TypeGuard[Broker]:

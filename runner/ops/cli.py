@@ -440,6 +440,30 @@ def stats(config_file: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("task_id", metavar="ID")
+@click.option("--wait", "wait", metavar="DURATION", help="Wait up to this long for it (10s).")
+def result(config_file: str, task_id: str, wait: str | None) -> None:
+    """Print a task's kept result as JSON (its type needs `results`); exit 1 while none."""
+    import json
+
+    from runner.config.load import load_config
+    from runner.ops import admin
+
+    config = load_config(config_file)
+    wait_s = 0.0 if wait is None else admin.parse_duration_option("--wait", wait)
+    found = admin.result(config, task_id, wait_s)
+    if found is None:
+        click.echo(
+            f"no result for {task_id}: still running, an unknown id, or its result expired "
+            "(a type keeps results only with `results`)",
+            err=True,
+        )
+        raise SystemExit(1)
+    click.echo(json.dumps(found))
+
+
+@cli.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per schedule, per line.")
 def schedules(config_file: str, as_json: bool) -> None:
     """Each schedule with its last fired tick (from the broker) and its next one."""

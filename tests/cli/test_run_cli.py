@@ -148,6 +148,7 @@ def test_shipped_configs_validate(config: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # 8 s: two runs with a shutdown drain
 def test_tasks_dead_lettered_at_shutdown_are_replayed_from_a_file_dlq(tmp_path: Path) -> None:
     dlq = tmp_path / "dlq.jsonl"
     config = tmp_path / "slow.yaml"

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.cli.run_kit import DQ_RUN, REPO, Lines, dq_env, run, start
 
 SLOW = """
@@ -228,6 +230,7 @@ def test_the_summary_says_which_tasks_came_from_the_backlog(tmp_path: Path) -> N
     assert "202 of the 302 tasks finished here were created before this run started" in text
 
 
+@pytest.mark.slow  # 16 s: a full simulated run
 def test_simulated_publishing_is_one_info_line_per_batch() -> None:
     """At INFO every task.published was printed: 3,000 lines for 3,000 tasks."""
     result = run("configs/demo.yaml", TASKS="250", WORKERS="4", DQ_LOGGING__FORMAT="json")

@@ -17,3 +17,30 @@ def call_downstream(payload: Any, ctx: TaskContext) -> None:
     starts.append(time.monotonic())
     if down:
         raise ConnectionError("downstream refused the connection")
+
+
+def echo(payload: Any, ctx: TaskContext) -> Any:
+    """Returns its payload (a result to keep)."""
+    return payload
+
+
+def unjsonable(payload: Any, ctx: TaskContext) -> object:
+    """Returns what JSON cannot hold."""
+    return object()
+
+
+def refuse(payload: Any, ctx: TaskContext) -> None:
+    raise ValueError("not this one")
+
+
+#: (type, task id, payload, headers) of every run of ``record``.
+recorded: list[tuple[str, str, Any, dict[str, Any]]] = []
+
+
+def fetch_order(payload: Any, ctx: TaskContext) -> Any:
+    """A pipeline's first stage: returns what its payload says (images to fan out over)."""
+    return {"order": payload["order"], "images": payload["images"]}
+
+
+def record(payload: Any, ctx: TaskContext) -> None:
+    recorded.append((ctx.type, ctx.task_id, payload, dict(ctx.headers)))

@@ -376,3 +376,35 @@ def test_a_schedule_whose_payload_its_handler_refuses_fails_at_start() -> None:
     )
     with pytest.raises(UsageError, match=r"schedule 'restock': payload of a 'ship' task"):
         build_runtime(config, observe=False)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_results_are_kept_with_the_ack_and_read_back(kind: str, tmp_path: Path) -> None:
+    broker = {"kind": "sqlite", "path": str(tmp_path / "q.db")} if kind == "sqlite" else {}
+    handler = "tests.unit.flow_handlers:{}".format
+    config = PipelineConfig.model_validate(
+        {
+            "broker": broker,
+            "results": {"ttl": "1h"},
+            "retry": {"never_retry": ["ValueError"]},
+            "task_types": {
+                "echo": {"handler": handler("echo")},
+                "odd": {"handler": handler("unjsonable")},
+                "no": {"handler": handler("refuse")},
+            },
+        }
+    )
+    runner = build_runtime(config, observe=False)
+    with runner:
+        echoed = runner.publish("echo", {"order": 7})
+        odd = runner.publish("odd", {})
+        refused = runner.publish("no", {})
+        assert runner.result(echoed, timeout=30)["value"] == {"order": 7}  # type: ignore[index]
+        assert runner.run_until_empty(timeout=30) is True
+        died = runner.result(refused)
+        not_json = runner.result(odd)
+        assert runner.result("0" * 32) is None  # unknown
+    assert died is not None and (died["state"], died["reason"]) == ("dead", "never_retry")
+    assert died["error"] == "ValueError: not this one"
+    assert not_json is not None and not_json["reason"] == "permanent"
+    assert "return value is not JSON" in not_json["error"]
