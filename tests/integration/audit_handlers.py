@@ -150,3 +150,13 @@ def overlaps(runs: list[Run], open_until: float | None = None) -> list[tuple[Run
 
 def _end(run: Run, open_until: float) -> float:
     return run.end if run.end is not None else open_until
+
+
+def fail_until(payload: dict[str, Any], ctx: TaskContext) -> None:
+    """Record a start; fail (a downstream that is down) until the file ``payload["until"]``
+    exists, then record an end."""
+    audit = Path(payload["audit"])
+    _record(audit, "start", ctx)
+    if not Path(payload["until"]).exists():
+        raise ConnectionError("downstream down")
+    _record(audit, "end", ctx)
