@@ -10,11 +10,11 @@ interval may go unseen). A state other than closed found at the first look is re
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 
 from runner.brokers.base import Broker, Circuit
-from runner.errors import BrokerClosed, BrokerError
+from runner.engine.periodic import Periodic
+from runner.errors import BrokerError
 from runner.events import Event, EventBus, EventName
 
 log = logging.getLogger("runner.worker")
@@ -38,33 +38,19 @@ class CircuitWatch:
         self._types = frozenset(types)
         self._events = events
         self._seen: dict[str, Circuit] = {}
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("dq-circuits", WATCH_S, self.look, "circuits not read")
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="dq-circuits", daemon=True)
-            self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread, after a last look (a change since the last one is reported)."""
-        self._stopping.set()
-        if self._thread is None:
+        if not self._loop.stop(timeout):
             return
-        self._thread.join(timeout)
         try:
             self.look()
         except BrokerError as exc:
             log.debug("circuits not read at stop: %s", exc)
-
-    def _run(self) -> None:
-        while not self._stopping.wait(WATCH_S):
-            try:
-                self.look()
-            except BrokerClosed:
-                return
-            except BrokerError as exc:  # the next look tries again
-                log.debug("circuits not read: %s", exc)
 
     def look(self) -> None:
         """Read the circuits; report each one whose state differs from the last look."""

@@ -13,12 +13,12 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Sequence
 
 from runner.brokers.base import Broker, SetValue
-from runner.errors import BrokerClosed, BrokerError
+from runner.engine.periodic import Periodic
+from runner.errors import BrokerError
 
 log = logging.getLogger("runner.worker")
 
@@ -40,33 +40,20 @@ class Presence:
             {"host": host, "pid": pid, "types": sorted(types), "started_at": time.time()}
         )
         self._broker = broker
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("dq-presence", REFRESH_S, self._refresh, "presence not refreshed")
 
     def start(self) -> None:
         self._refresh()
-        self._thread = threading.Thread(target=self._run, name="dq-presence", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop refreshing and delete the entry (best effort: the ttl ends it otherwise)."""
-        self._stopping.set()
-        if self._thread is None:
+        if not self._loop.stop(timeout):
             return
-        self._thread.join(timeout)
         try:
             self._broker.delete_values([self.key])
         except BrokerError as exc:
             log.debug("presence not deleted: %s", exc)
-
-    def _run(self) -> None:
-        while not self._stopping.wait(REFRESH_S):
-            try:
-                self._refresh()
-            except BrokerClosed:
-                return
-            except BrokerError as exc:  # the next refresh tries again, within the ttl
-                log.debug("presence not refreshed: %s", exc)
 
     def _refresh(self) -> None:
         self._broker.set_values([SetValue(self.key, self._value, TTL_S)])
