@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all lint docs bench chaos clean
+.PHONY: demo demo-pipeline test test-slow test-all lint docs bench chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/dq-run configs/demo.yaml
+
+# The second demo: a declarative pipeline (fan-out, join, on_dead) on a SQLite file.
+demo-pipeline: $(STAMP)
+	$(BIN)/dq-run configs/pipeline.yaml
 
 # The default suite (about 4 minutes on 2 cores); the slow fault, stress and soak tests
 # (@pytest.mark.slow, about 2 minutes more) run in `make test-slow`, and .ci/run runs both.

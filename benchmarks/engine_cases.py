@@ -10,6 +10,7 @@ Each function returns one measurement; run.py repeats them and takes medians.
 from __future__ import annotations
 
 import gc
+import itertools
 import subprocess
 import sys
 import time
@@ -44,10 +45,13 @@ def make_config(
     prefetch: int | None = None,
     types: int = 1,
     limits: Sequence[int] = (),
+    stages: int = 1,
 ) -> PipelineConfig:
     """A config whose type TYPE runs ``handler``; ``types - 1`` more types (``idle1`` ...)
     run it too, but the benchmarks publish only TYPE: they stay idle. With ``limits``, the
-    types are ``busy1`` ... instead, one per limit, each with that ``concurrency``."""
+    types are ``busy1`` ... instead, one per limit, each with that ``concurrency``. With
+    ``stages``, TYPE is the first of a pipeline of that many types (``stage2`` ...), each
+    starting the next with its ack (``then:``)."""
     broker: dict[str, Any] = {"kind": kind, "capacity": 3_000_000, "visibility_timeout": 60}
     if path is not None:
         broker["path"] = path
@@ -60,6 +64,13 @@ def make_config(
         task_types = {
             f"busy{i}": {**type_config, "concurrency": n} for i, n in enumerate(limits, 1)
         }
+    if stages > 1:
+        chain = [TYPE, *(f"stage{i}" for i in range(2, stages + 1))]
+        task_types = {
+            name: {**type_config, "then": [{"type": nxt}]}
+            for name, nxt in itertools.pairwise(chain)
+        }
+        task_types[chain[-1]] = type_config
     return PipelineConfig.model_validate(
         {
             "broker": broker,
@@ -182,6 +193,25 @@ def end_to_end_rate(
     if not recorder.wait_finished(timeout):
         raise RuntimeError(f"only {recorder.total_finished} of {n} tasks finished")
     rate = n / (recorder.last_finish - t0)
+    _quick_stop(runner)
+    return rate
+
+
+def pipeline_rate(config: PipelineConfig, n: int, stages: int, timeout: float = 600.0) -> float:
+    """Tasks/s of every stage together, from the first publish to the last task finished:
+    ``n // stages`` roots of a ``stages``-type pipeline (make_config(stages=...)), each
+    starting the next stage with its ack."""
+    runner, recorder = _runner(config)
+    roots = n // stages
+    batches = _batches(roots)
+    recorder.expect(roots * stages)
+    runner.start()
+    t0 = time.perf_counter()
+    for batch in batches:
+        runner.publish_many(batch)
+    if not recorder.wait_finished(timeout):
+        raise RuntimeError(f"only {recorder.total_finished} of {roots * stages} tasks finished")
+    rate = roots * stages / (recorder.last_finish - t0)
     _quick_stop(runner)
     return rate
 

@@ -48,12 +48,15 @@ class Sizes:
     backlog_k: int  # tasks finished per backlog throughput measurement
     types: int  # 1 ms tasks per run of the multi-type row and of its one-type baseline
     calls: int  # publish() calls (one task each) per per-call publish run
+    pipeline: int  # tasks (all stages) per run of the 3-stage pipeline row and its baseline
 
 
 SIZES = {
-    "full": Sizes(100_000, 100_000, 100_000, 20_000, 5_000, 5.0, 1_000_000, 20_000, 5_000, 20_000),
-    "quick": Sizes(10_000, 5_000, 5_000, 2_000, 500, 1.0, 100_000, 5_000, 1_000, 5_000),
-    "tiny": Sizes(500, 300, 300, 100, 50, 0.2, 2_000, 300, 100, 200),
+    "full": Sizes(
+        100_000, 100_000, 100_000, 20_000, 5_000, 5.0, 1_000_000, 20_000, 5_000, 20_000, 30_000
+    ),
+    "quick": Sizes(10_000, 5_000, 5_000, 2_000, 500, 1.0, 100_000, 5_000, 1_000, 5_000, 6_000),
+    "tiny": Sizes(500, 300, 300, 100, 50, 0.2, 2_000, 300, 100, 200, 300),
 }
 
 
@@ -210,6 +213,27 @@ def _types_row(
     )
 
 
+def _pipeline_row(broker: str, config: Callable[..., object], n: int, reps: int) -> Row:
+    """A 3-stage no-op pipeline (each stage started by the last one's ack, as a settle effect)
+    against the same number of independent no-op tasks, back to back: the hand-offs must cost
+    little next to the tasks (issue 23). ``config(stages=...)``."""
+    alone, staged = paired(
+        lambda: ec.end_to_end_rate(config(stages=1), n),  # type: ignore[arg-type]
+        lambda: ec.pipeline_rate(config(stages=3), n, 3),  # type: ignore[arg-type]
+        reps,
+    )
+    return Row(
+        broker,
+        "3-stage no-op pipeline, all stages",
+        staged,
+        "tasks/s",
+        "independent no-ops",
+        alone,
+        "ratio >= 0.8",
+        staged >= 0.8 * alone,
+    )
+
+
 #: Concurrency limits of the busy types of the "3 busy types" row. They sum to THREADS and
 #: the types get tasks in proportion to them, so each type keeps its own limit's threads busy
 #: to the end: together they can match one type on all the threads, as nothing else limits
@@ -271,12 +295,14 @@ def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
         prefetch: int | None = None,
         types: int = 1,
         limits: tuple[int, ...] = (),
+        stages: int = 1,
     ) -> object:
         return ec.make_config(
             "sqlite",
             threads,
             handler=handler,
             path=str(tmp / f"q{next(counter)}.db"),
+            stages=stages,
             prefetch=prefetch,
             types=types,
             limits=limits,
@@ -317,6 +343,7 @@ def bench_sqlite(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
         "sqlite", lambda t: cfg(t, "sleep_1ms", 0), sizes, reps, ", prefetch 0", judged=False
     )
     rows.append(_types_row("sqlite", lambda n: cfg(THREADS, "sleep_1ms", types=n), sizes, reps))
+    rows.append(_pipeline_row("sqlite", lambda **kw: cfg(THREADS, **kw), sizes.pipeline, reps))
     rows.append(
         _busy_types_row("sqlite", lambda **kw: cfg(THREADS, "sleep_1ms", **kw), sizes, reps)
     )
@@ -340,6 +367,7 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
             types: int = 1,
             limits: tuple[int, ...] = (),
             namespace: str | None = None,
+            stages: int = 1,
         ) -> object:
             server.client().flushall()
             return ec.make_config(
@@ -351,6 +379,7 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
                 prefetch=prefetch,
                 types=types,
                 limits=limits,
+                stages=stages,
             )
 
         noop = bench_handlers.noop
@@ -450,6 +479,7 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
             "redis", lambda t: cfg(t, "sleep_1ms", 0), sizes, reps, ", prefetch 0", judged=False
         )
         rows.append(_types_row("redis", lambda n: cfg(THREADS, "sleep_1ms", types=n), sizes, reps))
+        rows.append(_pipeline_row("redis", lambda **kw: cfg(THREADS, **kw), sizes.pipeline, reps))
         rows.append(
             _busy_types_row("redis", lambda **kw: cfg(THREADS, "sleep_1ms", **kw), sizes, reps)
         )

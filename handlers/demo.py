@@ -1,4 +1,4 @@
-"""Example handlers for the demo pipeline (configs/demo.yaml).
+"""Example handlers for the demo configs (configs/demo.yaml, configs/pipeline.yaml).
 
 They are ordinary handlers: ``(payload, ctx)``, return on success, raise on failure. The demo's
 latency, random failures, hangs and poison payloads are injected by the config's `simulate`
@@ -43,6 +43,17 @@ def generate_report(payload: dict[str, Any], ctx: TaskContext) -> int:
 def fetch_order(payload: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     """Pretend to load an order: its id and its images, for the stages after it to fan out over
     (docs/pipelines.md)."""
-    order = int(payload.get("order", 1))
+    order = int(payload.get("order", payload.get("n", 1)))
     count = int(payload.get("images", 3))
     return {"order": order, "images": [{"order": order, "image": i} for i in range(count)]}
+
+
+def contact_sheet(payload: list[Any], ctx: TaskContext) -> dict[str, Any]:
+    """A pipeline's join (configs/pipeline.yaml): every resized image of one order, in order."""
+    return {"images": len(payload), "pixels": sum(w * h for w, h in payload)}
+
+
+def refund(payload: dict[str, Any], ctx: TaskContext) -> str:
+    """A compensating step (``on_dead``): its payload is the dead task's record."""
+    ctx.logger.info("compensating for %s (%s)", payload["task"]["id"], payload["reason"])
+    return str(payload["task"]["id"])

@@ -41,8 +41,16 @@ from runner.brokers.base import (
 from runner.brokers.flow import rate_text
 from runner.config.models import PipelineConfig
 from runner.engine.attempt import TaskLogger, TypeRuntime, default_task_logger
+from runner.engine.cancels import CancelWatch
 from runner.engine.circuits import CircuitWatch
-from runner.engine.handoff import Stage
+from runner.engine.handoff import (
+    Pipeline,
+    Stage,
+    before_replay,
+    not_replayable,
+    stage_lines,
+)
+from runner.engine.handoff import cancel as cancel_pipeline
 from runner.engine.presence import Presence
 from runner.engine.retry import RetryPlan
 from runner.engine.schedule import Schedule, Scheduler, tick_name
@@ -117,17 +125,31 @@ def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
             breaker=spec.circuit_breaker is not None,
             unique_ttl=spec.unique.ttl if spec.unique else 0.0,
             result_ttl=config.result_ttl_for(name),
-            then=tuple(
-                Stage(
-                    type=stage.type,
-                    each=stage.each,
-                    max_fanout=stage.max_fanout,
-                    expires_s=config.task_types[stage.type].expires,
-                )
-                for stage in spec.then
-            ),
+            pipeline=_pipeline(config, name),
         )
     return types
+
+
+def _pipeline(config: PipelineConfig, name: str) -> Pipeline | None:
+    """Type ``name``'s place in pipelines; None when its tasks start nothing."""
+    spec = config.task_types[name]
+    if not spec.then and spec.on_dead is None:
+        return None
+    target = spec.on_dead.type if spec.on_dead is not None else None
+    return Pipeline(
+        then=tuple(
+            Stage(
+                type=stage.type,
+                each=stage.each,
+                max_fanout=stage.max_fanout,
+                expires_s=config.task_types[stage.type].expires,
+                join=stage.join,
+            )
+            for stage in spec.then
+        ),
+        on_dead=target,
+        on_dead_expires_s=config.task_types[target].expires if target else None,
+    )
 
 
 def wait_for_result(broker: Broker, task_id: str, timeout: float) -> dict[str, Any] | None:
@@ -182,6 +204,7 @@ class Runner:
         for listener in (self.summary, *listeners):
             self.events.subscribe(listener)
         types = build_types(config)
+        self.summary.stages = stage_lines({n: rt.pipeline for n, rt in types.items()})
         # The types this process runs (`types:`, --types, DQ_TYPES); it publishes any of them.
         served = {n: rt for n, rt in types.items() if not config.types or n in config.types}
         self.worker = Worker(
@@ -251,6 +274,13 @@ class Runner:
         # Other processes can see this one (dq-run stats) where they share the broker.
         shared = broker.shared and broker.settle_effects
         self.presence = Presence(broker, list(served)) if shared else None
+        # Running tasks of a cancelled pipeline see ctx.cancelled.
+        pipelines = any(rt.pipeline is not None for rt in types.values())
+        self.cancel_watch = (
+            CancelWatch(broker, self.worker.attempts)
+            if pipelines and broker.settle_effects
+            else None
+        )
         self._started = False
         self._stopped = False
 
@@ -399,6 +429,9 @@ class Runner:
         if not isinstance(self.broker, BrokerAdmin):
             return 0
         records = self.broker.dead_letters(DeadLetterFilter())
+        joins = not_replayable(records)  # a join waits for its dead part instead
+        records = [r for r in records if r.id not in joins]
+        before_replay(self.broker, records)
         replayed = self.broker.replay([r.id for r in records])
         for record in records[:replayed]:
             self.events.emit(
@@ -418,6 +451,8 @@ class Runner:
                 self.circuit_watch.start()
             if self.presence is not None:
                 self.presence.start()
+            if self.cancel_watch is not None:
+                self.cancel_watch.start()
             if self.scheduler is not None:
                 self.scheduler.start()
         return self
@@ -447,6 +482,18 @@ class Runner:
         ``finished_at``); None while it runs, or when its id is unknown or its result expired
         (its type keeps none without ``results``)."""
         return wait_for_result(self.broker, task_id, timeout)
+
+    def cancel(self, root_id: str) -> list[str]:
+        """Cancel the pipeline whose first task is ``root_id`` (``dq-run cancel``): none of
+        its settles starts anything from now on, its queued tasks are dead-lettered (reason
+        ``cancelled``; replay resumes it) and its running ones see ``ctx.cancelled``. Answers
+        the ids dead-lettered."""
+        if not self.broker.settle_effects:
+            raise UsageError(f"{type(self.broker).__name__} cannot cancel (no settle effects)")
+        ids = cancel_pipeline(self.broker, root_id)
+        if self.cancel_watch is not None:
+            self.cancel_watch.look()  # this process's own tasks of it learn at once
+        return ids
 
     def circuits(self) -> dict[str, Circuit]:
         """The circuit-broken types' circuits, from the broker (empty without breakers)."""
@@ -501,6 +548,8 @@ class Runner:
                 self.scheduler.stop()
             if self.circuit_watch is not None:
                 self.circuit_watch.stop()
+            if self.cancel_watch is not None:
+                self.cancel_watch.stop()
             if self.presence is not None and self._started:
                 self.presence.stop()
             if self._started:

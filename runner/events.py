@@ -86,6 +86,10 @@ class Event:
     tick: str | None = None  # the tick's nominal time (ISO 8601, UTC)
     lag_s: float | None = None  # how late a tick fired; a clock's skew
     traceback: str | None = None  # a failed attempt's (task.retrying, task.dead)
+    # A pipeline's task: its pipeline's first task and the task that started it (never metric
+    # labels: unbounded).
+    root_id: str | None = None
+    parent_id: str | None = None
     # Listeners that write asynchronously (the logs) have written this event out before
     # handle() returns: a redelivered task's task.started, whose handler may end the process.
     flush: bool = False

@@ -213,6 +213,8 @@ class DeadReason(WireName):
     UNDECODABLE = "undecodable"  # the stored task could not be decoded, or has no handler here
     SHUTDOWN = "shutdown"  # memory broker: still queued, in backoff or stuck at shutdown
     EXPIRED = "expired"  # not started before its expires_at; never ran (that time)
+    CANCELLED = "cancelled"  # its pipeline was cancelled (dq-run cancel) before it ran
+    UPSTREAM_DEAD = "upstream dead"  # a join whose part died: replay that part, not the join
     #: Not how a task died: what a stored dead-letter record that cannot itself be decoded is
     #: shown with (SQLite), so an operator can still see and purge it. Never a task.dead event.
     CORRUPT_RECORD = "corrupt record"

@@ -110,6 +110,23 @@ built on them, such as rate limits, circuit breakers and pipelines, need both):
   same call with the key of an earlier one answers the earlier one's id. It answers one id per
   task, in order (a task put answers its own). The engine sets the key's ttl (or deletes it)
   with the task's ack or dead-letter, as a settle effect.
+- **Pipelines.** An effect put whose task id is held (ready, delayed or leased) is skipped: it
+  is already there (an ack's put of its own task comes after the ack, so it is not held then).
+  An ``Arrival`` keeps its part under ``key`` at ``index`` (a part already kept at that index
+  stays as it was); when all ``size`` parts are kept, in the same step, ``task`` is put (unless
+  its id is held) with the list of the parts' values, in index order, as its payload, the parts
+  are dropped, and the dead-letter record with ``task``'s id, if any, is deleted (a join that
+  was dead-lettered because a part had died fires once that part is replayed and succeeds).
+  ``delete_values([key])`` drops a join's kept parts. ``Effects.dead_letters`` are written to
+  the broker's dead letters (its store, when it is not durable), each replacing the record of
+  the same task id; ``Effects.unless`` names a key whose presence skips the puts, arrivals and
+  dead letters of the settle (``dq-run cancel``).
+- PipelineAdmin (the admin side of a broker with ``settle_effects``): ``tasks_of(root_id)``
+  lists the queued tasks (ready, delayed or leased, with that state) whose id is ``root_id``
+  or whose ``root_id`` header is;
+  ``cancel(root_id, message)`` dead-letters those that are ready or delayed (reason
+  ``cancelled``, ``message`` as the record's message, error type ``Cancelled``) in one step
+  and answers their ids; leased ones are left to their workers.
 - Time in gates and effects is the broker's (``now()``): Redis' ``TIME``, the machine's clock
   for SQLite and memory, never a calling process's own.
 
@@ -152,7 +169,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
-from runner.model import AttemptRecord, DeadLetter, Task
+from runner.model import AttemptRecord, DeadLetter, DeadReason, Task, replayable
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +279,22 @@ class SetValue:
 
 
 @dataclass(frozen=True, slots=True)
+class Arrival:
+    """An effect: one part of a join arrives (a pipeline's fan-in; see the module docstring).
+
+    ``key`` names the join, ``index`` is this part's place among ``size`` and ``value`` its JSON
+    text. When the last part arrives, ``task`` is put with the list of every part, in index
+    order, as its payload (its own payload is not used).
+    """
+
+    key: str
+    index: int
+    size: int
+    value: str
+    task: Task
+
+
+@dataclass(frozen=True, slots=True)
 class Effects:
     """What a settle also does, in the same step and only when it answers DONE."""
 
@@ -271,6 +304,13 @@ class Effects:
     # An outcome of the settled task's type for its circuit breaker (True: succeeded), counted
     # only when the type has one.
     circuit: bool | None = None
+    arrivals: tuple[Arrival, ...] = ()
+    # Dead-letter records written with the settle (a join whose part died), each replacing a
+    # record of the same task id.
+    dead_letters: tuple[DeadLetter, ...] = ()
+    # When this key is set (a live value), the puts, arrivals and dead_letters are skipped (a
+    # cancelled pipeline's hand-offs); the settle, sets, deletes and circuit outcome still apply.
+    unless: str | None = None
 
 
 SettleKind = Literal["ack", "retry", "dead", "release"]
@@ -398,6 +438,45 @@ class BrokerAdmin(Protocol):
     def depth(self) -> dict[str, Depth]: ...
 
     def oldest_enqueued_at(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class PipelineAdmin(Protocol):
+    """The operator's view of a pipeline's queued tasks (``dq-run trace`` and ``cancel``): the
+    admin of every broker with ``settle_effects`` has it."""
+
+    def tasks_of(self, root_id: str) -> list[Queued]: ...
+
+    def cancel(self, root_id: str, message: str) -> list[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A queued task as ``BrokerAdmin.tasks_of`` lists it."""
+
+    task: Task
+    state: Literal["ready", "delayed", "leased"]
+
+
+def of_root(task: Task, root_id: str) -> bool:
+    """Whether ``task`` belongs to the pipeline whose first task is ``root_id``."""
+    return task.id == root_id or task.headers.get("root_id") == root_id
+
+
+def cancelled_record(task: Task, message: str, now: float) -> DeadLetter:
+    """The dead-letter record ``PipelineAdmin.cancel`` writes for a queued ``task`` at ``now``:
+    reason ``cancelled``, replayable (no expiry: a replay runs it)."""
+    return DeadLetter(
+        task=replayable(task),
+        reason=DeadReason.CANCELLED,
+        error_type="Cancelled",
+        message=message,
+        traceback="",
+        attempts=task.attempt,
+        first_attempt_at=task.history[0].started_at if task.history else now,
+        last_attempt_at=task.history[-1].started_at if task.history else now,
+        dead_at=now,
+    )
 
 
 class BaseBroker(abc.ABC):

@@ -77,6 +77,7 @@ from runner.brokers.flow import (
     whole,
 )
 from runner.brokers.memory_admin import MemoryAdmin
+from runner.brokers.memory_pipelines import MemoryPipelines
 from runner.deadletter.store import DeadLetterStore
 from runner.errors import BrokerClosed, QueueFull
 from runner.model import HISTORY_LIMIT, AttemptRecord, DeadLetter, Task
@@ -113,7 +114,7 @@ def _with_attempt(task: Task, attempt: int) -> Task:
     )
 
 
-class MemoryBroker(MemoryAdmin, BaseBroker):
+class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
     """A bounded in-memory broker; see the module docstring and ``runner.brokers.base``."""
 
     # In-process: nothing survives the process, no other process takes from (or adds to) this
@@ -176,6 +177,9 @@ class MemoryBroker(MemoryAdmin, BaseBroker):
         self._circuits: dict[str, Circuit] = {}  # of the types with a breaker
         self._values: dict[str, tuple[str, float | None]] = {}
         self._values_swept_at = 0
+        self._ids: set[str] = set()  # of every held task: an effect put of one is skipped
+        self._joins: dict[str, dict[int, str]] = {}  # a join's parts, by index
+        self._dead_joins: set[str] = set()  # joins dead-lettered because a part died
         # The single calls without taking the lock, for a settle that carries effects (made
         # under the lock together with them).
         self._locked = SimpleNamespace(
@@ -237,6 +241,7 @@ class MemoryBroker(MemoryAdmin, BaseBroker):
                 self._push_delayed(task)
             else:
                 self._queue(task.type).append(task)
+            self._ids.add(task.id)
         self._held += len(tasks)
         self._cond.notify_all()
 
@@ -364,6 +369,7 @@ class MemoryBroker(MemoryAdmin, BaseBroker):
         self._settled[delivery.receipt] = now
         if now >= self._prune_at:
             self._prune_settled(now)
+        self._ids.discard(lease.task.id)
         self._forget_one()
         return _DONE
 
@@ -395,6 +401,7 @@ class MemoryBroker(MemoryAdmin, BaseBroker):
         self.dead_letter_store.add(record)
         self._end_lease(delivery)
         self._settled_now(delivery.receipt, self._clock())
+        self._ids.discard(delivery.task.id)
         self._forget_one()
         return _DONE
 
@@ -524,8 +531,10 @@ class MemoryBroker(MemoryAdmin, BaseBroker):
             circuit = circuit_at(breaker, self._circuits.get(type_name), now)
             self._circuits[type_name] = circuit_recorded(breaker, circuit, effects.circuit, now)
             self._cond.notify_all()  # a circuit closed lets a waiting get take the type
-        if effects.puts:
-            self._enqueue(effects.puts, now)
+        if (effects.puts or effects.arrivals or effects.dead_letters) and (
+            effects.unless is None or self._live_value(effects.unless, now) is None
+        ):
+            self._hand_off(effects, now)
         values = self._values
         for item in effects.sets:
             values[item.key] = (item.value, None if item.ttl_s is None else now + item.ttl_s)

@@ -59,6 +59,8 @@ class MemoryAdmin:
     _breakers: dict[str, CircuitBreaker]
     _circuits: dict[str, Circuit]
     _values: dict[str, tuple[str, float | None]]
+    _ids: set[str]
+    _joins: dict[str, dict[int, str]]
 
     def _check_open(self, operation: str) -> None:
         raise NotImplementedError
@@ -144,6 +146,7 @@ class MemoryAdmin:
                 self._leased_count.clear()
                 self._expiry.clear()
             self._held -= len(tasks)
+            self._ids.difference_update(t.id for t in tasks)
             self._cond.notify_all()
             return records
 
@@ -297,6 +300,8 @@ class MemoryAdmin:
             live = [key for key in set(keys) if self._live_value(key, now) is not None]
             for key in set(keys):
                 self._values.pop(key, None)
+                if self._joins.pop(key, None) is not None:
+                    live.append(key)
             return len(live)
 
     def set_values(self, sets: Sequence[SetValue]) -> None:

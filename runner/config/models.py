@@ -342,6 +342,17 @@ class StageConfig(_Model):
         examples=["images", "order.lines"],
     )
     max_fanout: int = Field(1000, ge=1, description="more items than this fail the parent")
+    join: bool = Field(
+        False,
+        description="fan in: one task once every task of this one's fan-out group succeeded, "
+        "with their return values in order as its payload",
+    )
+
+
+class OnDeadConfig(_Model):
+    """Where a dead-lettered task's record goes: a task of ``type`` (a compensating step)."""
+
+    type: TypeName = Field(description="the task type started with the record as its payload")
 
 
 class ResultsConfig(_Model):
@@ -398,6 +409,9 @@ class TaskTypeConfig(_Model):
     )
     then: tuple[StageConfig, ...] = Field(
         (), description="tasks its success starts, put with its ack: [{type: next, each: items}]"
+    )
+    on_dead: OnDeadConfig | None = Field(
+        None, description="start a task of this type with each dead-letter record: {type: undo}"
     )
     unique: UniqueConfig | None = Field(
         None, description="one task per key at a time: {key: '{payload.user_id}', ttl: 10m}"

@@ -95,6 +95,9 @@ def cross_field_problems(inputs: Inputs) -> list[Finding]:
     for name in _names(inputs, ("task_types",)):
         for index in range(_length(inputs, ("task_types", name, "then"))):
             judge(_stage_type, name, index)
+            judge(_join_fed, name, index)
+        if _present(inputs, ("task_types", name, "on_dead")):
+            judge(_on_dead_type, name)
     judge(_no_stage_cycle)
     judge(_served_here)
     if _present(inputs, ("simulate",)):
@@ -248,6 +251,35 @@ def _stage_type(inputs: Inputs, name: str, index: int) -> Finding | None:
         return None
     path = ("task_types", name, "then", index, "type")
     return Finding(path, _unknown_type(stage.type, dict.fromkeys(declared)))
+
+
+def _on_dead_type(inputs: Inputs, name: str) -> Finding | None:
+    declared = inputs.names(("task_types",), complete=True)
+    target = inputs.value(("task_types", name, "on_dead")).type
+    if target in declared:
+        return None
+    path = ("task_types", name, "on_dead", "type")
+    return Finding(path, _unknown_type(target, dict.fromkeys(declared)))
+
+
+def _join_fed(inputs: Inputs, name: str, index: int) -> Finding | None:
+    """A join gathers a fan-out: the type it follows must be started by some ``each`` stage."""
+    stage = inputs.value(("task_types", name, "then"))[index]
+    if not stage.join:
+        return None
+    path = ("task_types", name, "then", index, "join")
+    if stage.each is not None:
+        return Finding(path, "a stage cannot both fan out (each) and join")
+    names = inputs.names(("task_types",), complete=True)
+    for other in names:
+        for upstream in inputs.value(("task_types", other, "then")):
+            if upstream.type == name and upstream.each is not None:
+                return None
+    return Finding(
+        path,
+        f"nothing fans out to {name!r} (no stage with each: starts it), so there is nothing "
+        f"to join; add each: to the stage that starts {name!r}, or drop join",
+    )
 
 
 def _no_stage_cycle(inputs: Inputs) -> Finding | None:

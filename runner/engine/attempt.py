@@ -37,7 +37,17 @@ from runner.brokers.base import (
     Settle,
     SetValue,
 )
-from runner.engine.handoff import Stage, children
+from runner.engine.handoff import (
+    TRACE_TTL_S,
+    Pipeline,
+    guarded,
+    in_pipeline,
+    merged,
+    on_dead,
+    on_success,
+    root_of,
+    trace_line,
+)
 from runner.engine.retry import RetryPlan, error_name
 from runner.engine.settle import Outcome
 from runner.engine.timeouts import Guard, Run, Watchdog
@@ -83,8 +93,8 @@ class TypeRuntime:
     unique_ttl: float = 0.0
     #: How long a task's result (its return value, or why it died) is kept; 0: not kept.
     result_ttl: float = 0.0
-    #: The stages a success starts (``then:``): children put with the ack.
-    then: tuple[Stage, ...] = ()
+    #: Its place in pipelines (``then:``, ``on_dead``): hand-offs put with its settle.
+    pipeline: Pipeline | None = None
 
     def __post_init__(self) -> None:
         # Only the middlewares that override a hook are called for it: none costs nothing.
@@ -158,15 +168,50 @@ class Attempts:
         self.task_logger = task_logger
         self.forcing = False  # set when shutdown's grace period is over
         self.running: dict[Guard, Run] = {}  # item assignment is atomic: no lock needed
+        # The cancelled pipelines, as the cancel watch last read them (runner.engine.cancels).
+        self.cancelled_roots: frozenset[str] = frozenset()
         self.interrupts = 0
         self.overruns = 0
 
     def run(self, guard: Guard, delivery: Delivery) -> Outcome:
         """Run one delivery; how it ends, for the Settler (which calls ``settled``)."""
         outcome = self._run(guard, delivery)
-        if delivery.task.unique_key:
-            return self._letting_key_go(outcome, delivery.task)
+        task = delivery.task
+        if task.unique_key:
+            outcome = self._letting_key_go(outcome, task)
+        rt = self.types.get(task.type)
+        pipeline = rt.pipeline if rt is not None else None
+        if self.hand_back and in_pipeline(task, pipeline):
+            outcome = self._handing_off(outcome, task, pipeline, rt.result_ttl if rt else 0.0)
         return outcome
+
+    def _handing_off(
+        self, outcome: Outcome, task: Task, pipeline: Pipeline | None, result_ttl: float
+    ) -> Outcome:
+        """A pipeline task's ack or dead-letter also keeps its trace line, and its dead-letter
+        starts its ``on_dead`` task and dead-letters its joins; every hand-off is skipped once
+        its pipeline is cancelled (runner.engine.handoff). An uncounted Retry is neither."""
+        op = outcome.settle
+        effects = op.effects
+        if op.kind not in ("ack", "dead") or (
+            effects is not None and any(t.id == task.id for t in effects.puts)
+        ):
+            return outcome
+        if op.kind == "dead" and pipeline is not None:
+            assert op.record is not None, "a dead-letter carries its record"
+            effects = merged(effects, on_dead(task, op.record, pipeline, time.time()))
+        line = trace_line(
+            task,
+            "succeeded" if op.kind == "ack" else "dead",
+            outcome.fields.get("duration_s"),
+            outcome.fields.get("error"),
+            max(TRACE_TTL_S, result_ttl),
+        )
+        if effects is None:  # nothing to guard: only the trace line
+            effects = Effects(sets=(line,))
+        else:
+            effects = guarded(merged(effects, Effects(sets=(line,))), task)
+        return outcome._replace(settle=op._replace(effects=effects))
 
     def _letting_key_go(self, outcome: Outcome, task: Task) -> Outcome:
         """A unique task's ack or dead-letter also lets its key go, in the same broker step:
@@ -207,6 +252,11 @@ class Attempts:
             at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(task.expires_at))
             message = f"not started before it expired at {at}; its handler was not run"
             return self._dead(delivery, started, DeadReason.EXPIRED, "Expired", message, "", 0.0)
+        if self.cancelled_roots and root_of(task) in self.cancelled_roots:
+            message = f"pipeline {root_of(task)} cancelled before this task started"
+            return self._dead(
+                delivery, started, DeadReason.CANCELLED, "Cancelled", message, "", 0.0
+            )
         cancelled = Cancellation()
         run = Run(
             deadline=time.monotonic() + rt.timeout_s,
@@ -214,6 +264,7 @@ class Attempts:
             interrupt=rt.interrupt,
             on_timeout=partial(self._on_timeout, delivery),
             on_overrun=partial(self._on_overrun, delivery),
+            root=root_of(task) if self.hand_back and in_pipeline(task, rt.pipeline) else "",
         )
         ctx = TaskContext(
             task.id,
@@ -240,6 +291,11 @@ class Attempts:
 
         due = max(task.enqueued_at, task.not_before)
         queue_wait = max(0.0, started - due) if due else None
+        if task.attempt == 1 and not delivery.redelivered and "joins" in task.headers:
+            # A join's task is put by the broker with its last part, unseen by any process:
+            # it counts as published when it first starts.
+            self.events.emit(Event(EventName.TASK_PUBLISHED, task_id=task.id, type=task.type,
+                                   attempt=0))  # fmt: skip
         # A redelivered task may be what killed the last process: its start is written out
         # before its handler runs (flush), so the log names it if it kills this one too.
         self._emit(
@@ -273,10 +329,10 @@ class Attempts:
                 stored = _result_value(task.id, {"state": "succeeded", "value": value}, rt)
             except ValueError as exc:  # a result it cannot keep: the attempt fails for good
                 error = PermanentError(f"the handler's return value is not JSON: {exc}")
-        started_next: tuple[Task, ...] = ()
-        if error is None and rt.then:
+        started_next: Effects | None = None
+        if error is None and rt.pipeline is not None and rt.pipeline.then:
             try:
-                started_next = children(task, value, rt.then, time.time())
+                started_next = on_success(task, value, rt.pipeline, time.time())
             except PermanentError as exc:  # the result cannot start its stages
                 error = exc
         if error is None:
@@ -285,11 +341,10 @@ class Attempts:
                 if rt.breaker
                 else Settle(delivery, "ack")
             )
-            if stored is not None or started_next:
-                effects = ack.effects or Effects()
-                sets = effects.sets if stored is None else (*effects.sets, stored)
-                effects = replace(effects, sets=sets, puts=(*effects.puts, *started_next))
-                ack = ack._replace(effects=effects)
+            if stored is not None:
+                ack = ack._replace(effects=merged(ack.effects, Effects(sets=(stored,))))
+            if started_next is not None:
+                ack = ack._replace(effects=merged(ack.effects, started_next))
             return Outcome(ack, EventName.TASK_SUCCEEDED, {"duration_s": duration})
         return self._failed(delivery, rt, error, started, duration, run)
 
@@ -478,6 +533,9 @@ class Attempts:
 
     def _emit(self, name: EventName, delivery: Delivery, **fields: Any) -> None:
         task = delivery.task
+        if task.headers and "root_id" in task.headers:  # a pipeline's task: its lineage
+            fields["root_id"] = task.headers["root_id"]
+            fields["parent_id"] = task.headers.get("parent_id")
         self.events.emit(
             Event(name, task_id=task.id, type=task.type, attempt=task.attempt, **fields)
         )

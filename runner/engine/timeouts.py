@@ -60,6 +60,7 @@ class Run:
     interrupted: bool = False
     overrun_at: float = field(default=float("inf"))
     overrun_reported: bool = False
+    root: str = ""  # the pipeline the task belongs to ("": none), for dq-run cancel
 
 
 class Guard:

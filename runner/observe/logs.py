@@ -112,7 +112,7 @@ def event_level(name: str, reason: str | None = None) -> int:
 def event_fields(event: Event) -> dict[str, Any]:
     """An event as log fields: milliseconds instead of seconds, None fields left out."""
     fields: dict[str, Any] = {"event": event.name}
-    for key in ("task_id", "type", "attempt"):
+    for key in ("task_id", "type", "attempt", "root_id", "parent_id"):
         value = getattr(event, key)
         if value is not None:
             fields[key] = value

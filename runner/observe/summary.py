@@ -96,6 +96,9 @@ class Summary:
         self.threads: tuple[int, int] = (0, 0)  # (configured, alive when the stop began)
         self.interrupts = 0
         self.replayed = 0  # dead letters put back at start (--replay); the caller sets it
+        # The pipelines' stages, one line each ("fetch -> resize (each images)"); the caller
+        # sets them.
+        self.stages: list[str] = []
         # Task ids begin with their creation time in ms (runner.model.new_task_id): a task
         # created before this is from the backlog.
         self._since_ms = int(self.started_at * 1000)
@@ -238,6 +241,8 @@ class Summary:
         console.print(_boxed(title, columns, rows, width, bold_last=True))
         for note in _notes(data, self.replayed):
             console.print(note)
+        for line in self.stages:
+            console.print(f"stage: {line}")
         if data["dead_letters"]:
             columns = [
                 Column("task"),

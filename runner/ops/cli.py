@@ -352,6 +352,7 @@ def dlq_replay(
     Each ID is a whole id or a unique end of one (6+ characters), as tables show them.
     """
     from runner.config.load import load_config
+    from runner.engine.handoff import before_replay, not_replayable
     from runner.ops import admin
     from runner.ops import views as adminview
 
@@ -366,7 +367,10 @@ def dlq_replay(
         held = admin.held_unique(target, records)
         for task_id, holder in held.items():
             click.echo(f"skipped {task_id}: its unique key is held by {holder}", err=True)
-        records = [r for r in records if r.id not in held]
+        joins = not_replayable(records)
+        for task_id, why in joins.items():
+            click.echo(f"skipped {task_id}: {why}", err=True)
+        records = [r for r in records if r.id not in held and r.id not in joins]
         if not records:
             click.echo("nothing to replay: no dead letter matches")
             return
@@ -374,6 +378,7 @@ def dlq_replay(
             click.echo(adminview.dead_letter_table(records))
             click.echo(f"dry run: {len(records)} would be replayed; nothing changed")
             return
+        before_replay(target, records)
         moved = admin.replay(target, [r.id for r in records], rate_per_s)
     click.echo(f"replayed {moved} of {len(records)}")
     if moved < len(records):
@@ -398,7 +403,7 @@ def dlq_purge(
     Each ID is a whole id or a unique end of one (6+ characters), as tables show them.
     """
     from runner.config.load import load_config
-    from runner.ops import admin
+    from runner.ops import admin, pipelines
 
     config = load_config(config_file)
     with admin.open_admin(config) as target:
@@ -416,6 +421,7 @@ def dlq_purge(
                     "stdin is not a terminal; pass --yes"
                 )
             click.confirm(f"Purge {len(records)} dead letters for good?", abort=True)
+        pipelines.before_purge(target, records)
         purged = admin.purge(target, records)
     click.echo(f"purged {purged}")
 
@@ -460,6 +466,56 @@ def result(config_file: str, task_id: str, wait: str | None) -> None:
         )
         raise SystemExit(1)
     click.echo(json.dumps(found))
+
+
+@cli.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("root_id", metavar="ROOT_ID")
+def cancel(config_file: str, root_id: str) -> None:
+    """Cancel the pipeline whose first task is ROOT_ID: nothing more of it starts, its queued
+    tasks are dead-lettered (reason cancelled; replay them to resume), running ones see
+    ctx.cancelled."""
+    from runner.config.load import load_config
+    from runner.engine.handoff import cancel as cancel_pipeline
+    from runner.ops import pipelines
+
+    config = load_config(config_file)
+    broker = pipelines.pipeline_broker(config, "cancel")
+    try:
+        ids = cancel_pipeline(broker, root_id)
+    finally:
+        broker.close()
+    click.echo(
+        f"cancelled pipeline {root_id}: {len(ids)} queued task(s) dead-lettered (reason "
+        "cancelled); running ones see ctx.cancelled; nothing more of it starts"
+    )
+
+
+@cli.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("root_id", metavar="ROOT_ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the tree as one JSON object.")
+def trace(config_file: str, root_id: str, as_json: bool) -> None:
+    """The tree of a pipeline's tasks: each one's type, state, attempts, duration and error."""
+    import json
+
+    from runner.config.load import load_config
+    from runner.ops import pipelines
+    from runner.ops.views import trace_tree
+
+    config = load_config(config_file)
+    broker = pipelines.pipeline_broker(config, "trace")
+    try:
+        roots = pipelines.trace(broker, root_id)
+    finally:
+        broker.close()
+    if not roots:
+        click.echo(f"nothing known of pipeline {root_id} (an unknown id, or it expired)", err=True)
+        raise SystemExit(1)
+    if as_json:
+        click.echo(json.dumps([node.to_json() for node in roots]))
+    else:
+        click.echo(trace_tree(roots))
 
 
 @cli.command()

@@ -1,4 +1,4 @@
-"""How ``dq-run dlq`` and ``dq-run stats`` show their data: plain text tables and JSON objects.
+"""How ``dq-run dlq``, ``stats`` and ``trace`` show their data: plain text tables and JSON objects.
 
 Pure functions from records to strings or JSON-ready dicts, so the CLI only prints.
 Times are shown in UTC (``2024-05-01T12:00:00Z``); ages as ``950ms``, ``12.3s``, ``4m05s``.
@@ -20,6 +20,7 @@ from runner.brokers.flow import rate_text
 from runner.model import DeadLetter, short_id
 from runner.observe.tablefit import Column, elide, plain_table
 from runner.ops.admin import Stats
+from runner.ops.pipelines import TraceNode
 
 #: The ERROR column quotes at most this many characters of the message.
 _MESSAGE_CHARS = 60
@@ -95,7 +96,16 @@ def dead_letter_summary(record: DeadLetter) -> dict[str, Any]:
         "message": record.message,
         "dead_at": record.dead_at,
         "payload": record.task.payload,
+        **_lineage(record),
     }
+
+
+def _lineage(record: DeadLetter) -> dict[str, Any]:
+    """A pipeline's task's root_id and parent_id; nothing for a task no other started."""
+    headers = record.task.headers
+    if "root_id" not in headers:
+        return {}
+    return {"root_id": headers["root_id"], "parent_id": headers.get("parent_id")}
 
 
 def dead_letter_detail(record: DeadLetter) -> str:
@@ -110,6 +120,11 @@ def dead_letter_detail(record: DeadLetter) -> str:
         f"dead_at:     {utc(record.dead_at)}",
         f"payload:     {json.dumps(task.payload, ensure_ascii=False)}",
     ]
+    if "root_id" in task.headers:  # a pipeline's task: where it came from (dq-run trace)
+        out[2:2] = [
+            f"root_id:     {task.headers['root_id']}",
+            f"parent_id:   {task.headers.get('parent_id')}",
+        ]
     for attempt in task.history:
         out += [
             "",
@@ -197,3 +212,24 @@ def process_list(stats: Stats) -> str:
         f"{p.get('host')}:{p.get('pid')} ({', '.join(p.get('types') or ())})"
         for p in stats.processes
     )
+
+
+def trace_tree(roots: Sequence[TraceNode]) -> str:
+    """``dq-run trace``: one line per task, indented under its parent."""
+    lines: list[str] = []
+
+    def walk(node: TraceNode, prefix: str, last: bool, top: bool) -> None:
+        branch = "" if top else ("`- " if last else "|- ")
+        took = f" {age(node.duration_s)}" if node.duration_s is not None else ""
+        error = f"  {_short(node.error)}" if node.error else ""
+        lines.append(
+            f"{prefix}{branch}{node.type} {short_id(node.id)} {node.state} "
+            f"attempts={node.attempts}{took}{error}"
+        )
+        inner = prefix if top else prefix + ("   " if last else "|  ")
+        for index, child in enumerate(node.children):
+            walk(child, inner, index == len(node.children) - 1, False)
+
+    for root in roots:
+        walk(root, "", True, True)
+    return "\n".join(lines)

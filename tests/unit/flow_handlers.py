@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -44,3 +45,29 @@ def fetch_order(payload: Any, ctx: TaskContext) -> Any:
 
 def record(payload: Any, ctx: TaskContext) -> None:
     recorded.append((ctx.type, ctx.task_id, payload, dict(ctx.headers)))
+
+
+#: Items ``shrink`` refuses for good while they are in it.
+refused: set[str] = set()
+
+
+def shrink(payload: Any, ctx: TaskContext) -> str:
+    """A fan-out member: its result is a join's part."""
+    from runner.errors import PermanentError
+
+    if payload in refused:
+        raise PermanentError(f"cannot shrink {payload}")
+    return f"{payload}-small"
+
+
+#: Set when ``patient`` starts; how long it waits.
+patient_started = threading.Event()
+patient_wait_s = 10.0
+
+
+def patient(payload: Any, ctx: TaskContext) -> Any:
+    """Waits up to ``patient_wait_s`` for ``ctx.cancelled``; records whether it came."""
+    patient_started.set()
+    saw = ctx.cancelled.wait(patient_wait_s)
+    recorded.append((ctx.type, ctx.task_id, payload, {"cancelled": saw}))
+    return payload

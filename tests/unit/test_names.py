@@ -27,6 +27,7 @@ from runner.brokers.sqlite.broker import SqliteBroker
 from runner.config.models import LoggingConfig
 from runner.deadletter.memory import MemoryDeadLetters
 from runner.engine.attempt import Attempts, TypeRuntime, default_task_logger
+from runner.engine.handoff import Pipeline, Stage, on_dead
 from runner.engine.retry import RetryPlan
 from runner.engine.timeouts import Watchdog
 from runner.errors import (
@@ -190,7 +191,7 @@ def test_the_summary_counts_task_events_by_an_explicit_kind() -> None:
 #: What records on disk and in brokers hold: never to change (old records must still read).
 WIRE_REASONS = {
     "exhausted", "never_retry", "permanent", "max deliveries", "invalid payload", "undecodable",
-    "shutdown", "corrupt record", "expired",
+    "shutdown", "corrupt record", "expired", "cancelled", "upstream dead",
 }  # fmt: skip
 
 
@@ -244,10 +245,20 @@ def _reasons_the_engine_gives() -> list[object]:
         (_attempts(_RefusesPayloads()), Delivery(Task("email", {}, attempt=1), "r")),
         (_attempts(), Delivery(Task("email", {}, attempt=1, expires_at=1.0), "r")),  # long gone
     ]
+    cancelled = _attempts()
+    cancelled.cancelled_roots = frozenset({"root"})  # its pipeline was cancelled
+    ran.append(
+        (cancelled, Delivery(Task("email", {}, attempt=1, headers={"root_id": "root"}), "r"))
+    )
     for attempts, delivery in ran:
         outcome = attempts.run(None, delivery)  # each ends before a run: no guard needed
         assert outcome.event is EventName.TASK_DEAD and outcome.settle.record is not None
         given += [outcome.fields["reason"], outcome.settle.record.reason]
+    # A fan-out member that dies dead-letters its join.
+    member = Task("email", {}, attempt=1, headers={"fanout": ["g.0", 0, 2]})
+    record = outcome.settle.record
+    joined = on_dead(member, record, Pipeline((Stage("report", join=True),)), 0.0)
+    given += [r.reason for r in joined.dead_letters]
     broker = MemoryBroker(10, 1.0, "block", 30.0, dead_letters=MemoryDeadLetters())
     broker.put_many([Task("email", {})])
     given += [record.reason for record in broker.drain_to_dead_letters()]

@@ -122,7 +122,7 @@ class RedisAdmin:
             return 0
         types = list(dict.fromkeys(r.task.type for r in records))
         index = {name: i + 1 for i, name in enumerate(types)}
-        keys = [self._key("count"), self._key("dlq"), self._key("dlq:idx"), self._key("types")]
+        keys = [self._key(k) for k in ("count", "dlq", "dlq:idx", "types", "held")]
         keys += [self._stream(name) for name in types]
         args: list[Any] = [self._capacity, GROUP, len(types), *types]
         for record in records:

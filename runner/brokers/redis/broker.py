@@ -33,10 +33,11 @@ fenced SETTLE script, and ``exchange`` sends them with a POLL in one EXCHANGE sc
 the calling thread's own connection, so exchanges from several threads may overlap (the engine
 settles through these two; a single ack / retry / dead / release is a ``settle_many`` of one).
 Each op gets its own fenced answer, only after Redis gave it; an op's effects (tasks to put,
-values to set or delete, an outcome for its type's circuit) ride in the same script call, which
-applies them only to an op it answers done. The operator commands, the clock (``now``: Redis'
-TIME), the gate calls and the value calls (``read_values``, ``put_if``, ``put_unique``,
-``scan_values``, ``delete_values``) are in admin.py.
+a join's parts, dead letters, values to set or delete, an outcome for its type's circuit) ride
+in the same script call, which applies them only to an op it answers done. The operator
+commands, the clock (``now``: Redis' TIME), the gate calls and the value calls
+(``read_values``, ``put_if``, ``put_unique``, ``scan_values``, ``delete_values``) are in
+admin.py, the pipeline admin (``tasks_of``, ``cancel``) in pipelines.py.
 
 Connection loss: every call is retried with exponential backoff (call_with_reconnect, built
 on tenacity) for up to ``reconnect_timeout`` seconds, logging ``broker.reconnecting``, then
@@ -45,7 +46,7 @@ task twice (at-least-once), a repeated ack of a delivery that was in fact acked 
 ALREADY_DONE (the scripts remember settled lease tokens for one to two visibility timeouts), and
 a poll whose reply was lost leaves its deliveries to be reclaimed after ``visibility_timeout``.
 
-Size: about 790 lines: the whole Redis side of the broker contract (put, poll and blocking
+Size: about 810 lines: the whole Redis side of the broker contract (put, poll and blocking
 wait, wake, settle with its effects, extend, reconnects, per-thread lines); the Lua lives in
 scripts.py and its .lua files, the operator side, the gate and the value calls in admin.py. The
 connection handling is the next part to split out.
@@ -77,7 +78,8 @@ from runner.brokers.base import Answer, BaseBroker, Delivery, Depth, Effects, Se
 from runner.brokers.reconnect import call_with_reconnect
 from runner.brokers.redis import scripts as lua
 from runner.brokers.redis.admin import RedisAdmin
-from runner.brokers.redis.scripts import GROUP
+from runner.brokers.redis.pipelines import RedisPipelines
+from runner.brokers.redis.scripts import GROUP, JOIN_PAYLOAD
 from runner.codec import decode_task, encode_dead_letter, encode_task
 from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
 from runner.eventlog import log_event
@@ -92,7 +94,7 @@ T = TypeVar("T")
 #: how many effect entries follow (0 from ``_op``).
 _Settle = tuple[Any, ...]
 #: Fields per effect entry in SETTLE's ARGV (settle.lua).
-_EFFECT_FIELDS = 4
+_EFFECT_FIELDS = 5
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 #: The scripts' answers (0 fenced, 1 done, 2 already done), by number.
 _ANSWERS = (Answer.FENCED, Answer.DONE, Answer.ALREADY_DONE)
@@ -105,8 +107,9 @@ WAKE_TIMEOUT_S = 0.5
 WAKE_KEY_TTL_MS = 3_600_000
 
 
-class RedisBroker(RedisAdmin, BaseBroker):
-    """Broker and BrokerAdmin on Redis streams; see the module docstring for the guarantees."""
+class RedisBroker(RedisAdmin, RedisPipelines, BaseBroker):
+    """Broker, BrokerAdmin and PipelineAdmin on Redis streams; see the module docstring for the
+    guarantees."""
 
     # Capability flags (runner.brokers.base): streams that outlive the process, shared by any
     # number of processes on any machines; every call is a round trip; POLL evaluates gates
@@ -219,12 +222,15 @@ class RedisBroker(RedisAdmin, BaseBroker):
                 "EXTEND",
                 "REPLAY",
                 "DEPTH",
+                "QUEUED",
+                "CANCEL",
             )
         }
         self._settle_keys = [self._key(k) for k in ("leases", "count", "dlq", "dlq:idx")]
         # The sets of tokens settled lately by brokers with this visibility timeout.
         settled = [self._key("settled", str(self._visibility_ms), p) for p in ("0", "1")]
         self._settle_keys += [*settled, self._key("types"), *self._circuit_keys()]
+        self._settle_keys.append(self._key("held"))
         self._extend_keys = [self._key("leases"), *settled]
         self._warn_unless_noeviction()
 
@@ -351,7 +357,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
         args: list[Any] = [*head]
         for task in tasks:
             not_before, data = _stored(task, now)
-            args += [index[task.type], not_before, task.attempt, data]
+            args += [index[task.type], not_before, task.attempt, data, task.id]
         return keys, args
 
     def _put_shape(
@@ -364,7 +370,7 @@ class RedisBroker(RedisAdmin, BaseBroker):
         """
         shape = self._put_shapes.get(types) if len(types) == 1 else None
         if shape is None:
-            keys = [self._key("count"), self._key("types")]
+            keys = [self._key("count"), self._key("types"), self._key("held")]
             for name in types:
                 keys += [self._stream(name), self._delayed(name)]
             head = (self._capacity, GROUP, len(types), *types)
@@ -571,7 +577,8 @@ class RedisBroker(RedisAdmin, BaseBroker):
             assert record is not None
             encoded = encode_dead_letter(record)
             return ("dead", type_, entry, token, record.id, encoded, repr(record.dead_at), 0)
-        return (op.kind, type_, entry, token, "", "", "", 0)
+        held = op.delivery.task.id if op.kind == "ack" else ""
+        return (op.kind, type_, entry, token, held, "", "", 0)
 
     def _flush_settles(self, ops: Sequence[Settle]) -> list[Answer]:
         """One SETTLE script call for every operation in ``ops``."""
@@ -603,31 +610,35 @@ class RedisBroker(RedisAdmin, BaseBroker):
     def _effect_args(
         self, effects: Effects, own: int, types: dict[str, int], values: dict[str, int]
     ) -> list[Any]:
-        """``effects`` as SETTLE's effect entries, in the order they apply: the outcome for
-        the circuit of the op's own type (index ``own``), puts, sets, deletes. The types and
-        value keys they touch join ``types`` and ``values`` (name -> index in SETTLE's KEYS)."""
+        """``effects`` as SETTLE's effect entries, in the order they apply: the ``unless`` key,
+        the outcome for the circuit of the op's own type (index ``own``), puts, arrivals (each
+        a part and its join's task), dead letters, sets, deletes. The types and value keys
+        they touch join ``types`` and ``values`` (name -> index in SETTLE's KEYS)."""
         out: list[Any] = []
+        if effects.unless is not None:
+            out += ["unless", values.setdefault(effects.unless, len(values) + 1), "", "", ""]
         if effects.circuit is not None:
-            out += ["circuit", own, int(effects.circuit), ""]
+            out += ["circuit", own, int(effects.circuit), "", ""]
         now = self._clock()
         for task in effects.puts:
-            index = types.setdefault(task.type, len(types) + 1)
-            not_before, data = _stored(task, now)
-            if not_before:
-                out += ["later", index, not_before, data]
-            else:
-                out += ["put", index, task.attempt, data]
+            out += _put_entry(task, now, types)
+        for arrival in effects.arrivals:
+            index = values.setdefault(arrival.key, len(values) + 1)
+            out += ["part", index, arrival.index, arrival.value, arrival.size]
+            out += _put_entry(replace(arrival.task, payload=JOIN_PAYLOAD), now, types)
+        for record in effects.dead_letters:
+            out += ["dead", "", record.id, encode_dead_letter(record), repr(record.dead_at)]
         for item in effects.sets:
             index = values.setdefault(item.key, len(values) + 1)
             if item.ttl_s is None:
-                out += ["set", index, item.value, ""]
+                out += ["set", index, item.value, "", ""]
             elif item.ttl_s > 0:
                 # Rounded up, so the value never reads as absent before its ttl has run out.
-                out += ["set", index, item.value, math.ceil(item.ttl_s * 1000)]
+                out += ["set", index, item.value, math.ceil(item.ttl_s * 1000), ""]
             else:  # run out already (and PX takes only a positive ttl)
-                out += ["del", index, "", ""]
+                out += ["del", index, "", "", ""]
         for key in effects.deletes:
-            out += ["del", values.setdefault(key, len(values) + 1), "", ""]
+            out += ["del", values.setdefault(key, len(values) + 1), "", "", ""]
         return out
 
     def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]:
@@ -744,6 +755,15 @@ def _stored(task: Task, now: float) -> tuple[str, bytes]:
     return "", envelope
 
 
+def _put_entry(task: Task, now: float, types: dict[str, int]) -> list[Any]:
+    """SETTLE's ``put`` or ``later`` entry of ``task``; its type joins ``types``."""
+    index = types.setdefault(task.type, len(types) + 1)
+    not_before, data = _stored(task, now)
+    if not_before:
+        return ["later", index, not_before, data, task.id]
+    return ["put", index, task.attempt, data, task.id]
+
+
 def _delayed_member(attempt: int, envelope: bytes) -> bytes:
     # A random prefix keeps two identical envelopes apart in the sorted set.
     return f"{secrets.token_hex(8)} {attempt} ".encode() + envelope
@@ -769,6 +789,7 @@ _OPERATION = {
     "EXTEND": "extend",
     "REPLAY": "replay",
     "DEPTH": "depth",
+    "CANCEL": "cancel",
 }
 
 

@@ -32,8 +32,8 @@ for j = 1, n do
       holders[index] = id
       taken[#taken + 1] = index
     end
-    local base = first + 4 * (j - 1)
-    for k = base, base + 3 do put_args[#put_args + 1] = ARGV[k] end
+    local base = first + 5 * (j - 1)
+    for k = base, base + 4 do put_args[#put_args + 1] = ARGV[k] end
     fresh = fresh + 1
   end
 end

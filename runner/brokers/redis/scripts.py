@@ -32,6 +32,12 @@ in one Redis Cluster slot and a script may touch any of them):
   would count what another consumer has read, and a stream is never trimmed below its unacked
   entries; acked entries are XDEL-ed instead).
 - ``types``      set of every type ever put (for depth and the operator commands).
+- ``held``       hash task id -> how many copies of it are queued (ready, delayed or leased),
+  from put (PUT, a settle's effect put, REPLAY) until ack, dead or ``cancel``; a settle's
+  effect put of a held id is skipped. It costs one HINCRBY per put, one HINCRBY and one HDEL
+  per ack or dead, and a field per queued task (roughly 100 bytes with a 32-character id).
+  A task queued before the index existed is not in it: its effect put is not skipped, and its
+  ack deletes the field at -1 that its HINCRBY made.
 - ``gates``      hash type name -> the type's pause: ``''`` until cleared, else the end as
   epoch seconds on Redis' clock (``repr`` of the float, so it reads back exactly). POLL reads
   the wanted types' fields and hands out nothing of a type whose pause is in force (by TIME,
@@ -58,7 +64,9 @@ in one Redis Cluster slot and a script may touch any of them):
   expires it by its own clock) or by ``put_if`` (no ttl); read by ``read_values`` and
   ``scan_values`` (SCAN), deleted by ``delete_values``. ``v:unique:<key>`` holds the id of the
   task put with that unique key: SET (no ttl) by ``put_unique``, then given its ttl or deleted
-  by the effects of the task's settle.
+  by the effects of the task's settle. A join's kept parts are a hash at its value key (part
+  index -> JSON text), written by SETTLE's ``part`` effects and deleted when the join fires
+  or by ``delete_values`` (MGET, hence ``read_values`` and ``scan_values``, reads it as absent).
 - ``dlq`` / ``dlq:idx``  hash task id -> dead-letter JSON, and a sorted set by dead_at.
 - ``wake:<consumer>``  one broker's wake stream (one entry, expiring): ``wake()`` adds to it to
   end that broker's blocked XREAD (runner/brokers/redis/broker.py), never read by a script.
@@ -91,16 +99,19 @@ _WAS_SETTLED = _lua("was_settled")
 _REMEMBER = _lua("remember")
 _CLOCK = _lua("clock")
 
+# The ``held`` index of the module docstring.
+_HELD = _lua("held")
+
 # put.lua (KEYS, ARGV and the reply are described there).
-_PUT_FN = _lua("put")
-PUT = _ENSURE_GROUP + _PUT_FN + "return put(KEYS, ARGV)\n"
+_PUT_FN = _ENSURE_GROUP + _HELD + _lua("put")
+PUT = _PUT_FN + "return put(KEYS, ARGV)\n"
 
 # put_if.lua (KEYS, ARGV and the reply are described there): PUT behind a compare-and-set.
-PUT_IF = _ENSURE_GROUP + _PUT_FN + _lua("put_if")
+PUT_IF = _PUT_FN + _lua("put_if")
 
 # put_unique.lua (KEYS, ARGV and the reply are described there): PUT of the tasks whose unique
 # key is free, holding their keys.
-PUT_UNIQUE = _ENSURE_GROUP + _PUT_FN + _lua("put_unique")
+PUT_UNIQUE = _PUT_FN + _lua("put_unique")
 
 # The token bucket of a rate limit, as runner/brokers/flow.py computes it (for POLL).
 _BUCKET = _lua("bucket")
@@ -113,8 +124,15 @@ _CIRCUIT = _CLOCK + _lua("circuit")
 _POLL_FN = _lua("poll")
 POLL = _ENSURE_GROUP + _BUCKET + _CIRCUIT + _POLL_FN + "return poll(KEYS, ARGV)\n"
 
+#: The payload a join's task is encoded with for SETTLE, which splices the parts' JSON array in
+#: its place (JSON text is spliced, not decoded and encoded again, so every part reads back as
+#: its sender wrote it). Plain JSON (no escapes), found as the top-level ``"payload":"..."``,
+#: which no JSON string can hold unescaped.
+JOIN_PAYLOAD = "dq:join parts"
+_JOINED = f'local JOINED = \'"payload":"{JOIN_PAYLOAD}"\'\n'
+
 # settle.lua (KEYS, ARGV and the reply are described there).
-_SETTLE_HEAD = _ENSURE_GROUP + _WAS_SETTLED + _REMEMBER + _CIRCUIT
+_SETTLE_HEAD = _ENSURE_GROUP + _HELD + _WAS_SETTLED + _REMEMBER + _CIRCUIT + _JOINED
 _SETTLE_FN = _lua("settle")
 SETTLE = _SETTLE_HEAD + _SETTLE_FN + "return settle(KEYS, ARGV)\n"
 
@@ -125,7 +143,12 @@ EXCHANGE = _SETTLE_HEAD + _BUCKET + _SETTLE_FN + _POLL_FN + _lua("exchange")
 EXTEND = _WAS_SETTLED + _lua("extend")
 
 # replay.lua (KEYS, ARGV and the reply are described there).
-REPLAY = _ENSURE_GROUP + _lua("replay")
+REPLAY = _ENSURE_GROUP + _HELD + _lua("replay")
+
+# queued.lua and cancel.lua (KEYS, ARGV and the replies are described there): the pipeline
+# admin's reading of one type's queued tasks, and its dead-lettering of the waiting ones.
+QUEUED = _lua("queued")
+CANCEL = _HELD + _lua("cancel")
 
 # depth.lua (KEYS, ARGV and the reply are described there).
 DEPTH = _lua("depth")

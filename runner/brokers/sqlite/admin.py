@@ -1,11 +1,12 @@
 """The BrokerAdmin half of SqliteBroker: the operator commands (dead letters, replay, purge,
-queue ages), and the broker's plain calls beside the task path: its clock, the gates (set,
-cleared and listed here with the rate limits' buckets and the circuit breakers' circuits,
-honoured inside every claim) and the values that settle effects, ``put_if``,
-``put_unique`` and ``set_values`` set. None of it is on the claim and settle path, so it lives
-apart from that path's statements and group commit in broker.py. Mixed into SqliteBroker, whose
-transactions and insert plumbing it uses (declared below); the tables and row helpers are in
-schema.py, the gates' rows in gates.py.
+queue ages, a pipeline's ``tasks_of`` and ``cancel``), and the broker's plain calls beside the
+task path: its clock, the gates (set, cleared and listed here with the rate limits' buckets and
+the circuit breakers' circuits, honoured inside every claim) and the values that settle
+effects, ``put_if``, ``put_unique`` and ``set_values`` set. None of it is on the claim and
+settle path, so it lives apart from that path's statements and group commit in broker.py.
+Mixed into SqliteBroker, whose transactions and insert plumbing it uses (declared below); the
+tables and row helpers are in schema.py, the gates' rows in gates.py, the pipelines' rows in
+joins.py.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from runner.brokers.base import (
     DeadLetterFilter,
     Gate,
     Pause,
+    Queued,
     RateLimit,
     SetValue,
 )
 from runner.brokers.sqlite.gates import GATE_TABLES, PAUSE, Gates, gates_at
+from runner.brokers.sqlite.joins import cancel_queued, queued_of
 from runner.brokers.sqlite.schema import (
     SET_VALUE_SQL,
     delete_values,
@@ -153,6 +156,23 @@ class SqliteAdmin:
             for clause, params in dlq_where(where):
                 purged += conn.execute(f"DELETE FROM dead_letters WHERE {clause}", params).rowcount
         return purged
+
+    def tasks_of(self, root_id: str) -> list[Queued]:
+        """The queued tasks (ready, delayed or leased, as ``depth`` counts them) of the
+        pipeline whose first task is ``root_id``, oldest put first."""
+        now = self._clock()
+        with self._read("tasks_of") as conn:
+            return [Queued(task, state) for _, task, state, _ in queued_of(conn, root_id, now)]
+
+    def cancel(self, root_id: str, message: str) -> list[str]:
+        """Dead-letter the ready and delayed tasks of ``root_id``'s pipeline (reason
+        ``cancelled``, ``message`` as the record's) in one transaction; answer their ids.
+        Leased ones are left to their workers."""
+        with self._write("cancel") as conn:
+            cancelled = cancel_queued(conn, root_id, message, self._clock())
+        if cancelled:
+            self._changed()  # room for a put waiting
+        return cancelled
 
     # -- clock, gates and values (runner.brokers.base) --------------------------------------
 

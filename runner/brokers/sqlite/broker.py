@@ -36,9 +36,11 @@ Guarantees (the contract in runner.brokers.base, plus durability):
   circuit may probe when it comes (the wait ends then).
 - Effects: those of a settle op run in the same transaction, right after the settles of its
   batch (in op order), for the ops that answered DONE: an outcome is counted in the circuit of
-  the task's type (when it has a breaker), then puts are inserted as by ``put_many`` but never
-  wait for or fail on capacity (a task id already queued is left out, rather than fail the
-  transaction other callers' writes share), then sets (an upsert into ``values``, expiring
+  the task's type (when it has a breaker); then, unless the ``unless`` key is a live value,
+  the hand-offs: puts are inserted as by ``put_many`` but never wait for or fail on capacity
+  (a task id already queued is left out, uncounted: it is already there), the arrivals' parts
+  are kept in ``joins`` and the task of a join whose parts are all there is put the same way
+  (joins.py), and the dead letters are written; then sets (an upsert into ``values``, expiring
   at now + ttl), then deletes. Values whose ttl ran out read as absent; they and ended pauses
   are deleted by the prune of settled receipts.
 - ``put_if`` reads its key, checks room and inserts in one ``BEGIN IMMEDIATE`` transaction, so
@@ -58,11 +60,12 @@ writers; after ``BUSY_TIMEOUT_MS`` they raise BrokerUnavailable, which callers m
 Ordering: FIFO by put within a type. Released tasks, expired leases and due retries keep their
 original place (the row's ``seq``), so they come before tasks put after them.
 
-Size: about 730 lines: the task path of the broker contract on one connection and its group
+Size: about 750 lines: the task path of the broker contract on one connection and its group
 commit, gates and effects included (they live in its claim and settle statements). Schema,
 opening and row codecs are in schema.py, batching in batch.py, checkpoints in checkpoint.py;
 the operator commands, the clock, the gate calls and the value calls (``read_values``,
-``put_if``, ``put_unique``, ``scan_values``, ``delete_values``) in admin.py.
+``put_if``, ``put_unique``, ``scan_values``, ``delete_values``) in admin.py; the joins' parts
+and the pipeline rows of ``tasks_of`` and ``cancel`` in joins.py.
 """
 
 from __future__ import annotations
@@ -78,12 +81,13 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
-from runner.brokers.base import Answer, BaseBroker, Delivery, Depth, Effects, Settle
+from runner.brokers.base import Answer, BaseBroker, Delivery, Depth, Effects, Settle, SetValue
 from runner.brokers.flow import circuit_allows, circuit_handed, taken, whole
 from runner.brokers.sqlite.admin import InsertPlan, SqliteAdmin
 from runner.brokers.sqlite.batch import GroupCommit, Pending
 from runner.brokers.sqlite.checkpoint import Checkpointer
 from runner.brokers.sqlite.gates import gates_at, record_outcome, save_bucket, save_circuit
+from runner.brokers.sqlite.joins import WRITE_DEAD_SQL, arriver, dead_row
 from runner.brokers.sqlite.schema import (
     IDS_PER_QUERY,
     LEASED,
@@ -96,6 +100,7 @@ from runner.brokers.sqlite.schema import (
     insert_row,
     insert_tasks,
     next_due,
+    read_values,
     rollback,
     sweep,
     to_delivery,
@@ -279,7 +284,7 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
         repeats: list[tuple[int, int]] = []  # (op, the first op on the same receipt)
         acks: list[int] = []
         others: list[tuple[int, Callable[[sqlite3.Connection], bool]]] = []
-        effects: list[tuple[int, Callable[[sqlite3.Connection, float], None]]] = []
+        effects: list[tuple[int, Effects, str]] = []  # (op, its effects, its task's type)
         for i, op in enumerate(ops):
             receipt = op.delivery.receipt
             earlier = first.get(receipt)
@@ -292,7 +297,12 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
             else:
                 others.append((i, self._statement(op)))
             if op.effects is not None:
-                effects.append((i, self._effects_statement(op.effects, op.delivery.task.type)))
+                effects.append((i, op.effects, op.delivery.task.type))
+        # Prepared here, outside the transaction: a part of a join that is not JSON fails its
+        # own caller, not the transaction other callers' writes share.
+        apply_effects = (
+            self._effects_statement([(e, t) for _, e, t in effects]) if effects else None
+        )
 
         def statement(conn: sqlite3.Connection) -> list[Answer]:
             answers = [_FENCED] * len(ops)
@@ -317,9 +327,8 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
                         answers[i] = _ALREADY_DONE
             if done:
                 self._remember(conn, done, now)
-                for i, apply in effects:
-                    if answers[i] is _DONE:
-                        apply(conn, now)
+                if apply_effects is not None:
+                    apply_effects(conn, now, [answers[i] is _DONE for i, _, _ in effects])
             for i, earlier in repeats:
                 answers[i] = _ALREADY_DONE if answers[earlier] else _FENCED
             return answers
@@ -395,14 +404,19 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
         insert_tasks). It checks no capacity."""
         now = self._clock()
         rows = [insert_row(task, now) for task in tasks]
+        return lambda conn: self._insert_rows(conn, rows, operation, skip_queued)
+
+    def _insert_rows(
+        self,
+        conn: sqlite3.Connection,
+        rows: Sequence[tuple[Any, ...]],
+        operation: str,
+        skip_queued: bool = False,
+    ) -> int:
+        """``insert_tasks``, noting when the earliest delayed one of ``rows`` falls due."""
         # insert_row's (id, type, state, due_at, ...): only delayed rows fall due later
-        earliest = min((row[3] for row in rows if row[2] == WAITING), default=math.inf)
-
-        def insert(conn: sqlite3.Connection) -> int:
-            self._due_by(earliest)
-            return insert_tasks(conn, rows, operation, skip_queued)
-
-        return insert
+        self._due_by(min((row[3] for row in rows if row[2] == WAITING), default=math.inf))
+        return insert_tasks(conn, rows, operation, skip_queued)
 
     def _insert_when_room(self, plan: InsertPlan[_T], timeout: float | None, operation: str) -> _T:
         """Run the insert ``plan`` gives in a transaction that has room for its tasks (for the
@@ -645,32 +659,55 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
         return dead
 
     def _effects_statement(
-        self, effects: Effects, type_name: str
-    ) -> Callable[[sqlite3.Connection, float], None]:
-        """``effects`` as a write to run, at ``now``, after its settle (of a task of
-        ``type_name``) answered DONE: the outcome for the type's circuit, if it has a breaker,
-        then the puts (a task id already queued is left out; capacity is not checked), then the
-        sets, then the deletes."""
-        outcome = effects.circuit
-        puts = effects.puts
-        insert = self._inserter(puts, "settle", skip_queued=True)
-        sets = effects.sets
-        deletes = [(key,) for key in effects.deletes]
+        self, ops: Sequence[tuple[Effects, str]]
+    ) -> Callable[[sqlite3.Connection, float, Sequence[bool]], None]:
+        """The effects of settles (each of a task of the type named with it), as one write to
+        run at ``now`` for those whose settle answered DONE (``took``), with the statements of
+        all of them batched: the
+        outcomes for the types' circuits (of those with a breaker); then, for each op whose
+        ``unless`` key is not a live value, the puts (a task id already queued is left out;
+        capacity is not checked), the arrivals (with the puts of the joins they complete) and
+        the dead letters; then the sets, then the deletes (op by op when a key is both set and
+        deleted among them, so that the last op's word on it stands)."""
+        arrivals = [arriver(effects.arrivals) if effects.arrivals else None for effects, _ in ops]
+        dead = [[dead_row(record) for record in effects.dead_letters] for effects, _ in ops]
+        guards = [e.unless for e, _ in ops if e.unless is not None and _hands_off(e)]
+        set_keys = {item.key for effects, _ in ops for item in effects.sets}
+        apart = any(key in set_keys for effects, _ in ops for key in effects.deletes)
 
-        def apply(conn: sqlite3.Connection, now: float) -> None:
-            if outcome is not None:
-                # A settle that took wakes this process's waiting gets after COMMIT (_remember):
-                # a circuit that closed lets them take the type.
-                record_outcome(conn, type_name, outcome, now)
-            if puts:
-                insert(conn)
-            if sets:
-                conn.executemany(
-                    SET_VALUE_SQL,
-                    [(s.key, s.value, None if s.ttl_s is None else now + s.ttl_s) for s in sets],
-                )
-            if deletes:
-                conn.executemany(_DELETE_VALUE_SQL, deletes)
+        def apply(conn: sqlite3.Connection, now: float, took: Sequence[bool]) -> None:
+            ops_took = [op for op, done in zip(ops, took, strict=True) if done]
+            for effects, type_name in ops_took:
+                if effects.circuit is not None:
+                    # A settle that took wakes this process's waiting gets after COMMIT
+                    # (_remember): a circuit that closed lets them take the type.
+                    record_outcome(conn, type_name, effects.circuit, now)
+            live = read_values(conn, guards, now) if guards else {}
+            rows: list[tuple[Any, ...]] = []
+            dead_rows: list[tuple[Any, ...]] = []
+            for (effects, _), arrive, records, done in zip(ops, arrivals, dead, took, strict=True):
+                if not done or (effects.unless is not None and effects.unless in live):
+                    continue
+                rows.extend(insert_row(task, now) for task in effects.puts)
+                if arrive is not None:
+                    rows.extend(arrive(conn, now))
+                dead_rows.extend(records)
+            if rows:
+                self._insert_rows(conn, rows, "settle", skip_queued=True)
+            if dead_rows:
+                conn.executemany(WRITE_DEAD_SQL, dead_rows)
+            batches = [(e.sets, e.deletes) for e, _ in ops_took] if apart else [_flat(ops_took)]
+            for sets, deletes in batches:
+                if sets:
+                    conn.executemany(
+                        SET_VALUE_SQL,
+                        [
+                            (s.key, s.value, None if s.ttl_s is None else now + s.ttl_s)
+                            for s in sets
+                        ],
+                    )
+                if deletes:
+                    conn.executemany(_DELETE_VALUE_SQL, [(key,) for key in deletes])
 
         return apply
 
@@ -730,3 +767,14 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _hands_off(effects: Effects) -> bool:
+    """Whether ``effects`` start anything (what ``unless`` can skip)."""
+    return bool(effects.puts or effects.arrivals or effects.dead_letters)
+
+
+def _flat(ops: Sequence[tuple[Effects, str]]) -> tuple[list[SetValue], list[str]]:
+    """Every set and every delete of ``ops``, each in op order."""
+    sets = [item for effects, _ in ops for item in effects.sets]
+    return sets, [key for effects, _ in ops for key in effects.deletes]

@@ -27,13 +27,14 @@ all three in one query for every claim. ``values`` holds the keys settle effects
 ``put_if`` set, with ``expires_at`` (NULL: no ttl); reads skip expired rows, and ``sweep``
 deletes them (and ended pauses) through the partial index on ``expires_at``, which keys
 without a ttl stay out of. ``scan_values`` reads the keys with a prefix as one range of the
-primary key, never as a LIKE or GLOB pattern.
+primary key, never as a LIKE or GLOB pattern. ``joins`` keeps the parts of pipelines' joins
+that have arrived, keyed (key, idx) (joins.py); ``delete_values`` drops a key's parts too.
 
-``settled``, ``gates``, ``values``, ``buckets`` and ``circuits`` came after schema version 1
-and are created when missing, so an older runner's file opens, still at version 1, and gains
-them (older runners ignore them: one sharing the file with a newer one would not honour its
-gates). A read-only open creates nothing: there an older file reads as holding no gates and no
-values.
+``settled``, ``gates``, ``values``, ``buckets``, ``circuits`` and ``joins`` came after schema
+version 1 and are created when missing, so an older runner's file opens, still at version 1,
+and gains them (older runners ignore them: one sharing the file with a newer one would not
+honour its gates). A read-only open creates nothing: there an older file reads as holding no
+gates and no values.
 
 Which files are queues: only a path that does not exist is created (with mode 0600 unless
 ``file_mode`` widens it; SQLite gives its ``-wal`` and ``-shm`` files the same mode). The new
@@ -166,6 +167,12 @@ CREATE TABLE IF NOT EXISTS "values" (
     expires_at REAL                       -- epoch seconds; NULL: no ttl
 );
 CREATE INDEX IF NOT EXISTS values_expiry ON "values" (expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS joins (
+    key   TEXT    NOT NULL,               -- an Arrival's: the join
+    idx   INTEGER NOT NULL,               -- the part's place in the joined task's payload
+    value TEXT    NOT NULL,               -- the part: JSON text
+    PRIMARY KEY (key, idx)
+) WITHOUT ROWID;
 """
 
 
@@ -531,15 +538,18 @@ def _prefix_end(prefix: str) -> str | None:
 
 
 def delete_values(conn: sqlite3.Connection, keys: Sequence[str], now: float) -> int:
-    """Delete ``keys``; how many of them were live (as ``read_values``) at ``now``."""
-    live = 0
+    """Delete ``keys`` and the join parts kept under them; how many of them were live (as
+    ``read_values``) at ``now`` or kept parts."""
+    deleted: set[str] = set()
     for marks, chunk in _in_chunks(keys):
         rows = conn.execute(
-            f'DELETE FROM "values" WHERE key IN ({marks}) RETURNING {_LIVE}',
+            f'DELETE FROM "values" WHERE key IN ({marks}) RETURNING key, {_LIVE}',
             {**chunk, "now": now},
         )
-        live += sum(flag for (flag,) in rows)
-    return live
+        deleted.update(key for key, live in rows if live)
+        parts = conn.execute(f"DELETE FROM joins WHERE key IN ({marks}) RETURNING key", chunk)
+        deleted.update(key for (key,) in parts)
+    return len(deleted)
 
 
 def _in_chunks(keys: Sequence[str]) -> Iterator[tuple[str, dict[str, str]]]:

@@ -21,6 +21,7 @@ from runner.testing.contract import (
     effects,
     gates,
     oldest,
+    pipelines,
     rates,
     release,
     settle,
@@ -49,6 +50,7 @@ MODULES: tuple[ModuleType, ...] = (
     effects,
     compare,
     unique,
+    pipelines,
 )
 
 

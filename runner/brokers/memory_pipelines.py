@@ -1,0 +1,111 @@
+"""The pipeline half of MemoryBroker: the hand-offs a settle's effects carry (puts of held ids
+skipped, a join's parts and its firing, dead letters written with the settle) and the admin's
+``tasks_of`` and ``cancel``. Mixed into MemoryBroker, whose lock, queues and put plumbing it uses
+(declared below); the hand-offs run under the settle's lock hold, the admin calls take the lock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from runner.brokers.base import Effects, Queued, cancelled_record, of_root
+from runner.codec import from_json_bytes
+from runner.deadletter.store import DeadLetterStore
+from runner.model import Task
+
+if TYPE_CHECKING:  # for the declarations only: memory.py imports this module at run time
+    from runner.brokers.memory import _Lease
+
+
+class MemoryPipelines:
+    """Hand-offs and the pipeline admin in-process; MemoryBroker provides what is declared."""
+
+    dead_letter_store: DeadLetterStore
+    _clock: Callable[[], float]
+    _cond: threading.Condition
+    _ready: dict[str, deque[Task]]
+    _redelivered: set[str]
+    _delayed: list[tuple[float, int, Task]]
+    _delayed_count: dict[str, int]
+    _leases: dict[str, _Lease]
+    _held: int
+    # The ids of every task held (from put until ack or dead): an effect put of one is skipped.
+    _ids: set[str]
+    # A join's kept parts: key -> index -> JSON text; and the joins dead-lettered by a part's
+    # death (their record is deleted when they fire).
+    _joins: dict[str, dict[int, str]]
+    _dead_joins: set[str]
+
+    def _check_open(self, operation: str) -> None:
+        raise NotImplementedError
+
+    def _enqueue(self, tasks: Sequence[Task], now: float) -> None:
+        raise NotImplementedError
+
+    def _hand_off(self, effects: Effects, now: float) -> None:
+        """The puts, arrivals and dead letters of a settle that took effect (the caller has
+        checked ``effects.unless``)."""
+        puts = list(effects.puts)
+        store = self.dead_letter_store
+        for arrival in effects.arrivals:
+            parts = self._joins.setdefault(arrival.key, {})
+            parts.setdefault(arrival.index, arrival.value)
+            if len(parts) < arrival.size:
+                continue
+            del self._joins[arrival.key]
+            payload = [from_json_bytes(parts[index]) for index in sorted(parts)]
+            puts.append(replace(arrival.task, payload=payload))
+            if arrival.task.id in self._dead_joins:
+                self._dead_joins.discard(arrival.task.id)
+                store.take([arrival.task.id])
+        for record in effects.dead_letters:
+            store.take([record.id])
+            store.add(record)
+            self._dead_joins.add(record.id)
+        fresh: dict[str, Task] = {}
+        for task in puts:
+            if task.id not in self._ids and task.id not in fresh:
+                fresh[task.id] = task
+        if fresh:
+            self._enqueue(list(fresh.values()), now)
+
+    def tasks_of(self, root_id: str) -> list[Queued]:
+        with self._cond:
+            self._check_open("tasks_of")
+            found = [Queued(t, "ready") for q in self._ready.values() for t in q]
+            found.extend(Queued(t, "delayed") for _, _, t in sorted(self._delayed))
+            found.extend(Queued(lease.task, "leased") for lease in self._leases.values())
+        return [queued for queued in found if of_root(queued.task, root_id)]
+
+    def cancel(self, root_id: str, message: str) -> list[str]:
+        with self._cond:
+            self._check_open("cancel")
+            now = self._clock()
+            cancelled: list[Task] = []
+            for queue in self._ready.values():
+                kept = [t for t in queue if not of_root(t, root_id)]
+                if len(kept) < len(queue):
+                    cancelled.extend(t for t in queue if of_root(t, root_id))
+                    queue.clear()
+                    queue.extend(kept)
+            delayed = [entry for entry in self._delayed if of_root(entry[2], root_id)]
+            if delayed:
+                self._delayed[:] = [e for e in self._delayed if not of_root(e[2], root_id)]
+                heapq.heapify(self._delayed)
+                for _, _, task in delayed:
+                    self._delayed_count[task.type] -= 1
+                    cancelled.append(task)
+            if not cancelled:
+                return []
+            self.dead_letter_store.add_many([cancelled_record(t, message, now) for t in cancelled])
+            for task in cancelled:
+                self._ids.discard(task.id)
+                self._redelivered.discard(task.id)
+            self._held -= len(cancelled)
+            self._cond.notify_all()
+            return [task.id for task in cancelled]
