@@ -16,6 +16,7 @@ entry the size of the runner's envelope for the same task.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import json
 import queue
@@ -207,3 +208,21 @@ def sqlite_insert_per_call(path: str, n: int, envelope: bytes) -> float:
     rate = n / (time.perf_counter() - t0)
     conn.close()
     return rate
+
+
+def asyncio_gather_seconds(n: int, concurrency: int, nap_s: float) -> float:
+    """Seconds for ``asyncio.gather`` of ``n`` coroutines that each await ``nap_s``, at most
+    ``concurrency`` at once (a semaphore): the async execution mode's baseline."""
+
+    async def main() -> float:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one() -> None:
+            async with gate:
+                await asyncio.sleep(nap_s)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(n)))
+        return time.perf_counter() - t0
+
+    return asyncio.run(main())

@@ -1,7 +1,9 @@
-"""Handlers the benchmarks run: a no-op and a 1 ms sleep (the same callables the baselines run)."""
+"""Handlers the benchmarks run: a no-op, a 1 ms sleep and a 50 ms asyncio sleep (the same callables
+the baselines run)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -13,3 +15,12 @@ def noop(payload: Any, ctx: Any) -> None:
 def sleep_1ms(payload: Any, ctx: Any) -> None:
     """Waits 1 ms without holding the GIL, like a short I/O call."""
     time.sleep(0.001)
+
+
+#: How long ``nap_50ms`` awaits.
+NAP_S = 0.05
+
+
+async def nap_50ms(payload: Any, ctx: Any) -> None:
+    """Awaits 50 ms, like an I/O-bound coroutine (an async type's handler)."""
+    await asyncio.sleep(NAP_S)

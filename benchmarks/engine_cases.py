@@ -46,6 +46,8 @@ def make_config(
     types: int = 1,
     limits: Sequence[int] = (),
     stages: int = 1,
+    execution: str = "thread",
+    concurrency: int | None = None,
 ) -> PipelineConfig:
     """A config whose type TYPE runs ``handler``; ``types - 1`` more types (``idle1`` ...)
     run it too, but the benchmarks publish only TYPE: they stay idle. With ``limits``, the
@@ -57,7 +59,9 @@ def make_config(
         broker["path"] = path
     if url is not None:
         broker |= {"url": url, "namespace": namespace}
-    type_config = {"handler": f"bench_handlers:{handler}", "timeout": 30}
+    type_config: dict[str, Any] = {"handler": f"bench_handlers:{handler}", "timeout": 30}
+    if execution != "thread":
+        type_config |= {"execution": execution, "concurrency": concurrency}
     names = [TYPE, *(f"idle{i}" for i in range(1, types))]
     task_types: dict[str, Any] = dict.fromkeys(names, type_config)
     if limits:
@@ -214,6 +218,26 @@ def pipeline_rate(config: PipelineConfig, n: int, stages: int, timeout: float = 
     rate = roots * stages / (recorder.last_finish - t0)
     _quick_stop(runner)
     return rate
+
+
+def async_seconds(n: int, concurrency: int) -> float:
+    """Seconds from the first publish to the last of ``n`` tasks of an async type whose handler
+    awaits 50 ms (bench_handlers.nap_50ms), ``concurrency`` coroutines in flight, on the memory
+    broker."""
+    config = make_config("memory", 4, handler="nap_50ms", execution="async",
+                         concurrency=concurrency)  # fmt: skip
+    runner, recorder = _runner(config)
+    batches = _batches(n)
+    recorder.expect(n)
+    runner.start()
+    t0 = time.perf_counter()
+    for batch in batches:
+        runner.publish_many(batch)
+    if not recorder.wait_finished(600.0):
+        raise RuntimeError(f"only {recorder.total_finished} of {n} tasks finished")
+    seconds = recorder.last_finish - t0
+    _quick_stop(runner)
+    return seconds
 
 
 def latency(config: PipelineConfig, rate: float, seconds: float) -> tuple[float, float]:

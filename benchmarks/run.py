@@ -49,14 +49,28 @@ class Sizes:
     types: int  # 1 ms tasks per run of the multi-type row and of its one-type baseline
     calls: int  # publish() calls (one task each) per per-call publish run
     pipeline: int  # tasks (all stages) per run of the 3-stage pipeline row and its baseline
+    naps: int  # tasks of the async row (each awaits 50 ms)
 
 
 SIZES = {
     "full": Sizes(
-        100_000, 100_000, 100_000, 20_000, 5_000, 5.0, 1_000_000, 20_000, 5_000, 20_000, 30_000
+        100_000,
+        100_000,
+        100_000,
+        20_000,
+        5_000,
+        5.0,
+        1_000_000,
+        20_000,
+        5_000,
+        20_000,
+        30_000,
+        10_000,
     ),
-    "quick": Sizes(10_000, 5_000, 5_000, 2_000, 500, 1.0, 100_000, 5_000, 1_000, 5_000, 6_000),
-    "tiny": Sizes(500, 300, 300, 100, 50, 0.2, 2_000, 300, 100, 200, 300),
+    "quick": Sizes(
+        10_000, 5_000, 5_000, 2_000, 500, 1.0, 100_000, 5_000, 1_000, 5_000, 6_000, 10_000
+    ),
+    "tiny": Sizes(500, 300, 300, 100, 50, 0.2, 2_000, 300, 100, 200, 300, 500),
 }
 
 
@@ -128,6 +142,7 @@ def bench_memory(sizes: Sizes, reps: int) -> list[Row]:
     )
     del sleep
     rows += _latency_rows("memory", cfg, sizes, reps, limit_ms=5.0)
+    rows.append(_async_row(sizes, reps))
     per_task = ec.memory_per_task(cfg, sizes.queued)
     rows.append(
         Row(
@@ -210,6 +225,33 @@ def _types_row(
         one,
         "ratio >= 0.9",
         five >= 0.9 * one,
+    )
+
+
+#: The async row: coroutines in flight (the type's concurrency, and the baseline's semaphore).
+ASYNC_CONCURRENCY = 500
+
+
+def _async_row(sizes: Sizes, reps: int) -> Row:
+    """10,000 tasks whose async handler awaits 50 ms, concurrency 500, against asyncio.gather
+    of the same coroutines under a semaphore of 500, back to back (issue 20): seconds, lower is
+    better."""
+    bare, engine = paired(
+        lambda: baselines.asyncio_gather_seconds(
+            sizes.naps, ASYNC_CONCURRENCY, bench_handlers.NAP_S
+        ),
+        lambda: ec.async_seconds(sizes.naps, ASYNC_CONCURRENCY),
+        reps,
+    )
+    return Row(
+        "memory",
+        f"async: {sizes.naps:,} x await 50 ms, concurrency {ASYNC_CONCURRENCY}",
+        engine,
+        "s",
+        "asyncio.gather",
+        bare,
+        "ratio <= 2",
+        engine <= 2 * bare,
     )
 
 

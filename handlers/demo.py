@@ -8,6 +8,7 @@ against any handler.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -57,3 +58,10 @@ def refund(payload: dict[str, Any], ctx: TaskContext) -> str:
     """A compensating step (``on_dead``): its payload is the dead task's record."""
     ctx.logger.info("compensating for %s (%s)", payload["task"]["id"], payload["reason"])
     return str(payload["task"]["id"])
+
+
+async def fetch_page(payload: dict[str, Any], ctx: TaskContext) -> int:
+    """Pretend to fetch a page with an async client (execution: async, configs/modes.yaml):
+    awaits as I/O would, and returns the page's size."""
+    await asyncio.sleep(0.01)
+    return 1024 + int(payload.get("n", 0))

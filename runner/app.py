@@ -17,7 +17,10 @@ the next split is the publishing side (drafts, unique keys, results) into a modu
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -40,6 +43,7 @@ from runner.brokers.base import (
 )
 from runner.brokers.flow import rate_text
 from runner.config.models import PipelineConfig
+from runner.engine.aio import AsyncWorker
 from runner.engine.attempt import TaskLogger, TypeRuntime, default_task_logger
 from runner.engine.cancels import CancelWatch
 from runner.engine.circuits import CircuitWatch
@@ -103,7 +107,7 @@ def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
         never_retry = tuple(
             resolve_exception(n, search_path=search_path) for n in policy.never_retry
         )
-        handler = load_handler(spec.handler, search_path=search_path)
+        handler = load_handler(spec.handler, search_path=search_path, execution=spec.execution)
         model = payload_model(handler.func)  # None unless annotated with a pydantic model
         validation = () if model is None else (PayloadValidation(model),)
         chain: tuple[Middleware, ...] = (*validation, simulation, *own)
@@ -125,6 +129,7 @@ def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
             breaker=spec.circuit_breaker is not None,
             unique_ttl=spec.unique.ttl if spec.unique else 0.0,
             result_ttl=config.result_ttl_for(name),
+            execution=spec.execution,
             pipeline=_pipeline(config, name),
         )
     return types
@@ -207,16 +212,23 @@ class Runner:
         self.summary.stages = stage_lines({n: rt.pipeline for n, rt in types.items()})
         # The types this process runs (`types:`, --types, DQ_TYPES); it publishes any of them.
         served = {n: rt for n, rt in types.items() if not config.types or n in config.types}
-        self.worker = Worker(
-            broker,
-            served,
-            threads=config.workers,
-            events=self.events,
-            visibility_timeout_s=config.broker.visibility_timeout,
-            task_logger=task_logger or default_task_logger,
-            prefetch=config.effective_prefetch(),
-            settle_in_background=broker.batch_settles,
-        )
+        # Thread types run on the worker's threads; async types on an event loop of their own
+        # (runner.engine.aio), with their own books: they take none of the threads.
+        common: dict[str, Any] = {
+            "events": self.events,
+            "visibility_timeout_s": config.broker.visibility_timeout,
+            "task_logger": task_logger or default_task_logger,
+            "prefetch": config.effective_prefetch(),
+            "settle_in_background": broker.batch_settles,
+        }
+        on_threads = {n: rt for n, rt in served.items() if rt.execution == "thread"}
+        on_loop = {n: rt for n, rt in served.items() if rt.execution == "async"}
+        self.workers: list[Worker] = []
+        if on_threads or not on_loop:
+            self.workers.append(Worker(broker, on_threads, config.workers, **common))
+        if on_loop:
+            self.workers.append(AsyncWorker(broker, on_loop, **common))
+        self.worker = self.workers[0]
         self._on_publish = {n: overriding(rt.middleware, "on_publish") for n, rt in types.items()}
         # Each middleware instance once (the config's own are shared by every type).
         chains = (rt.middleware for rt in types.values())
@@ -277,7 +289,7 @@ class Runner:
         # Running tasks of a cancelled pipeline see ctx.cancelled.
         pipelines = any(rt.pipeline is not None for rt in types.values())
         self.cancel_watch = (
-            CancelWatch(broker, self.worker.attempts)
+            CancelWatch(broker, [w.attempts for w in self.workers])
             if pipelines and broker.settle_effects
             else None
         )
@@ -291,6 +303,14 @@ class Runner:
             self._closers.append(close)
 
     # -- producing -------------------------------------------------------------------------
+
+    async def apublish(self, type_name: str, payload: Any = None, **options: Any) -> str:
+        """``publish`` for asyncio applications (the same options): the broker call runs in the
+        event loop's default executor, so the loop never waits on it (a full broker included)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, functools.partial(self.publish, type_name, payload, **options)
+        )
 
     def publish(
         self,
@@ -446,7 +466,8 @@ class Runner:
             self._started = True
             self._tell_middleware("on_worker_start")
             self._apply_gates()
-            self.worker.start()
+            for worker in self.workers:
+                worker.start()
             if self.circuit_watch is not None:
                 self.circuit_watch.start()
             if self.presence is not None:
@@ -523,9 +544,10 @@ class Runner:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.worker.stopping:
             depth = self.broker.depth()
+            served = [t for w in self.workers for t in w.types]
             if (
-                self.worker.idle()
-                and sum(depth[t].total for t in self.worker.types if t in depth) == 0
+                all(w.idle() for w in self.workers)
+                and sum(depth[t].total for t in served if t in depth) == 0
             ):
                 return True
             if deadline is not None and time.monotonic() >= deadline:
@@ -554,8 +576,8 @@ class Runner:
                 self.presence.stop()
             if self._started:
                 self.summary.threads = (self.worker.threads, self.worker.alive_threads())
-                self.summary.interrupts = self.worker.interrupts
-                self.worker.stop(grace)
+                self.summary.interrupts = sum(w.interrupts for w in self.workers)
+                _stop_all(self.workers, grace)
                 self._tell_middleware("on_worker_stop")
             # Closed before the drain (which works after close): a publish blocked on a full
             # queue raises BrokerClosed instead of filling the room the drain makes, after it.
@@ -617,18 +639,31 @@ class Runner:
         return self.broker.depth()
 
     def inflight(self) -> dict[str, int]:
-        return self.worker.inflight()
+        return {name: n for w in self.workers for name, n in w.inflight().items()}
 
     def limits(self) -> dict[str, int]:
-        return self.worker.limits()
+        return {name: n for w in self.workers for name, n in w.limits().items()}
 
     def overrunning(self) -> int:
-        return self.worker.overrunning()
+        return sum(w.overrunning() for w in self.workers)
 
     def dead_letter_count(self) -> int | None:
         if isinstance(self.broker, BrokerAdmin):
             return self.broker.dead_letter_count()
         return None
+
+
+def _stop_all(workers: Sequence[Worker], grace_s: float) -> None:
+    """Stop every worker at once (each stops taking tasks now; one grace period for all)."""
+    others = [
+        threading.Thread(target=w.stop, args=(grace_s,), name="dq-stop", daemon=True)
+        for w in workers[1:]
+    ]
+    for thread in others:
+        thread.start()
+    workers[0].stop(grace_s)
+    for thread in others:
+        thread.join()
 
 
 def build_runtime(

@@ -46,6 +46,7 @@ class Handler:
     spec: str  # "module:function", as configured
     func: Callable[..., Any]
     takes_ctx: bool
+    is_async: bool = False  # an async def, for an async type: calling it gives the coroutine
 
     def __call__(self, payload: Any, ctx: Any) -> Any:
         """Call the handler with ``(payload, ctx)`` or ``(payload)``, whichever it accepts.
@@ -56,6 +57,8 @@ class Handler:
         first, so Python adds no "never awaited" warning), rather than succeed unrun.
         """
         result = self.func(payload, ctx) if self.takes_ctx else self.func(payload)
+        if self.is_async:
+            return result  # the coroutine, awaited on the event loop (runner.engine.aio)
         if result is not None and isinstance(result, Awaitable):
             if isinstance(result, Coroutine):
                 result.close()
@@ -66,8 +69,11 @@ class Handler:
         return result
 
 
-def load_handler(spec: str, *, search_path: Sequence[str] = ()) -> Handler:
-    """Import ``module:function`` and check that it can be called as ``(payload[, ctx])``.
+def load_handler(
+    spec: str, *, search_path: Sequence[str] = (), execution: str = "thread"
+) -> Handler:
+    """Import ``module:function`` and check that it can be called as ``(payload[, ctx])``, and
+    that it is an ``async def`` exactly when its type's ``execution`` is ``async``.
 
     Raises ConfigError (path ``handler``) when the string is malformed, the module cannot be
     imported (or fails while importing), the name is missing or not callable, or the signature
@@ -79,11 +85,18 @@ def load_handler(spec: str, *, search_path: Sequence[str] = ()) -> Handler:
     obj = _import_attr(module_name, attr, search_path, "handler")
     if not callable(obj):
         _fail("handler", f"{spec!r} is not callable (it is a {type(obj).__name__})")
-    if _is_async(obj):
+    is_async = _is_async(obj)
+    if is_async and execution != "async":
         _fail(
             "handler",
-            f"{spec!r} is an async def: handlers run on worker threads, where its coroutine "
-            f"would never be awaited; {_NOT_ASYNC}",
+            f"{spec!r} is an async def: a thread type runs it on a worker thread, where its "
+            f"coroutine would never be awaited; set execution: async on its type, or {_NOT_ASYNC}",
+        )
+    if execution == "async" and not is_async:
+        _fail(
+            "handler",
+            f"{spec!r} is a plain def, but its type has execution: async (the event loop awaits "
+            "its handler): make it an async def, or use execution: thread",
         )
     try:
         signature = inspect.signature(obj)
@@ -94,13 +107,13 @@ def load_handler(spec: str, *, search_path: Sequence[str] = ()) -> Handler:
             signature.bind(*args)
         except TypeError:
             continue
-        return Handler(spec=spec, func=obj, takes_ctx=takes_ctx)
+        return Handler(spec=spec, func=obj, takes_ctx=takes_ctx, is_async=is_async)
     return _fail(
         "handler", f"{spec!r} must accept (payload, ctx) or (payload); it takes {signature}"
     )
 
 
-#: How to run async code from a handler today (execution modes are issue 20's).
+#: The other way to run async code from a thread type's handler.
 _NOT_ASYNC = (
     "make it a plain def that runs the coroutine, e.g. "
     "def handler(payload, ctx): return asyncio.run(work(payload, ctx))"

@@ -173,6 +173,10 @@ Options = Annotated[
 ]
 
 
+#: How many coroutines of an async type run at once by default (``concurrency``).
+ASYNC_CONCURRENCY = 100
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -382,15 +386,23 @@ class TaskTypeConfig(_Model):
         description="module:function called as f(payload, ctx) or f(payload)",
         examples=["handlers.demo:send_email"],
     )
+    execution: Literal["thread", "async"] = Field(
+        "thread",
+        description="thread: a plain def on the worker threads; async: an async def awaited on "
+        "the worker's event loop (its tasks take no thread)",
+    )
     concurrency: int | None = Field(
-        None, ge=1, description="max running at once per process (default: workers)"
+        None,
+        ge=1,
+        description="max running at once per process (default: workers; async types: 100)",
     )
     timeout: Duration = Field(
         10.0, gt=0, description="per attempt; must stay below broker.visibility_timeout"
     )
     timeout_action: Literal["interrupt", "cancel"] = Field(
         "interrupt",
-        description="interrupt: raise in the handler's thread; cancel: only set ctx.cancelled",
+        description="interrupt: raise in the handler's thread (async: cancel its coroutine); "
+        "cancel: only set ctx.cancelled",
     )
     retry: RetryOverride | None = None
     expires: Duration | None = Field(
@@ -632,7 +644,12 @@ class PipelineConfig(_Model):
         return results.ttl if results else 0.0
 
     def concurrency_for(self, type_name: str) -> int:
-        limit = self.task_types[type_name].concurrency
+        """How many tasks of the type run at once: a thread type's are capped at ``workers``
+        (they share the threads); an async type's are coroutines on the event loop."""
+        task_type = self.task_types[type_name]
+        limit = task_type.concurrency
+        if task_type.execution == "async":
+            return ASYNC_CONCURRENCY if limit is None else limit
         return min(limit, self.workers) if limit is not None else self.workers
 
     def in_force(self) -> dict[tuple[str | int, ...], tuple[int, str]]:
@@ -646,6 +663,10 @@ class PipelineConfig(_Model):
             found[("prefetch",)] = self._default_prefetch()
         for name, task_type in self.task_types.items():
             path = ("task_types", name, "concurrency")
+            if task_type.execution == "async":
+                if task_type.concurrency is None:
+                    found[path] = (ASYNC_CONCURRENCY, "the default of async types")
+                continue
             if task_type.concurrency is None:
                 found[path] = (self.workers, "workers")
             elif task_type.concurrency > self.workers:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -367,7 +368,11 @@ def import_problems(data: Any) -> list[Finding]:
         for name, task_type in task_types.items():
             if isinstance(task_type, Mapping):
                 path = ("task_types", name)
-                check((*path, "handler"), task_type.get("handler"), HANDLER_PATTERN, load_handler)
+                execution = task_type.get("execution", "thread")
+                load = partial(
+                    load_handler, execution=execution if execution == "async" else "thread"
+                )
+                check((*path, "handler"), task_type.get("handler"), HANDLER_PATTERN, load)
                 check_names((*path, "retry"), task_type.get("retry"))
     return found
 
@@ -443,7 +448,11 @@ def warnings(config: PipelineConfig) -> list[str]:
     """Settings that are legal but probably not what was meant."""
     found: list[tuple[KeyPath, str]] = []
     for name, task_type in config.task_types.items():
-        if task_type.concurrency is not None and task_type.concurrency > config.workers:
+        if (
+            task_type.execution == "thread"  # an async type's coroutines take no threads
+            and task_type.concurrency is not None
+            and task_type.concurrency > config.workers
+        ):
             found.append(
                 (
                     ("task_types", name, "concurrency"),

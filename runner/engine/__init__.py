@@ -1,12 +1,16 @@
-"""The engine: one worker process's scheduling of tasks from one broker onto its threads.
+"""The engine: one worker process's scheduling of tasks from one broker onto its threads (and
+an event loop, for async types).
 
 ``worker`` (the Worker: starts and stops the parts, runs the worker threads' loop), ``books``
 (what the worker holds, per type, and who waits for what: one lock, no threads), ``dispatch``
 (the dispatcher thread keeping the prefetch buffer filled), ``fetch`` (one broker call into
 reserved room), ``leases`` (the lease keeper), ``attempt`` (one attempt of one delivery: checks,
 middleware hooks, the handler under its deadline, how it ends), ``settle`` (telling the broker
-how a delivery ended, inline or in batches), ``timeouts`` (deadlines, interrupts, overruns) and
-``retry`` (retry decisions).
+how a delivery ended, inline or in batches), ``timeouts`` (deadlines, interrupts, overruns),
+``retry`` (retry decisions), ``aio`` (the AsyncWorker: async types' coroutines on an event loop),
+``handoff`` (pipeline hand-offs as settle effects), ``cancels`` (cancelled pipelines seen by
+running tasks), ``schedule``, ``circuits``, ``presence`` and ``periodic`` (the background loops
+beside the worker).
 
 One word per concept: to **settle** a delivery is the broker call that ends it (ack, retry, dead
 or release), and every name for it says so: a ``Settle`` (runner.brokers.base) is one such call's

@@ -9,9 +9,15 @@ after its reply was lost), so logs, metrics and the summary count each task once
 stale worker finishes late; a refusal (``FENCED``: the lease moved on to another delivery) is
 logged as ``task.lease_lost``.
 
+``run`` is ``begin`` (the checks before a handler runs, its context, before_attempt hooks),
+the handler on this thread, ``end`` (after_attempt hooks, then the ack or the failure) and
+``finish`` (what every outcome also carries); an async type's attempt (runner.engine.aio) is the
+same three around an awaited coroutine.
+
 What the broker step also does rides on it as settle effects: the outcome for the type's circuit
-breaker, the task's kept result, the next stages' tasks (runner.engine.handoff), a unique key
-let go. Size: about 480 lines; the effects' builders are the next to move out.
+breaker, the task's kept result, the pipeline's hand-offs and trace line (runner.engine.handoff),
+a unique key let go. Size: about 590 lines, over our 400; the effects' builders (results, unique
+keys, hand-offs) are the next to move out, into a module of their own.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from runner.brokers.base import (
     RESULT_PREFIX,
@@ -95,6 +101,8 @@ class TypeRuntime:
     result_ttl: float = 0.0
     #: Its place in pipelines (``then:``, ``on_dead``): hand-offs put with its settle.
     pipeline: Pipeline | None = None
+    #: ``thread`` (a plain def on a worker thread) or ``async`` (awaited on the event loop).
+    execution: str = "thread"
 
     def __post_init__(self) -> None:
         # Only the middlewares that override a hook are called for it: none costs nothing.
@@ -147,6 +155,16 @@ def default_task_logger(
     )
 
 
+class Begun(NamedTuple):
+    """An attempt whose handler is about to run (``Attempts.begin``)."""
+
+    rt: TypeRuntime
+    run: Run
+    ctx: TaskContext
+    payload: Any
+    started: float  # epoch seconds
+
+
 class Attempts:
     """Runs attempts for a Worker; shared by its threads (state here is counters only)."""
 
@@ -167,15 +185,38 @@ class Attempts:
         self.identity = worker_identity()
         self.task_logger = task_logger
         self.forcing = False  # set when shutdown's grace period is over
-        self.running: dict[Guard, Run] = {}  # item assignment is atomic: no lock needed
+        # The runs in progress, by their worker thread's guard (or an async attempt's receipt);
+        # item assignment is atomic: no lock needed.
+        self.running: dict[Guard | str, Run] = {}
         # The cancelled pipelines, as the cancel watch last read them (runner.engine.cancels).
         self.cancelled_roots: frozenset[str] = frozenset()
         self.interrupts = 0
         self.overruns = 0
 
     def run(self, guard: Guard, delivery: Delivery) -> Outcome:
-        """Run one delivery; how it ends, for the Settler (which calls ``settled``)."""
-        outcome = self._run(guard, delivery)
+        """Run one delivery on this thread; how it ends, for the Settler (which calls
+        ``settled``)."""
+        begun = self.begin(delivery)
+        if isinstance(begun, Begun):
+            self.running[guard] = begun.run
+            t0 = time.perf_counter()
+            error: BaseException | None = None
+            value: Any = None
+            try:
+                value = guard.run(begun.run, partial(begun.rt.handler, begun.payload, begun.ctx))
+            except BaseException as exc:
+                # SystemExit, KeyboardInterrupt or a handler's own BaseException is a failed
+                # attempt like any other (the signals that stop the runner reach only the main
+                # thread); so is the runner's own interrupt (TaskInterrupted).
+                error = exc
+            duration = time.perf_counter() - t0
+            self.running.pop(guard, None)
+            begun = self.end(delivery, begun, value, error, duration)
+        return self.finish(delivery, begun)
+
+    def finish(self, delivery: Delivery, outcome: Outcome) -> Outcome:
+        """What every outcome also carries: a unique task's key let go, a pipeline task's
+        hand-offs and trace line."""
         task = delivery.task
         if task.unique_key:
             outcome = self._letting_key_go(outcome, task)
@@ -230,7 +271,9 @@ class Attempts:
             effects = replace(effects, deletes=(*effects.deletes, key))
         return outcome._replace(settle=op._replace(effects=effects))
 
-    def _run(self, guard: Guard, delivery: Delivery) -> Outcome:
+    def begin(self, delivery: Delivery) -> Outcome | Begun:
+        """The checks before a handler runs (its Outcome when one ends the task unrun), then
+        its context and payload (before_attempt hooks), and ``task.started``."""
         task = delivery.task
         rt = self.types.get(task.type)
         started = time.time()
@@ -301,19 +344,20 @@ class Attempts:
         self._emit(
             EventName.TASK_STARTED, delivery, queue_wait_s=queue_wait, flush=delivery.redelivered
         )
-        self.running[guard] = run
-        t0 = time.perf_counter()
-        error: BaseException | None = None
-        value: Any = None
-        try:
-            value = guard.run(run, partial(rt.handler, payload, ctx))
-        except BaseException as exc:
-            # SystemExit, KeyboardInterrupt or a handler's own BaseException is a failed
-            # attempt like any other (the signals that stop the runner reach only the main
-            # thread); so is the runner's own interrupt (TaskInterrupted).
-            error = exc
-        duration = time.perf_counter() - t0
-        self.running.pop(guard, None)
+        return Begun(rt, run, ctx, payload, started)
+
+    def end(
+        self,
+        delivery: Delivery,
+        begun: Begun,
+        value: Any,
+        error: BaseException | None,
+        duration: float,
+    ) -> Outcome:
+        """How an attempt whose handler returned ``value`` or raised ``error`` ends: the
+        after_attempt hooks, then its ack (with its result and hand-offs) or its failure."""
+        task = delivery.task
+        rt, run, ctx, _, started = begun
         for middleware in rt.after:
             try:
                 middleware.after_attempt(ctx, error)
@@ -347,6 +391,10 @@ class Attempts:
                 ack = ack._replace(effects=merged(ack.effects, started_next))
             return Outcome(ack, EventName.TASK_SUCCEEDED, {"duration_s": duration})
         return self._failed(delivery, rt, error, started, duration, run)
+
+    def runs(self) -> list[Run]:
+        """The attempts running now."""
+        return list(self.running.values())
 
     def overrunning(self) -> int:
         return sum(1 for run in list(self.running.values()) if run.overrun_reported)
@@ -523,6 +571,15 @@ class Attempts:
         if run.interrupted:
             self.interrupts += 1
             self._emit(EventName.TASK_INTERRUPTED, delivery)
+
+    def loop_blocked(self, delivery: Delivery | None, seconds: float) -> None:
+        """An async worker's event loop has not turned for ``seconds``: ``delivery``'s
+        handler (when known) blocks it, and every coroutine on it waits."""
+        detail = f"blocked the event loop for {seconds:.1f}s (blocking code in an async handler)"
+        if delivery is None:
+            self.events.emit(Event(EventName.TASK_OVERRUN, detail=detail))
+        else:
+            self._emit(EventName.TASK_OVERRUN, delivery, detail=detail)
 
     def _on_overrun(self, delivery: Delivery, run: Run) -> None:
         self.overruns += 1

@@ -264,6 +264,15 @@ class Books:
             self._waiting_threads += 1
             return self._take(outcome, may_fetch=self.threads_fetch)
 
+    def finished(self, done: Delivery, outcome: Outcome | None) -> None:
+        """A task that ran off the worker threads (a coroutine on the event loop) ended: free
+        its slot and hand ``outcome`` on to be settled, as ``next_task`` does for a thread."""
+        with self._lock:
+            self._release_slot(done, started=True)
+            if outcome is not None:
+                self._settling[done.receipt] = done
+                self._hand_on(outcome)
+
     def after_own_fetch(self, fetched: int | None) -> Delivery | Fetch | None:
         """This thread's own fetch ended (``fetched``: how many came, None when it failed):
         go on as ``next_task`` does."""

@@ -11,6 +11,8 @@ run, reason ``cancelled`` (runner.engine.attempt).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from runner.brokers.base import Broker
 from runner.engine.attempt import Attempts
 from runner.engine.handoff import CANCEL_PREFIX
@@ -24,7 +26,7 @@ class CancelWatch:
     """Reads the cancelled pipelines from its own thread (``start``/``stop``), or once
     (``look``, for tests)."""
 
-    def __init__(self, broker: Broker, attempts: Attempts) -> None:
+    def __init__(self, broker: Broker, attempts: Sequence[Attempts]) -> None:
         self._broker = broker
         self._attempts = attempts
         self._loop = Periodic("dq-cancels", WATCH_S, self.look, "cancelled pipelines not read")
@@ -38,13 +40,13 @@ class CancelWatch:
     def look(self) -> None:
         """Read the cancelled pipelines (while a pipeline task runs here, or some were seen
         last time); tell the running tasks of those, and the attempts about to start."""
-        attempts = self._attempts
-        running = [run for run in list(attempts.running.values()) if run.root]
-        if not running and not attempts.cancelled_roots:
+        running = [run for a in self._attempts for run in a.runs() if run.root]
+        if not running and not any(a.cancelled_roots for a in self._attempts):
             return
         found = self._broker.scan_values(CANCEL_PREFIX)
         roots = frozenset(key[len(CANCEL_PREFIX) :] for key in found)
-        attempts.cancelled_roots = roots
+        for attempts in self._attempts:
+            attempts.cancelled_roots = roots
         for run in running:
             if run.root in roots:
                 run.cancelled.set()

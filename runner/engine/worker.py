@@ -105,10 +105,7 @@ class Worker:
             type_logger(name)  # warm: handler code must never be first to call getLogger
         self._watchdog.start()
         self._settler.start()
-        for i in range(self.threads):
-            t = threading.Thread(target=self._work_loop, name=f"dq-worker-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._start_threads()
         self._dispatcher.start()
         self.leases.start()
         self.events.emit(
@@ -141,11 +138,11 @@ class Worker:
         # lease expires. The process does not wait for it.
         after_grace = time.monotonic() + FORCED_WAIT_S
         if forced:
-            self.attempts.forcing = True
-            self._watchdog.expire_all()
+            self._force()
             self.books.wait_released(after_grace)
         self._settler.stop(timeout=SETTLE_DRAIN_S)
         self.books.close()
+        self._closing()
         joined_by = max(after_grace, time.monotonic() + 0.5)
         for t in self._threads:
             t.join(timeout=max(0.0, joined_by - time.monotonic()))
@@ -153,6 +150,22 @@ class Worker:
         self._watchdog.stop()
         self.events.emit(Event(EventName.WORKER_STOPPED, detail=f"forced={forced}"))
         return forced
+
+    def _start_threads(self) -> None:
+        """The threads that run the tasks: ``threads`` worker threads (an AsyncWorker runs
+        coroutines instead: runner.engine.aio)."""
+        for i in range(self.threads):
+            t = threading.Thread(target=self._work_loop, name=f"dq-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _force(self) -> None:
+        """Past the grace period: cut the running handlers short (interrupts)."""
+        self.attempts.forcing = True
+        self._watchdog.expire_all()
+
+    def _closing(self) -> None:
+        """The books are closed: the worker threads are leaving."""
 
     @property
     def stopping(self) -> bool:

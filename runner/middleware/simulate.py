@@ -17,6 +17,7 @@ tasks without the header pass straight through.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -47,7 +48,10 @@ class Simulation(Middleware):
 
 
 def with_faults(handler: Handler) -> Handler:
-    """Wrap a handler so that simulated tasks behave as their fault plan says."""
+    """Wrap a handler so that simulated tasks behave as their fault plan says (an async
+    type's handler in a coroutine that waits with ``asyncio.sleep``)."""
+    if getattr(handler, "is_async", False):
+        return _async_faults(handler)
 
     def run(payload: Any, ctx: TaskContext) -> Any:
         plan = ctx.headers.get(SIM_HEADER)
@@ -63,6 +67,26 @@ def with_faults(handler: Handler) -> Handler:
             raise SimulatedFailure(f"simulated failure on attempt {ctx.attempt}")
         return handler(payload, ctx)
 
+    return run
+
+
+def _async_faults(handler: Handler) -> Handler:
+    async def run(payload: Any, ctx: TaskContext) -> Any:
+        plan = ctx.headers.get(SIM_HEADER)
+        if plan:
+            if plan.get("poison"):
+                raise PoisonPayload(f"payload #{plan.get('n')} can never be processed")
+            if ctx.attempt == plan.get("hang_attempt"):
+                while not ctx.cancelled.is_set():
+                    await asyncio.sleep(_TICK_S)
+            end = time.monotonic() + float(plan.get("latency_s", 0.0))
+            while (left := end - time.monotonic()) > 0 and not ctx.cancelled.is_set():
+                await asyncio.sleep(min(_TICK_S, left))
+            if ctx.attempt <= int(plan.get("fail_attempts", 0)):
+                raise SimulatedFailure(f"simulated failure on attempt {ctx.attempt}")
+        return await handler(payload, ctx)
+
+    run.is_async = True  # type: ignore[attr-defined]
     return run
 
 

@@ -142,4 +142,6 @@ def _check(
 def _model_for(config: PipelineConfig, type_name: str) -> type[BaseModel] | None:
     # load_handler is cheap after the first import (load_config already imported every handler).
     spec = config.task_types[type_name]
-    return payload_model(load_handler(spec.handler, search_path=config.handler_paths).func)
+    return payload_model(
+        load_handler(spec.handler, search_path=config.handler_paths, execution=spec.execution).func
+    )
