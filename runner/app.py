@@ -575,7 +575,12 @@ class Runner:
             if self.presence is not None and self._started:
                 self.presence.stop()
             if self._started:
-                self.summary.threads = (self.worker.threads, self.worker.alive_threads())
+                # The worker threads (an async-only process has none).
+                threaded = [w for w in self.workers if not isinstance(w, AsyncWorker)]
+                self.summary.threads = (
+                    sum(w.threads for w in threaded),
+                    sum(w.alive_threads() for w in threaded),
+                )
                 self.summary.interrupts = sum(w.interrupts for w in self.workers)
                 _stop_all(self.workers, grace)
                 self._tell_middleware("on_worker_stop")

@@ -177,7 +177,10 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         self._circuits: dict[str, Circuit] = {}  # of the types with a breaker
         self._values: dict[str, tuple[str, float | None]] = {}
         self._values_swept_at = 0
-        self._ids: set[str] = set()  # of every held task: an effect put of one is skipped
+        # The ids of every held task (an effect put of one is skipped): kept from the first
+        # settle that puts tasks on (None before: a set of every id, rehashed as it grows under
+        # the lock, slowed every put and ack by a fifth for brokers that never need it).
+        self._ids: set[str] | None = None
         self._joins: dict[str, dict[int, str]] = {}  # a join's parts, by index
         self._dead_joins: set[str] = set()  # joins dead-lettered because a part died
         # The single calls without taking the lock, for a settle that carries effects (made
@@ -241,7 +244,8 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
                 self._push_delayed(task)
             else:
                 self._queue(task.type).append(task)
-            self._ids.add(task.id)
+            if self._ids is not None:
+                self._ids.add(task.id)
         self._held += len(tasks)
         self._cond.notify_all()
 
@@ -369,7 +373,8 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         self._settled[delivery.receipt] = now
         if now >= self._prune_at:
             self._prune_settled(now)
-        self._ids.discard(lease.task.id)
+        if self._ids is not None:
+            self._ids.discard(lease.task.id)
         self._forget_one()
         return _DONE
 
@@ -401,7 +406,8 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         self.dead_letter_store.add(record)
         self._end_lease(delivery)
         self._settled_now(delivery.receipt, self._clock())
-        self._ids.discard(delivery.task.id)
+        if self._ids is not None:
+            self._ids.discard(delivery.task.id)
         self._forget_one()
         return _DONE
 

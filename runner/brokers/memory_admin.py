@@ -59,7 +59,7 @@ class MemoryAdmin:
     _breakers: dict[str, CircuitBreaker]
     _circuits: dict[str, Circuit]
     _values: dict[str, tuple[str, float | None]]
-    _ids: set[str]
+    _ids: set[str] | None
     _joins: dict[str, dict[int, str]]
 
     def _check_open(self, operation: str) -> None:
@@ -146,7 +146,8 @@ class MemoryAdmin:
                 self._leased_count.clear()
                 self._expiry.clear()
             self._held -= len(tasks)
-            self._ids.difference_update(t.id for t in tasks)
+            if self._ids is not None:
+                self._ids.difference_update(t.id for t in tasks)
             self._cond.notify_all()
             return records
 

@@ -34,8 +34,9 @@ class MemoryPipelines:
     _delayed_count: dict[str, int]
     _leases: dict[str, _Lease]
     _held: int
-    # The ids of every task held (from put until ack or dead): an effect put of one is skipped.
-    _ids: set[str]
+    # The ids of every task held (from put until ack or dead), from the first hand-off on
+    # (``_held_ids``): an effect put of one is skipped.
+    _ids: set[str] | None
     # A join's kept parts: key -> index -> JSON text; and the joins dead-lettered by a part's
     # death (their record is deleted when they fire).
     _joins: dict[str, dict[int, str]]
@@ -67,12 +68,23 @@ class MemoryPipelines:
             store.take([record.id])
             store.add(record)
             self._dead_joins.add(record.id)
+        held = self._held_ids()
         fresh: dict[str, Task] = {}
         for task in puts:
-            if task.id not in self._ids and task.id not in fresh:
+            if task.id not in held and task.id not in fresh:
                 fresh[task.id] = task
         if fresh:
             self._enqueue(list(fresh.values()), now)
+
+    def _held_ids(self) -> set[str]:
+        """The ids of every held task: gathered once, at the first hand-off, then kept up by
+        every put, ack and dead-letter."""
+        if self._ids is None:
+            ids = {t.id for queue in self._ready.values() for t in queue}
+            ids.update(t.id for _, _, t in self._delayed)
+            ids.update(lease.task.id for lease in self._leases.values())
+            self._ids = ids
+        return self._ids
 
     def tasks_of(self, root_id: str) -> list[Queued]:
         with self._cond:
@@ -104,7 +116,8 @@ class MemoryPipelines:
                 return []
             self.dead_letter_store.add_many([cancelled_record(t, message, now) for t in cancelled])
             for task in cancelled:
-                self._ids.discard(task.id)
+                if self._ids is not None:
+                    self._ids.discard(task.id)
                 self._redelivered.discard(task.id)
             self._held -= len(cancelled)
             self._cond.notify_all()

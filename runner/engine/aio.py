@@ -185,9 +185,6 @@ class AsyncWorker(Worker):
         self._loop.stop(timeout=2.0)
         return forced
 
-    def alive_threads(self) -> int:
-        return self.threads if any(t.is_alive() for t in self._threads) else 0
-
     # -- the feeder and the completer -------------------------------------------------------
 
     def _feed(self) -> None:

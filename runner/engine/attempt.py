@@ -47,7 +47,6 @@ from runner.engine.handoff import (
     TRACE_TTL_S,
     Pipeline,
     guarded,
-    in_pipeline,
     merged,
     on_dead,
     on_success,
@@ -177,6 +176,8 @@ class Attempts:
         hand_back: bool = False,
     ) -> None:
         self.types = types
+        # The types that hand off (then:, on_dead): their tasks' settles carry effects.
+        self._piped = frozenset(name for name, rt in types.items() if rt.pipeline is not None)
         # Whether Retry(count=False) can give its attempt back: an ack that puts the task
         # again, in one step, needs a broker with settle effects. Without, it is counted.
         self.hand_back = hand_back
@@ -220,11 +221,18 @@ class Attempts:
         task = delivery.task
         if task.unique_key:
             outcome = self._letting_key_go(outcome, task)
-        rt = self.types.get(task.type)
-        pipeline = rt.pipeline if rt is not None else None
-        if self.hand_back and in_pipeline(task, pipeline):
+        if self.hand_back and (
+            task.type in self._piped or (task.headers and "root_id" in task.headers)
+        ):
+            rt = self.types.get(task.type)
+            pipeline = rt.pipeline if rt is not None else None
             outcome = self._handing_off(outcome, task, pipeline, rt.result_ttl if rt else 0.0)
         return outcome
+
+    def _in_pipeline(self, task: Task) -> bool:
+        """Whether ``task``'s settle hands off or keeps a trace line (its type hands off, or
+        another task started it)."""
+        return task.type in self._piped or bool(task.headers and "root_id" in task.headers)
 
     def _handing_off(
         self, outcome: Outcome, task: Task, pipeline: Pipeline | None, result_ttl: float
@@ -252,7 +260,10 @@ class Attempts:
             effects = Effects(sets=(line,))
         else:
             effects = guarded(merged(effects, Effects(sets=(line,))), task)
-        return outcome._replace(settle=op._replace(effects=effects))
+        # Built, not _replace()d: a NamedTuple's _replace costs several times as much, and
+        # this runs for every task of a pipeline.
+        settle = Settle(op.delivery, op.kind, op.delay_s, op.failure, op.record, effects)
+        return Outcome(settle, outcome.event, outcome.fields)
 
     def _letting_key_go(self, outcome: Outcome, task: Task) -> Outcome:
         """A unique task's ack or dead-letter also lets its key go, in the same broker step:
@@ -307,7 +318,7 @@ class Attempts:
             interrupt=rt.interrupt,
             on_timeout=partial(self._on_timeout, delivery),
             on_overrun=partial(self._on_overrun, delivery),
-            root=root_of(task) if self.hand_back and in_pipeline(task, rt.pipeline) else "",
+            root=(root_of(task) if self.hand_back and self._in_pipeline(task) else ""),
         )
         ctx = TaskContext(
             task.id,
@@ -334,7 +345,8 @@ class Attempts:
 
         due = max(task.enqueued_at, task.not_before)
         queue_wait = max(0.0, started - due) if due else None
-        if task.attempt == 1 and not delivery.redelivered and "joins" in task.headers:
+        headers = task.headers  # NO_HEADERS answers ``in`` by raising KeyError inside: 1 us
+        if headers and task.attempt == 1 and not delivery.redelivered and "joins" in headers:
             # A join's task is put by the broker with its last part, unseen by any process:
             # it counts as published when it first starts.
             self.events.emit(Event(EventName.TASK_PUBLISHED, task_id=task.id, type=task.type,

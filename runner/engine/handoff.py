@@ -94,12 +94,11 @@ def child_id(parent_id: str, index: int | str) -> str:
 
 
 def root_of(task: Task) -> str:
-    return str(task.headers.get("root_id") or task.id)
+    """The id of ``task``'s pipeline's first task (its own, for a root)."""
+    headers = task.headers
+    # ``if headers`` first: the empty NO_HEADERS answers ``get`` by raising KeyError inside.
+    return str(headers.get("root_id") or task.id) if headers else task.id
 
-
-def in_pipeline(task: Task, pipeline: Pipeline | None) -> bool:
-    """Whether ``task``'s settle hands off or keeps a trace line."""
-    return pipeline is not None or "root_id" in task.headers
 
 
 def on_success(task: Task, value: Any, pipeline: Pipeline, now: float) -> Effects:
