@@ -100,7 +100,6 @@ def root_of(task: Task) -> str:
     return str(headers.get("root_id") or task.id) if headers else task.id
 
 
-
 def on_success(task: Task, value: Any, pipeline: Pipeline, now: float) -> Effects:
     """What ``task``'s success starts, given its handler returned ``value``; a PermanentError
     when a stage cannot be made (no list to fan out over, too many items, a result a join
