@@ -187,37 +187,15 @@ def end_to_end_rate(
 ) -> float:
     """Tasks/s from the first publish to the last task finished, workers running throughout
     (the ``types`` take turns)."""
-    runner, recorder = _runner(config)
-    batches = _batches(n, types=types)
-    recorder.expect(n)
-    runner.start()
-    t0 = time.perf_counter()
-    for batch in batches:
-        runner.publish_many(batch)
-    if not recorder.wait_finished(timeout):
-        raise RuntimeError(f"only {recorder.total_finished} of {n} tasks finished")
-    rate = n / (recorder.last_finish - t0)
-    _quick_stop(runner)
-    return rate
+    return n / _seconds_to_finish(config, _batches(n, types=types), n, timeout)
 
 
 def pipeline_rate(config: PipelineConfig, n: int, stages: int, timeout: float = 600.0) -> float:
     """Tasks/s of every stage together, from the first publish to the last task finished:
     ``n // stages`` roots of a ``stages``-type pipeline (make_config(stages=...)), each
     starting the next stage with its ack."""
-    runner, recorder = _runner(config)
     roots = n // stages
-    batches = _batches(roots)
-    recorder.expect(roots * stages)
-    runner.start()
-    t0 = time.perf_counter()
-    for batch in batches:
-        runner.publish_many(batch)
-    if not recorder.wait_finished(timeout):
-        raise RuntimeError(f"only {recorder.total_finished} of {roots * stages} tasks finished")
-    rate = roots * stages / (recorder.last_finish - t0)
-    _quick_stop(runner)
-    return rate
+    return roots * stages / _seconds_to_finish(config, _batches(roots), roots * stages, timeout)
 
 
 def async_seconds(n: int, concurrency: int) -> float:
@@ -226,14 +204,21 @@ def async_seconds(n: int, concurrency: int) -> float:
     broker."""
     config = make_config("memory", 4, handler="nap_50ms", execution="async",
                          concurrency=concurrency)  # fmt: skip
+    return _seconds_to_finish(config, _batches(n), n, 600.0)
+
+
+def _seconds_to_finish(
+    config: PipelineConfig, batches: Sequence[Sequence[tuple[str, None]]], n: int, timeout: float
+) -> float:
+    """Seconds from the first of ``batches`` published (workers running) to the ``n``-th task
+    finished."""
     runner, recorder = _runner(config)
-    batches = _batches(n)
     recorder.expect(n)
     runner.start()
     t0 = time.perf_counter()
     for batch in batches:
         runner.publish_many(batch)
-    if not recorder.wait_finished(600.0):
+    if not recorder.wait_finished(timeout):
         raise RuntimeError(f"only {recorder.total_finished} of {n} tasks finished")
     seconds = recorder.last_finish - t0
     _quick_stop(runner)

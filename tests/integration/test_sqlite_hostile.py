@@ -87,6 +87,33 @@ def test_a_file_whose_creator_is_still_writing_the_schema_is_waited_for(tmp_path
     assert _pragma(path, "application_id") == APPLICATION_ID
 
 
+@pytest.mark.parametrize("creator", [True, False])
+def test_a_read_only_open_waits_for_the_schema_too(tmp_path: Path, creator: bool) -> None:
+    """``dq-run stats`` racing the first ``dq-run run`` on a new file: the read-only open finds
+    only SQLite's header, and waits for the schema (refused only when none comes)."""
+    path = tmp_path / "q.db"
+    _header_only(path)
+
+    def creator_writes_the_schema() -> None:
+        time.sleep(0.3)
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {sqlite_schema.BUSY_TIMEOUT_MS}")
+        sqlite_schema._migrate(conn, str(path), created=True)
+        conn.close()
+
+    thread = threading.Thread(target=creator_writes_the_schema)
+    if creator:
+        thread.start()
+        try:
+            sqlite_schema.connect(str(path), read_only=True).close()
+        finally:
+            thread.join()
+        return
+    with pytest.raises(BrokerUnavailable, match=r"q\.db: the file exists but holds no queue"):
+        sqlite_schema.connect(str(path), read_only=True)
+    assert _pragma(path, "application_id") == 0  # left as found
+
+
 def test_a_file_with_only_a_header_and_no_creator_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
     _header_only(path)

@@ -256,8 +256,29 @@ def _open(
     return conn
 
 
+class _BeingCreated(Exception):
+    """A read-only open found a file with no schema yet: its creator may be writing it now."""
+
+
 def _connect_read_only(path: str) -> sqlite3.Connection:
+    """A read-only connection to an existing queue file. A file whose creator has written its
+    first page but not yet committed the schema (another process starting on it right now) is
+    waited for, up to CREATE_WAIT_S, rather than refused."""
     _wait_for_content(path)
+    deadline = time.monotonic() + CREATE_WAIT_S
+    while True:
+        try:
+            return _try_read_only(path)
+        except _BeingCreated:
+            if time.monotonic() >= deadline:
+                raise _cannot_open(
+                    f"sqlite broker {path}: the file exists but holds no queue (only SQLite's "
+                    f"header, still after {CREATE_WAIT_S:g}s); refusing to use it"
+                ) from None
+            time.sleep(0.02)
+
+
+def _try_read_only(path: str) -> sqlite3.Connection:
     uri = f"{Path(path).resolve().as_uri()}?mode=ro"
 
     def check(conn: sqlite3.Connection) -> None:
@@ -265,6 +286,8 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         stamp = conn.execute("PRAGMA application_id").fetchone()[0]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        if stamp == 0 and version == 0 and not tables:
+            raise _BeingCreated(path)
         if stamp not in (0, APPLICATION_ID) or not tables >= _TABLES:
             raise _cannot_open(
                 f"sqlite broker {path}: the file is not a distributed-queue database "
