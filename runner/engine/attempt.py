@@ -135,6 +135,15 @@ def _result_value(task_id: str, result: dict[str, Any], rt: TypeRuntime) -> SetV
     return SetValue(RESULT_PREFIX + task_id, text, rt.result_ttl)
 
 
+def _with_lineage(
+    make: Callable[[], logging.LoggerAdapter[logging.Logger]], root_id: Any, parent_id: Any
+) -> logging.LoggerAdapter[logging.Logger]:
+    """A pipeline task's ctx.logger: its lines carry root_id and parent_id too."""
+    adapter = make()
+    adapter.extra = {**(adapter.extra or {}), "root_id": root_id, "parent_id": parent_id}
+    return adapter
+
+
 def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -228,6 +237,14 @@ class Attempts:
             pipeline = rt.pipeline if rt is not None else None
             outcome = self._handing_off(outcome, task, pipeline, rt.result_ttl if rt else 0.0)
         return outcome
+
+    def _logger_of(self, task: Task) -> Callable[[], logging.LoggerAdapter[logging.Logger]]:
+        """What makes ``ctx.logger`` (lazily): a pipeline task's lines carry its lineage."""
+        make = partial(self.task_logger, task.id, task.type, task.attempt)
+        headers = task.headers
+        if headers and "root_id" in headers:
+            return partial(_with_lineage, make, headers["root_id"], headers.get("parent_id"))
+        return make
 
     def _in_pipeline(self, task: Task) -> bool:
         """Whether ``task``'s settle hands off or keeps a trace line (its type hands off, or
@@ -327,7 +344,7 @@ class Attempts:
             rt.plan.max_attempts,
             run.deadline,
             cancelled,
-            partial(self.task_logger, task.id, task.type, task.attempt),
+            self._logger_of(task),
             task.headers,
         )
         payload = task.payload

@@ -71,3 +71,8 @@ def patient(payload: Any, ctx: TaskContext) -> Any:
     saw = ctx.cancelled.wait(patient_wait_s)
     recorded.append((ctx.type, ctx.task_id, payload, {"cancelled": saw}))
     return payload
+
+
+def log_lineage(payload: Any, ctx: TaskContext) -> None:
+    """Records the fields its ctx.logger lines carry."""
+    recorded.append((ctx.type, ctx.task_id, payload, dict(ctx.logger.extra or {})))

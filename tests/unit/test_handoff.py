@@ -302,3 +302,25 @@ def test_replay_at_start_skips_a_join_whose_part_died(tmp_path: Path) -> None:
     assert left == []
     reports = [p for t, _, p, _ in flow_handlers.recorded if t == "report"]
     assert reports == [["0.png-small", "1.png-small"]]
+
+
+def test_ctx_logger_lines_of_a_pipeline_task_carry_its_lineage() -> None:
+    flow_handlers.recorded.clear()
+    config = PipelineConfig.model_validate(
+        {
+            "task_types": {
+                "first": {
+                    "handler": "tests.unit.flow_handlers:log_lineage",
+                    "then": [{"type": "second"}],
+                },
+                "second": {"handler": "tests.unit.flow_handlers:log_lineage"},
+            }
+        }
+    )
+    with build_runtime(config, observe=False) as runner:
+        root = runner.publish("first", {})
+        assert runner.run_until_empty(timeout=30) is True
+    fields = {kind: extra for kind, _, _, extra in flow_handlers.recorded}
+    assert "root_id" not in fields["first"]  # a root: no lineage to tell
+    assert (fields["second"]["root_id"], fields["second"]["parent_id"]) == (root, root)
+    assert fields["second"]["type"] == "second"  # the usual fields are kept
