@@ -10,9 +10,10 @@ A Runner owns one broker, one Worker and the listeners (logs, metrics, summary).
     print(runner.summary.to_dict())
 
 The Runner also sets the file's rate limits and circuit breakers in the broker at start, runs
-the scheduler, the circuit watch and the presence entry beside the worker, and publishes unique
-tasks through ``put_unique``. Size: about 630 lines, as the one place all of that is wired;
-the next split is the publishing side (drafts, unique keys, results) into a module of its own.
+the scheduler, the circuit watch, the cancel watch and the presence entry beside its workers
+(one for the thread types, one for the async types), and publishes unique tasks through
+``put_unique``. Size: about 720 lines, as the one place all of that is wired; the next split is
+the publishing side (drafts, unique keys, results) into a module of its own.
 """
 
 from __future__ import annotations

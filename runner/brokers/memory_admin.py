@@ -25,6 +25,7 @@ from runner.brokers.base import (
     DeadLetterFilter,
     Gate,
     Pause,
+    Queued,
     RateLimit,
     SetValue,
 )
@@ -103,13 +104,19 @@ class MemoryAdmin:
         """Per type, the earliest ``enqueued_at`` of its ready, delayed and leased tasks."""
         with self._cond:
             self._check_open("oldest_enqueued_at")
-            tasks: list[Task] = [t for queue in self._ready.values() for t in queue]
-            tasks.extend(t for _, _, t in self._delayed)
-            tasks.extend(lease.task for lease in self._leases.values())
+            queued = self._queued()
         oldest: dict[str, float] = {}
-        for task in tasks:
+        for task in (q.task for q in queued):
             oldest[task.type] = min(task.enqueued_at, oldest.get(task.type, task.enqueued_at))
         return oldest
+
+    def _queued(self) -> list[Queued]:
+        """Every held task with its state (ready, delayed by due time, leased); the caller
+        holds the lock."""
+        found = [Queued(t, "ready") for queue in self._ready.values() for t in queue]
+        found.extend(Queued(t, "delayed") for _, _, t in sorted(self._delayed))
+        found.extend(Queued(lease.task, "leased") for lease in self._leases.values())
+        return found
 
     def purge(self, where: DeadLetterFilter) -> int:
         self._check_open("purge")

@@ -11,15 +11,11 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from runner.brokers.base import Effects, Queued, cancelled_record, of_root
 from runner.codec import from_json_bytes
 from runner.deadletter.store import DeadLetterStore
 from runner.model import Task
-
-if TYPE_CHECKING:  # for the declarations only: memory.py imports this module at run time
-    from runner.brokers.memory import _Lease
 
 
 class MemoryPipelines:
@@ -32,7 +28,6 @@ class MemoryPipelines:
     _redelivered: set[str]
     _delayed: list[tuple[float, int, Task]]
     _delayed_count: dict[str, int]
-    _leases: dict[str, _Lease]
     _held: int
     # The ids of every task held (from put until ack or dead), from the first hand-off on
     # (``_held_ids``): an effect put of one is skipped.
@@ -46,6 +41,9 @@ class MemoryPipelines:
         raise NotImplementedError
 
     def _enqueue(self, tasks: Sequence[Task], now: float) -> None:
+        raise NotImplementedError
+
+    def _queued(self) -> list[Queued]:
         raise NotImplementedError
 
     def _hand_off(self, effects: Effects, now: float) -> None:
@@ -80,18 +78,13 @@ class MemoryPipelines:
         """The ids of every held task: gathered once, at the first hand-off, then kept up by
         every put, ack and dead-letter."""
         if self._ids is None:
-            ids = {t.id for queue in self._ready.values() for t in queue}
-            ids.update(t.id for _, _, t in self._delayed)
-            ids.update(lease.task.id for lease in self._leases.values())
-            self._ids = ids
+            self._ids = {queued.task.id for queued in self._queued()}
         return self._ids
 
     def tasks_of(self, root_id: str) -> list[Queued]:
         with self._cond:
             self._check_open("tasks_of")
-            found = [Queued(t, "ready") for q in self._ready.values() for t in q]
-            found.extend(Queued(t, "delayed") for _, _, t in sorted(self._delayed))
-            found.extend(Queued(lease.task, "leased") for lease in self._leases.values())
+            found = self._queued()
         return [queued for queued in found if of_root(queued.task, root_id)]
 
     def cancel(self, root_id: str, message: str) -> list[str]:

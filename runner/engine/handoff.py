@@ -195,12 +195,18 @@ def trace_line(task: Task, state: str, duration_s: float | None, error: str | No
     return SetValue(f"{TRACE_PREFIX}{root_of(task)}:{task.id}", text, ttl_s)
 
 
-def _member(task: Task) -> tuple[str, int, int]:
-    """(group, index, size) of a fan-out's member; a task from no fan-out is a group of one."""
+def fanout_of(task: Task) -> tuple[str, int, int] | None:
+    """(group, index, size) of a fan-out's member (its ``fanout`` header); None for a task no
+    fan-out started."""
     fanout = task.headers.get("fanout")
     if isinstance(fanout, list) and len(fanout) == 3:
         return str(fanout[0]), int(fanout[1]), int(fanout[2])
-    return task.id, 0, 1
+    return None
+
+
+def _member(task: Task) -> tuple[str, int, int]:
+    """(group, index, size) of a join's member: a task from no fan-out is a group of one."""
+    return fanout_of(task) or (task.id, 0, 1)
 
 
 def _joined(task: Task, stage: Stage, group: str, now: float) -> Task:

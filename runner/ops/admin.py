@@ -15,7 +15,7 @@ pydantic model) and every problem is reported; only then are all tasks put in on
 which the broker applies atomically. Input with more tasks than ``broker.capacity`` could never
 be queued at once, so it is refused before anything is put.
 
-Size: about 570 lines: every operator command's work (publish, dead letters, replay, pause,
+Size: about 580 lines: every operator command's work (publish, dead letters, replay, pause,
 stats with its gates, buckets, circuits, unique keys and processes); the next split is stats
 (its dataclasses and readers) into a module of its own.
 """
@@ -74,6 +74,10 @@ _NO_STATS = (
     f"cannot show stats: {_IN_PROCESS}, and no other process can see its queue; the running "
     "process shows live progress and /metrics instead"
 )
+_NO_PIPELINE = (
+    f"cannot {{command}}: {_IN_PROCESS}, so no other process can reach its pipelines; use "
+    "Runner.cancel in that process, or a sqlite or redis broker"
+)
 _NO_PAUSE = (
     f"cannot {{command}}: {_IN_PROCESS}, so no other process can reach it; pause it from the "
     "process itself (Runner.pause), or use a sqlite or redis broker"
@@ -91,7 +95,9 @@ def require_shared(config: PipelineConfig, command: str) -> None:
     """Raise NotSupported (saying why) when ``command`` cannot work on the config's broker:
     one that is not ``shared`` cannot be reached from another process."""
     if not broker_class(config).shared:
-        message = {"publish": _NO_PUBLISH, "stats": _NO_STATS}.get(command, _NO_PAUSE)
+        messages = {"publish": _NO_PUBLISH, "stats": _NO_STATS, "cancel": _NO_PIPELINE,
+                    "trace": _NO_PIPELINE}  # fmt: skip
+        message = messages.get(command, _NO_PAUSE)
         raise NotSupported(message.format(kind=config.broker.kind, command=command))
 
 

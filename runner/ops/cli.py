@@ -5,7 +5,7 @@ this, e.g. publish to a memory broker), 3 broker unavailable: each error class c
 (runner.errors). 130: second signal (forced stop). `run` exits with its code even when a
 handler left threads running (see runner.ops.service).
 
-Size: about 570 lines because every command's options and help live here, one function each,
+Size: about 630 lines because every command's options and help live here, one function each,
 with no logic of their own (runner.ops.admin, bench and service do the work); a module per
 command is the split when it grows further.
 """

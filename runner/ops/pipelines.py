@@ -18,38 +18,26 @@ from typing import Any
 from runner.backends import broker_class, create_broker
 from runner.brokers.base import Broker, BrokerAdmin, DeadLetterFilter, PipelineAdmin
 from runner.config.models import PipelineConfig
-from runner.engine.handoff import JOIN_PREFIX, TRACE_PREFIX
+from runner.engine.handoff import JOIN_PREFIX, TRACE_PREFIX, fanout_of, root_of
 from runner.errors import NotSupported
 from runner.model import DeadLetter
+from runner.ops.admin import require_shared
 
 
 def pipeline_broker(config: PipelineConfig, command: str) -> Broker:
     """A broker that keeps pipelines (shared, with settle effects), for ``command``."""
-    cls = broker_class(config)
-    kind = config.broker.kind
-    if not cls.shared:
-        raise NotSupported(
-            f"cannot {command}: the {kind} broker's queue lives in the process that runs it "
-            "(use sqlite or redis to reach a pipeline from outside)"
-        )
-    if not cls.settle_effects:
+    require_shared(config, command)
+    if not broker_class(config).settle_effects:
+        kind = config.broker.kind
         raise NotSupported(f"cannot {command}: the {kind} broker has no settle effects")
     return create_broker(config)
 
 
 def before_purge(admin: BrokerAdmin, records: Sequence[DeadLetter]) -> None:
     """Purging a fan-out member's record gives up on its join: the join's parts are dropped."""
-    groups = {
-        str(fanout[0])
-        for r in records
-        if isinstance(fanout := r.task.headers.get("fanout"), list) and fanout
-    }
+    groups = {fanout[0] for r in records if (fanout := fanout_of(r.task)) is not None}
     if groups and isinstance(admin, Broker) and admin.settle_effects:
         admin.delete_values([JOIN_PREFIX + group for group in sorted(groups)])
-
-
-def _root(record: DeadLetter) -> str:
-    return str(record.task.headers.get("root_id") or record.id)
 
 
 @dataclass
@@ -99,7 +87,7 @@ def trace(broker: Broker, root_id: str) -> list[TraceNode]:
         )
     if isinstance(broker, BrokerAdmin):
         for record in broker.dead_letters(DeadLetterFilter()):
-            if _root(record) == root_id:
+            if root_of(record.task) == root_id:
                 nodes[record.id] = TraceNode(
                     record.id,
                     record.task.type,
