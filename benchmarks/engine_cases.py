@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from baselines import paced
 from runner.app import Runner, build_runtime
 from runner.codec import encode_task
 from runner.config.models import PipelineConfig
+from runner.engine.processes import ProcessWorker
 from runner.model import Task
 from runner.observe.summary import percentile
 from runner.ops.bench import BenchRecorder
@@ -207,14 +208,40 @@ def async_seconds(n: int, concurrency: int) -> float:
     return _seconds_to_finish(config, _batches(n), n, 600.0)
 
 
+def process_rate(handler: str, children: int, n: int) -> float:
+    """Tasks/s of ``n`` tasks of a process type running ``handler`` in ``children`` child
+    processes, on the memory broker, from the first publish to the last task finished. The
+    children are up before the first publish: their start-up is not measured."""
+    config = make_config("memory", children, handler=handler, execution="process",
+                         concurrency=children)  # fmt: skip
+    return n / _seconds_to_finish(config, _batches(n), n, 600.0, ready=_children_up)
+
+
+def _children_up(runner: Runner, timeout: float = 60.0) -> None:
+    """Waits until every child of the runner's process types has said it is ready."""
+    pools = [w for w in runner.workers if isinstance(w, ProcessWorker)]
+    wanted = sum(sum(w.limits().values()) for w in pools)
+    deadline = time.monotonic() + timeout
+    while sum(len(w.children()) for w in pools) < wanted:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {wanted} child processes did not start in {timeout:g}s")
+        time.sleep(0.01)
+
+
 def _seconds_to_finish(
-    config: PipelineConfig, batches: Sequence[Sequence[tuple[str, None]]], n: int, timeout: float
+    config: PipelineConfig,
+    batches: Sequence[Sequence[tuple[str, None]]],
+    n: int,
+    timeout: float,
+    ready: Callable[[Runner], None] | None = None,
 ) -> float:
-    """Seconds from the first of ``batches`` published (workers running) to the ``n``-th task
-    finished."""
+    """Seconds from the first of ``batches`` published (workers running, and ``ready(runner)``
+    returned) to the ``n``-th task finished."""
     runner, recorder = _runner(config)
     recorder.expect(n)
     runner.start()
+    if ready is not None:
+        ready(runner)
     t0 = time.perf_counter()
     for batch in batches:
         runner.publish_many(batch)

@@ -50,6 +50,8 @@ class Sizes:
     calls: int  # publish() calls (one task each) per per-call publish run
     pipeline: int  # tasks (all stages) per run of the 3-stage pipeline row and its baseline
     naps: int  # tasks of the async row (each awaits 50 ms)
+    spins: int  # CPU-bound tasks (20 ms each) per run of the process rows and their baselines
+    process_noop: int  # no-op tasks per run of the process no-op row and its thread baseline
 
 
 SIZES = {
@@ -66,11 +68,26 @@ SIZES = {
         20_000,
         30_000,
         10_000,
+        200,
+        2_000,
     ),
     "quick": Sizes(
-        10_000, 5_000, 5_000, 2_000, 500, 1.0, 100_000, 5_000, 1_000, 5_000, 6_000, 10_000
+        10_000,
+        5_000,
+        5_000,
+        2_000,
+        500,
+        1.0,
+        100_000,
+        5_000,
+        1_000,
+        5_000,
+        6_000,
+        10_000,
+        100,
+        1_000,
     ),
-    "tiny": Sizes(500, 300, 300, 100, 50, 0.2, 2_000, 300, 100, 200, 300, 500),
+    "tiny": Sizes(500, 300, 300, 100, 50, 0.2, 2_000, 300, 100, 200, 300, 500, 10, 100),
 }
 
 
@@ -82,8 +99,14 @@ def paired(
     baseline: Callable[[], float], engine: Callable[[], float], reps: int
 ) -> tuple[float, float]:
     """Medians of (baseline, engine), each rep running both back to back."""
-    pairs = [(baseline(), engine()) for _ in range(reps)]
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    base, engine_value = together(baseline, engine, reps=reps)
+    return base, engine_value
+
+
+def together(*measures: Callable[[], float], reps: int) -> tuple[float, ...]:
+    """Medians of each of ``measures``, each rep running them all back to back."""
+    runs = [[measure() for measure in measures] for _ in range(reps)]
+    return tuple(statistics.median(run[i] for run in runs) for i in range(len(measures)))
 
 
 def bench_memory(sizes: Sizes, reps: int) -> list[Row]:
@@ -143,6 +166,7 @@ def bench_memory(sizes: Sizes, reps: int) -> list[Row]:
     del sleep
     rows += _latency_rows("memory", cfg, sizes, reps, limit_ms=5.0)
     rows.append(_async_row(sizes, reps))
+    rows += _process_rows(sizes, reps)
     per_task = ec.memory_per_task(cfg, sizes.queued)
     rows.append(
         Row(
@@ -253,6 +277,54 @@ def _async_row(sizes: Sizes, reps: int) -> Row:
         "ratio <= 2",
         engine <= 2 * bare,
     )
+
+
+#: Children of the process rows, and threads of their baselines: one per core of the bench
+#: machine.
+CHILDREN = 2
+
+
+def _process_rows(sizes: Sizes, reps: int) -> list[Row]:
+    """CPU-bound tasks (bench_handlers.spin_20ms, about 20 ms of pure Python each) on a process
+    type with 1 and with CHILDREN children and on CHILDREN threads (which share the GIL), back
+    to back: the children must run side by side (issue 20). Then no-op tasks on CHILDREN
+    children next to CHILDREN threads: what a task's trip to a child costs (no target)."""
+    spin, n = "spin_20ms", sizes.spins
+    threads, one, many = together(
+        lambda: ec.end_to_end_rate(ec.make_config("memory", CHILDREN, handler=spin), n),
+        lambda: ec.process_rate(spin, 1, n),
+        lambda: ec.process_rate(spin, CHILDREN, n),
+        reps=reps,
+    )
+    case = f"20 ms CPU tasks, process, {CHILDREN} children"
+    thread_noop, process_noop = paired(
+        lambda: ec.end_to_end_rate(ec.make_config("memory", CHILDREN), sizes.process_noop),
+        lambda: ec.process_rate("noop", CHILDREN, sizes.process_noop),
+        reps,
+    )
+    return [
+        Row("memory", f"20 ms CPU tasks, {CHILDREN} threads", threads, "tasks/s", "", None),
+        Row("memory", "20 ms CPU tasks, process, 1 child", one, "tasks/s", "", None),
+        Row("memory", case, many, "tasks/s", "1 child", one, "ratio >= 1.7", many >= 1.7 * one),
+        Row(
+            "memory",
+            case,
+            many,
+            "tasks/s",
+            f"{CHILDREN} threads",
+            threads,
+            "ratio >= 1.6",
+            many >= 1.6 * threads,
+        ),
+        Row(
+            "memory",
+            f"end-to-end no-op, process, {CHILDREN} children",
+            process_noop,
+            "tasks/s",
+            f"{CHILDREN} threads",
+            thread_noop,
+        ),
+    ]
 
 
 def _pipeline_row(broker: str, config: Callable[..., object], n: int, reps: int) -> Row:
@@ -571,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
         "sizes: the 1-thread 1 ms rate is measured over sleep1 tasks (the 4-thread one over the "
         "issue's 20,000), so the full run stays near ten minutes on 2 cores; rates are per "
         "second, so the ratios compare.",
+        "process rows: each run starts the runner and waits until every child is up before "
+        "the first publish, so child start-up is not measured; spin_20ms is a fixed loop "
+        "(bench_handlers.SPIN_ITERATIONS) of about 20 ms of CPU on this machine.",
         "noise: this 2-core machine is shared with other engineers running test suites; every "
         "figure is a median and every ratio compares runs made back to back.",
     ]

@@ -41,6 +41,15 @@ def generate_report(payload: dict[str, Any], ctx: TaskContext) -> int:
     return total
 
 
+def render_thumbnail(payload: dict[str, Any], ctx: TaskContext) -> str:
+    """Pretend to render a thumbnail: pure-Python CPU work (a process type's handler, so that
+    several run on several cores at once); returns a digest of the result."""
+    digest = hashlib.sha256(str(payload.get("n", 0)).encode())
+    for _ in range(int(payload.get("rounds", 20_000))):
+        digest = hashlib.sha256(digest.digest())
+    return digest.hexdigest()[:16]
+
+
 def fetch_order(payload: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
     """Pretend to load an order: its id and its images, for the stages after it to fan out over
     (docs/pipelines.md)."""

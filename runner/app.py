@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -43,9 +45,9 @@ from runner.brokers.base import (
     RateLimit,
 )
 from runner.brokers.flow import rate_text
-from runner.config.models import PipelineConfig
+from runner.config.models import KILL_GRACE_S, PipelineConfig
 from runner.engine.aio import AsyncWorker
-from runner.engine.attempt import TaskLogger, TypeRuntime, default_task_logger
+from runner.engine.attempt import ChildPolicy, TaskLogger, TypeRuntime, default_task_logger
 from runner.engine.cancels import CancelWatch
 from runner.engine.circuits import CircuitWatch
 from runner.engine.handoff import (
@@ -57,6 +59,7 @@ from runner.engine.handoff import (
 )
 from runner.engine.handoff import cancel as cancel_pipeline
 from runner.engine.presence import Presence
+from runner.engine.processes import ProcessWorker, default_start_method
 from runner.engine.retry import RetryPlan
 from runner.engine.schedule import Schedule, Scheduler, tick_name
 from runner.engine.worker import Worker
@@ -64,7 +67,7 @@ from runner.errors import InvalidPayload, UsageError
 from runner.events import Event, EventBus, EventName, Listener
 from runner.loader import load_class, load_handler, resolve_exception
 from runner.middleware.base import Middleware, overriding, wrap_chain
-from runner.middleware.payloads import PayloadValidation, payload_model
+from runner.middleware.payloads import PayloadValidation, check_payload, payload_model
 from runner.middleware.simulate import Simulation
 from runner.model import (
     NO_HEADERS,
@@ -131,9 +134,48 @@ def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
             unique_ttl=spec.unique.ttl if spec.unique else 0.0,
             result_ttl=config.result_ttl_for(name),
             execution=spec.execution,
+            children=_children(config, name) if spec.execution == "process" else None,
             pipeline=_pipeline(config, name),
         )
     return types
+
+
+def _children(config: PipelineConfig, name: str) -> ChildPolicy:
+    """How process type ``name``'s children start and end (runner.engine.processes), and
+    what they need to build its handler (child_handlers)."""
+    spec = config.task_types[name]
+    built_by = {
+        "factory": f"{__name__}:child_handlers",
+        "types": {name: spec.handler},
+        "search_path": list(config.handler_paths),
+        "sys_path": list(sys.path),
+        "middleware": [[m.use, m.options] for m in config.middleware],
+    }
+    return ChildPolicy(
+        spec=json.dumps(built_by),
+        start_method=spec.start_method or default_start_method(),
+        kill_grace_s=KILL_GRACE_S if spec.kill_grace is None else spec.kill_grace,
+        max_tasks=spec.max_tasks_per_child or 0,
+        max_memory=spec.max_memory_per_child or 0,
+    )
+
+
+def child_handlers(spec: Mapping[str, Any]) -> dict[str, tuple[Callable[..., Any], Any]]:
+    """In a process type's child (runner.engine.child): its handlers wrapped as build_types
+    wraps them, minus the hooks (they run in the parent): the simulator's and the config's
+    middlewares' ``wrap``, with the payload model's check (None: none) to run first."""
+    search_path = tuple(spec["search_path"])
+    own = tuple(
+        load_class(use, key="middleware.use", search_path=search_path)(**options)
+        for use, options in spec["middleware"]
+    )
+    handlers: dict[str, tuple[Callable[..., Any], Any]] = {}
+    for name, handler_spec in spec["types"].items():
+        handler = load_handler(handler_spec, search_path=search_path, execution="process")
+        model = payload_model(handler.func)
+        check = partial(check_payload, model) if model is not None else None
+        handlers[name] = (wrap_chain((Simulation(), *own), name, handler), check)
+    return handlers
 
 
 def _pipeline(config: PipelineConfig, name: str) -> Pipeline | None:
@@ -224,11 +266,15 @@ class Runner:
         }
         on_threads = {n: rt for n, rt in served.items() if rt.execution == "thread"}
         on_loop = {n: rt for n, rt in served.items() if rt.execution == "async"}
+        in_children = {n: rt for n, rt in served.items() if rt.execution == "process"}
         self.workers: list[Worker] = []
-        if on_threads or not on_loop:
+        if on_threads or not (on_loop or in_children):
             self.workers.append(Worker(broker, on_threads, config.workers, **common))
         if on_loop:
             self.workers.append(AsyncWorker(broker, on_loop, **common))
+        # Each process type has its own pool of children (runner.engine.processes).
+        for name, rt in in_children.items():
+            self.workers.append(ProcessWorker(broker, {name: rt}, **common))
         self.worker = self.workers[0]
         self._on_publish = {n: overriding(rt.middleware, "on_publish") for n, rt in types.items()}
         # Each middleware instance once (the config's own are shared by every type).
@@ -576,8 +622,8 @@ class Runner:
             if self.presence is not None and self._started:
                 self.presence.stop()
             if self._started:
-                # The worker threads (an async-only process has none).
-                threaded = [w for w in self.workers if not isinstance(w, AsyncWorker)]
+                # The worker threads (an async- or process-only process has none).
+                threaded = [w for w in self.workers if w.mode == "thread"]
                 self.summary.threads = (
                     sum(w.threads for w in threaded),
                     sum(w.alive_threads() for w in threaded),

@@ -14,7 +14,9 @@
     │   ├── BrokerUnavailable        3   the broker cannot be reached or opened
     │   └── NotSupported             2   the broker cannot do this (publish to a memory broker)
     ├── PermanentError               1   raised by a handler: never retry, dead-letter at once
-    └── Retry                        1   raised by a handler: retry after this delay (or at)
+    ├── Retry                        1   raised by a handler: retry after this delay (or at)
+    ├── ChildDied                    1   a process type's child died while it ran the task
+    └── ChildError                   1   a handler's exception in a child, as its parent sees it
 
     TaskInterrupted (BaseException)      raised inside a handler's thread when it is interrupted
 
@@ -175,3 +177,24 @@ class TaskInterrupted(BaseException):
     It derives from BaseException so that handlers' broad ``except Exception`` blocks do not
     swallow it, the same reason KeyboardInterrupt does.
     """
+
+
+class ChildDied(RunnerError):
+    """A process type's child process died while it ran the task (a segfault, ``os._exit``,
+    the OOM killer): that attempt fails with it, retried like any failure; the message names
+    the exit code or signal. A new child takes the dead one's place."""
+
+
+class ChildError(RunnerError):
+    """An exception a handler raised in a child process (``execution: process``), as the parent
+    sees it: its class's name (``kind``), message and traceback from the child, and ``origin``,
+    the class itself when the parent can import it (retry decisions match ``never_retry`` and
+    PermanentError against it, as if the handler had raised it here)."""
+
+    def __init__(
+        self, kind: str, message: str, remote_traceback: str, origin: type[BaseException] | None
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.remote_traceback = remote_traceback
+        self.origin = origin

@@ -89,8 +89,9 @@ def load_handler(
     if is_async and execution != "async":
         _fail(
             "handler",
-            f"{spec!r} is an async def: a thread type runs it on a worker thread, where its "
-            f"coroutine would never be awaited; set execution: async on its type, or {_NOT_ASYNC}",
+            f"{spec!r} is an async def: a {execution} type calls it as a plain function, "
+            "where its coroutine would never be awaited; set execution: async on its type, or "
+            f"{_NOT_ASYNC}",
         )
     if execution == "async" and not is_async:
         _fail(

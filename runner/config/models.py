@@ -13,6 +13,7 @@ module of their own, once the shared field types (Duration, Rate, _Model) move o
 from __future__ import annotations
 
 import math
+import os
 import re
 import string
 from typing import Annotated, Any, Literal
@@ -112,6 +113,42 @@ Duration = Annotated[
 """Seconds: a number, or a string with a unit: ms, s, m, h (``50ms``, ``2s``, ``1.5m``)."""
 
 
+SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB)?\s*$"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
+
+
+def parse_size(value: Any) -> Any:
+    """``512MB``, ``2GB``, ``64KB`` (powers of 1024) or a number of bytes -> int bytes.
+
+    Other types are returned unchanged for pydantic to reject with its own message.
+    """
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if not match:
+            raise ValueError(f"invalid size {value!r}: use a number of bytes or 64KB, 512MB, 2GB")
+        unit = match.group(2).upper() if match.group(2) else None
+        return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    return value
+
+
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1},
+                {"type": "string", "pattern": SIZE_PATTERN},
+            ],
+            "description": "bytes: a number, or a number with a unit KB, MB, GB (powers of 1024)",
+            "examples": ["512MB", "2GB"],
+        }
+    ),
+]
+"""Bytes: a number, or a string with a unit: KB, MB, GB (``512MB``; powers of 1024)."""
+
+
 TYPE_NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 
 
@@ -175,6 +212,12 @@ Options = Annotated[
 
 #: How many coroutines of an async type run at once by default (``concurrency``).
 ASYNC_CONCURRENCY = 100
+#: How many children a process type has by default (``concurrency``): one per core.
+PROCESS_CONCURRENCY = os.cpu_count() or 1
+#: How long a process type's child has between SIGTERM and SIGKILL by default (``kill_grace``).
+KILL_GRACE_S = 1.0
+#: The settings of process types only.
+PROCESS_KEYS = ("kill_grace", "max_tasks_per_child", "max_memory_per_child", "start_method")
 
 
 class _Model(BaseModel):
@@ -386,23 +429,46 @@ class TaskTypeConfig(_Model):
         description="module:function called as f(payload, ctx) or f(payload)",
         examples=["handlers.demo:send_email"],
     )
-    execution: Literal["thread", "async"] = Field(
+    execution: Literal["thread", "async", "process"] = Field(
         "thread",
         description="thread: a plain def on the worker threads; async: an async def awaited on "
-        "the worker's event loop (its tasks take no thread)",
+        "the worker's event loop (its tasks take no thread); process: a plain def in a pool "
+        "of child processes, one task at a time each (hard timeouts, every core)",
     )
     concurrency: int | None = Field(
         None,
         ge=1,
-        description="max running at once per process (default: workers; async types: 100)",
+        description="max running at once per process (default: workers; async types: 100; "
+        "process types: the CPU count, one child process each)",
     )
     timeout: Duration = Field(
         10.0, gt=0, description="per attempt; must stay below broker.visibility_timeout"
     )
     timeout_action: Literal["interrupt", "cancel"] = Field(
         "interrupt",
-        description="interrupt: raise in the handler's thread (async: cancel its coroutine); "
-        "cancel: only set ctx.cancelled",
+        description="interrupt: raise in the handler's thread (async: cancel its coroutine; "
+        "process: SIGTERM its child); cancel: only set ctx.cancelled (process: the child is "
+        "killed kill_grace later if it has not returned)",
+    )
+    kill_grace: Duration | None = Field(
+        None,
+        gt=0,
+        description="process types: how long a child has between SIGTERM (or ctx.cancelled) "
+        "and SIGKILL past its timeout (default 1s)",
+    )
+    max_tasks_per_child: int | None = Field(
+        None, ge=1, description="process types: a child is replaced after this many tasks"
+    )
+    max_memory_per_child: ByteSize | None = Field(
+        None,
+        gt=0,
+        description="process types: a child whose RSS is above this after a task is replaced "
+        "(512MB, 2GB, or bytes)",
+    )
+    start_method: Literal["forkserver", "spawn"] | None = Field(
+        None,
+        description="process types: how children are started (default forkserver where the "
+        "platform has it, else spawn)",
     )
     retry: RetryOverride | None = None
     expires: Duration | None = Field(
@@ -645,11 +711,14 @@ class PipelineConfig(_Model):
 
     def concurrency_for(self, type_name: str) -> int:
         """How many tasks of the type run at once: a thread type's are capped at ``workers``
-        (they share the threads); an async type's are coroutines on the event loop."""
+        (they share the threads); an async type's are coroutines on the event loop; a process
+        type's are child processes."""
         task_type = self.task_types[type_name]
         limit = task_type.concurrency
         if task_type.execution == "async":
             return ASYNC_CONCURRENCY if limit is None else limit
+        if task_type.execution == "process":
+            return PROCESS_CONCURRENCY if limit is None else limit
         return min(limit, self.workers) if limit is not None else self.workers
 
     def in_force(self) -> dict[tuple[str | int, ...], tuple[int, str]]:
@@ -666,6 +735,10 @@ class PipelineConfig(_Model):
             if task_type.execution == "async":
                 if task_type.concurrency is None:
                     found[path] = (ASYNC_CONCURRENCY, "the default of async types")
+                continue
+            if task_type.execution == "process":
+                if task_type.concurrency is None:
+                    found[path] = (PROCESS_CONCURRENCY, "the CPU count: process types' default")
                 continue
             if task_type.concurrency is None:
                 found[path] = (self.workers, "workers")

@@ -31,6 +31,7 @@ from runner.config.kinds import (
     default_dead_letter,
     is_class_kind,
 )
+from runner.config.models import KILL_GRACE_S, PROCESS_KEYS
 from runner.errors import ConfigError
 from runner.loader import (
     CLASS_PATTERN,
@@ -91,6 +92,9 @@ def cross_field_problems(inputs: Inputs) -> list[Finding]:
     for name in _names(inputs, ("task_types",)):
         places.append((("task_types", name, "retry", "backoff"), name))
         judge(_timeout, name)
+        for key in PROCESS_KEYS:
+            judge(_process_only, name, key)
+        judge(_kill_window, name)
     for path, name in places:
         judge(_backoff, path, name)
     for name in _names(inputs, ("schedules",)):
@@ -198,6 +202,38 @@ def _timeout(inputs: Inputs, name: str) -> Finding | None:
         ("task_types", name, "timeout"),
         f"{_seconds(timeout)} must be below broker.visibility_timeout "
         f"({_seconds(visibility)}), or the task is handed out again while it still runs",
+    )
+
+
+def _process_only(inputs: Inputs, name: str, key: str) -> Finding | None:
+    if not inputs.present(("task_types", name, key)):
+        return None
+    execution = inputs.value(("task_types", name, "execution"))
+    if execution == "process":
+        return None
+    return Finding(
+        ("task_types", name, key),
+        f"applies to execution: process types only (this type's execution is {execution}): "
+        f"remove it, or set execution: process",
+    )
+
+
+def _kill_window(inputs: Inputs, name: str) -> Finding | None:
+    """A process type's child is dead by timeout + kill_grace: that must come before its lease
+    expires, or an orphan could still run beside the task's redelivery."""
+    if inputs.value(("task_types", name, "execution")) != "process":
+        return None
+    timeout = inputs.value(("task_types", name, "timeout"))
+    grace = inputs.value(("task_types", name, "kill_grace"))
+    grace = KILL_GRACE_S if grace is None else grace
+    visibility = inputs.value(("broker", "visibility_timeout"))
+    if timeout + grace < visibility:
+        return None
+    return Finding(
+        ("task_types", name, "timeout"),
+        f"{_seconds(timeout)} plus kill_grace ({_seconds(grace)}) must be below "
+        f"broker.visibility_timeout ({_seconds(visibility)}): a child still dying after its "
+        "lease expired could run beside the task's redelivery",
     )
 
 
@@ -374,7 +410,8 @@ def import_problems(data: Any) -> list[Finding]:
                 path = ("task_types", name)
                 execution = task_type.get("execution", "thread")
                 load = partial(
-                    load_handler, execution=execution if execution == "async" else "thread"
+                    load_handler,
+                    execution=execution if execution in ("async", "process") else "thread",
                 )
                 check((*path, "handler"), task_type.get("handler"), HANDLER_PATTERN, load)
                 check_names((*path, "retry"), task_type.get("retry"))
@@ -453,7 +490,7 @@ def warnings(config: PipelineConfig) -> list[str]:
     found: list[tuple[KeyPath, str]] = []
     for name, task_type in config.task_types.items():
         if (
-            task_type.execution == "thread"  # an async type's coroutines take no threads
+            task_type.execution == "thread"  # async and process types take no threads
             and task_type.concurrency is not None
             and task_type.concurrency > config.workers
         ):

@@ -132,6 +132,8 @@ class LoopThread:
 class AsyncWorker(Worker):
     """Runs the async types' tasks as coroutines on its own event loop (module docstring)."""
 
+    mode = "async"
+
     def __init__(
         self,
         broker: Broker,

@@ -56,7 +56,7 @@ from runner.engine.handoff import (
 from runner.engine.retry import RetryPlan, error_name
 from runner.engine.settle import Outcome
 from runner.engine.timeouts import Guard, Run, Watchdog
-from runner.errors import InvalidPayload, PermanentError, TaskInterrupted
+from runner.errors import ChildError, InvalidPayload, PermanentError, TaskInterrupted
 from runner.events import Event, EventBus, EventName
 from runner.middleware.base import Middleware, overriding
 from runner.model import (
@@ -100,8 +100,11 @@ class TypeRuntime:
     result_ttl: float = 0.0
     #: Its place in pipelines (``then:``, ``on_dead``): hand-offs put with its settle.
     pipeline: Pipeline | None = None
-    #: ``thread`` (a plain def on a worker thread) or ``async`` (awaited on the event loop).
+    #: ``thread`` (a plain def on a worker thread), ``async`` (awaited on the event loop) or
+    #: ``process`` (a plain def in a child process: runner.engine.processes).
     execution: str = "thread"
+    #: A process type's children: how they start, are killed and replaced.
+    children: ChildPolicy | None = None
 
     def __post_init__(self) -> None:
         # Only the middlewares that override a hook are called for it: none costs nothing.
@@ -163,6 +166,16 @@ def default_task_logger(
     )
 
 
+class ChildPolicy(NamedTuple):
+    """How a process type's children start, are killed past a timeout and are replaced."""
+
+    spec: str  # JSON for runner.engine.child.main: the handler, its paths, the middlewares
+    start_method: str  # forkserver or spawn
+    kill_grace_s: float  # between SIGTERM (or ctx.cancelled) and SIGKILL
+    max_tasks: int = 0  # replaced after this many tasks (0: never)
+    max_memory: int = 0  # replaced when its RSS is above this after a task (0: never)
+
+
 class Begun(NamedTuple):
     """An attempt whose handler is about to run (``Attempts.begin``)."""
 
@@ -203,9 +216,12 @@ class Attempts:
         self.interrupts = 0
         self.overruns = 0
 
-    def run(self, guard: Guard, delivery: Delivery) -> Outcome:
+    def run(
+        self, guard: Guard, delivery: Delivery, call: Callable[[Begun], Any] | None = None
+    ) -> Outcome:
         """Run one delivery on this thread; how it ends, for the Settler (which calls
-        ``settled``)."""
+        ``settled``). ``call`` runs the handler elsewhere (a process type's child: it keeps
+        the deadline itself); by default it runs here, under ``guard``."""
         begun = self.begin(delivery)
         if isinstance(begun, Begun):
             self.running[guard] = begun.run
@@ -213,7 +229,12 @@ class Attempts:
             error: BaseException | None = None
             value: Any = None
             try:
-                value = guard.run(begun.run, partial(begun.rt.handler, begun.payload, begun.ctx))
+                if call is None:
+                    value = guard.run(
+                        begun.run, partial(begun.rt.handler, begun.payload, begun.ctx)
+                    )
+                else:
+                    value = call(begun)
             except BaseException as exc:
                 # SystemExit, KeyboardInterrupt or a handler's own BaseException is a failed
                 # attempt like any other (the signals that stop the runner reach only the main
@@ -451,7 +472,11 @@ class Attempts:
             # the handler raised (the interrupt, or its own error once it saw ctx.cancelled,
             # or nothing under timeout_action: cancel), the attempt is not its fault.
             return Outcome(Settle(delivery, "release"), None)
-        trace = "".join(traceback.format_exception(error))
+        trace = (
+            error.remote_traceback
+            if isinstance(error, ChildError)
+            else "".join(traceback.format_exception(error))
+        )
         decision = rt.plan.decide(error, task.attempt)
         if not decision.retry:
             assert decision.reason is not None  # decide() names why for every task it ends

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import tenacity
 from tenacity.wait import wait_base
 
-from runner.errors import PermanentError, Retry, TaskInterrupted
+from runner.errors import ChildError, PermanentError, Retry, TaskInterrupted
 from runner.model import DeadReason
 
 
@@ -75,14 +75,14 @@ class RetryPlan:
 
     def _retryable(self, exc: BaseException) -> bool:
         # An explicit Retry is retried even when never_retry names a class it derives from.
-        return isinstance(exc, Retry) or not isinstance(exc, (PermanentError, *self.never_retry))
+        return isinstance(exc, Retry) or not is_a(exc, (PermanentError, *self.never_retry))
 
     def decide(self, exc: BaseException, attempt: int) -> Decision:
         """Decide after ``exc`` ended attempt number ``attempt`` (1 for the first run)."""
         state = self._state(attempt)
         state.set_exception((type(exc), exc, exc.__traceback__))
         if not self._retrying.retry(state):
-            permanent = isinstance(exc, PermanentError)
+            permanent = is_a(exc, (PermanentError,))
             return Decision(
                 False, reason=DeadReason.PERMANENT if permanent else DeadReason.NEVER_RETRY
             )
@@ -106,5 +106,19 @@ class RetryPlan:
 
 
 def error_name(exc: BaseException) -> str:
-    """How an exception is named in records: TimeoutError for interrupts, else its class name."""
-    return "TimeoutError" if isinstance(exc, TaskInterrupted) else type(exc).__name__
+    """How an exception is named in records: TimeoutError for interrupts, a child process's
+    exception by its own class's name, else its class name."""
+    if isinstance(exc, TaskInterrupted):
+        return "TimeoutError"
+    if isinstance(exc, ChildError):
+        return exc.kind
+    return type(exc).__name__
+
+
+def is_a(exc: BaseException, classes: tuple[type[BaseException], ...]) -> bool:
+    """``isinstance(exc, classes)``; for an exception a child process raised (ChildError), of
+    the class it was raised as there, when the parent could import it."""
+    if isinstance(exc, classes):
+        return True
+    origin = exc.origin if isinstance(exc, ChildError) else None
+    return origin is not None and issubclass(origin, classes)

@@ -61,6 +61,10 @@ SETTLE_DRAIN_S = 10.0
 class Worker:
     """Runs tasks from one broker on ``threads`` threads with per-type limits."""
 
+    #: How its types execute (``execution``): thread; async (AsyncWorker), process
+    #: (ProcessWorker).
+    mode = "thread"
+
     def __init__(
         self,
         broker: Broker,
@@ -264,4 +268,8 @@ class Worker:
             return None
         if delivery.redelivered:
             self._hand_back(self.books.isolate())
+        return self._run(guard, delivery)
+
+    def _run(self, guard: Guard, delivery: Delivery) -> Outcome:
+        """Run a delivery's attempt on this thread (a ProcessWorker's, in its child)."""
         return self.attempts.run(guard, delivery)

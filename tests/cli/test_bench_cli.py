@@ -73,5 +73,9 @@ def test_benchmark_script_runs_end_to_end(tmp_path: Path) -> None:
     for case in cases:
         assert f"| memory | {case}" in text
         assert f"| sqlite | {case}" in text
+    # The process rows (memory only): 2 children judged against 1 child and against 2 threads.
+    cpu = [line for line in text.splitlines() if "| memory | 20 ms CPU tasks, process, 2 " in line]
+    assert [line.split(" | ")[3].split(":")[0] for line in cpu] == ["1 child", "2 threads"]
+    assert "| memory | end-to-end no-op, process, 2 children" in text
     assert "targets:" in result.stdout
     assert "PASS" in text or "FAIL" in text

@@ -89,7 +89,7 @@ def test_an_async_handler_is_refused_with_the_fix(name: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_handler(f"tests.unit.async_handlers:{name}")
     message = str(caught.value)
-    assert "is an async def: a thread type runs it on a worker thread" in message
+    assert "is an async def: a thread type calls it as a plain function" in message
     assert "set execution: async on its type" in message
     assert "asyncio.run(work(payload, ctx))" in message
 

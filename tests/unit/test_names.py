@@ -34,6 +34,8 @@ from runner.errors import (
     BrokerClosed,
     BrokerError,
     BrokerUnavailable,
+    ChildDied,
+    ChildError,
     ConfigError,
     InputError,
     InvalidPayload,
@@ -288,6 +290,8 @@ EXIT_CODES: dict[type[RunnerError], int] = {
     NotSupported: 2,
     PermanentError: 1,
     Retry: 1,
+    ChildDied: 1,
+    ChildError: 1,
 }
 
 
@@ -320,6 +324,8 @@ def _instance(cls: type[RunnerError]) -> RunnerError:
         return InvalidPayload("Email", [("to", "field required")])
     if cls is Retry:
         return Retry(delay=1)
+    if cls is ChildError:
+        return ChildError("ValueError", "it failed", "Traceback ...", ValueError)
     return cls("it failed")
 
 
