@@ -11,9 +11,9 @@ A Runner owns one broker, one Worker and the listeners (logs, metrics, summary).
 
 The Runner also sets the file's rate limits and circuit breakers in the broker at start, runs
 the scheduler, the circuit watch, the cancel watch and the presence entry beside its workers
-(one for the thread types, one for the async types), and publishes unique tasks through
-``put_unique``. Size: about 720 lines, as the one place all of that is wired; the next split is
-the publishing side (drafts, unique keys, results) into a module of its own.
+(one for the thread types, one for the async types, one per process type), and publishes unique
+tasks through ``put_unique``. Size: about 780 lines, as the one place all of that is wired; the
+next split is the publishing side (drafts, unique keys, results) into a module of its own.
 """
 
 from __future__ import annotations
@@ -100,10 +100,7 @@ def build_types(config: PipelineConfig) -> dict[str, TypeRuntime]:
     (each constructed once, shared by every type).
     """
     search_path = config.handler_paths
-    own = tuple(
-        load_class(spec.use, key="middleware.use", search_path=search_path)(**spec.options)
-        for spec in config.middleware
-    )
+    own = _middlewares([(m.use, m.options) for m in config.middleware], search_path)
     simulation = Simulation()
     types: dict[str, TypeRuntime] = {}
     for name, spec in config.task_types.items():
@@ -160,15 +157,22 @@ def _children(config: PipelineConfig, name: str) -> ChildPolicy:
     )
 
 
+def _middlewares(
+    specs: Sequence[tuple[str, Mapping[str, Any]]], search_path: Sequence[str]
+) -> tuple[Middleware, ...]:
+    """The config's ``middleware:`` (``use``, ``options`` pairs), each constructed once."""
+    return tuple(
+        load_class(use, key="middleware.use", search_path=search_path)(**options)
+        for use, options in specs
+    )
+
+
 def child_handlers(spec: Mapping[str, Any]) -> dict[str, tuple[Callable[..., Any], Any]]:
     """In a process type's child (runner.engine.child): its handlers wrapped as build_types
     wraps them, minus the hooks (they run in the parent): the simulator's and the config's
     middlewares' ``wrap``, with the payload model's check (None: none) to run first."""
     search_path = tuple(spec["search_path"])
-    own = tuple(
-        load_class(use, key="middleware.use", search_path=search_path)(**options)
-        for use, options in spec["middleware"]
-    )
+    own = _middlewares(spec["middleware"], search_path)
     handlers: dict[str, tuple[Callable[..., Any], Any]] = {}
     for name, handler_spec in spec["types"].items():
         handler = load_handler(handler_spec, search_path=search_path, execution="process")

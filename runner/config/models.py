@@ -4,10 +4,11 @@ The field descriptions also make the JSON schema (runner.config.schema) and the 
 Durations accept ``250ms``, ``2s``, ``5m``, ``1h`` or a number of seconds and are seconds (float)
 once validated; rates accept ``N/s``, ``N/m``, ``N/h``.
 
-Size: about 670 lines because it holds every model of the YAML file in one place, which is
+Size: about 750 lines because it holds every model of the YAML file in one place, which is
 where a reader looks for a key (the checks of schedule values are in runner.config.schedules).
 The next split: the per-type flow-control models (rate limit, circuit breaker, unique) into a
-module of their own, once the shared field types (Duration, Rate, _Model) move out of this one.
+module of their own, once the shared field types (Duration, ByteSize, Rate, _Model) move out
+of this one.
 """
 
 from __future__ import annotations

@@ -30,17 +30,16 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from functools import partial
 from typing import Any
 
-from runner.brokers.base import Broker, Delivery
-from runner.engine.attempt import Begun, TaskLogger, TypeRuntime, default_task_logger
+from runner.brokers.base import Delivery
+from runner.engine.attempt import Begun, TypeRuntime
 from runner.engine.settle import Outcome
 from runner.engine.timeouts import Run
 from runner.engine.worker import Worker
 from runner.errors import PermanentError
-from runner.events import EventBus
 
 log = logging.getLogger("runner.worker")
 
@@ -134,28 +133,9 @@ class AsyncWorker(Worker):
 
     mode = "async"
 
-    def __init__(
-        self,
-        broker: Broker,
-        types: Mapping[str, TypeRuntime],
-        events: EventBus,
-        visibility_timeout_s: float,
-        task_logger: TaskLogger = default_task_logger,
-        prefetch: int | None = None,
-        settle_in_background: bool = False,
-    ) -> None:
-        # The books' "threads" are the coroutines in flight: the sum of the types' limits.
-        slots = sum(rt.limit for rt in types.values())
-        super().__init__(
-            broker,
-            types,
-            slots,
-            events,
-            visibility_timeout_s,
-            task_logger,
-            prefetch,
-            settle_in_background,
-        )
+    def _setup(self) -> None:
+        # Its books' "threads" are the coroutines in flight (Worker's default: the sum of the
+        # types' limits).
         self._loop = LoopThread("dq-loop", self._blocked)
         self._done: queue.SimpleQueue[tuple[Delivery, concurrent.futures.Future[Any]] | None]
         self._done = queue.SimpleQueue()

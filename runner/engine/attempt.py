@@ -16,7 +16,7 @@ same three around an awaited coroutine.
 
 What the broker step also does rides on it as settle effects: the outcome for the type's circuit
 breaker, the task's kept result, the pipeline's hand-offs and trace line (runner.engine.handoff),
-a unique key let go. Size: about 630 lines, over our 400; the effects' builders (results, unique
+a unique key let go. Size: about 650 lines, over our 400; the effects' builders (results, unique
 keys, hand-offs) are the next to move out, into a module of their own.
 """
 

@@ -11,7 +11,8 @@ crossing the pipe is JSON (runner.engine.processes holds the parent's side and t
   (set the running task's ``ctx.cancelled``), ``{"exit": true}``;
 - child -> parent: ``{"ready": pid}`` or ``{"failed": why}`` once at start, ``{"log": [level,
   message, fields]}`` for each log record (any logger), and one answer per task: ``{"ok":
-  value}`` or ``{"error": {...}}``, with the child's resident memory (``rss``).
+  value}`` or ``{"error": {...}}``, with the child's resident memory (``rss``) when the parent
+  recycles by memory.
 
 A reader thread takes the parent's messages, so a cancel reaches a busy child; when the parent's
 end closes (the parent died, even by SIGKILL), the reader ends the child at once with
@@ -60,6 +61,7 @@ def main(conn: Connection, spec_text: str) -> None:
                 sys.path.insert(0, path)
         child.forward_logs(int(spec.get("log_level", logging.INFO)))
         child.load(spec)
+        child.measure_rss = bool(spec.get("rss"))
     except BaseException as exc:
         child.send({"failed": f"{type(exc).__name__}: {exc}"})
         return
@@ -132,11 +134,15 @@ class _Child:
         self._inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._current: Cancellation | None = None
         self._terminating = False
+        # Report the resident memory after each task (the parent recycles by memory).
+        self.measure_rss = False
         # Per type: its wrapped handler, and the payload check to run first (None: none).
         self.handlers: dict[str, tuple[Callable[[Any, TaskContext], Any], Any]] = {}
 
     def send(self, message: dict[str, Any]) -> None:
-        data = json.dumps(message, default=str).encode()
+        self._send_bytes(json.dumps(message, default=str).encode())
+
+    def _send_bytes(self, data: bytes) -> None:
         with self._send_lock:
             self.conn.send_bytes(data)
 
@@ -164,7 +170,10 @@ class _Child:
     def serve(self) -> None:
         threading.Thread(target=self._read, name="dq-child-reader", daemon=True).start()
         while (message := self._inbox.get()) is not None:
-            self.send(self._run(message["run"]))
+            answer = self._run(message["run"])
+            if self.measure_rss:
+                answer["rss"] = rss_bytes()
+            self._send_bytes(_encoded(answer))
 
     def _read(self) -> None:
         while True:
@@ -198,16 +207,21 @@ class _Child:
         try:
             payload = task["payload"]
             value = handler(check(payload) if check is not None else payload, ctx)
-            answer: dict[str, Any] = {"ok": value}
-            try:
-                json.dumps(value, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                answer = {"ok": None, "unencodable": str(exc)}
+            return {"ok": value}
         except BaseException as exc:
             if self._terminating:
                 raise
-            answer = {"error": describe(exc)}
+            return {"error": describe(exc)}
         finally:
             self._current = None
-        answer["rss"] = rss_bytes()
-        return answer
+
+
+def _encoded(answer: dict[str, Any]) -> bytes:
+    """An answer as the bytes sent, encoded once: a return value JSON cannot carry is sent as
+    ``unencodable`` (why) instead."""
+    try:
+        return json.dumps(answer, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        if "ok" not in answer:  # an error's description: strings, save an odd Retry delay
+            return json.dumps(answer, default=str).encode()
+        return json.dumps({**answer, "ok": None, "unencodable": str(exc)}).encode()

@@ -27,22 +27,20 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Mapping
 from datetime import datetime, timezone
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from runner.brokers.base import Broker, Delivery
-from runner.engine.attempt import Begun, ChildPolicy, TaskLogger, TypeRuntime, default_task_logger
+from runner.brokers.base import Delivery
+from runner.engine.attempt import Begun, ChildPolicy, TypeRuntime
 from runner.engine.child import main as child_main
 from runner.engine.settle import Outcome
 from runner.engine.timeouts import Guard
 from runner.engine.worker import Worker
-from runner.errors import ChildDied, ChildError, PermanentError, Retry
-from runner.events import EventBus
+from runner.errors import ChildDied, ChildError, ConfigError, PermanentError, Retry
+from runner.loader import resolve_exception
 
 log = logging.getLogger("runner.worker")
 
@@ -69,17 +67,19 @@ class Child:
         self.policy = policy
         self.name = name
         self.tasks = 0
+        spec = json.loads(policy.spec)
         context = multiprocessing.get_context(policy.start_method)
         if policy.start_method == "forkserver":
             # The children fork from a server that has the runner imported already.
-            factory = json.loads(policy.spec)["factory"].partition(":")[0]
+            factory = spec["factory"].partition(":")[0]
             context.set_forkserver_preload(["runner.engine.child", factory])
         parent_end, child_end = context.Pipe()
         self.conn: Connection = parent_end
-        level = logging.getLogger("runner.task").getEffectiveLevel()
-        spec = json.dumps({**json.loads(policy.spec), "log_level": level})
+        # The level its log lines are sent from, and whether it reports its memory after a task.
+        spec["log_level"] = logging.getLogger("runner.task").getEffectiveLevel()
+        spec["rss"] = bool(policy.max_memory)
         self.process = context.Process(  # type: ignore[attr-defined]
-            target=child_main, args=(child_end, spec), name=name, daemon=False
+            target=child_main, args=(child_end, json.dumps(spec)), name=name, daemon=False
         )
         self.process.start()
         child_end.close()
@@ -149,7 +149,6 @@ class Slot:
 
     def __init__(self, rt: TypeRuntime, index: int) -> None:
         assert rt.children is not None, "a process type has a child policy"
-        self.rt = rt
         self.policy: ChildPolicy = rt.children
         self.name = f"dq-{rt.name}-{index}"
         self.child: Child | None = None
@@ -213,26 +212,18 @@ class Slot:
             if left <= 0 or run.expired:
                 return self._timed_out(child, begun)
             try:
-                if not child.conn.poll(min(left, LOOK_S)):
-                    if run.cancelled.is_set() and not cancel_sent:
-                        cancel_sent = self._cancel(child)
-                    continue
-                answer = child.recv()
+                answer = _answer(child, begun, min(left, LOOK_S))
             except (EOFError, OSError):
                 self._drop(child)
                 why = f"child process {child.pid} {child.exit_status()} while running the task"
                 log.warning("%s (%s %s)", why, rt.name, ctx.task_id)
                 raise ChildDied(why) from None
-            if "log" in answer:
-                _relog(begun, answer["log"])
-                continue
-            self._done(child, answer)
-            return _value(answer, rt)
-
-    def _cancel(self, child: Child) -> bool:
-        with contextlib.suppress(OSError):
-            child.send({"cancel": True})
-        return True
+            if answer is not None:
+                self._done(child, answer)
+                return _value(answer, rt)
+            if run.cancelled.is_set() and not cancel_sent:
+                _cancel(child)
+                cancel_sent = True
 
     def _timed_out(self, child: Child, begun: Begun) -> Any:
         """Past the deadline (or cut short by shutdown): ctx.cancelled in the child, SIGTERM
@@ -242,23 +233,15 @@ class Slot:
             run.expired = True
             run.cancelled.set()
             run.on_timeout(run)
-        self._cancel(child)
+        _cancel(child)
         hard = rt.interrupt or self.forced
         if hard:
             child.signal(signal.SIGTERM)
         grace = self.policy.kill_grace_s
-        end = time.monotonic() + (min(grace, 0.5) if self.forced else grace)
-        answer: dict[str, Any] | None = None
-        while answer is None and (left := end - time.monotonic()) > 0:
-            try:
-                if not child.conn.poll(left):
-                    break
-                answer = child.recv()
-            except (EOFError, OSError):
-                break  # it left on SIGTERM
-            if "log" in answer:
-                _relog(begun, answer["log"])
-                answer = None
+        try:
+            answer = _answer(child, begun, min(grace, 0.5) if self.forced else grace)
+        except (EOFError, OSError):
+            answer = None  # it left on SIGTERM
         if answer is not None and not hard:
             self._done(child, answer)  # timeout_action: cancel, and it returned in time
             raise TimeoutError(f"ran past its timeout of {rt.timeout_s:g}s")
@@ -277,6 +260,24 @@ class Slot:
         ):
             self._drop(child)
             child.close()
+
+
+def _answer(child: Child, begun: Begun, wait_s: float) -> dict[str, Any] | None:
+    """The child's answer to ``begun``'s task, relaying its log lines meanwhile; None when
+    none came within ``wait_s``. EOFError or OSError: the child is gone."""
+    end = time.monotonic() + wait_s
+    while child.conn.poll(max(0.0, end - time.monotonic())):
+        message = child.recv()
+        if "log" not in message:
+            return message
+        _relog(begun, message["log"])
+    return None
+
+
+def _cancel(child: Child) -> None:
+    """Set the running task's ctx.cancelled in the child (gone already: nothing to do)."""
+    with contextlib.suppress(OSError):
+        child.send({"cancel": True})
 
 
 def _relog(begun: Begun, line: list[Any]) -> None:
@@ -314,19 +315,12 @@ def _rebuilt(error: dict[str, Any]) -> BaseException:
 
 
 def _origin(module_name: str, qualname: str) -> type[BaseException] | None:
-    """The exception class a child raised, if the parent has (or can import) its module."""
-    module = sys.modules.get(module_name)
-    if module is None:
-        try:
-            module = __import__(module_name, fromlist=["_"])
-        except Exception:
-            return None
-    found: Any = module
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
-    if isinstance(found, type) and issubclass(found, BaseException):
-        return found
-    return None
+    """The exception class a child raised, if the parent can import it (as never_retry's
+    names are resolved)."""
+    try:
+        return resolve_exception(f"{module_name}:{qualname}")
+    except ConfigError:
+        return None
 
 
 class ProcessWorker(Worker):
@@ -334,27 +328,8 @@ class ProcessWorker(Worker):
 
     mode = "process"
 
-    def __init__(
-        self,
-        broker: Broker,
-        types: Mapping[str, TypeRuntime],
-        events: EventBus,
-        visibility_timeout_s: float,
-        task_logger: TaskLogger = default_task_logger,
-        prefetch: int | None = None,
-        settle_in_background: bool = False,
-    ) -> None:
-        (rt,) = types.values()
-        super().__init__(
-            broker,
-            types,
-            rt.limit,
-            events,
-            visibility_timeout_s,
-            task_logger,
-            prefetch,
-            settle_in_background,
-        )
+    def _setup(self) -> None:
+        (rt,) = self.types.values()  # one type per ProcessWorker: its own children
         self._slots = [Slot(rt, i) for i in range(rt.limit)]
         self._local = threading.local()
 

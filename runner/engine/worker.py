@@ -69,7 +69,8 @@ class Worker:
         self,
         broker: Broker,
         types: Mapping[str, TypeRuntime],
-        threads: int,
+        threads: int | None = None,
+        *,
         events: EventBus,
         visibility_timeout_s: float,
         task_logger: TaskLogger = default_task_logger,
@@ -78,7 +79,11 @@ class Worker:
     ) -> None:
         self.broker = broker
         self.types = dict(types)
-        self.threads = threads
+        # None: a slot for each task its types may run at once (an AsyncWorker's coroutines, a
+        # ProcessWorker's children).
+        self.threads = threads = (
+            sum(rt.limit for rt in types.values()) if threads is None else threads
+        )
         self.events = events
         self.identity = worker_identity()
         self._stopping = threading.Event()
@@ -101,6 +106,11 @@ class Worker:
         self._dispatcher = Dispatcher(self.books, self._fetcher, self._settler, self._stopping)
         self.leases = LeaseKeeper(broker, self.books, events, visibility_timeout_s, self._stopping)
         self._threads: list[threading.Thread] = []
+        self._setup()
+
+    def _setup(self) -> None:
+        """What a subclass adds to the parts above (an AsyncWorker's loop, a ProcessWorker's
+        children)."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
