@@ -143,9 +143,9 @@ Each is read from the class, before any broker is built, as well as from a live 
 - ``shared``: other processes may put into and take from the same queue, so ``dq-run publish``,
   ``stats`` and ``dlq`` reach it from outside and the progress view counts the whole queue. One
   that is not shared lives in the process that runs it: those commands refuse, saying why.
-- ``batch_settles``: each call costs a round trip or a transaction, so the engine settles
-  finished tasks from a background thread, several per ``settle_many``. False: a call costs only
-  a lock, cheaper inline.
+- ``batch_settles``: each call costs a round trip, a transaction or a hold of a contended lock,
+  so the engine settles finished tasks in batches, several per ``settle_many`` (sent with the
+  next fetch, or from a background thread). False: each worker thread makes its own call.
 
 - ``gates_in_get`` and ``settle_effects``: the broker implements gates and effects (above).
   Without them ``set_gate``, ``clear_gate``, ``gates``, ``buckets``, ``circuits``,

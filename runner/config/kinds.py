@@ -33,7 +33,7 @@ class BrokerFlags(NamedTuple):
 #: The built-in broker kinds and their flags; runner.backends names the class of each.
 _EVERYTHING = {"gates_in_get": True, "settle_effects": True}
 BROKER_KINDS: dict[str, BrokerFlags] = {
-    "memory": BrokerFlags(durable=False, shared=False, batch_settles=False, **_EVERYTHING),
+    "memory": BrokerFlags(durable=False, shared=False, batch_settles=True, **_EVERYTHING),
     "sqlite": BrokerFlags(durable=True, shared=True, batch_settles=True, **_EVERYTHING),
     "redis": BrokerFlags(durable=True, shared=True, batch_settles=True, **_EVERYTHING),
 }

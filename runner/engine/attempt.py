@@ -46,12 +46,12 @@ from runner.brokers.base import (
 from runner.engine.handoff import (
     TRACE_TTL_S,
     Pipeline,
-    guarded,
     merged,
     on_dead,
     on_success,
     root_of,
     trace_line,
+    traced,
 )
 from runner.engine.retry import RetryPlan, error_name
 from runner.engine.settle import Outcome
@@ -287,17 +287,16 @@ class Attempts:
         if op.kind == "dead" and pipeline is not None:
             assert op.record is not None, "a dead-letter carries its record"
             effects = merged(effects, on_dead(task, op.record, pipeline, time.time()))
+        root = root_of(task)
         line = trace_line(
             task,
+            root,
             "succeeded" if op.kind == "ack" else "dead",
             outcome.fields.get("duration_s"),
             outcome.fields.get("error"),
             max(TRACE_TTL_S, result_ttl),
         )
-        if effects is None:  # nothing to guard: only the trace line
-            effects = Effects(sets=(line,))
-        else:
-            effects = guarded(merged(effects, Effects(sets=(line,))), task)
+        effects = traced(effects, root, line)
         # Built, not _replace()d: a NamedTuple's _replace costs several times as much, and
         # this runs for every task of a pipeline.
         settle = Settle(op.delivery, op.kind, op.delay_s, op.failure, op.record, effects)
@@ -430,15 +429,12 @@ class Attempts:
             except PermanentError as exc:  # the result cannot start its stages
                 error = exc
         if error is None:
-            ack = (
-                Settle(delivery, "ack", effects=_SUCCEEDED)
-                if rt.breaker
-                else Settle(delivery, "ack")
-            )
+            effects = _SUCCEEDED if rt.breaker else None
             if stored is not None:
-                ack = ack._replace(effects=merged(ack.effects, Effects(sets=(stored,))))
+                effects = merged(effects, Effects(sets=(stored,)))
             if started_next is not None:
-                ack = ack._replace(effects=merged(ack.effects, started_next))
+                effects = merged(effects, started_next)
+            ack = Settle(delivery, "ack", effects=effects)
             return Outcome(ack, EventName.TASK_SUCCEEDED, {"duration_s": duration})
         return self._failed(delivery, rt, error, started, duration, run)
 

@@ -114,14 +114,15 @@ def on_success(task: Task, value: Any, pipeline: Pipeline, now: float) -> Effect
         payloads = [value] if stage.each is None else _items(task, value, stage)
         group = f"{task.id}.{place}"
         for index, payload in enumerate(payloads):
-            extra = {"fanout": [group, index, len(payloads)]} if stage.each is not None else {}
             made.append(
                 Task(
                     type=stage.type,
                     payload=payload,
                     id=child_id(task.id, len(made)),
                     enqueued_at=now,
-                    headers={**headers, **extra},
+                    headers=headers
+                    if stage.each is None
+                    else {**headers, "fanout": [group, index, len(payloads)]},
                     expires_at=expires_at_of(now, None, stage.expires_s),
                 )
             )
@@ -164,24 +165,29 @@ def on_dead(task: Task, record: DeadLetter, pipeline: Pipeline, now: float) -> E
     return Effects(puts=puts, dead_letters=tuple(dead))
 
 
-def guarded(effects: Effects, task: Task) -> Effects:
-    """``effects`` skipped once the task's pipeline is cancelled (nothing to guard: as is)."""
-    if not (effects.puts or effects.arrivals or effects.dead_letters):
-        return effects
+def traced(effects: Effects | None, root: str, line: SetValue) -> Effects:
+    """``effects`` with a settled task's trace ``line``; what they start (if anything) is
+    skipped once its pipeline ``root`` is cancelled (``Effects.unless``). Built in one go, not
+    merged: it runs for every task of a pipeline."""
+    if effects is None:
+        return Effects(sets=(line,))
+    starts = effects.puts or effects.arrivals or effects.dead_letters
     return Effects(
         puts=effects.puts,
-        sets=effects.sets,
+        sets=(*effects.sets, line),
         deletes=effects.deletes,
         circuit=effects.circuit,
         arrivals=effects.arrivals,
         dead_letters=effects.dead_letters,
-        unless=CANCEL_PREFIX + root_of(task),
+        unless=CANCEL_PREFIX + root if starts else effects.unless,
     )
 
 
-def trace_line(task: Task, state: str, duration_s: float | None, error: str | None,
-               ttl_s: float) -> SetValue:  # fmt: skip
-    """The value ``dq-run trace`` shows for ``task`` once it is settled."""
+def trace_line(
+    task: Task, root: str, state: str, duration_s: float | None, error: str | None, ttl_s: float
+) -> SetValue:
+    """The value ``dq-run trace`` shows for ``task`` (of the pipeline ``root``) once it is
+    settled."""
     line = {
         "type": task.type,
         "parent_id": task.headers.get("parent_id"),
@@ -192,7 +198,7 @@ def trace_line(task: Task, state: str, duration_s: float | None, error: str | No
         "at": time.time(),
     }
     text = to_json_bytes(line).decode()  # orjson: a fifth of json.dumps' cost, on every task
-    return SetValue(f"{TRACE_PREFIX}{root_of(task)}:{task.id}", text, ttl_s)
+    return SetValue(f"{TRACE_PREFIX}{root}:{task.id}", text, ttl_s)
 
 
 def fanout_of(task: Task) -> tuple[str, int, int] | None:

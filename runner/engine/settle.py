@@ -1,9 +1,11 @@
 """Settling finished attempts with the broker: inline, or in the background in batches.
 
 A worker thread that finished a task has one broker call left (ack, retry, dead or release).
-On the memory broker that call costs a lock round, so the thread makes it itself (inline). On
-SQLite and Redis it costs a transaction or a round trip, and a thread waiting for it is a thread
-not running handlers; there the thread hands the call on and takes its next task at once:
+On SQLite and Redis it costs a transaction or a round trip, and a thread waiting for it is a
+thread not running handlers. On the memory broker it costs a hold of the lock that the publisher
+and the fetch take too: one per task from every thread made threads queue on it whenever the
+interpreter switched a holder out, which halved the rate in some runs. So on every built-in
+broker (``batch_settles``) the thread hands the call on and takes its next task at once:
 
 - to the Worker's next fetch (a worker thread's own, or the dispatcher's when it is not blocked
   in one), which sends every settle handed on meanwhile along with it (``Broker.exchange``: one

@@ -7,8 +7,8 @@ prefetched deliveries filled, asking the broker only for types with room), the f
 themselves), the lease keeper (``leases``), the Settler (``settle``) and the watchdog
 (``timeouts``). This module starts and stops them and runs the worker threads' loop: take the
 next task of a type whose running count is below its limit (the books), run it
-(runner.engine.attempt), hand its broker call on (made inline on the memory broker; on durable
-ones sent along with the next fetch, or by the Settler's thread) and take the next one in the
+(runner.engine.attempt), hand its broker call on (sent along with the next fetch, or by the
+Settler's thread; inline on a broker without ``batch_settles``) and take the next one in the
 same step. Without a prefetch buffer (``prefetch: 0``), a thread that finds nothing to run
 fetches for itself (``Broker.exchange``, carrying the finished tasks' settles): no hand-off to
 the dispatcher and back.

@@ -65,7 +65,7 @@ def _built_in(kind: str) -> PipelineConfig:
 @pytest.mark.parametrize(
     ("kind", "flags"),
     [
-        ("memory", BrokerFlags(False, False, False, gates_in_get=True, settle_effects=True)),
+        ("memory", BrokerFlags(False, False, True, gates_in_get=True, settle_effects=True)),
         ("sqlite", BrokerFlags(True, True, True, gates_in_get=True, settle_effects=True)),
         ("redis", BrokerFlags(True, True, True, gates_in_get=True, settle_effects=True)),
     ],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from runner.backends import create_broker
-from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth
+from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth, Settle
 from runner.brokers.memory import MemoryBroker
 from runner.config.models import PipelineConfig
 from runner.deadletter.file import FileDeadLetters
@@ -221,6 +221,41 @@ def test_a_put_waiting_for_room_wakes_when_a_task_is_acked() -> None:
     broker.ack(d)
     assert done.wait(5)
     thread.join()
+
+
+class _CountingLock:
+    """A lock that counts how often it was taken."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.taken = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        self.taken += 1
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
+def test_settle_many_takes_the_lock_once_for_the_whole_batch() -> None:
+    # One lock hold per task from every worker thread, next to the publisher's and the fetch's,
+    # is what made threads queue on it (docs/performance.md): the engine settles in batches.
+    broker = make()
+    assert broker.batch_settles
+    broker.put_many([Task("a", i) for i in range(10)])
+    deliveries = broker.get({"a": 10}, 10, 0)
+    lock = _CountingLock()
+    broker._cond = threading.Condition(lock)  # type: ignore[arg-type]
+    answers = broker.settle_many([Settle(d, "ack") for d in deliveries])
+    assert answers == [Answer.DONE] * 10
+    assert lock.taken == 1
+    assert broker.depth()["a"] == Depth(ready=0, delayed=0, leased=0)
 
 
 def _config(tmp_path: Path, **dead_letter: str) -> PipelineConfig:
