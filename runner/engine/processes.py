@@ -161,6 +161,14 @@ class Slot:
                 self.child = Child(self.policy, self.name)
             return self.child
 
+    def open_now(self) -> None:
+        """Start the child ahead of the next task. One that cannot start is logged, not raised:
+        the next task's ``call`` tries again and fails with why (ChildStartFailed)."""
+        try:
+            self.open()
+        except Exception as exc:
+            log.warning("%s: %s", self.name, exc)
+
     def pid(self) -> int | None:
         child = self.child
         return child.pid if child is not None else None
@@ -343,10 +351,7 @@ class ProcessWorker(Worker):
 
     def _slot_loop(self, slot: Slot) -> None:
         self._local.slot = slot
-        try:
-            slot.open()  # started before the first task (else at the first task)
-        except Exception as exc:
-            log.warning("%s: %s", slot.name, exc)
+        slot.open_now()  # started before the first task
         try:
             self._work_loop()
         finally:
@@ -356,10 +361,7 @@ class ProcessWorker(Worker):
         slot: Slot = self._local.slot
         outcome = self.attempts.run(guard, delivery, slot.call)
         if slot.child is None and not self.stopping:
-            try:  # its child died, was killed or replaced: the next one starts now
-                slot.open()
-            except Exception as exc:
-                log.warning("%s: %s", slot.name, exc)
+            slot.open_now()  # its child died, was killed or replaced: the next one starts now
         return outcome
 
     def _force(self) -> None:
