@@ -38,12 +38,14 @@ from runner.brokers.base import (
     RESULT_PREFIX,
     UNIQUE_PREFIX,
     Answer,
+    Arrival,
     Delivery,
     Effects,
     Settle,
     SetValue,
 )
 from runner.engine.handoff import (
+    CANCEL_PREFIX,
     TRACE_TTL_S,
     Pipeline,
     merged,
@@ -115,10 +117,6 @@ class TypeRuntime:
     before: tuple[Middleware, ...] = field(default=(), init=False)
     after: tuple[Middleware, ...] = field(default=(), init=False)
     on_dead: tuple[Middleware, ...] = field(default=(), init=False)
-
-
-#: A success's settle effects, for a type with a circuit breaker.
-_SUCCEEDED = Effects(circuit=True)
 
 
 def _with_circuit(outcome: Outcome, succeeded: bool) -> Outcome:
@@ -247,16 +245,12 @@ class Attempts:
 
     def finish(self, delivery: Delivery, outcome: Outcome) -> Outcome:
         """What every outcome also carries: a unique task's key let go, a pipeline task's
-        hand-offs and trace line."""
+        dead-letter its hand-offs and trace line (an ack has them already: ``_acked``)."""
         task = delivery.task
         if task.unique_key:
             outcome = self._letting_key_go(outcome, task)
-        if self.hand_back and (
-            task.type in self._piped or (task.headers and "root_id" in task.headers)
-        ):
-            rt = self.types.get(task.type)
-            pipeline = rt.pipeline if rt is not None else None
-            outcome = self._handing_off(outcome, task, pipeline, rt.result_ttl if rt else 0.0)
+        if outcome.settle.kind == "dead" and self.hand_back and self._in_pipeline(task):
+            outcome = self._dead_handing_off(outcome, task)
         return outcome
 
     def _logger_of(self, task: Task) -> Callable[[], logging.LoggerAdapter[logging.Logger]]:
@@ -272,35 +266,22 @@ class Attempts:
         another task started it)."""
         return task.type in self._piped or bool(task.headers and "root_id" in task.headers)
 
-    def _handing_off(
-        self, outcome: Outcome, task: Task, pipeline: Pipeline | None, result_ttl: float
-    ) -> Outcome:
-        """A pipeline task's ack or dead-letter also keeps its trace line, and its dead-letter
-        starts its ``on_dead`` task and dead-letters its joins; every hand-off is skipped once
-        its pipeline is cancelled (runner.engine.handoff). An uncounted Retry is neither."""
+    def _dead_handing_off(self, outcome: Outcome, task: Task) -> Outcome:
+        """A pipeline task's dead-letter also keeps its trace line, starts its ``on_dead``
+        task and dead-letters its joins; those hand-offs are skipped once its pipeline is
+        cancelled (runner.engine.handoff)."""
         op = outcome.settle
+        assert op.record is not None, "a dead-letter carries its record"
+        rt = self.types.get(task.type)
         effects = op.effects
-        if op.kind not in ("ack", "dead") or (
-            effects is not None and any(t.id == task.id for t in effects.puts)
-        ):
-            return outcome
-        if op.kind == "dead" and pipeline is not None:
-            assert op.record is not None, "a dead-letter carries its record"
-            effects = merged(effects, on_dead(task, op.record, pipeline, time.time()))
+        if rt is not None and rt.pipeline is not None:
+            effects = merged(effects, on_dead(task, op.record, rt.pipeline, time.time()))
         root = root_of(task)
-        line = trace_line(
-            task,
-            root,
-            "succeeded" if op.kind == "ack" else "dead",
-            outcome.fields.get("duration_s"),
-            outcome.fields.get("error"),
-            max(TRACE_TTL_S, result_ttl),
-        )
-        effects = traced(effects, root, line)
-        # Built, not _replace()d: a NamedTuple's _replace costs several times as much, and
-        # this runs for every task of a pipeline.
-        settle = Settle(op.delivery, op.kind, op.delay_s, op.failure, op.record, effects)
-        return Outcome(settle, outcome.event, outcome.fields)
+        fields = outcome.fields
+        ttl = max(TRACE_TTL_S, rt.result_ttl if rt is not None else 0.0)
+        line = trace_line(task, root, "dead", fields.get("duration_s"), fields.get("error"), ttl)
+        settle = op._replace(effects=traced(effects, root, line))
+        return Outcome(settle, outcome.event, fields)
 
     def _letting_key_go(self, outcome: Outcome, task: Task) -> Outcome:
         """A unique task's ack or dead-letter also lets its key go, in the same broker step:
@@ -416,27 +397,43 @@ class Attempts:
         if error is None and run.expired:
             # timeout_action: cancel, or an interrupt that landed after the handler returned.
             error = TimeoutError(f"ran past its timeout of {rt.timeout_s}s")
-        stored = None
-        if error is None and rt.result_ttl:
+        effects: Effects | None = None
+        if error is None:
             try:
-                stored = _result_value(task.id, {"state": "succeeded", "value": value}, rt)
-            except ValueError as exc:  # a result it cannot keep: the attempt fails for good
-                error = PermanentError(f"the handler's return value is not JSON: {exc}")
-        started_next: Effects | None = None
-        if error is None and rt.pipeline is not None and rt.pipeline.then:
-            try:
-                started_next = on_success(task, value, rt.pipeline, time.time())
-            except PermanentError as exc:  # the result cannot start its stages
+                effects = self._acked(task, rt, run.root, value, duration)
+            except PermanentError as exc:  # a result it cannot keep, or start its stages with
                 error = exc
         if error is None:
-            effects = _SUCCEEDED if rt.breaker else None
-            if stored is not None:
-                effects = merged(effects, Effects(sets=(stored,)))
-            if started_next is not None:
-                effects = merged(effects, started_next)
             ack = Settle(delivery, "ack", effects=effects)
             return Outcome(ack, EventName.TASK_SUCCEEDED, {"duration_s": duration})
         return self._failed(delivery, rt, error, started, duration, run)
+
+    def _acked(
+        self, task: Task, rt: TypeRuntime, root: str, value: Any, duration: float
+    ) -> Effects | None:
+        """What the ack of a task whose handler returned ``value`` also does, as one Effects
+        (built once: this runs for every task): its circuit's success, its kept result and,
+        for a pipeline's task (``root``: Run.root), what it starts and its trace line. Raises
+        PermanentError for a result it cannot keep or start its stages with."""
+        sets: tuple[SetValue, ...] = ()
+        if rt.result_ttl:
+            try:
+                sets = (_result_value(task.id, {"state": "succeeded", "value": value}, rt),)
+            except ValueError as exc:
+                raise PermanentError(f"the handler's return value is not JSON: {exc}") from None
+        puts: tuple[Task, ...] = ()
+        arrivals: tuple[Arrival, ...] = ()
+        if rt.pipeline is not None and rt.pipeline.then:
+            puts, arrivals = on_success(task, value, rt.pipeline, time.time(), root)
+        circuit = True if rt.breaker else None
+        if root:
+            ttl = max(TRACE_TTL_S, rt.result_ttl)
+            sets = (*sets, trace_line(task, root, "succeeded", duration, None, ttl))
+            unless = CANCEL_PREFIX + root if puts or arrivals else None
+            return Effects(puts, sets, (), circuit, arrivals, (), unless)
+        if sets or puts or arrivals or circuit:
+            return Effects(puts=puts, sets=sets, circuit=circuit, arrivals=arrivals)
+        return None
 
     def runs(self) -> list[Run]:
         """The attempts running now."""

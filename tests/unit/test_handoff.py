@@ -28,7 +28,7 @@ def test_children_fan_out_over_a_list_and_carry_their_lineage() -> None:
     parent = Task("fetch", {}, headers={"root_id": "r00t"})
     stages = (Stage("resize", each="order.images"), Stage("notify"))
     value = {"order": {"images": ["a", "b"]}}
-    made = on_success(parent, value, Pipeline(stages), now=100.0).puts
+    made = on_success(parent, value, Pipeline(stages), now=100.0)[0]
     assert [(t.type, t.payload) for t in made] == [
         ("resize", "a"),
         ("resize", "b"),
@@ -42,7 +42,7 @@ def test_children_fan_out_over_a_list_and_carry_their_lineage() -> None:
         {**lineage, "fanout": [group, 1, 2]},
         lineage,
     ]
-    alone = on_success(Task("fetch", {}), 5, Pipeline((Stage("notify"),)), 0.0).puts[0]
+    alone = on_success(Task("fetch", {}), 5, Pipeline((Stage("notify"),)), 0.0)[0][0]
     assert alone.headers["root_id"]
 
 

@@ -604,7 +604,8 @@ class RedisBroker(RedisAdmin, RedisPipelines, BaseBroker):
         for type_ in types:
             keys += [self._stream(type_), self._delayed(type_)]
         if values:
-            keys += [self._key("v", key) for key in values]
+            prefix = self._key("v", "")
+            keys += [prefix + key for key in values]
         return keys, args
 
     def _effect_args(

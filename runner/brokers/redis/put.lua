@@ -14,12 +14,16 @@ local function put(KEYS, ARGV)
   for i = 1, ntypes do
     redis.call('SADD', KEYS[2], ARGV[3 + i])
   end
+  local grouped = {}
   for j = 0, n - 1 do
     local base = first + 5 * j
     local idx = tonumber(ARGV[base])
     local stream, delayed = KEYS[2 + 2 * idx], KEYS[3 + 2 * idx]
     if ARGV[base + 1] == '' then
-      ensure_group(stream, group)
+      if not grouped[idx] then  -- once per type and call
+        ensure_group(stream, group)
+        grouped[idx] = true
+      end
       redis.call('XADD', stream, '*', 'a', ARGV[base + 2], 't', ARGV[base + 3])
     else
       redis.call('ZADD', delayed, ARGV[base + 1], ARGV[base + 3])

@@ -52,7 +52,7 @@ local function settle(KEYS, ARGV)
   local values, names = 10 + 2 * ntypes, #ARGV - ntypes
   local result = {}
   local gone, fields, by_stream, streams, freed, added = {}, {}, {}, {}, 0, 0
-  local typed = {}
+  local typed, grouped = {}, {}
   local tokens, settled_now = {}, {}
   local breaker_of = {}  -- type name -> its breaker, or false: none (read once per call)
 
@@ -130,7 +130,10 @@ local function settle(KEYS, ARGV)
     if is_held(held, id) then return end
     if what == 'put' then
       local stream = KEYS[9 + 2 * i]
-      ensure_group(stream, group)
+      if not grouped[i] then  -- once per type and call
+        ensure_group(stream, group)
+        grouped[i] = true
+      end
       redis.call('XADD', stream, '*', 'a', x, 't', y)
     else
       redis.call('ZADD', KEYS[10 + 2 * i], x, y)

@@ -9,6 +9,7 @@ Runs once per broker that ``broker_factory`` gives; skipped for a broker that do
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -193,6 +194,33 @@ def test_unless_skips_the_hand_offs_but_not_the_settle(make_broker: BrokerMaker)
     _ack_with(broker, replace(effects, unless="cancel:other", dead_letters=()))
     assert broker.depth()["b"] == Depth(ready=1)
     assert broker.depth()["c"] == Depth(ready=1)
+
+
+def test_each_settle_in_a_batch_is_skipped_by_its_own_unless_key(
+    make_broker: BrokerMaker,
+) -> None:
+    """Acks of several pipelines in one settle_many: only the one whose key is live starts
+    nothing; a key set between the others' (or one whose ttl ran out) skips none of them."""
+    broker = _effective(make_broker)
+    broker.set_values([SetValue("cancel:r2", "1"), SetValue("cancel:r15", "1")])
+    broker.set_values([SetValue("cancel:r35", "1", ttl_s=0.05)])
+    time.sleep(0.2)
+    put(broker, *(task("a", n) for n in (1, 2, 3, 4)))
+    deliveries = broker.get({"a": 4}, 4, GET_TIMEOUT_S)
+    assert len(deliveries) == 4
+    roots = {1: "r1", 2: "r2", 3: "r3", 4: "r4"}
+    ops = [
+        Settle(
+            d,
+            "ack",
+            effects=Effects(
+                puts=(task("b", d.task.payload),), unless="cancel:" + roots[d.task.payload]
+            ),
+        )
+        for d in deliveries
+    ]
+    assert broker.settle_many(ops) == [DONE] * 4
+    assert sorted(_payloads(broker, "b")) == [1, 3, 4]  # type: ignore[type-var]
 
 
 def _pipeline(broker: Broker) -> dict[str, Task]:
