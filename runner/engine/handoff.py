@@ -28,6 +28,7 @@ its index among the children, and a broker skips an effect put of an id it holds
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -85,6 +86,12 @@ class Pipeline:
     def joins(self) -> tuple[Stage, ...]:
         return tuple(stage for stage in self.then if stage.join)
 
+    @functools.cached_property
+    def puts_value(self) -> bool:
+        """Whether a success puts tasks whose payloads come from its return value (a stage
+        that is not a join)."""
+        return any(not stage.join for stage in self.then)
+
 
 def child_id(parent_id: str, index: int | str) -> str:
     """The id of a parent's ``index``-th child: the parent's time prefix (so ids still sort by
@@ -107,6 +114,12 @@ def on_success(
     when its handler returned ``value``: the tasks to put and the parts to send to joins (for
     the ack's Effects, which its caller builds once); a PermanentError when a stage cannot be
     made (no list to fan out over, too many items, a result a join cannot keep)."""
+    if pipeline.puts_value:
+        try:
+            to_json_bytes(value)  # what every broker writes its children's payloads with
+        except (TypeError, ValueError) as exc:
+            why = f"then: the return value of this {task.type!r} task is not JSON: {exc}"
+            raise PermanentError(why) from None
     headers = {"root_id": root or root_of(task), "parent_id": task.id}
     made: list[Task] = []
     arrivals: list[Arrival] = []

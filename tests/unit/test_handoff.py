@@ -96,6 +96,50 @@ def test_a_pipeline_runs_its_stages_each_child_once(kind: str, tmp_path: Path) -
     assert "has no list there" in dead[0].message
 
 
+@pytest.mark.parametrize(
+    "kind", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+)
+def test_a_return_value_that_is_not_json_dead_letters_its_parent_alone(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A stage's payload is its parent's return value: one that is not JSON fails that parent
+    for good, in its own attempt, and the tasks settled in the same batch hand off as usual
+    (it used to fail the whole batch's settle, every time it was redelivered)."""
+    broker: dict[str, object] = {}
+    if kind == "sqlite":
+        broker = {"kind": "sqlite", "path": str(tmp_path / "q.db")}
+    elif kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        broker = {"kind": "redis", "url": server.url,
+                  "namespace": request.getfixturevalue("redis_namespace")}  # fmt: skip
+    record = "tests.unit.flow_handlers:record"
+    config = PipelineConfig.model_validate(
+        {
+            "broker": broker,
+            "workers": 4,
+            "task_types": {
+                "odd": {
+                    "handler": "tests.unit.flow_handlers:unjsonable",
+                    "then": [{"type": "next"}],
+                },
+                "even": {"handler": "tests.unit.flow_handlers:echo", "then": [{"type": "next"}]},
+                "next": {"handler": record},
+            },
+        }
+    )
+    flow_handlers.recorded.clear()
+    runner = build_runtime(config, observe=False)
+    with runner:
+        bad = runner.publish("odd", None)
+        good = [runner.publish("even", n) for n in range(6)]
+        assert runner.run_until_empty(timeout=30) is True
+        dead = runner.broker.dead_letters(DeadLetterFilter())  # type: ignore[attr-defined]
+    assert sorted(p for t, _, p, _ in flow_handlers.recorded) == list(range(6))
+    assert {h["parent_id"] for *_, h in flow_handlers.recorded} == set(good)
+    assert [(r.id, r.reason) for r in dead] == [(bad, "permanent")]
+    assert "is not JSON" in dead[0].message
+
+
 def _joining(broker: dict[str, object]) -> PipelineConfig:
     return PipelineConfig.model_validate(
         {

@@ -668,7 +668,14 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
         ``unless`` key is not a live value, the puts (a task id already queued is left out;
         capacity is not checked), the arrivals (with the puts of the joins they complete) and
         the dead letters; then the sets, then the deletes (op by op when a key is both set and
-        deleted among them, so that the last op's word on it stands)."""
+        deleted among them, so that the last op's word on it stands).
+
+        The rows of the puts and the sets are made here, before the transaction: the write
+        lock every thread of the process waits for is not held while tasks are encoded. (A put
+        task not yet due is written as waiting and promoted when due, as any delayed task.)
+        """
+        made = self._clock()
+        puts = [[insert_row(task, made) for task in effects.puts] for effects, _ in ops]
         arrivals = [arriver(effects.arrivals) if effects.arrivals else None for effects, _ in ops]
         dead = [[dead_row(record) for record in effects.dead_letters] for effects, _ in ops]
         guards = [e.unless for e, _ in ops if e.unless is not None and _hands_off(e)]
@@ -685,10 +692,12 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
             live = read_values(conn, guards, now) if guards else {}
             rows: list[tuple[Any, ...]] = []
             dead_rows: list[tuple[Any, ...]] = []
-            for (effects, _), arrive, records, done in zip(ops, arrivals, dead, took, strict=True):
+            for (effects, _), put, arrive, records, done in zip(
+                ops, puts, arrivals, dead, took, strict=True
+            ):
                 if not done or (effects.unless is not None and effects.unless in live):
                     continue
-                rows.extend(insert_row(task, now) for task in effects.puts)
+                rows += put
                 if arrive is not None:
                     rows.extend(arrive(conn, now))
                 dead_rows.extend(records)
@@ -699,13 +708,7 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
             batches = [(e.sets, e.deletes) for e, _ in ops_took] if apart else [_flat(ops_took)]
             for sets, deletes in batches:
                 if sets:
-                    conn.executemany(
-                        SET_VALUE_SQL,
-                        [
-                            (s.key, s.value, None if s.ttl_s is None else now + s.ttl_s)
-                            for s in sets
-                        ],
-                    )
+                    conn.executemany(SET_VALUE_SQL, [_set_row(item, now) for item in sets])
                 if deletes:
                     conn.executemany(_DELETE_VALUE_SQL, [(key,) for key in deletes])
 
@@ -772,6 +775,11 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
 def _hands_off(effects: Effects) -> bool:
     """Whether ``effects`` start anything (what ``unless`` can skip)."""
     return bool(effects.puts or effects.arrivals or effects.dead_letters)
+
+
+def _set_row(item: SetValue, now: float) -> tuple[str, str, float | None]:
+    """SET_VALUE_SQL's parameters for ``item`` set at ``now``."""
+    return item.key, item.value, None if item.ttl_s is None else now + item.ttl_s
 
 
 def _flat(ops: Sequence[tuple[Effects, str]]) -> tuple[list[SetValue], list[str]]:
