@@ -114,8 +114,10 @@ Duration = Annotated[
 """Seconds: a number, or a string with a unit: ms, s, m, h (``50ms``, ``2s``, ``1.5m``)."""
 
 
-SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB)?\s*$"
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB)?\s*$", re.IGNORECASE)
+#: A size as the JSON schema's pattern spells it: editors check it with ECMA-262 regexes,
+#: which have no ignore-case flag, so each unit letter is given in both cases.
+SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([bB]|[kKmMgG][bB])?\s*$"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bB]|[kKmMgG][bB])?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from runner.config.load import config_warnings, load_config, render_config
-from runner.config.models import PipelineConfig, parse_duration
+from runner.config.models import SIZE_PATTERN, PipelineConfig, parse_duration, parse_size
 from runner.config.schema import config_json_schema
 from runner.errors import ConfigError
 from tests.unit.config_kit import as_run
@@ -329,3 +330,18 @@ def test_render_prints_the_values_in_force_and_how_they_were_computed(tmp_path: 
     assert "prefetch: 4096  # computed: 16 x workers, at most 4096" in huge
     explicit = write(tmp_path, "prefetch: 0\n" + BASE, "explicit.yaml")
     assert "prefetch: 0  # " in render_config(explicit, environ={})
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["512MB", "512mb", "2Gb", "64kB", "10b", " 1.5 GB ", "4096", "512 MiB", "MB", "1TB", "-1KB"],
+)
+def test_the_schemas_size_pattern_takes_what_the_loader_takes(text: str) -> None:
+    """An editor that checks the YAML against configs/schema.json flags exactly the sizes the
+    runner refuses (``512mb`` was flagged, yet loaded)."""
+    try:
+        parse_size(text)
+        loads = True
+    except ValueError:
+        loads = False
+    assert bool(re.match(SIZE_PATTERN, text)) is loads
