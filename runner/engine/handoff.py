@@ -127,31 +127,27 @@ def on_success(
         expires_at = now + stage.expires_s if stage.expires_s else 0.0
         if stage.join:
             arrivals.append(_arrival(task, value, stage, now))
-        elif stage.each is None:  # one child: the whole value, the parent's lineage headers
+            continue
+        if stage.each is None:  # one child: the whole value, with the parent's lineage
+            children: list[tuple[Any, Mapping[str, Any]]] = [(value, headers)]
+        else:
+            payloads = _items(task, value, stage)
+            group, size = f"{task.id}.{place}", len(payloads)
+            children = [
+                (payload, {**headers, "fanout": [group, index, size]})
+                for index, payload in enumerate(payloads)
+            ]
+        for payload, lineage in children:
             made.append(
                 Task(
                     type=stage.type,
-                    payload=value,
+                    payload=payload,
                     id=child_id(task.id, len(made)),
                     enqueued_at=now,
-                    headers=headers,
+                    headers=lineage,
                     expires_at=expires_at,
                 )
             )
-        else:
-            payloads = _items(task, value, stage)
-            group = f"{task.id}.{place}"
-            for index, payload in enumerate(payloads):
-                made.append(
-                    Task(
-                        type=stage.type,
-                        payload=payload,
-                        id=child_id(task.id, len(made)),
-                        enqueued_at=now,
-                        headers={**headers, "fanout": [group, index, len(payloads)]},
-                        expires_at=expires_at,
-                    )
-                )
     return tuple(made), tuple(arrivals)
 
 
