@@ -14,16 +14,16 @@ the handler on this thread, ``end`` (after_attempt hooks, then the ack or the fa
 ``finish`` (what every outcome also carries); an async type's attempt (runner.engine.aio) is the
 same three around an awaited coroutine.
 
-What the broker step also does rides on it as settle effects: the outcome for the type's circuit
-breaker, the task's kept result, the pipeline's hand-offs and trace line (runner.engine.handoff),
-a unique key let go. Size: about 650 lines, over our 400; the effects' builders (results, unique
-keys, hand-offs) are the next to move out, into a module of their own.
+What the broker step also does rides on it as settle effects, built by runner.engine.effects:
+the outcome for the type's circuit breaker, the task's kept result, the pipeline's hand-offs and
+trace line (runner.engine.handoff), a unique key let go. Size: about 560 lines, over our 400:
+``begin`` / ``end`` / ``_failed`` / ``_dead`` are one decision (how an attempt ends) and read
+best together; the events and hooks around them are what could move next.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import socket
@@ -35,26 +35,19 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from runner.brokers.base import (
-    RESULT_PREFIX,
-    UNIQUE_PREFIX,
     Answer,
-    Arrival,
     Delivery,
     Effects,
     Settle,
-    SetValue,
 )
-from runner.engine.handoff import (
-    CANCEL_PREFIX,
-    TRACE_TTL_S,
-    Pipeline,
-    merged,
-    on_dead,
-    on_success,
-    root_of,
-    trace_line,
-    traced,
+from runner.engine.effects import (
+    acked,
+    dead_handed_off,
+    letting_key_go,
+    result_value,
+    with_circuit,
 )
+from runner.engine.handoff import Pipeline, root_of
 from runner.engine.retry import RetryPlan, error_name
 from runner.engine.settle import Outcome
 from runner.engine.timeouts import Guard, Run, Watchdog
@@ -117,23 +110,6 @@ class TypeRuntime:
     before: tuple[Middleware, ...] = field(default=(), init=False)
     after: tuple[Middleware, ...] = field(default=(), init=False)
     on_dead: tuple[Middleware, ...] = field(default=(), init=False)
-
-
-def _with_circuit(outcome: Outcome, succeeded: bool) -> Outcome:
-    """``outcome`` with its settle carrying ``succeeded`` for the type's circuit breaker."""
-    op = outcome.settle
-    effects = replace(op.effects or Effects(), circuit=succeeded)
-    return outcome._replace(settle=op._replace(effects=effects))
-
-
-def _result_value(task_id: str, result: dict[str, Any], rt: TypeRuntime) -> SetValue:
-    """The settle effect that keeps ``result`` (JSON; ValueError when it is not) for its
-    type's ``results.ttl``, under ``result:<task id>``."""
-    try:
-        text = json.dumps({**result, "finished_at": time.time()}, allow_nan=False)
-    except TypeError as exc:
-        raise ValueError(str(exc)) from None
-    return SetValue(RESULT_PREFIX + task_id, text, rt.result_ttl)
 
 
 def _with_lineage(
@@ -245,12 +221,12 @@ class Attempts:
 
     def finish(self, delivery: Delivery, outcome: Outcome) -> Outcome:
         """What every outcome also carries: a unique task's key let go, a pipeline task's
-        dead-letter its hand-offs and trace line (an ack has them already: ``_acked``)."""
+        dead-letter its hand-offs and trace line (an ack has them already: effects.acked)."""
         task = delivery.task
         if task.unique_key:
-            outcome = self._letting_key_go(outcome, task)
+            outcome = letting_key_go(outcome, task, self.types.get(task.type))
         if outcome.settle.kind == "dead" and self.hand_back and self._in_pipeline(task):
-            outcome = self._dead_handing_off(outcome, task)
+            outcome = dead_handed_off(outcome, task, self.types.get(task.type))
         return outcome
 
     def _logger_of(self, task: Task) -> Callable[[], logging.LoggerAdapter[logging.Logger]]:
@@ -265,40 +241,6 @@ class Attempts:
         """Whether ``task``'s settle hands off or keeps a trace line (its type hands off, or
         another task started it)."""
         return task.type in self._piped or bool(task.headers and "root_id" in task.headers)
-
-    def _dead_handing_off(self, outcome: Outcome, task: Task) -> Outcome:
-        """A pipeline task's dead-letter also keeps its trace line, starts its ``on_dead``
-        task and dead-letters its joins; those hand-offs are skipped once its pipeline is
-        cancelled (runner.engine.handoff)."""
-        op = outcome.settle
-        assert op.record is not None, "a dead-letter carries its record"
-        rt = self.types.get(task.type)
-        effects = op.effects
-        if rt is not None and rt.pipeline is not None:
-            effects = merged(effects, on_dead(task, op.record, rt.pipeline, time.time()))
-        root = root_of(task)
-        fields = outcome.fields
-        ttl = max(TRACE_TTL_S, rt.result_ttl if rt is not None else 0.0)
-        line = trace_line(task, root, "dead", fields.get("duration_s"), fields.get("error"), ttl)
-        settle = op._replace(effects=traced(effects, root, line))
-        return Outcome(settle, outcome.event, fields)
-
-    def _letting_key_go(self, outcome: Outcome, task: Task) -> Outcome:
-        """A unique task's ack or dead-letter also lets its key go, in the same broker step:
-        held on for its type's ``unique.ttl``, or deleted at once. A retry keeps it, and so
-        does an uncounted Retry (its ack puts the task back)."""
-        op = outcome.settle
-        effects = op.effects or Effects()
-        if op.kind not in ("ack", "dead") or any(t.id == task.id for t in effects.puts):
-            return outcome
-        rt = self.types.get(task.type)
-        ttl = rt.unique_ttl if rt is not None else 0.0
-        key = UNIQUE_PREFIX + task.unique_key
-        if ttl:
-            effects = replace(effects, sets=(*effects.sets, SetValue(key, task.id, ttl)))
-        else:
-            effects = replace(effects, deletes=(*effects.deletes, key))
-        return outcome._replace(settle=op._replace(effects=effects))
 
     def begin(self, delivery: Delivery) -> Outcome | Begun:
         """The checks before a handler runs (its Outcome when one ends the task unrun), then
@@ -400,40 +342,13 @@ class Attempts:
         effects: Effects | None = None
         if error is None:
             try:
-                effects = self._acked(task, rt, run.root, value, duration)
+                effects = acked(task, rt, run.root, value, duration)
             except PermanentError as exc:  # a result it cannot keep, or start its stages with
                 error = exc
         if error is None:
             ack = Settle(delivery, "ack", effects=effects)
             return Outcome(ack, EventName.TASK_SUCCEEDED, {"duration_s": duration})
         return self._failed(delivery, rt, error, started, duration, run)
-
-    def _acked(
-        self, task: Task, rt: TypeRuntime, root: str, value: Any, duration: float
-    ) -> Effects | None:
-        """What the ack of a task whose handler returned ``value`` also does, as one Effects
-        (built once: this runs for every task): its circuit's success, its kept result and,
-        for a pipeline's task (``root``: Run.root), what it starts and its trace line. Raises
-        PermanentError for a result it cannot keep or start its stages with."""
-        sets: tuple[SetValue, ...] = ()
-        if rt.result_ttl:
-            try:
-                sets = (_result_value(task.id, {"state": "succeeded", "value": value}, rt),)
-            except ValueError as exc:
-                raise PermanentError(f"the handler's return value is not JSON: {exc}") from None
-        puts: tuple[Task, ...] = ()
-        arrivals: tuple[Arrival, ...] = ()
-        if rt.pipeline is not None and rt.pipeline.then:
-            puts, arrivals = on_success(task, value, rt.pipeline, time.time(), root)
-        circuit = True if rt.breaker else None
-        if root:
-            ttl = max(TRACE_TTL_S, rt.result_ttl)
-            sets = (*sets, trace_line(task, root, "succeeded", duration, None, ttl))
-            unless = CANCEL_PREFIX + root if puts or arrivals else None
-            return Effects(puts, sets, (), circuit, arrivals, (), unless)
-        if sets or puts or arrivals or circuit:
-            return Effects(puts=puts, sets=sets, circuit=circuit, arrivals=arrivals)
-        return None
 
     def runs(self) -> list[Run]:
         """The attempts running now."""
@@ -494,7 +409,7 @@ class Attempts:
         # A circuit counts what says something about the downstream: exceptions and timeouts,
         # not never_retry names or PermanentError (the task's own fault).
         if rt.breaker and (decision.retry or decision.reason is DeadReason.EXHAUSTED):
-            outcome = _with_circuit(outcome, succeeded=False)
+            outcome = with_circuit(outcome, succeeded=False)
         return outcome
 
     def _handed_back(
@@ -546,7 +461,7 @@ class Attempts:
         rt = self.types.get(task.type)
         if rt is not None and rt.result_ttl:  # its result says why it died
             died = {"state": "dead", "reason": str(reason), "error": f"{kind}: {message}"}
-            op = op._replace(effects=Effects(sets=(_result_value(task.id, died, rt),)))
+            op = op._replace(effects=Effects(sets=(result_value(task.id, died, rt.result_ttl),)))
         return Outcome(
             op,
             EventName.TASK_DEAD,
