@@ -114,10 +114,11 @@ Duration = Annotated[
 """Seconds: a number, or a string with a unit: ms, s, m, h (``50ms``, ``2s``, ``1.5m``)."""
 
 
-#: A size as the JSON schema's pattern spells it: editors check it with ECMA-262 regexes,
-#: which have no ignore-case flag, so each unit letter is given in both cases.
-SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([bB]|[kKmMgG][bB])?\s*$"
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bB]|[kKmMgG][bB])?\s*$")
+#: A size, for the loader and the JSON schema alike (one pattern: they cannot drift apart):
+#: editors check it with ECMA-262 regexes, which have no ignore-case flag, so each unit letter
+#: is given in both cases.
+SIZE_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*([bB]|[kKmMgG][bB])?\s*$"
+_SIZE_RE = re.compile(SIZE_PATTERN)
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
 
