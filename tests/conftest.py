@@ -14,6 +14,11 @@ default (so `make test`, which CI runs, is the same run every time):
   failure found this way as an explicit ``@example``.
 - ``dev``: the same examples, shrunk to a minimal one (to debug a failure ``ci`` reported).
 - ``explore``: random seeds and ten times the examples, to look for new failures.
+
+Parallel: `make test` runs the suite in two pytest-xdist workers (most tests wait on processes,
+sockets and timers, not on the CPU). Each worker is its own process with its own session
+fixtures (its own throwaway redis-server); a test must not share a file, port or process with
+another test except through a fixture.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ settings.register_profile(
 settings.register_profile("dev", settings.get_profile("ci"), phases=tuple(Phase))
 settings.register_profile("explore", deadline=None, max_examples=1000, phases=tuple(Phase))
 settings.load_profile(os.environ.get("DQ_HYPOTHESIS_PROFILE", "ci"))
+
+# The commands the tests run print tables as wide as a pipe's (no limit), whoever runs the
+# suite: a terminal's exported COLUMNS, or pytest-xdist's workers (which set COLUMNS=80 and
+# LINES=24), would cut columns the tests read. A test that wants a width passes COLUMNS itself.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
 
 
 def _require_redis_binary() -> None:
