@@ -23,6 +23,7 @@ another test except through a fixture.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -95,3 +96,23 @@ def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _runner_logging_restored() -> Iterator[None]:
+    """The ``runner`` logger as it was before each test: ``setup_logging`` (a Runner that
+    observes, a CLI command run in-process) gives it a handler, a level and propagate=False,
+    which would hide the next test's records from ``caplog`` (and set the level a process
+    type's children log at). Tests run in any order (two xdist workers), so none may depend
+    on another having left logging alone."""
+    logger = logging.getLogger("runner")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    for handler in list(logger.handlers):
+        if handler not in handlers:
+            logger.removeHandler(handler)
+    for handler in handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = propagate

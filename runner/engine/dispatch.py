@@ -1,10 +1,13 @@
 """The dispatcher: one thread that keeps the prefetch buffer filled, asking the broker only for
 types with room (so a saturated type never stalls the others).
 
-It fetches in batches, when half the buffer is free or a thread would starve, and keeps the
-blocking wait for an empty queue (``broker.get``); otherwise it carries finished tasks' settles
-along with its fetch. Without a buffer (``prefetch: 0``) the threads fetch for themselves and
-the dispatcher only waits for an empty queue and sends the settles nobody carried.
+It fetches in batches, when half the buffer is free or a thread would starve, carrying finished
+tasks' settles along with its fetch. On an in-process broker it offers the blocking wait for
+an empty queue (``broker.get``) to an idle worker thread (the leader, see runner.engine.books),
+which then runs what the wait brings itself; it makes that wait itself while no thread is idle,
+and always on a shared broker. Without a buffer
+(``prefetch: 0``) the threads fetch for themselves, and the dispatcher only offers (or makes)
+the wait for an empty queue and sends the settles nobody carried.
 """
 
 from __future__ import annotations

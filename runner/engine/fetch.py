@@ -57,4 +57,5 @@ class Fetcher:
             log.exception("broker.%s failed; the worker continues", call)
             return None
         finally:
-            self._books.fetched(fetch.reservation, deliveries, by_dispatcher)
+            lead = fetch.block and not by_dispatcher  # a worker thread's get: the leader's
+            self._books.fetched(fetch.reservation, deliveries, by_dispatcher, lead)

@@ -101,6 +101,7 @@ class Worker:
             self._stopping,
             submit=self._settler.submit,
             wake_broker=broker.wake,
+            lead=not broker.shared,  # an idle thread waits in get: in-process brokers only
         )
         self._fetcher = Fetcher(broker, self.books, self._settler)
         self._dispatcher = Dispatcher(self.books, self._fetcher, self._settler, self._stopping)

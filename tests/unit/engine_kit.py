@@ -165,7 +165,7 @@ class Engine:
         # The books held still while the broker is asked (brokers never take the books' lock),
         # so both answers describe one moment.
         with self.worker.books.observe() as books:
-            if books.held or books.settling or books.sleeping < books.threads:
+            if books.held or books.settling or books.sleeping + books.leading < books.threads:
                 return False
             return all(depth.total == 0 for depth in self.broker.depth().values())
 

@@ -127,36 +127,72 @@ def test_fetches_under_way_at_once_never_over_fetch(engines: list[Engine]) -> No
     assert max(a + b for a, b in seen) <= 3  # and the process its threads
 
 
-def test_with_a_prefetch_buffer_the_dispatcher_fetches(engines: list[Engine]) -> None:
+def test_with_a_prefetch_buffer_threads_make_only_the_blocking_get(engines: list[Engine]) -> None:
+    """With a buffer, the dispatcher fills it (every exchange is its own); a worker thread
+    fetches only as the leader: the blocking get for an empty buffer, made by an idle thread
+    so that the task it brings needs no second hand-off. Every task came through one of
+    those."""
     engine = Engine([type_runtime("t", short_random_sleep, limit=2)], threads=2, prefetch=4)
     engines.append(engine)
-    # Both ways to fetch are watched (a thread could fetch with a blocking get as well as with
-    # exchange): every task came through a call the dispatcher made, none through a thread.
-    fetched: list[tuple[str, int]] = []
+    fetched: list[tuple[str, str, int]] = []  # (call, thread, deliveries)
     wrapper = slow_exchange(engine, 0.0)
     wrapper.after = lambda deliveries: fetched.append(
-        (threading.current_thread().name, len(deliveries))
+        ("exchange", threading.current_thread().name, len(deliveries))
     )
     get = engine.broker.get
-
     wrapped_get_called = threading.Event()
 
     def recorded_get(slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
         wrapped_get_called.set()
         deliveries = get(slots, limit, timeout)
-        fetched.append((threading.current_thread().name, len(deliveries)))
+        fetched.append(("get", threading.current_thread().name, len(deliveries)))
         return deliveries
 
     engine.broker.get = recorded_get  # type: ignore[method-assign]
-    # The dispatcher is already blocked in the unwrapped get: end it (a wake is sticky, so
-    # this holds even if it is not waiting yet) and publish only once its next get is ours.
+    # The leader is already blocked in the unwrapped get: end it (a wake is sticky, so this
+    # holds even if it is not waiting yet) and publish only once the next get is ours.
     engine.broker.wake()
-    assert wrapped_get_called.wait(10), "the idle dispatcher is not waiting in get for work"
+    assert wrapped_get_called.wait(10), "no idle thread is waiting in get for work"
     for _ in range(20):
         engine.publish("t")
     engine.wait_finished(20, timeout=20)
-    assert {name for name, _ in fetched} == {"dq-dispatcher"}
-    assert sum(n for _, n in fetched) == 20
+    assert {name for call, name, _ in fetched if call == "exchange"} <= {"dq-dispatcher"}
+    assert any(name.startswith("dq-worker-") for call, name, _ in fetched if call == "get")
+    assert sum(n for _, _, n in fetched) == 20
+
+
+def test_an_idle_worker_runs_what_its_own_get_brought(engines: list[Engine]) -> None:
+    """Idle threads, an empty buffer: the task published next is fetched by a worker thread
+    (the leader) and run by that same thread, one hand-off from publish to start, never by
+    the dispatcher's get and a second thread."""
+    getters: dict[str, str] = {}  # task id -> the thread whose get brought it
+    runners: dict[str, str] = {}  # task id -> the thread that ran it
+
+    def record(payload: Any, ctx: TaskContext) -> None:
+        runners[ctx.task_id] = threading.current_thread().name
+
+    engine = Engine([type_runtime("t", record, limit=4)], threads=4, prefetch=4)
+    engines.append(engine)
+    get = engine.broker.get
+    wrapped_get_called = threading.Event()
+
+    def recorded_get(slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
+        wrapped_get_called.set()
+        deliveries = get(slots, limit, timeout)
+        for delivery in deliveries:
+            getters[delivery.task.id] = threading.current_thread().name
+        return deliveries
+
+    engine.broker.get = recorded_get  # type: ignore[method-assign]
+    engine.broker.wake()
+    assert wrapped_get_called.wait(10), "no idle thread is waiting in get for work"
+    for n in range(1, 11):
+        engine.wait_quiet()  # every thread idle: one of them waits in the broker's get
+        engine.publish("t")
+        engine.wait_finished(n)
+    assert runners.keys() == getters.keys()
+    assert all(getters[i].startswith("dq-worker-") for i in getters), getters
+    assert all(runners[i] == getters[i] for i in getters), (getters, runners)
 
 
 def test_a_failing_fetch_leaves_the_work_to_the_dispatcher(engines: list[Engine]) -> None:
