@@ -158,11 +158,26 @@ def end_to_end_bare_producer_rate(
     """The same worker pipeline fed by a bare producer in another process
     (bare_producer.py: the runner's own entry and capacity count, one round trip per task);
     tasks/s from the producer's start to the last finish."""
+    return _fed_by_process(config, ["bare_producer.py", url, namespace, TYPE, str(n)], n, timeout)
+
+
+def end_to_end_producer_process_rate(
+    config: PipelineConfig, url: str, namespace: str, n: int, timeout: float = 600.0
+) -> float:
+    """The same worker pipeline fed by the runner's own ``publish()``, one call per task, from
+    another process (runner_producer.py: a web application's process, no worker of its own);
+    tasks/s from the producer's start to the last finish."""
+    return _fed_by_process(config, ["runner_producer.py", url, namespace, str(n)], n, timeout)
+
+
+def _fed_by_process(config: PipelineConfig, command: list[str], n: int, timeout: float) -> float:
+    """Tasks/s of ``config``'s workers fed by the benchmarks script ``command`` (which prints
+    its start time, then publishes ``n`` tasks), from that start to the last finish."""
     runner, recorder = _runner(config)
     recorder.expect(n)
     runner.start()
     producer = subprocess.Popen(
-        [sys.executable, str(HERE / "bare_producer.py"), url, namespace, TYPE, str(n)],
+        [sys.executable, str(HERE / command[0]), *command[1:]],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -539,26 +539,44 @@ def bench_redis(sizes: Sizes, reps: int, tmp: Path) -> list[Row]:
             )
         )
 
-        def fed_by_bare_producer() -> float:
-            namespace = f"bare{next(counter)}"
-            config = cfg(THREADS, namespace=namespace)
-            return ec.end_to_end_bare_producer_rate(config, url, namespace, sizes.calls)  # type: ignore[arg-type]
+        def fed_by(producer: Callable[..., float]) -> Callable[[], float]:
+            def measure() -> float:
+                namespace = f"fed{next(counter)}"
+                config = cfg(THREADS, namespace=namespace)
+                return producer(config, url, namespace, sizes.calls)
 
-        bare_fed, per_call = paired(
-            fed_by_bare_producer,
+            return measure
+
+        # The target is judged where only the producer differs: the runner's publish() in a
+        # process of its own (a web application's) against the bare producer's process. The
+        # same publish() from inside the worker process shares its interpreter lock with the
+        # four worker threads: shown, not judged (docs/performance.md).
+        bare_fed, per_call_process, per_call = together(
+            fed_by(ec.end_to_end_bare_producer_rate),
+            fed_by(ec.end_to_end_producer_process_rate),
             lambda: ec.end_to_end_per_call_rate(cfg(THREADS), sizes.calls),  # type: ignore[arg-type]
-            reps,
+            reps=reps,
         )
         rows.append(
             Row(
                 "redis",
-                "end-to-end no-op, one publish() per task",
-                per_call,
+                "end-to-end no-op, one publish() per task, producer process",
+                per_call_process,
                 "tasks/s",
                 "bare producer process",
                 bare_fed,
                 "ratio >= 0.9",
-                per_call >= 0.9 * bare_fed,
+                per_call_process >= 0.9 * bare_fed,
+            )
+        )
+        rows.append(
+            Row(
+                "redis",
+                "end-to-end no-op, one publish() per task, in the worker process",
+                per_call,
+                "tasks/s",
+                "bare producer process",
+                bare_fed,
             )
         )
         b_pre, e_pre = paired(
