@@ -20,10 +20,7 @@ local function put(KEYS, ARGV)
     local idx = tonumber(ARGV[base])
     local stream, delayed = KEYS[2 + 2 * idx], KEYS[3 + 2 * idx]
     if ARGV[base + 1] == '' then
-      if not grouped[idx] then  -- once per type and call
-        ensure_group(stream, group)
-        grouped[idx] = true
-      end
+      ensure_group_once(grouped, idx, stream, group)
       redis.call('XADD', stream, '*', 'a', ARGV[base + 2], 't', ARGV[base + 3])
     else
       redis.call('ZADD', delayed, ARGV[base + 1], ARGV[base + 3])

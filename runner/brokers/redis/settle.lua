@@ -130,10 +130,7 @@ local function settle(KEYS, ARGV)
     if is_held(held, id) then return end
     if what == 'put' then
       local stream = KEYS[9 + 2 * i]
-      if not grouped[i] then  -- once per type and call
-        ensure_group(stream, group)
-        grouped[i] = true
-      end
+      ensure_group_once(grouped, i, stream, group)
       redis.call('XADD', stream, '*', 'a', x, 't', y)
     else
       redis.call('ZADD', KEYS[10 + 2 * i], x, y)
