@@ -5,9 +5,9 @@ It fetches in batches, when half the buffer is free or a thread would starve, ca
 tasks' settles along with its fetch. On an in-process broker it offers the blocking wait for
 an empty queue (``broker.get``) to an idle worker thread (the leader, see runner.engine.books),
 which then runs what the wait brings itself; it makes that wait itself while no thread is idle,
-and always on a shared broker. Without a buffer
-(``prefetch: 0``) the threads fetch for themselves, and the dispatcher only offers (or makes)
-the wait for an empty queue and sends the settles nobody carried.
+and always on a shared broker. Without a buffer (``prefetch: 0``) the threads fetch for
+themselves, and the dispatcher only offers (or makes) the wait for an empty queue and sends the
+settles nobody carried.
 """
 
 from __future__ import annotations
