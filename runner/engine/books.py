@@ -30,10 +30,10 @@ not by the dispatcher (which offers it: ``lead_offered``, then waits on ``room``
 ``leading`` thread's get is under way). A task published to an idle worker then passes one
 thread hand-off (the broker wakes the leader, which runs it) instead of two (the broker wakes
 the dispatcher, which wakes a thread): publish -> start p50 0.16-0.20 ms -> 0.10-0.16 ms on
-memory (docs/performance.md). The leader keeps the first task it fetched and wakes threads only for the rest; as it
-takes that task it offers the next wait to another idle thread. On SQLite and Redis, whose
-gets are polls and round trips, it measured slower (publish -> start p50 a few percent to 30%
-worse in alternating runs): there the dispatcher keeps the wait.
+memory (docs/performance.md). The leader keeps the first task it fetched and wakes threads
+only for the rest; as it takes that task it offers the next wait to another idle thread. On
+SQLite and Redis, whose gets are polls and round trips, it measured slower (publish -> start
+p50 a few percent to 30% worse in alternating runs): there the dispatcher keeps the wait.
 
 Size: about 650 lines, over our 400, because the books are one consistent state: splitting the
 counting from the waking (or the leader from both) would put the lock rules back into comments.
