@@ -366,11 +366,12 @@ class Books:
             if not self._stopping.is_set() and not behind:
                 delivery = self._pick()
                 if delivery is not None:
-                    # A thread with work does not make the blocking get: another idle one does,
-                    # else the dispatcher.
-                    self._lead_offered = False
-                    if not self._offer_lead() and self._parked:
-                        self._room.notify_all()
+                    if self.lead:
+                        # A thread with work does not make the blocking get: another idle one
+                        # does, else the dispatcher.
+                        self._lead_offered = False
+                        if not self._offer_lead() and self._parked:
+                            self._room.notify_all()
                     self._hand_on(outcome)
                     self._waiting_threads -= 1
                     return delivery

@@ -127,6 +127,25 @@ def test_fetches_under_way_at_once_never_over_fetch(engines: list[Engine]) -> No
     assert max(a + b for a, b in seen) <= 3  # and the process its threads
 
 
+def watch_gets(engine: Engine, seen: Callable[[list[Delivery]], None]) -> None:
+    """Wrap the engine's broker.get so that ``seen`` gets what each call brought (on the
+    calling thread), and return once the wrapped get is the one waiting: the get already
+    blocked in the unwrapped one is ended (a wake is sticky, so this holds even if it is not
+    waiting yet)."""
+    get = engine.broker.get
+    wrapped_get_called = threading.Event()
+
+    def watched_get(slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
+        wrapped_get_called.set()
+        deliveries = get(slots, limit, timeout)
+        seen(deliveries)
+        return deliveries
+
+    engine.broker.get = watched_get  # type: ignore[method-assign]
+    engine.broker.wake()
+    assert wrapped_get_called.wait(10), "no idle thread is waiting in get for work"
+
+
 def test_with_a_prefetch_buffer_threads_make_only_the_blocking_get(engines: list[Engine]) -> None:
     """With a buffer, the dispatcher fills it (every exchange is its own); a worker thread
     fetches only as the leader: the blocking get for an empty buffer, made by an idle thread
@@ -139,20 +158,12 @@ def test_with_a_prefetch_buffer_threads_make_only_the_blocking_get(engines: list
     wrapper.after = lambda deliveries: fetched.append(
         ("exchange", threading.current_thread().name, len(deliveries))
     )
-    get = engine.broker.get
-    wrapped_get_called = threading.Event()
-
-    def recorded_get(slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
-        wrapped_get_called.set()
-        deliveries = get(slots, limit, timeout)
-        fetched.append(("get", threading.current_thread().name, len(deliveries)))
-        return deliveries
-
-    engine.broker.get = recorded_get  # type: ignore[method-assign]
-    # The leader is already blocked in the unwrapped get: end it (a wake is sticky, so this
-    # holds even if it is not waiting yet) and publish only once the next get is ours.
-    engine.broker.wake()
-    assert wrapped_get_called.wait(10), "no idle thread is waiting in get for work"
+    watch_gets(
+        engine,
+        lambda deliveries: fetched.append(
+            ("get", threading.current_thread().name, len(deliveries))
+        ),
+    )
     for _ in range(20):
         engine.publish("t")
     engine.wait_finished(20, timeout=20)
@@ -173,19 +184,12 @@ def test_an_idle_worker_runs_what_its_own_get_brought(engines: list[Engine]) -> 
 
     engine = Engine([type_runtime("t", record, limit=4)], threads=4, prefetch=4)
     engines.append(engine)
-    get = engine.broker.get
-    wrapped_get_called = threading.Event()
 
-    def recorded_get(slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
-        wrapped_get_called.set()
-        deliveries = get(slots, limit, timeout)
+    def seen(deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
             getters[delivery.task.id] = threading.current_thread().name
-        return deliveries
 
-    engine.broker.get = recorded_get  # type: ignore[method-assign]
-    engine.broker.wake()
-    assert wrapped_get_called.wait(10), "no idle thread is waiting in get for work"
+    watch_gets(engine, seen)
     for n in range(1, 11):
         engine.wait_quiet()  # every thread idle: one of them waits in the broker's get
         engine.publish("t")
