@@ -146,6 +146,11 @@ Each is read from the class, before any broker is built, as well as from a live 
 - ``batch_settles``: each call costs a round trip, a transaction or a hold of a contended lock,
   so the engine settles finished tasks in batches, several per ``settle_many`` (sent with the
   next fetch, or from a background thread). False: each worker thread makes its own call.
+- ``carry_settles`` (with ``batch_settles``): the dispatcher's next fetch carries the settles
+  handed on meanwhile (``exchange``: one transaction or round trip for both). False: they go
+  to the background thread's ``settle_many`` at once, and the fetch goes alone, so that the
+  two calls overlap: right for a broker whose calls are network round trips on a connection
+  per thread (Redis), where the server works on one while the process works on the other.
 
 - ``gates_in_get`` and ``settle_effects``: the broker implements gates and effects (above).
   Without them ``set_gate``, ``clear_gate``, ``gates``, ``buckets``, ``circuits``,
@@ -369,6 +374,7 @@ class Broker(Protocol):
     durable: ClassVar[bool]
     shared: ClassVar[bool]
     batch_settles: ClassVar[bool]
+    carry_settles: ClassVar[bool]
     gates_in_get: ClassVar[bool]
     settle_effects: ClassVar[bool]
 
@@ -490,6 +496,7 @@ class BaseBroker(abc.ABC):
     durable: ClassVar[bool] = True
     shared: ClassVar[bool] = True
     batch_settles: ClassVar[bool] = True
+    carry_settles: ClassVar[bool] = True
     gates_in_get: ClassVar[bool] = False
     settle_effects: ClassVar[bool] = False
 

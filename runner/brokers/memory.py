@@ -124,6 +124,7 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
     durable = False
     shared = False
     batch_settles = True
+    carry_settles = True
     gates_in_get = True
     settle_effects = True
 

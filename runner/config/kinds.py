@@ -26,21 +26,27 @@ class BrokerFlags(NamedTuple):
     durable: bool
     shared: bool
     batch_settles: bool
+    carry_settles: bool
     gates_in_get: bool
     settle_effects: bool
 
 
 #: The built-in broker kinds and their flags; runner.backends names the class of each.
-_EVERYTHING = {"gates_in_get": True, "settle_effects": True}
+_EVERYTHING = {"batch_settles": True, "gates_in_get": True, "settle_effects": True}
 BROKER_KINDS: dict[str, BrokerFlags] = {
-    "memory": BrokerFlags(durable=False, shared=False, batch_settles=True, **_EVERYTHING),
-    "sqlite": BrokerFlags(durable=True, shared=True, batch_settles=True, **_EVERYTHING),
-    "redis": BrokerFlags(durable=True, shared=True, batch_settles=True, **_EVERYTHING),
+    "memory": BrokerFlags(durable=False, shared=False, carry_settles=True, **_EVERYTHING),
+    "sqlite": BrokerFlags(durable=True, shared=True, carry_settles=True, **_EVERYTHING),
+    "redis": BrokerFlags(durable=True, shared=True, carry_settles=False, **_EVERYTHING),
 }
 
 #: What defaults assume of a ``module:Class`` broker: BaseBroker's flags.
 PLUG_IN_FLAGS = BrokerFlags(
-    durable=True, shared=True, batch_settles=True, gates_in_get=False, settle_effects=False
+    durable=True,
+    shared=True,
+    batch_settles=True,
+    carry_settles=True,
+    gates_in_get=False,
+    settle_effects=False,
 )
 
 #: The keyword arguments every broker class is built with (runner.backends.create_broker), each the

@@ -35,7 +35,14 @@ only for the rest; as it takes that task it offers the next wait to another idle
 SQLite and Redis, whose gets are polls and round trips, it measured slower (publish -> start
 p50 a few percent to 30% worse in alternating runs): there the dispatcher keeps the wait.
 
-Size: about 650 lines, over our 400, because the books are one consistent state: splitting the
+Carrying (``carry``, the broker's ``carry_settles``): the settles handed on while the
+dispatcher is not blocked in a get wait for its next fetch, which sends them along. On a broker
+that does not carry (Redis), the dispatcher hands what waited to the Settler in one go as it
+fetches, so the settle's round trip and the claim's overlap (no-op tasks 3-8% faster, a
+3-stage pipeline 5-9%, in alternating runs); a thread's own fetch (``prefetch: 0``) still
+carries its own settle.
+
+Size: about 670 lines, over our 400, because the books are one consistent state: splitting the
 counting from the waking (or the leader from both) would put the lock rules back into comments.
 """
 
@@ -112,9 +119,11 @@ class Books:
         submit: Callable[[Outcome], None],
         wake_broker: Callable[[], None],
         lead: bool = False,
+        carry: bool = True,
     ) -> None:
         self.threads = threads
         self.lead = lead
+        self.carry = carry
         self.prefetch = prefetch
         # Without a prefetch buffer, a thread that finds nothing to run fetches for itself
         # rather than wait for the dispatcher to fetch and hand over; with one, the dispatcher
@@ -178,6 +187,10 @@ class Books:
                 return None
             slots, room = self._free_room()
             carry, self._carry = self._carry, []
+            if carry and not self.carry:  # to the Settler in one go, beside the fetch
+                for outcome in carry:
+                    self._submit(outcome)
+                carry = []
             if slots and self._should_fetch() and not carry and self._offer_lead():
                 self._parked_wait()
                 return None

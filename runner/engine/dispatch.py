@@ -2,12 +2,13 @@
 types with room (so a saturated type never stalls the others).
 
 It fetches in batches, when half the buffer is free or a thread would starve, carrying finished
-tasks' settles along with its fetch. On an in-process broker it offers the blocking wait for
-an empty queue (``broker.get``) to an idle worker thread (the leader, see runner.engine.books),
-which then runs what the wait brings itself; it makes that wait itself while no thread is idle,
-and always on a shared broker. Without a buffer (``prefetch: 0``) the threads fetch for
-themselves, and the dispatcher only offers (or makes) the wait for an empty queue and sends the
-settles nobody carried.
+tasks' settles along with its fetch (or, on a broker that does not carry them, Redis, handing
+them to the Settler's thread as it fetches, so that the two round trips overlap). On an
+in-process broker it offers the blocking wait for an empty queue (``broker.get``) to an idle
+worker thread (the leader, see runner.engine.books), which then runs what the wait brings
+itself; it makes that wait itself while no thread is idle, and always on a shared broker.
+Without a buffer (``prefetch: 0``) the threads fetch for themselves, and the dispatcher only
+offers (or makes) the wait for an empty queue and sends the settles nobody carried.
 """
 
 from __future__ import annotations

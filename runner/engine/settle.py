@@ -8,8 +8,9 @@ interpreter switched a holder out, which halved the rate in some runs. So on eve
 broker (``batch_settles``) the thread hands the call on and takes its next task at once:
 
 - to the Worker's next fetch (a worker thread's own, or the dispatcher's when it is not blocked
-  in one), which sends every settle handed on meanwhile along with it (``Broker.exchange``: one
-  transaction / one round trip for both) and reports them through ``Settler.report``;
+  in one and the broker ``carry_settles``), which sends every settle handed on meanwhile along
+  with it (``Broker.exchange``: one transaction / one round trip for both) and reports them
+  through ``Settler.report``;
 - otherwise to the Settler's own thread, which sends everything handed to it meanwhile in one
   ``broker.settle_many`` call (and retries when the broker is unavailable).
 

@@ -102,6 +102,7 @@ class Worker:
             submit=self._settler.submit,
             wake_broker=broker.wake,
             lead=not broker.shared,  # an idle thread waits in get: in-process brokers only
+            carry=broker.carry_settles,
         )
         self._fetcher = Fetcher(broker, self.books, self._settler)
         self._dispatcher = Dispatcher(self.books, self._fetcher, self._settler, self._stopping)

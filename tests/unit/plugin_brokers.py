@@ -117,6 +117,7 @@ class NotABroker:
     durable = False
     shared = False
     batch_settles = False
+    carry_settles = False
     gates_in_get = False
     settle_effects = False
 

@@ -36,11 +36,12 @@ class Calls:
 
 
 def books(
-    limits: dict[str, int], threads: int, prefetch: int
+    limits: dict[str, int], threads: int, prefetch: int, carry: bool = True
 ) -> tuple[Books, Calls, threading.Event]:
     calls = Calls()
     stopping = threading.Event()
-    return Books(limits, threads, prefetch, stopping, calls.submit, calls.wake), calls, stopping
+    b = Books(limits, threads, prefetch, stopping, calls.submit, calls.wake, carry=carry)
+    return b, calls, stopping
 
 
 def fill(b: Books, *deliveries: Delivery) -> None:
@@ -119,6 +120,22 @@ def test_a_settle_rides_with_the_dispatchers_next_fetch_while_it_is_not_blocked(
     assert isinstance(step, Fetch) and not step.block  # an exchange, carrying the settle
     assert [o.settle.delivery for o in step.carry] == [a1]
     assert b.dispatcher_done() == []
+
+
+def test_on_a_broker_that_does_not_carry_settles_the_fetch_hands_them_to_the_settler() -> None:
+    """Redis (carry_settles False): what waited for the dispatcher's fetch goes to the Settler
+    in one go as it fetches, and the fetch goes alone, so the two round trips overlap."""
+    b, calls, _ = books({"a": 2}, threads=2, prefetch=2, carry=False)
+    b.dispatcher_started()
+    a1, a2 = delivery("a"), delivery("a")
+    fill(b, a1, a2)
+    assert b.next_task(None, None) is a1
+    assert b.next_task(a1, outcome(a1)) is a2
+    assert calls.submitted == []  # handed on: it waits for the dispatcher's fetch
+    step = b.dispatch_step()
+    assert isinstance(step, Fetch) and step.carry == []
+    assert step.block  # nothing carried: the blocking get, which returns at once with tasks
+    assert [o.settle.delivery for o in calls.submitted] == [a1]
 
 
 def test_a_redelivered_task_runs_alone() -> None:

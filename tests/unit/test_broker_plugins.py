@@ -65,9 +65,9 @@ def _built_in(kind: str) -> PipelineConfig:
 @pytest.mark.parametrize(
     ("kind", "flags"),
     [
-        ("memory", BrokerFlags(False, False, True, gates_in_get=True, settle_effects=True)),
-        ("sqlite", BrokerFlags(True, True, True, gates_in_get=True, settle_effects=True)),
-        ("redis", BrokerFlags(True, True, True, gates_in_get=True, settle_effects=True)),
+        ("memory", BrokerFlags(False, False, True, True, gates_in_get=True, settle_effects=True)),
+        ("sqlite", BrokerFlags(True, True, True, True, gates_in_get=True, settle_effects=True)),
+        ("redis", BrokerFlags(True, True, True, False, gates_in_get=True, settle_effects=True)),
     ],
 )
 def test_each_built_in_broker_declares_its_flags_as_config_knows_them(
@@ -182,7 +182,13 @@ def test_base_broker_exchange_settles_first_then_gets_without_blocking() -> None
 
 
 def test_base_broker_defaults_to_a_durable_shared_batching_broker() -> None:
-    assert (BaseBroker.durable, BaseBroker.shared, BaseBroker.batch_settles) == (True,) * 3
+    flags = (
+        BaseBroker.durable,
+        BaseBroker.shared,
+        BaseBroker.batch_settles,
+        BaseBroker.carry_settles,
+    )
+    assert flags == (True,) * 4
 
 
 def test_a_base_broker_missing_a_call_cannot_be_built() -> None:
@@ -296,8 +302,8 @@ def test_a_forced_exit_says_what_the_broker_keeps(tmp_path: Path, cls: str, line
         (
             f"{PLUG_IN}:FlaglessBroker",
             2,
-            "declares no capability flag durable, shared, batch_settles, gates_in_get, "
-            "settle_effects (subclass "
+            "declares no capability flag durable, shared, batch_settles, carry_settles, "
+            "gates_in_get, settle_effects (subclass "
             "runner.brokers.base.BaseBroker",
         ),
         ("memroy", 2, "broker.kind: Input should be 'memory', 'sqlite' or 'redis', or a "),

@@ -117,6 +117,7 @@ class RedisBroker(RedisAdmin, RedisPipelines, BaseBroker):
     durable = True
     shared = True
     batch_settles = True
+    carry_settles = False  # a settle's round trip and a claim's overlap (docs/performance.md)
     gates_in_get = True
     settle_effects = True
 
