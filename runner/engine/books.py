@@ -42,7 +42,7 @@ fetches, so the settle's round trip and the claim's overlap (no-op tasks 3-8% fa
 3-stage pipeline 5-9%, in alternating runs); a thread's own fetch (``prefetch: 0``) still
 carries its own settle.
 
-Size: about 670 lines, over our 400, because the books are one consistent state: splitting the
+Size: about 660 lines, over our 400, because the books are one consistent state: splitting the
 counting from the waking (or the leader from both) would put the lock rules back into comments.
 """
 
