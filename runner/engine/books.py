@@ -195,15 +195,20 @@ class Books:
                 self._parked_wait()
                 return None
             if slots and self._should_fetch():
-                self._reserve(slots, room)
-                self._asking = frozenset(slots)
-                self._blocked_in_get = not carry
-                self._order.append(self._order.pop(0))  # rotate: fairness when room < slots
-                return Fetch(Reservation(slots, room), carry, block=not carry)
+                return self._get_or_exchange(slots, room, carry)
             if carry:
                 return carry
             self._room.wait(CARRY_WAIT_S if self.threads_fetch else GET_TIMEOUT_S)
             return None
+
+    def _get_or_exchange(self, slots: dict[str, int], room: int, carry: list[Outcome]) -> Fetch:
+        """The fetch the dispatcher (or the leader) makes into ``slots``/``room``: an exchange
+        carrying ``carry``, or with nothing to carry the blocking get."""
+        self._reserve(slots, room)
+        self._asking = frozenset(slots)
+        self._blocked_in_get = not carry
+        self._order.append(self._order.pop(0))  # rotate: fairness when room < slots
+        return Fetch(Reservation(slots, room), carry, block=not carry)
 
     def _parked_wait(self) -> None:
         """The dispatcher waits while a thread makes (or is about to make) the blocking get:
@@ -430,13 +435,11 @@ class Books:
         if not slots:
             self._room.notify_all()
             return None
-        self._reserve(slots, room)
-        self._asking = frozenset(slots)
-        self._blocked_in_get = self._leading = True
+        fetch = self._get_or_exchange(slots, room, [])  # the blocking get
+        self._leading = True
         self._fetchers += 1
-        self._order.append(self._order.pop(0))  # rotate, as the dispatcher does
         self._hand_on(outcome)  # to the Settler: nothing is carried by a blocking get
-        return Fetch(Reservation(slots, room), [], block=True)
+        return fetch
 
     def _dispatcher_needed(self, may_fetch: bool) -> bool:
         """Whether a thread about to idle should wake the dispatcher. Threads that fetch for
