@@ -42,7 +42,15 @@ fetches, so the settle's round trip and the claim's overlap (no-op tasks 3-8% fa
 3-stage pipeline 5-9%, in alternating runs); a thread's own fetch (``prefetch: 0``) still
 carries its own settle.
 
-Size: about 660 lines, over our 400, because the books are one consistent state: splitting the
+Guarded types (``guarded``: those with a circuit breaker, which counts outcomes as they are
+settled): the slot of a finished task of such a type stays taken until the broker answered its
+settle, except to the fetch that carries that settle (an exchange settles before it claims). So
+no claim overtakes an outcome the circuit has not counted yet, however far the Settler lags: a
+failing type starts at most ``min_calls`` + its room per process before its circuit opens
+(without it, a loaded machine let 15 calls through where 13 were the bound). Other types' slots
+are free as soon as their task ends.
+
+Size: about 700 lines, over our 400, because the books are one consistent state: splitting the
 counting from the waking (or the leader from both) would put the lock rules back into comments.
 """
 
@@ -120,10 +128,14 @@ class Books:
         wake_broker: Callable[[], None],
         lead: bool = False,
         carry: bool = True,
+        guarded: frozenset[str] = frozenset(),
     ) -> None:
         self.threads = threads
         self.lead = lead
         self.carry = carry
+        # Types with a circuit breaker: the slot of a finished task stays taken until its
+        # outcome reached the broker (see "Guarded types" in the module docstring).
+        self._unrecorded = dict.fromkeys(guarded, 0)
         self.prefetch = prefetch
         # Without a prefetch buffer, a thread that finds nothing to run fetches for itself
         # rather than wait for the dispatcher to fetch and hand over; with one, the dispatcher
@@ -185,12 +197,12 @@ class Books:
                     return carry
                 self._parked_wait()
                 return None
-            slots, room = self._free_room()
             carry, self._carry = self._carry, []
             if carry and not self.carry:  # to the Settler in one go, beside the fetch
                 for outcome in carry:
                     self._submit(outcome)
                 carry = []
+            slots, room = self._free_room(carry)
             if slots and self._should_fetch() and not carry and self._offer_lead():
                 self._parked_wait()
                 return None
@@ -313,16 +325,35 @@ class Books:
             return 0
         return self.threads + self.prefetch - len(self._held) - self._reserved
 
-    def _free_room(self) -> tuple[dict[str, int], int]:
+    def _free_room(self, carry: Sequence[Outcome] = ()) -> tuple[dict[str, int], int]:
+        """Room for a fetch that carries ``carry``: per type, and in all."""
         room = self._room_left()
         if room <= 0:
             return {}, 0
+        unrecorded = self._unrecorded_now(carry) if self._unrecorded else {}
         slots = {}
         for name in self._order:
             free = self._room_of[name] - self._held_by_type[name] - self._reserved_by_type[name]
+            free -= unrecorded.get(name, 0)
             if free > 0:
                 slots[name] = free
         return slots, min(room, sum(slots.values()))  # promise no more than the types can take
+
+    def _unrecorded_now(self, carry: Sequence[Outcome]) -> dict[str, int]:
+        """Per guarded type, its finished tasks whose outcome has not reached the broker and
+        will not before this fetch claims (the fetch that carries one settles it first)."""
+        unrecorded = dict(self._unrecorded)
+        for outcome in carry:
+            name = outcome.settle.delivery.task.type
+            if name in unrecorded:
+                unrecorded[name] -= 1
+        return unrecorded
+
+    def _settle_pending(self, done: Delivery) -> None:
+        """``done`` finished and its settle was handed on: held until the broker answers."""
+        self._settling[done.receipt] = done
+        if done.task.type in self._unrecorded:
+            self._unrecorded[done.task.type] += 1
 
     def _should_fetch(self) -> bool:
         """Fetch in batches: when half the buffer is free, or when a thread would starve."""
@@ -338,7 +369,7 @@ class Books:
             if done is not None:
                 self._release_slot(done, started=True)
                 if outcome is not None:
-                    self._settling[done.receipt] = done
+                    self._settle_pending(done)
             self._waiting_threads += 1
             return self._take(outcome, may_fetch=self.threads_fetch)
 
@@ -348,7 +379,7 @@ class Books:
         with self._lock:
             self._release_slot(done, started=True)
             if outcome is not None:
-                self._settling[done.receipt] = done
+                self._settle_pending(done)
                 self._hand_on(outcome)
 
     def after_own_fetch(self, fetched: int | None) -> Delivery | Fetch | None:
@@ -417,12 +448,11 @@ class Books:
         fetches failed a moment ago."""
         if self._fetchers:
             return None
-        slots, room = self._free_room()
+        carry = self._carry if outcome is None else [*self._carry, outcome]
+        slots, room = self._free_room(carry)
         if not slots or time.monotonic() < self._fetch_paused_until:
             return None
-        carry, self._carry = self._carry, []
-        if outcome is not None:
-            carry.append(outcome)
+        self._carry = []
         self._reserve(slots, room)
         self._fetchers += 1
         return Fetch(Reservation(slots, room), carry, block=False)
@@ -499,8 +529,16 @@ class Books:
         """The Settler's thread answered (and reported) ``outcomes``: drop them from the books."""
         with self._lock:
             behind = len(self._settling) >= self._max_unsettled
+            recorded: set[str] = set()
             for outcome in outcomes:
-                self._settling.pop(outcome.settle.delivery.receipt, None)
+                delivery = self._settling.pop(outcome.settle.delivery.receipt, None)
+                if delivery is not None and delivery.task.type in self._unrecorded:
+                    self._unrecorded[delivery.task.type] -= 1
+                    recorded.add(delivery.task.type)
+            if recorded:  # their slots are free now: whoever fetches looks again
+                self._room.notify_all()
+                if self._asking and not recorded <= self._asking:
+                    self._wake_broker()
             if behind:
                 self._wake_all()
             if not self._settling and (self._stopping.is_set() or self._suspects):

@@ -103,6 +103,7 @@ class Worker:
             wake_broker=broker.wake,
             lead=not broker.shared,  # an idle thread waits in get: in-process brokers only
             carry=broker.carry_settles,
+            guarded=frozenset(name for name, rt in self.types.items() if rt.breaker),
         )
         self._fetcher = Fetcher(broker, self.books, self._settler)
         self._dispatcher = Dispatcher(self.books, self._fetcher, self._settler, self._stopping)

@@ -36,11 +36,17 @@ class Calls:
 
 
 def books(
-    limits: dict[str, int], threads: int, prefetch: int, carry: bool = True
+    limits: dict[str, int],
+    threads: int,
+    prefetch: int,
+    carry: bool = True,
+    guarded: frozenset[str] = frozenset(),
 ) -> tuple[Books, Calls, threading.Event]:
     calls = Calls()
     stopping = threading.Event()
-    b = Books(limits, threads, prefetch, stopping, calls.submit, calls.wake, carry=carry)
+    b = Books(
+        limits, threads, prefetch, stopping, calls.submit, calls.wake, carry=carry, guarded=guarded
+    )
     return b, calls, stopping
 
 
@@ -136,6 +142,39 @@ def test_on_a_broker_that_does_not_carry_settles_the_fetch_hands_them_to_the_set
     assert isinstance(step, Fetch) and step.carry == []
     assert step.block  # nothing carried: the blocking get, which returns at once with tasks
     assert [o.settle.delivery for o in calls.submitted] == [a1]
+
+
+def test_a_guarded_types_slot_is_claimed_again_only_once_its_outcome_was_recorded() -> None:
+    """A type with a circuit breaker: a finished task's settle sent apart from any fetch (to
+    the Settler) keeps its slot taken until the broker answered, so no claim overtakes an
+    outcome the circuit has not counted yet; an unguarded type's slot is free at once."""
+    for guarded in (frozenset({"a"}), frozenset()):
+        b, calls, _ = books({"a": 2}, threads=2, prefetch=2, guarded=guarded)
+        a = [delivery("a") for _ in range(4)]
+        fill(b, *a)  # a's room: 2 + min(2, max(2, 2)) = 4
+        assert b.next_task(None, None) is a[0]
+        assert b.next_task(a[0], outcome(a[0])) is a[1]
+        assert [o.settle.delivery for o in calls.submitted] == [a[0]]  # to the Settler
+        with b.observe() as now:
+            assert now.fetch_due == (not guarded)  # guarded: a[0]'s slot is still taken
+        b.settled(calls.submitted)
+        step = b.dispatch_step()
+        assert isinstance(step, Fetch) and step.reservation.slots == {"a": 1}
+
+
+def test_a_fetch_that_carries_a_guarded_types_outcome_may_claim_its_slot() -> None:
+    """The fetch that carries a settle records it before it claims (exchange is settle_many,
+    then get): the slot of the outcome it carries is room for it."""
+    b, _, _ = books({"a": 2}, threads=2, prefetch=0, guarded=frozenset({"a"}))
+    a1, a2 = delivery("a"), delivery("a")
+    step = b.next_task(None, None)
+    assert isinstance(step, Fetch)
+    b.fetched(step.reservation, [a1, a2], by_dispatcher=False)
+    assert b.after_own_fetch(2) is a1
+    assert b.next_task(None, None) is a2
+    step = b.next_task(a1, outcome(a1))
+    assert isinstance(step, Fetch) and [o.settle.delivery for o in step.carry] == [a1]
+    assert step.reservation.slots == {"a": 1}
 
 
 def test_a_redelivered_task_runs_alone() -> None:
