@@ -9,11 +9,17 @@ worker thread (the leader, see runner.engine.books), which then runs what the wa
 itself; it makes that wait itself while no thread is idle, and always on a shared broker.
 Without a buffer (``prefetch: 0``) the threads fetch for themselves, and the dispatcher only
 offers (or makes) the wait for an empty queue and sends the settles nobody carried.
+
+After a blocking get that waited (the process was idle), the dispatcher yields the interpreter
+lock once before it polls again, so the worker thread it just woke starts its task now rather
+than after the dispatcher's next round of Python: publish -> start p50 at 1,000 tasks/s 15-20%
+lower on Redis and about 8% on SQLite in alternating runs, throughput unchanged within noise.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 from runner.engine.books import Books
 from runner.engine.fetch import Fetcher
@@ -22,6 +28,13 @@ from runner.errors import BrokerClosed
 
 #: After a failed fetch, how long the dispatcher waits before it fetches again.
 RETRY_PAUSE_S = 0.5
+#: A blocking get that took longer than this waited for a task: the process was idle.
+WAITED_S = 0.0005
+
+
+def yield_lock() -> None:
+    """Let another thread that waits for the interpreter lock take it (sleep releases it)."""
+    time.sleep(0)
 
 
 class Dispatcher:
@@ -62,9 +75,12 @@ class Dispatcher:
                 for outcome in step:
                     self._settler.submit(outcome)
                 continue
+            began = time.monotonic()
             try:
                 fetched = self._fetcher.run(step, by_dispatcher=True)
             except BrokerClosed:
                 return
             if fetched is None:
                 self._stopping.wait(RETRY_PAUSE_S)
+            elif fetched and step.block and time.monotonic() - began > WAITED_S:
+                yield_lock()  # the threads just woken run what came before this one polls
