@@ -48,7 +48,7 @@ task twice (at-least-once), a repeated ack of a delivery that was in fact acked 
 ALREADY_DONE (the scripts remember settled lease tokens for one to two visibility timeouts), and
 a poll whose reply was lost leaves its deliveries to be reclaimed after ``visibility_timeout``.
 
-Size: about 810 lines: the whole Redis side of the broker contract (put, poll and blocking
+Size: about 860 lines: the whole Redis side of the broker contract (put, poll and blocking
 wait, wake, settle with its effects, extend, reconnects, per-thread lines); the Lua lives in
 scripts.py and its .lua files, the operator side, the gate and the value calls in admin.py. The
 connection handling is the next part to split out.
