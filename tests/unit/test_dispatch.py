@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -14,18 +13,33 @@ from runner.engine.dispatch import Dispatcher
 from runner.model import Task
 
 
-class OneFetch:
-    """Answers the dispatcher's first fetch with one task after ``wait_s``, then stops it."""
+class Clock:
+    """The dispatcher's clock: it moves only when the fake broker says time passed, so the
+    test does not depend on how fast this machine runs the fetch."""
 
-    def __init__(self, books: Books, stopping: threading.Event, wait_s: float) -> None:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class OneFetch:
+    """Answers the dispatcher's first fetch with one task after ``wait_s`` (of the fake
+    clock), then stops it."""
+
+    def __init__(
+        self, books: Books, stopping: threading.Event, clock: Clock, wait_s: float
+    ) -> None:
         self.books = books
         self.stopping = stopping
+        self.clock = clock
         self.wait_s = wait_s
         self.fetches: list[Fetch] = []
 
     def run(self, fetch: Fetch, by_dispatcher: bool) -> int:
         self.fetches.append(fetch)
-        time.sleep(self.wait_s)
+        self.clock.now += self.wait_s
         delivery = Delivery(Task("a", None), f"r{len(self.fetches)}")
         self.books.fetched(fetch.reservation, [delivery], by_dispatcher)
         self.stopping.set()
@@ -40,10 +54,12 @@ def test_after_a_get_that_waited_the_dispatcher_lets_the_woken_thread_run_first(
     interpreter lock, so the worker thread it woke starts before the next poll; a get that
     found tasks at once (a busy process) is not."""
     yielded: list[float] = []
-    monkeypatch.setattr(dispatch, "yield_lock", lambda: yielded.append(time.monotonic()))
+    clock = Clock()
+    monkeypatch.setattr(dispatch, "time", clock)
+    monkeypatch.setattr(dispatch, "yield_lock", lambda: yielded.append(clock.now))
     stopping = threading.Event()
     books = Books({"a": 2}, 2, 2, stopping, submit=lambda o: None, wake_broker=lambda: None)
-    fetcher = OneFetch(books, stopping, wait_s)
+    fetcher = OneFetch(books, stopping, clock, wait_s)
     dispatcher = Dispatcher(books, fetcher, None, stopping)  # type: ignore[arg-type]
     dispatcher.start()
     dispatcher.join(5)
