@@ -73,6 +73,13 @@ def test_benchmark_script_runs_end_to_end(tmp_path: Path) -> None:
     for case in cases:
         assert f"| memory | {case}" in text
         assert f"| sqlite | {case}" in text
+    # Publish -> start p50 is judged against the baseline's on memory (A) and Redis (B), the
+    # issue's targets; SQLite's is shown.
+    p50 = {line.split(" | ")[0]: line for line in text.splitlines() if "start p50" in line}
+    assert "| A: " in p50["| memory"] and "| ratio <= 2 " in p50["| memory"]
+    assert p50["| sqlite"].rstrip().endswith("|  |")
+    if "| redis" in p50:
+        assert "| B: " in p50["| redis"] and "| ratio <= 1.5 " in p50["| redis"]
     if "| redis |" in text:  # redis-server installed (always in CI)
         # Per call end to end: the runner's producer in a process of its own is judged against
         # the bare producer's process; the one inside the worker process is shown.
