@@ -31,7 +31,8 @@ not by the dispatcher (which offers it: ``lead_offered``, then waits on ``room``
 thread hand-off (the broker wakes the leader, which runs it) instead of two (the broker wakes
 the dispatcher, which wakes a thread): publish -> start p50 0.16-0.20 ms -> 0.10-0.16 ms on
 memory (docs/performance.md). The leader keeps the first task it fetched and wakes threads
-only for the rest; as it takes that task it offers the next wait to another idle thread. On
+only for the rest; as it takes that task it offers the next wait to another idle thread, and
+leaves the parked dispatcher asleep (it wakes it only when no thread can take the offer). On
 SQLite and Redis, whose gets are polls and round trips, it measured slower (publish -> start
 p50 a few percent to 30% worse in alternating runs): there the dispatcher keeps the wait.
 
@@ -505,7 +506,12 @@ class Books:
                 self._running[name] += 1
                 if queue[0].redelivered:
                     self._suspects.add(queue[0].receipt)  # nothing else starts until it ends
-                if not self.threads_fetch and self._waiting_threads > 1 and self._should_fetch():
+                if (
+                    not self.threads_fetch
+                    and not self._parked  # _take offers the lead or wakes it
+                    and self._waiting_threads > 1
+                    and self._should_fetch()
+                ):
                     self._room.notify()  # refill the buffer
                 self._ready_count -= 1
                 if self._ready_count > self._signalled:
