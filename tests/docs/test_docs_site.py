@@ -128,6 +128,16 @@ def test_the_cli_reference_knows_every_command() -> None:
     assert "--help" not in bench
 
 
+def test_the_readme_names_every_command_in_its_cli_line() -> None:
+    """The landing page's link to the CLI reference lists the top-level commands; a command
+    added without it there is missing from the first page people read."""
+    readme = (REPO / "README.md").read_text()
+    line = re.search(r"\[CLI reference\]\(docs/reference/cli.md\):(.*?)\n- ", readme, re.S)
+    assert line is not None, "README.md has no CLI reference line"
+    named = set(re.findall(r"`([a-z-]+)`", line.group(1)))
+    assert named == set(cli.commands), f"README.md's CLI line: {sorted(named ^ set(cli.commands))}"
+
+
 def test_the_hook_refuses_what_the_code_does_not_have() -> None:
     documented: set[str] = set()
     page = "<!-- generated: cli dq-run pause -->\n"
