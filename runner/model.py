@@ -100,9 +100,10 @@ def quick_init(cls: type[_C]) -> type[_C]:
     descriptor (or, without slots, in the instance's ``__dict__``): the one dataclasses writes
     calls ``object.__setattr__`` per field (how a frozen class sets its own fields), which made
     a Task cost 2.1 us to build against 0.85 us, and a TaskContext 1.3 us (two Tasks and a
-    TaskContext are built per task run). Same signature, defaults and factories; a class this
-    does not fit (a field left out of ``__init__`` or keyword-only, a ``__post_init__``) is
-    refused."""
+    TaskContext are built per task run; a Delivery per hand-out, 0.55 us against 0.30; a
+    pipeline task's ack Effects and trace line's SetValue, 0.78 and 0.41 us against 0.45 and
+    0.25). Same signature, defaults and factories; a class this does not fit (a field left
+    out of ``__init__`` or keyword-only, a ``__post_init__``) is refused."""
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     params = cls.__dataclass_params__  # type: ignore[attr-defined]
     if (

@@ -174,9 +174,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
-from runner.model import AttemptRecord, DeadLetter, DeadReason, Task, replayable
+from runner.model import AttemptRecord, DeadLetter, DeadReason, Task, quick_init, replayable
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One hand-out of a task, identified by its receipt (the lease token)."""
@@ -274,6 +275,7 @@ class Bucket:
     limited_s: float = 0.0  # seconds in all that it held less than one token (type throttled)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class SetValue:
     """An effect: set ``key`` to ``value``; with ``ttl_s``, it reads as absent after that long."""
@@ -283,6 +285,7 @@ class SetValue:
     ttl_s: float | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Arrival:
     """An effect: one part of a join arrives (a pipeline's fan-in; see the module docstring).
@@ -299,6 +302,7 @@ class Arrival:
     task: Task
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Effects:
     """What a settle also does, in the same step and only when it answers DONE."""

@@ -147,7 +147,8 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         self.visibility_timeout = visibility_timeout
         self.dead_letter_store = dead_letters
         self._clock = clock
-        self._cond = threading.Condition(threading.Lock())
+        # On an RLock (the default) for its C ownership check: see Books' lock.
+        self._cond = threading.Condition()
         self._ready: dict[str, deque[Task]] = {}
         self._redelivered: set[str] = (
             set()

@@ -146,7 +146,11 @@ class Books:
         self._stopping = stopping
         self._submit = submit
         self._wake_broker = wake_broker
-        self._lock = threading.Lock()
+        # An RLock, though nothing takes it twice: a Condition checks that its caller holds
+        # the lock on every notify, which for a plain Lock is two calls in Python (0.29 us) and
+        # for an RLock one in C (0.07 us). The books notify about five times per task, nearly
+        # always with nobody waiting.
+        self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)  # worker threads wait for a task here
         self._room = threading.Condition(self._lock)  # the dispatcher and stop() wait here
         self._busy = set(self._limits)

@@ -260,3 +260,18 @@ def test_a_slot_freed_of_a_type_the_get_under_way_does_not_ask_for_wakes_the_bro
     assert isinstance(step, Fetch) and set(step.reservation.slots) == {"b"}
     b.forget(a1, started=True)
     assert calls.wakes == 1  # the get could not take a: it returns to ask again
+
+
+def test_the_books_wait_and_notify_on_an_rlock() -> None:
+    """Their Conditions sit on an RLock: a notify first checks that its caller holds the lock,
+    in C for an RLock (0.07 us) and in Python for a plain Lock (0.29 us), about five times per
+    task. Nothing takes the lock twice; a notify without it still fails."""
+    b, _, _ = books({"a": 1}, threads=1, prefetch=0)
+    assert isinstance(b._lock, type(threading.RLock()))
+    for condition in (b._work, b._room):
+        try:
+            condition.notify()
+        except RuntimeError as exc:
+            assert "un-acquired lock" in str(exc)
+        else:
+            raise AssertionError("a notify without the lock went through")

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from runner.brokers.base import Arrival, Delivery, Effects, SetValue
 from runner.model import NO_HEADERS, Cancellation, Task, TaskContext, quick_init
 
 _counter = itertools.count()
@@ -125,3 +126,12 @@ def test_a_class_it_does_not_fit_is_refused() -> None:
     for cls in (Later, KeywordOnly, Checked, Mutable):
         with pytest.raises(TypeError, match="quick_init does not fit"):
             quick_init(cls)
+
+
+@pytest.mark.parametrize("cls", [Task, TaskContext, Delivery, Effects, SetValue, Arrival])
+def test_the_classes_built_per_task_have_it(cls: type) -> None:
+    """Built per task, per hand-out or per pipeline task's ack: quick_init's ``__init__`` (its
+    own scope holds the slots' setters, or MISSING for a class without slots)."""
+    assert cls.__init__.__qualname__ == f"{cls.__qualname__}.__init__"
+    scope = cls.__init__.__globals__
+    assert "MISSING" in scope and "__dataclass_builtins_object__" not in scope
