@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import threading
 
+import pytest
+
 from runner.brokers.base import Answer, Delivery, Settle
 from runner.engine.books import Books, Fetch, Reservation
 from runner.engine.settle import Outcome
@@ -269,9 +271,5 @@ def test_the_books_wait_and_notify_on_an_rlock() -> None:
     b, _, _ = books({"a": 1}, threads=1, prefetch=0)
     assert isinstance(b._lock, type(threading.RLock()))
     for condition in (b._work, b._room):
-        try:
+        with pytest.raises(RuntimeError, match="un-acquired lock"):
             condition.notify()
-        except RuntimeError as exc:
-            assert "un-acquired lock" in str(exc)
-        else:
-            raise AssertionError("a notify without the lock went through")
