@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -71,10 +72,13 @@ def serve(config: PipelineConfig, options: RunOptions, out: TextIO = sys.stdout)
     signals = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        # A handler runs on the main thread between two of its bytecodes, maybe inside
+        # stop.wait() holding the Event's lock: stop.set() here would wait for that lock
+        # forever (a SIGTERM once hung `dq-run run` that way). So the first signal is only
+        # counted, and the main loop, which looks every _CHECK_S, stops.
         nonlocal signals
         signals += 1
         if signals == 1:
-            stop.set()
             return
         line = forced_exit_line(runner, config, stopped.is_set())
         runner.close_observers()
@@ -83,7 +87,7 @@ def serve(config: PipelineConfig, options: RunOptions, out: TextIO = sys.stdout)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = _run(runner, config, options, stop, stopped, out)
+        code = _run(runner, config, options, stop, stopped, out, lambda: signals > 0)
     finally:
         # After a first signal the handlers stay ours until the process exits, so a second
         # one still means 130 (Python's own would raise KeyboardInterrupt: exit 1).
@@ -100,6 +104,7 @@ def _run(
     stop: threading.Event,
     stopped: threading.Event,
     out: TextIO,
+    signalled: Callable[[], bool],
 ) -> int:
     simulating = options.simulate and config.simulate is not None
     producer: threading.Thread | None = None
@@ -122,7 +127,7 @@ def _run(
             )
             producer.start()
         while not stop.wait(_CHECK_S):
-            if failure:
+            if failure or signalled():
                 break
             if (
                 finite
