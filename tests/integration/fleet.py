@@ -90,9 +90,17 @@ class Worker:
         return self.process.poll() is not None
 
     def terminate(self, timeout: float | None = None) -> int:
-        """SIGTERM; the exit code after a graceful stop."""
+        """SIGTERM; the exit code after a graceful stop. A process still running after
+        ``timeout`` fails the test with the end of its log, killed first: left running, it
+        failed the next test instead (an unraisable ResourceWarning)."""
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=self.timeout_s if timeout is None else timeout)
+        try:
+            return self.process.wait(timeout=self.timeout_s if timeout is None else timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"{self.name} did not stop on SIGTERM:\n{self.log()[-3000:]}"
+            ) from None
 
     def kill(self) -> None:
         if not self.exited():
