@@ -8,6 +8,8 @@
   ``ASK_WAIT_S``: the signal handler runs on the main thread, which may be holding the very
   lock the broker needs (the memory broker's condition, the SQLite connection's lock), and a
   forced exit must not hang on it. If the broker does not answer in time, the line says so.
+- ``ask_within(call, wait_s)``: that helper thread, for the handler's other steps too (the
+  flush of the logs, whose locks the main thread may hold as well).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from runner.model import DeadReason
 
 #: How long a forced exit waits for the broker to say what is left.
 ASK_WAIT_S = 0.5
+#: How long a forced exit waits for the logs and the other observers to be flushed and closed.
+FLUSH_WAIT_S = 1.0
 
 _T = TypeVar("_T")
 
@@ -66,7 +70,7 @@ def forced_exit_line(runner: Runner, config: PipelineConfig, stopped: bool) -> s
             records = (
                 None
                 if drain is None
-                else _ask(lambda: drain(reason=shutdown, include_leased=True), ASK_WAIT_S)
+                else ask_within(lambda: drain(reason=shutdown, include_leased=True), ASK_WAIT_S)
             )
             if records is None:
                 return (
@@ -81,8 +85,8 @@ def forced_exit_line(runner: Runner, config: PipelineConfig, stopped: bool) -> s
     timeout = f"{config.broker.visibility_timeout:g}s"
     if stopped:
         return f"forced exit: nothing was running here; unfinished tasks stay in {place}{cut}"
-    depth = _ask(runner.depth, ASK_WAIT_S)
-    running = _ask(runner.inflight, ASK_WAIT_S)
+    depth = ask_within(runner.depth, ASK_WAIT_S)
+    running = ask_within(runner.inflight, ASK_WAIT_S)
     if depth is None or running is None:
         return (
             f"forced exit: unfinished tasks stay in {place}; those that were running here are "
@@ -96,7 +100,7 @@ def forced_exit_line(runner: Runner, config: PipelineConfig, stopped: bool) -> s
     )
 
 
-def _ask(call: Callable[[], _T], wait_s: float) -> _T | None:
+def ask_within(call: Callable[[], _T], wait_s: float) -> _T | None:
     """``call()`` on a daemon thread; its result, or None if it raised or took over ``wait_s``."""
     result: list[_T] = []
 

@@ -42,7 +42,7 @@ from runner.config.models import PipelineConfig
 from runner.errors import RunnerError
 from runner.model import DeadReason
 from runner.observe.logs import LogListener, log_event, terminal_width, wrap_line
-from runner.ops.leftover import drained_to, forced_exit_line
+from runner.ops.leftover import FLUSH_WAIT_S, ask_within, drained_to, forced_exit_line
 from runner.ops.produce import plan_tasks
 
 EXIT_FORCED = 130
@@ -81,7 +81,8 @@ def serve(config: PipelineConfig, options: RunOptions, out: TextIO = sys.stdout)
         if signals == 1:
             return
         line = forced_exit_line(runner, config, stopped.is_set())
-        runner.close_observers()
+        # The flush takes the logs' locks, which this thread may hold where the signal landed.
+        ask_within(runner.close_observers, FLUSH_WAIT_S)
         _last_words(line)
         os._exit(EXIT_FORCED)
 

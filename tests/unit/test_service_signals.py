@@ -6,6 +6,7 @@ waited for the Event's lock, which its own thread held.)"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import signal
 import sys
@@ -69,3 +70,61 @@ def test_the_first_signal_takes_no_lock_and_stops_the_run() -> None:
     assert taken == [[]]
     assert code == 0
     assert time.monotonic() - t0 < 15
+
+
+def test_a_second_signal_exits_even_when_the_flush_hangs(monkeypatch: Any) -> None:
+    """The second signal's flush of the logs runs on a helper thread, waited for at most
+    FLUSH_WAIT_S: the main thread may hold the logs' locks where the signal landed."""
+    from runner.ops import service
+
+    config = PipelineConfig.model_validate(
+        {
+            "task_types": {"t": {"handler": "tests.unit.aio_handlers:plain"}},
+            "metrics": {"enabled": False},
+            "logging": {"level": "WARNING"},
+        }
+    )
+    release = threading.Event()
+    exits: list[tuple[int, float]] = []
+
+    def stuck_flush(self: Any) -> None:
+        release.wait(30)  # as a flush waiting for a lock its own thread holds
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code: int) -> None:
+        exits.append((code, time.monotonic()))
+        raise Exited  # out of the handler, as os._exit would leave it
+
+    monkeypatch.setattr(service.Runner, "close_observers", stuck_flush)
+    monkeypatch.setattr(service.os, "_exit", fake_exit)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    asked: list[float] = []
+
+    def signal_twice() -> None:
+        try:
+            while signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            handler = signal.getsignal(signal.SIGTERM)
+            handler(signal.SIGTERM, None)  # type: ignore[operator]
+            asked.append(time.monotonic())
+            with contextlib.suppress(Exited):
+                handler(signal.SIGTERM, None)  # type: ignore[operator]
+        finally:
+            release.set()  # the stop that follows flushes too
+
+    helper = threading.Thread(target=signal_twice, daemon=True)
+    helper.start()
+    try:
+        serve(config, RunOptions(simulate=False), out=io.StringIO())
+    finally:
+        release.set()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    helper.join(5)
+    assert exits, "the second signal never reached the exit"
+    ((code, at),) = exits
+    assert code == 130
+    assert at - asked[0] < service.FLUSH_WAIT_S + 2.0
