@@ -21,6 +21,16 @@ from runner.ops.service import RunOptions, serve
 _LOCKS = {"lock", "RLock"}
 
 
+def _config() -> PipelineConfig:
+    return PipelineConfig.model_validate(
+        {
+            "task_types": {"t": {"handler": "tests.unit.aio_handlers:plain"}},
+            "metrics": {"enabled": False},
+            "logging": {"level": "WARNING"},
+        }
+    )
+
+
 def _lock_calls(handler: Any) -> list[str]:
     """Call ``handler`` as a SIGTERM would; the lock acquisitions it made."""
     taken: list[str] = []
@@ -40,13 +50,7 @@ def _lock_calls(handler: Any) -> list[str]:
 
 
 def test_the_first_signal_takes_no_lock_and_stops_the_run() -> None:
-    config = PipelineConfig.model_validate(
-        {
-            "task_types": {"t": {"handler": "tests.unit.aio_handlers:plain"}},
-            "metrics": {"enabled": False},
-            "logging": {"level": "WARNING"},
-        }
-    )
+    config = _config()
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     taken: list[list[str]] = []
 
@@ -77,13 +81,7 @@ def test_a_second_signal_exits_even_when_the_flush_hangs(monkeypatch: Any) -> No
     FLUSH_WAIT_S: the main thread may hold the logs' locks where the signal landed."""
     from runner.ops import service
 
-    config = PipelineConfig.model_validate(
-        {
-            "task_types": {"t": {"handler": "tests.unit.aio_handlers:plain"}},
-            "metrics": {"enabled": False},
-            "logging": {"level": "WARNING"},
-        }
-    )
+    config = _config()
     release = threading.Event()
     exits: list[tuple[int, float]] = []
 
