@@ -1,24 +1,36 @@
 """`dq-run run`'s signal handler (runner.ops.service.serve): a handler runs on the main thread
 between two of its bytecodes, maybe while that thread holds a lock, so the first signal's
-handler must take none; the main loop still stops on it. (A SIGTERM that landed while the
+handler must wait for none; the main loop still stops on it. (A SIGTERM that landed while the
 main thread sat in ``stop.wait()`` once hung a worker for good: the handler's ``stop.set()``
-waited for the Event's lock, which its own thread held.)"""
+waited for the Event's lock, which its own thread held.) The second signal's steps that need
+locks are bounded."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import signal
-import sys
 import threading
 import time
-from types import FrameType
 from typing import Any
 
 from runner import PipelineConfig
 from runner.ops.service import RunOptions, serve
 
-_LOCKS = {"lock", "RLock"}
+
+class _Events:
+    """``threading`` for runner.ops.service, with every Event it makes kept (in order)."""
+
+    def __init__(self) -> None:
+        self.made: list[threading.Event] = []
+
+    def Event(self) -> threading.Event:  # threading's name for it
+        event = threading.Event()
+        self.made.append(event)
+        return event
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(threading, name)
 
 
 def _config() -> PipelineConfig:
@@ -31,47 +43,45 @@ def _config() -> PipelineConfig:
     )
 
 
-def _lock_calls(handler: Any) -> list[str]:
-    """Call ``handler`` as a SIGTERM would; the lock acquisitions it made."""
-    taken: list[str] = []
-
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        if event == "c_call" and getattr(arg, "__name__", "") in {"acquire", "__enter__"}:
-            owner = type(getattr(arg, "__self__", None)).__name__
-            if owner in _LOCKS:
-                taken.append(f"{owner}.{arg.__name__} in {frame.f_code.co_name}")
-
-    sys.setprofile(profile)
-    try:
-        handler(signal.SIGTERM, None)
-    finally:
-        sys.setprofile(None)
-    return taken
+def _installed(before: Any, timeout: float = 20.0) -> Any:
+    """serve()'s SIGTERM handler, once it is installed (and the run up a moment)."""
+    deadline = time.monotonic() + timeout
+    while signal.getsignal(signal.SIGTERM) is before:
+        assert time.monotonic() < deadline, "serve() never installed its handler"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    return signal.getsignal(signal.SIGTERM)
 
 
-def test_the_first_signal_takes_no_lock_and_stops_the_run() -> None:
-    config = _config()
+def test_the_first_signal_needs_no_lock_the_main_thread_holds(monkeypatch: Any) -> None:
+    """The signal is played as it lands in ``stop.wait()``: ``stop``'s lock held while the
+    handler runs. Before, the handler's ``stop.set()`` waited for that lock for good."""
+    from runner.ops import service
+
+    events = _Events()
+    monkeypatch.setattr(service, "threading", events)
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    taken: list[list[str]] = []
+    returned: list[bool] = []
 
     def signal_it() -> None:
-        deadline = time.monotonic() + 20
-        while signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]:
-            assert time.monotonic() < deadline, "serve() never installed its handler"
-            time.sleep(0.01)
-        time.sleep(0.2)  # the run is up, its main thread in its loop
-        taken.append(_lock_calls(signal.getsignal(signal.SIGTERM)))
+        handler = _installed(before[signal.SIGTERM])
+        stop = events.made[0]  # serve()'s first Event: the main loop waits on it
+        with stop._cond:  # type: ignore[attr-defined]  # where the signal lands
+            landing = threading.Thread(target=handler, args=(signal.SIGTERM, None))
+            landing.start()
+            landing.join(2.0)
+            returned.append(not landing.is_alive())
 
     helper = threading.Thread(target=signal_it, daemon=True)
     helper.start()
     t0 = time.monotonic()
     try:
-        code = serve(config, RunOptions(simulate=False), out=io.StringIO())
+        code = serve(_config(), RunOptions(simulate=False), out=io.StringIO())
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
     helper.join(5)
-    assert taken == [[]]
+    assert returned == [True], "the handler waited for the lock its thread would hold"
     assert code == 0
     assert time.monotonic() - t0 < 15
 
@@ -81,7 +91,6 @@ def test_a_second_signal_exits_even_when_the_flush_hangs(monkeypatch: Any) -> No
     FLUSH_WAIT_S: the main thread may hold the logs' locks where the signal landed."""
     from runner.ops import service
 
-    config = _config()
     release = threading.Event()
     exits: list[tuple[int, float]] = []
 
@@ -102,10 +111,7 @@ def test_a_second_signal_exits_even_when_the_flush_hangs(monkeypatch: Any) -> No
 
     def signal_twice() -> None:
         try:
-            while signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]:
-                time.sleep(0.01)
-            time.sleep(0.2)
-            handler = signal.getsignal(signal.SIGTERM)
+            handler = _installed(before[signal.SIGTERM])
             handler(signal.SIGTERM, None)  # type: ignore[operator]
             asked.append(time.monotonic())
             with contextlib.suppress(Exited):
@@ -116,7 +122,7 @@ def test_a_second_signal_exits_even_when_the_flush_hangs(monkeypatch: Any) -> No
     helper = threading.Thread(target=signal_twice, daemon=True)
     helper.start()
     try:
-        serve(config, RunOptions(simulate=False), out=io.StringIO())
+        serve(_config(), RunOptions(simulate=False), out=io.StringIO())
     finally:
         release.set()
         for sig, handler in before.items():
