@@ -127,6 +127,8 @@ def _run(
                 daemon=True,
             )
             producer.start()
+        # Nothing sets stop before the finally below (which does it for the producer): its
+        # wait is this loop's pause, and a signal is seen through signalled().
         while not stop.wait(_CHECK_S):
             if failure or signalled():
                 break
