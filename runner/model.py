@@ -344,6 +344,12 @@ class Cancellation:
     def is_set(self) -> bool:
         return self._set
 
+    def mark(self) -> None:
+        """``is_set()`` answers True from now on, but no ``wait()`` is woken: takes no lock,
+        for a signal handler, which may run while its own thread holds the Event's (inside
+        ``wait()``). Call ``set()`` once that thread is out of it."""
+        self._set = True
+
     def set(self) -> None:
         self._set = True
         event = self._box.get("event")

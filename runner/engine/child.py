@@ -17,8 +17,9 @@ crossing the pipe is JSON (runner.engine.processes holds the parent's side and t
 A reader thread takes the parent's messages, so a cancel reaches a busy child; when the parent's
 end closes (the parent died, even by SIGKILL), the reader ends the child at once with
 ``os._exit``, whatever the handler is doing: no orphan outlives its parent. SIGTERM (the parent's
-hard timeout) sets ``ctx.cancelled`` and raises SystemExit in the handler, so its ``finally``
-blocks run before the child exits; SIGINT is ignored (a Ctrl-C reaches the whole process group:
+hard timeout) marks ``ctx.cancelled`` and raises SystemExit in the handler, so its ``finally``
+blocks run before the child exits (the handler's threads waiting on ``ctx.cancelled`` are
+woken as it leaves); SIGINT is ignored (a Ctrl-C reaches the whole process group:
 the parent decides what stops).
 """
 
@@ -161,10 +162,15 @@ class _Child:
         self.handlers = factory(spec)
 
     def terminated(self, signum: int, frame: FrameType | None) -> None:
-        """SIGTERM: past its timeout. The handler sees ctx.cancelled, then SystemExit."""
+        """SIGTERM: past its timeout. The handler sees ctx.cancelled, then SystemExit.
+
+        It runs on the main thread between two of the handler's bytecodes, maybe while that
+        thread holds ctx.cancelled's lock (in its ``wait()``): so it only marks it, and
+        ``_run`` wakes the handler's other threads that wait on it once SystemExit is out of
+        the handler (setting it here could wait for good on that lock)."""
         self._terminating = True
         if self._current is not None:
-            self._current.set()
+            self._current.mark()
         raise SystemExit(TERMINATED_EXIT)
 
     def serve(self) -> None:
@@ -210,6 +216,7 @@ class _Child:
             return {"ok": value}
         except BaseException as exc:
             if self._terminating:
+                cancelled.set()  # out of the handler: no lock of it is held here
                 raise
             return {"error": describe(exc)}
         finally:
