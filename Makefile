@@ -23,15 +23,16 @@ demo: $(STAMP)
 demo-pipeline: $(STAMP)
 	$(BIN)/dq-run configs/pipeline.yaml
 
-# The default suite, in two pytest-xdist workers (about 4.5 minutes on 2 cores; 7 in one); the
-# slow fault, stress and soak tests (@pytest.mark.slow, about 5 minutes more) run in
-# `make test-slow`, one at a time (they kill and freeze processes on a timer), and .ci/run runs
-# both. One file in one process: `.venv/bin/python -m pytest tests/unit/test_x.py`.
+# The default suite, in two pytest-xdist workers (about 4 minutes on 2 cores; 7 in one); the
+# slow fault, stress and soak tests (@pytest.mark.slow) run in `make test-slow`, also in two
+# workers (2.5 minutes; 4.7 one at a time: they mostly wait on timers and child processes),
+# and .ci/run runs both. One file in one process:
+# `.venv/bin/python -m pytest tests/unit/test_x.py`.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow' -n 2
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n 2
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
