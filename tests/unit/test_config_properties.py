@@ -108,11 +108,17 @@ def test_precedence_holds_for_any_values(yaml_w: int, env_w: int, flag_w: int) -
 
 def test_property_tests_run_with_a_fixed_seed_and_bounded_time() -> None:
     """The "ci" profile (tests/conftest.py) reaches every property test, explicit settings too."""
-    from tests.unit import test_memory_broker_stateful, test_retry, test_task_codec
+    from tests.unit import (
+        test_config_mutations,
+        test_memory_broker_stateful,
+        test_retry,
+        test_task_codec,
+    )
 
     tests = [
         test_generated_configs_load_and_round_trip,
         test_precedence_holds_for_any_values,
+        test_config_mutations.test_a_broken_config_loads_or_fails_with_one_line_per_problem,
         test_task_codec.test_any_json_value_round_trips_and_the_standard_library_reads_it,
         *(v for k, v in vars(test_retry).items() if hasattr(v, "hypothesis")),
     ]
