@@ -34,7 +34,9 @@ def zone_name(name: str) -> str:
     """``name`` when it is a timezone this machine knows (the tzdata package ships them all)."""
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    # OSError: a region such as "America" (tzdata's folder of its zones), or a name too long to
+    # be a file's.
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ValueError(
             f"unknown timezone {name!r}: use an IANA name such as UTC, Europe/Berlin or "
             "America/New_York"
