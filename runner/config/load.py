@@ -139,7 +139,7 @@ def load_with_sources(
         problems += origins.located(configcheck.cross_field_problems(inputs))
         raise ConfigError(origins.ordered(problems)) from None
     except SettingsError as exc:
-        problems.append(Problem(origins.env_label(str(exc)), "", f"cannot parse the value: {exc}"))
+        problems += _env_json_problems(env_vars) or [_env_parse_problem(origins, exc)]
         raise ConfigError(origins.ordered(problems)) from None
     config = PipelineConfig.model_validate(settings.model_dump())
     # Paths from flags or the environment are relative to the working directory.
@@ -151,6 +151,30 @@ def load_with_sources(
     if problems:
         raise ConfigError(origins.ordered(problems))
     return Loaded(config=config, origins=origins)
+
+
+def _env_json_problems(env_vars: Mapping[str, str]) -> list[Problem]:
+    """The ``DQ_*`` variables whose value pydantic-settings cannot decode on its own: a
+    section, list or map is read from the environment as JSON. Each variable is tried alone,
+    with pydantic-settings' own rules, so that each one at fault gets its own line."""
+    problems = []
+    for name, value in env_vars.items():
+        try:
+            _EnvSource(_PipelineSettings, {name: value})()
+        except SettingsError:
+            path = ".".join(name[len(ENV_PREFIX) :].lower().split("__"))
+            example = """DQ_RETRY__NEVER_RETRY='["ValueError"]'"""
+            why = f"is set from the environment as JSON, e.g. {example}"
+            message = f"expected JSON (a section, list or map {why}), got {value!r}"
+            problems.append(Problem(f"env {name}", path, message))
+    return problems
+
+
+def _env_parse_problem(origins: Origins, exc: SettingsError) -> Problem:
+    """The variables together fail where each alone decodes: pydantic-settings' words, minus
+    the name of its source class."""
+    said = str(exc).split(" from source ")[0]
+    return Problem(origins.env_label(str(exc)), "", f"cannot combine these values: {said}")
 
 
 def config_warnings(config: PipelineConfig) -> list[str]:

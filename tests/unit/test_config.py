@@ -219,9 +219,23 @@ def test_env_only_task_type_is_located_at_its_variable(tmp_path: Path) -> None:
 
 
 def test_env_json_that_does_not_parse(tmp_path: Path) -> None:
+    """A section, list or map set from the environment is JSON: a value that is not names its
+    variable, its key path, what was expected and what came, one line per variable (not
+    pydantic-settings' own words, which name its internal class and no key)."""
     found = problems(write(tmp_path, BASE), environ={"DQ_RETRY__NEVER_RETRY": "[oops"})
-    assert len(found) == 1
-    assert found[0].startswith("env DQ_RETRY__NEVER_RETRY")
+    assert found == [
+        "env DQ_RETRY__NEVER_RETRY: retry.never_retry: expected JSON (a section, list or map"
+        """ is set from the environment as JSON, e.g. DQ_RETRY__NEVER_RETRY='["ValueError"]'),"""
+        " got '[oops'"
+    ]
+    environ = {"DQ_RETRY": "1s", "DQ_RETRY__MAX_ATTEMPTS": "3", "DQ_TASK_TYPES": "x",
+               "DQ_WORKERS": "2"}  # fmt: skip
+    found = problems(write(tmp_path, BASE), environ=environ)
+    assert [line.split(": expected JSON")[0] for line in found] == [
+        "env DQ_RETRY: retry",
+        "env DQ_TASK_TYPES: task_types",
+    ]
+    assert all("_EnvSource" not in line and line.endswith("got '1s'") for line in found[:1])
 
 
 def test_handler_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
