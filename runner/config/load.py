@@ -32,7 +32,7 @@ from pydantic_settings import (
 from runner.config import rules as configcheck
 from runner.config.document import read_document
 from runner.config.models import PipelineConfig
-from runner.config.origins import Loaded, Origins, absolutize_handler_paths, render
+from runner.config.origins import Loaded, Origins, absolutize_handler_paths, render, resolved
 from runner.errors import ConfigError, Problem
 
 ENV_PREFIX = "DQ_"
@@ -143,7 +143,7 @@ def load_with_sources(
         raise ConfigError(origins.ordered(problems)) from None
     config = PipelineConfig.model_validate(settings.model_dump())
     # Paths from flags or the environment are relative to the working directory.
-    absolute = tuple(str(Path(p).resolve()) for p in config.handler_paths)
+    absolute = tuple(resolved(Path(p)) for p in config.handler_paths)
     config = config.model_copy(update={"handler_paths": absolute})
     problems += origins.located(configcheck.import_problems(config.model_dump()))
     inputs = origins.inputs(config.model_dump(), PipelineConfig)

@@ -181,6 +181,17 @@ FileMode = Annotated[
 ]
 
 
+def _file_name(value: str) -> str:
+    # No file system takes one; os.open() would raise ValueError at the first write instead.
+    if "\0" in value:
+        raise ValueError("a path cannot contain a NUL character")
+    return value
+
+
+#: A file or directory name from the config.
+PathText = Annotated[str, AfterValidator(_file_name)]
+
+
 def _kind_schema(names: tuple[str, ...]) -> WithJsonSchema:
     return WithJsonSchema(
         {
@@ -250,7 +261,7 @@ class BrokerConfig(_Model):
         "block", description="when full: block up to enqueue_timeout, or reject at once"
     )
     enqueue_timeout: Duration = Field(5.0, ge=0, description="how long a put waits when full")
-    path: str | None = Field(None, description="sqlite: database file (required for sqlite)")
+    path: PathText | None = Field(None, description="sqlite: database file (required for sqlite)")
     url: str | None = Field(
         None,
         pattern=r"^(redis|rediss|unix)://",
@@ -547,7 +558,7 @@ class DeadLetterConfig(_Model):
         description="memory, file, broker or module:Class (default: memory for the memory "
         "broker, broker for the others)",
     )
-    path: str | None = Field(None, description="file: JSON Lines file (required for file)")
+    path: PathText | None = Field(None, description="file: JSON Lines file (required for file)")
     file_mode: FileMode = Field("0600", description="file: mode of the files it creates")
     options: Options = Field(default_factory=dict)
 
@@ -645,7 +656,7 @@ class PipelineConfig(_Model):
         description="tasks fetched ahead of free threads (default: 16 x workers on the "
         "memory broker, 2 x workers on the others)",
     )
-    handler_paths: tuple[str, ...] = Field(
+    handler_paths: tuple[PathText, ...] = Field(
         (), description="extra import directories, relative to the config file"
     )
     types: Annotated[tuple[TypeName, ...], BeforeValidator(_comma_list)] | None = Field(

@@ -158,9 +158,16 @@ def absolutize_handler_paths(doc: Document, base: Path) -> None:
     """YAML handler_paths are relative to the config file's directory; make them absolute."""
     paths = doc.data.get("handler_paths")
     if isinstance(paths, list):
-        doc.data["handler_paths"] = [
-            str((base / p).resolve()) if isinstance(p, str) else p for p in paths
-        ]
+        doc.data["handler_paths"] = [resolved(base / p) if isinstance(p, str) else p for p in paths]
+
+
+def resolved(path: Path) -> str:
+    """``path`` made absolute, or as it is when it cannot be (a NUL character, a name too long
+    for the file system): the config's checks then say what is wrong with it."""
+    try:
+        return str(path.resolve())
+    except (OSError, ValueError):
+        return str(path)
 
 
 def _clean_loc(loc: tuple[str | int, ...]) -> tuple[KeyPath, bool]:

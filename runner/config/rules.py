@@ -189,8 +189,11 @@ def _durable_dead_letter(inputs: Inputs) -> Finding | None:
 
 def _directory(inputs: Inputs, index: int) -> Finding | None:
     directory = inputs.value(("handler_paths",))[index]
-    if Path(directory).is_dir():
-        return None
+    try:
+        if Path(directory).is_dir():
+            return None
+    except OSError as exc:  # a name too long for the file system, say
+        return Finding(("handler_paths", index), f"{directory} is not a directory: {exc.strerror}")
     return Finding(("handler_paths", index), f"{directory} is not a directory")
 
 
@@ -384,7 +387,8 @@ def import_problems(data: Any) -> list[Finding]:
     paths = data.get("handler_paths")
     if not isinstance(paths, list | tuple):
         paths = ()  # malformed: reported by validation; import from the working directory only
-    search = tuple(p for p in paths if isinstance(p, str))
+    # One with a NUL character is reported by validation (imports would fail on it).
+    search = tuple(p for p in paths if isinstance(p, str) and "\0" not in p)
     found: list[Finding] = []
 
     def check(path: KeyPath, value: Any, pattern: str, load: Any) -> None:
