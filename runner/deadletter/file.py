@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from runner.brokers.base import DeadLetterFilter
 from runner.codec import decode_dead_letter, encode_dead_letter
+from runner.errors import BrokerUnavailable
 from runner.model import DeadLetter
 
 if TYPE_CHECKING:
@@ -48,7 +49,15 @@ class FileDeadLetters:
         self._mode = file_mode
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # at start: found at the first dead letter instead, its settle would fail
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(self._opener(str(self._lock_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND))
+        except OSError as exc:
+            raise BrokerUnavailable(
+                f"dead-letter file {self.path}: cannot create it: {exc}",
+                backend="file",
+                operation="open",
+            ) from None
 
     def _opener(self, path: str, flags: int) -> int:
         return os.open(path, flags, self._mode)  # the mode applies only when this creates it

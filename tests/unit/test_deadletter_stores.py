@@ -16,7 +16,7 @@ from runner.config.models import PipelineConfig
 from runner.deadletter.file import FileDeadLetters
 from runner.deadletter.memory import MemoryDeadLetters
 from runner.deadletter.store import DeadLetterStore
-from runner.errors import ConfigError
+from runner.errors import BrokerUnavailable, ConfigError
 from runner.model import AttemptRecord, DeadLetter, Task
 
 ANY = DeadLetterFilter()
@@ -160,6 +160,17 @@ def test_two_handles_on_one_file_see_each_others_changes(tmp_path: Path) -> None
     assert operator_side.take([a.id]) == [a]
     runner_side.add(b)  # lands in the replaced file, not the unlinked one
     assert operator_side.records(ANY) == [b]
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_a_file_that_cannot_be_created_is_an_error_at_once(tmp_path: Path, where: str) -> None:
+    """Found when the store is made (the runner's start), as BrokerUnavailable (`dq-run`'s exit
+    code 3, no traceback), not at the first dead letter, whose settle would then fail and, on
+    the memory broker, lose the queue that a shutdown dead-letters."""
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "dead.jsonl" if where == "under a file" else Path("/proc/dq.jsonl")
+    with pytest.raises(BrokerUnavailable, match=f"dead-letter file {path}: cannot create it: "):
+        FileDeadLetters(path)
 
 
 def test_missing_file_reads_as_empty(tmp_path: Path) -> None:
