@@ -69,7 +69,7 @@ class FileDeadLetters:
         if not records:
             return
         data = b"".join(encode_dead_letter(r) + b"\n" for r in records)
-        with self._locked():
+        with self._locked(f"write {len(records)} record(s) to it", "dead"):
             self._cut_torn_tail()
             with open(self.path, "ab", opener=self._opener) as f:
                 f.write(data)
@@ -77,12 +77,12 @@ class FileDeadLetters:
                 os.fsync(f.fileno())
 
     def records(self, where: DeadLetterFilter) -> list[DeadLetter]:
-        with self._locked():
+        with self._locked("read it", "dead_letters"):
             return [r for r in self._read() if where.matches(r)]
 
     def take(self, ids: Collection[str]) -> list[DeadLetter]:
         wanted = frozenset(ids)
-        with self._locked():
+        with self._locked("take records from it", "replay"):
             records = self._read()
             taken = [r for r in records if r.id in wanted]
             if taken:
@@ -90,7 +90,7 @@ class FileDeadLetters:
         return taken
 
     def purge(self, where: DeadLetterFilter) -> int:
-        with self._locked():
+        with self._locked("purge it", "purge"):
             records = self._read()
             kept = [r for r in records if not where.matches(r)]
             if len(kept) != len(records):
@@ -98,18 +98,28 @@ class FileDeadLetters:
         return len(records) - len(kept)
 
     def count(self) -> int:
-        with self._locked():
+        with self._locked("read it", "dead_letters"):
             return len(self._read())
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        # The thread lock orders our own threads; flock (per open file) orders other processes.
-        with self._lock, open(self._lock_path, "ab", opener=self._opener) as lock_file:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+    def _locked(self, doing: str, operation: str) -> Iterator[None]:
+        """The file to ourselves for ``doing`` (the broker method ``operation``). A file system
+        error in it is BrokerUnavailable: a settle that writes a dead letter is tried again
+        (runner.engine.settle), its task stays leased meanwhile, and `dq-run dlq` says why."""
+        try:
+            # The thread lock orders our own threads; flock (per open file), other processes.
+            with self._lock, open(self._lock_path, "ab", opener=self._opener) as lock_file:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+        except OSError as exc:
+            raise BrokerUnavailable(
+                f"dead-letter file {self.path}: cannot {doing}: {exc}",
+                backend="file",
+                operation=operation,
+            ) from exc
 
     def _read(self) -> list[DeadLetter]:
         try:

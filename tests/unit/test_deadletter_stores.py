@@ -173,6 +173,20 @@ def test_a_file_that_cannot_be_created_is_an_error_at_once(tmp_path: Path, where
         FileDeadLetters(path)
 
 
+def test_a_file_that_cannot_be_written_any_more_is_broker_unavailable(tmp_path: Path) -> None:
+    """The file system failing later (here the file's place taken by a directory) is
+    BrokerUnavailable naming the file and what failed, which the settle of a dead letter tries
+    again (the task stays leased meanwhile), not an OSError the engine does not expect."""
+    path = tmp_path / "dead.jsonl"
+    store = FileDeadLetters(path)
+    path.mkdir()
+    with pytest.raises(BrokerUnavailable, match=r"cannot write 1 record\(s\) to it: ") as caught:
+        store.add(record(n=1))
+    assert caught.value.operation == "dead"
+    with pytest.raises(BrokerUnavailable, match=r"dead-letter file .*: cannot read it: "):
+        store.records(ANY)
+
+
 def test_missing_file_reads_as_empty(tmp_path: Path) -> None:
     store = FileDeadLetters(tmp_path / "nothing-yet.jsonl")
     assert store.records(ANY) == []
