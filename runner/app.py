@@ -63,7 +63,7 @@ from runner.engine.processes import ProcessWorker, default_start_method
 from runner.engine.retry import RetryPlan
 from runner.engine.schedule import Schedule, Scheduler, tick_name
 from runner.engine.worker import Worker
-from runner.errors import InvalidPayload, UsageError
+from runner.errors import BrokerError, InvalidPayload, UsageError
 from runner.events import Event, EventBus, EventName, Listener
 from runner.loader import load_class, load_handler, resolve_exception
 from runner.middleware.base import Middleware, overriding, wrap_chain
@@ -639,10 +639,15 @@ class Runner:
             # queue raises BrokerClosed instead of filling the room the drain makes, after it.
             self.broker.close()
             drain = getattr(self.broker, "drain_to_dead_letters", None)
+            failed: BrokerError | None = None
             if drain is not None:
                 # include_leased: a handler stuck past the grace period still holds its task;
                 # on an in-process broker it would vanish with the process otherwise.
-                for record in drain(reason=DeadReason.SHUTDOWN, include_leased=True):
+                try:
+                    drained = drain(reason=DeadReason.SHUTDOWN, include_leased=True)
+                except BrokerError as exc:  # a dead-letter file that cannot be written, say
+                    drained, failed = [], exc
+                for record in drained:
                     self.events.emit(
                         Event(
                             EventName.TASK_DEAD,
@@ -657,6 +662,11 @@ class Runner:
                     )
             self.summary.finish()
             self.close_observers()
+            if failed is not None:  # raised once the rest of the stop is done
+                lost = f"{failed}; the broker keeps nothing after exit: those tasks are lost"
+                raise type(failed)(
+                    lost, backend=failed.backend, operation=failed.operation
+                ) from failed
         return self.summary.to_dict()
 
     def close_observers(self) -> None:

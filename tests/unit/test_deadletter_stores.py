@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.app import build_runtime
 from runner.backends import create_dead_letter_store
 from runner.brokers.base import DeadLetterFilter
 from runner.codec import encode_dead_letter
@@ -228,3 +229,28 @@ def test_a_file_store_needs_a_path() -> None:
         return
     with pytest.raises(ConfigError, match=r"dead_letter\.path"):
         create_dead_letter_store(config)
+
+
+def test_a_shutdown_that_cannot_dead_letter_the_queue_says_the_tasks_are_lost(
+    tmp_path: Path,
+) -> None:
+    """The memory broker's stop dead-letters what is still queued; when the file cannot take
+    them, the stop still ends (its observers closed) and then raises BrokerUnavailable saying
+    those tasks are lost with the process, as `dq-run` prints it (exit code 3)."""
+    path = tmp_path / "dead.jsonl"
+    config = PipelineConfig.model_validate(
+        {
+            "task_types": {"a": {"handler": "handlers.demo:send_email"}},
+            "dead_letter": {"kind": "file", "path": str(path)},
+        }
+    )
+    runner = build_runtime(config, observe=False)
+    closed: list[bool] = []
+    runner._closers.append(lambda: closed.append(True))
+    runner.publish_many([("a", {"to": "x"})] * 3)
+    path.mkdir()  # the file's place taken
+    with pytest.raises(
+        BrokerUnavailable, match=r"cannot write 3 record\(s\).*those tasks are lost"
+    ):
+        runner.stop()
+    assert closed == [True]
