@@ -12,6 +12,7 @@ import ast
 import io
 import json
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -421,3 +422,29 @@ def test_the_redis_broker_names_backend_and_operation() -> None:
         RedisBroker(f"redis://127.0.0.1:{port}/0", "dq", 10, 0.1, "reject", 30.0)
     assert (opened.value.backend, opened.value.operation) == ("redis", "open")
     assert str(opened.value).startswith(f"cannot reach redis at redis://127.0.0.1:{port}/0: ")
+
+
+def test_a_redis_url_that_names_another_service_is_broker_unavailable() -> None:
+    """A port where something else answers (RabbitMQ and NATS greet first, and not as Redis
+    does): BrokerUnavailable at open, saying so, not redis-py's InvalidResponse (which `dq-run`
+    printed as a traceback)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def greet() -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.sendall(b'INFO {"server_id":"x"}\r\n')  # as NATS opens
+                    conn.recv(1024)
+
+        threading.Thread(target=greet, daemon=True).start()
+        with pytest.raises(BrokerUnavailable) as opened:
+            RedisBroker(f"redis://127.0.0.1:{port}/0", "dq", 10, 0.5, "reject", 30.0)
+    assert (opened.value.backend, opened.value.operation) == ("redis", "open")
+    assert "did not answer as Redis does" in str(opened.value)

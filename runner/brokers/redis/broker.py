@@ -209,9 +209,12 @@ class RedisBroker(RedisAdmin, RedisPipelines, BaseBroker):
             self._get_client: Any = self._dedicated_client()
             self._get_line = _Line(self._get_client)
             self._settle_line = _Line(self._dedicated_client())
-        except (*_TRANSIENT, redis.ResponseError) as exc:
+        except (*_TRANSIENT, redis.ResponseError, redis.InvalidResponse) as exc:
             self._client.close()
-            message = f"cannot reach redis at {_safe_url(url)}: {exc}"
+            why = str(exc)
+            if isinstance(exc, redis.InvalidResponse):  # another service on that port
+                why = f"it did not answer as Redis does ({exc}): is that port a Redis server?"
+            message = f"cannot reach redis at {_safe_url(url)}: {why}"
             raise BrokerUnavailable(message, **_at("open")) from exc
         self._scripts = {
             name: self._client.register_script(getattr(lua, name))
