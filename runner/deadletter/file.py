@@ -49,15 +49,10 @@ class FileDeadLetters:
         self._mode = file_mode
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock = threading.Lock()
-        try:  # at start: found at the first dead letter instead, its settle would fail
+        # At start: found at the first dead letter instead, its settle would fail.
+        with self._unavailable("create it", "open"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(self._opener(str(self._lock_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND))
-        except OSError as exc:
-            raise BrokerUnavailable(
-                f"dead-letter file {self.path}: cannot create it: {exc}",
-                backend="file",
-                operation="open",
-            ) from None
+            open(self._lock_path, "ab", opener=self._opener).close()
 
     def _opener(self, path: str, flags: int) -> int:
         return os.open(path, flags, self._mode)  # the mode applies only when this creates it
@@ -103,17 +98,26 @@ class FileDeadLetters:
 
     @contextlib.contextmanager
     def _locked(self, doing: str, operation: str) -> Iterator[None]:
-        """The file to ourselves for ``doing`` (the broker method ``operation``). A file system
-        error in it is BrokerUnavailable: a settle that writes a dead letter is tried again
-        (runner.engine.settle), its task stays leased meanwhile, and `dq-run dlq` says why."""
+        """The file to ourselves for ``doing`` (the broker method ``operation``)."""
+        # The thread lock orders our own threads; flock (per open file), other processes.
+        with (
+            self._unavailable(doing, operation),
+            self._lock,
+            open(self._lock_path, "ab", opener=self._opener) as lock_file,
+        ):
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _unavailable(self, doing: str, operation: str) -> Iterator[None]:
+        """A file system error while ``doing`` is BrokerUnavailable: a settle that writes a
+        dead letter is tried again (runner.engine.settle), its task stays leased meanwhile,
+        and `dq-run dlq` says why."""
         try:
-            # The thread lock orders our own threads; flock (per open file), other processes.
-            with self._lock, open(self._lock_path, "ab", opener=self._opener) as lock_file:
-                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+            yield
         except OSError as exc:
             raise BrokerUnavailable(
                 f"dead-letter file {self.path}: cannot {doing}: {exc}",
