@@ -4,8 +4,8 @@ handler receives (with its cancellation). Plain dataclasses; the JSON codec is r
 Everything that crosses a broker is JSON (never pickle), so a dead-letter record can be read and
 replayed without the producer's code.
 
-Size: about 460 lines, over our 450: the data every layer shares, kept in one module that
-imports nothing of ours but the errors, so that each layer can import it without a cycle.
+Size: about 460 lines, over our 450: the data every layer shares, kept in one module near the
+bottom of the import graph, which each layer can import without a cycle.
 
 May import: the standard library only.
 """
