@@ -356,15 +356,31 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
 
     def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
         """Each op as its own call, all under one lock hold; one with effects applies them
-        right after its call."""
+        right after its call, having written their dead letters first (a store that fails
+        leaves that op's task leased; the ops before it in the batch have taken effect, and
+        answer ALREADY_DONE when the batch is tried again)."""
         answers = []
         with self._cond:
+            if ops:
+                self._check_open("settle")
             for op in ops:
+                effects = op.effects
+                if effects is not None and self._hands_off_letters(op.delivery, effects):
+                    self._write_hand_off_letters(effects)
                 answer = single_call(self._locked, op)
-                if answer is _DONE and op.effects is not None:
-                    self._apply(op.effects, op.delivery.task.type)
+                if answer is _DONE and effects is not None:
+                    self._apply(effects, op.delivery.task.type)
                 answers.append(answer)
         return answers
+
+    def _hands_off_letters(self, delivery: Delivery, effects: Effects) -> bool:
+        """Whether settling ``delivery`` will take effect (its lease is held) with hand-offs
+        that write to the dead-letter store (``effects`` not skipped by ``unless``)."""
+        return (
+            bool(effects.dead_letters or effects.arrivals)
+            and delivery.receipt in self._leases
+            and (effects.unless is None or self._live_value(effects.unless, self._clock()) is None)
+        )
 
     def _ack(self, delivery: Delivery) -> Answer:
         self._check_open("settle")

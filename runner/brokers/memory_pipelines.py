@@ -46,11 +46,40 @@ class MemoryPipelines:
     def _queued(self) -> list[Queued]:
         raise NotImplementedError
 
+    def _write_hand_off_letters(self, effects: Effects) -> None:
+        """The dead-letter store's part of a settle's hand-offs (``effects``' dead letters,
+        and the records of the dead joins its arrivals fire), written before the settle takes
+        effect: a store that fails raises with nothing changed, so the task stays leased and
+        its settle, tried again, hands off then (an ack that took effect first would answer
+        ALREADY_DONE to that retry and start nothing). Writing again is harmless: each record
+        replaces one of its id, and a record already taken is not there to take."""
+        store = self.dead_letter_store
+        for record in effects.dead_letters:
+            store.take([record.id])
+            store.add(record)
+        fired = [task_id for task_id in self._firing(effects) if task_id in self._dead_joins]
+        if fired:
+            store.take(fired)
+
+    def _firing(self, effects: Effects) -> list[str]:
+        """The ids of the joined tasks that ``effects``' arrivals will put, as ``_hand_off``
+        will count their parts, without keeping them."""
+        kept: dict[str, set[int]] = {}
+        fired = []
+        for arrival in effects.arrivals:
+            parts = kept.get(arrival.key)
+            if parts is None:
+                parts = kept[arrival.key] = set(self._joins.get(arrival.key, ()))
+            parts.add(arrival.index)
+            if len(parts) >= arrival.size:
+                fired.append(arrival.task.id)
+                kept[arrival.key] = set()
+        return fired
+
     def _hand_off(self, effects: Effects, now: float) -> None:
         """The puts, arrivals and dead letters of a settle that took effect (the caller has
-        checked ``effects.unless``)."""
+        checked ``effects.unless`` and written the store's part: _write_hand_off_letters)."""
         puts = list(effects.puts)
-        store = self.dead_letter_store
         for arrival in effects.arrivals:
             parts = self._joins.setdefault(arrival.key, {})
             parts.setdefault(arrival.index, arrival.value)
@@ -59,12 +88,8 @@ class MemoryPipelines:
             del self._joins[arrival.key]
             payload = [from_json_bytes(parts[index]) for index in sorted(parts)]
             puts.append(replace(arrival.task, payload=payload))
-            if arrival.task.id in self._dead_joins:
-                self._dead_joins.discard(arrival.task.id)
-                store.take([arrival.task.id])
+            self._dead_joins.discard(arrival.task.id)
         for record in effects.dead_letters:
-            store.take([record.id])
-            store.add(record)
             self._dead_joins.add(record.id)
         held = self._held_ids()
         fresh: dict[str, Task] = {}

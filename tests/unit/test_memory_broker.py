@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from runner.backends import create_broker
-from runner.brokers.base import Answer, DeadLetterFilter, Delivery, Depth, Settle
+from runner.brokers.base import (
+    Answer,
+    Arrival,
+    DeadLetterFilter,
+    Delivery,
+    Depth,
+    Effects,
+    Settle,
+)
 from runner.brokers.memory import MemoryBroker
 from runner.config.models import PipelineConfig
 from runner.deadletter.file import FileDeadLetters
@@ -148,6 +156,72 @@ def test_a_failing_dead_letter_store_leaves_the_task_leased() -> None:
         broker.dead(d, record)
     assert broker.depth()["a"] == Depth(leased=1)
     assert broker.ack(d)
+
+
+class _FailingOn(MemoryDeadLetters):
+    """A store whose writes of the ids in ``failing`` raise, as a full disk does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: set[str] = set()
+
+    def add(self, record: DeadLetter) -> None:
+        if record.id in self.failing:
+            raise OSError("disk full")
+        super().add(record)
+
+    def take(self, ids: list[str]) -> list[DeadLetter]:
+        if self.failing & set(ids):
+            raise OSError("disk full")
+        return super().take(ids)
+
+
+def test_a_hand_off_the_store_cannot_write_changes_nothing_until_it_can() -> None:
+    # A dead pipeline task starts its on_dead task and dead-letters its join: when the join's
+    # record cannot be written, the settle must not have taken effect either (the task stays
+    # leased), or its retry would answer ALREADY_DONE and the on_dead task would never start.
+    store = _FailingOn()
+    broker = make(dead_letters=store)
+    broker.put_many([Task("a", None, id="t1")])
+    (d,) = broker.get({"a": 1}, 1, 0)
+    record = DeadLetter(d.task, "error", "E", "m", "", 1, 0, 0, 0)
+    joined = DeadLetter(Task("j", None, id="join1"), "upstream dead", "U", "m", "", 0, 0, 0, 0)
+    on_dead = Task("b", "record", id="t1-dead")
+    effects = Effects(puts=(on_dead,), dead_letters=(joined,))
+    op = Settle(d, "dead", record=record, effects=effects)
+    store.failing = {"join1"}
+    with pytest.raises(OSError):
+        broker.settle_many([op])
+    assert broker.depth() == {"a": Depth(leased=1)}
+    store.failing = set()
+    assert broker.settle_many([op]) == [Answer.DONE]
+    assert [x.task.id for x in broker.get({"b": 1}, 1, 0)] == ["t1-dead"]
+    assert sorted(r.id for r in store.records(ANY)) == ["join1", "t1"]
+
+
+def test_a_join_whose_dead_record_cannot_be_taken_does_not_fire_until_it_can() -> None:
+    store = _FailingOn()
+    broker = make(dead_letters=store)
+    broker.put_many([Task("a", i, id=f"p{i}") for i in range(2)])
+    first, second = broker.get({"a": 2}, 2, 0)
+    joined = Task("j", None, id="join1")
+
+    def arriving(d: Delivery, index: int, **more: object) -> Settle:
+        arrival = Arrival("join:g", index, 2, str(index), joined)
+        return Settle(d, "ack", effects=Effects(arrivals=(arrival,), **more))  # type: ignore[arg-type]
+
+    # The first part's death dead-letters the join (its record); the part is replayed and
+    # succeeds: the join fires with its last part, and its record goes.
+    upstream = DeadLetter(joined, "upstream dead", "U", "m", "", 0, 0, 0, 0)
+    assert broker.settle_many([arriving(first, 0, dead_letters=(upstream,))]) == [Answer.DONE]
+    store.failing = {"join1"}
+    with pytest.raises(OSError):
+        broker.settle_many([arriving(second, 1)])
+    assert broker.depth() == {"a": Depth(leased=1)}
+    store.failing = set()
+    assert broker.settle_many([arriving(second, 1)]) == [Answer.DONE]
+    assert [(x.task.id, x.task.payload) for x in broker.get({"j": 1}, 1, 0)] == [("join1", [0, 1])]
+    assert store.records(ANY) == []
 
 
 def test_many_extends_do_not_grow_the_expiry_heap_without_bound() -> None:
