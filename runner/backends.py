@@ -43,8 +43,11 @@ def broker_class(config: PipelineConfig) -> type[Broker]:
     return cast("type[Broker]", found)
 
 
-def create_dead_letter_store(config: PipelineConfig) -> DeadLetterStore | None:
+def create_dead_letter_store(
+    config: PipelineConfig, read_only: bool = False
+) -> DeadLetterStore | None:
     """The store ``config.dead_letter`` asks for; None when the broker keeps its own.
+    ``read_only``: for operator reads (a ``file`` store then creates and writes nothing).
 
     A ``module:Class`` store is built as ``Class(**dead_letter.options)``.
     """
@@ -57,7 +60,7 @@ def create_dead_letter_store(config: PipelineConfig) -> DeadLetterStore | None:
                 raise ConfigError(
                     [Problem("", "dead_letter.path", "required when dead_letter.kind is file")]
                 )
-            return FileDeadLetters(settings.path, int(settings.file_mode, 8))
+            return FileDeadLetters(settings.path, int(settings.file_mode, 8), read_only)
         case "broker":
             return None
         case spec:
@@ -81,14 +84,16 @@ def create_broker(
 
     ``on_reconnect(attempt, error)`` is told about every reconnect attempt of brokers that
     hold a network connection (Redis). ``read_only``: for operator reads; a SQLite file is then
-    opened read-only (an existing queue only, nothing written).
+    opened read-only (an existing queue only, nothing written), and so is a ``file`` store.
     """
     settings = config.broker
     cls = broker_class(config)
     arguments: dict[str, Any] = {name: getattr(settings, name) for name in BROKER_ARGUMENTS}
     if not cls.durable:
         # dead_letter.kind "broker" on a broker that is not durable: an in-memory store.
-        arguments["dead_letters"] = create_dead_letter_store(config) or MemoryDeadLetters()
+        arguments["dead_letters"] = (
+            create_dead_letter_store(config, read_only) or MemoryDeadLetters()
+        )
     match settings.kind:  # the built-in kinds' own settings
         case "memory":
             pass

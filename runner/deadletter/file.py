@@ -44,11 +44,19 @@ class FileDeadLetters:
     file afresh, so an append never lands in a file that has just been replaced.
     """
 
-    def __init__(self, path: str | Path, file_mode: int = FILE_MODE) -> None:
+    def __init__(
+        self, path: str | Path, file_mode: int = FILE_MODE, read_only: bool = False
+    ) -> None:
+        """``read_only``: for an operator who only reads (``dq-run dlq list``, ``show``):
+        nothing is created or written, so a directory they may only read will do; reads then
+        share the lock (when its file is there) with other readers."""
         self.path = Path(path)
         self._mode = file_mode
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock = threading.Lock()
+        self._read_only = read_only
+        if read_only:
+            return
         # At start: found at the first dead letter instead, its settle would fail.
         with self._unavailable("create it", "open"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +80,7 @@ class FileDeadLetters:
                 os.fsync(f.fileno())
 
     def records(self, where: DeadLetterFilter) -> list[DeadLetter]:
-        with self._locked("read it", "dead_letters"):
+        with self._reading():
             return [r for r in self._read() if where.matches(r)]
 
     def take(self, ids: Collection[str]) -> list[DeadLetter]:
@@ -93,8 +101,31 @@ class FileDeadLetters:
         return len(records) - len(kept)
 
     def count(self) -> int:
-        with self._locked("read it", "dead_letters"):
+        with self._reading():
             return len(self._read())
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """The file steady for a read: locked as for a write, or, read-only, under a shared
+        lock opened for reading. With no lock file (no writer has opened the store: each makes
+        it first), it is read unlocked, which is safe: a rewrite replaces the file in one step
+        and a torn last line is skipped."""
+        if not self._read_only:
+            with self._locked("read it", "dead_letters"):
+                yield
+            return
+        with self._unavailable("read it", "dead_letters"), self._lock:
+            try:
+                lock_file = open(self._lock_path, "rb")  # noqa: SIM115 (closed below)
+            except FileNotFoundError:
+                yield
+                return
+            with lock_file:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_SH)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _locked(self, doing: str, operation: str) -> Iterator[None]:

@@ -202,14 +202,17 @@ class FileDeadLetterAdmin:
 def open_admin(config: PipelineConfig, read_only: bool = False) -> Iterator[BrokerAdmin]:
     """The operator's side of the config's broker (or of its dead-letter file), closed after.
 
-    ``read_only``: the caller only reads (stats, dlq list/show), so a read-only file will do.
+    ``read_only``: the caller only reads (stats, dlq list/show), so a read-only file will do
+    (a SQLite queue, or a dead-letter file and its directory).
     A broker that is not ``shared`` cannot be reached from here: only a dead-letter file can.
     """
     kind = config.broker.kind
     if not broker_class(config).shared:
         if config.dead_letter.kind != "file" or not config.dead_letter.path:
             raise NotSupported(_NO_DLQ.format(kind=kind))
-        yield FileDeadLetterAdmin(FileDeadLetters(config.dead_letter.path), kind)
+        mode = int(config.dead_letter.file_mode, 8)  # a replay's rewrite keeps the file's mode
+        store = FileDeadLetters(config.dead_letter.path, mode, read_only=read_only)
+        yield FileDeadLetterAdmin(store, kind)
         return
     broker = create_broker(config, read_only=read_only)
     try:

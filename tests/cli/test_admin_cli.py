@@ -7,6 +7,7 @@ exists (the "dependency" recovered), so a replay succeeds for the reason replays
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -410,6 +411,47 @@ def test_memory_broker_file_dead_letters_can_be_listed_shown_and_purged(tmp_path
     purged = run("dlq", "purge", config, records[1].id, "--yes")
     assert "purged 1" in purged.stdout
     assert [r.id for r in store.records(DeadLetterFilter())] == [records[0].id]
+
+
+def test_reading_a_dead_letter_file_writes_nothing_and_a_purge_keeps_its_mode(
+    tmp_path: Path,
+) -> None:
+    """`dlq list` only reads: it works where the operator may only read (as root here, so
+    checked as: it creates nothing); `dlq purge` rewrites the file with the config's
+    `file_mode`, not the default 0600."""
+    dlq_file = tmp_path / "var" / "dead.jsonl"
+    config = _memory_config(tmp_path, f"{{kind: file, path: {dlq_file}, file_mode: '0640'}}")
+    assert _dead_lines(config) == []
+    assert not dlq_file.parent.exists()
+    store = FileDeadLetters(dlq_file, 0o640)
+    store.add_many([_shutdown_record(n) for n in range(2)])
+    dlq_file.with_name("dead.jsonl.lock").unlink()
+    assert len(_dead_lines(config)) == 2
+    assert not dlq_file.with_name("dead.jsonl.lock").exists()
+    purged = run("dlq", "purge", config, store.records(DeadLetterFilter())[0].id, "--yes")
+    assert "purged 1" in purged.stdout, purged.stderr
+    assert dlq_file.stat().st_mode & 0o777 == 0o640 & ~_umask()
+
+
+def _shutdown_record(n: int) -> DeadLetter:
+    now = time.time()
+    return DeadLetter(
+        task=Task(type="order", payload={"n": n}, enqueued_at=now - 5),
+        reason="shutdown",
+        error_type="Shutdown",
+        message="the process stopped",
+        traceback="",
+        attempts=0,
+        first_attempt_at=now,
+        last_attempt_at=now,
+        dead_at=now,
+    )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_twelve_dead_letters_of_one_millisecond_read_apart_and_show_by_short_id(

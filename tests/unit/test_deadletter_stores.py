@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import threading
 from collections.abc import Callable
@@ -186,6 +187,33 @@ def test_a_file_that_cannot_be_written_any_more_is_broker_unavailable(tmp_path: 
     assert caught.value.operation == "dead"
     with pytest.raises(BrokerUnavailable, match=r"dead-letter file .*: cannot read it: "):
         store.records(ANY)
+
+
+def test_a_read_only_store_creates_nothing_and_reads_under_a_shared_lock(
+    tmp_path: Path,
+) -> None:
+    """For `dq-run dlq list` where the operator may only read: nothing is created (checked as
+    such: root may write anywhere), and a read waits for a writer's lock, beside other
+    readers."""
+    path = tmp_path / "var" / "dead.jsonl"
+    reader = FileDeadLetters(path, read_only=True)
+    assert reader.records(ANY) == [] and reader.count() == 0
+    assert not path.parent.exists()
+    FileDeadLetters(path).add(record(n=1))
+    lock = path.with_name("dead.jsonl.lock")
+    with open(lock, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # a writer's, mid-rewrite
+        read: list[int] = []
+        thread = threading.Thread(target=lambda: read.append(reader.count()))
+        thread.start()
+        thread.join(0.3)
+        assert read == []  # waits for the writer
+        fcntl.flock(held.fileno(), fcntl.LOCK_SH)  # now a reader's: shared
+        thread.join(5)
+        assert read == [1]
+    lock.unlink()
+    assert reader.count() == 1
+    assert not lock.exists()
 
 
 def test_missing_file_reads_as_empty(tmp_path: Path) -> None:
