@@ -116,23 +116,24 @@ class MemoryPipelines:
         with self._cond:
             self._check_open("cancel")
             now = self._clock()
-            cancelled: list[Task] = []
+            # Their records are written before they leave their queues: a store that fails
+            # raises with every task still queued.
+            cancelled = [t for queue in self._ready.values() for t in queue if of_root(t, root_id)]
+            delayed = [entry for entry in self._delayed if of_root(entry[2], root_id)]
+            cancelled += [task for _, _, task in delayed]
+            if not cancelled:
+                return []
+            self.dead_letter_store.add_many([cancelled_record(t, message, now) for t in cancelled])
             for queue in self._ready.values():
                 kept = [t for t in queue if not of_root(t, root_id)]
                 if len(kept) < len(queue):
-                    cancelled.extend(t for t in queue if of_root(t, root_id))
                     queue.clear()
                     queue.extend(kept)
-            delayed = [entry for entry in self._delayed if of_root(entry[2], root_id)]
             if delayed:
                 self._delayed[:] = [e for e in self._delayed if not of_root(e[2], root_id)]
                 heapq.heapify(self._delayed)
                 for _, _, task in delayed:
                     self._delayed_count[task.type] -= 1
-                    cancelled.append(task)
-            if not cancelled:
-                return []
-            self.dead_letter_store.add_many([cancelled_record(t, message, now) for t in cancelled])
             for task in cancelled:
                 if self._ids is not None:
                     self._ids.discard(task.id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,23 @@ def test_a_join_whose_dead_record_cannot_be_taken_does_not_fire_until_it_can() -
     assert broker.settle_many([arriving(second, 1)]) == [Answer.DONE]
     assert [(x.task.id, x.task.payload) for x in broker.get({"j": 1}, 1, 0)] == [("join1", [0, 1])]
     assert store.records(ANY) == []
+
+
+def test_a_cancel_the_store_cannot_write_leaves_the_tasks_queued() -> None:
+    class Broken(MemoryDeadLetters):
+        def add_many(self, records: Sequence[DeadLetter]) -> None:
+            raise OSError("disk full")
+
+    clock = FakeClock()
+    broker = make(clock, dead_letters=Broken())
+    lineage = {"root_id": "r1", "parent_id": "r1"}
+    broker.put_many([Task("a", 0, id="c1", headers=lineage)])
+    broker.put_many([Task("a", 1, id="c2", headers=lineage, not_before=clock.now + 5)])
+    with pytest.raises(OSError):
+        broker.cancel("r1", "cancelled by the operator")
+    assert broker.depth() == {"a": Depth(ready=1, delayed=1)}
+    clock.now += 5
+    assert [d.task.id for d in broker.get({"a": 2}, 2, 0)] == ["c1", "c2"]
 
 
 def test_many_extends_do_not_grow_the_expiry_heap_without_bound() -> None:
