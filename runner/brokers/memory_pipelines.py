@@ -52,11 +52,14 @@ class MemoryPipelines:
         effect: a store that fails raises with nothing changed, so the task stays leased and
         its settle, tried again, hands off then (an ack that took effect first would answer
         ALREADY_DONE to that retry and start nothing). Writing again is harmless: each record
-        replaces one of its id, and a record already taken is not there to take."""
+        replaces one of its id, and a record already taken is not there to take. A join's
+        record is known as written at once: if the settle then fails (the task's own record),
+        the join that fires later, from the task run again, still takes it."""
         store = self.dead_letter_store
         for record in effects.dead_letters:
             store.take([record.id])
             store.add(record)
+            self._dead_joins.add(record.id)
         fired = [task_id for task_id in self._firing(effects) if task_id in self._dead_joins]
         if fired:
             store.take(fired)
@@ -89,8 +92,6 @@ class MemoryPipelines:
             payload = [from_json_bytes(parts[index]) for index in sorted(parts)]
             puts.append(replace(arrival.task, payload=payload))
             self._dead_joins.discard(arrival.task.id)
-        for record in effects.dead_letters:
-            self._dead_joins.add(record.id)
         held = self._held_ids()
         fresh: dict[str, Task] = {}
         for task in puts:

@@ -225,6 +225,36 @@ def test_a_join_whose_dead_record_cannot_be_taken_does_not_fire_until_it_can() -
     assert store.records(ANY) == []
 
 
+def test_a_join_record_written_by_a_dead_settle_that_failed_goes_when_the_join_fires() -> None:
+    # The part's own record cannot be written, after its join's was: the settle fails, the
+    # part comes back and this time succeeds; when the join fires, that record must go too.
+    clock = FakeClock()
+    store = _FailingOn()
+    broker = make(clock, dead_letters=store)
+    broker.put_many([Task("a", i, id=f"p{i}") for i in range(2)])
+    first, second = broker.get({"a": 2}, 2, 0)
+    joined = Task("j", None, id="join1")
+    upstream = DeadLetter(joined, "upstream dead", "U", "m", "", 0, 0, 0, 0)
+    record = DeadLetter(first.task, "error", "E", "m", "", 1, 0, 0, 0)
+    store.failing = {"p0"}
+    with pytest.raises(OSError):
+        broker.settle_many([Settle(first, "dead", record=record,
+                                   effects=Effects(dead_letters=(upstream,)))])  # fmt: skip
+    store.failing = set()
+    assert [r.id for r in store.records(ANY)] == ["join1"]  # written before the part's own
+
+    def arrive(d: Delivery, index: int) -> list[Answer]:
+        arrival = Arrival("join:g", index, 2, str(index), joined)
+        return broker.settle_many([Settle(d, "ack", effects=Effects(arrivals=(arrival,)))])
+
+    assert arrive(second, 1) == [Answer.DONE]
+    clock.now += 2  # the first part's lease runs out: it is handed out again, and succeeds
+    (again,) = broker.get({"a": 1}, 1, 0)
+    assert arrive(again, 0) == [Answer.DONE]
+    assert [x.task.id for x in broker.get({"j": 1}, 1, 0)] == ["join1"]
+    assert store.records(ANY) == []
+
+
 def test_a_cancel_the_store_cannot_write_leaves_the_tasks_queued() -> None:
     class Broken(MemoryDeadLetters):
         def add_many(self, records: Sequence[DeadLetter]) -> None:
