@@ -1,0 +1,286 @@
+"""The three brokers agree: the same random sequence of operations (puts, hand-outs, settles of
+every kind with hand-offs, joins, values and cancel guards, settles sent twice or under a stale
+receipt, cancels, replays, purges) applied to memory, SQLite and Redis gets the same answer from
+each at every step, and leaves the same tasks in the same states. What a handler's code sees
+must not depend on the broker under it (the contract suite checks each rule alone; this checks
+them together, in orders nobody wrote down).
+
+No time passes that matters: leases are long, retries are due at once, so the brokers' clocks
+(Redis keeps its own) cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.brokers.base import (
+    Answer,
+    Arrival,
+    Broker,
+    DeadLetterFilter,
+    Delivery,
+    Effects,
+    Settle,
+    SetValue,
+)
+from runner.brokers.memory import MemoryBroker
+from runner.brokers.redis.broker import RedisBroker
+from runner.brokers.sqlite.broker import SqliteBroker
+from runner.deadletter.memory import MemoryDeadLetters
+from runner.model import AttemptRecord, DeadLetter, DeadReason, Task
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+TYPES = ("a", "b")
+SETTINGS: dict[str, Any] = {
+    "capacity": 10_000,
+    "enqueue_timeout": 0.0,
+    "overflow": "reject",
+    "visibility_timeout": 300.0,
+}
+ALL = DeadLetterFilter()
+
+
+@pytest.fixture
+def brokers(tmp_path: Path, redis_server: RedisServer) -> Iterator[dict[str, Broker]]:
+    made: dict[str, Broker] = {
+        "memory": MemoryBroker(dead_letters=MemoryDeadLetters(), **SETTINGS),
+        "sqlite": SqliteBroker(path=str(tmp_path / "agree.db"), **SETTINGS),
+        "redis": RedisBroker(
+            url=redis_server.url, namespace=f"agree-{uuid.uuid4().hex[:12]}", **SETTINGS
+        ),
+    }
+    yield made
+    for broker in made.values():
+        broker.close()
+
+
+class Run:
+    """One random sequence, applied to every broker in turn."""
+
+    def __init__(self, seed: int, brokers: dict[str, Broker]) -> None:
+        self.rng = random.Random(seed)
+        self.brokers = brokers
+        self.n = 0
+        # What each broker handed out and we have not settled, by task id (the same ids on
+        # every broker: the tasks are built once, here).
+        self.held: dict[str, dict[str, Delivery]] = {name: {} for name in brokers}
+        # Settles sent once, kept to be sent again (ALREADY_DONE).
+        self.sent: list[dict[str, Settle]] = []
+        self.roots: list[str] = []
+        self.groups = 0
+        self.seen: set[Answer] = set()  # the answers to settles sent again
+        self.joined = 0  # joined tasks handed out
+
+    def each(self, call: Any) -> dict[str, Any]:
+        return {name: call(name, broker) for name, broker in self.brokers.items()}
+
+    def agree(self, what: str, answers: dict[str, Any]) -> Any:
+        first = answers["memory"]
+        assert all(a == first for a in answers.values()), f"{what}: {answers}"
+        return first
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def step(self) -> None:
+        action = self.rng.choice(
+            ["put", "put", "get", "get", "settle", "settle", "settle", "again", "cancel",
+             "replay", "purge"]
+        )  # fmt: skip
+        getattr(self, action)()
+        self.check()
+
+    def put(self) -> None:
+        rng = self.rng
+        tasks: list[Task] = []
+        if rng.random() < 0.3:  # two tasks whose successes join
+            self.groups += 1
+            g = self.groups
+            tasks = [self._task(rng.choice(TYPES), headers={"group": [g, i]}) for i in range(2)]
+        else:
+            tasks = [self._task(rng.choice(TYPES)) for _ in range(rng.randint(1, 3))]
+        self.roots += [t.id for t in tasks]
+        self.each(lambda _, b: b.put_many(tasks))
+
+    def get(self) -> None:
+        """Every ready task of a type: the brokers differ in where a retried or released task
+        goes back in its queue (docs/brokers.md), so a partial hand-out could differ too."""
+        type_ = self.rng.choice(TYPES)
+        got = self.each(lambda _, b: b.get({type_: 1000}, 1000, 0))
+        self.agree(
+            f"get {type_}",
+            {
+                name: sorted(
+                    (d.task.id, d.task.attempt, d.redelivered, d.task.payload) for d in deliveries
+                )
+                for name, deliveries in got.items()
+            },
+        )
+        for name, deliveries in got.items():
+            for d in deliveries:
+                self.held[name][d.task.id] = d
+        self.joined += sum(d.task.id.startswith("join-") for d in got["memory"])
+
+    def settle(self) -> None:
+        ids = sorted(self.held["memory"])
+        if not ids:
+            return
+        chosen = self.rng.sample(ids, min(len(ids), self.rng.randint(1, 3)))
+        plans = [self._plan(task_id) for task_id in chosen]
+        ops = {
+            name: [
+                self._op(self.held[name].pop(task_id), *plan)
+                for task_id, plan in zip(chosen, plans, strict=True)
+            ]
+            for name in self.brokers
+        }
+        answers = self.each(lambda n, b: b.settle_many(ops[n]))
+        self.agree(f"settle {[p[0] for p in plans]} of {chosen}", answers)
+        for i in range(len(chosen)):
+            self.sent.append({name: ops[name][i] for name in self.brokers})
+
+    def again(self) -> None:
+        """A settle sent before, sent again, as when its reply was lost: ALREADY_DONE, even
+        once a newer hand-out of its task owns it."""
+        if not self.sent:
+            return
+        ops = self.rng.choice(self.sent[-20:])
+        answers = self.each(lambda n, b: b.settle_many([ops[n]]))
+        (answer,) = self.agree(f"{ops['memory'].kind} of {ops['memory'].delivery.task.id} again",
+                               answers)  # fmt: skip
+        self.seen.add(answer)
+
+    def cancel(self) -> None:
+        if not self.roots:
+            return
+        root = self.rng.choice(self.roots)
+        # As `dq-run cancel` does: the guard every later hand-off of the pipeline checks, then
+        # its waiting tasks dead-lettered.
+        guard = [SetValue(f"cancel:{root}", "cancelled", 3600.0)]
+        self.each(lambda _, b: b.set_values(guard))
+        cancelled = self.each(lambda _, b: sorted(b.cancel(root, "cancelled")))
+        self.agree(f"cancel {root}", cancelled)
+
+    def replay(self) -> None:
+        records = self.brokers["memory"].dead_letters(ALL)  # type: ignore[attr-defined]
+        ids = [r.id for r in records if r.reason != DeadReason.UPSTREAM_DEAD]
+        if ids:
+            # One at a time: the order of a call's tasks is not the contract's (FIFO by put).
+            for task_id in self.rng.sample(ids, min(len(ids), 2)):
+                replayed = self.each(lambda _, b, i=task_id: b.replay([i]))
+                self.agree(f"replay {task_id}", replayed)
+
+    def purge(self) -> None:
+        if self.rng.random() < 0.7:
+            return
+        records = self.brokers["memory"].dead_letters(ALL)  # type: ignore[attr-defined]
+        if records:
+            where = DeadLetterFilter(ids=frozenset([self.rng.choice(records).id]))
+            self.agree("purge", self.each(lambda _, b: b.purge(where)))
+
+    # -- what a settle does --------------------------------------------------------------
+
+    def _task(self, type_: str, **fields: Any) -> Task:
+        self.n += 1
+        return Task(type_, {"n": self.n}, id=f"t{self.n:05d}-{uuid.uuid4().hex[:6]}", **fields)
+
+    def _plan(self, task_id: str) -> tuple[str, Effects | None]:
+        """How the task ends (the same on every broker) and what its ending also does."""
+        rng = self.rng
+        task = self.held["memory"][task_id].task
+        kind = rng.choice(["ack", "ack", "ack", "dead", "retry", "release"])
+        if kind in ("retry", "release"):
+            return kind, None
+        root = task.headers.get("root_id", task.id)
+        lineage = {"root_id": root, "parent_id": task.id}
+        group = task.headers.get("group")
+        guard = f"cancel:{root}"
+        self.n += 1
+        own = f"{task_id}.{self.n}"
+        if kind == "dead":
+            puts: tuple[Task, ...] = ()
+            dead: tuple[DeadLetter, ...] = ()
+            if rng.random() < 0.5:
+                puts = (Task(rng.choice(TYPES), "on_dead", id=f"{own}.dead", headers=lineage),)
+            if group:
+                joined = Task("b", None, id=f"join-{group[0]}", headers=lineage)
+                dead = (
+                    DeadLetter(joined, DeadReason.UPSTREAM_DEAD, "U", "m", "", 0, 1.0, 1.0, 1.0),
+                )
+            if not puts and not dead:
+                return kind, None
+            return kind, Effects(puts=puts, dead_letters=dead, unless=guard)
+        effects = Effects(
+            sets=(SetValue(f"trace:{root}:{task_id}", "done", 3600.0),)
+            if rng.random() < 0.5
+            else (),
+            deletes=(f"trace:{root}:{task_id}",) if rng.random() < 0.1 else (),
+            unless=guard,
+        )
+        if group:
+            g, index = group
+            joined = Task("b", None, id=f"join-{g}", headers=lineage)
+            arrival = Arrival(f"join:{g}", index, 2, f'"part {index}"', joined)
+            return kind, Effects(arrivals=(arrival,), sets=effects.sets, unless=guard)
+        children = tuple(
+            Task(rng.choice(TYPES), None, id=f"{own}.{k}", headers=lineage)
+            for k in range(rng.choice([0, 0, 1, 2]))
+        )
+        return kind, Effects(puts=children, sets=effects.sets, deletes=effects.deletes,
+                             unless=guard if children else None)  # fmt: skip
+
+    def _op(self, delivery: Delivery, kind: str, effects: Effects | None) -> Settle:
+        task = delivery.task
+        if kind == "retry":
+            failure = AttemptRecord(task.attempt, "E", "m", "", 1.0, 0.0, "w:1")
+            return Settle(delivery, "retry", 0.0, failure)
+        if kind == "dead":
+            record = DeadLetter(task, DeadReason.EXHAUSTED, "E", "m", "", 1, 1.0, 1.0, 1.0)
+            return Settle(delivery, "dead", record=record, effects=effects)
+        return Settle(delivery, kind, effects=effects)  # type: ignore[arg-type]
+
+    # -- the check -----------------------------------------------------------------------
+
+    def check(self) -> None:
+        self.agree("depth", self.each(lambda _, b: _depth(b)))
+        self.agree(
+            "dead letters",
+            self.each(lambda _, b: sorted((r.id, r.reason) for r in b.dead_letters(ALL))),
+        )
+        for prefix in ("trace:", "cancel:"):
+            self.agree(f"values {prefix}", self.each(lambda _, b, p=prefix: b.scan_values(p)))
+
+
+def _depth(broker: Broker) -> dict[str, tuple[int, int, int]]:
+    return {
+        name: (d.ready, d.delayed, d.leased)
+        for name, d in broker.depth().items()
+        if (d.ready, d.delayed, d.leased) != (0, 0, 0)
+    }
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_brokers_agree_step_by_step(seed: int, brokers: dict[str, Broker]) -> None:
+    run = Run(seed, brokers)
+    for _ in range(250):
+        run.step()
+    # Everything handed out and settled to the end: the same tasks done on each.
+    for _ in range(200):
+        run.get()
+        for name in run.brokers:
+            deliveries = list(run.held[name].values())
+            run.held[name].clear()
+            if deliveries:
+                assert brokers[name].settle_many([Settle(d, "ack") for d in deliveries])
+        if not any(run.each(lambda _, b: _depth(b)).values()):
+            break
+    run.check()
+    assert _depth(brokers["memory"]) == {}
+    assert Answer.ALREADY_DONE in run.seen and run.joined  # both exercised
