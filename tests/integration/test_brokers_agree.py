@@ -1,9 +1,10 @@
-"""The three brokers agree: the same random sequence of operations (puts, hand-outs, settles of
-every kind with hand-offs, joins, values and cancel guards, settles sent twice or under a stale
-receipt, cancels, replays, purges) applied to memory, SQLite and Redis gets the same answer from
-each at every step, and leaves the same tasks in the same states. What a handler's code sees
-must not depend on the broker under it (the contract suite checks each rule alone; this checks
-them together, in orders nobody wrote down).
+"""The three brokers agree: the same random sequence of operations (puts into a small capacity,
+unique puts, compare-and-set puts, hand-outs, lease renewals, pauses, settles of every kind with
+hand-offs, joins, values and cancel guards, settles sent twice, cancels, replays, purges)
+applied to memory, SQLite and Redis gets the same answer from each at every step, and leaves
+the same tasks in the same states, the same dead letters and the same values. What a
+handler's code sees must not depend on the broker under it (the contract suite checks each rule
+alone; this checks them together, in orders nobody wrote down).
 
 No time passes that matters: leases are long, retries are due at once, so the brokers' clocks
 (Redis keeps its own) cannot tell them apart.
@@ -14,18 +15,21 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from runner.brokers.base import (
+    UNIQUE_PREFIX,
     Answer,
     Arrival,
     Broker,
     DeadLetterFilter,
     Delivery,
     Effects,
+    Pause,
     Settle,
     SetValue,
 )
@@ -33,6 +37,7 @@ from runner.brokers.memory import MemoryBroker
 from runner.brokers.redis.broker import RedisBroker
 from runner.brokers.sqlite.broker import SqliteBroker
 from runner.deadletter.memory import MemoryDeadLetters
+from runner.errors import QueueFull
 from runner.model import AttemptRecord, DeadLetter, DeadReason, Task
 from tests.redis_server import RedisServer
 
@@ -40,7 +45,7 @@ pytestmark = pytest.mark.redis
 
 TYPES = ("a", "b")
 SETTINGS: dict[str, Any] = {
-    "capacity": 10_000,
+    "capacity": 40,  # reached now and then: a put that does not fit is refused on all
     "enqueue_timeout": 0.0,
     "overflow": "reject",
     "visibility_timeout": 300.0,
@@ -92,7 +97,7 @@ class Run:
     def step(self) -> None:
         action = self.rng.choice(
             ["put", "put", "get", "get", "settle", "settle", "settle", "again", "cancel",
-             "replay", "purge"]
+             "replay", "purge", "unique", "put_if", "pause", "extend"]
         )  # fmt: skip
         getattr(self, action)()
         self.check()
@@ -100,14 +105,44 @@ class Run:
     def put(self) -> None:
         rng = self.rng
         tasks: list[Task] = []
-        if rng.random() < 0.3:  # two tasks whose successes join
+        if rng.random() < 0.5:  # two tasks whose successes join
             self.groups += 1
             g = self.groups
             tasks = [self._task(rng.choice(TYPES), headers={"group": [g, i]}) for i in range(2)]
         else:
             tasks = [self._task(rng.choice(TYPES)) for _ in range(rng.randint(1, 3))]
+        self.agree("put", self.each(lambda _, b: _refused(b.put_many, tasks)))
         self.roots += [t.id for t in tasks]
-        self.each(lambda _, b: b.put_many(tasks))
+
+    def unique(self) -> None:
+        """Tasks with unique keys from a small pool: put unless their key is held."""
+        tasks = [
+            self._task(self.rng.choice(TYPES), unique_key=f"k{self.rng.randint(1, 4)}")
+            for _ in range(self.rng.randint(1, 2))
+        ]
+        self.agree("put_unique", self.each(lambda _, b: _refused(b.put_unique, tasks, 0)))
+        self.roots += [t.id for t in tasks]
+
+    def put_if(self) -> None:
+        """A schedule's tick: a compare-and-set of a value with a put."""
+        expected = self.rng.choice([None, "t1", "t2"])
+        value = self.rng.choice(["t1", "t2"])
+        tasks = [self._task(self.rng.choice(TYPES))]
+        fired = self.each(lambda _, b: _refused(b.put_if, "tick", expected, value, tasks))
+        if self.agree(f"put_if {expected} -> {value}", fired) is True:
+            self.roots += [t.id for t in tasks]
+
+    def pause(self) -> None:
+        type_ = self.rng.choice(TYPES)
+        if self.rng.random() < 0.5:
+            self.each(lambda _, b: b.set_gate(type_, Pause()))
+        else:
+            self.agree(f"resume {type_}", self.each(lambda _, b: b.clear_gate(type_, Pause)))
+
+    def extend(self) -> None:
+        ids = sorted(self.held["memory"])
+        extended = self.each(lambda n, b: b.extend([self.held[n][i] for i in ids]))
+        self.agree(f"extend {ids}", extended)
 
     def get(self) -> None:
         """Every ready task of a type: the brokers differ in where a retried or released task
@@ -174,7 +209,7 @@ class Run:
         if ids:
             # One at a time: the order of a call's tasks is not the contract's (FIFO by put).
             for task_id in self.rng.sample(ids, min(len(ids), 2)):
-                replayed = self.each(lambda _, b, i=task_id: b.replay([i]))
+                replayed = self.each(lambda _, b, i=task_id: _refused(b.replay, [i]))
                 self.agree(f"replay {task_id}", replayed)
 
     def purge(self) -> None:
@@ -238,6 +273,9 @@ class Run:
 
     def _op(self, delivery: Delivery, kind: str, effects: Effects | None) -> Settle:
         task = delivery.task
+        if task.unique_key and kind in ("ack", "dead"):  # its key let go, as the engine does
+            effects = effects or Effects()
+            effects = replace(effects, deletes=(*effects.deletes, UNIQUE_PREFIX + task.unique_key))
         if kind == "retry":
             failure = AttemptRecord(task.attempt, "E", "m", "", 1.0, 0.0, "w:1")
             return Settle(delivery, "retry", 0.0, failure)
@@ -254,8 +292,16 @@ class Run:
             "dead letters",
             self.each(lambda _, b: sorted((r.id, r.reason) for r in b.dead_letters(ALL))),
         )
-        for prefix in ("trace:", "cancel:"):
+        for prefix in ("trace:", "cancel:", UNIQUE_PREFIX, "tick"):
             self.agree(f"values {prefix}", self.each(lambda _, b, p=prefix: b.scan_values(p)))
+
+
+def _refused(call: Any, *args: Any) -> Any:
+    """What ``call`` answers, or "full" when the broker had no room."""
+    try:
+        return call(*args)
+    except QueueFull:
+        return "full"
 
 
 def _depth(broker: Broker) -> dict[str, tuple[int, int, int]]:
@@ -269,9 +315,10 @@ def _depth(broker: Broker) -> dict[str, tuple[int, int, int]]:
 @pytest.mark.parametrize("seed", range(12))
 def test_the_brokers_agree_step_by_step(seed: int, brokers: dict[str, Broker]) -> None:
     run = Run(seed, brokers)
-    for _ in range(250):
+    for _ in range(300):
         run.step()
     # Everything handed out and settled to the end: the same tasks done on each.
+    run.each(lambda _, b: [b.clear_gate(t, Pause) for t in TYPES])
     for _ in range(200):
         run.get()
         for name in run.brokers:

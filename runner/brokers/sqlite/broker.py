@@ -444,7 +444,9 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
                         f"{needed} tasks cannot fit a queue of capacity {self._capacity}",
                         **_at(operation),
                     )
-                count = held(conn)
+                # Nothing to put (every key held: put_unique answers the holders) needs no
+                # room, even in a queue that retries and hand-offs took over its capacity.
+                count = held(conn) if needed else 0
                 if count + needed <= self._capacity:
                     answer = insert(conn)
                     break  # leaving the block commits

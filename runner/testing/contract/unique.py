@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from runner.brokers.base import Broker, Depth, Effects, Settle, SetValue
+from runner.brokers.base import Answer, Broker, Depth, Effects, Settle, SetValue
 from runner.errors import QueueFull
 from runner.testing.contract.fixtures import BrokerMaker
 from runner.testing.contract.helpers import GET_TIMEOUT_S, failure, get_one, put, task
@@ -83,6 +83,23 @@ def test_a_full_broker_puts_nothing_and_holds_no_key(make_broker: BrokerMaker) -
     assert broker.ack(get_one(broker, "b"))
     fresh = task("a", 2, unique_key="a:k")
     assert broker.put_unique([fresh]) == [fresh.id]
+
+
+def test_a_full_broker_still_answers_a_held_keys_holder(make_broker: BrokerMaker) -> None:
+    # A duplicate puts nothing, so it needs no room: even a broker full, or over its capacity
+    # (retries and hand-offs may overshoot it), answers the holder at once.
+    broker = _unique(make_broker, capacity=2, overflow="reject")
+    first = task("a", 1, unique_key="a:k")
+    assert broker.put_unique([first]) == [first.id]
+    put(broker, task("b", 0))
+    assert broker.settle_many(
+        [Settle(get_one(broker, "b"), "ack", effects=Effects(puts=(task("b", 1), task("b", 2))))]
+    ) == [Answer.DONE]  # three held now, of two
+    assert broker.put_unique([task("a", 2, unique_key="a:k")], timeout=0) == [first.id]
+    assert broker.put_unique([], timeout=0) == []
+    broker.put_many([], timeout=0)
+    with pytest.raises(QueueFull):
+        broker.put_unique([task("a", 3, unique_key="a:other")], timeout=0)
 
 
 def test_concurrent_publishers_of_one_key_put_one_task(make_broker: BrokerMaker) -> None:
