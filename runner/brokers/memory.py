@@ -150,6 +150,10 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         # On an RLock (the default) for its C ownership check: see Books' lock.
         self._cond = threading.Condition()
         self._ready: dict[str, deque[Task]] = {}
+        # Per type, how many tasks at the head of its ready queue were handed back (released,
+        # or their lease expired): the next one handed back goes behind them, so that tasks
+        # handed back together keep their order (types with none are absent).
+        self._front: dict[str, int] = {}
         self._redelivered: set[str] = (
             set()
         )  # ids in a ready queue whose next hand-out is a redelivery
@@ -315,6 +319,8 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
             for type_name in active:
                 queue = self._ready[type_name]
                 out.append(self._hand_out(queue.popleft(), now))
+                if self._front:
+                    self._left_front(type_name, 1)
                 if len(out) >= limit:
                     return out
                 budget[type_name] -= 1
@@ -437,7 +443,7 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         self._settled_now(delivery.receipt, self._clock())
         # Undo the hand-out exactly: the attempt and the redelivered flag are given back.
         task = lease.task
-        self._queue(task.type).appendleft(_with_attempt(task, task.attempt - 1))
+        self._to_front(_with_attempt(task, task.attempt - 1))
         if lease.redelivered:
             self._redelivered.add(task.id)
         self._cond.notify_all()
@@ -490,6 +496,23 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         """Raise BrokerClosed (naming ``operation``, the broker method) after close()."""
         if self._closed:
             raise BrokerClosed("the broker is closed", backend="memory", operation=operation)
+
+    def _to_front(self, task: Task) -> None:
+        """``task``, handed back, ready before every task not handed out yet, behind those
+        handed back before it (Redis hands out its released entries oldest first, and SQLite
+        keeps each in its place: neither reverses a batch handed back together)."""
+        queue = self._queue(task.type)
+        place = min(self._front.get(task.type, 0), len(queue))
+        queue.insert(place, task)
+        self._front[task.type] = place + 1
+
+    def _left_front(self, type_name: str, n: int) -> None:
+        """``n`` tasks left the head of ``type_name``'s queue."""
+        front = self._front.get(type_name, 0) - n
+        if front > 0:
+            self._front[type_name] = front
+        else:
+            self._front.pop(type_name, None)
 
     def _queue(self, type_name: str) -> deque[Task]:
         queue = self._ready.get(type_name)
@@ -599,10 +622,10 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
             if lease.expires_at == at and self._leases.get(lease.receipt) is lease:
                 del self._leases[lease.receipt]
                 expired.append(lease)
-        # Reversed, so the lease that expired first ends up first in its queue.
-        for lease in reversed(expired):
+        # In expiry order, each behind the tasks handed back before it.
+        for lease in expired:
             self._leased_count[lease.task.type] -= 1
-            self._queue(lease.task.type).appendleft(lease.task)
+            self._to_front(lease.task)
             self._redelivered.add(lease.task.id)
 
     def _next_due(self) -> float:

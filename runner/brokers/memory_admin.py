@@ -47,6 +47,7 @@ class MemoryAdmin:
     _clock: Callable[[], float]
     _cond: threading.Condition
     _ready: dict[str, deque[Task]]
+    _front: dict[str, int]
     _redelivered: set[str]
     _delayed: list[tuple[float, int, Task]]
     _delayed_count: dict[str, int]
@@ -145,6 +146,7 @@ class MemoryAdmin:
             records = [_drained(t, reason, at) for t in tasks]
             self.dead_letter_store.add_many(records)
             self._ready.clear()
+            self._front.clear()
             self._redelivered.clear()
             self._delayed.clear()
             self._delayed_count.clear()

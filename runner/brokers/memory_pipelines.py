@@ -25,6 +25,7 @@ class MemoryPipelines:
     _clock: Callable[[], float]
     _cond: threading.Condition
     _ready: dict[str, deque[Task]]
+    _front: dict[str, int]
     _redelivered: set[str]
     _delayed: list[tuple[float, int, Task]]
     _delayed_count: dict[str, int]
@@ -38,6 +39,9 @@ class MemoryPipelines:
     _dead_joins: set[str]
 
     def _check_open(self, operation: str) -> None:
+        raise NotImplementedError
+
+    def _left_front(self, type_name: str, n: int) -> None:
         raise NotImplementedError
 
     def _enqueue(self, tasks: Sequence[Task], now: float) -> None:
@@ -125,11 +129,14 @@ class MemoryPipelines:
             if not cancelled:
                 return []
             self.dead_letter_store.add_many([cancelled_record(t, message, now) for t in cancelled])
-            for queue in self._ready.values():
+            for type_name, queue in self._ready.items():
                 kept = [t for t in queue if not of_root(t, root_id)]
                 if len(kept) < len(queue):
+                    front = self._front.get(type_name, 0)
+                    gone = sum(1 for t in list(queue)[:front] if of_root(t, root_id))
                     queue.clear()
                     queue.extend(kept)
+                    self._left_front(type_name, gone)
             if delayed:
                 self._delayed[:] = [e for e in self._delayed if not of_root(e[2], root_id)]
                 heapq.heapify(self._delayed)

@@ -10,7 +10,7 @@ isolation too.
 
 from __future__ import annotations
 
-from runner.brokers.base import Broker
+from runner.brokers.base import Answer, Broker, Settle
 from runner.testing.contract.fixtures import BrokerMaker
 from runner.testing.contract.helpers import GET_TIMEOUT_S, SHORT_LEASE_S, get_one, put, task
 
@@ -22,8 +22,16 @@ def test_released_tasks_come_back_before_tasks_not_handed_out_yet(broker: Broker
     assert all(broker.release(d) for d in held)
     put(broker, task("a", 3))
     again = [d.task.payload for d in broker.get({"a": 10}, 10, 0)]
-    assert sorted(again[:2]) == [0, 1]
-    assert again[2:] == [2, 3]
+    assert again == [0, 1, 2, 3]
+
+
+def test_tasks_released_together_keep_their_order(broker: Broker) -> None:
+    # What Books.isolate hands back is a batch of tasks fetched in order: a broker that put each
+    # at the very front would run them last-first.
+    put(broker, *(task("a", i) for i in range(5)))
+    held = broker.get({"a": 3}, 3, 0)
+    assert broker.settle_many([Settle(d, "release") for d in held]) == [Answer.DONE] * 3
+    assert [d.task.payload for d in broker.get({"a": 10}, 10, 0)] == [0, 1, 2, 3, 4]
 
 
 def test_a_released_redelivery_keeps_its_place_attempt_and_flag(make_broker: BrokerMaker) -> None:
