@@ -39,7 +39,9 @@ Every broker passes the same suite, runner.testing.contract. The contract, in on
   round trip or transaction where the broker can (the engine settles finished tasks this way, in the
   background, on durable brokers). When it raises, any of the ops may or may not have happened;
   the receipts make trying them again safe (an op that did happen then answers
-  ``ALREADY_DONE``).
+  ``ALREADY_DONE``). A broker whose ops can fail one by one (the memory broker's dead letters
+  go to a store of their own) goes on past a failing op and raises ``SettleIncomplete`` with
+  the answers of the others, so that an ack is not held back by a dead letter beside it.
 - ``exchange(ops, slots, limit)`` is ``settle_many(ops)`` followed by ``get(slots, limit, 0)``
   (it never blocks), in one round trip or transaction where the broker can: the engine sends
   finished tasks' settles along with its next fetch (from several threads at once, so it must
@@ -174,6 +176,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
+from runner.errors import BrokerUnavailable
 from runner.model import AttemptRecord, DeadLetter, DeadReason, Task, quick_init, replayable
 
 
@@ -202,6 +205,19 @@ class Answer(enum.Enum):
 
     def __bool__(self) -> bool:
         return self is not Answer.FENCED
+
+
+class SettleIncomplete(BrokerUnavailable):
+    """Raised by ``settle_many`` (and ``exchange``) when some of its ops failed (each with
+    BrokerUnavailable; the first one's message is this one's) and the others took effect:
+    ``answers`` holds one per op, None for each op that failed (not taken effect: try it
+    again)."""
+
+    def __init__(
+        self, message: str, answers: Sequence[Answer | None], *, backend: str = ""
+    ) -> None:
+        super().__init__(message, backend=backend, operation="settle")
+        self.answers = tuple(answers)
 
 
 @dataclass(frozen=True, slots=True)

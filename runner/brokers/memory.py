@@ -62,6 +62,7 @@ from runner.brokers.base import (
     Pause,
     RateLimit,
     Settle,
+    SettleIncomplete,
     single_call,
 )
 from runner.brokers.flow import (
@@ -78,7 +79,7 @@ from runner.brokers.flow import (
 from runner.brokers.memory_admin import MemoryAdmin
 from runner.brokers.memory_pipelines import MemoryPipelines
 from runner.deadletter.store import DeadLetterStore
-from runner.errors import BrokerClosed, QueueFull
+from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
 from runner.model import HISTORY_LIMIT, AttemptRecord, DeadLetter, Task
 
 #: The answers, read once: an Enum member lookup costs about 0.1 us on Python 3.11, per settle.
@@ -362,22 +363,33 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
 
     def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
         """Each op as its own call, all under one lock hold; one with effects applies them
-        right after its call, having written their dead letters first (a store that fails
-        leaves that op's task leased; the ops before it in the batch have taken effect, and
-        answer ALREADY_DONE when the batch is tried again)."""
-        answers = []
+        right after its call, having written their dead letters first. An op whose dead letters
+        the store cannot write (BrokerUnavailable) changes nothing, its task stays leased, and
+        the others go on: then SettleIncomplete carries their answers (None for each op that
+        failed)."""
+        answers: list[Answer | None] = []
+        failed: BrokerUnavailable | None = None
         with self._cond:
             if ops:
                 self._check_open("settle")
             for op in ops:
-                effects = op.effects
-                if effects is not None and self._hands_off_letters(op.delivery, effects):
-                    self._write_hand_off_letters(effects)
-                answer = single_call(self._locked, op)
-                if answer is _DONE and effects is not None:
-                    self._apply(effects, op.delivery.task.type)
-                answers.append(answer)
-        return answers
+                try:
+                    answers.append(self._settle_one(op))
+                except BrokerUnavailable as exc:
+                    failed = failed or exc
+                    answers.append(None)
+        if failed is not None:
+            raise SettleIncomplete(str(failed), answers, backend="memory") from failed
+        return answers  # type: ignore[return-value]  # no None: nothing failed
+
+    def _settle_one(self, op: Settle) -> Answer:
+        effects = op.effects
+        if effects is not None and self._hands_off_letters(op.delivery, effects):
+            self._write_hand_off_letters(effects)
+        answer = single_call(self._locked, op)
+        if answer is _DONE and effects is not None:
+            self._apply(effects, op.delivery.task.type)
+        return answer
 
     def _hands_off_letters(self, delivery: Delivery, effects: Effects) -> bool:
         """Whether settling ``delivery`` will take effect (its lease is held) with hand-offs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from runner.brokers.base import Broker, Delivery
+from runner.brokers.base import Broker, Delivery, SettleIncomplete
 from runner.engine.books import GET_TIMEOUT_S, Books, Fetch
 from runner.engine.settle import Settler
 from runner.errors import BrokerClosed, BrokerError
@@ -40,6 +40,17 @@ class Fetcher:
             settles = [outcome.settle for outcome in fetch.carry]
             try:
                 answers, deliveries = self._broker.exchange(settles, slots, room)
+            except SettleIncomplete as exc:
+                # Those that took effect are reported now (sent again later, one might no
+                # longer be remembered as done); the Settler tries the others again.
+                done = [
+                    (o, a) for o, a in zip(fetch.carry, exc.answers, strict=True) if a is not None
+                ]
+                self._settler.report([o for o, _ in done], [a for _, a in done])
+                for outcome, answer in zip(fetch.carry, exc.answers, strict=True):
+                    if answer is None:
+                        self._settler.submit(outcome)
+                raise
             except Exception:
                 for outcome in fetch.carry:
                     self._settler.submit(outcome)  # tried again there (settles are fenced)

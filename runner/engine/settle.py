@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from runner.brokers.base import Answer, Broker, Settle, settle_one
+from runner.brokers.base import Answer, Broker, Settle, SettleIncomplete, settle_one
 from runner.errors import BrokerClosed, BrokerError, BrokerUnavailable
 from runner.events import EventName
 
@@ -145,24 +145,37 @@ class Settler:
 
         BrokerUnavailable is tried again after each of SETTLE_PAUSES_S (settles are fenced by
         the receipt, so trying again is safe: an op whose first reply was lost answers
-        ALREADY_DONE). Any other broker error fails the ops one by one
-        (so one bad op cannot sink the rest of its batch) and gives up on those that still fail.
+        ALREADY_DONE); after SettleIncomplete, only the ops that failed are. Any other broker
+        error fails the ops one by one (so one bad op cannot sink the rest of its batch) and
+        gives up on those that still fail.
         """
-        for pause in SETTLE_PAUSES_S:
-            if not isinstance(exc, BrokerUnavailable):
+        answers: list[Answer | None] = [None] * len(ops)
+        left = list(range(len(ops)))  # the ops without an answer yet, by index
+        for pause in (*SETTLE_PAUSES_S, None):
+            if isinstance(exc, SettleIncomplete):  # answered for the ops ``left`` held
+                for i, answer in zip(left, exc.answers, strict=True):
+                    answers[i] = answer
+                left = [i for i in left if answers[i] is None]
+            if pause is None or not isinstance(exc, BrokerUnavailable):
                 break
             log.warning("broker settle of %d task(s) failed, trying again in %ss: %s",
-                        len(ops), pause, exc)  # fmt: skip
+                        len(left), pause, exc)  # fmt: skip
             time.sleep(pause)
             try:
-                return list(self.broker.settle_many(ops))
-            except BrokerError as again:
-                exc = again
-        if len(ops) > 1 and not isinstance(exc, BrokerUnavailable | BrokerClosed):
-            return [answer for op in ops for answer in self.call([op])]
-        ids = ", ".join(op.delivery.task.id for op in ops)
+                again = self.broker.settle_many([ops[i] for i in left])
+            except BrokerError as error:
+                exc = error
+                continue
+            for i, answer in zip(left, again, strict=True):
+                answers[i] = answer
+            return answers
+        if len(left) > 1 and not isinstance(exc, BrokerUnavailable | BrokerClosed):
+            for i in left:
+                answers[i] = self.call([ops[i]])[0]
+            return answers
+        ids = ", ".join(ops[i].delivery.task.id for i in left)
         log.warning("broker settle failed for task %s, giving up: %s", ids, exc)
-        return [None] * len(ops)
+        return answers
 
     def _loop(self) -> None:
         stopping = False  # the stop marker was seen: end once the queue is empty

@@ -19,12 +19,13 @@ from runner.brokers.base import (
     Depth,
     Effects,
     Settle,
+    SettleIncomplete,
 )
 from runner.brokers.memory import MemoryBroker
 from runner.config.models import PipelineConfig
 from runner.deadletter.file import FileDeadLetters
 from runner.deadletter.memory import MemoryDeadLetters
-from runner.errors import BrokerClosed
+from runner.errors import BrokerClosed, BrokerUnavailable
 from runner.model import AttemptRecord, DeadLetter, Task
 
 ANY = DeadLetterFilter()
@@ -223,6 +224,22 @@ def test_a_join_whose_dead_record_cannot_be_taken_does_not_fire_until_it_can() -
     assert broker.settle_many([arriving(second, 1)]) == [Answer.DONE]
     assert [(x.task.id, x.task.payload) for x in broker.get({"j": 1}, 1, 0)] == [("join1", [0, 1])]
     assert store.records(ANY) == []
+
+
+def test_a_dead_letter_the_store_cannot_write_holds_back_no_other_op_of_its_batch() -> None:
+    class Full(MemoryDeadLetters):
+        def add(self, record: DeadLetter) -> None:
+            raise BrokerUnavailable("dead-letter file: cannot write: No space left on device")
+
+    broker = make(dead_letters=Full())
+    broker.put_many([Task("a", i, id=f"t{i}") for i in range(3)])
+    first, second, third = broker.get({"a": 3}, 3, 0)
+    record = DeadLetter(second.task, "error", "E", "m", "", 1, 0, 0, 0)
+    batch = [Settle(first, "ack"), Settle(second, "dead", record=record), Settle(third, "ack")]
+    with pytest.raises(SettleIncomplete, match="No space left") as caught:
+        broker.settle_many(batch)
+    assert caught.value.answers == (Answer.DONE, None, Answer.DONE)
+    assert broker.depth()["a"] == Depth(leased=1)  # the dead one's task, to try again
 
 
 def test_a_join_record_written_by_a_dead_settle_that_failed_goes_when_the_join_fires() -> None:

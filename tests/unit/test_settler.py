@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from runner.brokers.base import Answer, Delivery, Settle
+from runner.brokers.base import Answer, Delivery, Settle, SettleIncomplete
 from runner.engine.settle import MAX_BATCH, Outcome, Settler
 from runner.errors import BrokerError
 from runner.model import Task
@@ -90,6 +90,44 @@ def test_one_bad_op_does_not_sink_its_batch() -> None:
     assert reports.answers == {"task-0": done, "task-1": done, "task-2": done,
                                "task-3": None, "task-4": done}  # fmt: skip
     assert broker.calls[0] == [f"task-{n}" for n in range(5)]  # tried together first
+
+
+class HalfBroker:
+    """settle_many takes every op but those in ``failing``, whose store is down: it raises
+    SettleIncomplete with the others' answers, as the memory broker does when a dead letter
+    cannot be written; ``failing`` empties after ``fail_times`` calls."""
+
+    def __init__(self, failing: set[str], fail_times: int) -> None:
+        self.calls: list[list[str]] = []
+        self.failing = failing
+        self.fail_times = fail_times
+
+    def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
+        ids = [op.delivery.task.id for op in ops]
+        self.calls.append(ids)
+        if len(self.calls) > self.fail_times:
+            self.failing = set()
+        answers = [None if i in self.failing else Answer.DONE for i in ids]
+        if None in answers:
+            raise SettleIncomplete("dead-letter file: cannot write", answers)
+        return [Answer.DONE] * len(ops)
+
+
+@pytest.mark.parametrize("fail_times", [2, 9])
+def test_after_an_incomplete_settle_only_the_ops_that_failed_are_sent_again(
+    fail_times: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("runner.engine.settle.SETTLE_PAUSES_S", (0.0, 0.0, 0.0))
+    broker, reports = HalfBroker({"task-1", "task-3"}, fail_times), Reports()
+    settler = Settler(broker, reports, background=False)  # type: ignore[arg-type]
+    settler.settle([outcome(n) for n in range(5)])
+    assert broker.calls[0] == [f"task-{n}" for n in range(5)]
+    assert all(call == ["task-1", "task-3"] for call in broker.calls[1:])
+    gave_up = fail_times > 3  # the first call and three more
+    done = Answer.DONE
+    assert reports.answers == {"task-0": done, "task-1": None if gave_up else done,
+                               "task-2": done, "task-3": None if gave_up else done,
+                               "task-4": done}  # fmt: skip
 
 
 def test_stop_settles_everything_submitted_before_it() -> None:
