@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from runner.backends import create_broker, create_dead_letter_store
+from runner.brokers.base import Answer, DeadLetterFilter, Depth, Settle, SettleIncomplete
 from runner.brokers.sqlite import schema as sqlite_schema
 from runner.brokers.sqlite.broker import SqliteBroker
 from runner.brokers.sqlite.schema import APPLICATION_ID, CREATE_WAIT_S
@@ -218,3 +219,24 @@ def test_file_mode_widens_the_files_it_creates(tmp_path: Path) -> None:
     store.add(DeadLetter(Task("a", 1), "error", "E", "m", "", 1, 1.0, 1.0, 1.0))
     for name in ("q.db", "d.jsonl"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+
+
+def test_a_full_disk_holds_back_no_ack_for_a_dead_letter_beside_it(tmp_path: Path) -> None:
+    """SQLITE_FULL (a disk full; played by a cap on the file's pages): a batch whose dead letter
+    needs more room than is left is tried op by op, so its acks take effect (they free room)
+    and only the dead letter waits, its task still leased; the error says the disk is full."""
+    broker = _open(tmp_path / "q.db")
+    broker.put_many([Task("a", i, id=f"t{i}") for i in range(3)])
+    first, second, third = broker.get({"a": 3}, 3, 0)
+    pages = broker._conn.execute("PRAGMA page_count").fetchone()[0]
+    broker._conn.execute(f"PRAGMA max_page_count = {pages + 1}")
+    huge = DeadLetter(second.task, "exhausted", "E", "m" * 20_000, "tb" * 20_000, 1, 0, 0, 0)
+    batch = [Settle(first, "ack"), Settle(second, "dead", record=huge), Settle(third, "ack")]
+    with pytest.raises(SettleIncomplete, match=r"\[SQLITE_FULL\] \(is the disk full\?\)") as caught:
+        broker.settle_many(batch)
+    assert caught.value.answers == (Answer.DONE, None, Answer.DONE)
+    assert broker.depth()["a"] == Depth(leased=1)
+    broker._conn.execute("PRAGMA max_page_count = 1073741823")  # room again
+    assert broker.settle_many([batch[1]]) == [Answer.DONE]
+    assert [r.id for r in broker.dead_letters(DeadLetterFilter())] == ["t1"]
+    broker.close()

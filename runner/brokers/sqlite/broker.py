@@ -81,7 +81,16 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Literal, TypeVar
 
-from runner.brokers.base import Answer, BaseBroker, Delivery, Depth, Effects, Settle, SetValue
+from runner.brokers.base import (
+    Answer,
+    BaseBroker,
+    Delivery,
+    Depth,
+    Effects,
+    Settle,
+    SettleIncomplete,
+    SetValue,
+)
 from runner.brokers.flow import circuit_allows, circuit_handed, taken, whole
 from runner.brokers.sqlite.admin import InsertPlan, SqliteAdmin
 from runner.brokers.sqlite.batch import GroupCommit, Pending
@@ -107,7 +116,7 @@ from runner.brokers.sqlite.schema import (
     unavailable,
 )
 from runner.codec import encode_dead_letter, encode_task
-from runner.errors import BrokerClosed, QueueFull
+from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
 from runner.model import AttemptRecord, DeadLetter, Task
 
 #: The answers, read once: an Enum member lookup costs about 0.1 us on Python 3.11, per settle.
@@ -626,8 +635,26 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
         return self._settle([Settle(delivery, "release")])[0]
 
     def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
-        """All of ``ops`` in one transaction (with whatever else is queued for it)."""
-        return self._settle(ops)
+        """All of ``ops`` in one transaction (with whatever else is queued for it). When the
+        disk is full (SQLITE_FULL), each op is tried in a transaction of its own: an ack, which
+        frees room, is not held back by a dead letter that needs more than is left
+        (SettleIncomplete carries the answers of those that took)."""
+        try:
+            return self._settle(ops)
+        except BrokerUnavailable as exc:
+            if len(ops) < 2 or not _disk_full(exc):
+                raise
+        answers: list[Answer | None] = []
+        failed: BrokerUnavailable | None = None
+        for op in ops:
+            try:
+                answers.append(self._settle([op])[0])
+            except BrokerUnavailable as exc:
+                failed = failed or exc
+                answers.append(None)
+        if failed is not None:
+            raise SettleIncomplete(str(failed), answers, backend="sqlite") from failed
+        return answers  # type: ignore[return-value]  # no None: nothing failed
 
     def _statement(self, op: Settle) -> Callable[[sqlite3.Connection], bool]:
         """The fenced write for a release, retry or dead ``op`` (acks run together, in
@@ -790,3 +817,14 @@ def _flat(ops: Sequence[tuple[Effects, str]]) -> tuple[list[SetValue], list[str]
     """Every set and every delete of ``ops``, each in op order."""
     sets = [item for effects, _ in ops for item in effects.sets]
     return sets, [key for effects, _ in ops for key in effects.deletes]
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (a broker error raised from SQLite's, maybe through the group commit's
+    own error for each of its callers) is SQLITE_FULL."""
+    cause = exc.__cause__
+    while cause is not None and not isinstance(cause, sqlite3.Error):
+        cause = cause.__cause__
+    return cause is not None and str(getattr(cause, "sqlite_errorname", "")).startswith(
+        "SQLITE_FULL"
+    )
