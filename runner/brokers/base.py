@@ -172,7 +172,7 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
@@ -617,6 +617,25 @@ def settle_each(broker: Broker, ops: Sequence[Settle]) -> list[Answer]:
     if any(op.effects is not None for op in ops):
         raise _no_effects(broker)
     return [settle_one(broker, op) for op in ops]
+
+
+def settle_apart(
+    settle: Callable[[Settle], Answer], ops: Sequence[Settle], backend: str
+) -> list[Answer]:
+    """Each op by ``settle``, one after the other: one that fails with BrokerUnavailable is
+    answered None and the others go on; then SettleIncomplete carries every answer (raised
+    from the first failure, whose message it has)."""
+    answers: list[Answer | None] = []
+    failed: BrokerUnavailable | None = None
+    for op in ops:
+        try:
+            answers.append(settle(op))
+        except BrokerUnavailable as exc:
+            failed = failed or exc
+            answers.append(None)
+    if failed is not None:
+        raise SettleIncomplete(str(failed), answers, backend=backend) from failed
+    return answers  # type: ignore[return-value]  # no None: nothing failed
 
 
 class SingleCalls(Protocol):

@@ -62,7 +62,7 @@ from runner.brokers.base import (
     Pause,
     RateLimit,
     Settle,
-    SettleIncomplete,
+    settle_apart,
     single_call,
 )
 from runner.brokers.flow import (
@@ -79,7 +79,7 @@ from runner.brokers.flow import (
 from runner.brokers.memory_admin import MemoryAdmin
 from runner.brokers.memory_pipelines import MemoryPipelines
 from runner.deadletter.store import DeadLetterStore
-from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
+from runner.errors import BrokerClosed, QueueFull
 from runner.model import HISTORY_LIMIT, AttemptRecord, DeadLetter, Task
 
 #: The answers, read once: an Enum member lookup costs about 0.1 us on Python 3.11, per settle.
@@ -367,20 +367,10 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         the store cannot write (BrokerUnavailable) changes nothing, its task stays leased, and
         the others go on: then SettleIncomplete carries their answers (None for each op that
         failed)."""
-        answers: list[Answer | None] = []
-        failed: BrokerUnavailable | None = None
         with self._cond:
             if ops:
                 self._check_open("settle")
-            for op in ops:
-                try:
-                    answers.append(self._settle_one(op))
-                except BrokerUnavailable as exc:
-                    failed = failed or exc
-                    answers.append(None)
-        if failed is not None:
-            raise SettleIncomplete(str(failed), answers, backend="memory") from failed
-        return answers  # type: ignore[return-value]  # no None: nothing failed
+            return settle_apart(self._settle_one, ops, "memory")
 
     def _settle_one(self, op: Settle) -> Answer:
         effects = op.effects

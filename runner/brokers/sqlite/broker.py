@@ -88,8 +88,8 @@ from runner.brokers.base import (
     Depth,
     Effects,
     Settle,
-    SettleIncomplete,
     SetValue,
+    settle_apart,
 )
 from runner.brokers.flow import circuit_allows, circuit_handed, taken, whole
 from runner.brokers.sqlite.admin import InsertPlan, SqliteAdmin
@@ -644,17 +644,7 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
         except BrokerUnavailable as exc:
             if len(ops) < 2 or not _disk_full(exc):
                 raise
-        answers: list[Answer | None] = []
-        failed: BrokerUnavailable | None = None
-        for op in ops:
-            try:
-                answers.append(self._settle([op])[0])
-            except BrokerUnavailable as exc:
-                failed = failed or exc
-                answers.append(None)
-        if failed is not None:
-            raise SettleIncomplete(str(failed), answers, backend="sqlite") from failed
-        return answers  # type: ignore[return-value]  # no None: nothing failed
+        return settle_apart(lambda op: self._settle([op])[0], ops, "sqlite")
 
     def _statement(self, op: Settle) -> Callable[[sqlite3.Connection], bool]:
         """The fenced write for a release, retry or dead ``op`` (acks run together, in
