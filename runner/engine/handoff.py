@@ -160,7 +160,9 @@ def on_dead(task: Task, record: DeadLetter, pipeline: Pipeline, now: float) -> E
             Task(
                 type=pipeline.on_dead,
                 payload=record.to_json(),
-                id=child_id(task.id, f"dead.{task.attempt}"),
+                # Of this death: a replayed task may die again at the same attempt number,
+                # and its first on_dead task, if still queued, would hold a shared id.
+                id=child_id(task.id, f"dead.{record.dead_at!r}"),
                 enqueued_at=now,
                 headers={"root_id": root_of(task), "parent_id": task.id},
                 expires_at=expires_at_of(now, None, pipeline.on_dead_expires_s),

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from runner import PipelineConfig, build_runtime
-from runner.brokers.base import DeadLetterFilter
-from runner.engine.handoff import Pipeline, Stage, child_id, on_success
+from runner.brokers.base import Answer, DeadLetterFilter, Settle
+from runner.brokers.memory import MemoryBroker
+from runner.deadletter.memory import MemoryDeadLetters
+from runner.engine.handoff import Pipeline, Stage, child_id, on_dead, on_success
 from runner.errors import PermanentError
-from runner.model import Task
+from runner.model import DeadLetter, Task
 from tests.unit import flow_handlers
 
 
@@ -230,6 +232,30 @@ def test_on_dead_starts_a_task_with_the_record(kind: str, tmp_path: Path) -> Non
     assert payload["task"]["payload"] == {"amount": 5}
     assert (payload["reason"], payload["error_type"]) == ("never_retry", "ValueError")
     assert headers["root_id"] == headers["parent_id"] == charged
+
+
+def test_a_replayed_task_that_dies_again_starts_its_on_dead_task_again() -> None:
+    # Replay resets attempts: a second death at the same attempt number once made the same
+    # on_dead task id, whose put a broker skips while the first one is still queued: the
+    # second refund would never run. Each death's record makes its own.
+    broker = MemoryBroker(
+        capacity=10, enqueue_timeout=0, overflow="reject", visibility_timeout=30,
+        dead_letters=MemoryDeadLetters(),
+    )  # fmt: skip
+    pipeline = Pipeline(on_dead="refund")
+    broker.put_many([Task("charge", {"amount": 5}, id="c1")])
+    for death in (1, 2):
+        (delivery,) = broker.get({"charge": 1}, 1, 0)
+        task = delivery.task
+        record = DeadLetter(task, "never_retry", "E", "m", "", 1, 0.0, 0.0, 1000.0 + death)
+        effects = on_dead(task, record, pipeline, 1000.0 + death)
+        op = Settle(delivery, "dead", record=record, effects=effects)
+        assert broker.settle_many([op]) == [Answer.DONE]
+        if death == 1:
+            assert broker.replay(["c1"]) == 1
+    refunds = broker.get({"refund": 5}, 5, 0)
+    assert len(refunds) == 2
+    assert len({d.task.id for d in refunds}) == 2
 
 
 def test_pipeline_mistakes_are_config_errors_with_their_place(tmp_path: Path) -> None:
