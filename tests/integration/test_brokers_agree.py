@@ -7,8 +7,11 @@ the same tasks in the same states, the same dead letters and the same values. Wh
 handler's code sees must not depend on the broker under it (the contract suite checks each rule
 alone; this checks them together, in orders nobody wrote down).
 
-No time passes that matters: leases are long, retries are due at once, so the brokers' clocks
-(Redis keeps its own) cannot tell them apart.
+With Redis, no time passes that matters: leases are long, retries are due at once, so the
+brokers' clocks (Redis keeps its own) cannot tell them apart. Memory and SQLite also run on one
+clock of the test's, which moves: leases run out (their tasks come back, redelivered), retries
+wait, pauses end, buckets refill and circuits open and half-open. `make test-slow` runs many
+more seeds, longer.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ SETTINGS: dict[str, Any] = {
     "overflow": "reject",
     "visibility_timeout": 300.0,
 }
+#: The visibility timeout of the brokers on the test's clock.
+VT = 30.0
 ALL = DeadLetterFilter()
 
 
@@ -82,18 +87,22 @@ def make_brokers(
 class Run:
     """One random sequence, applied to every broker in turn."""
 
-    def __init__(self, seed: int, brokers: dict[str, Broker]) -> None:
+    def __init__(self, seed: int, brokers: dict[str, Broker], clock: Clock | None = None) -> None:
         self.rng = random.Random(seed)
         self.brokers = brokers
+        # With a clock (memory and SQLite share it): time passes too, so leases expire,
+        # retries wait, pauses end, buckets refill and circuits half-open.
+        self.clock = clock
         self.n = 0
         # What each broker handed out and we have not settled, by task id (the same ids on
         # every broker: the tasks are built once, here).
         self.held: dict[str, dict[str, Delivery]] = {name: {} for name in brokers}
         # Settles sent once, kept to be sent again (ALREADY_DONE).
-        self.sent: list[dict[str, Settle]] = []
+        self.sent: list[tuple[float, dict[str, Settle]]] = []  # (sent at, the op on each)
         self.roots: list[str] = []
         self.groups = 0
         self.seen: set[Answer] = set()  # the answers to settles sent again
+        self.delays: dict[str, float] = {}  # task id -> its planned retry's delay
         self.joined = 0  # joined tasks handed out
 
     def each(self, call: Any) -> dict[str, Any]:
@@ -109,10 +118,29 @@ class Run:
     def step(self) -> None:
         action = self.rng.choice(
             ["put", "put", "get", "get", "settle", "settle", "settle", "again", "cancel",
-             "replay", "purge", "unique", "put_if", "pause", "extend"]
+             "replay", "purge", "unique", "put_if", "pause", "extend", "time"]
         )  # fmt: skip
         getattr(self, action)()
         self.check()
+
+    def time(self) -> None:
+        """Time passes. The tasks handed out are first either renewed (as a live worker's
+        lease keeper does: none of them expires during a step shorter than a lease) or left
+        for good (their worker froze or died: they come back once their leases run out). A
+        settle under a lease that ran out is not sent: the memory broker takes the task back
+        when anything reads it (a get, depth), the others when another worker claims it, and
+        only that differs."""
+        if self.clock is None:
+            return
+        step = self.rng.choice([0.5, 3.0, 12.0, 40.0])
+        if step < VT and self.rng.random() < 0.7:
+            self.extend()
+        else:
+            self.held = {name: {} for name in self.brokers}
+        self.clock.now += step
+
+    def _now(self) -> float:
+        return self.clock.now if self.clock is not None else 0.0
 
     def put(self) -> None:
         rng = self.rng
@@ -146,7 +174,8 @@ class Run:
 
     def pause(self) -> None:
         """A gate set or cleared: a pause, a rate limit too slow to refill during the test (so
-        its whole tokens are the same on every clock), or a circuit breaker that stays open.
+        its whole tokens are the same on every clock), or a circuit breaker that stays open;
+        with the test's clock, ones that time changes.
         Each type's burst is its own: a bucket no claim has stored yet reads as full at the
         burst in force, and when a claim stores it (one that hands nothing out because a pause
         or an open circuit holds the type back: memory and Redis store it, SQLite does not)
@@ -154,9 +183,11 @@ class Run:
         rng = self.rng
         type_ = rng.choice(TYPES)
         burst = TYPES.index(type_) + 1
-        gate: Gate = rng.choice(
-            [Pause(), RateLimit(0.001, burst), CircuitBreaker(0.5, 2, 600.0, 600.0)]
-        )
+        gates: list[Gate] = [Pause(), RateLimit(0.001, burst), CircuitBreaker(0.5, 2, 600.0, 600.0)]
+        if self.clock is not None:  # gates that time changes: a pause's end, refills, probes
+            until = self._now() + rng.choice([5.0, 30.0])
+            gates = [Pause(until), RateLimit(0.25, burst), CircuitBreaker(0.5, 2, 60.0, 20.0)]
+        gate = rng.choice(gates)
         if rng.random() < 0.5:
             self.each(lambda _, b: b.set_gate(type_, gate))
         else:
@@ -174,10 +205,11 @@ class Run:
         goes back in its queue (docs/brokers.md), so a partial hand-out could differ too."""
         type_ = self.rng.choice(TYPES)
         got = self.each(lambda _, b: b.get({type_: 1000}, 1000, 0))
-        if any(isinstance(g, RateLimit) for g in self.brokers["memory"].gates().get(type_, ())):
-            # As many as its whole tokens allow, but which ones depends on the order of its
-            # queue: compared by number, then handed back on each.
-            self.agree(f"get {type_} (rate-limited)", {n: len(ds) for n, ds in got.items()})
+        gated = self.brokers["memory"].gates().get(type_, ())
+        if any(isinstance(g, RateLimit | CircuitBreaker) for g in gated):
+            # As many as its whole tokens (or its circuit's probes) allow, but which ones
+            # depends on the order of its queue: compared by number, then handed back on each.
+            self.agree(f"get {type_} (limited)", {n: len(ds) for n, ds in got.items()})
             released = self.each(lambda n, b: b.settle_many([Settle(d, "release") for d in got[n]]))
             self.agree("release", released)
             return
@@ -211,14 +243,17 @@ class Run:
         answers = self.each(lambda n, b: b.settle_many(ops[n]))
         self.agree(f"settle {[p[0] for p in plans]} of {chosen}", answers)
         for i in range(len(chosen)):
-            self.sent.append({name: ops[name][i] for name in self.brokers})
+            self.sent.append((self._now(), {name: ops[name][i] for name in self.brokers}))
 
     def again(self) -> None:
         """A settle sent before, sent again, as when its reply was lost: ALREADY_DONE, even
         once a newer hand-out of its task owns it."""
-        if not self.sent:
+        # A broker remembers a settled receipt for at least a visibility timeout (how much
+        # longer is its own): only those sent well within one are sent again.
+        recent = [ops for at, ops in self.sent[-20:] if self._now() - at < VT / 2]
+        if not recent:
             return
-        ops = self.rng.choice(self.sent[-20:])
+        ops = self.rng.choice(recent)
         answers = self.each(lambda n, b: b.settle_many([ops[n]]))
         (answer,) = self.agree(f"{ops['memory'].kind} of {ops['memory'].delivery.task.id} again",
                                answers)  # fmt: skip
@@ -266,6 +301,7 @@ class Run:
         if kind == "release":
             return kind, None
         if kind == "retry":  # a failure, for its type's circuit breaker if it has one
+            self.delays[task_id] = rng.choice([0.0, 2.0, 20.0]) if self.clock is not None else 0.0
             return kind, Effects(circuit=False)
         root = task.headers.get("root_id", task.id)
         lineage = {"root_id": root, "parent_id": task.id}
@@ -312,7 +348,7 @@ class Run:
             effects = replace(effects, deletes=(*effects.deletes, UNIQUE_PREFIX + task.unique_key))
         if kind == "retry":
             failure = AttemptRecord(task.attempt, "E", "m", "", 1.0, 0.0, "w:1")
-            return Settle(delivery, "retry", 0.0, failure, effects=effects)
+            return Settle(delivery, "retry", self.delays[task.id], failure, effects=effects)
         if kind == "dead":
             record = DeadLetter(task, DeadReason.EXHAUSTED, "E", "m", "", 1, 1.0, 1.0, 1.0)
             return Settle(delivery, "dead", record=record, effects=effects)
@@ -334,8 +370,13 @@ class Run:
             ),
         )
         self.agree(
-            "whole tokens",
-            self.each(lambda _, b: {t: int(k.tokens) for t, k in b.buckets().items()}),
+            "tokens",
+            self.each(
+                lambda _, b: {
+                    t: round(k.tokens, 6) if self.clock is not None else int(k.tokens)
+                    for t, k in b.buckets().items()
+                }
+            ),
         )
         for prefix in ("trace:", "cancel:", UNIQUE_PREFIX, "tick"):
             self.agree(f"values {prefix}", self.each(lambda _, b, p=prefix: b.scan_values(p)))
@@ -357,6 +398,16 @@ def _depth(broker: Broker) -> dict[str, tuple[int, int, int]]:
     }
 
 
+class Clock:
+    """The time memory and SQLite both read (Redis reads its own: it is left out)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def _agree_to_the_end(run: Run) -> None:
     """Every gate lifted, everything handed out and acked: the same tasks done on each."""
     run.each(
@@ -364,28 +415,63 @@ def _agree_to_the_end(run: Run) -> None:
     )
     for _ in range(200):
         run.get()
-        for name, broker in run.brokers.items():
-            deliveries = list(run.held[name].values())
-            run.held[name].clear()
-            if deliveries:
-                assert broker.settle_many([Settle(d, "ack") for d in deliveries])
+        acked = run.each(
+            lambda n, b: b.settle_many([Settle(d, "ack") for d in run.held[n].values()])
+        )
+        run.agree("acks", acked)
+        run.held = {name: {} for name in run.brokers}
         if not any(run.each(lambda _, b: _depth(b)).values()):
             break
     run.check()
     assert _depth(run.brokers["memory"]) == {}
 
 
-@pytest.mark.parametrize("seeds", [range(6), range(6, 12)])
+@pytest.mark.parametrize(
+    ("seeds", "steps"),
+    [
+        (range(4), 200),
+        (range(4, 8), 200),
+        pytest.param(range(8, 24), 400, marks=pytest.mark.slow),  # `make test-slow`: more
+    ],
+)
 def test_the_brokers_agree_step_by_step(
-    seeds: range, make_brokers: Callable[[], dict[str, Broker]]
+    seeds: range, steps: int, make_brokers: Callable[[], dict[str, Broker]]
 ) -> None:
     seen: set[Answer] = set()
     joined = 0
     for seed in seeds:
         run = Run(seed, make_brokers())
-        for _ in range(300):
+        for _ in range(steps):
             run.step()
         _agree_to_the_end(run)
         seen |= run.seen
         joined += run.joined
     assert Answer.ALREADY_DONE in seen and joined  # both exercised
+
+
+@pytest.mark.parametrize(
+    ("seeds", "steps"),
+    [
+        (range(6), 300),
+        (range(6, 12), 300),
+        pytest.param(range(12, 52), 400, marks=pytest.mark.slow),  # `make test-slow`: more
+    ],
+)
+def test_memory_and_sqlite_agree_as_time_passes(seeds: range, steps: int, tmp_path: Path) -> None:
+    settings = {**SETTINGS, "visibility_timeout": VT}
+    for seed in seeds:
+        clock = Clock()
+        brokers: dict[str, Broker] = {
+            "memory": MemoryBroker(dead_letters=MemoryDeadLetters(), clock=clock, **settings),
+            "sqlite": SqliteBroker(path=str(tmp_path / f"t{seed}.db"), clock=clock, **settings),
+        }
+        try:
+            run = Run(seed, brokers, clock)
+            for _ in range(steps):
+                run.step()
+            run.held = {name: {} for name in brokers}  # their worker gone: they come back
+            clock.now += 3600  # every lease run out, every retry due, every pause over
+            _agree_to_the_end(run)
+        finally:
+            for broker in brokers.values():
+                broker.close()
