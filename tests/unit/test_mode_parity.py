@@ -1,8 +1,9 @@
 """The three execution modes behind one config end tasks the same way: the same handler
 behaviours (return a value, raise a never_retry error, fail once then succeed, always fail,
 raise PermanentError, run past the timeout, return what JSON cannot carry), run as thread,
-async and process types, give the same outcome, kept result, dead-letter record and counts.
-Only a process type's timeout says more: its child was killed.
+async and process types, give the same outcome, kept result, dead-letter record and counts,
+on SQLite (and on memory and Redis in `make test-slow`). Only a process type's timeout says
+more: its child was killed.
 """
 
 from __future__ import annotations
@@ -57,8 +58,25 @@ COUNTS = {
 }
 
 
+def _broker(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
+    if kind == "sqlite":
+        return {"kind": "sqlite", "path": str(tmp_path / "q.db")}
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server")  # skips without the binary
+        return {"kind": "redis", "url": server.url, "namespace": request.getfixturevalue(
+            "redis_namespace")}  # fmt: skip
+    return {"kind": "memory"}
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["sqlite", pytest.param("memory", marks=pytest.mark.slow),
+     pytest.param("redis", marks=[pytest.mark.slow, pytest.mark.redis])],
+)  # fmt: skip
 @pytest.mark.parametrize("mode", ["thread", "async", "process"])
-def test_every_mode_ends_each_behaviour_the_same_way(mode: str, tmp_path: Path) -> None:
+def test_every_mode_ends_each_behaviour_the_same_way(
+    mode: str, kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     types: dict[str, Any] = {}
     for behaviour in EXPECTED:
         handler = f"a{behaviour}" if mode == "async" else behaviour
@@ -72,7 +90,7 @@ def test_every_mode_ends_each_behaviour_the_same_way(mode: str, tmp_path: Path) 
         types[behaviour] = spec
     config = PipelineConfig.model_validate(
         {
-            "broker": {"kind": "sqlite", "path": str(tmp_path / "q.db")},
+            "broker": _broker(kind, tmp_path, request),
             "workers": 2,
             "handler_paths": [str(ROOT)],
             "retry": {
