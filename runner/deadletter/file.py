@@ -12,16 +12,12 @@ import os
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO
 
 from runner.brokers.base import DeadLetterFilter
 from runner.codec import decode_dead_letter, encode_dead_letter
 from runner.errors import BrokerUnavailable
 from runner.model import DeadLetter
-
-if TYPE_CHECKING:
-    pass
-
 
 #: Mode of the files FileDeadLetters creates: dead letters hold payloads and error messages.
 FILE_MODE = 0o600
@@ -118,14 +114,12 @@ class FileDeadLetters:
             try:
                 lock_file = open(self._lock_path, "rb")  # noqa: SIM115 (closed below)
             except FileNotFoundError:
+                lock_file = None
+            if lock_file is None:
                 yield
                 return
-            with lock_file:
-                fcntl.flock(lock_file.fileno(), fcntl.LOCK_SH)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+            with lock_file, _flocked(lock_file, fcntl.LOCK_SH):
+                yield
 
     @contextlib.contextmanager
     def _locked(self, doing: str, operation: str) -> Iterator[None]:
@@ -135,12 +129,9 @@ class FileDeadLetters:
             self._unavailable(doing, operation),
             self._lock,
             open(self._lock_path, "ab", opener=self._opener) as lock_file,
+            _flocked(lock_file, fcntl.LOCK_EX),
         ):
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+            yield
 
     @contextlib.contextmanager
     def _unavailable(self, doing: str, operation: str) -> Iterator[None]:
@@ -206,3 +197,13 @@ class FileDeadLetters:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _flocked(lock_file: IO[bytes], how: int) -> Iterator[None]:
+    """``lock_file`` flocked ``how`` (LOCK_SH or LOCK_EX) while the block runs."""
+    fcntl.flock(lock_file.fileno(), how)
+    try:
+        yield
+    finally:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)

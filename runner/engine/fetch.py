@@ -43,13 +43,14 @@ class Fetcher:
             except SettleIncomplete as exc:
                 # Those that took effect are reported now (sent again later, one might no
                 # longer be remembered as done); the Settler tries the others again.
-                done = [
-                    (o, a) for o, a in zip(fetch.carry, exc.answers, strict=True) if a is not None
-                ]
-                self._settler.report([o for o, _ in done], [a for _, a in done])
+                reported, answers = [], []
                 for outcome, answer in zip(fetch.carry, exc.answers, strict=True):
                     if answer is None:
                         self._settler.submit(outcome)
+                    else:
+                        reported.append(outcome)
+                        answers.append(answer)
+                self._settler.report(reported, answers)
                 raise
             except Exception:
                 for outcome in fetch.carry:
