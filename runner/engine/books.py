@@ -116,6 +116,23 @@ class View:
     asking: frozenset[str]
 
 
+class _Condition(threading.Condition):
+    """A Condition whose notify does no more than check its caller holds the lock when
+    nobody waits: the books notify about five times per task, nearly always with nobody
+    waiting, and the Condition's own notify is several calls in Python (about 0.3 us) before
+    it finds that out. Waiters join ``_waiters`` under the lock, so reading it there is
+    safe."""
+
+    def notify(self, n: int = 1) -> None:
+        if self._waiters:  # type: ignore[attr-defined]
+            super().notify(n)
+        elif not self._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError("cannot notify on un-acquired lock")
+
+    def notify_all(self) -> None:
+        self.notify(len(self._waiters))  # type: ignore[attr-defined]
+
+
 class Books:
     """Per-type bookkeeping of one worker; see the module docstring."""
 
@@ -147,12 +164,11 @@ class Books:
         self._submit = submit
         self._wake_broker = wake_broker
         # An RLock, though nothing takes it twice: a Condition checks that its caller holds
-        # the lock on every notify, which for a plain Lock is two calls in Python (0.29 us) and
-        # for an RLock one in C (0.07 us). The books notify about five times per task, nearly
-        # always with nobody waiting.
+        # the lock on every notify it makes, which for a plain Lock is two calls in Python and
+        # for an RLock one in C.
         self._lock = threading.RLock()
-        self._work = threading.Condition(self._lock)  # worker threads wait for a task here
-        self._room = threading.Condition(self._lock)  # the dispatcher and stop() wait here
+        self._work = _Condition(self._lock)  # worker threads wait for a task here
+        self._room = _Condition(self._lock)  # the dispatcher and stop() wait here
         self._busy = set(self._limits)
         self._room_of = self._rooms()
         self._order = list(self._limits)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import pytest
 
@@ -267,9 +268,41 @@ def test_a_slot_freed_of_a_type_the_get_under_way_does_not_ask_for_wakes_the_bro
 def test_the_books_wait_and_notify_on_an_rlock() -> None:
     """Their Conditions sit on an RLock: a notify first checks that its caller holds the lock,
     in C for an RLock (0.07 us) and in Python for a plain Lock (0.29 us), about five times per
-    task. Nothing takes the lock twice; a notify without it still fails."""
+    task. Nothing takes the lock twice; a notify without it still fails, with or without a
+    waiter."""
     b, _, _ = books({"a": 1}, threads=1, prefetch=0)
     assert isinstance(b._lock, type(threading.RLock()))
     for condition in (b._work, b._room):
         with pytest.raises(RuntimeError, match="un-acquired lock"):
             condition.notify()
+
+
+def test_a_notify_wakes_the_threads_that_wait_and_costs_nothing_without_them() -> None:
+    """The books' Conditions skip the notify's work when nobody waits: a waiter must still
+    be woken, by notify one at a time and by notify_all all at once."""
+    b, _, _ = books({"a": 1}, threads=1, prefetch=0)
+    woken: list[str] = []
+
+    def waiter(name: str) -> None:
+        with b._lock:
+            if b._work.wait(timeout=10):
+                woken.append(name)
+
+    threads = [threading.Thread(target=waiter, args=(str(i),)) for i in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(b._work._waiters) < 3 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.001)
+    with b._lock:
+        b._room.notify_all()  # nobody waits there: nothing happens
+        b._work.notify()
+    while not woken and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.05)  # a second waiter woken by mistake would be in by now
+    assert len(woken) == 1
+    with b._lock:
+        b._work.notify_all()
+    for t in threads:
+        t.join(timeout=10)
+    assert sorted(woken) == ["0", "1", "2"]

@@ -135,3 +135,27 @@ def test_the_classes_built_per_task_have_it(cls: type) -> None:
     assert cls.__init__.__qualname__ == f"{cls.__qualname__}.__init__"
     scope = cls.__init__.__globals__
     assert "MISSING" in scope and "__dataclass_builtins_object__" not in scope
+
+
+def test_no_headers_is_an_empty_read_only_mapping_every_task_without_headers_shares() -> None:
+    """NO_HEADERS is a dict underneath (``if headers``, ``in`` and ``get`` cost no Python call)
+    but nothing may change it: it is every header-less task's headers at once."""
+    assert Task(type="t", payload=None).headers is NO_HEADERS
+    assert not NO_HEADERS and len(NO_HEADERS) == 0 and "x" not in NO_HEADERS
+    assert NO_HEADERS.get("x", 5) == 5 and dict(NO_HEADERS) == {}
+    assert hash(Task(type="t", payload=None, id="a")) == hash(Task(type="t", payload=None, id="a"))
+    shared: Any = NO_HEADERS
+    changes = [
+        lambda: shared.__setitem__("x", 1),
+        lambda: shared.__delitem__("x"),
+        lambda: shared.update(x=1),
+        lambda: shared.setdefault("x", 1),
+        lambda: shared.pop("x", None),
+        shared.popitem,
+        shared.clear,
+        lambda: shared.__ior__({"x": 1}),
+    ]
+    for change in changes:
+        with pytest.raises(TypeError, match="read-only"):
+            change()
+    assert dict(NO_HEADERS) == {}
