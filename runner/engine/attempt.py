@@ -313,9 +313,15 @@ class Attempts:
                                    attempt=0))  # fmt: skip
         # A redelivered task may be what killed the last process: its start is written out
         # before its handler runs (flush), so the log names it if it kills this one too.
-        self._emit(
-            EventName.TASK_STARTED, delivery, queue_wait_s=queue_wait, flush=delivery.redelivered
+        started_event = Event(
+            EventName.TASK_STARTED,
+            task_id=task.id,
+            type=task.type,
+            attempt=task.attempt,
+            queue_wait_s=queue_wait,
+            flush=delivery.redelivered,
         )
+        self._send(started_event, task)
         return Begun(rt, run, ctx, payload, started)
 
     def end(
@@ -484,7 +490,14 @@ class Attempts:
         delivery = outcome.settle.delivery
         if answer is Answer.DONE or answer is Answer.ALREADY_DONE:
             result = OUTCOME_OF[outcome.event]
-            self._emit(outcome.event, delivery, outcome=result, **outcome.fields)
+            task, fields = delivery.task, outcome.fields
+            if outcome.event is EventName.TASK_SUCCEEDED:  # its one field, by name (below)
+                event = Event(outcome.event, task_id=task.id, type=task.type, attempt=task.attempt,
+                              duration_s=fields["duration_s"], outcome=result)  # fmt: skip
+            else:
+                event = Event(outcome.event, task_id=task.id, type=task.type, attempt=task.attempt,
+                              outcome=result, **fields)  # fmt: skip
+            self._send(event, task)
             effects = outcome.settle.effects
             if effects is not None and effects.puts:
                 # Hand-offs (not a task put back: same id). ALREADY_DONE: an earlier call of
@@ -552,9 +565,19 @@ class Attempts:
 
     def _emit(self, name: EventName, delivery: Delivery, **fields: Any) -> None:
         task = delivery.task
-        if task.headers and "root_id" in task.headers:  # a pipeline's task: its lineage
-            fields["root_id"] = task.headers["root_id"]
-            fields["parent_id"] = task.headers.get("parent_id")
-        self.events.emit(
-            Event(name, task_id=task.id, type=task.type, attempt=task.attempt, **fields)
+        self._send(
+            Event(name, task_id=task.id, type=task.type, attempt=task.attempt, **fields), task
         )
+
+    def _send(self, event: Event, task: Task) -> None:
+        """Emit ``event`` about ``task``; a pipeline's task's carries its lineage.
+
+        The two events every task has, ``task.started`` and ``task.succeeded``, are built by
+        their callers with each field named: a ``**fields`` dict built and unpacked per event
+        (as ``_emit`` does for the rarer ones) cost about 5% of a no-op task's instructions
+        on the memory broker."""
+        headers = task.headers
+        if "root_id" in headers:
+            event.root_id = headers["root_id"]
+            event.parent_id = headers.get("parent_id")
+        self.events.emit(event)

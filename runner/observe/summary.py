@@ -41,6 +41,11 @@ KIND_OF: dict[str, str] = {
 }
 
 
+#: The kinds that end an attempt: they carry its duration, and a finished task's from the backlog
+#: or not (a retry is not finished).
+_ENDINGS = frozenset({"succeeded", "retrying", "dead"})
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list (0 for an empty one)."""
     if not sorted_values:
@@ -65,13 +70,19 @@ class _Durations:
         self.seen = 0
 
 
+def _by_kind() -> defaultdict[str, int]:
+    return defaultdict(int)
+
+
 class _Shard:
     """One emitting thread's counts: only that thread writes them, so no lock per event."""
 
     __slots__ = ("counts", "durations", "random")
 
     def __init__(self) -> None:
-        self.counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        # Plain ints under the type: a Counter's ``+= 1`` is twice a dict's (its item goes
+        # through a slot wrapper), and it happens for every event.
+        self.counts: defaultdict[str, defaultdict[str, int]] = defaultdict(_by_kind)
         self.durations: dict[str, _Durations] = {}
         self.random = random.Random().random
 
@@ -130,14 +141,15 @@ class Summary:
             shard = self._local.shard = _Shard()
             with self._lock:
                 self._shards.append(shard)
-        shard.counts[type_name][kind] += 1
-        if kind in ("succeeded", "dead") and self._from_backlog(event.task_id):
-            shard.counts[type_name]["backlog"] += 1
-        if event.duration_s is not None and kind in ("succeeded", "retrying"):
+        counts = shard.counts[type_name]
+        counts[kind] += 1
+        if kind not in _ENDINGS:  # published, started, ...: counted, nothing more
+            return
+        if kind != "retrying" and self._from_backlog(event.task_id):
+            counts["backlog"] += 1
+        if event.duration_s is not None:
             shard.add_duration(type_name, event.duration_s)
         if kind == "dead":
-            if event.duration_s is not None:
-                shard.add_duration(type_name, event.duration_s)
             self.dead.append(
                 {
                     "task_id": event.task_id,

@@ -14,6 +14,7 @@ from runner.brokers.memory import MemoryBroker
 from runner.deadletter.memory import MemoryDeadLetters
 from runner.engine.handoff import Pipeline, Stage, child_id, on_dead, on_success
 from runner.errors import PermanentError
+from runner.events import Event
 from runner.model import DeadLetter, Task
 from tests.unit import flow_handlers
 
@@ -394,3 +395,39 @@ def test_ctx_logger_lines_of_a_pipeline_task_carry_its_lineage() -> None:
     assert "root_id" not in fields["first"]  # a root: no lineage to tell
     assert (fields["second"]["root_id"], fields["second"]["parent_id"]) == (root, root)
     assert fields["second"]["type"] == "second"  # the usual fields are kept
+
+
+def test_the_events_of_a_pipeline_task_carry_its_lineage_and_a_roots_do_not() -> None:
+    """Logs, metrics and the trace read lineage off the events: every event about a task that
+    another started (started, succeeded, dead) names its root and its parent."""
+    config = PipelineConfig.model_validate(
+        {
+            "retry": {"max_attempts": 1},
+            "task_types": {
+                "first": {
+                    "handler": "tests.unit.flow_handlers:echo",
+                    "then": [{"type": "second"}, {"type": "third"}],
+                },
+                "second": {"handler": "tests.unit.flow_handlers:echo"},
+                "third": {"handler": "tests.unit.flow_handlers:refuse"},
+            },
+        }
+    )
+    events: list[Event] = []
+    with build_runtime(config, observe=False) as runner:
+        runner.events.subscribe(_Recorder(events))
+        root = runner.publish("first", {})
+        assert runner.run_until_empty(timeout=30) is True
+    seen = {(e.type, str(e.name)): (e.root_id, e.parent_id) for e in events if e.task_id}
+    for name in ("task.started", "task.succeeded"):
+        assert seen[("first", name)] == (None, None)
+        assert seen[("second", name)] == (root, root)
+    assert seen[("third", "task.dead")] == (root, root)
+
+
+class _Recorder:
+    def __init__(self, events: list[Event]) -> None:
+        self.events = events
+
+    def handle(self, event: Event) -> None:
+        self.events.append(event)
