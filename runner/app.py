@@ -64,7 +64,7 @@ from runner.engine.retry import RetryPlan
 from runner.engine.schedule import Schedule, Scheduler, tick_name
 from runner.engine.worker import Worker
 from runner.errors import BrokerError, InvalidPayload, UsageError
-from runner.events import Event, EventBus, EventName, Listener
+from runner.events import Event, EventBus, EventName, Listener, task_event
 from runner.loader import load_class, load_handler, resolve_exception
 from runner.middleware.base import Middleware, overriding, wrap_chain
 from runner.middleware.payloads import PayloadValidation, check_payload, payload_model
@@ -74,6 +74,7 @@ from runner.model import (
     DeadReason,
     Task,
     expires_at_of,
+    new_task_id,
     not_before_of,
     require_type,
     unique_key_of,
@@ -413,7 +414,7 @@ class Runner:
         self.broker.put_many(tasks)
         published = EventName.TASK_PUBLISHED  # read once: a member lookup costs 0.1 us on 3.11
         for task in tasks:
-            self.events.emit(Event(published, task_id=task.id, type=task.type, attempt=0))
+            self.events.emit(task_event(published, task.id, task.type, 0))
         return [task.id for task in tasks]
 
     def _put_unique(self, tasks: list[Task], given: str | None) -> list[str]:
@@ -477,14 +478,13 @@ class Runner:
                     f"middleware {middleware.name} refused a {type_name!r} task: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+        expires_at = expires_at_of(now, expires, self._expires.get(type_name))
+        # Positionally, in field order (test_quick_init pins it): a class called with keywords
+        # gathers them in a dict first, on every publish.
         return Task(
-            type=type_name,
-            payload=payload,
-            enqueued_at=now,
-            not_before=not_before,
-            headers=headers or NO_HEADERS,
-            expires_at=expires_at_of(now, expires, self._expires.get(type_name)),
-        )
+            type_name, payload, new_task_id(), 0, now, not_before, (), headers or NO_HEADERS,
+            expires_at,
+        )  # fmt: skip
 
     def _scheduled(self, schedule: Schedule, tick: float, not_before: float) -> Task:
         """The task a schedule's tick publishes; its headers name the schedule and the tick."""

@@ -95,6 +95,25 @@ class Event:
     flush: bool = False
 
 
+def task_event(
+    name: EventName,
+    task_id: str,
+    type_name: str,
+    attempt: int,
+    duration_s: float | None = None,
+    queue_wait_s: float | None = None,
+    outcome: str | None = None,
+) -> Event:
+    """An event about one task, with the fields every task's events have.
+
+    Built positionally: on Python 3.11 a class called with keywords first gathers them in a
+    dict (about 1,600 instructions), and three such events are built for every task
+    (published, started, succeeded). tests/unit/test_quick_init.py pins Event's field order."""
+    return Event(
+        name, time.time(), task_id, type_name, attempt, duration_s, queue_wait_s, None, outcome
+    )
+
+
 class Listener(Protocol):
     def handle(self, event: Event) -> None: ...
 

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from runner.brokers.base import Arrival, Delivery, Effects, SetValue
+from runner.brokers.base import Arrival, Delivery, Effects, Settle, SetValue
+from runner.engine.timeouts import Run
+from runner.events import Event, EventName, task_event
 from runner.model import NO_HEADERS, Cancellation, Task, TaskContext, quick_init
 
 _counter = itertools.count()
@@ -159,3 +161,27 @@ def test_no_headers_is_an_empty_read_only_mapping_every_task_without_headers_sha
         with pytest.raises(TypeError, match="read-only"):
             change()
     assert dict(NO_HEADERS) == {}
+
+
+def test_the_classes_built_positionally_on_every_task_keep_their_field_order() -> None:
+    """A Task, a Run, an ack's Settle and three events are built for every task with their
+    arguments by position (runner.events.task_event, Runner._draft, the memory broker's
+    hand-out, Attempts.begin and end): on Python 3.11 a class called with keywords gathers
+    them in a dict first, about 1,600 instructions each. Reordering a field would put values in
+    the wrong places silently: change those calls with it."""
+    assert [f.name for f in dataclasses.fields(Task)] == [
+        "type", "payload", "id", "attempt", "enqueued_at", "not_before", "history", "headers",
+        "expires_at", "unique_key",
+    ]  # fmt: skip
+    assert [f.name for f in dataclasses.fields(Event)][:9] == [
+        "name", "ts", "task_id", "type", "attempt", "duration_s", "queue_wait_s", "delay_s",
+        "outcome",
+    ]  # fmt: skip
+    assert [f.name for f in dataclasses.fields(Run)][:5] == [
+        "deadline", "cancelled", "interrupt", "on_timeout", "on_overrun",
+    ]  # fmt: skip
+    assert Settle._fields == ("delivery", "kind", "delay_s", "failure", "record", "effects")
+    event = task_event(EventName.TASK_SUCCEEDED, "i", "t", 2, duration_s=0.5, outcome="succeeded")
+    assert (event.task_id, event.type, event.attempt) == ("i", "t", 2)
+    assert (event.duration_s, event.outcome, event.queue_wait_s) == (0.5, "succeeded", None)
+    assert event.ts > 0
