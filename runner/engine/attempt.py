@@ -16,7 +16,7 @@ same three around an awaited coroutine.
 
 What the broker step also does rides on it as settle effects, built by runner.engine.effects:
 the outcome for the type's circuit breaker, the task's kept result, the pipeline's hand-offs and
-trace line (runner.engine.handoff), a unique key let go. Size: about 560 lines, over our 400:
+trace line (runner.engine.handoff), a unique key let go. Size: about 580 lines, over our 400:
 ``begin`` / ``end`` / ``_failed`` / ``_dead`` are one decision (how an attempt ends) and read
 best together; the events and hooks around them are what could move next.
 """
@@ -233,14 +233,14 @@ class Attempts:
         """What makes ``ctx.logger`` (lazily): a pipeline task's lines carry its lineage."""
         make = partial(self.task_logger, task.id, task.type, task.attempt)
         headers = task.headers
-        if headers and "root_id" in headers:
+        if "root_id" in headers:
             return partial(_with_lineage, make, headers["root_id"], headers.get("parent_id"))
         return make
 
     def _in_pipeline(self, task: Task) -> bool:
         """Whether ``task``'s settle hands off or keeps a trace line (its type hands off, or
         another task started it)."""
-        return task.type in self._piped or bool(task.headers and "root_id" in task.headers)
+        return task.type in self._piped or "root_id" in task.headers
 
     def begin(self, delivery: Delivery) -> Outcome | Begun:
         """The checks before a handler runs (its Outcome when one ends the task unrun), then
@@ -490,13 +490,12 @@ class Attempts:
         if answer is Answer.DONE or answer is Answer.ALREADY_DONE:
             result = OUTCOME_OF[outcome.event]
             task, fields = delivery.task, outcome.fields
-            if outcome.event is EventName.TASK_SUCCEEDED:  # every task that succeeds (below)
-                event = task_event(outcome.event, task.id, task.type, task.attempt,
-                                   duration_s=fields["duration_s"], outcome=result)  # fmt: skip
+            if outcome.event is EventName.TASK_SUCCEEDED:  # every task that succeeds (_send)
+                succeeded = task_event(outcome.event, task.id, task.type, task.attempt,
+                                       duration_s=fields["duration_s"], outcome=result)  # fmt: skip
+                self._send(succeeded, task)
             else:
-                event = Event(outcome.event, task_id=task.id, type=task.type, attempt=task.attempt,
-                              outcome=result, **fields)  # fmt: skip
-            self._send(event, task)
+                self._emit(outcome.event, delivery, outcome=result, **fields)
             effects = outcome.settle.effects
             if effects is not None and effects.puts:
                 # Hand-offs (not a task put back: same id). ALREADY_DONE: an earlier call of

@@ -51,7 +51,7 @@ failing type starts at most ``min_calls`` + its room per process before its circ
 (without it, a loaded machine let 15 calls through where 13 were the bound). Other types' slots
 are free as soon as their task ends.
 
-Size: about 700 lines, over our 400, because the books are one consistent state: splitting the
+Size: about 730 lines, over our 400, because the books are one consistent state: splitting the
 counting from the waking (or the leader from both) would put the lock rules back into comments.
 """
 
