@@ -222,19 +222,24 @@ class Task:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], attempt: int | None = None) -> Task:
-        """``attempt``, when given, replaces the stored one (brokers count it at hand-out)."""
+        """``attempt``, when given, replaces the stored one (brokers count it at hand-out).
+
+        Built positionally, in the field order (every durable broker decodes every task it
+        hands out here; with keywords, 3.11 gathers them in a dict first); the headers a
+        JSON decoder made are a fresh dict already, and are kept as they are."""
         history = data.get("history")
+        headers = data.get("headers")
         return cls(
-            id=str(data["id"]),
-            type=str(data["type"]),
-            payload=data.get("payload"),
-            attempt=int(data.get("attempt", 0)) if attempt is None else attempt,
-            enqueued_at=float(data.get("enqueued_at", 0.0)),
-            not_before=float(data.get("not_before", 0.0)),
-            history=tuple(AttemptRecord.from_json(h) for h in history) if history else (),
-            headers=dict(data["headers"]) if data.get("headers") else NO_HEADERS,
-            expires_at=float(data.get("expires_at", 0.0)),
-            unique_key=str(data.get("unique_key", "")),
+            str(data["type"]),
+            data.get("payload"),
+            str(data["id"]),
+            int(data.get("attempt", 0)) if attempt is None else attempt,
+            float(data.get("enqueued_at", 0.0)),
+            float(data.get("not_before", 0.0)),
+            tuple(AttemptRecord.from_json(h) for h in history) if history else (),
+            (headers if type(headers) is dict else dict(headers)) if headers else NO_HEADERS,
+            float(data.get("expires_at", 0.0)),
+            str(data.get("unique_key", "")),
         )
 
 

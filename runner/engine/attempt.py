@@ -281,8 +281,9 @@ class Attempts:
             partial(self._on_timeout, delivery),
             partial(self._on_overrun, delivery),
         )
-        if self.hand_back and self._in_pipeline(task):
-            run.root = root_of(task)
+        headers = task.headers
+        if self.hand_back and ("root_id" in headers or task.type in self._piped):
+            run.root = str(headers.get("root_id") or task.id)  # _in_pipeline, root_of: inlined
         ctx = TaskContext(
             task.id,
             task.type,
@@ -291,7 +292,7 @@ class Attempts:
             run.deadline,
             cancelled,
             self._logger_of(task),
-            task.headers,
+            headers,
         )
         payload = task.payload
         for middleware in rt.before:
@@ -308,7 +309,6 @@ class Attempts:
 
         due = max(task.enqueued_at, task.not_before)
         queue_wait = max(0.0, started - due) if due else None
-        headers = task.headers
         if headers and task.attempt == 1 and not delivery.redelivered and "joins" in headers:
             # A join's task is put by the broker with its last part, unseen by any process:
             # it counts as published when it first starts.
@@ -503,12 +503,7 @@ class Attempts:
                 for started in effects.puts:
                     if started.id != delivery.task.id:
                         self.events.emit(
-                            Event(
-                                EventName.TASK_PUBLISHED,
-                                task_id=started.id,
-                                type=started.type,
-                                attempt=0,
-                            )
+                            task_event(EventName.TASK_PUBLISHED, started.id, started.type, 0)
                         )
             record = outcome.settle.record
             rt = self.types.get(delivery.task.type) if record is not None else None

@@ -93,11 +93,17 @@ class Pipeline:
         return any(not stage.join for stage in self.then)
 
 
+#: An empty BLAKE2b of 10 bytes, copied for each child id (copying is cheaper than passing
+#: ``digest_size`` to a new one: a C type called with a keyword gathers it in a dict first).
+_CHILD_DIGEST = hashlib.blake2b(digest_size=10)
+
+
 def child_id(parent_id: str, index: int | str) -> str:
     """The id of a parent's ``index``-th child: the parent's time prefix (so ids still sort by
     creation) and 20 hex digits of a hash of (parent, index)."""
-    digest = hashlib.blake2b(f"{parent_id}:{index}".encode(), digest_size=10).hexdigest()
-    return parent_id[:12] + digest
+    digest = _CHILD_DIGEST.copy()
+    digest.update(f"{parent_id}:{index}".encode())
+    return parent_id[:12] + digest.hexdigest()
 
 
 def root_of(task: Task) -> str:
@@ -118,34 +124,31 @@ def on_success(
         except (TypeError, ValueError) as exc:
             why = f"then: the return value of this {task.type!r} task is not JSON: {exc}"
             raise PermanentError(why) from None
-    headers = {"root_id": root or root_of(task), "parent_id": task.id}
+    parent = task.id
+    headers = {"root_id": root or root_of(task), "parent_id": parent}
     made: list[Task] = []
     arrivals: list[Arrival] = []
     for place, stage in enumerate(pipeline.then):
-        expires_at = now + stage.expires_s if stage.expires_s else 0.0
         if stage.join:
             arrivals.append(_arrival(task, value, stage, now))
             continue
+        expires_at = now + stage.expires_s if stage.expires_s else 0.0
+        # Each child built positionally (type, payload, id, attempt, enqueued_at, not_before,
+        # history, headers, expires_at: Task's field order), as every task of a pipeline is.
         if stage.each is None:  # one child: the whole value, with the parent's lineage
-            children: list[tuple[Any, Mapping[str, Any]]] = [(value, headers)]
-        else:
-            payloads = _items(task, value, stage)
-            group, size = f"{task.id}.{place}", len(payloads)
-            children = [
-                (payload, {**headers, "fanout": [group, index, size]})
-                for index, payload in enumerate(payloads)
-            ]
-        for payload, lineage in children:
             made.append(
-                Task(
-                    type=stage.type,
-                    payload=payload,
-                    id=child_id(task.id, len(made)),
-                    enqueued_at=now,
-                    headers=lineage,
-                    expires_at=expires_at,
-                )
-            )
+                Task(stage.type, value, child_id(parent, len(made)), 0, now, 0.0, (), headers,
+                     expires_at)
+            )  # fmt: skip
+            continue
+        payloads = _items(task, value, stage)
+        group, size = f"{parent}.{place}", len(payloads)
+        for index, payload in enumerate(payloads):
+            lineage = {**headers, "fanout": [group, index, size]}
+            made.append(
+                Task(stage.type, payload, child_id(parent, len(made)), 0, now, 0.0, (), lineage,
+                     expires_at)
+            )  # fmt: skip
     return tuple(made), tuple(arrivals)
 
 

@@ -34,8 +34,9 @@ in one Redis Cluster slot and a script may touch any of them):
 - ``types``      set of every type ever put (for depth and the operator commands).
 - ``held``       hash task id -> how many copies of it are queued (ready, delayed or leased),
   from put (PUT, a settle's effect put, REPLAY) until ack, dead or ``cancel``; a settle's
-  effect put of a held id is skipped. It costs one HINCRBY per put, one HINCRBY and one HDEL
-  per ack or dead, and a field per queued task (roughly 100 bytes with a 32-character id).
+  effect put of a held id is skipped. It costs one HINCRBY per put (one HSETNX per effect put,
+  which is also its check), one HINCRBY and one HDEL per ack or dead, and a field per queued
+  task (roughly 100 bytes with a 32-character id).
   A task queued before the index existed is not in it: its effect put is not skipped, and its
   ack deletes the field at -1 that its HINCRBY made.
 - ``gates``      hash type name -> the type's pause: ``''`` until cleared, else the end as

@@ -127,7 +127,7 @@ local function settle(KEYS, ARGV)
 
   -- a ``put`` or ``later`` effect of task ``id``, unless that id is held
   local function put(what, i, x, y, id)
-    if is_held(held, id) then return end
+    if not hold_if_free(held, id) then return end
     if what == 'put' then
       local stream = KEYS[9 + 2 * i]
       ensure_group_once(grouped, i, stream, group)
@@ -135,7 +135,6 @@ local function settle(KEYS, ARGV)
     else
       redis.call('ZADD', KEYS[10 + 2 * i], x, y)
     end
-    hold(held, id)
     added = added + 1
     if not typed[i] then
       typed[i] = true
