@@ -225,8 +225,9 @@ class Task:
         """``attempt``, when given, replaces the stored one (brokers count it at hand-out).
 
         Built positionally, in the field order (every durable broker decodes every task it
-        hands out here; with keywords, 3.11 gathers them in a dict first); the headers a
-        JSON decoder made are a fresh dict already, and are kept as they are."""
+        hands out here; with keywords, 3.11 gathers them in a dict first). A headers dict is
+        kept, not copied: both callers pass what a JSON decoder just made, so a caller that
+        kept ``data`` and changed it later would change this task's headers."""
         history = data.get("history")
         headers = data.get("headers")
         return cls(
