@@ -96,7 +96,7 @@ from runner.brokers.sqlite.admin import InsertPlan, SqliteAdmin
 from runner.brokers.sqlite.batch import GroupCommit, Pending
 from runner.brokers.sqlite.checkpoint import Checkpointer
 from runner.brokers.sqlite.gates import gates_at, record_outcome, save_bucket, save_circuit
-from runner.brokers.sqlite.joins import WRITE_DEAD_SQL, arriver, dead_row
+from runner.brokers.sqlite.joins import WRITE_DEAD_SQL, Joined, arriver, dead_row
 from runner.brokers.sqlite.schema import (
     IDS_PER_QUERY,
     LEASED,
@@ -696,12 +696,25 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
         task not yet due is written as waiting and promoted when due, as any delayed task.)
         """
         made = self._clock()
-        puts = [[insert_row(task, made) for task in effects.puts] for effects, _ in ops]
-        arrivals = [arriver(effects.arrivals) if effects.arrivals else None for effects, _ in ops]
-        dead = [[dead_row(record) for record in effects.dead_letters] for effects, _ in ops]
-        guards = [e.unless for e, _ in ops if e.unless is not None and _hands_off(e)]
-        set_keys = {item.key for effects, _ in ops for item in effects.sets}
-        apart = any(key in set_keys for effects, _ in ops for key in effects.deletes)
+        # One pass over the ops, each list made only when the op has some (a pipeline task's
+        # ack has a child or two and a trace line; most have no arrivals or dead letters).
+        puts: list[list[tuple[Any, ...]]] = []
+        arrivals: list[Callable[[sqlite3.Connection, float], Joined] | None] = []
+        dead: list[list[tuple[Any, ...]]] = []
+        guards: list[str] = []
+        set_keys: set[str] = set()
+        deleted = False
+        for effects, _ in ops:
+            puts.append([insert_row(task, made) for task in effects.puts] if effects.puts else [])
+            arrivals.append(arriver(effects.arrivals) if effects.arrivals else None)
+            records = effects.dead_letters
+            dead.append([dead_row(record) for record in records] if records else [])
+            if effects.unless is not None and _hands_off(effects):
+                guards.append(effects.unless)
+            for item in effects.sets:
+                set_keys.add(item.key)
+            deleted = deleted or bool(effects.deletes)
+        apart = deleted and any(key in set_keys for e, _ in ops for key in e.deletes)
 
         def apply(conn: sqlite3.Connection, now: float, took: Sequence[bool]) -> None:
             ops_took = [op for op, done in zip(ops, took, strict=True) if done]
@@ -721,7 +734,8 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
                 rows += put
                 if arrive is not None:
                     rows.extend(arrive(conn, now))
-                dead_rows.extend(records)
+                if records:
+                    dead_rows.extend(records)
             if rows:
                 self._insert_rows(conn, rows, "settle", skip_queued=True)
             if dead_rows:
@@ -729,7 +743,12 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
             batches = [(e.sets, e.deletes) for e, _ in ops_took] if apart else [_flat(ops_took)]
             for sets, deletes in batches:
                 if sets:
-                    conn.executemany(SET_VALUE_SQL, [_set_row(item, now) for item in sets])
+                    # SET_VALUE_SQL's parameters, written out: a pipeline has one per task
+                    kept = [
+                        (item.key, item.value, None if item.ttl_s is None else now + item.ttl_s)
+                        for item in sets
+                    ]
+                    conn.executemany(SET_VALUE_SQL, kept)
                 if deletes:
                     conn.executemany(_DELETE_VALUE_SQL, [(key,) for key in deletes])
 
@@ -796,11 +815,6 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
 def _hands_off(effects: Effects) -> bool:
     """Whether ``effects`` start anything (what ``unless`` can skip)."""
     return bool(effects.puts or effects.arrivals or effects.dead_letters)
-
-
-def _set_row(item: SetValue, now: float) -> tuple[str, str, float | None]:
-    """SET_VALUE_SQL's parameters for ``item`` set at ``now``."""
-    return item.key, item.value, None if item.ttl_s is None else now + item.ttl_s
 
 
 def _flat(ops: Sequence[tuple[Effects, str]]) -> tuple[list[SetValue], list[str]]:
