@@ -96,9 +96,16 @@ def _runner(config: PipelineConfig) -> tuple[Runner, BenchRecorder]:
 
 def _quick_stop(runner: Runner, started: bool = True) -> None:
     # Not Runner.stop(): on the memory broker that turns every leftover task into a dead letter,
-    # which for a million parked tasks costs more than the benchmark itself.
+    # which for a million parked tasks costs more than the benchmark itself. Its side threads
+    # stop too, so none is left to run beside the next measurement.
     if started:
-        runner.worker.stop(1.0)
+        for service in (runner.scheduler, runner.circuit_watch, runner.cancel_watch):
+            if service is not None:
+                service.stop()
+        if runner.presence is not None:
+            runner.presence.stop(1.0)
+        for worker in runner.workers:
+            worker.stop(1.0)
     runner.broker.close()
 
 
