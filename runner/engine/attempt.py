@@ -281,9 +281,9 @@ class Attempts:
             partial(self._on_timeout, delivery),
             partial(self._on_overrun, delivery),
         )
+        if self.hand_back and self._in_pipeline(task):
+            run.root = root_of(task)
         headers = task.headers
-        if self.hand_back and ("root_id" in headers or task.type in self._piped):
-            run.root = str(headers.get("root_id") or task.id)  # _in_pipeline, root_of: inlined
         ctx = TaskContext(
             task.id,
             task.type,

@@ -703,7 +703,6 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
         dead: list[list[tuple[Any, ...]]] = []
         guards: list[str] = []
         set_keys: set[str] = set()
-        deleted = False
         for effects, _ in ops:
             puts.append([insert_row(task, made) for task in effects.puts] if effects.puts else [])
             arrivals.append(arriver(effects.arrivals) if effects.arrivals else None)
@@ -713,8 +712,7 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
                 guards.append(effects.unless)
             for item in effects.sets:
                 set_keys.add(item.key)
-            deleted = deleted or bool(effects.deletes)
-        apart = deleted and any(key in set_keys for e, _ in ops for key in e.deletes)
+        apart = any(key in set_keys for effects, _ in ops for key in effects.deletes)
 
         def apply(conn: sqlite3.Connection, now: float, took: Sequence[bool]) -> None:
             ops_took = [op for op, done in zip(ops, took, strict=True) if done]
@@ -734,8 +732,7 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
                 rows += put
                 if arrive is not None:
                     rows.extend(arrive(conn, now))
-                if records:
-                    dead_rows.extend(records)
+                dead_rows.extend(records)
             if rows:
                 self._insert_rows(conn, rows, "settle", skip_queued=True)
             if dead_rows:
