@@ -89,14 +89,19 @@ def forced_exit_line(runner: Runner, config: PipelineConfig, stopped: bool) -> s
     running = ask_within(runner.inflight, ASK_WAIT_S)
     if depth is None or running is None:
         return (
-            f"forced exit: unfinished tasks stay in {place}; those that were running here are "
+            f"forced exit: unfinished tasks stay in {place}; those this process had leased are "
             f"handed out again after visibility_timeout ({timeout})"
         )
+    # Queued and leased from one answer of the broker's, so that every task is counted once:
+    # a task prefetched here and not started is leased, not running (and one handed back
+    # during the stop moves from leased to ready within that answer, not between two reads).
     queued = sum(d.ready + d.delayed for d in depth.values())
+    leased = sum(d.leased for d in depth.values())
     here = sum(running.values())
     return (
-        f"forced exit: {queued} tasks stay queued in {place}; the {here} running here are "
-        f"handed out again after visibility_timeout ({timeout})"
+        f"forced exit: {queued} tasks stay queued in {place} and {leased} are leased "
+        f"({here} running here); this process's leases expire after visibility_timeout "
+        f"({timeout}) and their tasks are handed out again"
     )
 
 

@@ -100,13 +100,15 @@ def test_second_signal_on_sqlite_says_what_stays_queued(tmp_path: Path) -> None:
     config = _config(tmp_path, broker=f"broker: {{kind: sqlite, path: {db}}}")
     last = _forced_exit_line(config)
     found = re.fullmatch(
-        rf"forced exit: (\d+) tasks stay queued in the SQLite file {re.escape(str(db))}; the "
-        r"(\d+) running here are handed out again after visibility_timeout \(30s\)",
+        rf"forced exit: (\d+) tasks stay queued in the SQLite file {re.escape(str(db))} and "
+        r"(\d+) are leased \((\d+) running here\); this process's leases expire after "
+        r"visibility_timeout \(30s\) and their tasks are handed out again",
         last,
     )
     assert found, last
-    queued, running = int(found[1]), int(found[2])
-    assert running == 2 and queued + running == 40
+    queued, leased, running = int(found[1]), int(found[2]), int(found[3])
+    # The prefetched tasks are leased until the stop hands them back: every task is counted.
+    assert running == 2 and queued + leased == 40
 
 
 @contextlib.contextmanager

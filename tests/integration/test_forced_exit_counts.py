@@ -1,0 +1,60 @@
+"""The line a second Ctrl-C prints on a durable broker counts every task: those queued, and
+those leased, prefetched ones included.
+
+It counted the queued ones and the running ones only. A task this process had prefetched but
+not started is neither: leased in the broker, not running. A second signal during the stop,
+before the prefetched tasks were handed back, said "34 tasks stay queued ...; the 2 running
+here ..." of 40 (tests/cli/test_screen_cli.py failed on it now and then)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from runner import PipelineConfig, TaskContext, build_runtime
+from runner.ops.leftover import forced_exit_line
+
+RELEASE = threading.Event()
+
+
+def hold(payload: Any, ctx: TaskContext) -> None:
+    """Runs until the test lets it go."""
+    RELEASE.wait(timeout=30)
+
+
+def test_prefetched_tasks_are_counted_as_leased(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    config = PipelineConfig.model_validate(
+        {
+            "broker": {"kind": "sqlite", "path": str(db), "visibility_timeout": 30},
+            "workers": 2,
+            "prefetch": 4,
+            "task_types": {"slow": {"handler": f"{__name__}:hold", "timeout": 60}},
+            "metrics": {"enabled": False},
+            "logging": {"level": "WARNING"},
+        }
+    )
+    runner = build_runtime(config, observe=False)
+    RELEASE.clear()
+    runner.publish_many([("slow", {"n": n}) for n in range(10)])
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20
+        while runner.depth()["slow"].leased < 6:  # 2 running, 4 prefetched
+            assert time.monotonic() < deadline, runner.depth()
+            time.sleep(0.01)
+        assert sum(runner.inflight().values()) == 2
+        line = forced_exit_line(runner, config, stopped=False)
+    finally:
+        RELEASE.set()
+        runner.stop()
+    found = re.fullmatch(
+        rf"forced exit: 4 tasks stay queued in the SQLite file {re.escape(str(db))} and 6 "
+        r"are leased \(2 running here\); this process's leases expire after "
+        r"visibility_timeout \(30s\) and their tasks are handed out again",
+        line,
+    )
+    assert found, line
