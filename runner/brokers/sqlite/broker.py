@@ -70,6 +70,7 @@ and the pipeline rows of ``tasks_of`` and ``cancel`` in joins.py.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -84,9 +85,11 @@ from typing import Any, Literal, TypeVar
 from runner.brokers.base import (
     Answer,
     BaseBroker,
+    Bucket,
     Delivery,
     Depth,
     Effects,
+    RateLimit,
     Settle,
     SetValue,
     settle_apart,
@@ -95,7 +98,13 @@ from runner.brokers.flow import circuit_allows, circuit_handed, taken, whole
 from runner.brokers.sqlite.admin import InsertPlan, SqliteAdmin
 from runner.brokers.sqlite.batch import GroupCommit, Pending
 from runner.brokers.sqlite.checkpoint import Checkpointer
-from runner.brokers.sqlite.gates import gates_at, record_outcome, save_bucket, save_circuit
+from runner.brokers.sqlite.gates import (
+    CircuitAt,
+    gates_at,
+    record_outcome,
+    save_bucket,
+    save_circuit,
+)
 from runner.brokers.sqlite.joins import WRITE_DEAD_SQL, Joined, arriver, dead_row
 from runner.brokers.sqlite.schema import (
     IDS_PER_QUERY,
@@ -129,12 +138,11 @@ _MAX_POLL_S = 0.05
 #: Settled receipts a visibility timeout old are deleted at most this often (per process).
 PRUNE_EVERY_S = 1.0
 
-_CLAIM_SQL = f"""
-UPDATE tasks
-   SET state = {LEASED}, lease = :token || '-' || seq, due_at = :until, attempt = attempt + 1
- WHERE seq IN (SELECT seq FROM tasks WHERE type = :type AND state = {READY} ORDER BY seq LIMIT :n)
-RETURNING seq, id, type, attempt, redelivered, lease, envelope
-"""
+#: What a claim takes of one type: its oldest ready tasks, up to a bound.
+_CLAIM_ONE_TYPE = (
+    f"SELECT seq FROM (SELECT seq FROM tasks WHERE type = ? AND state = {READY}"
+    " ORDER BY seq LIMIT ?)"
+)
 _PROMOTE_SQL = f"""
 UPDATE tasks SET state = {READY}, redelivered = (redelivered OR state = {LEASED})
  WHERE state IN ({WAITING}, {LEASED}) AND due_at <= ?
@@ -169,6 +177,26 @@ _DELETE_VALUE_SQL = 'DELETE FROM "values" WHERE key = ?'
 def _at(operation: str) -> dict[str, str]:
     """Where a BrokerError of this broker was raised (its ``backend`` and ``operation``)."""
     return {"backend": "sqlite", "operation": operation}
+
+
+@functools.cache
+def _claim_sql(types: int) -> str:
+    """A claim's one statement over ``types`` types. Its parameters: the token, the leases'
+    end, then each type with its bound, then (of more than one type) the claim's limit. The
+    compound's LIMIT takes the types in turn: the second gets what the first left of the
+    limit, and so on, as a statement per type did (at the cost of a statement each: a
+    pipeline's claims span its stages). One type's bound is within the limit already."""
+    taken = (
+        f"SELECT seq FROM tasks WHERE type = ? AND state = {READY} ORDER BY seq LIMIT ?"
+        if types == 1
+        else f"{' UNION ALL '.join([_CLAIM_ONE_TYPE] * types)} LIMIT ?"
+    )
+    return f"""
+UPDATE tasks
+   SET state = {LEASED}, lease = ? || '-' || seq, due_at = ?, attempt = attempt + 1
+ WHERE seq IN ({taken})
+RETURNING seq, id, type, attempt, redelivered, lease, envelope
+"""
 
 
 def _claim_mark(at: float) -> str:
@@ -575,13 +603,14 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
             self._due_by(until)
             gates = gates_at(conn, now)  # read in the claim's own transaction
             held = gates.held()
+            # Each type asked, with its rate limit and bucket and its breaker if it has them.
+            asked: list[tuple[str, tuple[RateLimit, Bucket] | None, CircuitAt | None]] = []
+            bounds: list[str | int] = []  # each type asked and its bound, in turn
             for kind, n in wanted:
-                take = min(n, limit - len(rows))
-                if take <= 0:
-                    break
                 if kind in held:
                     continue  # left ready: no attempt used, no lease
                 # A type held back is skipped above, so each bound here is at least one.
+                take = min(n, limit)
                 rated = gates.limited.get(kind)
                 if rated is not None:
                     take = min(take, whole(rated[1]))
@@ -589,14 +618,25 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
                 if broken is not None:
                     allowed = circuit_allows(broken.breaker, broken.circuit)
                     take = take if allowed is None else min(take, allowed)
-                params = {"token": token, "until": until, "type": kind, "n": take}
-                claimed = conn.execute(_CLAIM_SQL, params).fetchall()
-                rows.extend(sorted(claimed))  # RETURNING order is unspecified; seq is FIFO
-                if rated is not None and claimed:
-                    save_bucket(conn, kind, taken(rated[1], len(claimed)))
+                asked.append((kind, rated, broken))
+                bounds += (kind, take)
+            if not asked:
+                return rows
+            more = [limit] if len(asked) > 1 else []
+            claimed = conn.execute(_claim_sql(len(asked)), [token, until, *bounds, *more])
+            by_type: dict[str, list[Any]] = {}
+            for row in claimed:
+                by_type.setdefault(row[2], []).append(row)
+            for kind, rated, broken in asked:
+                if len(rows) >= limit:
+                    break  # the limit was reached before this type: it took nothing
+                got = by_type.get(kind, [])
+                rows.extend(sorted(got))  # RETURNING order is unspecified; seq is FIFO
+                if rated is not None and got:
+                    save_bucket(conn, kind, taken(rated[1], len(got)))
                 if broken is not None:
                     # Probes handed out, or a change as of now (say open to half-open).
-                    circuit = circuit_handed(broken.circuit, len(claimed))
+                    circuit = circuit_handed(broken.circuit, len(got))
                     if circuit != broken.stored:
                         save_circuit(conn, kind, circuit)
             return rows
