@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import json
 import logging
 import os
@@ -62,14 +63,23 @@ NO_HEADERS: Mapping[str, Any] = _NoHeaders()
 HISTORY_LIMIT = 10
 
 
-def new_task_id() -> str:
-    """32 hex digits: the creation time in milliseconds (12), then 80 random bits (20).
+#: How many ids this process has made (``next`` of it is atomic under the GIL).
+_ids_made = itertools.count()
 
-    Ids sort by creation (as a UUIDv7's do), so the SQLite broker's id index grows at its end
-    rather than touching a random page on every put and ack. Made as one 128-bit number's
-    bytes in hex: 0.4 us, against 1.0 us for formatting the two parts (one per publish).
+
+def new_task_id() -> str:
+    """32 hex digits: the creation time in milliseconds (12), a count of the ids this process
+    made (8), then 48 random bits (12).
+
+    Ids sort by creation (as a UUIDv7's do), and within a process exactly, the same millisecond
+    included: a batch published at once is claimed, acked and traced in that order, so the
+    SQLite broker's index of ids, and of trace keys (which begin with their root's id), grows at
+    one place rather than touching a random page of the millisecond's ids on every write. The
+    random end keeps ids from two processes apart, and is what people see (``short_id``).
+    Made as one 128-bit number's bytes in hex (0.4 us; formatting the parts cost 1.0).
     """
-    bits = (time.time_ns() // 1_000_000) << 80 | _id_bits.getrandbits(80)
+    count = next(_ids_made) & 0xFFFF_FFFF
+    bits = (time.time_ns() // 1_000_000) << 80 | count << 48 | _id_bits.getrandbits(48)
     return bits.to_bytes(16, "big").hex()
 
 
