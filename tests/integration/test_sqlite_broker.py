@@ -104,6 +104,23 @@ def test_put_get_ack_counts_attempts_fifo_and_slots(broker: SqliteBroker) -> Non
     assert broker.depth() == {"a": Depth(ready=1, leased=1), "c": Depth(ready=1)}
 
 
+def test_a_claim_over_more_types_than_one_statement_takes_keeps_the_limit(
+    make: Callable[..., SqliteBroker],
+) -> None:
+    """A claim asks for every type in one statement, a compound of one SELECT per type, and
+    SQLite refuses a compound of more than 500: more types are asked in turns, with what the
+    earlier turns left of the limit."""
+    broker = make(capacity=2000)
+    kinds = [f"t{i:04d}" for i in range(1200)]
+    broker.put_many([Task(kind, kind) for kind in kinds])
+    got = broker.get(dict.fromkeys(kinds, 1), 1050, 0)  # a turn ends inside the limit
+    assert len(got) == 1050
+    assert len({d.task.type for d in got}) == 1050
+    rest = broker.get(dict.fromkeys(kinds, 1), 1050, 0)
+    assert len(rest) == 150
+    assert {d.task.type for d in got} | {d.task.type for d in rest} == set(kinds)
+
+
 def test_delayed_put_waits_for_not_before(broker: SqliteBroker, clock: FakeClock) -> None:
     broker.put_many([Task("a", "later", not_before=clock.now + 5)])
     assert broker.get({"a": 1}, 1, 0) == []

@@ -138,6 +138,9 @@ _MAX_POLL_S = 0.05
 #: Settled receipts a visibility timeout old are deleted at most this often (per process).
 PRUNE_EVERY_S = 1.0
 
+#: The most types one claim statement asks for (SQLite refuses a compound SELECT of more than
+#: 500); a claim over more asks in turns, each with what the turns before left of its limit.
+_CLAIM_TYPES_PER_STATEMENT = 100
 #: What a claim takes of one type: its oldest ready tasks, up to a bound.
 _CLAIM_ONE_TYPE = (
     f"SELECT seq FROM (SELECT seq FROM tasks WHERE type = ? AND state = {READY}"
@@ -603,9 +606,8 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
             self._due_by(until)
             gates = gates_at(conn, now)  # read in the claim's own transaction
             held = gates.held()
-            # Each type asked, with its rate limit and bucket and its breaker if it has them.
-            asked: list[tuple[str, tuple[RateLimit, Bucket] | None, CircuitAt | None]] = []
-            bounds: list[str | int] = []  # each type asked and its bound, in turn
+            # Each type asked, its bound, and its rate limit and bucket and its breaker if any.
+            asked: list[tuple[str, int, tuple[RateLimit, Bucket] | None, CircuitAt | None]] = []
             for kind, n in wanted:
                 if kind in held:
                     continue  # left ready: no attempt used, no lease
@@ -618,16 +620,20 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
                 if broken is not None:
                     allowed = circuit_allows(broken.breaker, broken.circuit)
                     take = take if allowed is None else min(take, allowed)
-                asked.append((kind, rated, broken))
-                bounds += (kind, take)
-            if not asked:
-                return rows
-            more = [limit] if len(asked) > 1 else []
-            claimed = conn.execute(_claim_sql(len(asked)), [token, until, *bounds, *more])
+                asked.append((kind, take, rated, broken))
             by_type: dict[str, list[Any]] = {}
-            for row in claimed:
-                by_type.setdefault(row[2], []).append(row)
-            for kind, rated, broken in asked:
+            claimed = 0
+            for start in range(0, len(asked), _CLAIM_TYPES_PER_STATEMENT):
+                turn, left = asked[start : start + _CLAIM_TYPES_PER_STATEMENT], limit - claimed
+                if left <= 0:
+                    break
+                bounds = [x for kind, take, _, _ in turn for x in (kind, min(take, left))]
+                more = [left] if len(turn) > 1 else []
+                sql = _claim_sql(len(turn))
+                for row in conn.execute(sql, [token, until, *bounds, *more]):
+                    by_type.setdefault(row[2], []).append(row)
+                    claimed += 1
+            for kind, _, rated, broken in asked:
                 if len(rows) >= limit:
                     break  # the limit was reached before this type: it took nothing
                 got = by_type.get(kind, [])
