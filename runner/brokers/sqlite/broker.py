@@ -184,11 +184,12 @@ def _at(operation: str) -> dict[str, str]:
 
 @functools.cache
 def _claim_sql(types: int) -> str:
-    """A claim's one statement over ``types`` types. Its parameters: the token, the leases'
-    end, then each type with its bound, then (of more than one type) the claim's limit. The
-    compound's LIMIT takes the types in turn: the second gets what the first left of the
-    limit, and so on, as a statement per type did (at the cost of a statement each: a
-    pipeline's claims span its stages). One type's bound is within the limit already."""
+    """A claim's statement over ``types`` types (at most _CLAIM_TYPES_PER_STATEMENT). Its
+    parameters: the token, the leases' end, then each type with its bound, then (of more than
+    one type) what is left of the claim's limit. The compound's LIMIT takes the types in
+    turn: the second gets what the first left of the limit, and so on, as a statement per type
+    did (at the cost of a statement each: a pipeline's claims span its stages). One type's
+    bound is within the limit already."""
     taken = (
         f"SELECT seq FROM tasks WHERE type = ? AND state = {READY} ORDER BY seq LIMIT ?"
         if types == 1
