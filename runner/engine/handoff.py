@@ -133,18 +133,19 @@ def on_success(
             arrivals.append(_arrival(task, value, stage, now))
             continue
         expires_at = now + stage.expires_s if stage.expires_s else 0.0
-        # Each child built positionally (type, payload, id, attempt, enqueued_at, not_before,
-        # history, headers, expires_at: Task's field order), as every task of a pipeline is.
+        children: Sequence[tuple[Any, Mapping[str, Any]]]
         if stage.each is None:  # one child: the whole value, with the parent's lineage
-            made.append(
-                Task(stage.type, value, child_id(parent, len(made)), 0, now, 0.0, (), headers,
-                     expires_at)
-            )  # fmt: skip
-            continue
-        payloads = _items(task, value, stage)
-        group, size = f"{parent}.{place}", len(payloads)
-        for index, payload in enumerate(payloads):
-            lineage = {**headers, "fanout": [group, index, size]}
+            children = ((value, headers),)
+        else:
+            payloads = _items(task, value, stage)
+            group, size = f"{parent}.{place}", len(payloads)
+            children = [
+                (payload, {**headers, "fanout": [group, index, size]})
+                for index, payload in enumerate(payloads)
+            ]
+        for payload, lineage in children:
+            # Positionally (type, payload, id, attempt, enqueued_at, not_before, history,
+            # headers, expires_at: Task's field order), as every task of a pipeline is.
             made.append(
                 Task(stage.type, payload, child_id(parent, len(made)), 0, now, 0.0, (), lineage,
                      expires_at)

@@ -39,6 +39,7 @@ from runner.brokers.sqlite.schema import (
     replay_one,
     scan_values,
     to_dead_letter,
+    write_values,
 )
 from runner.errors import QueueFull
 from runner.model import DeadLetter, Task
@@ -322,11 +323,7 @@ class SqliteAdmin:
             self._open_connection("set_values")  # still raise BrokerClosed after close
             return
         with self._write("set_values") as conn:
-            now = self._clock()
-            conn.executemany(
-                SET_VALUE_SQL,
-                [(s.key, s.value, None if s.ttl_s is None else now + s.ttl_s) for s in sets],
-            )
+            write_values(conn, sets, self._clock())
 
     def _lacks_table(self, conn: sqlite3.Connection, name: str) -> bool:
         """Whether a read-only open found a file from before ``name`` was added (then empty)."""

@@ -60,7 +60,7 @@ writers; after ``BUSY_TIMEOUT_MS`` they raise BrokerUnavailable, which callers m
 Ordering: FIFO by put within a type. Released tasks, expired leases and due retries keep their
 original place (the row's ``seq``), so they come before tasks put after them.
 
-Size: about 820 lines: the task path of the broker contract on one connection and its group
+Size: about 880 lines: the task path of the broker contract on one connection and its group
 commit, gates and effects included (they live in its claim and settle statements). Schema,
 opening and row codecs are in schema.py, batching in batch.py, checkpoints in checkpoint.py;
 the operator commands, the clock, the gate calls and the value calls (``read_values``,
@@ -110,7 +110,6 @@ from runner.brokers.sqlite.schema import (
     IDS_PER_QUERY,
     LEASED,
     READY,
-    SET_VALUE_SQL,
     WAITING,
     anything_claimable,
     connect,
@@ -123,6 +122,7 @@ from runner.brokers.sqlite.schema import (
     sweep,
     to_delivery,
     unavailable,
+    write_values,
 )
 from runner.codec import encode_dead_letter, encode_task
 from runner.errors import BrokerClosed, BrokerUnavailable, QueueFull
@@ -142,10 +142,7 @@ PRUNE_EVERY_S = 1.0
 #: 500); a claim over more asks in turns, each with what the turns before left of its limit.
 _CLAIM_TYPES_PER_STATEMENT = 100
 #: What a claim takes of one type: its oldest ready tasks, up to a bound.
-_CLAIM_ONE_TYPE = (
-    f"SELECT seq FROM (SELECT seq FROM tasks WHERE type = ? AND state = {READY}"
-    " ORDER BY seq LIMIT ?)"
-)
+_CLAIM_ONE_TYPE = f"SELECT seq FROM tasks WHERE type = ? AND state = {READY} ORDER BY seq LIMIT ?"
 _PROMOTE_SQL = f"""
 UPDATE tasks SET state = {READY}, redelivered = (redelivered OR state = {LEASED})
  WHERE state IN ({WAITING}, {LEASED}) AND due_at <= ?
@@ -190,11 +187,9 @@ def _claim_sql(types: int) -> str:
     turn: the second gets what the first left of the limit, and so on, as a statement per type
     did (at the cost of a statement each: a pipeline's claims span its stages). One type's
     bound is within the limit already."""
-    taken = (
-        f"SELECT seq FROM tasks WHERE type = ? AND state = {READY} ORDER BY seq LIMIT ?"
-        if types == 1
-        else f"{' UNION ALL '.join([_CLAIM_ONE_TYPE] * types)} LIMIT ?"
-    )
+    # A compound's parts are subqueries: only its last SELECT may have ORDER BY and LIMIT.
+    each = f"SELECT seq FROM ({_CLAIM_ONE_TYPE})"
+    taken = _CLAIM_ONE_TYPE if types == 1 else f"{' UNION ALL '.join([each] * types)} LIMIT ?"
     return f"""
 UPDATE tasks
    SET state = {LEASED}, lease = ? || '-' || seq, due_at = ?, attempt = attempt + 1
@@ -787,12 +782,7 @@ class SqliteBroker(SqliteAdmin, BaseBroker):
             batches = [(e.sets, e.deletes) for e, _ in ops_took] if apart else [_flat(ops_took)]
             for sets, deletes in batches:
                 if sets:
-                    # SET_VALUE_SQL's parameters, written out: a pipeline has one per task
-                    kept = [
-                        (item.key, item.value, None if item.ttl_s is None else now + item.ttl_s)
-                        for item in sets
-                    ]
-                    conn.executemany(SET_VALUE_SQL, kept)
+                    write_values(conn, sets, now)
                 if deletes:
                     conn.executemany(_DELETE_VALUE_SQL, [(key,) for key in deletes])
 

@@ -65,7 +65,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from runner.brokers.base import DeadLetterFilter, Delivery
+from runner.brokers.base import DeadLetterFilter, Delivery, SetValue
 from runner.codec import decode_dead_letter, decode_task, encode_task
 from runner.errors import BrokerError, BrokerUnavailable
 from runner.model import DeadLetter, DeadReason, Task
@@ -517,6 +517,16 @@ def sweep(conn: sqlite3.Connection, now: float) -> None:
 _LIVE = "(expires_at IS NULL OR expires_at > :now)"
 #: Set a value: (key, value, expires_at), expires_at NULL for no ttl.
 SET_VALUE_SQL = 'INSERT OR REPLACE INTO "values" (key, value, expires_at) VALUES (?, ?, ?)'
+
+
+def write_values(conn: sqlite3.Connection, sets: Sequence[SetValue], now: float) -> None:
+    """Set each of ``sets`` (replacing a key set before, ttl and all), one with a ttl
+    expiring that long after ``now``. The rows are made in one comprehension, not a call each:
+    a pipeline's settles set one per task."""
+    rows = [(s.key, s.value, None if s.ttl_s is None else now + s.ttl_s) for s in sets]
+    conn.executemany(SET_VALUE_SQL, rows)
+
+
 #: Whether any key, live or not, lies in [?, ?].
 _ANY_IN_RANGE_SQL = 'SELECT 1 FROM "values" WHERE key BETWEEN ? AND ? LIMIT 1'
 
