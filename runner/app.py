@@ -347,6 +347,8 @@ class Runner:
         )
         self._started = False
         self._stopped = False
+        # Held by the stop's drain until its records are counted (drain_now waits for it).
+        self._drain_lock = threading.Lock()
 
     def attach(self, listener: Listener, close: Callable[[], None] | None = None) -> None:
         """Add a listener; ``close`` runs at stop, in reverse order of attachment."""
@@ -641,25 +643,27 @@ class Runner:
             drain = getattr(self.broker, "drain_to_dead_letters", None)
             failed: BrokerError | None = None
             if drain is not None:
-                # include_leased: a handler stuck past the grace period still holds its task;
-                # on an in-process broker it would vanish with the process otherwise.
-                try:
-                    drained = drain(reason=DeadReason.SHUTDOWN, include_leased=True)
-                except BrokerError as exc:  # a dead-letter file that cannot be written, say
-                    drained, failed = [], exc
-                for record in drained:
-                    self.events.emit(
-                        Event(
-                            EventName.TASK_DEAD,
-                            task_id=record.id,
-                            type=record.task.type,
-                            attempt=record.attempts,
-                            outcome="dead",
-                            reason=DeadReason.SHUTDOWN,
-                            error=": ".join(filter(None, (record.error_type, record.message))),
-                            error_type=record.error_type,
+                with self._drain_lock:
+                    # include_leased: a handler stuck past the grace period still holds its
+                    # task; on an in-process broker it would vanish with the process otherwise.
+                    try:
+                        drained = drain(reason=DeadReason.SHUTDOWN, include_leased=True)
+                    except BrokerError as exc:  # a dead-letter file that cannot be written
+                        drained, failed = [], exc
+                    for record in drained:
+                        error = ": ".join(filter(None, (record.error_type, record.message)))
+                        self.events.emit(
+                            Event(
+                                EventName.TASK_DEAD,
+                                task_id=record.id,
+                                type=record.task.type,
+                                attempt=record.attempts,
+                                outcome="dead",
+                                reason=DeadReason.SHUTDOWN,
+                                error=error,
+                                error_type=record.error_type,
+                            )
                         )
-                    )
             self.summary.finish()
             self.close_observers()
             if failed is not None:  # raised once the rest of the stop is done
@@ -668,6 +672,18 @@ class Runner:
                     lost, backend=failed.backend, operation=failed.operation
                 ) from failed
         return self.summary.to_dict()
+
+    def drain_now(self) -> int:
+        """A forced exit's last word on a broker that is not durable (memory): dead-letter
+        every task it still holds, queued or leased (reason ``shutdown``), once the stop's own
+        drain, if one is under way, has written and counted its records. Returns how many
+        tasks were dead-lettered at shutdown, by the stop and now; raises what the broker's
+        drain raises (BrokerError, AttributeError on a broker that cannot drain)."""
+        with self._drain_lock:
+            drain = self.broker.drain_to_dead_letters  # type: ignore[attr-defined]
+            records = drain(reason=DeadReason.SHUTDOWN, include_leased=True)
+            shutdown = DeadReason.SHUTDOWN
+            return len(records) + sum(1 for d in self.summary.dead if d["reason"] == shutdown)
 
     def close_observers(self) -> None:
         """Stop the progress view and metrics server, flush the logs (reverse of attachment)."""

@@ -8,6 +8,9 @@
   ``ASK_WAIT_S``: the signal handler runs on the main thread, which may be holding the very
   lock the broker needs (the memory broker's condition, the SQLite connection's lock), and a
   forced exit must not hang on it. If the broker does not answer in time, the line says so.
+  (`dq-run run` stops the runner on a thread of its own, runner.ops.service, so that the lock
+  a stop under way holds is let go; on the memory broker the line then waits for the stop's
+  drain to be counted, ``Runner.drain_now``.)
 - ``ask_within(call, wait_s)``: that helper thread, for the handler's other steps too (the
   flush of the logs, whose locks the main thread may hold as well).
 """
@@ -64,20 +67,14 @@ def forced_exit_line(runner: Runner, config: PipelineConfig, stopped: bool) -> s
     if not runner.broker.durable:
         # Dead-lettered by the stop already (it may have got that far), and by us now.
         shutdown = DeadReason.SHUTDOWN
-        drained = sum(1 for d in runner.summary.dead if d["reason"] == shutdown)
+        drained: int | None = sum(1 for d in runner.summary.dead if d["reason"] == shutdown)
         if not stopped:
-            drain = getattr(runner.broker, "drain_to_dead_letters", None)
-            records = (
-                None
-                if drain is None
-                else ask_within(lambda: drain(reason=shutdown, include_leased=True), ASK_WAIT_S)
+            drained = ask_within(runner.drain_now, ASK_WAIT_S)
+        if drained is None:
+            return (
+                f"forced exit: the tasks still queued or running in the {config.broker.kind} "
+                "broker were lost (it did not answer in time)"
             )
-            if records is None:
-                return (
-                    f"forced exit: the tasks still queued or running in the {config.broker.kind} "
-                    "broker were lost (it did not answer in time)"
-                )
-            drained += len(records)
         if not drained:
             return f"forced exit: nothing was left queued or running{cut}"
         return f"forced exit: {drained} unfinished tasks dead-lettered, {drained_to(config)}{cut}"

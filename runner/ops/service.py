@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
 from runner.app import PublishItem, Runner, build_runtime
 from runner.config.models import PipelineConfig
@@ -140,7 +140,7 @@ def _run(
                 break
     finally:
         stop.set()
-        summary = runner.stop()
+        summary = _stop_aside(runner)
         stopped.set()
         _warn_threads_left(runner)
     if failure:
@@ -152,6 +152,31 @@ def _run(
         options.summary_json.parent.mkdir(parents=True, exist_ok=True)
         options.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def _stop_aside(runner: Runner) -> dict[str, Any]:
+    """``runner.stop()`` on a thread of its own while the main thread waits for it: a second
+    signal's handler runs on the main thread, which then holds none of the locks the stop takes
+    (the memory broker's, the dead-letter file's), so the handler can ask the broker what is
+    left while the stop goes on. (Run on the main thread, a signal that landed in the stop's
+    drain held the broker's lock for good: the line said the queued tasks were lost, and
+    they were.) What the stop raises is raised here."""
+    summary: list[dict[str, Any]] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            summary.append(runner.stop())
+        except BaseException as exc:  # raised again on the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="dq-stop")
+    thread.start()
+    while thread.is_alive():
+        thread.join(_CHECK_S)  # a signal's handler runs between two of these waits
+    if failure:
+        raise failure[0]
+    return summary[0]
 
 
 def _produce(

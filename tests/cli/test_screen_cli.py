@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from tests.cli.run_kit import DQ_RUN, REPO, Lines, dq_env, run, start
+from tests.cli.slow_dead_letters import WRITING
 
 SLOW = """
 workers: 2
@@ -93,6 +94,37 @@ def test_second_signal_in_the_grace_period_says_where_the_memory_tasks_went(
         "(`dq-run run CONFIG --replay` runs them)"
     )
     assert len(dlq.read_text().splitlines()) == 40
+
+
+def test_second_signal_while_the_stop_writes_the_dead_letters_loses_none(
+    tmp_path: Path,
+) -> None:
+    # The stop runs off the main thread, where the signal lands: the memory broker's lock,
+    # held by the stop's drain, is not held by the interrupted thread, so the forced exit
+    # waits for that drain (well within ASK_WAIT_S) and counts what it wrote. Run on the
+    # main thread, the stop held that lock where the signal stopped it: the line said the
+    # tasks were lost, and they were.
+    dlq = tmp_path / "dlq.jsonl"
+    store = (
+        "dead_letter: {kind: 'tests.cli.slow_dead_letters:SlowDeadLetters', "
+        f"options: {{path: '{dlq}', pause_s: 0.25}}}}"
+    )
+    proc = start(_config(tmp_path, dead_letter=store))
+    Lines(proc.stdout)
+    err = Lines(proc.stderr)
+    err.wait_for('"task.started"')
+    proc.send_signal(signal.SIGINT)
+    # The 2 running tasks finish within the grace period; the 38 queued are dead-lettered.
+    err.wait_for(f"{WRITING} 38", timeout=30)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=20)
+    stderr = err.text()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "forced exit: 38 unfinished tasks dead-lettered, in the dead-letter store "
+        "tests.cli.slow_dead_letters:SlowDeadLetters"
+    )
+    assert len(dlq.read_text().splitlines()) == 38
 
 
 def test_second_signal_on_sqlite_says_what_stays_queued(tmp_path: Path) -> None:

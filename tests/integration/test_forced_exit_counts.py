@@ -1,10 +1,12 @@
-"""The line a second Ctrl-C prints on a durable broker counts every task: those queued, and
-those leased, prefetched ones included.
+"""The line a second Ctrl-C prints counts every task.
 
-It counted the queued ones and the running ones only. A task this process had prefetched but
-not started is neither: leased in the broker, not running. A second signal during the stop,
-before the prefetched tasks were handed back, said "34 tasks stay queued ...; the 2 running
-here ..." of 40 (tests/cli/test_screen_cli.py failed on it now and then)."""
+- On a durable broker: those queued, and those leased, prefetched ones included. It counted
+  the queued ones and the running ones only. A task this process had prefetched but not
+  started is neither: leased in the broker, not running. A second signal during the stop,
+  before the prefetched tasks were handed back, said "34 tasks stay queued ...; the 2 running
+  here ..." of 40 (tests/cli/test_screen_cli.py failed on it now and then).
+- On the memory broker: those the stop dead-lettered, once it has counted them, and those it
+  had not reached yet (``Runner.drain_now``)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import PipelineConfig, TaskContext, build_runtime
+from runner.events import Event, EventName
 from runner.ops.leftover import forced_exit_line
 
 RELEASE = threading.Event()
@@ -58,3 +61,34 @@ def test_prefetched_tasks_are_counted_as_leased(tmp_path: Path) -> None:
         line,
     )
     assert found, line
+
+
+def test_a_forced_drain_waits_for_the_stops_drain_to_be_counted() -> None:
+    # The stop's drain writes its records, then counts them through task.dead events (the
+    # summary). A forced exit that drained in between found the broker empty and the count
+    # short: "nothing was left queued or running" of 10 dead-lettered.
+    config = PipelineConfig.model_validate(
+        {
+            "task_types": {"slow": {"handler": f"{__name__}:hold", "timeout": 60}},
+            "metrics": {"enabled": False},
+            "logging": {"level": "WARNING"},
+        }
+    )
+    runner = build_runtime(config, observe=False)
+    counting = threading.Event()
+
+    class SlowCount:  # after the summary's listener: the count goes slowly
+        def handle(self, event: Event) -> None:
+            if event.name == EventName.TASK_DEAD:
+                counting.set()
+                time.sleep(0.02)
+
+    runner.events.subscribe(SlowCount())
+    runner.publish_many([("slow", {"n": n}) for n in range(10)])
+    stopping = threading.Thread(target=runner.stop)  # not started: all 10 stay queued
+    stopping.start()
+    try:
+        assert counting.wait(10)
+        assert runner.drain_now() == 10
+    finally:
+        stopping.join(10)
