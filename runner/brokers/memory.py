@@ -304,6 +304,14 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         out: list[Delivery] = []
         if not budget or limit <= 0:
             return out
+        if len(budget) == 1:  # one type has tasks: no turns to take (the path of an idle worker)
+            ((type_name, n),) = budget.items()
+            queue = self._ready[type_name]
+            for _ in range(min(n, limit, len(queue))):
+                out.append(self._hand_out(queue.popleft(), now))
+            if self._front:
+                self._left_front(type_name, len(out))
+            return out
         active = list(budget)
         # Start each call at a different type so that a binding `limit` starves none of them.
         self._rotation += 1
