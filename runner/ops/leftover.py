@@ -8,9 +8,9 @@
   ``ASK_WAIT_S``: the signal handler runs on the main thread, which may be holding the very
   lock the broker needs (the memory broker's condition, the SQLite connection's lock), and a
   forced exit must not hang on it. If the broker does not answer in time, the line says so.
-  (`dq-run run` stops the runner on a thread of its own, runner.ops.service, so that the lock
-  a stop under way holds is let go; on the memory broker the line then waits for the stop's
-  drain to be counted, ``Runner.drain_now``.)
+  (`dq-run run` runs on a thread of its own while the main thread waits, runner.ops.service,
+  so that the lock a stop or a replay under way holds is let go; on the memory broker the
+  line then waits for the stop's drain to be counted, ``Runner.drain_now``.)
 - ``ask_within(call, wait_s)``: that helper thread, for the handler's other steps too (the
   flush of the logs, whose locks the main thread may hold as well).
 """

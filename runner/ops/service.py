@@ -7,6 +7,9 @@
   left (runner.ops.leftover: on the memory broker the queue is dead-lettered first, and the line
   says where the records went) and exit at once with 130 (``os._exit``: CPython would wait for
   non-daemon threads otherwise).
+- The run (replay, work, stop, summary) goes on a thread of its own; the main thread, where
+  the signal handlers run, only waits for it (``_off_main``), so a handler never finds a lock
+  of the run held by the very thread it interrupted.
 - Tasks the memory broker dead-letters at shutdown are logged one line per type
   (``tasks.drained``, WARNING), not one per task.
 - Simulated tasks are published in batches; each batch is one INFO line (``tasks.published``),
@@ -35,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import TextIO
 
 from runner.app import PublishItem, Runner, build_runtime
 from runner.config.models import PipelineConfig
@@ -72,10 +75,11 @@ def serve(config: PipelineConfig, options: RunOptions, out: TextIO = sys.stdout)
     signals = 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        # A handler runs on the main thread between two of its bytecodes, maybe inside
-        # stop.wait() holding the Event's lock: stop.set() here would wait for that lock
-        # forever (a SIGTERM once hung `dq-run run` that way). So the first signal is only
-        # counted, and the main loop, which looks every _CHECK_S, stops.
+        # A handler runs on the main thread between two of its bytecodes. That thread only
+        # waits for the run (_off_main), but a handler that takes a lock would wait forever
+        # for one the interrupted thread held (a SIGTERM once hung `dq-run run` in stop.wait(),
+        # when the run was on the main thread). So the first signal is only counted, and the
+        # run's loop, which looks every _CHECK_S, stops.
         nonlocal signals
         signals += 1
         if signals == 1:
@@ -88,7 +92,9 @@ def serve(config: PipelineConfig, options: RunOptions, out: TextIO = sys.stdout)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = _run(runner, config, options, stop, stopped, out, lambda: signals > 0)
+        code = _off_main(
+            lambda: _run(runner, config, options, stop, stopped, out, lambda: signals > 0)
+        )
     finally:
         # After a first signal the handlers stay ours until the process exits, so a second
         # one still means 130 (Python's own would raise KeyboardInterrupt: exit 1).
@@ -140,7 +146,7 @@ def _run(
                 break
     finally:
         stop.set()
-        summary = _stop_aside(runner)
+        summary = runner.stop()
         stopped.set()
         _warn_threads_left(runner)
     if failure:
@@ -154,29 +160,30 @@ def _run(
     return 0
 
 
-def _stop_aside(runner: Runner) -> dict[str, Any]:
-    """``runner.stop()`` on a thread of its own while the main thread waits for it: a second
-    signal's handler runs on the main thread, which then holds none of the locks the stop takes
-    (the memory broker's, the dead-letter file's), so the handler can ask the broker what is
-    left while the stop goes on. (Run on the main thread, a signal that landed in the stop's
-    drain held the broker's lock for good: the line said the queued tasks were lost, and
-    they were.) What the stop raises is raised here."""
-    summary: list[dict[str, Any]] = []
+def _off_main(work: Callable[[], int]) -> int:
+    """``work()`` (the run, from the replay to the summary) on a thread of its own while the
+    main thread only waits for it. A signal's handler runs on the main thread, between two of
+    its steps: waiting, it holds none of the locks the run takes (the memory broker's, the
+    dead-letter file's), so a second signal's handler can ask the broker what is left while
+    the run goes on. (When the run was on the main thread, a second signal that landed in the
+    stop's drain, or in a replay, kept the broker's lock held for good: the line said the
+    queued tasks were lost, and they were.) What ``work`` raises is raised here."""
+    code: list[int] = []
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            summary.append(runner.stop())
+            code.append(work())
         except BaseException as exc:  # raised again on the main thread
             failure.append(exc)
 
-    thread = threading.Thread(target=run, name="dq-stop")
+    thread = threading.Thread(target=run, name="dq-run")
     thread.start()
     while thread.is_alive():
         thread.join(_CHECK_S)  # a signal's handler runs between two of these waits
     if failure:
         raise failure[0]
-    return summary[0]
+    return code[0]
 
 
 def _produce(

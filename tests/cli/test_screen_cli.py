@@ -25,8 +25,10 @@ from typing import Any
 
 import pytest
 
+from runner.deadletter.file import FileDeadLetters
+from runner.model import DeadLetter, Task
 from tests.cli.run_kit import DQ_RUN, REPO, Lines, dq_env, run, start
-from tests.cli.slow_dead_letters import WRITING
+from tests.cli.slow_dead_letters import TAKING, WRITING
 
 SLOW = """
 workers: 2
@@ -127,6 +129,49 @@ def test_second_signal_while_the_stop_writes_the_dead_letters_loses_none(
     assert len(dlq.read_text().splitlines()) == 38
 
 
+def test_two_signals_while_a_replay_takes_the_dead_letters_lose_none(tmp_path: Path) -> None:
+    # The replay takes the records from the file and queues their tasks under the memory
+    # broker's lock. Run on the main thread, a second signal that landed in between kept that
+    # lock held for good: the records had left the file, the tasks never reached the queue.
+    dlq = tmp_path / "dlq.jsonl"
+    FileDeadLetters(dlq).add_many([_shutdown_record(n) for n in range(5)])
+    store = (
+        "dead_letter: {kind: 'tests.cli.slow_dead_letters:SlowDeadLetters', "
+        f"options: {{path: '{dlq}', pause_s: 0.1}}}}"
+    )
+    proc = start(_config(tmp_path, dead_letter=store), "--no-simulate", "--replay")
+    Lines(proc.stdout)
+    err = Lines(proc.stderr)
+    err.wait_for(f"{TAKING} 5")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)  # the first is taken before the second comes (two signals, not one)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=20)
+    stderr = err.text()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "forced exit: 5 unfinished tasks dead-lettered, in the dead-letter store "
+        "tests.cli.slow_dead_letters:SlowDeadLetters"
+    )
+    assert len(dlq.read_text().splitlines()) == 5
+
+
+def _shutdown_record(n: int) -> DeadLetter:
+    """A record of a ``work`` task the memory broker's shutdown dead-lettered."""
+    now = time.time()
+    return DeadLetter(
+        task=Task(type="work", payload={"n": n}, enqueued_at=now - 5),
+        reason="shutdown",
+        error_type="Shutdown",
+        message="the process stopped",
+        traceback="",
+        attempts=0,
+        first_attempt_at=now,
+        last_attempt_at=now,
+        dead_at=now,
+    )
+
+
 def test_second_signal_on_sqlite_says_what_stays_queued(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
     config = _config(tmp_path, broker=f"broker: {{kind: sqlite, path: {db}}}")
@@ -160,16 +205,21 @@ def _blocked_stdout() -> Iterator[tuple[int, int]]:
                 os.close(fd)
 
 
-#: The number of write(2) in /proc/PID/syscall.
+#: The number of write(2) in /proc/PID/task/TID/syscall.
 _WRITE_SYSCALL = {"x86_64": 1, "aarch64": 64}
 
 
 def _blocked_writing(pid: int, fd: int) -> bool:
-    """Whether the main thread of ``pid`` is blocked in write(2) on ``fd`` (Linux: the first
-    two fields of /proc/PID/syscall are the call's number and its first argument)."""
-    fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    """Whether a thread of ``pid`` (the run's: the main thread only waits for it) is blocked
+    in write(2) on ``fd`` (Linux: the first two fields of /proc/PID/task/TID/syscall are the
+    call's number and its first argument)."""
     write = str(_WRITE_SYSCALL[platform.machine()])
-    return len(fields) > 1 and fields[0] == write and int(fields[1], 16) == fd
+    for path in Path(f"/proc/{pid}/task").glob("*/syscall"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            fields = path.read_text().split()
+            if len(fields) > 1 and fields[0] == write and int(fields[1], 16) == fd:
+                return True
+    return False
 
 
 def test_second_signal_while_the_summary_prints_exits_130_with_a_line(tmp_path: Path) -> None:
