@@ -290,6 +290,7 @@ class Runner:
         # Per type, its configured expires (seconds), for the types that have one.
         self._expires = {n: s.expires for n, s in config.task_types.items() if s.expires}
         self._closers: list[Callable[[], None]] = []
+        self._closing = threading.Lock()
         self.scheduler: Scheduler | None = None
         if run_schedules and config.schedules:
             if not broker.settle_effects:
@@ -699,9 +700,11 @@ class Runner:
             return len(records) + sum(1 for d in self.summary.dead if d["reason"] == shutdown)
 
     def close_observers(self) -> None:
-        """Stop the progress view and metrics server, flush the logs (reverse of attachment)."""
-        while self._closers:
-            self._closers.pop()()
+        """Stop the progress view and metrics server, flush the logs (reverse of attachment).
+        A second caller (a forced exit's, beside the stop's) returns once all are closed."""
+        with self._closing:
+            while self._closers:
+                self._closers.pop()()
 
     def __enter__(self) -> Runner:
         return self.start()

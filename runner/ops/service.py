@@ -237,15 +237,23 @@ def _log_drained(runner: Runner, where: str | None) -> None:
 
 
 def _last_words(line: str) -> None:
-    """Write ``line`` to stderr from a signal handler: straight to the file descriptor (the
-    main thread may be inside a write to sys.stderr, whose buffer is not reentrant), wrapped
-    with an indent on a terminal."""
+    """Write ``line`` to stderr from a signal handler, as the process's last: straight to the
+    file descriptor (the main thread may be inside a write to sys.stderr, whose buffer is not
+    reentrant), wrapped with an indent on a terminal. The run goes on on its own thread until
+    the exit, so stdout and stderr are first pointed at /dev/null: nothing it writes (the
+    summary, a last log line) comes after this line."""
     width = terminal_width(sys.__stderr__)
     columns = width() if width is not None else None
     if columns is not None:
         line = wrap_line(line, columns, indent="  ")
+    err = 2
     with contextlib.suppress(OSError):
-        os.write(2, (line + "\n").encode("utf-8", "replace"))
+        err = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(null, fd)
+    with contextlib.suppress(OSError):
+        os.write(err, (line + "\n").encode("utf-8", "replace"))
 
 
 def threads_left() -> list[threading.Thread]:

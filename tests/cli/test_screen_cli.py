@@ -16,6 +16,7 @@ import select
 import signal
 import struct
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -127,6 +128,32 @@ def test_second_signal_while_the_stop_writes_the_dead_letters_loses_none(
         "tests.cli.slow_dead_letters:SlowDeadLetters"
     )
     assert len(dlq.read_text().splitlines()) == 38
+
+
+def test_nothing_written_after_the_last_words_reaches_the_screen() -> None:
+    # The run goes on, on its own thread, while the second signal's handler writes its line:
+    # what the process writes after that line (the summary, a last log line, a handler's
+    # thread) must not come after it, so stdout and stderr go to /dev/null first.
+    code = (
+        "import os, sys\n"
+        "from runner.ops.service import _last_words\n"
+        "print('before', flush=True)\n"
+        "_last_words('forced exit: bye')\n"
+        "print('after', flush=True)\n"
+        "sys.stderr.write('after\\n'); sys.stderr.flush()\n"
+        "os.write(1, b'after\\n'); os.write(2, b'after\\n')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "before\n"
+    assert done.stderr == "forced exit: bye\n"
 
 
 def test_two_signals_while_a_replay_takes_the_dead_letters_lose_none(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@
   before the prefetched tasks were handed back, said "34 tasks stay queued ...; the 2 running
   here ..." of 40 (tests/cli/test_screen_cli.py failed on it now and then).
 - On the memory broker: those the stop dead-lettered, once it has counted them, and those it
-  had not reached yet (``Runner.drain_now``)."""
+  had not reached yet (``Runner.drain_now``).
+- And it comes after the logs the stop was flushing (``Runner.close_observers`` called again
+  waits for the closing under way)."""
 
 from __future__ import annotations
 
@@ -92,3 +94,34 @@ def test_a_forced_drain_waits_for_the_stops_drain_to_be_counted() -> None:
         assert runner.drain_now() == 10
     finally:
         stopping.join(10)
+
+
+def test_closing_the_observers_again_waits_for_the_closing_under_way() -> None:
+    # A forced exit closes the observers (flushing the logs) while the stop may be closing
+    # them: it must not write its last line before the stop's flush is done.
+    config = PipelineConfig.model_validate(
+        {
+            "task_types": {"slow": {"handler": f"{__name__}:hold", "timeout": 60}},
+            "metrics": {"enabled": False},
+        }
+    )
+    runner = build_runtime(config, observe=False)
+    closing, closed = threading.Event(), threading.Event()
+
+    def slow_close() -> None:
+        closing.set()
+        time.sleep(0.2)
+        closed.set()
+
+    runner.attach(_Quiet(), slow_close)
+    first = threading.Thread(target=runner.close_observers)
+    first.start()
+    assert closing.wait(10)
+    runner.close_observers()
+    assert closed.is_set()
+    first.join(10)
+
+
+class _Quiet:
+    def handle(self, event: Event) -> None:
+        pass
