@@ -1,4 +1,5 @@
-"""Run the real dq-run console script in a subprocess, and wait for what it logs."""
+"""Run the real dq-run console script in a subprocess, and wait for what it logs; records for
+its dead-letter files."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+
+from runner.model import DeadLetter, Task
 
 REPO = Path(__file__).resolve().parents[2]
 DQ_RUN = str(Path(sys.executable).with_name("dq-run"))
@@ -112,3 +115,19 @@ class Lines:
         """Everything read, once the child has exited (its end of the pipe closed)."""
         self._thread.join(10)
         return "".join(self.lines)
+
+
+def shutdown_record(type_name: str, payload: dict[str, Any]) -> DeadLetter:
+    """A record of a ``type_name`` task that the memory broker's shutdown dead-lettered."""
+    now = time.time()
+    return DeadLetter(
+        task=Task(type=type_name, payload=payload, enqueued_at=now - 5),
+        reason="shutdown",
+        error_type="Shutdown",
+        message="the process stopped",
+        traceback="",
+        attempts=0,
+        first_attempt_at=now,
+        last_attempt_at=now,
+        dead_at=now,
+    )

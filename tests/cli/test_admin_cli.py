@@ -20,7 +20,7 @@ from runner.brokers.base import DeadLetterFilter
 from runner.deadletter.file import FileDeadLetters
 from runner.middleware.payloads import MAX_PAYLOAD_BYTES
 from runner.model import DeadLetter, Task, short_id
-from tests.cli.run_kit import DQ_RUN, REPO, dq_env, run, stats_json
+from tests.cli.run_kit import DQ_RUN, REPO, dq_env, run, shutdown_record, stats_json
 
 PIPELINE = """
 broker: {{kind: sqlite, path: {db}, capacity: {capacity}}}
@@ -383,7 +383,7 @@ def test_memory_broker_file_dead_letters_can_be_listed_shown_and_purged(tmp_path
     dlq_file = tmp_path / "dead.jsonl"
     config = _memory_config(tmp_path, f"{{kind: file, path: {dlq_file}}}")
     store = FileDeadLetters(dlq_file)
-    records = [_shutdown_record({"sku": str(i)}) for i in range(2)]
+    records = [shutdown_record("order", {"sku": str(i)}) for i in range(2)]
     store.add_many(records)
 
     assert [r["id"] for r in _dead_lines(config)] == [r.id for r in records]
@@ -410,29 +410,13 @@ def test_reading_a_dead_letter_file_writes_nothing_and_a_purge_keeps_its_mode(
     assert _dead_lines(config) == []
     assert not dlq_file.parent.exists()
     store = FileDeadLetters(dlq_file, 0o640)
-    store.add_many([_shutdown_record({"n": n}) for n in range(2)])
+    store.add_many([shutdown_record("order", {"n": n}) for n in range(2)])
     dlq_file.with_name("dead.jsonl.lock").unlink()
     assert len(_dead_lines(config)) == 2
     assert not dlq_file.with_name("dead.jsonl.lock").exists()
     purged = run("dlq", "purge", config, store.records(DeadLetterFilter())[0].id, "--yes")
     assert "purged 1" in purged.stdout, purged.stderr
     assert dlq_file.stat().st_mode & 0o777 == 0o640 & ~_umask()
-
-
-def _shutdown_record(payload: dict[str, Any]) -> DeadLetter:
-    """A record of an ``order`` task that the memory broker's shutdown dead-lettered."""
-    now = time.time()
-    return DeadLetter(
-        task=Task(type="order", payload=payload, enqueued_at=now - 5),
-        reason="shutdown",
-        error_type="Shutdown",
-        message="the process stopped",
-        traceback="",
-        attempts=0,
-        first_attempt_at=now,
-        last_attempt_at=now,
-        dead_at=now,
-    )
 
 
 def _umask() -> int:

@@ -27,8 +27,7 @@ from typing import Any
 import pytest
 
 from runner.deadletter.file import FileDeadLetters
-from runner.model import DeadLetter, Task
-from tests.cli.run_kit import DQ_RUN, REPO, Lines, dq_env, run, start
+from tests.cli.run_kit import DQ_RUN, REPO, Lines, dq_env, run, shutdown_record, start
 from tests.cli.slow_dead_letters import TAKING, WRITING
 
 SLOW = """
@@ -120,14 +119,7 @@ def test_second_signal_while_the_stop_writes_the_dead_letters_loses_none(
     # The 2 running tasks finish within the grace period; the 38 queued are dead-lettered.
     err.wait_for(f"{WRITING} 38", timeout=30)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=20)
-    stderr = err.text()
-    assert proc.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == (
-        "forced exit: 38 unfinished tasks dead-lettered, in the dead-letter store "
-        "tests.cli.slow_dead_letters:SlowDeadLetters"
-    )
-    assert len(dlq.read_text().splitlines()) == 38
+    _all_in_the_slow_store(proc, err, dlq, 38)
 
 
 def test_nothing_written_after_the_last_words_reaches_the_screen() -> None:
@@ -156,12 +148,25 @@ def test_nothing_written_after_the_last_words_reaches_the_screen() -> None:
     assert done.stderr == "forced exit: bye\n"
 
 
+def _all_in_the_slow_store(proc: subprocess.Popen[str], err: Lines, dlq: Path, n: int) -> None:
+    """After a second signal: exit 130, the last line counts ``n`` tasks dead-lettered in the
+    SlowDeadLetters store, and its file holds ``n`` records."""
+    proc.wait(timeout=20)
+    stderr = err.text()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"forced exit: {n} unfinished tasks dead-lettered, in the dead-letter store "
+        "tests.cli.slow_dead_letters:SlowDeadLetters"
+    )
+    assert len(dlq.read_text().splitlines()) == n
+
+
 def test_two_signals_while_a_replay_takes_the_dead_letters_lose_none(tmp_path: Path) -> None:
     # The replay takes the records from the file and queues their tasks under the memory
     # broker's lock. Run on the main thread, a second signal that landed in between kept that
     # lock held for good: the records had left the file, the tasks never reached the queue.
     dlq = tmp_path / "dlq.jsonl"
-    FileDeadLetters(dlq).add_many([_shutdown_record(n) for n in range(5)])
+    FileDeadLetters(dlq).add_many([shutdown_record("work", {"n": n}) for n in range(5)])
     store = (
         "dead_letter: {kind: 'tests.cli.slow_dead_letters:SlowDeadLetters', "
         f"options: {{path: '{dlq}', pause_s: 0.1}}}}"
@@ -173,30 +178,7 @@ def test_two_signals_while_a_replay_takes_the_dead_letters_lose_none(tmp_path: P
     proc.send_signal(signal.SIGINT)
     time.sleep(0.01)  # the first is taken before the second comes (two signals, not one)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=20)
-    stderr = err.text()
-    assert proc.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == (
-        "forced exit: 5 unfinished tasks dead-lettered, in the dead-letter store "
-        "tests.cli.slow_dead_letters:SlowDeadLetters"
-    )
-    assert len(dlq.read_text().splitlines()) == 5
-
-
-def _shutdown_record(n: int) -> DeadLetter:
-    """A record of a ``work`` task the memory broker's shutdown dead-lettered."""
-    now = time.time()
-    return DeadLetter(
-        task=Task(type="work", payload={"n": n}, enqueued_at=now - 5),
-        reason="shutdown",
-        error_type="Shutdown",
-        message="the process stopped",
-        traceback="",
-        attempts=0,
-        first_attempt_at=now,
-        last_attempt_at=now,
-        dead_at=now,
-    )
+    _all_in_the_slow_store(proc, err, dlq, 5)
 
 
 def test_second_signal_on_sqlite_says_what_stays_queued(tmp_path: Path) -> None:
