@@ -109,7 +109,7 @@ def test_second_signal_while_the_stop_writes_the_dead_letters_loses_none(
     dlq = tmp_path / "dlq.jsonl"
     store = (
         "dead_letter: {kind: 'tests.cli.slow_dead_letters:SlowDeadLetters', "
-        f"options: {{path: '{dlq}', pause_s: 0.25}}}}"
+        f"options: {{path: '{dlq}', pause_s: 0.15}}}}"
     )
     proc = start(_config(tmp_path, dead_letter=store))
     Lines(proc.stdout)
