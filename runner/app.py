@@ -12,7 +12,7 @@ A Runner owns one broker, one Worker and the listeners (logs, metrics, summary).
 The Runner also sets the file's rate limits and circuit breakers in the broker at start, runs
 the scheduler, the circuit watch, the cancel watch and the presence entry beside its workers
 (one for the thread types, one for the async types, one per process type), and publishes unique
-tasks through ``put_unique``. Size: about 780 lines, as the one place all of that is wired; the
+tasks through ``put_unique``. Size: about 810 lines, as the one place all of that is wired; the
 next split is the publishing side (drafts, unique keys, results) into a module of its own.
 """
 
@@ -696,8 +696,7 @@ class Runner:
         with self._drain_lock:
             drain = self.broker.drain_to_dead_letters  # type: ignore[attr-defined]
             records = drain(reason=DeadReason.SHUTDOWN, include_leased=True)
-            shutdown = DeadReason.SHUTDOWN
-            return len(records) + sum(1 for d in self.summary.dead if d["reason"] == shutdown)
+            return len(records) + len(self.summary.drained())
 
     def close_observers(self) -> None:
         """Stop the progress view and metrics server, flush the logs (reverse of attachment).

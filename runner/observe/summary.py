@@ -160,6 +160,10 @@ class Summary:
                 }
             )
 
+    def drained(self) -> list[dict[str, Any]]:
+        """The dead letters of the shutdown drain (reason ``shutdown``), in the order seen."""
+        return [d for d in self.dead if d["reason"] == SHUTDOWN]
+
     @property
     def counts(self) -> dict[str, Counter[str]]:
         """Events by type, then by kind (published, started, succeeded, retrying, dead, ...)."""

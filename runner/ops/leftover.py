@@ -24,7 +24,6 @@ from typing import TypeVar
 
 from runner.app import Runner
 from runner.config.models import PipelineConfig
-from runner.model import DeadReason
 
 #: How long a forced exit waits for the broker to say what is left.
 ASK_WAIT_S = 0.5
@@ -65,11 +64,10 @@ def forced_exit_line(runner: Runner, config: PipelineConfig, stopped: bool) -> s
     to print."""
     cut = "; the summary was cut short" if stopped else ""
     if not runner.broker.durable:
-        # Dead-lettered by the stop already (it may have got that far), and by us now.
-        shutdown = DeadReason.SHUTDOWN
-        drained: int | None = sum(1 for d in runner.summary.dead if d["reason"] == shutdown)
-        if not stopped:
-            drained = ask_within(runner.drain_now, ASK_WAIT_S)
+        # Dead-lettered by the stop (it got that far), or by the stop so far and by us now.
+        drained = (
+            len(runner.summary.drained()) if stopped else ask_within(runner.drain_now, ASK_WAIT_S)
+        )
         if drained is None:
             return (
                 f"forced exit: the tasks still queued or running in the {config.broker.kind} "

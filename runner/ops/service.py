@@ -221,7 +221,7 @@ def _produce(
 def _log_drained(runner: Runner, where: str | None) -> None:
     """One WARNING line per type for the tasks the memory broker dead-lettered at shutdown
     (their per-task ``task.dead`` lines are DEBUG). The logs are closed by now: write_now."""
-    drained = [d for d in runner.summary.dead if d["reason"] == DeadReason.SHUTDOWN]
+    drained = runner.summary.drained()
     by_type = Counter(d["type"] for d in drained)
     logs = [lis for lis in runner.events.listeners if isinstance(lis, LogListener)]
     if not by_type or not logs:

@@ -60,7 +60,7 @@ writers; after ``BUSY_TIMEOUT_MS`` they raise BrokerUnavailable, which callers m
 Ordering: FIFO by put within a type. Released tasks, expired leases and due retries keep their
 original place (the row's ``seq``), so they come before tasks put after them.
 
-Size: about 880 lines: the task path of the broker contract on one connection and its group
+Size: about 870 lines: the task path of the broker contract on one connection and its group
 commit, gates and effects included (they live in its claim and settle statements). Schema,
 opening and row codecs are in schema.py, batching in batch.py, checkpoints in checkpoint.py;
 the operator commands, the clock, the gate calls and the value calls (``read_values``,

@@ -48,7 +48,7 @@ up to ``CREATE_WAIT_S`` for its creator to write the schema before refusing it.
 Durability: WAL with ``synchronous=NORMAL``. A committed transaction survives the crash of any
 process; the last transactions before a power cut or kernel crash may be lost (never corrupted).
 
-Size: about 640 lines, over our 400: the file's whole life (schema, stamps, migration, the
+Size: about 660 lines, over our 400: the file's whole life (schema, stamps, migration, the
 wait for a creator, error translation) and the row codecs and helpers the broker and its admin
 side share; the gates' rows are in gates.py, and splitting the task and value helpers out is
 the next step.
