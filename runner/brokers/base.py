@@ -467,6 +467,18 @@ class BrokerAdmin(Protocol):
 
 
 @runtime_checkable
+class Watched(Protocol):
+    """A broker in this process that tells when it changed with no get waiting (``watch``:
+    the hook is called without the broker's lock) and whether anything in it falls due by the
+    clock alone, leases aside (``timers_idle``). On such a broker the engine's leader may leave
+    the next blocking get to whichever thread idles next (runner.engine.books)."""
+
+    def watch(self, hook: Callable[[], None]) -> None: ...
+
+    def timers_idle(self) -> bool: ...
+
+
+@runtime_checkable
 class PipelineAdmin(Protocol):
     """The operator's view of a pipeline's queued tasks (``dq-run trace`` and ``cancel``): the
     admin of every broker with ``settle_effects`` has it."""

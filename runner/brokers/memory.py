@@ -22,6 +22,10 @@ FIFO by put order is kept as closely as it can be. Due retries join the back.
 Waiting: ``get`` and a blocked ``put`` sleep on the condition until notified or until the exact
 time the next delayed task or lease becomes due; there is no polling. Per-operation work is O(1)
 or O(log n); expired-lease bookkeeping is lazy and compacted when it outgrows the live leases.
+A change that no waiting get saw (a put, a retry, a hand-off, a resume while no get waits) is
+told to the ``watch`` hooks once the lock is released: the engine's leader protocol
+(runner.engine.books) leaves the next blocking get to whichever thread idles next, and a hook
+wakes one when a task arrives before that.
 
 Settled receipts (for ``ALREADY_DONE``): each settle that takes effect puts its receipt and
 time in a dict, which keeps them in settle order; at most every eighth of a
@@ -76,7 +80,7 @@ from runner.brokers.flow import (
     taken,
     whole,
 )
-from runner.brokers.memory_admin import MemoryAdmin
+from runner.brokers.memory_admin import MemoryAdmin, ringing
 from runner.brokers.memory_pipelines import MemoryPipelines
 from runner.deadletter.store import DeadLetterStore
 from runner.errors import BrokerClosed, QueueFull
@@ -169,6 +173,10 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         # (the engine wakes the get it is about to make when a slot frees meanwhile).
         self._wake_pending = False
         self._put_waiting = 0
+        self._getters = 0  # gets waiting on the condition now
+        # Hooks (``watch``) told after a change no waiting get saw (``_unwatched``).
+        self._watchers: list[Callable[[], None]] = []
+        self._unwatched = False
         self._closed = False
         # Gates (a paused type is left out of every claim) and the values settle effects set:
         # key -> (value, expires_at or None): one whose ttl ran out reads as absent, and is
@@ -203,6 +211,8 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
             self._check_open("put")
             self._wait_for_room(n, timeout, "put")
             self._enqueue(tasks, self._clock())
+        if self._unwatched:
+            self._ring()
 
     def _wait_for_room(self, n: int, timeout: float | None, operation: str) -> None:
         """Wait until ``n`` more tasks fit, for the broker method ``operation`` (put, replay)."""
@@ -250,7 +260,7 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
             if self._ids is not None:
                 self._ids.add(task.id)
         self._held += len(tasks)
-        self._cond.notify_all()
+        self._notify()
 
     # -- consumer side -------------------------------------------------------------------------
 
@@ -269,7 +279,11 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
                 remaining = end - time.monotonic()
                 if remaining <= 0:
                     return out
-                self._cond.wait(min(remaining, self._next_due() - now))
+                self._getters += 1
+                try:
+                    self._cond.wait(min(remaining, self._next_due() - now))
+                finally:
+                    self._getters -= 1
 
     def _take(self, slots: Mapping[str, int], limit: int, now: float) -> list[Delivery]:
         budget = {t: n for t, n in slots.items() if n > 0 and self._ready.get(t)}
@@ -351,6 +365,7 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         with self._cond:
             return self._ack(delivery)
 
+    @ringing
     def retry(self, delivery: Delivery, delay_s: float, failure: AttemptRecord) -> Answer:
         with self._cond:
             return self._retry(delivery, delay_s, failure)
@@ -359,10 +374,12 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         with self._cond:
             return self._dead(delivery, record)
 
+    @ringing
     def release(self, delivery: Delivery) -> Answer:
         with self._cond:
             return self._release(delivery)
 
+    @ringing
     def settle_many(self, ops: Sequence[Settle]) -> list[Answer]:
         """Each op as its own call, all under one lock hold; one with effects applies them
         right after its call, having written their dead letters first. An op whose dead letters
@@ -422,7 +439,7 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
             self._push_delayed(task)
         else:
             self._queue(task.type).append(task)
-        self._cond.notify_all()  # a getter may now have a task, or an earlier due time
+        self._notify()  # a getter may now have a task, or an earlier due time
         return _DONE
 
     def _dead(self, delivery: Delivery, record: DeadLetter) -> Answer:
@@ -450,7 +467,7 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         self._to_front(_with_attempt(task, task.attempt - 1))
         if lease.redelivered:
             self._redelivered.add(task.id)
-        self._cond.notify_all()
+        self._notify()
         return _DONE
 
     def extend(self, deliveries: Sequence[Delivery]) -> list[Answer]:
@@ -494,7 +511,28 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
             self._closed = True
             self._cond.notify_all()
 
+    def watch(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` (without the lock) after a change that no waiting get saw."""
+        self._watchers.append(hook)
+
+    def timers_idle(self) -> bool:
+        """Whether nothing but the leases falls due by the clock alone (no delayed task, no
+        timed pause, no rate or breaker), so that only a call can give a get something."""
+        return not (self._delayed or self._pauses or self._rates or self._breakers)
+
+    def _ring(self) -> None:
+        """Tell the watchers of a change no waiting get saw (called without the lock)."""
+        self._unwatched = False
+        for hook in self._watchers:
+            hook()
+
     # -- internals (called with the lock held) -------------------------------------------------
+
+    def _notify(self) -> None:
+        """Wake the waiting gets (and puts) after a change; note it when no get waited."""
+        self._cond.notify_all()
+        if not self._getters and self._watchers:
+            self._unwatched = True
 
     def _check_open(self, operation: str) -> None:
         """Raise BrokerClosed (naming ``operation``, the broker method) after close()."""
@@ -581,7 +619,7 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         if breaker is not None and effects.circuit is not None:
             circuit = circuit_at(breaker, self._circuits.get(type_name), now)
             self._circuits[type_name] = circuit_recorded(breaker, circuit, effects.circuit, now)
-            self._cond.notify_all()  # a circuit closed lets a waiting get take the type
+            self._notify()  # a circuit closed lets a waiting get take the type
         if (effects.puts or effects.arrivals or effects.dead_letters) and (
             effects.unless is None or self._live_value(effects.unless, now) is None
         ):

@@ -10,12 +10,13 @@ broker's one lock while it does, as the task path does.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from runner.brokers.base import (
     UNIQUE_PREFIX,
@@ -36,6 +37,26 @@ from runner.model import DeadLetter, DeadReason, Task, replayable
 
 if TYPE_CHECKING:  # for the declarations only: memory.py imports this module at run time
     from runner.brokers.memory import _Lease
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_M = TypeVar("_M", bound="MemoryAdmin")
+
+
+def ringing(method: Callable[Concatenate[_M, _P], _R]) -> Callable[Concatenate[_M, _P], _R]:
+    """A public call that may give a get something: once it returns (its lock released), the
+    broker's watchers hear of a change no waiting get saw (see ``watch`` in memory.py)."""
+
+    @functools.wraps(method)
+    def call(self: _M, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if self._unwatched:
+                self._ring()
+
+    return call
 
 
 class MemoryAdmin:
@@ -63,6 +84,13 @@ class MemoryAdmin:
     _values: dict[str, tuple[str, float | None]]
     _ids: set[str] | None
     _joins: dict[str, dict[int, str]]
+    _unwatched: bool
+
+    def _ring(self) -> None:
+        raise NotImplementedError
+
+    def _notify(self) -> None:
+        raise NotImplementedError
 
     def _check_open(self, operation: str) -> None:
         raise NotImplementedError
@@ -80,6 +108,7 @@ class MemoryAdmin:
         self._check_open("dead_letters")
         return self.dead_letter_store.records(where)
 
+    @ringing
     def replay(self, ids: Sequence[str]) -> int:
         """Put dead tasks back with attempts reset to 0; all or none, waiting for room like put."""
         with self._cond:
@@ -165,6 +194,7 @@ class MemoryAdmin:
     def now(self) -> float:
         return self._clock()
 
+    @ringing
     def set_gate(self, type_name: str, gate: Gate) -> None:
         with self._cond:
             self._check_open("set_gate")
@@ -174,8 +204,9 @@ class MemoryAdmin:
                 self._breakers[type_name] = gate  # its circuit keeps its state
             else:
                 self._pauses[type_name] = gate
-            self._cond.notify_all()  # a waiting get's next due time may be the gate's end
+            self._notify()  # a waiting get's next due time may be the gate's end
 
+    @ringing
     def clear_gate(self, type_name: str, kind: type[Gate]) -> bool:
         with self._cond:
             self._check_open("clear_gate")
@@ -188,7 +219,7 @@ class MemoryAdmin:
             else:
                 in_force = self._gated(type_name, self._clock())
                 self._pauses.pop(type_name, None)
-            self._cond.notify_all()
+            self._notify()
             return in_force
 
     def gates(self) -> dict[str, tuple[Gate, ...]]:
@@ -235,6 +266,7 @@ class MemoryAdmin:
                     found[key] = value
             return found
 
+    @ringing
     def put_if(self, key: str, expected: str | None, value: str, tasks: Sequence[Task]) -> bool:
         with self._cond:
             self._check_open("put_if")
@@ -253,6 +285,7 @@ class MemoryAdmin:
                 self._enqueue(tasks, now)
             return True
 
+    @ringing
     def put_unique(self, tasks: Sequence[Task], timeout: float | None = None) -> list[str]:
         """``put_many`` of the tasks whose unique key is free; the holder's id for the others."""
         wait_s = self.enqueue_timeout if timeout is None else timeout

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from runner.brokers.base import Broker, Delivery, Settle
+from runner.brokers.base import Broker, Delivery, Settle, Watched
 from runner.engine.attempt import (
     Attempts,
     TaskLogger,
@@ -94,6 +94,7 @@ class Worker:
         self._settler = Settler(
             broker, self.attempts.settled, settle_in_background, batch_done=self._settled
         )
+        watched = broker if not broker.shared and isinstance(broker, Watched) else None
         self.books = Books(
             {name: rt.limit for name, rt in self.types.items()},
             threads,
@@ -104,7 +105,10 @@ class Worker:
             lead=not broker.shared,  # an idle thread waits in get: in-process brokers only
             carry=broker.carry_settles,
             guarded=frozenset(name for name, rt in self.types.items() if rt.breaker),
+            quiet=None if watched is None else watched.timers_idle,
         )
+        if watched is not None:
+            watched.watch(self.books.put_arrived)
         self._fetcher = Fetcher(broker, self.books, self._settler)
         self._dispatcher = Dispatcher(self.books, self._fetcher, self._settler, self._stopping)
         self.leases = LeaseKeeper(broker, self.books, events, visibility_timeout_s, self._stopping)

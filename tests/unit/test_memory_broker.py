@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,8 @@ from runner.brokers.base import (
     Delivery,
     Depth,
     Effects,
+    Pause,
+    RateLimit,
     Settle,
     SettleIncomplete,
 )
@@ -347,6 +349,66 @@ def test_a_blocked_get_sleeps_until_the_next_due_time_instead_of_polling() -> No
     idle = make(counting)
     idle.get({"a": 1}, 1, 0.5)
     assert counting.calls < 10
+
+
+def test_watchers_hear_of_each_change_no_waiting_get_saw_after_the_lock_is_released() -> None:
+    """``watch`` hooks are told of a put, a retry, a release, a replay, a resume, a put_if
+    and a put_unique made while no get waits (the engine's leader may have left the next wait
+    to whichever thread idles next), with the broker's lock free; never of one a waiting get
+    saw, nor of a call that gives a get nothing (an ack, an extend)."""
+    broker = MemoryBroker(100, 1, "block", 30, MemoryDeadLetters(), clock=time.time)
+    heard: list[bool] = []
+    broker.watch(lambda: heard.append(not broker._cond._is_owned()))  # type: ignore[attr-defined]
+
+    def told(call: Callable[[], object]) -> int:
+        before = len(heard)
+        call()
+        assert all(heard[before:]), "a hook was called with the broker's lock held"
+        return len(heard) - before
+
+    assert told(lambda: broker.put_many([Task("a", 1), Task("a", 2), Task("a", 3)])) == 1
+    first, second, third = broker.get({"a": 3}, 3, 0)
+    assert told(lambda: broker.retry(first, 0.0, failure(1))) == 1
+    assert told(lambda: broker.release(second)) == 1
+    assert told(lambda: broker.settle_many([Settle(third, "ack")])) == 0
+    assert told(lambda: broker.extend([])) == 0
+    assert told(lambda: broker.set_gate("a", Pause())) == 1
+    assert told(lambda: broker.clear_gate("a", Pause)) == 1
+    assert told(lambda: broker.put_if("k", None, "v", [Task("a", 4)])) == 1
+    assert told(lambda: broker.put_unique([Task("a", 5, unique_key="u")])) == 1
+    broker.get({"a": 10}, 10, 0)
+    dead = Task("a", 6)
+    broker.dead_letter_store.add(DeadLetter(dead, "error", "E", "m", "", 1, 0, 0, 0))
+    assert told(lambda: broker.replay([dead.id])) == 1
+    assert payloads(broker.get({"a": 10}, 10, 0)) == [6]
+    # A put that a waiting get sees is not told.
+    getter = threading.Thread(target=lambda: broker.get({"a": 1}, 1, 5))
+    getter.start()
+    wait_for_getter(broker)
+    assert told(lambda: broker.put_many([Task("a", 7)])) == 0
+    getter.join()
+
+
+def wait_for_getter(broker: MemoryBroker) -> None:
+    deadline = time.monotonic() + 5
+    while not broker._getters:
+        assert time.monotonic() < deadline, "the get never waited"
+        time.sleep(0.001)
+
+
+def test_only_leases_fall_due_on_a_broker_whose_timers_are_idle() -> None:
+    broker = MemoryBroker(100, 1, "block", 30, MemoryDeadLetters(), clock=time.time)
+    broker.put_many([Task("a", 1)])
+    assert broker.get({"a": 1}, 1, 0)
+    assert broker.timers_idle()  # a lease does not count: the engine renews its own
+    broker.put_many([Task("a", 2, not_before=time.time() + 60)])
+    assert not broker.timers_idle()
+    other = MemoryBroker(100, 1, "block", 30, MemoryDeadLetters(), clock=time.time)
+    other.set_gate("a", Pause(until=time.time() + 60))
+    assert not other.timers_idle()
+    limited = MemoryBroker(100, 1, "block", 30, MemoryDeadLetters(), clock=time.time)
+    limited.set_gate("a", RateLimit(5.0))
+    assert not limited.timers_idle()
 
 
 def test_a_put_waiting_for_room_wakes_when_a_task_is_acked() -> None:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from runner.brokers.base import Delivery, Settle
+from runner.engine import books as books_module
 from runner.errors import BrokerUnavailable
-from runner.model import TaskContext
+from runner.model import Task, TaskContext
 from tests.unit.engine_kit import Engine, type_runtime, wait_until
 
 Exchange = Callable[[Sequence[Settle], Mapping[str, int], int], tuple[list[bool], list[Delivery]]]
@@ -203,7 +204,8 @@ def test_the_leader_takes_its_task_without_waking_the_parked_dispatcher(
     engines: list[Engine],
 ) -> None:
     """While a worker thread leads, the dispatcher is parked; the leader taking the task its
-    get brought offers the next wait to another idle thread and leaves the dispatcher parked:
+    get brought leaves the next wait to an idle thread and the dispatcher parked (nor does a
+    task's end wake it while a thread leads or the offer to lead stands):
     waking it there costs a thread wake-up on the way from publish to start, and all it would
     do is park again. So, task after task, the dispatcher takes no step while a handler runs
     (but for the few below)."""
@@ -236,6 +238,87 @@ def test_the_leader_takes_its_task_without_waking_the_parked_dispatcher(
     # second, and the lead changes hands less neatly on a loaded machine (0-2 of 20 here,
     # up to 5 with two CPU burners).
     assert steps_while_running < handlers // 2, steps_while_running
+
+
+def test_the_leader_wakes_nobody_on_its_way_to_its_task(engines: list[Engine]) -> None:
+    """On the memory broker with nothing due by the clock, the leader taking the task its get
+    brought leaves the next wait for the next thread to idle: no thread is woken (a wake-up
+    costs the thread that sends it 3-15 us, between the publish and the task's start), none
+    leads while its handler runs, and when its task is done it leads again itself."""
+    seen: list[tuple[int, bool, int]] = []  # (signalled, leading, sleeping) in the handler
+
+    def look(payload: Any, ctx: TaskContext) -> None:
+        with engine.worker.books.observe() as books:
+            seen.append((books.signalled, books.leading, books.sleeping))
+
+    engine = Engine([type_runtime("t", look, limit=4)], threads=4, prefetch=4)
+    engines.append(engine)
+    for n in range(1, 6):
+        engine.wait_quiet()  # every thread idle: one of them leads
+        engine.publish("t")
+        engine.wait_finished(n)
+    assert seen == [(0, False, 3)] * 5
+
+
+def holding_engine(engines: list[Engine]) -> tuple[Engine, dict[str, float], threading.Event]:
+    """Three threads; each task's start (monotonic) by payload; a task whose payload is "long"
+    holds its thread until the event is set."""
+    release = threading.Event()
+    started: dict[str, float] = {}
+
+    def run(payload: Any, ctx: TaskContext) -> None:
+        started[payload] = time.monotonic()
+        if payload == "long":
+            release.wait(10)
+
+    engine = Engine([type_runtime("t", run, limit=3)], threads=3, prefetch=4)
+    engines.append(engine)
+    return engine, started, release
+
+
+def test_a_task_published_while_the_leader_runs_starts_at_once(
+    engines: list[Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait the leader left for the next thread to idle is not left to chance: a task put
+    while no get waits wakes a sleeping thread to fetch it (the broker's watch hook), so it
+    starts while the leader's handler still runs, not when it ends (nor when the parked
+    dispatcher looks again, a GET_TIMEOUT_S later: lengthened here so that only the hook can
+    start it)."""
+    monkeypatch.setattr(books_module, "GET_TIMEOUT_S", 30.0)
+    engine, started, release = holding_engine(engines)
+    try:
+        engine.wait_quiet()
+        engine.publish("t", "long")
+        wait_until(lambda: "long" in started, "the long task started")
+        put_at = time.monotonic()
+        engine.publish("t", "short")
+        wait_until(lambda: "short" in started, "the short task started", timeout=5)
+        assert "short" in started and not release.is_set()
+        assert started["short"] - put_at < 2.0
+    finally:
+        release.set()
+    engine.wait_finished(2)
+
+
+def test_a_delayed_task_starts_on_time_while_the_leader_runs(
+    engines: list[Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing calls the broker when a delayed task falls due, so while one waits the leader
+    that takes a task still hands the wait on at once (no wait left for the next thread to
+    idle): the delayed task starts on time, while the leader's handler runs."""
+    monkeypatch.setattr(books_module, "GET_TIMEOUT_S", 30.0)
+    engine, started, release = holding_engine(engines)
+    try:
+        engine.wait_quiet()
+        put_at = time.monotonic()
+        engine.broker.put_many([Task(type="t", payload="later", not_before=time.time() + 0.3)])
+        engine.publish("t", "long")
+        wait_until(lambda: "later" in started, "the delayed task started", timeout=5)
+        assert not release.is_set()
+        assert 0.25 < started["later"] - put_at < 2.0
+    finally:
+        release.set()
+    engine.wait_finished(2)
 
 
 def test_a_failing_fetch_leaves_the_work_to_the_dispatcher(engines: list[Engine]) -> None:
