@@ -469,11 +469,12 @@ class BrokerAdmin(Protocol):
 @runtime_checkable
 class Watched(Protocol):
     """A broker in this process that tells when it changed with no get waiting (``watch``:
-    the hook is called without the broker's lock) and whether anything in it falls due by the
-    clock alone, leases aside (``timers_idle``). On such a broker the engine's leader may leave
-    the next blocking get to whichever thread idles next (runner.engine.books)."""
+    the hook is called without the broker's lock; one hook per broker, False for a second)
+    and whether anything in it falls due by the clock alone, leases aside (``timers_idle``).
+    On such a broker the engine's leader may leave the next blocking get to whichever thread
+    idles next (runner.engine.books): in the first worker on it only."""
 
-    def watch(self, hook: Callable[[], None]) -> None: ...
+    def watch(self, hook: Callable[[], None]) -> bool: ...
 
     def timers_idle(self) -> bool: ...
 

@@ -174,8 +174,8 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
         self._wake_pending = False
         self._put_waiting = 0
         self._getters = 0  # gets waiting on the condition now
-        # Hooks (``watch``) told after a change no waiting get saw (``_unwatched``).
-        self._watchers: list[Callable[[], None]] = []
+        # The hook (``watch``) told after a change no waiting get saw (``_unwatched``).
+        self._watcher: Callable[[], None] | None = None
         self._unwatched = False
         self._closed = False
         # Gates (a paused type is left out of every claim) and the values settle effects set:
@@ -511,9 +511,14 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
             self._closed = True
             self._cond.notify_all()
 
-    def watch(self, hook: Callable[[], None]) -> None:
-        """Call ``hook`` (without the lock) after a change that no waiting get saw."""
-        self._watchers.append(hook)
+    def watch(self, hook: Callable[[], None]) -> bool:
+        """Call ``hook`` (without the lock) after a change that no waiting get saw. One hook
+        per broker (False when one is set already): a hook takes its worker's lock, and inline
+        settles run under that lock, so two workers' hooks could each wait for the other's."""
+        if self._watcher is not None:
+            return False
+        self._watcher = hook
+        return True
 
     def timers_idle(self) -> bool:
         """Whether nothing but the leases falls due by the clock alone (no delayed task, no
@@ -523,15 +528,15 @@ class MemoryBroker(MemoryAdmin, MemoryPipelines, BaseBroker):
     def _ring(self) -> None:
         """Tell the watchers of a change no waiting get saw (called without the lock)."""
         self._unwatched = False
-        for hook in self._watchers:
-            hook()
+        if self._watcher is not None:
+            self._watcher()
 
     # -- internals (called with the lock held) -------------------------------------------------
 
     def _notify(self) -> None:
         """Wake the waiting gets (and puts) after a change; note it when no get waited."""
         self._cond.notify_all()
-        if not self._getters and self._watchers:
+        if not self._getters and self._watcher is not None:
             self._unwatched = True
 
     def _check_open(self, operation: str) -> None:

@@ -37,18 +37,18 @@ SQLite and Redis, whose gets are polls and round trips, it measured slower (publ
 p50 a few percent to 30% worse in alternating runs): there the dispatcher keeps the wait.
 
 The offer left lying (``quiet``: a Watched broker, runner.brokers.base, whose only timers are
-leases): offering the next wait means waking a thread, which costs the leader 3-15 us on its
-way to its task. So, while nothing in the broker falls due by the clock alone, the leader
-wakes nobody: the offer stays (``_lead_offered``, no thread ``_lead_called``) for the next
-thread to idle, most often the leader itself once its task is done. A call that gives the
-broker something while no get waits (a put, a retry, a hand-off, a resume) calls
-``put_arrived`` once the broker's lock is free, which wakes a sleeping thread for the offer,
-or, when every thread is busy, hands it back to the dispatcher; an offer nobody took for a
-parked wait of GET_TIMEOUT_S goes back to the dispatcher too (a lease that expired meanwhile
-is noticed within that). Publish -> start p50 on memory about 12 us (17%) lower in
-alternating runs. ``put_arrived`` reads ``_lead_offered`` and ``_leading`` without the lock,
-so they never both read False while a leader's get has ended and its offer is not settled:
-each is set before the other is unset.
+leases; the first worker on it only, as it takes one hook): offering the next wait means waking
+a thread, which costs the leader 3-15 us on its way to its task. So, while nothing in the
+broker falls due by the clock alone, the leader wakes nobody: the offer stays
+(``_lead_offered``, no thread ``_lead_called``) for the next thread to idle, most often the
+leader itself once its task is done. A call that gives the broker something while no get waits
+(a put, a retry, a hand-off, a resume) calls ``put_arrived`` once the broker's lock is free,
+which wakes a sleeping thread for the offer, or, when every thread is busy, hands it back to
+the dispatcher; an offer nobody took for a parked wait of GET_TIMEOUT_S goes back to the
+dispatcher too (a lease that expired meanwhile is noticed within that). Publish -> start p50 on
+memory 12-15 us (17-22%) lower in alternating runs. ``put_arrived`` reads ``_lead_offered`` and
+``_leading`` without the lock, so they never both read False while a leader's get has ended and
+its offer is not settled: each is set before the other is unset.
 
 Carrying (``carry``, the broker's ``carry_settles``): the settles handed on while the
 dispatcher is not blocked in a get wait for its next fetch, which sends them along. On a broker
@@ -161,13 +161,13 @@ class Books:
         lead: bool = False,
         carry: bool = True,
         guarded: frozenset[str] = frozenset(),
-        quiet: Callable[[], bool] | None = None,
     ) -> None:
         self.threads = threads
         self.lead = lead
-        # The broker's timers_idle (a Watched broker, which tells put_arrived of changes no
-        # get saw): while it answers True the leader's next get may wait for an idle thread.
-        self._quiet = quiet
+        # Set before the worker starts: the broker's timers_idle, once a Watched broker took
+        # put_arrived as its hook; while it answers True the leader's next get may wait for an
+        # idle thread.
+        self.quiet: Callable[[], bool] | None = None
         self.carry = carry
         # Types with a circuit breaker: the slot of a finished task stays taken until its
         # outcome reached the broker (see "Guarded types" in the module docstring).
@@ -291,7 +291,7 @@ class Books:
         ):
             return False
         self._lead_offered = True
-        self._lead_called = not (lazy and self._quiet is not None and self._quiet())
+        self._lead_called = not (lazy and self.quiet is not None and self.quiet())
         if self._lead_called:
             self._wake()
         return True

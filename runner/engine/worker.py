@@ -105,10 +105,9 @@ class Worker:
             lead=not broker.shared,  # an idle thread waits in get: in-process brokers only
             carry=broker.carry_settles,
             guarded=frozenset(name for name, rt in self.types.items() if rt.breaker),
-            quiet=None if watched is None else watched.timers_idle,
         )
-        if watched is not None:
-            watched.watch(self.books.put_arrived)
+        if watched is not None and watched.watch(self.books.put_arrived):
+            self.books.quiet = watched.timers_idle
         self._fetcher = Fetcher(broker, self.books, self._settler)
         self._dispatcher = Dispatcher(self.books, self._fetcher, self._settler, self._stopping)
         self.leases = LeaseKeeper(broker, self.books, events, visibility_timeout_s, self._stopping)

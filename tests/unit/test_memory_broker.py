@@ -352,13 +352,15 @@ def test_a_blocked_get_sleeps_until_the_next_due_time_instead_of_polling() -> No
 
 
 def test_watchers_hear_of_each_change_no_waiting_get_saw_after_the_lock_is_released() -> None:
-    """``watch`` hooks are told of a put, a retry, a release, a replay, a resume, a put_if
+    """The ``watch`` hook is told of a put, a retry, a release, a replay, a resume, a put_if
     and a put_unique made while no get waits (the engine's leader may have left the next wait
     to whichever thread idles next), with the broker's lock free; never of one a waiting get
     saw, nor of a call that gives a get nothing (an ack, an extend)."""
     broker = MemoryBroker(100, 1, "block", 30, MemoryDeadLetters(), clock=time.time)
     heard: list[bool] = []
-    broker.watch(lambda: heard.append(not broker._cond._is_owned()))  # type: ignore[attr-defined]
+    assert broker.watch(lambda: heard.append(not broker._cond._is_owned()))  # type: ignore[attr-defined]
+    # One hook per broker: two workers' hooks could each wait for the other's lock.
+    assert not broker.watch(lambda: heard.append(False))
 
     def told(call: Callable[[], object]) -> int:
         before = len(heard)
