@@ -34,7 +34,7 @@ no further than the first one that is not), so memory holds little more than one
 worth of settles and no call scans. A receipt answers ``ALREADY_DONE`` for exactly
 ``visibility_timeout`` after its settle (an older entry not yet dropped answers ``FENCED``).
 
-Size: about 650 lines: the task path of the contract in one lock-guarded structure (queues,
+Size: about 690 lines: the task path of the contract in one lock-guarded structure (queues,
 delay heap, leases, settled receipts, capacity, close, and the gates and effects every claim and
 settle applies) that is easier to prove right in one place.
 """

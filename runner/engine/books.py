@@ -303,15 +303,8 @@ class Books:
         if not (self._lead_offered or self._leading):  # read without the lock: see fetched
             return
         with self._lock:
-            if not self._lead_offered or self._lead_called:
-                return
-            if self._sleeping > self._signalled:
-                self._lead_called = True
-                self._wake()
-            else:
-                self._lead_offered = False
-                if self._parked:
-                    self._room.notify_all()
+            if self._lead_offered and not self._lead_called:
+                self._pass_lead(lazy=False)
 
     def dispatcher_done(self) -> list[Outcome]:
         """The dispatcher left: what was carried for its next fetch goes to the Settler."""
@@ -486,7 +479,7 @@ class Books:
                 delivery = self._pick()
                 if delivery is not None:
                     if self.lead:
-                        self._pass_lead()
+                        self._pass_lead(lazy=True)
                     self._hand_on(outcome)
                     self._waiting_threads -= 1
                     return delivery
@@ -539,14 +532,15 @@ class Books:
         self._hand_on(outcome)  # to the Settler: nothing is carried by a blocking get
         return fetch
 
-    def _pass_lead(self) -> None:
-        """A thread with work does not make the blocking get: another idle one does, else the
-        dispatcher. On a quiet Watched broker the offer is not sent (a wake-up costs the
-        thread that sends it 3-15 us, on the way to its task): the next thread to idle takes
-        it (often this one, its task done), or ``put_arrived`` wakes one for a task that
-        arrives before that."""
+    def _pass_lead(self, lazy: bool) -> None:
+        """The blocking get goes to another idle thread, else to the dispatcher: from a thread
+        with work, which does not make it, or (not ``lazy``) from ``put_arrived``. With
+        ``lazy``, on a quiet Watched broker the offer is not sent (a wake-up costs the thread
+        that sends it 3-15 us, on the way to its task): the next thread to idle takes it (often
+        this one, its task done), or ``put_arrived`` wakes one for a task that arrives before
+        that."""
         self._lead_offered = False
-        if not self._offer_lead(lazy=True) and self._parked:
+        if not self._offer_lead(lazy) and self._parked:
             self._room.notify_all()
 
     def _dispatcher_needed(self, may_fetch: bool) -> bool:
