@@ -453,3 +453,38 @@ def test_polls_look_for_expired_leases_a_few_times_per_visibility_timeout(
     _, again = broker.exchange([Settle(got[0], "ack")], {"a": 5}, 5)
     assert held.task.id in [d.task.id for d in again]
     assert [d.redelivered for d in again if d.task.id == held.task.id] == [True]
+
+
+def test_a_poll_costs_an_idle_type_one_look(
+    make_broker: MakeBroker, redis_server: RedisServer
+) -> None:
+    """A type with nothing in its stream (or no stream yet) is not asked for released,
+    expired or new entries: with many idle types in a config (and one fetch per task without
+    prefetch) those calls were most of a poll. A delayed task falling due still makes its
+    type's stream, group and all, and is handed out."""
+    broker = make_broker()
+    idle = {f"idle{i}": 4 for i in range(5)}
+    broker.put_many([Task("busy", i) for i in range(3)])
+    client = redis_server.client()
+    for payload in (0, 1):  # the second poll's calls are counted
+        client.config_resetstat()
+        got = broker.exchange([], {"busy": 1, **idle}, 10)[1]
+        assert [d.task.payload for d in got] == [payload]
+    stats = client.info("commandstats")
+    assert stats["cmdstat_xreadgroup"]["calls"] == 1  # the busy type's only
+    assert stats["cmdstat_xpending"]["calls"] == 1
+    assert stats["cmdstat_xlen"]["calls"] == 6  # the look: one per type
+    assert "cmdstat_exists" not in stats  # no group to make: the busy type's stream has one
+    # A delayed task of a type that never had a stream: the poll that finds it due makes both.
+    broker.put_many([Task("idle0", "late", not_before=time.time() + 0.2)])
+    time.sleep(0.3)
+    got = broker.get({"idle0": 1}, 1, GET_TIMEOUT_S)
+    assert [d.task.payload for d in got] == ["late"]
+    # And a task put to an idle type while a get blocks on it is handed out at once.
+    found: list[Delivery] = []
+    blocked = threading.Thread(target=lambda: found.extend(broker.get(idle, 1, GET_TIMEOUT_S)))
+    blocked.start()
+    time.sleep(0.2)
+    broker.put_many([Task("idle3", "now")])
+    blocked.join(PROMPTLY_S)
+    assert [d.task.payload for d in found] == ["now"]

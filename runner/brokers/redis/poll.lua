@@ -11,12 +11,13 @@
 -- half-open); after its claim the circuit, with the probes handed out, is stored when it
 -- changed. TIME is read only when some wanted type has a gate, so a namespace without gates
 -- pays one HMGET of a missing key for each kind.
--- For each type, in order: move due delayed tasks to the stream (a gated type's too), hand out
--- released entries again (oldest first), reclaim deliveries idle longer than the visibility
--- timeout (XAUTOCLAIM, scanning on past live leases; only with the type's ``reclaim``: the
--- broker asks for it a few times per visibility timeout, not on every poll), then read new
--- entries (XREADGROUP), never more than the type's free slots nor ``limit`` in all. Every
--- hand-out gets a fresh lease token.
+-- For each type, in order: move due delayed tasks to the stream (a gated type's too; making
+-- the stream and its group if need be), then, unless the stream is empty (an idle type costs
+-- one XLEN), hand out released entries again (oldest first), reclaim deliveries idle longer
+-- than the visibility timeout (XAUTOCLAIM, scanning on past live leases; only with the type's
+-- ``reclaim``: the broker asks for it a few times per visibility timeout, not on every poll),
+-- then read new entries (XREADGROUP), never more than the type's free slots nor ``limit`` in
+-- all. Every hand-out gets a fresh lease token.
 -- Returns {deliveries, cursors, next_due}: deliveries flat as (type index, id, a, t,
 -- delivery count, token, redelivered 0/1); with ``waits`` (a get that will block when nothing
 -- came), cursors = last entry id per type (for XREAD BLOCK), '' for a type held back (paused,
@@ -129,15 +130,18 @@ local function poll(KEYS, ARGV)
       if allowed then free = math.min(free, allowed) end
     end
     local before = handed
-    ensure_group(stream, group)
     local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
+    if #due > 0 then ensure_group(stream, group) end
     for _, member in ipairs(due) do
       local _, a, t = string.match(member, '^(%S+) (%d+) (.*)$')
       if t then redis.call('XADD', stream, '*', 'a', a, 't', t) end
       redis.call('ZREM', delayed, member)
     end
+    -- An empty stream (or none yet) has no entry to hand out, released, expired or new (an
+    -- entry stays in it until its ack or dead-letter): an idle type costs this one call.
+    local empty = redis.call('XLEN', stream) == 0
     local want = math.min(free, limit - handed)
-    if want > 0 then
+    if want > 0 and not empty then
       local got = 0
       for _, p in ipairs(redis.call('XPENDING', stream, group, '-', '+', want, '~released')) do
         local e = redis.call('XCLAIM', stream, group, consumer, 0, p[1])[1]  -- count + 1
@@ -199,8 +203,8 @@ local function poll(KEYS, ARGV)
       if gated[i] or held then
         cursors[i] = ''
       else
-        local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-        cursors[i] = last[1] and last[1][1] or '0-0'
+        local last = not empty and redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+        cursors[i] = last and last[1] and last[1][1] or '0-0'
       end
       local head = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
       if head[2] then earlier(head[2]) end
