@@ -163,7 +163,7 @@ Each is read from the class, before any broker is built, as well as from a live 
 effects) and derives ``settle_many`` and ``exchange`` from the single calls; a backend may
 override either with a faster one (one transaction, one script).
 
-Size: about 670 lines, most of it the contract's text above, which every broker is written
+Size: about 680 lines, most of it the contract's text above, which every broker is written
 and reviewed against; the code is the values, the Protocol and BaseBroker's defaults.
 """
 
