@@ -15,6 +15,7 @@ import platform
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -699,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unknown broker {broker!r}")
     elapsed = time.monotonic() - started
     context = {
+        "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "sizes": f"{size_name}: {sizes}",
         "reps": str(args.reps),
         "threads": str(THREADS),
@@ -712,6 +715,27 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(render_markdown(rows, context, notes))
     print(f"wrote {args.output}")
     return 0
+
+
+def _commit() -> str:
+    """The code measured: its commit, and whether the checkout had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=7", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"{head} (with uncommitted changes)" if changed else head
 
 
 def _cpus() -> int:
