@@ -33,8 +33,12 @@ the dispatcher, which wakes a thread): publish -> start p50 0.16-0.20 ms -> 0.10
 memory (docs/performance.md). The leader keeps the first task it fetched and wakes threads
 only for the rest; as it takes that task it offers the next wait to another idle thread, and
 leaves the parked dispatcher asleep (it wakes it only when no thread can take the offer). On
-SQLite and Redis, whose gets are polls and round trips, it measured slower (publish -> start
-p50 a few percent to 30% worse in alternating runs): there the dispatcher keeps the wait.
+SQLite and Redis (``lead_when_drained``, with a prefetch buffer) a thread leads only while the
+queue is drained: from a blocking get that had to wait for its tasks (the process was idle)
+until a fetch comes back with as many as it had room for. Under a backlog, and while a
+pipeline's later stages trickle in, the dispatcher keeps the wait and fetches ahead in batches
+(a leader there made the end-to-end no-op 6-11% slower on Redis); at 1,000 tasks/s, idle
+between tasks, the leader takes out a thread hand-off (docs/performance.md has the runs).
 
 The offer left lying (``quiet``: a Watched broker, runner.brokers.base, whose only timers are
 leases; the first worker on it only, as it takes one hook): offering the next wait means waking
@@ -65,7 +69,7 @@ failing type starts at most ``min_calls`` + its room per process before its circ
 (without it, a loaded machine let 15 calls through where 13 were the bound). Other types' slots
 are free as soon as their task ends.
 
-Size: about 780 lines, over our 400, because the books are one consistent state: splitting the
+Size: about 800 lines, over our 400, because the books are one consistent state: splitting the
 counting from the waking (or the leader from both) would put the lock rules back into comments.
 """
 
@@ -101,6 +105,18 @@ class Reservation:
     room: int
 
 
+def _came_back_drained(deliveries: Sequence[Delivery], reservation: Reservation) -> bool:
+    """Whether a fetch found the queue drained: fewer deliveries than its room, and fewer of
+    each type asked for than that type's slots (a busy type beside idle ones fills its own)."""
+    if len(deliveries) >= reservation.room:
+        return False
+    found: dict[str, int] = {}
+    for delivery in deliveries:
+        name = delivery.task.type
+        found[name] = found.get(name, 0) + 1
+    return all(found.get(name, 0) < n for name, n in reservation.slots.items())
+
+
 @dataclass(frozen=True, slots=True)
 class Fetch:
     """A fetch to make now, without the lock: into ``reservation``, carrying ``carry``'s
@@ -128,6 +144,7 @@ class View:
     fetch_due: bool
     blocked_in_get: bool
     asking: frozenset[str]
+    drained: bool  # a thread may lead on a broker of many processes (lead_when_drained)
 
 
 class _Condition(threading.Condition):
@@ -159,11 +176,18 @@ class Books:
         submit: Callable[[Outcome], None],
         wake_broker: Callable[[], None],
         lead: bool = False,
+        lead_when_drained: bool = False,
         carry: bool = True,
         guarded: frozenset[str] = frozenset(),
     ) -> None:
         self.threads = threads
         self.lead = lead
+        # On a broker of many processes (SQLite, Redis), a thread leads only while the queue
+        # is drained: under a backlog the dispatcher keeps fetching ahead in batches.
+        self.lead_when_drained = lead_when_drained and prefetch > 0
+        # The queue was found drained: a blocking get waited for its tasks, and no fetch since
+        # came back with as many as it had room for.
+        self._drained = False
         # Set before the worker starts: the broker's timers_idle, once a Watched broker took
         # put_arrived as its hook; while it answers True the leader's next get may wait for an
         # idle thread.
@@ -281,7 +305,7 @@ class Books:
         to idle, or for ``put_arrived`` to wake one): only while the buffer is empty and no
         fetch is under way."""
         if (
-            not self.lead
+            not (self.lead or (self.lead_when_drained and self._drained))
             or self._lead_offered
             or self._ready_count
             or self._sleeping <= self._signalled
@@ -321,10 +345,11 @@ class Books:
         deliveries: Sequence[Delivery],
         by_dispatcher: bool,
         lead: bool = False,
+        waited: bool = False,
     ) -> None:
         """A fetch ended: give its reservation back, note which types are busy, hold what came
         and offer it to the threads (``lead``: the leader's get, whose thread takes the first
-        itself)."""
+        itself; ``waited``: a blocking get that waited for its tasks)."""
         with self._lock:
             self._fetches_ended += 1
             if self._suspects:
@@ -333,6 +358,10 @@ class Books:
             for name, n in reservation.slots.items():
                 self._reserved_by_type[name] -= n
             self._note_demand(deliveries, reservation)
+            if not _came_back_drained(deliveries, reservation):
+                self._drained = False  # a backlog: the dispatcher fetches ahead
+            elif waited:
+                self._drained = True  # the queue was empty when the get asked: idle
             self._file(deliveries, wake=not lead)
             if by_dispatcher or lead:
                 self._asking = frozenset()
@@ -478,7 +507,7 @@ class Books:
             if not self._stopping.is_set() and not behind:
                 delivery = self._pick()
                 if delivery is not None:
-                    if self.lead:
+                    if self.lead or self.lead_when_drained:
                         self._pass_lead(lazy=True)
                     self._hand_on(outcome)
                     self._waiting_threads -= 1
@@ -777,4 +806,5 @@ class Books:
                 fetch_due=bool(slots) and self._should_fetch(),
                 blocked_in_get=self._blocked_in_get,
                 asking=self._asking,
+                drained=self._drained,
             )

@@ -6,7 +6,8 @@ tasks' settles along with its fetch (or, on a broker that does not carry them, R
 them to the Settler's thread as it fetches, so that the two round trips overlap). On an
 in-process broker it offers the blocking wait for an empty queue (``broker.get``) to an idle
 worker thread (the leader, see runner.engine.books), which then runs what the wait brings
-itself; it makes that wait itself while no thread is idle, and always on a shared broker.
+itself; it makes that wait itself while no thread is idle, and on a shared broker (SQLite,
+Redis) also while the queue is not drained (a backlog: it fetches ahead in batches).
 Without a buffer (``prefetch: 0``) the threads fetch for themselves, and the dispatcher only
 offers (or makes) the wait for an empty queue and sends the settles nobody carried.
 
@@ -22,14 +23,12 @@ import threading
 import time
 
 from runner.engine.books import Books
-from runner.engine.fetch import Fetcher
+from runner.engine.fetch import WAITED_S, Fetcher
 from runner.engine.settle import Settler
 from runner.errors import BrokerClosed
 
 #: After a failed fetch, how long the dispatcher waits before it fetches again.
 RETRY_PAUSE_S = 0.5
-#: A blocking get that took longer than this waited for a task: the process was idle.
-WAITED_S = 0.0005
 
 
 def yield_lock() -> None:

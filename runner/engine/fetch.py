@@ -4,12 +4,14 @@ A blocking fetch is a ``broker.get`` (the dispatcher's wait for an empty queue);
 ``broker.exchange`` that carries the settles of finished tasks along (one transaction or round
 trip for both), whose answers go to the Settler to report. Whatever happens, the books get
 the reservation back and hold what came. A broker error never kills the fetching thread: it is
-logged and the fetch counts as failed (None).
+logged and the fetch counts as failed (None). The books also hear whether a blocking fetch
+waited for its tasks (the queue was empty when it asked: runner.engine.books, the leader).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from runner.brokers.base import Broker, Delivery, SettleIncomplete
 from runner.engine.books import GET_TIMEOUT_S, Books, Fetch
@@ -17,6 +19,9 @@ from runner.engine.settle import Settler
 from runner.errors import BrokerClosed, BrokerError
 
 log = logging.getLogger("runner.worker")
+
+#: A blocking get that took longer than this waited for a task: the process was idle.
+WAITED_S = 0.0005
 
 
 class Fetcher:
@@ -33,6 +38,7 @@ class Fetcher:
         slots, room = fetch.reservation.slots, fetch.reservation.room
         deliveries: list[Delivery] = []
         call = "get" if fetch.block else "exchange"
+        began = time.monotonic()
         try:
             if fetch.block:
                 deliveries = self._broker.get(slots, room, GET_TIMEOUT_S)
@@ -70,4 +76,5 @@ class Fetcher:
             return None
         finally:
             lead = fetch.block and not by_dispatcher  # a worker thread's get: the leader's
-            self._books.fetched(fetch.reservation, deliveries, by_dispatcher, lead)
+            waited = fetch.block and time.monotonic() - began > WAITED_S
+            self._books.fetched(fetch.reservation, deliveries, by_dispatcher, lead, waited)

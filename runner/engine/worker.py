@@ -102,7 +102,8 @@ class Worker:
             self._stopping,
             submit=self._settler.submit,
             wake_broker=broker.wake,
-            lead=not broker.shared,  # an idle thread waits in get: in-process brokers only
+            lead=not broker.shared,  # an idle thread waits in get: in-process brokers always,
+            lead_when_drained=broker.shared,  # others while their queue is drained
             carry=broker.carry_settles,
             guarded=frozenset(name for name, rt in self.types.items() if rt.breaker),
         )

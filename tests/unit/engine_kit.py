@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from runner.brokers.base import Broker
 from runner.brokers.memory import MemoryBroker
 from runner.deadletter.memory import MemoryDeadLetters
 from runner.engine.books import View
@@ -116,7 +117,7 @@ SETTLE_IN_BACKGROUND = False
 
 
 class Engine:
-    """A started Worker over a MemoryBroker; stop() in teardown."""
+    """A started Worker over a MemoryBroker (or ``broker``); stop() in teardown."""
 
     def __init__(
         self,
@@ -126,10 +127,11 @@ class Engine:
         visibility_timeout: float = 30.0,
         settle_in_background: bool | None = None,
         prefetch: int | None = None,
+        broker: Broker | None = None,
     ) -> None:
         self.recorder = Recorder()
         self.dead_letters = MemoryDeadLetters()
-        self.broker = MemoryBroker(
+        self.broker = broker or MemoryBroker(
             capacity=capacity,
             enqueue_timeout=5.0,
             overflow="block",

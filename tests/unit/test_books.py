@@ -306,3 +306,29 @@ def test_a_notify_wakes_the_threads_that_wait_and_costs_nothing_without_them() -
     for t in threads:
         t.join(timeout=10)
     assert sorted(woken) == ["0", "1", "2"]
+
+
+def test_a_shared_brokers_queue_counts_as_drained_from_a_get_that_waited_to_a_full_fetch() -> None:
+    """On a broker of many processes a thread leads only while the queue is drained: a
+    blocking get that waited for its tasks drains it; a fetch that came back with fewer than
+    it had room for but did not wait (a pipeline's later stage trickling in) leaves it as it
+    was; one that came back full (a backlog) ends it."""
+    calls = Calls()
+    b = Books({"a": 2}, 2, 2, threading.Event(), calls.submit, calls.wake, lead_when_drained=True)
+
+    def fetch(n: int, waited: bool) -> bool:
+        step = b.dispatch_step()
+        assert isinstance(step, Fetch)
+        b.fetched(step.reservation, [delivery("a") for _ in range(n)], True, waited=waited)
+        for _ in range(n):  # run and finish them, so the next fetch is due
+            taken = b.next_task(None, None)
+            assert isinstance(taken, Delivery)
+            b.finished(taken, None)
+        with b.observe() as now:
+            return now.drained
+
+    assert not fetch(1, waited=False)  # partial, but it found a task at once
+    assert fetch(1, waited=True)  # the get waited: the process was idle
+    assert fetch(0, waited=False)  # nothing and no wait: as it was
+    assert not fetch(4, waited=True)  # as many as its room: a backlog
+    assert not fetch(1, waited=False)
