@@ -17,8 +17,7 @@ from runner.brokers.sqlite.broker import SqliteBroker
 from runner.engine.books import Reservation, _came_back_drained
 from runner.model import Task, TaskContext
 from tests.integration.conftest import MakeBroker
-from tests.unit.engine_kit import Engine, type_runtime
-from tests.unit.test_worker_fetch import watch_gets
+from tests.unit.engine_kit import Engine, type_runtime, watch_gets
 
 MakeShared = Callable[[], Broker]
 

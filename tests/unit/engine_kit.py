@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from runner.brokers.base import Broker
+from runner.brokers.base import Broker, Delivery
 from runner.brokers.memory import MemoryBroker
 from runner.deadletter.memory import MemoryDeadLetters
 from runner.engine.books import View
@@ -190,3 +190,22 @@ class Engine:
         forced = self.worker.stop(grace)
         self.broker.close()
         return forced
+
+
+def watch_gets(engine: Engine, seen: Callable[[list[Delivery]], None]) -> None:
+    """Wrap the engine's broker.get so that ``seen`` gets what each call brought (on the
+    calling thread), and return once the wrapped get is the one waiting: the get already
+    blocked in the unwrapped one is ended (a wake is sticky, so this holds even if it is not
+    waiting yet)."""
+    get = engine.broker.get
+    wrapped_get_called = threading.Event()
+
+    def watched_get(slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
+        wrapped_get_called.set()
+        deliveries = get(slots, limit, timeout)
+        seen(deliveries)
+        return deliveries
+
+    engine.broker.get = watched_get  # type: ignore[method-assign]
+    engine.broker.wake()
+    assert wrapped_get_called.wait(10), "no idle thread is waiting in get for work"

@@ -19,7 +19,7 @@ from runner.brokers.base import Delivery, Settle
 from runner.engine import books as books_module
 from runner.errors import BrokerUnavailable
 from runner.model import Task, TaskContext
-from tests.unit.engine_kit import Engine, type_runtime, wait_until
+from tests.unit.engine_kit import Engine, type_runtime, wait_until, watch_gets
 
 Exchange = Callable[[Sequence[Settle], Mapping[str, int], int], tuple[list[bool], list[Delivery]]]
 
@@ -126,25 +126,6 @@ def test_fetches_under_way_at_once_never_over_fetch(engines: list[Engine]) -> No
     assert max(a for a, _ in seen) <= 1  # no buffer: each type holds its limit at most
     assert max(b for _, b in seen) <= 3
     assert max(a + b for a, b in seen) <= 3  # and the process its threads
-
-
-def watch_gets(engine: Engine, seen: Callable[[list[Delivery]], None]) -> None:
-    """Wrap the engine's broker.get so that ``seen`` gets what each call brought (on the
-    calling thread), and return once the wrapped get is the one waiting: the get already
-    blocked in the unwrapped one is ended (a wake is sticky, so this holds even if it is not
-    waiting yet)."""
-    get = engine.broker.get
-    wrapped_get_called = threading.Event()
-
-    def watched_get(slots: Mapping[str, int], limit: int, timeout: float) -> list[Delivery]:
-        wrapped_get_called.set()
-        deliveries = get(slots, limit, timeout)
-        seen(deliveries)
-        return deliveries
-
-    engine.broker.get = watched_get  # type: ignore[method-assign]
-    engine.broker.wake()
-    assert wrapped_get_called.wait(10), "no idle thread is waiting in get for work"
 
 
 def test_with_a_prefetch_buffer_threads_make_only_the_blocking_get(engines: list[Engine]) -> None:
