@@ -28,12 +28,15 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import Phase, settings
 
 from tests.redis_server import RedisServer, redis_server_binary
+
+if TYPE_CHECKING:
+    from tests.unit.engine_kit import Engine
 
 settings.register_profile(
     "ci",
@@ -116,3 +119,12 @@ def _runner_logging_restored() -> Iterator[None]:
             logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = propagate
+
+
+@pytest.fixture
+def engines() -> Iterator[list[Engine]]:
+    """Engines (tests/unit/engine_kit.py) a test starts, stopped after it."""
+    made: list[Engine] = []
+    yield made
+    for engine in made:
+        engine.stop(grace=1.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,6 @@ def make_shared(request: pytest.FixtureRequest, tmp_path: Path) -> MakeShared:
         return lambda: SqliteBroker(str(tmp_path / "q.db"), 10_000, 1.0, "block", 30.0)
     make_broker: MakeBroker = request.getfixturevalue("make_broker")
     return lambda: make_broker(capacity=10_000, visibility_timeout=30.0)
-
-
-@pytest.fixture
-def engines() -> Iterator[list[Engine]]:
-    made: list[Engine] = []
-    yield made
-    for engine in made:
-        engine.stop(grace=1.0)
 
 
 def test_an_idle_worker_runs_what_its_own_get_brought(

@@ -43,14 +43,6 @@ def settle_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     return str(request.param)
 
 
-@pytest.fixture
-def engines() -> Any:
-    made: list[Engine] = []
-    yield made
-    for engine in made:
-        engine.stop(grace=1.0)
-
-
 def test_five_tasks_on_three_workers_each_run_exactly_once(engines: list[Engine]) -> None:
     runs: Counter[int] = Counter()
     lock = threading.Lock()

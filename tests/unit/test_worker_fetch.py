@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -56,14 +56,6 @@ class SlowExchange:
         finally:
             with self._lock:
                 self.threads_in_flight -= by_thread
-
-
-@pytest.fixture
-def engines() -> Iterator[list[Engine]]:
-    made: list[Engine] = []
-    yield made
-    for engine in made:
-        engine.stop(grace=1.0)
 
 
 def slow_exchange(engine: Engine, delay_s: float) -> SlowExchange:
