@@ -3,11 +3,11 @@ types with room (so a saturated type never stalls the others).
 
 It fetches in batches, when half the buffer is free or a thread would starve, carrying finished
 tasks' settles along with its fetch (or, on a broker that does not carry them, Redis, handing
-them to the Settler's thread as it fetches, so that the two round trips overlap). On an
-in-process broker it offers the blocking wait for an empty queue (``broker.get``) to an idle
-worker thread (the leader, see runner.engine.books), which then runs what the wait brings
-itself; it makes that wait itself while no thread is idle, and on a shared broker (SQLite,
-Redis) also while the queue is not drained (a backlog: it fetches ahead in batches).
+them to the Settler's thread as it fetches, so that the two round trips overlap). It offers
+the blocking wait for an empty queue (``broker.get``) to an idle worker thread (the leader, see
+runner.engine.books), which then runs what the wait brings itself: on an in-process broker
+whenever a thread is idle, on a shared one (SQLite, Redis) while the queue is drained. Else
+(no thread idle, or a backlog) it makes that wait itself.
 Without a buffer (``prefetch: 0``) the threads fetch for themselves, and the dispatcher only
 offers (or makes) the wait for an empty queue and sends the settles nobody carried.
 
