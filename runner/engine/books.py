@@ -69,7 +69,7 @@ failing type starts at most ``min_calls`` + its room per process before its circ
 (without it, a loaded machine let 15 calls through where 13 were the bound). Other types' slots
 are free as soon as their task ends.
 
-Size: about 800 lines, over our 400, because the books are one consistent state: splitting the
+Size: about 810 lines, over our 400, because the books are one consistent state: splitting the
 counting from the waking (or the leader from both) would put the lock rules back into comments.
 """
 
@@ -358,10 +358,11 @@ class Books:
             for name, n in reservation.slots.items():
                 self._reserved_by_type[name] -= n
             self._note_demand(deliveries, reservation)
-            if not _came_back_drained(deliveries, reservation):
-                self._drained = False  # a backlog: the dispatcher fetches ahead
-            elif waited:
-                self._drained = True  # the queue was empty when the get asked: idle
+            if self.lead_when_drained:  # else nothing reads it: no count per fetch
+                if not _came_back_drained(deliveries, reservation):
+                    self._drained = False  # a backlog: the dispatcher fetches ahead
+                elif waited:
+                    self._drained = True  # the queue was empty when the get asked: idle
             self._file(deliveries, wake=not lead)
             if by_dispatcher or lead:
                 self._asking = frozenset()

@@ -131,13 +131,15 @@ class Engine:
     ) -> None:
         self.recorder = Recorder()
         self.dead_letters = MemoryDeadLetters()
-        self.broker = broker or MemoryBroker(
-            capacity=capacity,
-            enqueue_timeout=5.0,
-            overflow="block",
-            visibility_timeout=visibility_timeout,
-            dead_letters=self.dead_letters,
-        )
+        if broker is None:
+            broker = MemoryBroker(
+                capacity=capacity,
+                enqueue_timeout=5.0,
+                overflow="block",
+                visibility_timeout=visibility_timeout,
+                dead_letters=self.dead_letters,
+            )
+        self.broker = broker
         self.worker = Worker(
             self.broker,
             {t.name: t for t in types},
